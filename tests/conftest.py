@@ -17,3 +17,13 @@ def real_sample_dir():
     if not (SHARED_SAMPLE / "data.csv").is_file():
         pytest.skip(f"real SEN12MS-CR sample not found at {SHARED_SAMPLE}")
     return SHARED_SAMPLE
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory):
+    """(root, csv) of a small synthetic SEN12MS-CR tree: 12 triplets of 64 px in 3 scenes, official layout."""
+    import dataloader
+
+    root = tmp_path_factory.mktemp("synthetic_sen12mscr")
+    csv_path = dataloader.make_synthetic_dataset(root, n=12, size=64, seed=0)
+    return root, csv_path
