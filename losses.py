@@ -1,0 +1,344 @@
+"""Training losses for SAR-optical cloud removal: L1 (or cloud-focused L1), perceptual, FFT, gradient,
+AECR-Net contrastive regularisation and an optional confidence-map supervision term.
+
+    criterion = build_criterion(args)                     # args: the training script's argparse namespace
+    total, terms = criterion(pred, target, cloudy, cloud_mask=cloud_mask, confidence=confidence)
+
+Everything is computed in float32 with autocast disabled, whatever precision the model ran in: the
+FFT, the divisions of the contrastive and cloud-focused terms and binary cross-entropy are not safe in
+fp16/bf16. Every division carries an epsilon, so all-zero and all-one images give finite losses.
+
+The perceptual and contrastive terms share one frozen VGG19 forward per step, of the concatenated batch
+[prediction, target, cloudy]; only the prediction's features carry gradient.
+"""
+import os
+import socket
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+from dataloader import RGB_BANDS
+
+EPS = 1e-7  # AECR-Net's epsilon; also guards every other division below
+
+# ReLU outputs used by both VGG terms: the first ReLU of each of VGG19's five blocks, with the per-layer
+# weights of AECR-Net's ContrastLoss (GlassyWu/AECR-Net, model/CR.py) - the same layers and weights as
+# pix2pixHD's VGG perceptual loss. Deeper layers get more weight because they are fewer and coarser.
+VGG_LAYER_WEIGHTS = {"relu1_1": 1.0 / 32, "relu2_1": 1.0 / 16, "relu3_1": 1.0 / 8, "relu4_1": 1.0 / 4, "relu5_1": 1.0}
+# Index of each ReLU in torchvision's `vgg.features` Sequential (VGG16 accepted for local weight files).
+VGG_LAYER_INDEX = {
+    "vgg19": {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29},
+    "vgg16": {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 18, "relu5_1": 25},
+}
+# Reflectance (dataloader's [0,1] = reflectance / 10000) is multiplied by this and clipped to [0,1]
+# before VGG: clear land rarely exceeds 0.3 reflectance in B4/B3/B2, so 0..0.3 fills VGG's 0..1 photo
+# range like a standard true-colour rendering, and clouds (> 0.3) saturate to white as in a photo.
+RGB_GAIN = 1.0 / 0.3
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DOWNLOAD_TIMEOUT_S = 60  # torch.hub's download has no timeout of its own; a dead network must not hang training
+
+LOSS_DEFAULTS = {
+    "l1_weight": 1.0,
+    "perceptual_weight": 0.5,
+    "use_fft_loss": False,
+    "fft_weight": 0.3,
+    "use_gradient_loss": False,
+    "gradient_weight": 0.2,
+    "use_contrastive_loss": False,
+    "contrastive_weight": 0.1,
+    "use_cloud_focused_loss": False,
+    "cloud_weight_factor": 2.0,
+    "confidence_weight": 0.0,
+    "vgg_weights": "imagenet",
+}
+
+
+def _fp32(x):
+    return None if x is None else x.float()
+
+
+def rgb_for_vgg(x):
+    """(N,13,H,W) reflectance in [0,1] -> (N,3,H,W) R,G,B scaled by RGB_GAIN, clipped, ImageNet-normalised."""
+    rgb = (x[:, list(RGB_BANDS)] * RGB_GAIN).clamp(0.0, 1.0)
+    mean = rgb.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = rgb.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (rgb - mean) / std
+
+
+def _imagenet_state_dict():
+    """torchvision's ImageNet VGG19 weights from the torch hub cache, downloading them when online."""
+    url = torchvision.models.VGG19_Weights.IMAGENET1K_V1.url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    previous_timeout = socket.getdefaulttimeout()
+    try:
+        if not os.path.isfile(cached):
+            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, map_location="cpu")
+    except Exception as exc:  # URLError, timeout, hash mismatch: all mean "no usable ImageNet weights here"
+        raise RuntimeError(
+            f"VGG19 ImageNet weights are not in the torch cache ({cached}) and could not be downloaded "
+            f"from {url} ({type(exc).__name__}: {exc}). Pass --vgg_weights PATH to a torchvision "
+            f"vgg19 or vgg16 state_dict file (e.g. that .pth copied from an online machine), or "
+            f"--vgg_weights random for offline smoke tests only (the perceptual and contrastive terms "
+            f"are then meaningless)."
+        ) from exc
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
+
+
+def _file_state_dict(path):
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise RuntimeError(f"--vgg_weights {path}: cannot read a torch state_dict ({type(exc).__name__}: {exc})") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise RuntimeError(f"--vgg_weights {path}: expected a torchvision vgg16/vgg19 state_dict, got {type(state).__name__}")
+    return state
+
+
+# torchvision's layer configurations: "E" is VGG19, "D" is VGG16.
+_VGG_CFG = {"vgg19": torchvision.models.vgg.cfgs["E"], "vgg16": torchvision.models.vgg.cfgs["D"]}
+
+
+def _vgg_conv_stack(arch):
+    """torchvision's `vgg.features` for arch, built without the 120M-parameter classifier we never use."""
+    return torchvision.models.vgg.make_layers(_VGG_CFG[arch], batch_norm=False)
+
+
+def _arch_of(state, source):
+    """vgg19 or vgg16, from the conv layers present in a torchvision state_dict."""
+    conv_indices = {int(k.split(".")[1]) for k in state if k.startswith("features.") and k.endswith(".weight")}
+    for arch in ("vgg19", "vgg16"):
+        expected = {i for i, m in enumerate(_vgg_conv_stack(arch)) if isinstance(m, nn.Conv2d)}
+        if conv_indices == expected:
+            return arch
+    raise RuntimeError(
+        f"--vgg_weights {source}: not a torchvision vgg16/vgg19 state_dict (conv keys features.N.weight with "
+        f"N in {sorted(conv_indices)[:20]})"
+    )
+
+
+class VGGFeatures(nn.Module):
+    """Frozen VGG feature extractor returning the ReLU outputs named in `layers`.
+
+    weights: "imagenet" (torchvision VGG19 ImageNet weights via the torch hub cache), a path to a
+    torchvision vgg19/vgg16 state_dict, or "random" (allowed for offline smoke tests; warns). Only the
+    layers up to the deepest one requested are kept. Input: (N,3,H,W) already ImageNet-normalised.
+    """
+
+    def __init__(self, weights="imagenet", layers=tuple(VGG_LAYER_WEIGHTS)):
+        super().__init__()
+        weights = str(weights)
+        if weights == "imagenet":
+            state, arch = _imagenet_state_dict(), "vgg19"
+        elif weights == "random":
+            msg = ("--vgg_weights random: VGG has random weights, so the perceptual and contrastive losses "
+                   "do not measure perceptual similarity; use only for offline smoke tests")
+            warnings.warn(msg)
+            print("WARNING:", msg)
+            state, arch = None, "vgg19"
+        elif os.path.isfile(weights):
+            state = _file_state_dict(weights)
+            arch = _arch_of(state, weights)
+        else:
+            raise RuntimeError(f"--vgg_weights {weights!r}: not 'imagenet', 'random' or an existing file")
+        unknown = [name for name in layers if name not in VGG_LAYER_INDEX[arch]]
+        if unknown or not layers:
+            raise ValueError(f"VGG layers {list(layers)}: choose from {list(VGG_LAYER_INDEX[arch])}")
+        features = _vgg_conv_stack(arch)
+        if state is not None:
+            features_state = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+            features.load_state_dict(features_state, strict=True)
+        self.arch, self.weights_source = arch, weights
+        self.layer_names = tuple(layers)
+        self.layer_indices = tuple(VGG_LAYER_INDEX[arch][name] for name in layers)
+        deepest = max(self.layer_indices)
+        self.features = features[: deepest + 1]
+        for module in self.features:
+            if isinstance(module, nn.ReLU):
+                module.inplace = False  # features we return must not be overwritten by a later layer
+        self.requires_grad_(False)
+        self.eval()
+        self.forward_count = 0
+
+    def train(self, mode=True):
+        # Frozen feature extractor: stays in eval mode whatever the enclosing module does.
+        return super().train(False)
+
+    def forward(self, x):
+        self.forward_count += 1
+        wanted = set(self.layer_indices)
+        out = {}
+        for i, module in enumerate(self.features):
+            x = module(x)
+            if i in wanted:
+                out[i] = x
+        return [out[i] for i in self.layer_indices]
+
+
+def cloud_intensity(target, cloud_mask=None, cloudy=None):
+    """(N,1,H,W) cloud intensity in [0,1]: the soft cloud mask, or when there is none the per-image
+    max-normalised |cloudy - target| averaged over bands (a cloud is where the input differs from truth)."""
+    if cloud_mask is not None:
+        if cloud_mask.dim() != 4 or cloud_mask.shape[1] != 1 or cloud_mask.shape[-2:] != target.shape[-2:]:
+            raise ValueError(f"cloud_mask must be (N,1,{target.shape[-2]},{target.shape[-1]}), got {tuple(cloud_mask.shape)}")
+        return cloud_mask.float().clamp(0.0, 1.0)
+    if cloudy is None:
+        raise ValueError("cloud intensity needs cloud_mask or cloudy (neither was given)")
+    diff = (cloudy.float() - target.float()).abs().mean(dim=1, keepdim=True)
+    return diff / (diff.amax(dim=(2, 3), keepdim=True) + EPS)
+
+
+class CloudFocusedLoss(nn.Module):
+    """Pixel-weighted L1 with weight = 1 + cloud_weight_factor * cloud_intensity.
+
+    Normalised per image by the mean weight, so a uniform weight gives exactly plain L1 and the term
+    only redistributes emphasis towards clouds inside each image; images count equally in the batch.
+    """
+
+    def __init__(self, cloud_weight_factor=2.0):
+        super().__init__()
+        if cloud_weight_factor < 0:
+            raise ValueError(f"cloud_weight_factor must be >= 0, got {cloud_weight_factor}")
+        self.cloud_weight_factor = float(cloud_weight_factor)
+
+    def forward(self, pred, target, cloud_mask=None, cloudy=None):
+        with torch.autocast(pred.device.type, enabled=False):
+            pred, target = pred.float(), target.float()
+            weight = 1.0 + self.cloud_weight_factor * cloud_intensity(target, cloud_mask, cloudy)
+            weighted_error = (weight * (pred - target).abs()).mean(dim=(1, 2, 3))
+            return (weighted_error / (weight.mean(dim=(1, 2, 3)) + EPS)).mean()
+
+
+def fft_loss(pred, target):
+    """L1 between the real and imaginary parts of the orthonormal 2-D FFTs, in float32.
+
+    Real/imaginary rather than amplitude/phase: the phase is undefined where the amplitude is ~0
+    (flat images, high frequencies), and its gradient blows up there. rfft2 holds the same information
+    as fft2 for real images at half the cost; "ortho" keeps the scale independent of the image size.
+    """
+    with torch.autocast(pred.device.type, enabled=False):
+        pred_f = torch.fft.rfft2(pred.float(), norm="ortho")
+        target_f = torch.fft.rfft2(target.float(), norm="ortho")
+        return F.l1_loss(torch.view_as_real(pred_f), torch.view_as_real(target_f))
+
+
+def gradient_loss(pred, target):
+    """L1 between horizontal and vertical forward differences (sum of the two means)."""
+    pred, target = pred.float(), target.float()
+    dx = F.l1_loss(pred[..., :, 1:] - pred[..., :, :-1], target[..., :, 1:] - target[..., :, :-1])
+    dy = F.l1_loss(pred[..., 1:, :] - pred[..., :-1, :], target[..., 1:, :] - target[..., :-1, :])
+    return dx + dy
+
+
+def confidence_loss(confidence, target, cloud_mask=None, cloudy=None):
+    """BCE between the model's confidence map (0 = clear, 1 = cloudy) and the soft cloud intensity."""
+    with torch.autocast(confidence.device.type, enabled=False):
+        confidence = confidence.float()
+        if confidence.shape[-2:] != target.shape[-2:]:
+            confidence = F.interpolate(confidence, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        labels = cloud_intensity(target, cloud_mask, cloudy)
+        return F.binary_cross_entropy(confidence.clamp(EPS, 1.0 - EPS), labels)
+
+
+class CRLoss(nn.Module):
+    """Weighted sum of the enabled terms. A term is enabled when its flag is on and its weight > 0.
+
+    forward(pred, target, cloudy, cloud_mask=None, confidence=None) -> (total, terms): terms maps each
+    enabled term's name ("l1" or "cloud_focused", "perceptual", "fft", "gradient", "contrastive",
+    "confidence") to its weighted, detached value. The cloud-focused loss REPLACES plain L1 and is
+    weighted by l1_weight (it equals plain L1 when there are no clouds, so adding both would double-count).
+    """
+
+    def __init__(self, l1_weight=1.0, perceptual_weight=0.5, use_fft_loss=False, fft_weight=0.3,
+                 use_gradient_loss=False, gradient_weight=0.2, use_contrastive_loss=False,
+                 contrastive_weight=0.1, use_cloud_focused_loss=False, cloud_weight_factor=2.0,
+                 confidence_weight=0.0, vgg_weights="imagenet", vgg_layers=tuple(VGG_LAYER_WEIGHTS)):
+        super().__init__()
+        for name, value in (("l1_weight", l1_weight), ("perceptual_weight", perceptual_weight),
+                            ("fft_weight", fft_weight), ("gradient_weight", gradient_weight),
+                            ("contrastive_weight", contrastive_weight), ("confidence_weight", confidence_weight)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        self.weights = {}
+        if l1_weight > 0:
+            self.weights["cloud_focused" if use_cloud_focused_loss else "l1"] = float(l1_weight)
+        if perceptual_weight > 0:
+            self.weights["perceptual"] = float(perceptual_weight)
+        if use_fft_loss and fft_weight > 0:
+            self.weights["fft"] = float(fft_weight)
+        if use_gradient_loss and gradient_weight > 0:
+            self.weights["gradient"] = float(gradient_weight)
+        if use_contrastive_loss and contrastive_weight > 0:
+            self.weights["contrastive"] = float(contrastive_weight)
+        if confidence_weight > 0:
+            self.weights["confidence"] = float(confidence_weight)
+        if not self.weights:
+            raise ValueError("every loss term is disabled (all weights 0): nothing to train on")
+        self.cloud_focused = CloudFocusedLoss(cloud_weight_factor) if use_cloud_focused_loss else None
+        self.layer_weights = tuple(VGG_LAYER_WEIGHTS[name] for name in vgg_layers)
+        uses_vgg = "perceptual" in self.weights or "contrastive" in self.weights
+        self.vgg = VGGFeatures(vgg_weights, vgg_layers) if uses_vgg else None
+
+    @property
+    def vgg_forward_count(self):
+        return 0 if self.vgg is None else self.vgg.forward_count
+
+    def _vgg_terms(self, pred, target, cloudy):
+        """Perceptual and contrastive terms from ONE VGG forward of [pred, target, (cloudy)]."""
+        with_negative = "contrastive" in self.weights
+        parts = [pred, target] + ([cloudy] if with_negative else [])
+        n = pred.shape[0]
+        feats = self.vgg(rgb_for_vgg(torch.cat(parts, dim=0)))
+        perceptual = pred.new_zeros(())
+        contrastive = pred.new_zeros(())
+        for w, f in zip(self.layer_weights, feats):
+            f_pred, f_target = f[:n], f[n:2 * n].detach()
+            d_positive = F.l1_loss(f_pred, f_target)
+            perceptual = perceptual + w * d_positive
+            if with_negative:
+                d_negative = F.l1_loss(f_pred, f[2 * n:].detach())
+                contrastive = contrastive + w * d_positive / (d_negative + EPS)
+        return perceptual, contrastive
+
+    def forward(self, pred, target, cloudy, cloud_mask=None, confidence=None):
+        if pred.shape != target.shape or pred.shape != cloudy.shape:
+            raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and cloudy "
+                             f"{tuple(cloudy.shape)} must have the same shape")
+        with torch.autocast(pred.device.type, enabled=False):
+            pred, target, cloudy = pred.float(), target.float(), cloudy.float()
+            raw = {}
+            if "l1" in self.weights:
+                raw["l1"] = F.l1_loss(pred, target)
+            if "cloud_focused" in self.weights:
+                raw["cloud_focused"] = self.cloud_focused(pred, target, cloud_mask=_fp32(cloud_mask), cloudy=cloudy)
+            if self.vgg is not None:
+                perceptual, contrastive = self._vgg_terms(pred, target, cloudy)
+                if "perceptual" in self.weights:
+                    raw["perceptual"] = perceptual
+                if "contrastive" in self.weights:
+                    raw["contrastive"] = contrastive
+            if "fft" in self.weights:
+                raw["fft"] = fft_loss(pred, target)
+            if "gradient" in self.weights:
+                raw["gradient"] = gradient_loss(pred, target)
+            if "confidence" in self.weights:
+                if confidence is None:
+                    raise ValueError("confidence_weight > 0 but the model returned no confidence map "
+                                     "(DSen2CR, or CrossAttention without its cloud predictor): set --confidence_weight 0")
+                raw["confidence"] = confidence_loss(confidence, target, _fp32(cloud_mask), cloudy)
+            weighted = {name: self.weights[name] * value for name, value in raw.items()}
+            total = sum(weighted.values())
+        return total, {name: value.detach() for name, value in weighted.items()}
+
+
+def build_criterion(args):
+    """CRLoss from the training script's argparse namespace (missing attributes take LOSS_DEFAULTS)."""
+    opts = {name: getattr(args, name, default) for name, default in LOSS_DEFAULTS.items()}
+    return CRLoss(**opts)
