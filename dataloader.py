@@ -660,7 +660,7 @@ def _cmd_scan(args):
     return 0
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write a synthetic SEN12MS-CR tree (official layout) and its data.csv")
@@ -679,7 +679,11 @@ def main(argv=None):
     p.add_argument("--test_frac", type=float, default=0.1, help="fraction of scenes for test (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scene shuffle (same seed, same split)")
     p.set_defaults(func=_cmd_scan)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except DataError as e:

@@ -1,0 +1,461 @@
+"""dataloader.py: list formats, layouts, normalisation, errors, crops, cloud masks, scan, synthetic data."""
+import argparse
+import csv
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import scipy.ndimage
+import scipy.signal
+import torch
+from rasterio.transform import from_origin
+
+import dataloader as D
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+def _write(path, data, transform=from_origin(500000, 5600000, 10, 10)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
+                       dtype=data.dtype, crs="EPSG:32631", transform=transform) as dst:
+        dst.write(data)
+
+
+def _official_name(triplet, mod):
+    """(region-season, scene, patch) of a triplet -> official file name of modality mod."""
+    roi, scene = D.scene_of(triplet)
+    patch = Path(triplet.s2_cloudy).stem.rsplit("_p", 1)[1]
+    return f"{roi}_{mod}_{scene}_p{patch}.tif"
+
+
+def _three_layouts(src_root, triplet, tmp_path):
+    """Copy one triplet into a GLF-CR 5-column tree, a Kaggle 7-column list and a triple-nested tree found by
+    scan. Returns [(root, triplets)] for the three."""
+    files = [src_root / p for p in (triplet.s1, triplet.s2_cloudfree, triplet.s2_cloudy)]
+    roi, scene = D.scene_of(triplet)
+    # 5 columns: same file name in three folders.
+    five = tmp_path / "five"
+    for folder, f in zip(("s1", "s2_cloudfree", "s2_cloudy"), files):
+        (five / folder).mkdir(parents=True)
+        shutil.copy(f, five / folder / "patch.tif")
+    (five / "data.csv").write_text("1,s1,s2_cloudfree,s2_cloudy,patch.tif\n")
+    # 7 columns, with header, written by write_data_list.
+    seven = tmp_path / "seven.csv"
+    D.write_data_list(seven, [D.Triplet(1, str(f.resolve()), str(files[1].resolve()), str(files[2].resolve()))
+                              for f in files[:1]])
+    # Kaggle triple nesting, found by scan.
+    nested = tmp_path / "nested"
+    for mod, f in zip(("s1", "s2", "s2_cloudy"), files):
+        d = nested / f"{roi}_{mod}" / f"{roi}_{mod}" / f"{roi}_{mod}" / f"{mod}_{scene}"
+        d.mkdir(parents=True)
+        shutil.copy(f, d / _official_name(triplet, mod))
+    scanned, unpartnered = D.scan_layout(nested)
+    assert len(scanned) == 1 and unpartnered == []
+    return [(five, D.read_data_list(five / "data.csv")), (Path("/"), D.read_data_list(seven)), (nested, scanned)]
+
+
+@pytest.fixture(scope="module")
+def synth(synthetic_dataset):
+    root, csv_path = synthetic_dataset
+    return root, D.read_data_list(csv_path)
+
+
+# ----------------------------------------------------------------------------------------------- real sample
+
+def test_real_sample_shapes_dtypes_ranges(real_sample_dir):
+    triplets = D.read_data_list(real_sample_dir / "data.csv")
+    sample = D.SEN12MSCRDataset(triplets, real_sample_dir)[0]
+    assert sample["cloudy_data"].shape == sample["cloudfree_data"].shape == (13, 256, 256)
+    assert sample["SAR_data"].shape == (2, 256, 256) and sample["cloud_mask"].shape == (1, 256, 256)
+    for key in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"):
+        assert sample[key].dtype == torch.float32
+        assert 0.0 <= sample[key].min() and sample[key].max() <= 1.0, key
+    assert sample["file_name"] == "ROIs2017_winter_112_p797.tif"
+    # Values are the published convention, checked against the raw files.
+    with rasterio.open(real_sample_dir / "s2_cloudfree" / "ROIs2017_winter_112_p797.tif") as src:
+        raw_s2 = src.read().astype(np.float32)
+    with rasterio.open(real_sample_dir / "s1" / "ROIs2017_winter_112_p797.tif") as src:
+        raw_s1 = src.read().astype(np.float32)
+    np.testing.assert_allclose(sample["cloudfree_data"].numpy(), np.clip(raw_s2, 0, 10000) / 10000, atol=1e-6)
+    np.testing.assert_allclose(sample["SAR_data"][1].numpy(), (np.clip(raw_s1[1], -32.5, 0) + 32.5) / 32.5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("source", ["synthetic", "real"])
+def test_five_seven_and_scanned_layouts_give_identical_tensors(source, synth, request, tmp_path):
+    if source == "real":
+        root = request.getfixturevalue("real_sample_dir")
+        # The real sample is in the 5-column layout; give it official names first.
+        t = D.read_data_list(root / "data.csv")[0]
+        official = tmp_path / "official"
+        triplet = D.Triplet(1, *(f"{m}/ROIs2017_winter_{m}_112_p797.tif" for m in ("s1", "s2", "s2_cloudy")))
+        for rel, src in zip((triplet.s1, triplet.s2_cloudfree, triplet.s2_cloudy), (t.s1, t.s2_cloudfree, t.s2_cloudy)):
+            (official / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / src, official / rel)
+        root = official
+    else:
+        root, triplets = synth
+        triplet = triplets[6]  # the patch with a NaN block in S1
+    outs = [D.SEN12MSCRDataset(ts, r, crop_size=32)[0] for r, ts in _three_layouts(root, triplet, tmp_path)]
+    for key in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask", "window"):
+        assert torch.equal(outs[0][key], outs[1][key]) and torch.equal(outs[0][key], outs[2][key]), key
+
+
+# ----------------------------------------------------------------------------------------------- list files
+
+def test_header_optional_and_tab_separated(tmp_path):
+    rows = [["1", "a", "b", "c", "x.tif"], ["3", "a", "b", "c", "y.tif"]]
+    with_header = tmp_path / "h.csv"
+    with_header.write_text("split,s1_folder,s2_cloudfree_folder,s2_cloudy_folder,filename\n"
+                           + "".join(",".join(r) + "\n" for r in rows))
+    no_header = tmp_path / "n.csv"
+    no_header.write_text("\n".join(",".join(r) for r in rows) + "\n\n")
+    tsv = tmp_path / "t.csv"
+    tsv.write_text("".join("\t".join(r) + "\n" for r in rows))
+    expect = [D.Triplet(1, "a/x.tif", "b/x.tif", "c/x.tif"), D.Triplet(3, "a/y.tif", "b/y.tif", "c/y.tif")]
+    for p in (with_header, no_header, tsv):
+        assert D.read_data_list(p) == expect
+    train, val, test = D.get_train_val_test_filelists(no_header)
+    assert (len(train), len(val), len(test)) == (1, 0, 1)
+    # 7 columns round trip through write_data_list (header) and back.
+    seven = D.write_data_list(tmp_path / "seven.csv", expect)
+    assert D.read_data_list(seven) == expect
+    assert next(csv.reader(open(seven))) == list(D.KAGGLE_HEADER)
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("1,a,b,c", "expected 5 columns"),
+    ("7,a,b,c,x.tif", "split must be 1"),
+    ("1,a,,c,x.tif", "empty folder or file name"),
+])
+def test_malformed_row_names_file_and_line(tmp_path, bad_line, message):
+    p = tmp_path / "data.csv"
+    p.write_text("split,a,b,c,name\n1,a,b,c,x.tif\n" + bad_line + "\n")
+    with pytest.raises(D.DataError, match=message) as e:
+        D.read_data_list(p)
+    assert f"{p}:3" in str(e.value)
+
+
+def test_empty_split_and_empty_list_are_clear_errors(tmp_path):
+    p = tmp_path / "data.csv"
+    p.write_text("1,a,b,c,x.tif\n")
+    with pytest.raises(D.DataError, match=r"no rows with split 3 \(test\)") as e:
+        D.select_split(D.read_data_list(p), "test", source=p)
+    assert str(p) in str(e.value)
+    with pytest.raises(D.DataError, match="empty"):
+        D.SEN12MSCRDataset([], tmp_path)
+    (tmp_path / "blank.csv").write_text("split,a,b,c,name\n")
+    with pytest.raises(D.DataError, match="no data rows"):
+        D.read_data_list(tmp_path / "blank.csv")
+
+
+# ----------------------------------------------------------------------------------------------- bad files
+
+def _corrupt(kind, root):
+    """Break the cloud-free S2 file of a fresh triplet in one way; return (root, triplet, file named)."""
+    s1 = np.full((2, 32, 32), -10, np.float32)
+    s2 = np.full((13, 32, 32), 1000, np.uint16)
+    t = D.Triplet(1, "s1/p.tif", "s2/p.tif", "cloudy/p.tif")
+    _write(root / t.s1, s1)
+    _write(root / t.s2_cloudy, s2)
+    bad = root / t.s2_cloudfree
+    if kind == "missing":
+        pass
+    elif kind == "unopenable":
+        bad.parent.mkdir(parents=True)
+        bad.write_bytes(b"this is not a GeoTIFF")
+    elif kind == "band_count":
+        _write(bad, s2[:3])
+    elif kind == "size":
+        _write(bad, np.full((13, 16, 32), 1000, np.uint16))
+    return t, bad
+
+
+@pytest.mark.parametrize("kind, message", [("missing", "file not found"), ("unopenable", "cannot open"),
+                                           ("band_count", "expected 13 bands, found 3"), ("size", "differs")])
+def test_bad_files_raise_data_error_naming_the_file(tmp_path, kind, message):
+    t, bad = _corrupt(kind, tmp_path)
+    with pytest.raises(D.DataError, match=message) as e:
+        D.SEN12MSCRDataset([t], tmp_path)[0]
+    assert str(bad) in str(e.value)
+    assert isinstance(e.value, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------- normalisation
+
+def test_normalisation_convention_and_nan_fill():
+    s1 = np.array([[[-30.0, -25.0], [-12.5, np.nan]], [[-40.0, -32.5], [0.0, 5.0]]], np.float32)
+    out = D.normalize_s1(s1)
+    expect_vv = [0.0, 0.0, 0.5]
+    np.testing.assert_allclose(out[0].ravel()[:3], expect_vv)
+    assert out[0, 1, 1] == pytest.approx(np.mean(expect_vv))  # NaN -> mean of the band's valid pixels
+    np.testing.assert_allclose(out[1].ravel(), [0, 0, 1, 1])
+    s2 = np.array([[[0, 5000], [12000, 10000]]] * 13, np.float32)
+    s2[5, 0, 0] = np.nan
+    out = D.normalize_s2(s2)
+    assert out.dtype == np.float32 and out.max() == 1.0
+    assert out[5, 0, 0] == pytest.approx((0.5 + 1 + 1) / 3)
+    assert out[0, 0, 1] == 0.5
+    np.testing.assert_array_equal(D.denormalize_s2(torch.from_numpy(out[:1])), [[[0, 5000], [10000, 10000]]])
+    allnan = D.normalize_s1(np.full((2, 2, 2), np.nan, np.float32))
+    assert not np.isnan(allnan).any()
+
+
+def test_nan_pixels_are_filled_with_the_band_mean_of_the_window(synth):
+    root, triplets = synth
+    t = triplets[6]  # make_synthetic_dataset puts a NaN block in the S1 corner of every 7th patch
+    raw = D.read_raster(root / t.s1, 2)
+    nan = np.isnan(raw[0])
+    assert nan.sum() == 64
+    sar = D.SEN12MSCRDataset([t], root)[0]["SAR_data"].numpy()
+    assert not np.isnan(sar).any()
+    valid = (np.clip(raw[0][~nan], -25, 0) + 25) / 25
+    np.testing.assert_allclose(sar[0][nan], valid.mean(), atol=1e-6)
+    np.testing.assert_allclose(sar[0][~nan], valid, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- crops
+
+def test_crops_windows_and_georeference(synth, tmp_path):
+    root, triplets = synth
+    t = triplets[0]
+    centre = D.SEN12MSCRDataset([t], root, crop_size=32)[0]
+    assert centre["window"].tolist() == [16, 16, 32, 32]
+    full = D.SEN12MSCRDataset([t], root)[0]
+    assert torch.equal(full["cloudfree_data"][:, 16:48, 16:48], centre["cloudfree_data"])
+    assert D.SEN12MSCRDataset([t], root, crop_size=16, load_size=32)[0]["window"].tolist() == [24, 24, 16, 16]
+    torch.manual_seed(0)
+    train = D.SEN12MSCRDataset([t], root, crop_size=32, augment=False, random_crop=True)
+    windows = {tuple(train[0]["window"].tolist()) for _ in range(10)}
+    assert len(windows) > 1
+    for r, c, h, w in windows:
+        assert 0 <= r <= 32 and 0 <= c <= 32 and (h, w) == (32, 32)
+    # The window georeferences the crop: writing it and reading back keeps CRS, origin and values.
+    crs, transform = D.raster_georef(root / t.s2_cloudy, window=centre["window"].tolist())
+    full_crs, full_transform = D.raster_georef(root / t.s2_cloudy)
+    assert crs == full_crs and transform.c == full_transform.c + 16 * 10 and transform.f == full_transform.f - 160
+    out = D.write_s2_geotiff(tmp_path / "pred.tif", centre["cloudy_data"], crs, transform)
+    with rasterio.open(out) as src:
+        assert src.dtypes[0] == "uint16" and src.count == 13 and src.crs == crs and src.transform == transform
+        np.testing.assert_array_equal(src.read(), D.denormalize_s2(centre["cloudy_data"]))
+    with pytest.raises(D.DataError, match="smaller than crop_size"):
+        D.SEN12MSCRDataset([t], root, crop_size=128)[0]
+
+
+def test_augmentation_is_identical_for_all_images(synth):
+    root, triplets = synth
+    t = triplets[3]
+    plain = D.SEN12MSCRDataset([t], root)[0]
+    keys = ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask")
+    seen = set()
+    torch.manual_seed(1)
+    aug = D.SEN12MSCRDataset([t], root, augment=True)
+    for _ in range(12):
+        s = aug[0]
+        matches = [(k, f) for k in range(4) for f in (False, True)
+                   if all(torch.equal(s[key], _dihedral(plain[key], k, f)) for key in keys)]
+        assert matches, "the four images were not transformed identically"
+        seen.add(matches[0])
+    assert len(seen) > 2  # flips and rotations do happen
+
+
+def _dihedral(x, k, flip):
+    y = torch.rot90(x, k, dims=(1, 2))
+    return torch.flip(y, dims=(2,)) if flip else y
+
+
+def test_aligned_dataset_glf_cr_entry_point(synth):
+    root, triplets = synth
+    t = triplets[0]
+    # Raw rows as GLF-CR's csv.reader returned them (7 columns here), opts with only some attributes.
+    row = ["1", os.path.dirname(t.s1), os.path.dirname(t.s2_cloudfree), os.path.dirname(t.s2_cloudy),
+           os.path.basename(t.s2_cloudfree), os.path.basename(t.s1), os.path.basename(t.s2_cloudy)]
+    opts = argparse.Namespace(input_data_folder=str(root), crop_size=32, is_test=True)
+    s = D.AlignedDataset(opts, [row])[0]
+    ref = D.SEN12MSCRDataset([t], root, crop_size=32)[0]
+    assert torch.equal(s["cloudy_data"], ref["cloudy_data"]) and torch.equal(s["cloud_mask"], ref["cloud_mask"])
+    s = D.AlignedDataset(argparse.Namespace(input_data_folder=str(root), is_use_cloudmask=False), [t])[0]
+    assert s["cloud_mask"].sum() == 0 and s["cloudy_data"].shape == (13, 64, 64)
+
+
+# ----------------------------------------------------------------------------------------------- cloud masks
+
+def _original_cloud_score(img10000):
+    """Straight port of DSen2-CR's get_cloud_mask (reference: scipy.signal.convolve2d box, per-band ops)."""
+    d = img10000 / 10000.0
+    r = lambda x, lo, hi: (x - lo) / (hi - lo)
+    score = np.ones(d.shape[1:], np.float32)
+    score = np.minimum(score, r(d[1], 0.1, 0.5))
+    score = np.minimum(score, r(d[0], 0.1, 0.3))
+    score = np.minimum(score, r(d[0] + d[10], 0.15, 0.2))
+    score = np.minimum(score, r(d[3] + d[2] + d[1], 0.2, 0.8))
+    s, a = d[2] + d[11], d[2] - d[11]
+    s[s == 0] = 0.001
+    score = np.minimum(score, r(a / s, 0.8, 0.6))
+    score = scipy.ndimage.grey_closing(score, size=(5, 5))
+    score = scipy.signal.convolve2d(score, np.ones((7, 7)) / 49, mode="same")
+    return np.clip(score, 0.00001, 1.0)
+
+
+def _original_shadow(img10000):
+    d = img10000 / 10000.0
+    csi = (d[7] + d[11]) / 2
+    t3 = csi.min() + 0.75 * (csi.mean() - csi.min())
+    t4 = d[1].min() + 5 / 6 * (d[1].mean() - d[1].min())
+    m = np.zeros(d.shape[1:], np.float32)
+    m[(csi < t3) & (d[1] < t4)] = -1
+    return scipy.signal.medfilt2d(m, 5) < 0
+
+
+def test_rule_detector_matches_the_original_algorithm(synth, real_sample_dir):
+    root, triplets = synth
+    images = [D.read_raster(root / t.s2_cloudy, 13) for t in triplets[:5]]
+    images.append(D.read_raster(real_sample_dir / "s2_cloudy" / "ROIs2017_winter_112_p797.tif", 13))
+    for raw in images:
+        np.testing.assert_allclose(D.rule_cloud_score(D.normalize_s2(raw)), _original_cloud_score(raw), atol=2e-6)
+        np.testing.assert_array_equal(D.shadow_mask(D.normalize_s2(raw)), _original_shadow(raw))
+        cs = D.cloud_shadow_mask(D.normalize_s2(raw), 0.2)
+        assert set(np.unique(cs)) <= {-1, 0, 1}
+        np.testing.assert_array_equal(cs == 1, _original_cloud_score(raw) >= 0.2)
+
+
+def test_cloud_score_is_higher_on_cloudy_than_on_clear_synthetic_pixels(synth):
+    root, triplets = synth
+    ds = D.SEN12MSCRDataset(triplets, root)
+    cloudy_scores, clear_scores = [], []
+    for i in range(len(ds)):
+        s = ds[i]
+        opacity = (s["cloudy_data"] - s["cloudfree_data"]).mean(0)  # clouds brighten every visible band
+        cloudy_scores.append(s["cloud_mask"][0][opacity > 0.2])
+        clear_scores.append(s["cloud_mask"][0][opacity.abs() < 0.01])
+    cloudy, clear = torch.cat(cloudy_scores), torch.cat(clear_scores)
+    assert len(cloudy) > 1000 and len(clear) > 1000
+    assert cloudy.mean() > 0.5 and clear.mean() < 0.1
+    assert (cloudy >= 0.2).float().mean() > 0.9 and (clear >= 0.2).float().mean() < 0.1
+
+
+def test_s2cloudless_option(synth):
+    root, triplets = synth
+    ds = D.SEN12MSCRDataset(triplets[:5], root, cloud_detector="s2cloudless")
+    clear, overcast = ds[0]["cloud_mask"], ds[4]["cloud_mask"]  # regimes cycle: clear, haze, partial x2, overcast
+    assert clear.shape == (1, 64, 64) and 0 <= clear.min() and overcast.max() <= 1
+    assert overcast.mean() > clear.mean() + 0.3
+    with pytest.raises(ValueError, match="unknown cloud detector"):
+        D.SEN12MSCRDataset(triplets, root, cloud_detector="magic")
+
+
+# ----------------------------------------------------------------------------------------------- scan and split
+
+def test_scan_matches_nested_layout_reports_orphans_and_splits_by_scene(synth, tmp_path, capsys):
+    root, triplets = synth
+    nested = tmp_path / "kaggle"
+    for t in triplets:
+        for mod, rel in zip(("s1", "s2", "s2_cloudy"), (t.s1, t.s2_cloudfree, t.s2_cloudy)):
+            top = Path(rel).parts[0]
+            dst = nested / top / top / top / Path(rel).relative_to(top)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / rel, dst)
+    orphan = nested / "ROIs1158_spring_s1" / "s1_7" / "ROIs1158_spring_s1_7_p3.tif"
+    orphan.parent.mkdir(parents=True)
+    shutil.copy(root / triplets[0].s1, orphan)
+    out = tmp_path / "scanned.csv"
+    assert D.main(["scan", str(nested), "--out", str(out), "--val_frac", "0.3", "--test_frac", "0.3"]) == 0
+    err = capsys.readouterr().err
+    assert "no partner:" in err and "ROIs1158_spring_s1_7_p3.tif" in err
+    scanned = D.read_data_list(out)
+    assert len(scanned) == len(triplets)
+    assert {D.scene_of(t) for t in scanned} == {D.scene_of(t) for t in triplets}
+    _assert_no_scene_in_two_splits(scanned)
+    assert {t.split for t in scanned} == {1, 2, 3}
+    # Paths in the CSV are relative to ROOT and load; the same seed gives the same CSV.
+    assert D.SEN12MSCRDataset(scanned[:1], nested, crop_size=16)[0]["cloudy_data"].shape == (13, 16, 16)
+    D.main(["scan", str(nested), "--out", str(tmp_path / "again.csv"), "--val_frac", "0.3", "--test_frac", "0.3"])
+    assert (tmp_path / "again.csv").read_text() == out.read_text()
+
+
+def test_scan_reports_files_without_partner(synth, tmp_path, capsys):
+    root, triplets = synth
+    t = triplets[0]
+    for rel in (t.s1, t.s2_cloudfree):  # cloudy image missing
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / rel, tmp_path / rel)
+    assert D.main(["scan", str(tmp_path), "--out", str(tmp_path / "x.csv")]) == 2  # no complete triplet
+    err = capsys.readouterr().err
+    assert f"no partner: {t.s1}" in err and "no complete SEN12MS-CR triplets" in err
+
+
+def _assert_no_scene_in_two_splits(triplets):
+    split_of = {}
+    for t in triplets:
+        assert split_of.setdefault(D.scene_of(t), t.split) == t.split, f"scene {D.scene_of(t)} in two splits"
+
+
+def test_split_by_scene_is_deterministic_and_scene_wise():
+    triplets = [D.Triplet(0, f"s1/ROIs1970_fall_s1_{s}_p{p}.tif", f"s2/ROIs1970_fall_s2_{s}_p{p}.tif",
+                          f"c/ROIs1970_fall_s2_cloudy_{s}_p{p}.tif") for s in range(30) for p in range(5)]
+    a = D.split_by_scene(triplets, 0.2, 0.1, seed=3)
+    assert a == D.split_by_scene(triplets, 0.2, 0.1, seed=3)
+    assert a != D.split_by_scene(triplets, 0.2, 0.1, seed=4)
+    _assert_no_scene_in_two_splits(a)
+    n_scenes = {k: len({D.scene_of(t) for t in a if t.split == k}) for k in (1, 2, 3)}
+    assert n_scenes == {1: 21, 2: 6, 3: 3}
+
+
+# ----------------------------------------------------------------------------------------------- synthetic data
+
+def test_synthetic_layout_dtypes_and_georeference(synth):
+    root, triplets = synth
+    assert len(triplets) == 12 and len({D.scene_of(t) for t in triplets}) == 3
+    _assert_no_scene_in_two_splits(triplets)
+    t = triplets[0]
+    assert t.s1 == "ROIs2017_winter_s1/s1_100/ROIs2017_winter_s1_100_p1.tif"
+    assert t.s2_cloudy == "ROIs2017_winter_s2_cloudy/s2_cloudy_100/ROIs2017_winter_s2_cloudy_100_p1.tif"
+    for rel, count, dtype in ((t.s1, 2, "float32"), (t.s2_cloudfree, 13, "uint16"), (t.s2_cloudy, 13, "uint16")):
+        with rasterio.open(root / rel) as src:
+            assert (src.count, src.dtypes[0], src.shape) == (count, dtype, (64, 64))
+            assert src.crs.to_epsg() == 32631 and src.transform.a == 10.0
+    # Neighbouring patches of a scene overlap by half, as in the real dataset.
+    a, b = (D.read_raster(root / triplets[i].s2_cloudfree, 13) for i in (0, 1))
+    np.testing.assert_array_equal(a[:, :, 32:], b[:, :, :32])
+
+
+def test_synthetic_is_deterministic_for_a_seed(tmp_path):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    paths = [D.make_synthetic_dataset(tmp_path / name, n=5, size=32, seed=seed)
+             for name, seed in (("a", 7), ("b", 7), ("c", 8))]
+    assert torch.equal(before, torch.get_rng_state())  # the caller's torch RNG is left alone
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tif"))
+    assert len(files) == 15
+    same = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files]
+    differ = [(tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in files]
+    assert all(same) and all(differ)
+    assert paths[0].read_text() == paths[1].read_text()
+
+
+def test_sar_carries_the_land_cover_under_clouds(synth):
+    """Land covers differ in backscatter, so SAR predicts the hidden reflectance (what a model learns from)."""
+    root, triplets = synth
+    s = D.SEN12MSCRDataset([triplets[4]], root)[0]  # overcast patch
+    vv = s["SAR_data"][0].flatten().numpy()
+    nir = s["cloudfree_data"][D.S2_BAND_INDEX["B8"]].flatten().numpy()
+    vv_smooth = scipy.ndimage.uniform_filter(s["SAR_data"][0].numpy(), 5).ravel()  # despeckle
+    assert abs(np.corrcoef(vv_smooth, nir)[0, 1]) > 0.3
+    assert abs(np.corrcoef(vv, s["cloudy_data"][D.S2_BAND_INDEX["B8"]].flatten().numpy())[0, 1]) < \
+        abs(np.corrcoef(vv_smooth, nir)[0, 1])
+
+
+def test_cli_help_documents_every_flag(capsys):
+    parser = D.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == {"synth", "scan"}
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name}: {action.dest} has no help text"
+    with pytest.raises(SystemExit) as e:
+        D.main(["synth", "--help"])
+    assert e.value.code == 0 and "--seed" in capsys.readouterr().out
