@@ -1,0 +1,279 @@
+"""Image-quality metrics for cloud removal, computed the way the SEN12MS-CR papers compute them.
+
+All functions take (N, C, H, W) tensors with values in [0, 1] (Sentinel-2 reflectance / 10000, the
+convention of DSen2-CR and GLF-CR). They do NOT clamp: the caller clamps predictions to [0, 1] first,
+so that a metric never hides an out-of-range network output. Any device works; the arithmetic always
+runs in float32 with autocast switched off locally, so a bf16/fp16 autocast region around the call
+(or bf16 inputs) cannot lower the precision of the scores.
+
+Per-image functions return (N,) float32 tensors:
+    psnr, ssim, sam (degrees), mae, rmse, compute_metrics (dict of all five), masked_metrics.
+GLF-CR's callables keep their names and return the batch mean as a Python float:
+    PSNR(img1, img2, mask=None), SSIM(img1, img2), SAM, MAE, RMSE.
+
+Definitions (per image n, over the selected pixels P and all C bands):
+    MSE  = sum_{c, p in P} (pred - target)^2 / (|P| * C)      (GLF-CR's masked MSE, same normaliser)
+    PSNR = 10 log10(1 / MSE), data range 1, capped at PSNR_CAP = 100 dB. GLF-CR returns 100 when
+           MSE == 0; we clamp at 100 instead, which is the same for identical images and also keeps
+           MSE < 1e-10 (float rounding of "identical") from reporting more than 100 dB.
+    RMSE = sqrt(MSE);  MAE = mean |pred - target|
+    SAM  = mean over pixels of the angle (degrees) between the C-band spectra of pred and target,
+           computed as 2 atan2(|u - v|, |u + v|) of the unit spectra u, v (Kahan's formula: accurate
+           in float32 near 0 deg where acos is not). Two all-zero spectra give 0 deg, one all-zero
+           spectrum gives 90 deg; never NaN.
+    SSIM = GLF-CR protocol: 11x11 Gaussian window, sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, each band
+           separately (grouped convolution), zero padding of 5 px, mean of the SSIM map over bands
+           and pixels.
+
+SSIM window centre. GLF-CR builds its window with exp(-(x - window_size / 2)^2 / (2 sigma^2)) for
+x = 0..10, i.e. centred at 5.5, not 5: a Gaussian shifted by half a pixel, no longer symmetric.
+We follow the standard centred window (x - 5), which is Wang et al.'s SSIM and what torchmetrics
+and scikit-image use, so our numbers can be checked against them; `glfcr_window=True` reproduces
+GLF-CR exactly. Measured size of the difference (tests/test_metrics.py::test_glfcr_window_difference
+asserts these bounds):
+    real SEN12MS-CR sample ROIs2017_winter_112_p797, cloudy vs cloud-free, 13 x 256 x 256:
+        SSIM 0.72876 centred vs 0.72885 GLF-CR window, |diff| = 8.8e-5 (bound in test: 2e-4);
+    target + N(0, 0.05) noise, 2 x 13 x 64 x 64 uniform target: max |diff| = 1.0e-5 (SSIM 0.986);
+    two independent uniform random images, 2 x 13 x 64 x 64: max |diff| = 9.8e-4 (SSIM ~0.07,
+        the worst case: white noise has no structure for the window to average over).
+On real imagery this is in the 4th decimal, below the precision SSIM is reported at (3 decimals).
+For scale, the zero-padded border itself matters more: the same real pair scores 0.72889 when only
+the windows inside the image are averaged (padding="valid", what scikit-image reports).
+
+Float32: per-pixel SSIM values differ from a float64 computation by up to 1.2e-4 (cancellation in
+E[x^2] - mu^2) on the real sample; the per-image means agree to 1e-7.
+
+Masks: `mask` is (N, 1, H, W) (or (N, H, W)), bool or float/int holding only 0 and 1, True/1 marking
+the pixels to score (e.g. the cloudy ones; ~mask gives the clear ones). Masked PSNR/MAE/RMSE use the
+selected pixels in all bands; masked SAM averages the angle over the selected pixels; masked SSIM
+averages the (zero-padded, full-image) SSIM map over the selected pixels, so the window still sees
+the neighbouring unselected pixels. An image whose mask selects no pixel scores NaN for every metric
+(there is nothing to score; 0 or a cap would bias a mean). The batch-mean wrappers (PSNR, SSIM, ...)
+skip such NaNs (nanmean), and are NaN only if no image selects any pixel. A soft cloud score must be
+thresholded first (pass `threshold=` to masked_metrics, or compare yourself); non-binary values raise.
+
+Batch means. GLF-CR's PSNR pools the squared error of the whole batch before taking the log; ours is
+the mean of the per-image PSNRs, the quantity a per-image evaluation averages (UnCRtainTS does the
+same). For a batch of one, which is how GLF-CR's test script runs (--batch_sz 1), the two are identical.
+GLF-CR's SSIM returns a 0-d tensor (its test script calls .item() on it); ours returns a float.
+"""
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+PSNR_CAP = 100.0  # dB reported for identical images (GLF-CR returns 100 when the MSE is 0)
+SSIM_WINDOW_SIZE = 11
+SSIM_SIGMA = 1.5
+SSIM_C1 = 0.01 ** 2  # (k1 * data range)^2 with data range 1
+SSIM_C2 = 0.03 ** 2
+METRIC_NAMES = ("PSNR", "SSIM", "SAM", "MAE", "RMSE")
+_UNIT_EPS = 1e-12  # keeps an all-zero spectrum at unit vector 0 instead of 0/0 = NaN
+
+
+def _no_autocast(tensor):
+    """Context that switches autocast off on tensor's device, so conv/matmul stay in float32."""
+    if not torch.is_tensor(tensor):  # _check_pair raises the clear error inside the context
+        return nullcontext()
+    device = tensor.device
+    try:
+        return torch.autocast(device_type=device.type, enabled=False)
+    except (RuntimeError, ValueError):  # a device type autocast does not know cannot autocast either
+        return nullcontext()
+
+
+def _check_pair(pred, target):
+    if not (torch.is_tensor(pred) and torch.is_tensor(target)):
+        raise TypeError(f"metrics expect torch tensors, got {type(pred).__name__} and {type(target).__name__}")
+    if pred.ndim != 4 or pred.shape != target.shape:
+        raise ValueError(
+            f"metrics expect pred and target of the same shape (N, C, H, W); got {tuple(pred.shape)} "
+            f"and {tuple(target.shape)}"
+        )
+    if pred.device != target.device:
+        raise ValueError(f"pred is on {pred.device} but target on {target.device}")
+    return pred.float(), target.float()
+
+
+def _prepare_mask(mask, like):
+    """(N,1,H,W) or (N,H,W) bool / 0-1 mask -> float32 (N,1,H,W) on like's device, or None."""
+    if mask is None:
+        return None
+    if not torch.is_tensor(mask):
+        raise TypeError(f"mask must be a torch tensor, got {type(mask).__name__}")
+    n, _, h, w = like.shape
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    if tuple(mask.shape) != (n, 1, h, w):
+        raise ValueError(f"mask must have shape ({n}, 1, {h}, {w}) to match the images; got {tuple(mask.shape)}")
+    if mask.dtype != torch.bool:
+        if bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(
+                "mask must be bool or hold only 0 and 1; threshold a soft cloud score first "
+                "(e.g. cloud_mask > 0.2, or masked_metrics(..., threshold=0.2))"
+            )
+    return mask.to(device=like.device, dtype=torch.float32)
+
+
+def _mean_over_selected(values, mask):
+    """Per-image mean of values (N, K, H, W) over all K and the pixels mask selects; NaN if none."""
+    if mask is None:
+        return values.mean(dim=(1, 2, 3))
+    k = values.shape[1]
+    selected = mask.sum(dim=(1, 2, 3)) * k
+    total = (values * mask).sum(dim=(1, 2, 3))
+    # 0/0 -> NaN on purpose: an image with no selected pixel has no score.
+    return total / selected
+
+
+def _mse(pred, target, mask):
+    return _mean_over_selected((pred - target) ** 2, mask)
+
+
+def psnr(pred, target, mask=None):
+    """Per-image PSNR in dB (data range 1), capped at PSNR_CAP = 100 dB. Returns (N,) float32."""
+    with _no_autocast(pred):
+        pred, target = _check_pair(pred, target)
+        mse = _mse(pred, target, _prepare_mask(mask, pred))
+        # log10(0) = -inf -> +inf PSNR, then the cap; NaN (empty mask) passes through clamp unchanged.
+        return (-10.0 * torch.log10(mse)).clamp(max=PSNR_CAP)
+
+
+def rmse(pred, target, mask=None):
+    """Per-image root mean squared error over the selected pixels and all bands. (N,) float32."""
+    with _no_autocast(pred):
+        pred, target = _check_pair(pred, target)
+        return _mse(pred, target, _prepare_mask(mask, pred)).sqrt()
+
+
+def mae(pred, target, mask=None):
+    """Per-image mean absolute error over the selected pixels and all bands. (N,) float32."""
+    with _no_autocast(pred):
+        pred, target = _check_pair(pred, target)
+        return _mean_over_selected((pred - target).abs(), _prepare_mask(mask, pred))
+
+
+def sam_map(pred, target):
+    """Spectral angle in degrees between pred and target at every pixel: (N, 1, H, W) float32."""
+    with _no_autocast(pred):
+        pred, target = _check_pair(pred, target)
+        u = pred / pred.norm(dim=1, keepdim=True).clamp(min=_UNIT_EPS)
+        v = target / target.norm(dim=1, keepdim=True).clamp(min=_UNIT_EPS)
+        angle = 2.0 * torch.atan2((u - v).norm(dim=1, keepdim=True), (u + v).norm(dim=1, keepdim=True))
+        return torch.rad2deg(angle)
+
+
+def sam(pred, target, mask=None):
+    """Per-image spectral angle mapper: mean angle in degrees over the selected pixels. (N,) float32."""
+    angles = sam_map(pred, target)
+    return _mean_over_selected(angles, _prepare_mask(mask, angles))
+
+
+def gaussian_window(window_size=SSIM_WINDOW_SIZE, sigma=SSIM_SIGMA, glfcr_window=False):
+    """Normalised 2-D Gaussian window (window_size, window_size), float32.
+
+    Centred at window_size // 2 (standard SSIM), or at window_size / 2 when glfcr_window is True,
+    which is what GLF-CR's metrics.py computes (half a pixel off centre for odd sizes).
+    """
+    centre = window_size / 2 if glfcr_window else window_size // 2
+    x = torch.arange(window_size, dtype=torch.float64)
+    g = torch.exp(-((x - centre) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return torch.outer(g, g).float()
+
+
+def ssim_map(pred, target, glfcr_window=False, padding="zeros"):
+    """SSIM map per band: (N, C, H, W) with padding="zeros" (GLF-CR protocol: zero padding of half
+    the window), or (N, C, H-10, W-10) with padding="valid" (no padding: only the windows that lie
+    inside the image, which is what torchmetrics and scikit-image average)."""
+    if padding not in ("zeros", "valid"):
+        raise ValueError(f"padding must be 'zeros' or 'valid', got {padding!r}")
+    with _no_autocast(pred):
+        pred, target = _check_pair(pred, target)
+        channels = pred.shape[1]
+        window = gaussian_window(glfcr_window=glfcr_window).to(pred.device)
+        window = window.expand(channels, 1, SSIM_WINDOW_SIZE, SSIM_WINDOW_SIZE).contiguous()
+        pad = SSIM_WINDOW_SIZE // 2 if padding == "zeros" else 0
+
+        def blur(x):
+            return F.conv2d(x, window, padding=pad, groups=channels)
+
+        mu1, mu2 = blur(pred), blur(target)
+        mu1_sq, mu2_sq, mu1_mu2 = mu1 * mu1, mu2 * mu2, mu1 * mu2
+        sigma1_sq = blur(pred * pred) - mu1_sq
+        sigma2_sq = blur(target * target) - mu2_sq
+        sigma12 = blur(pred * target) - mu1_mu2
+        return ((2 * mu1_mu2 + SSIM_C1) * (2 * sigma12 + SSIM_C2)) / (
+            (mu1_sq + mu2_sq + SSIM_C1) * (sigma1_sq + sigma2_sq + SSIM_C2)
+        )
+
+
+def ssim(pred, target, mask=None, glfcr_window=False):
+    """Per-image SSIM (GLF-CR protocol, see module docstring): mean of the zero-padded SSIM map over
+    all bands and the selected pixels (all pixels without a mask). (N,) float32."""
+    full_map = ssim_map(pred, target, glfcr_window=glfcr_window, padding="zeros")
+    return _mean_over_selected(full_map, _prepare_mask(mask, full_map))
+
+
+def compute_metrics(pred, target, mask=None):
+    """All five metrics per image: {"PSNR", "SSIM", "SAM", "MAE", "RMSE"} -> (N,) float32 tensors."""
+    with _no_autocast(pred):
+        pred, target = _check_pair(pred, target)
+        mask = _prepare_mask(mask, pred)  # validated once, reused by every metric
+        mse = _mse(pred, target, mask)
+        return {
+            "PSNR": (-10.0 * torch.log10(mse)).clamp(max=PSNR_CAP),
+            "SSIM": _mean_over_selected(ssim_map(pred, target), mask),
+            "SAM": _mean_over_selected(sam_map(pred, target), mask),
+            "MAE": _mean_over_selected((pred - target).abs(), mask),
+            "RMSE": mse.sqrt(),
+        }
+
+
+def masked_metrics(pred, target, cloud_mask, threshold=None):
+    """Metrics over the cloudy and over the clear pixels: {"cloudy": {...}, "clear": {...}}, each a
+    compute_metrics dict of (N,) tensors. cloud_mask (N,1,H,W) is bool / 0-1 with True = cloudy; a soft
+    cloud score needs `threshold` (cloudy = cloud_mask > threshold). An image with no cloudy (or no
+    clear) pixel gets NaN in that half."""
+    if not torch.is_tensor(cloud_mask):
+        raise TypeError(f"cloud_mask must be a torch tensor, got {type(cloud_mask).__name__}")
+    cloudy = cloud_mask > threshold if threshold is not None else cloud_mask
+    cloudy = _prepare_mask(cloudy, pred)
+    return {"cloudy": compute_metrics(pred, target, cloudy), "clear": compute_metrics(pred, target, 1.0 - cloudy)}
+
+
+def _batch_mean(values):
+    """Mean over the batch as a Python float, skipping images whose mask selected nothing (NaN)."""
+    return float(torch.nanmean(values).item())
+
+
+# GLF-CR names: same arguments and meaning as GLF-CR's metrics.py, batch mean as a Python float.
+def PSNR(img1, img2, mask=None):
+    """Mean per-image PSNR (dB, capped at 100) of the batch; mask (N,1,H,W) selects pixels to score."""
+    return _batch_mean(psnr(img1, img2, mask))
+
+
+def SSIM(img1, img2):
+    """Mean per-image SSIM of the batch, GLF-CR protocol with the centred Gaussian window."""
+    return _batch_mean(ssim(img1, img2))
+
+
+def SAM(img1, img2, mask=None):
+    """Mean per-image spectral angle (degrees) of the batch."""
+    return _batch_mean(sam(img1, img2, mask))
+
+
+def MAE(img1, img2, mask=None):
+    """Mean per-image mean absolute error of the batch."""
+    return _batch_mean(mae(img1, img2, mask))
+
+
+def RMSE(img1, img2, mask=None):
+    """Mean per-image RMSE of the batch."""
+    return _batch_mean(rmse(img1, img2, mask))
+
+
+__all__ = [
+    "PSNR_CAP", "METRIC_NAMES", "psnr", "ssim", "sam", "mae", "rmse", "ssim_map", "sam_map",
+    "gaussian_window", "compute_metrics", "masked_metrics", "PSNR", "SSIM", "SAM", "MAE", "RMSE",
+]
