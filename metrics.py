@@ -254,8 +254,12 @@ def PSNR(img1, img2, mask=None):
 
 
 def SSIM(img1, img2):
-    """Mean per-image SSIM of the batch, GLF-CR protocol with the centred Gaussian window."""
-    return _batch_mean(ssim(img1, img2))
+    """Mean per-image SSIM of the batch, GLF-CR protocol with the centred Gaussian window.
+
+    Returned as a 0-d CPU tensor, as GLF-CR's SSIM does, so notebooks calling `SSIM(a, b).item()` keep working
+    (float(), formatting and arithmetic work on it too).
+    """
+    return torch.tensor(_batch_mean(ssim(img1, img2)))
 
 
 def SAM(img1, img2, mask=None):

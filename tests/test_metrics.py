@@ -280,8 +280,9 @@ def test_per_image_equals_batch_and_glfcr_names_are_batch_means():
     plain = metrics.compute_metrics(pred, target)
     for name in metrics.METRIC_NAMES:
         value = getattr(metrics, name)(pred, target)
-        assert isinstance(value, float)
-        assert value == pytest.approx(plain[name].mean().item(), abs=1e-6), name
+        # GLF-CR's types: PSNR a Python float, SSIM a 0-d tensor; ours follow for MAE/RMSE/SAM (float).
+        assert isinstance(value, torch.Tensor) if name == "SSIM" else isinstance(value, float)
+        assert float(value) == pytest.approx(plain[name].mean().item(), abs=1e-6), name
     # GLF-CR's masked PSNR for one image: sum of masked squared error / (selected pixels * C).
     p, t, m = pred[:1], target[:1], mask[:1].float()
     glfcr_mse = ((p - t) ** 2 * m).sum() / (m.sum() * p.shape[1])
@@ -314,3 +315,11 @@ def test_cuda_matches_cpu():
         assert gpu[key].device.type == "cuda" and gpu[key].dtype == torch.float32
         assert torch.allclose(gpu[key].cpu(), cpu16[key], rtol=0, atol=1e-4), key
     assert cpu["PSNR"].shape == (2,)
+
+
+def test_glfcr_ssim_keeps_item_call():
+    """GLF-CR's test script calls SSIM(...).item(): our SSIM returns a 0-d tensor like theirs."""
+    torch.manual_seed(0)
+    a = torch.rand(2, 13, 32, 32)
+    value = metrics.SSIM(a, a * 0.9)
+    assert value.dim() == 0 and abs(value.item() - metrics.ssim(a, a * 0.9).mean().item()) < 1e-6
