@@ -9,6 +9,7 @@ file_name) so notebooks written against GLF-CR keep working; GLF-CR's entry poin
 This module never imports the model.
 """
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -49,6 +50,22 @@ _S1_LOW = np.array([S1_CLIP_DB[b][0] for b in S1_BANDS], dtype=np.float32)[:, No
 _S1_HIGH = np.array([S1_CLIP_DB[b][1] for b in S1_BANDS], dtype=np.float32)[:, None, None]
 
 
+# One fixed display stretch for every quicklook (TensorBoard, test_CR PNGs), so panels compare across images:
+# land reflectance rarely exceeds 0.3, so 0..0.3 maps linearly to 0..1 and brighter clouds saturate white.
+RGB_STRETCH_MAX = 0.3
+
+
+def s2_to_rgb(x):
+    """(N,13,H,W) or (13,H,W) tensor in [0,1] -> RGB (bands B4,B3,B2) in [0,1] with the fixed stretch."""
+    return (x[..., list(RGB_BANDS), :, :].float() / RGB_STRETCH_MAX).clamp(0, 1)
+
+
+def sar_to_rgb(x):
+    """(N,2,H,W) or (2,H,W) normalised SAR -> false colour (VV, VH, their mean) in [0,1]."""
+    vv, vh = x[..., 0:1, :, :].float(), x[..., 1:2, :, :].float()
+    return torch.cat([vv, vh, (vv + vh) / 2], dim=-3).clamp(0, 1)
+
+
 class DataError(ValueError):
     """Bad input data: the message names the file (and line, for list files)."""
 
@@ -76,8 +93,10 @@ def normalize_s1(arr):
 
 def normalize_s2(arr):
     """(13,H,W) S2 reflectance x10000 -> float32 [0,1] (clip to [0,10000], divide by 10000)."""
-    x = np.asarray(arr, dtype=np.float32)
-    x = np.clip(x, 0.0, S2_SCALE) * np.float32(1.0 / S2_SCALE)
+    x = np.asarray(arr)
+    if x.dtype.kind in "ui":  # the files' uint16: clip in integers (cheap), no NaN possible
+        return np.multiply(np.clip(x, 0, int(S2_SCALE)), np.float32(1.0 / S2_SCALE), dtype=np.float32)
+    x = np.clip(x.astype(np.float32, copy=False), 0.0, S2_SCALE) * np.float32(1.0 / S2_SCALE)
     return _fill_nan_with_band_mean(x)
 
 
@@ -197,6 +216,13 @@ def write_data_list(path, triplets):
 # ---------------------------------------------------------------------------------------------------------------
 # GeoTIFF I/O
 
+# GDAL settings for our reads. GTIFF_VIRTUAL_MEM_IO memory-maps uncompressed GeoTIFFs (SEN12MS-CR's files are
+# uncompressed, pixel-interleaved, one-row strips), so a window read copies the bytes instead of filling the
+# block cache strip by strip: about 2x faster per sample here; compressed files fall back to normal reads.
+# EMPTY_DIR stops GDAL listing the folder for side-car files on every open (a scene folder holds hundreds).
+GDAL_READ_OPTIONS = {"GTIFF_VIRTUAL_MEM_IO": "YES", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+
+
 def _open(path):
     path = str(path)
     if not os.path.isfile(path):
@@ -215,9 +241,9 @@ def _check_bands(src, bands):
 def read_raster(path, bands, window=None):
     """Read `window` (rasterio Window or (row_off, col_off, height, width); None = all) of a raster that must
     have `bands` bands, as float32 (C,H,W). Errors name the file."""
-    with _open(path) as src:
+    with rasterio.Env(**GDAL_READ_OPTIONS), _open(path) as src:
         _check_bands(src, bands)
-        return _read_window(src, window)
+        return _read_window(src, window).astype(np.float32, copy=False)
 
 
 def _read_window(src, window):
@@ -225,7 +251,7 @@ def _read_window(src, window):
         r, c, h, w = (int(v) for v in window)
         window = Window(c, r, w, h)
     try:
-        return src.read(window=window, out_dtype="float32")
+        return src.read(window=window)
     except rasterio.errors.RasterioError as e:
         raise DataError(f"cannot read {src.name}: {e}") from None
 
@@ -404,10 +430,11 @@ class SEN12MSCRDataset(Dataset):
     def __getitem__(self, index):
         t = self.triplets[index]
         paths = [self.root / p for p in (t.s1, t.s2_cloudfree, t.s2_cloudy)]
-        srcs = []
-        try:
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(rasterio.Env(**GDAL_READ_OPTIONS))
+            srcs = []
             for p, bands in zip(paths, (len(S1_BANDS), len(S2_BANDS), len(S2_BANDS))):
-                srcs.append(_open(p))
+                srcs.append(stack.enter_context(_open(p)))
                 _check_bands(srcs[-1], bands)
             ref = srcs[2]
             for src in srcs[:2]:
@@ -415,9 +442,6 @@ class SEN12MSCRDataset(Dataset):
                     raise DataError(f"{src.name}: size {src.shape} differs from {ref.shape} of {ref.name}")
             window = self._window(ref.height, ref.width, ref.name)
             sar, cloudfree, cloudy = (_read_window(s, window) for s in srcs)
-        finally:
-            for s in srcs:
-                s.close()
         sar, cloudfree, cloudy = normalize_s1(sar), normalize_s2(cloudfree), normalize_s2(cloudy)
         score = cloud_score(cloudy, self.cloud_detector)[None]
         arrays = [cloudy, cloudfree, sar, score]
