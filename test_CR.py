@@ -1,0 +1,437 @@
+"""Evaluate a trained checkpoint on SEN12MS-CR, or remove clouds from a whole Sentinel-2 scene.
+
+Evaluate (scores per image and on average, for the model and for the identity baseline, i.e. the cloudy
+input taken as the prediction; inside clouds, in clear pixels, and by cloud-cover bin):
+    python test_CR.py --checkpoint checkpoints/glf_cr_enhanced_v3/best.pth \\
+        --data_list_filepath data.csv --input_data_folder ROOT --split test --save_geotiff --save_png
+
+Whole-scene prediction (any raster size; overlapping tiles blended with feathered weights):
+    python test_CR.py --predict --checkpoint best.pth --cloudy S2.tif --sar S1.tif --out cloudfree.tif
+
+Clamping rule (applied identically when scoring, saving GeoTIFFs and drawing PNGs): the network output is
+clamped to [0, 1] (a reflectance cannot be negative, and the dataset's encoding tops out at 10000) and then
+rounded to the uint16 x10000 grid of the dataset, i.e. exactly the values the saved GeoTIFF holds. The
+scores therefore describe the delivered product; the rounding moves a PSNR of 30 dB by < 1e-4 dB.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+import dataloader
+import metrics
+import train_CR_kaggle
+
+METRIC_NAMES = metrics.METRIC_NAMES
+# Whole-image score, then inside clouds and in clear pixels (metrics.masked_metrics halves).
+REGIONS = ("all", "cloudy", "clear")
+PREDICTORS = ("model", "identity")  # identity: the cloudy input itself taken as the prediction
+# Cloud-cover bins in percent of cloudy pixels: [lo, hi), the last one closed at 100.
+COVER_BINS = ((0, 10), (10, 30), (30, 60), (60, 100))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint written by train_CR_kaggle.py (last.pth or best.pth); the network is rebuilt "
+                        "from it, no architecture flags needed")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="autocast for inference: auto = bf16 on GPUs that support it, else fp16; on CPU the "
+                        f"training script's choice ({train_CR_kaggle.CPU_AUTO_AMP}); off = float32")
+    p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
+    g = p.add_argument_group("evaluation on a data list")
+    g.add_argument("--data_list_filepath", default=None, help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column)")
+    g.add_argument("--input_data_folder", default=None, help="root the CSV's folders are relative to")
+    g.add_argument("--split", default="test", choices=["train", "val", "test"], help="rows of the list to evaluate")
+    g.add_argument("--results_dir", default="results",
+                   help="where metrics.csv, summary.json, geotiff/ and png/ are written")
+    g.add_argument("--crop_size", type=int, default=None,
+                   help="score a centred crop of this side (default: the whole patch, as GLF-CR does)")
+    g.add_argument("--cloud_detector", default="rule", choices=list(dataloader.CLOUD_DETECTORS),
+                   help="cloud mask behind the cloudy/clear scores and the cloud-cover bins")
+    g.add_argument("--cloud_threshold", type=float, default=0.2,
+                   help="soft cloud score above which a pixel counts as cloudy")
+    g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes")
+    g.add_argument("--save_geotiff", action="store_true",
+                   help="write each prediction as a 13-band uint16 x10000 GeoTIFF with the input crop's CRS and "
+                        "transform (results_dir/geotiff/NAME.tif)")
+    g.add_argument("--save_png", action="store_true",
+                   help="write RGB quicklooks cloudy | SAR | prediction | target | confidence with one fixed "
+                        "stretch (results_dir/png/NAME.png)")
+    g = p.add_argument_group("whole-scene prediction")
+    g.add_argument("--predict", action="store_true", help="predict one whole scene instead of evaluating a list")
+    g.add_argument("--cloudy", default=None, help="--predict: cloudy Sentinel-2 GeoTIFF (13 bands, reflectance x10000)")
+    g.add_argument("--sar", default=None, help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid")
+    g.add_argument("--out", default=None, help="--predict: output GeoTIFF (13 bands, uint16 x10000)")
+    g.add_argument("--tile", type=int, default=256, help="--predict: tile side in pixels")
+    g.add_argument("--overlap", type=int, default=32, help="--predict: overlap of neighbouring tiles in pixels")
+    return p
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+def resolve_device(arg):
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(arg)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {arg}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_amp(amp, device):
+    """Autocast dtype or None; the training script's rule, so scores match its validation."""
+    return train_CR_kaggle.resolve_amp(amp, device)[0]
+
+
+def load_model(path, device):
+    """(model in eval mode on device, checkpoint dict); CheckpointError naming the file on any problem."""
+    ckpt = train_CR_kaggle.load_checkpoint(path, map_location="cpu")
+    model = train_CR_kaggle.build_model_from_checkpoint(ckpt, path)
+    return model.to(device).eval(), ckpt
+
+
+def finish(prediction):
+    """The one clamping rule (module docstring): clamp to [0, 1], round to the uint16 x10000 grid."""
+    scale = dataloader.S2_SCALE
+    return torch.round(prediction.float().clamp(0.0, 1.0) * scale) / scale
+
+
+@torch.no_grad()
+def forward(model, cloudy, sar, amp_dtype):
+    """(finished prediction, confidence or None) in float32."""
+    with torch.autocast(cloudy.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        prediction, aux = model(cloudy, sar, return_aux=True)
+    confidence = aux.get("confidence")
+    return finish(prediction), None if confidence is None else confidence.float()
+
+
+def _tmp_beside(path, suffix):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return tmp
+
+
+def write_text_atomic(path, text):
+    tmp = _tmp_beside(path, ".tmp")
+    try:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_quicklook(path, cloudy, sar, prediction, target, confidence):
+    """One PNG row cloudy | SAR | prediction | target | confidence; (C,H,W) tensors in [0,1]."""
+    from torchvision.utils import save_image
+
+    conf = torch.zeros_like(cloudy[:1]) if confidence is None else confidence.clamp(0, 1)
+    panels = [dataloader.s2_to_rgb(cloudy), dataloader.sar_to_rgb(sar), dataloader.s2_to_rgb(prediction),
+              dataloader.s2_to_rgb(target), conf.expand(3, -1, -1)]
+    tmp = _tmp_beside(path, ".png")
+    try:
+        save_image(torch.cat([p.float().cpu() for p in panels], dim=2), tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def score_batch(prediction, target, cloud_mask, threshold):
+    """{region: {metric: (N,) tensor}} for one predictor, via metrics.py only."""
+    halves = metrics.masked_metrics(prediction, target, cloud_mask, threshold=threshold)
+    return {"all": metrics.compute_metrics(prediction, target), "cloudy": halves["cloudy"], "clear": halves["clear"]}
+
+
+def column(predictor, region, metric):
+    return f"{predictor}_{metric}" if region == "all" else f"{predictor}_{region}_{metric}"
+
+
+CSV_COLUMNS = ["file_name", "cloud_cover"] + [column(p, r, m) for r in REGIONS for m in METRIC_NAMES
+                                              for p in PREDICTORS]
+
+
+def cover_bin(cover_percent):
+    for lo, hi in COVER_BINS:
+        if lo <= cover_percent < hi or (hi == 100 and cover_percent == 100):
+            return f"{lo}-{hi}"
+    raise ValueError(f"cloud cover {cover_percent} outside [0, 100]")
+
+
+def _nanmean(values):
+    values = [v for v in values if not math.isnan(v)]
+    return float(np.mean(values)) if values else None  # None -> JSON null: no image had such pixels
+
+
+def summarise(rows):
+    """Means per predictor and region over rows (NaN, i.e. no such pixels in an image, skipped)."""
+    return {p: {r: {m: _nanmean([row[column(p, r, m)] for row in rows]) for m in METRIC_NAMES} for r in REGIONS}
+            for p in PREDICTORS}
+
+
+def format_table(summary, bins):
+    out = io.StringIO()
+    header = f"{'region':<8}{'metric':<7}{'model':>10}{'identity':>10}{'gain':>10}"
+    out.write(header + "\n" + "-" * len(header) + "\n")
+    fmt = lambda v: f"{v:>10.4f}" if v is not None else f"{'-':>10}"
+    for r in REGIONS:
+        for m in METRIC_NAMES:
+            a, b = summary["model"][r][m], summary["identity"][r][m]
+            gain = None if a is None or b is None else a - b
+            out.write(f"{r:<8}{m:<7}{fmt(a)}{fmt(b)}{fmt(gain)}\n")
+    out.write(f"\nby cloud cover (PSNR / SSIM, model vs identity)\n{'bin %':<8}{'n':>4}"
+              f"{'PSNR model':>12}{'PSNR ident':>12}{'SSIM model':>12}{'SSIM ident':>12}\n")
+    for name, b in bins.items():
+        s = b["mean"]
+        out.write(f"{name:<8}{b['n']:>4}  {fmt(s['model']['all']['PSNR'])}  {fmt(s['identity']['all']['PSNR'])}"
+                  f"  {fmt(s['model']['all']['SSIM'])}  {fmt(s['identity']['all']['SSIM'])}\n")
+    return out.getvalue()
+
+
+def evaluate(args):
+    """Score every image of the split; write metrics.csv and summary.json (and GeoTIFF/PNG outputs)."""
+    if not args.data_list_filepath or not args.input_data_folder:
+        raise SystemExit("pass --data_list_filepath and --input_data_folder (or --predict for a whole scene)")
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    model, ckpt = load_model(args.checkpoint, device)
+    rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
+                                   source=str(args.data_list_filepath))
+    dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size, augment=False,
+                                          cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold)
+    loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    # A model trained with --sar_input zeros (the radar ablation) is evaluated the way it was trained.
+    sar_zeros = (ckpt.get("args") or {}).get("sar_input") == "zeros"
+    results = Path(args.results_dir)
+    results.mkdir(parents=True, exist_ok=True)
+    if args.save_geotiff:
+        (results / "geotiff").mkdir(exist_ok=True)
+    if args.save_png:
+        (results / "png").mkdir(exist_ok=True)
+
+    per_image, t_model, t0 = [], 0.0, time.perf_counter()
+    for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
+        cloudy = batch["cloudy_data"].to(device)
+        target = batch["cloudfree_data"].to(device)
+        sar = batch["SAR_data"].to(device)
+        cloud_mask = batch["cloud_mask"].to(device)
+        if sar_zeros:
+            sar = torch.zeros_like(sar)
+        t1 = time.perf_counter()
+        prediction, confidence = forward(model, cloudy, sar, amp_dtype)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_model += time.perf_counter() - t1
+        scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
+                  "identity": score_batch(finish(cloudy), target, cloud_mask, args.cloud_threshold)}
+        # Same pixels as masked_metrics counts as cloudy (score > threshold).
+        cover = (cloud_mask > args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
+        for i in range(cloudy.shape[0]):
+            row = {"file_name": batch["file_name"][i], "cloud_cover": float(cover[i])}
+            for p in PREDICTORS:
+                for r in REGIONS:
+                    for m in METRIC_NAMES:
+                        row[column(p, r, m)] = float(scores[p][r][m][i])
+            per_image.append(row)
+            stem = Path(batch["file_name"][i]).stem
+            if args.save_geotiff:
+                crs, transform = dataloader.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
+                dataloader.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform)
+            if args.save_png:
+                save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(), prediction[i].cpu(),
+                               target[i].cpu(), None if confidence is None else confidence[i].cpu())
+    seconds = time.perf_counter() - t0
+
+    bins = {}
+    for lo, hi in COVER_BINS:
+        name = f"{lo}-{hi}"
+        members = [row for row in per_image if cover_bin(row["cloud_cover"]) == name]
+        bins[name] = {"n": len(members), "mean": summarise(members)}
+    summary = {
+        "checkpoint": str(args.checkpoint), "model_name": ckpt["model_name"], "epoch": ckpt.get("epoch"),
+        "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
+        "crop_size": args.crop_size, "cloud_detector": args.cloud_detector, "cloud_threshold": args.cloud_threshold,
+        "device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
+        "sar_input": "zeros" if sar_zeros else "on",
+        "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
+        "mean": summarise(per_image), "cloud_cover_bins": bins,
+        "images_per_s": len(per_image) / seconds, "model_images_per_s": len(per_image) / max(t_model, 1e-9),
+    }
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for row in per_image:  # repr keeps every float bit; NaN (no such pixels) is written as "nan"
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    write_text_atomic(results / "metrics.csv", buf.getvalue())
+    write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
+    print(f"{ckpt['model_name']} from {args.checkpoint} on {len(per_image)} {args.split} images "
+          f"({args.data_list_filepath}); device {device}, amp {summary['amp']}")
+    print(format_table(summary["mean"], bins))
+    print(f"{summary['images_per_s']:.2f} images/s; per-image scores in {results / 'metrics.csv'}, "
+          f"means in {results / 'summary.json'}")
+    return summary
+
+
+# ----------------------------------------------------------------------------- whole-scene prediction
+
+def tile_starts(length, tile, overlap):
+    """Start offsets of tiles of side min(tile, length) covering [0, length); the last one ends at the edge."""
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def feather(n, overlap):
+    """1-D blending weight of a tile of n pixels: a linear ramp over `overlap` pixels at each end, 1 inside.
+    Strictly positive (the outermost pixel weighs 0.5/overlap), so scene borders, covered by one tile
+    only, still get that tile's value after normalisation."""
+    i = np.arange(n, dtype=np.float32)
+    if overlap <= 0:
+        return np.ones(n, dtype=np.float32)
+    return np.minimum(1.0, np.minimum(i + 0.5, n - i - 0.5) / overlap).astype(np.float32)
+
+
+def check_scene_pair(cloudy_src, sar_src):
+    """S1 and S2 must share size, CRS and transform; the error names both files."""
+    if cloudy_src.count != len(dataloader.S2_BANDS):
+        raise dataloader.DataError(f"{cloudy_src.name}: expected {len(dataloader.S2_BANDS)} Sentinel-2 bands, "
+                                   f"found {cloudy_src.count}")
+    if sar_src.count != len(dataloader.S1_BANDS):
+        raise dataloader.DataError(f"{sar_src.name}: expected {len(dataloader.S1_BANDS)} Sentinel-1 bands "
+                                   f"(VV, VH), found {sar_src.count}")
+    problems = []
+    if cloudy_src.shape != sar_src.shape:
+        problems.append(f"size {cloudy_src.shape} vs {sar_src.shape}")
+    if cloudy_src.crs != sar_src.crs:
+        problems.append(f"CRS {cloudy_src.crs} vs {sar_src.crs}")
+    if not cloudy_src.transform.almost_equals(sar_src.transform):
+        problems.append(f"transform {tuple(cloudy_src.transform)[:6]} vs {tuple(sar_src.transform)[:6]}")
+    if problems:
+        raise dataloader.DataError(f"{cloudy_src.name} and {sar_src.name} are not on the same grid: "
+                                   + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
+
+
+@torch.no_grad()
+def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, batch_sz=4, device="cpu",
+                  amp_dtype=None, progress=True, sar_zeros=False):
+    """Cloud-free prediction of a whole scene, written as a uint16 x10000 GeoTIFF with the input's grid.
+
+    Tiles of `tile` px overlapping by `overlap` px are blended with separable feathered weights. Memory is one
+    strip of tiles: the weighted sum and weights of the rows the current tile row covers (13 x tile x width
+    float32); rows no later tile touches are finished, written to the output with a windowed write, and
+    dropped. Input tiles are read with rasterio windows and normalised tile by tile (so an S1 NaN is filled
+    with the band mean of its tile, not of the scene)."""
+    if tile < 8 or not 0 <= overlap < tile:
+        raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    device = torch.device(device)
+    model.eval()
+    out_path = Path(out_path)
+    with dataloader._open(cloudy_path) as cloudy_src, dataloader._open(sar_path) as sar_src:
+        check_scene_pair(cloudy_src, sar_src)
+        height, width = cloudy_src.height, cloudy_src.width
+        ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
+        th, tw = min(tile, height), min(tile, width)
+        weight_tile = np.outer(feather(th, overlap), feather(tw, overlap))
+        profile = dict(driver="GTiff", height=height, width=width, count=len(dataloader.S2_BANDS), dtype="uint16",
+                       crs=cloudy_src.crs, transform=cloudy_src.transform, compress="deflate", tiled=True,
+                       blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
+        acc = np.zeros((len(dataloader.S2_BANDS), th, width), dtype=np.float32)
+        wsum = np.zeros((th, width), dtype=np.float32)
+        top = 0  # scene row of acc[:, 0]
+        tmp = _tmp_beside(out_path, ".tif")
+        try:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                def flush(upto):
+                    """Write finished scene rows [top, upto) and shift the strip up."""
+                    nonlocal top
+                    k = upto - top
+                    if k <= 0:
+                        return
+                    if not (wsum[:k] > 0).all():  # cannot happen with tile_starts + feather; guard anyway
+                        raise RuntimeError(f"rows {top}..{upto} of {cloudy_path} were not covered by any tile")
+                    rows = torch.from_numpy(acc[:, :k] / wsum[:k])
+                    dst.write(dataloader.denormalize_s2(finish(rows)), window=Window(0, top, width, k))
+                    acc[:, :th - k], wsum[:th - k] = acc[:, k:].copy(), wsum[k:].copy()
+                    acc[:, th - k:], wsum[th - k:] = 0.0, 0.0
+                    top = upto
+
+                bar = tqdm(total=len(ys) * len(xs), desc="tiles", disable=not progress, dynamic_ncols=True)
+                for y in ys:
+                    flush(y)
+                    for b in range(0, len(xs), batch_sz):
+                        chunk = xs[b:b + batch_sz]
+                        cloudy = np.stack([dataloader.normalize_s2(dataloader._read_window(cloudy_src, (y, x, th, tw)))
+                                           for x in chunk])
+                        sar = np.stack([dataloader.normalize_s1(dataloader._read_window(sar_src, (y, x, th, tw)))
+                                        for x in chunk])
+                        if sar_zeros:  # a model trained on the radar ablation sees what it was trained on
+                            sar = np.zeros_like(sar)
+                        prediction, _ = forward(model, torch.from_numpy(cloudy).to(device),
+                                                torch.from_numpy(sar).to(device), amp_dtype)
+                        # Blend the clamped float prediction; the uint16 rounding happens once, at flush.
+                        prediction = prediction.cpu().numpy()
+                        for x, pred in zip(chunk, prediction):
+                            acc[:, y - top:y - top + th, x:x + tw] += pred * weight_tile
+                            wsum[y - top:y - top + th, x:x + tw] += weight_tile
+                        bar.update(len(chunk))
+                bar.close()
+                flush(height)
+            os.replace(tmp, out_path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return out_path
+
+
+def predict(args):
+    missing = [f"--{k}" for k in ("cloudy", "sar", "out") if not getattr(args, k)]
+    if missing:
+        raise SystemExit(f"--predict needs {', '.join(missing)}")
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    model, ckpt = load_model(args.checkpoint, device)
+    t0 = time.perf_counter()
+    out = predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
+                        batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype,
+                        sar_zeros=(ckpt.get("args") or {}).get("sar_input") == "zeros")
+    print(f"wrote {out} ({time.perf_counter() - t0:.1f} s; {ckpt['model_name']} from {args.checkpoint}, "
+          f"tile {args.tile}, overlap {args.overlap}, device {device})")
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.batch_sz < 1:
+        raise SystemExit("--batch_sz must be at least 1")
+    if args.predict:
+        predict(args)
+    else:
+        evaluate(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
