@@ -314,6 +314,26 @@ def feather(n, overlap):
     return np.minimum(1.0, np.minimum(i + 0.5, n - i - 0.5) / overlap).astype(np.float32)
 
 
+def scene_sar_fill_db(sar_src, strip=256):
+    """Per-band dB value that normalize_s1 maps to the scene mean of the normalised finite pixels.
+
+    The dataset fills an S1 NaN with the band mean of the image it reads; filling per tile would make the value
+    depend on the tiling (visible as a seam through a NaN hole). One strip-wise pass over the two SAR bands
+    finds the scene mean instead; it is written into each tile's NaN pixels before normalize_s1."""
+    sums = np.zeros(len(dataloader.S1_BANDS), np.float64)
+    counts = np.zeros(len(dataloader.S1_BANDS), np.int64)
+    for y in range(0, sar_src.height, strip):
+        raw = dataloader._read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
+        valid = ~np.isnan(raw)
+        normed = dataloader.normalize_s1(raw)  # only NaN pixels are changed by the fill: valid ones are exact
+        sums += np.where(valid, normed, 0).sum(axis=(1, 2), dtype=np.float64)
+        counts += valid.sum(axis=(1, 2))
+    means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)  # all-NaN band -> 0, as dataloader
+    low = np.array([dataloader.S1_CLIP_DB[b][0] for b in dataloader.S1_BANDS])
+    high = np.array([dataloader.S1_CLIP_DB[b][1] for b in dataloader.S1_BANDS])
+    return (low + means * (high - low)).astype(np.float32)
+
+
 def check_scene_pair(cloudy_src, sar_src):
     """S1 and S2 must share size, CRS and transform; the error names both files."""
     if cloudy_src.count != len(dataloader.S2_BANDS):
@@ -334,6 +354,13 @@ def check_scene_pair(cloudy_src, sar_src):
                                    + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
 
 
+def _fill(raw_db, fill_db):
+    nan = np.isnan(raw_db)
+    if nan.any():
+        raw_db[nan] = np.broadcast_to(fill_db[:, None, None], raw_db.shape)[nan]
+    return raw_db
+
+
 @torch.no_grad()
 def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, batch_sz=4, device="cpu",
                   amp_dtype=None, progress=True, sar_zeros=False):
@@ -342,8 +369,8 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
     Tiles of `tile` px overlapping by `overlap` px are blended with separable feathered weights. Memory is one
     strip of tiles: the weighted sum and weights of the rows the current tile row covers (13 x tile x width
     float32); rows no later tile touches are finished, written to the output with a windowed write, and
-    dropped. Input tiles are read with rasterio windows and normalised tile by tile (so an S1 NaN is filled
-    with the band mean of its tile, not of the scene)."""
+    dropped. Input tiles are read with rasterio windows and normalised tile by tile; an S1 NaN gets the band
+    mean of the whole scene (scene_sar_fill_db), as a whole-image pass would give it."""
     if tile < 8 or not 0 <= overlap < tile:
         raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     device = torch.device(device)
@@ -354,6 +381,7 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
         height, width = cloudy_src.height, cloudy_src.width
         ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
         th, tw = min(tile, height), min(tile, width)
+        sar_fill = scene_sar_fill_db(sar_src)
         weight_tile = np.outer(feather(th, overlap), feather(tw, overlap))
         profile = dict(driver="GTiff", height=height, width=width, count=len(dataloader.S2_BANDS), dtype="uint16",
                        crs=cloudy_src.crs, transform=cloudy_src.transform, compress="deflate", tiled=True,
@@ -385,8 +413,8 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
                         chunk = xs[b:b + batch_sz]
                         cloudy = np.stack([dataloader.normalize_s2(dataloader._read_window(cloudy_src, (y, x, th, tw)))
                                            for x in chunk])
-                        sar = np.stack([dataloader.normalize_s1(dataloader._read_window(sar_src, (y, x, th, tw)))
-                                        for x in chunk])
+                        sar = np.stack([dataloader.normalize_s1(_fill(dataloader._read_window(sar_src, (y, x, th, tw)),
+                                                                      sar_fill)) for x in chunk])
                         if sar_zeros:  # a model trained on the radar ablation sees what it was trained on
                             sar = np.zeros_like(sar)
                         prediction, _ = forward(model, torch.from_numpy(cloudy).to(device),
