@@ -248,12 +248,21 @@ def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_pat
     diff = np.abs(tiled - whole) / dataloader.S2_SCALE
     # A 32 px tile gives the network less context than the whole scene, so outputs differ a little;
     # the design's residual is confidence-weighted and small, so the difference stays far below a visible step.
-    assert diff.max() < 0.02 and diff.mean() < 0.002, (diff.max(), diff.mean())
-    # No seam: the column-to-column jump at tile borders is what the single-pass prediction has there.
-    borders = [s + d for s in test_CR.tile_starts(SCENE_W, 32, 8)[1:] for d in (0, 8)]
-    jump_tiled = np.abs(np.diff(tiled, axis=2))[:, :, [b - 1 for b in borders]]
-    jump_whole = np.abs(np.diff(whole, axis=2))[:, :, [b - 1 for b in borders]]
-    assert np.abs(jump_tiled - jump_whole).mean() / dataloader.S2_SCALE < 0.002
+    # (measured: max 0.017, mean 0.0019 reflectance)
+    assert diff.max() < 0.05 and diff.mean() < 0.005, (diff.max(), diff.mean())
+
+    def seam(img, overlap):
+        """Mean excess of the column-to-column jump at tile edges over the single-pass image's jump there."""
+        edges = sorted({s + d for s in test_CR.tile_starts(SCENE_W, 32, overlap)[1:] for d in (0, overlap)})
+        jump = lambda a: np.abs(np.diff(a, axis=2))[:, :, [e - 1 for e in edges]]
+        return np.abs(jump(img) - jump(whole)).mean() / dataloader.S2_SCALE
+
+    # No seam: feathered tiles jump at their edges as the single-pass prediction does (measured 0.0004), while
+    # hard stitching of the same tiles (overlap 0) leaves a step ten times larger (measured 0.005).
+    hard = test_CR.predict_scene(model, *scene, tmp_path / "hard.tif", tile=32, overlap=0, progress=False)
+    with rasterio.open(hard) as dst:
+        stitched = dst.read().astype(np.float32)
+    assert seam(tiled, 8) < 0.002 and seam(tiled, 8) < seam(stitched, 0) / 3, (seam(tiled, 8), seam(stitched, 0))
 
 
 def test_mismatched_scene_inputs_name_both_files(scene, tmp_path):
