@@ -70,7 +70,7 @@ def test_fused_and_reference_attention_agree():
     reference = _model(attention="reference")
     reference.load_state_dict(fused.state_dict())
     assert count_parameters(fused) == count_parameters(reference)
-    optical, sar = _inputs(2, 40, 36)
+    optical, sar = _inputs(1, 32, 36)
     out_f, out_r = fused(optical, sar), reference(optical, sar)
     torch.testing.assert_close(out_f, out_r, rtol=1e-4, atol=1e-5)
     out_f.square().mean().backward()
@@ -162,7 +162,7 @@ def test_zero_confidence_passes_the_input_through_exactly():
 
 
 def test_bf16_autocast_on_cpu_is_finite_and_close(model):
-    optical, sar = _inputs(2, 48, 40)
+    optical, sar = _inputs(1, 32, 32)
     with torch.no_grad():
         reference = model(optical, sar)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -181,7 +181,7 @@ def test_bf16_autocast_on_cpu_is_finite_and_close(model):
 def test_channels_last_matches_contiguous(model, attention):
     m = copy.deepcopy(model)
     m.fusion.attention = attention
-    optical, sar = _inputs(1, 44, 36)
+    optical, sar = _inputs(1, 36, 32)
     with torch.no_grad():
         expected = m(optical, sar)
         m = m.to(memory_format=torch.channels_last)
