@@ -110,7 +110,7 @@ def _prepare_mask(mask, like):
         if bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(
                 "mask must be bool or hold only 0 and 1; threshold a soft cloud score first "
-                "(e.g. cloud_mask > 0.2, or masked_metrics(..., threshold=0.2))"
+                "(e.g. cloud_mask >= 0.2, or masked_metrics(..., threshold=0.2))"
             )
     return mask.to(device=like.device, dtype=torch.float32)
 
@@ -233,11 +233,11 @@ def compute_metrics(pred, target, mask=None):
 def masked_metrics(pred, target, cloud_mask, threshold=None):
     """Metrics over the cloudy and over the clear pixels: {"cloudy": {...}, "clear": {...}}, each a
     compute_metrics dict of (N,) tensors. cloud_mask (N,1,H,W) is bool / 0-1 with True = cloudy; a soft
-    cloud score needs `threshold` (cloudy = cloud_mask > threshold). An image with no cloudy (or no
-    clear) pixel gets NaN in that half."""
+    cloud score needs `threshold` (cloudy = cloud_mask >= threshold, DSen2-CR's binarisation, which the
+    dataloader's `cloud_binary` uses too). An image with no cloudy (or no clear) pixel gets NaN in that half."""
     if not torch.is_tensor(cloud_mask):
         raise TypeError(f"cloud_mask must be a torch tensor, got {type(cloud_mask).__name__}")
-    cloudy = cloud_mask > threshold if threshold is not None else cloud_mask
+    cloudy = cloud_mask >= threshold if threshold is not None else cloud_mask
     cloudy = _prepare_mask(cloudy, pred)
     return {"cloudy": compute_metrics(pred, target, cloudy), "clear": compute_metrics(pred, target, 1.0 - cloudy)}
 

@@ -245,8 +245,8 @@ def evaluate(args):
         t_model += time.perf_counter() - t1
         scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
                   "identity": score_batch(finish(cloudy), target, cloud_mask, args.cloud_threshold)}
-        # Same pixels as masked_metrics counts as cloudy (score > threshold).
-        cover = (cloud_mask > args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
+        # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
+        cover = (cloud_mask >= args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
         for i in range(cloudy.shape[0]):
             row = {"file_name": batch["file_name"][i], "cloud_cover": float(cover[i])}
             for p in PREDICTORS:

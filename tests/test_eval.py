@@ -85,7 +85,7 @@ def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
                     got = float(row[test_CR.column(who, region, m)])
                     want = float(expected[region][m][0])
                     assert _close(got, want), (row["file_name"], who, region, m, got, want)
-        cover = float((mask > 0.2).float().mean()) * 100
+        cover = float((mask >= 0.2).float().mean()) * 100
         assert _close(float(row["cloud_cover"]), cover)
     # The synthetic test split mixes clear and cloudy patches, so both halves are exercised.
     covers = [float(r["cloud_cover"]) for r in rows]

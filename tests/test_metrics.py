@@ -228,7 +228,7 @@ def test_soft_cloud_score_needs_threshold():
     with pytest.raises(ValueError, match="threshold"):
         metrics.psnr(pred, target, soft)
     thresholded = metrics.masked_metrics(pred, target, soft, threshold=0.2)
-    direct = metrics.masked_metrics(pred, target, soft > 0.2)
+    direct = metrics.masked_metrics(pred, target, soft >= 0.2)
     for part in ("cloudy", "clear"):
         for key in metrics.METRIC_NAMES:
             assert torch.equal(thresholded[part][key], direct[part][key])
