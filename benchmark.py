@@ -7,7 +7,13 @@ this runs on are shared and noisy.
 """
 import argparse
 import json
+import os
+import subprocess
 import sys
+import time
+from pathlib import Path
+
+import numpy as np
 
 SUBCOMMANDS = {}  # name -> (add_arguments(parser), run(args) -> dict of figures)
 
@@ -26,6 +32,758 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(figures, f, indent=2)
     return 0
+
+
+def _add_loss_args(parser):
+    parser.add_argument("--size", type=int, default=128, help="square crop size in pixels")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--model", choices=("auto", "standin"), default="auto",
+                        help="auto: net_CR_CrossAttention.create_model() if importable, else a small stand-in")
+
+
+def bench_loss(args):
+    """Time the full criterion (design's flag set, random VGG weights) adds to a CPU training step vs L1 only."""
+    import statistics
+    import time
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    import losses
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model_desc = "stand-in 3-layer CNN (15->64->64->13)"
+    if args.model == "auto":
+        try:
+            import net_CR_CrossAttention
+
+            model = net_CR_CrossAttention.create_model("CrossAttention")
+            model_desc = "net_CR_CrossAttention.create_model('CrossAttention')"
+        except ImportError:
+            model = None
+    if args.model == "standin" or model is None:
+        class StandIn(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.net = nn.Sequential(nn.Conv2d(15, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                                         nn.ReLU(), nn.Conv2d(64, 13, 3, padding=1))
+
+            def forward(self, optical, sar, return_aux=False):
+                pred = optical + self.net(torch.cat([optical, sar], 1))
+                return (pred, {"confidence": None, "residual": pred - optical}) if return_aux else pred
+
+        model = StandIn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    n, s = args.batch, args.size
+    cloudy, cloudfree = torch.rand(n, 13, s, s) * 0.8, torch.rand(n, 13, s, s) * 0.3
+    sar, cloud_mask = torch.rand(n, 2, s, s), torch.rand(n, 1, s, s)
+    # The design document's training flags (glf-cr-enhanced-v3.md); random VGG costs what ImageNet VGG costs.
+    design = dict(l1_weight=1.0, perceptual_weight=0.5, use_fft_loss=True, fft_weight=0.3, use_gradient_loss=True,
+                  gradient_weight=0.2, use_contrastive_loss=True, contrastive_weight=0.1,
+                  use_cloud_focused_loss=True, cloud_weight_factor=2.5, vgg_weights="random")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        variants = {
+            "L1 only": losses.CRLoss(l1_weight=1.0, perceptual_weight=0.0, vgg_weights="random"),
+            "no VGG terms": losses.CRLoss(**dict(design, perceptual_weight=0.0, use_contrastive_loss=False)),
+            "full (design flags)": losses.CRLoss(**design),
+        }
+
+    def step(criterion):
+        optimizer.zero_grad(set_to_none=True)
+        pred = model(cloudy, sar)
+        total, _ = criterion(pred, cloudfree, cloudy, cloud_mask=cloud_mask)
+        total.backward()
+        optimizer.step()
+
+    def criterion_only(criterion):
+        # the loss's own forward + backward, on a prediction that is a leaf tensor (no model in the timing)
+        pred = (cloudy * 0.5).requires_grad_(True)
+        total, _ = criterion(pred, cloudfree, cloudy, cloud_mask=cloud_mask)
+        total.backward()
+
+    times = {name: [] for name in variants}
+    loss_times = {name: [] for name in variants}
+    for name, criterion in variants.items():
+        step(criterion)  # warm-up
+    for _ in range(args.steps):  # interleaved, so machine noise hits all variants alike
+        for name, criterion in variants.items():
+            t0 = time.perf_counter()
+            step(criterion)
+            t1 = time.perf_counter()
+            criterion_only(criterion)
+            times[name].append(t1 - t0)
+            loss_times[name].append(time.perf_counter() - t1)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    loss_med = {name: statistics.median(t) for name, t in loss_times.items()}
+    base, no_vgg, full = med["L1 only"], med["no VGG terms"], med["full (design flags)"]
+    print(f"model: {model_desc}; {n}x{s}x{s}, {args.threads} threads, median of {args.steps} steps")
+    print(f"{'criterion':<22}{'step s':>10}{'loss fwd+bwd s':>16}")
+    for name, t in med.items():
+        print(f"{name:<22}{t:>10.3f}{loss_med[name]:>16.3f}")
+    print(f"full criterion adds {full - base:.3f} s per step ({full / base:.2f}x the L1-only step)")
+    return {"model": model_desc, "size": s, "batch": n, "threads": args.threads, "steps": args.steps,
+            "step_s_l1_only": base, "step_s_no_vgg": no_vgg, "step_s_full": full, "added_s": full - base,
+            "ratio": full / base, "loss_only_s": loss_med}
+
+
+SUBCOMMANDS["loss"] = (_add_loss_args, bench_loss)
+
+
+# --- data loading and cloud detection (helper "data") -----------------------------------------------------------
+
+def _data_source(args):
+    """(root, triplets): --csv/--root if given, else a synthetic tree of 256-px patches (real dtypes, layout)."""
+    import tempfile
+
+    import dataloader
+
+    if args.csv:
+        return args.root or str(__import__("pathlib").Path(args.csv).parent), dataloader.read_data_list(args.csv)
+    import atexit
+    import shutil
+
+    tmp = tempfile.mkdtemp(prefix="bench_data_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+    csv_path = dataloader.make_synthetic_dataset(tmp, n=args.n, size=args.size, seed=0)
+    return tmp, dataloader.read_data_list(csv_path)
+
+
+def _reference_cloud_score(img10000):
+    """DSen2-CR's get_cloud_mask as published and called by GLF-CR: float64 ops on the full image, a 7x7 box by
+    scipy.signal.convolve2d."""
+    import numpy as np
+    import scipy.ndimage
+    import scipy.signal
+
+    d = img10000 / 10000.0
+    rescale = lambda x, lo, hi: (x - lo) / (hi - lo)
+    score = np.ones(d.shape[1:]).astype("float32")
+    score = np.minimum(score, rescale(d[1], 0.1, 0.5))
+    score = np.minimum(score, rescale(d[0], 0.1, 0.3))
+    score = np.minimum(score, rescale(d[0] + d[10], 0.15, 0.2))
+    score = np.minimum(score, rescale(d[3] + d[2] + d[1], 0.2, 0.8))
+    sub, tot = d[2] - d[11], d[2] + d[11]
+    tot[tot == 0] = 0.001
+    score = np.minimum(score, rescale(sub / tot, 0.8, 0.6))
+    score = scipy.ndimage.grey_closing(score, size=(5, 5))
+    score = scipy.signal.convolve2d(score, np.ones((7, 7)) / 49.0, mode="same")
+    return np.clip(score, 0.00001, 1.0)
+
+
+class _ReferenceGLFCRLoader:
+    """What the original GLF-CR AlignedDataset does per sample: rasterio reads of the whole files, NaN filled
+    with the image mean, normalisation in a per-channel Python loop, the cloud mask on the whole cloudy image,
+    then a random crop."""
+
+    def __init__(self, triplets, root, crop_size, use_mask):
+        self.triplets, self.root, self.crop, self.use_mask = triplets, root, crop_size, use_mask
+        self.clip_min = [[-25.0, -32.5], [0] * 13, [0] * 13]
+        self.clip_max = [[0, 0], [10000] * 13, [10000] * 13]
+
+    def __len__(self):
+        return len(self.triplets)
+
+    @staticmethod
+    def _read(path):
+        import numpy as np
+        import rasterio
+
+        src = rasterio.open(path, "r", driver="GTiff")
+        image = src.read()
+        src.close()
+        image[np.isnan(image)] = np.nanmean(image)
+        return image
+
+    def _normalise(self, image, kind):
+        import numpy as np
+
+        if kind == 1:
+            for c in range(len(image)):
+                image[c] = np.clip(image[c], self.clip_min[0][c], self.clip_max[0][c])
+                image[c] -= self.clip_min[0][c]
+                image[c] = image[c] / (self.clip_max[0][c] - self.clip_min[0][c])
+        else:
+            for c in range(len(image)):
+                image[c] = np.clip(image[c], self.clip_min[kind - 1][c], self.clip_max[kind - 1][c])
+            image /= 10000
+        return image
+
+    def __getitem__(self, index):
+        import os
+
+        import numpy as np
+        import torch
+
+        t = self.triplets[index]
+        s1 = self._read(os.path.join(self.root, t.s1)).astype("float32")
+        s2 = self._read(os.path.join(self.root, t.s2_cloudfree)).astype("float32")
+        cloudy = self._read(os.path.join(self.root, t.s2_cloudy)).astype("float32")
+        mask = _reference_cloud_score(cloudy) if self.use_mask else np.zeros(cloudy.shape[1:], np.float32)
+        s1, s2, cloudy = self._normalise(s1, 1), self._normalise(s2, 2), self._normalise(cloudy, 3)
+        h, w = cloudy.shape[1:]
+        y, x = np.random.randint(0, h - self.crop + 1), np.random.randint(0, w - self.crop + 1)
+        crop = lambda a: torch.from_numpy(np.ascontiguousarray(a[..., y:y + self.crop, x:x + self.crop]))
+        return {"cloudy_data": crop(cloudy), "cloudfree_data": crop(s2), "SAR_data": crop(s1),
+                "cloud_mask": crop(mask[None].astype(np.float32))}
+
+
+def _add_data_args(parser):
+    parser.add_argument("--csv", default=None, help="data list to read (default: a synthetic tree made in /tmp)")
+    parser.add_argument("--root", default=None, help="data root of --csv (default: the CSV's folder)")
+    parser.add_argument("--n", type=int, default=32, help="synthetic patches to make when no --csv (default 32)")
+    parser.add_argument("--size", type=int, default=256, help="synthetic patch side (default 256, as real data)")
+    parser.add_argument("--crop", type=int, default=128, help="crop size returned per sample (default 128)")
+    parser.add_argument("--samples", type=int, default=64, help="__getitem__ calls per variant per round")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median round is reported")
+    parser.add_argument("--workers", default="", help="comma list of DataLoader num_workers to also time, "
+                                                      "e.g. 0,1,2 (empty: skip)")
+    parser.add_argument("--batch", type=int, default=8, help="DataLoader batch size for --workers")
+
+
+def bench_data(args):
+    """Samples/s of the dataset __getitem__ loop vs a GLF-CR-style reference loader (with/without cloud mask)."""
+    import statistics
+    import time
+
+    import torch
+
+    import dataloader
+
+    torch.set_num_threads(1)
+    root, triplets = _data_source(args)
+    variants = {
+        "reference, no mask": _ReferenceGLFCRLoader(triplets, root, args.crop, use_mask=False),
+        "reference, rule mask": _ReferenceGLFCRLoader(triplets, root, args.crop, use_mask=True),
+        "dataloader, no mask": dataloader.SEN12MSCRDataset(triplets, root, crop_size=args.crop, augment=True,
+                                                           cloud_detector="none"),
+        "dataloader, rule mask": dataloader.SEN12MSCRDataset(triplets, root, crop_size=args.crop, augment=True,
+                                                             cloud_detector="rule"),
+    }
+    times = {name: [] for name in variants}
+    for ds in variants.values():
+        ds[0]  # warm-up (imports, GDAL driver registration)
+    for _ in range(args.rounds):  # interleaved, so machine noise hits every variant alike
+        for name, ds in variants.items():
+            t0 = time.perf_counter()
+            for i in range(args.samples):
+                ds[i % len(ds)]
+            times[name].append(time.perf_counter() - t0)
+    rate = {name: args.samples / statistics.median(t) for name, t in times.items()}
+    print(f"{len(triplets)} triplets under {root}; crop {args.crop}; one process, 1 torch thread; "
+          f"median of {args.rounds} rounds of {args.samples} samples")
+    print(f"{'loader':<24}{'samples/s':>12}")
+    for name, r in rate.items():
+        print(f"{name:<24}{r:>12.1f}")
+    figures = {"triplets": len(triplets), "crop": args.crop, "samples_per_s": rate,
+               "speedup_no_mask": rate["dataloader, no mask"] / rate["reference, no mask"],
+               "speedup_rule_mask": rate["dataloader, rule mask"] / rate["reference, rule mask"]}
+    print(f"speed-up: {figures['speedup_no_mask']:.2f}x without mask, {figures['speedup_rule_mask']:.2f}x with mask")
+    if args.workers:
+        from torch.utils.data import DataLoader
+
+        ds = variants["dataloader, rule mask"]
+        figures["workers"] = {}
+        for w in (int(v) for v in args.workers.split(",")):
+            loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=w)
+            total = args.samples * 4
+            n, t0, t_first, n_first = 0, time.perf_counter(), None, 0
+            while n < total:
+                for batch in loader:
+                    n += len(batch["file_name"])
+                    if t_first is None:  # worker start-up ends with the first batch
+                        t_first, n_first = time.perf_counter(), n
+                    if n >= total:
+                        break
+            t_end = time.perf_counter()
+            steady = (n - n_first) / (t_end - t_first)
+            figures["workers"][w] = {"steady_samples_per_s": steady, "first_batch_s": t_first - t0}
+            print(f"DataLoader num_workers={w}, batch {args.batch}: {steady:.1f} samples/s after the first batch "
+                  f"(first batch after {t_first - t0:.2f} s)")
+    return figures
+
+
+def _add_clouds_args(parser):
+    parser.add_argument("--csv", default=None, help="data list whose cloudy images are used (default: synthetic)")
+    parser.add_argument("--root", default=None, help="data root of --csv (default: the CSV's folder)")
+    parser.add_argument("--n", type=int, default=8, help="synthetic patches to make when no --csv (default 8)")
+    parser.add_argument("--size", type=int, default=256, help="patch side (default 256)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
+
+
+def bench_clouds(args):
+    """Milliseconds per 256x256 patch: vectorised rule detector, original rule code, s2cloudless."""
+    import statistics
+    import time
+
+    import dataloader
+
+    root, triplets = _data_source(args)
+    images = [dataloader.read_raster(f"{root}/{t.s2_cloudy}", 13) for t in triplets]
+    normed = [dataloader.normalize_s2(im) for im in images]
+    variants = {
+        "rule, original code": lambda: [_reference_cloud_score(im) for im in images],
+        "rule (dataloader)": lambda: [dataloader.rule_cloud_score(im) for im in normed],
+        "rule + shadows (dataloader)": lambda: [dataloader.cloud_shadow_mask(im) for im in normed],
+        "s2cloudless": lambda: [dataloader.s2cloudless_score(im) for im in normed],
+    }
+    for fn in variants.values():
+        fn()  # warm-up; loads the s2cloudless model
+    times = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) / len(images) * 1000)
+    ms = {name: statistics.median(t) for name, t in times.items()}
+    h, w = images[0].shape[1:]
+    print(f"{len(images)} cloudy patches of {h}x{w}; median of {args.rounds} rounds")
+    print(f"{'detector':<30}{'ms/patch':>10}")
+    for name, v in ms.items():
+        print(f"{name:<30}{v:>10.2f}")
+    return {"patch": [h, w], "ms_per_patch": ms}
+
+
+SUBCOMMANDS["data"] = (_add_data_args, bench_data)
+SUBCOMMANDS["clouds"] = (_add_clouds_args, bench_clouds)
+
+
+# --- evaluation and whole-scene prediction (helper "eval") -----------------------------------------------------
+# Runs in a fresh process per scene. Peak memory is VmHWM of /proc/self/status (the high-water mark of this
+# process's own address space): getrusage's ru_maxrss would also count the parent's resident set at fork
+# time, which Linux carries across exec into the child's figure.
+_SCENE_CHILD = r"""
+import json, resource, sys, time
+import torch
+import test_CR
+
+def peak_mb():
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: may include the parent
+
+ckpt, cloudy, sar, out, tile, overlap, batch, amp, threads = sys.argv[1:]
+torch.set_num_threads(int(threads))
+model, _ = test_CR.load_model(ckpt, torch.device("cpu"))
+amp_dtype = test_CR.resolve_amp(amp, torch.device("cpu"))
+rss_model = peak_mb()
+t0 = time.perf_counter()
+test_CR.predict_scene(model, cloudy, sar, out, tile=int(tile), overlap=int(overlap), batch_sz=int(batch),
+                      amp_dtype=amp_dtype, progress=False)
+print(json.dumps({"seconds": time.perf_counter() - t0, "rss_after_model_mb": rss_model,
+                  "peak_rss_mb": peak_mb()}))
+"""
+
+
+def _add_eval_args(parser):
+    parser.add_argument("--checkpoint", default=None,
+                        help="checkpoint to time (default: a randomly initialised default CrossAttention; speed "
+                             "does not depend on the weights)")
+    parser.add_argument("--n", type=int, default=8, help="synthetic patches evaluated for images/s (default 8)")
+    parser.add_argument("--size", type=int, default=256, help="synthetic patch side (default 256, as real data)")
+    parser.add_argument("--batch", type=int, default=4, help="images / tiles per forward pass (default 4)")
+    parser.add_argument("--scenes", default="1024,2048", help="comma list of square scene sides to predict")
+    parser.add_argument("--tile", type=int, default=256, help="whole-scene tile side (default 256)")
+    parser.add_argument("--overlap", type=int, default=32, help="whole-scene tile overlap (default 32)")
+    parser.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"],
+                        help="autocast on CPU (auto = the training script's CPU choice)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+
+
+def bench_eval(args):
+    """Evaluation images/s (test_CR.evaluate) and whole-scene prediction time and peak RSS on CPU."""
+    import os
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import rasterio
+    import torch
+    from rasterio.transform import from_origin
+
+    import dataloader
+    import net_CR_CrossAttention
+    import test_CR
+
+    torch.set_num_threads(args.threads)
+    here = Path(__file__).resolve().parent
+    with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
+        tmp = Path(tmp)
+        ckpt = args.checkpoint
+        if ckpt is None:
+            torch.manual_seed(0)
+            model = net_CR_CrossAttention.create_model("CrossAttention")
+            ckpt = tmp / "random.pth"
+            torch.save({"model": model.state_dict(), "model_name": "CrossAttention",
+                        "model_config": dict(model.config), "epoch": 0}, ckpt)
+        csv_path = dataloader.make_synthetic_dataset(tmp / "data", n=args.n, size=args.size, seed=0,
+                                                     val_frac=0.0, test_frac=0.0)
+        # Evaluate every patch: the synthetic list puts them all in split 1 (train) with these fractions.
+        summary = test_CR.evaluate(test_CR.build_parser().parse_args([
+            "--checkpoint", str(ckpt), "--data_list_filepath", str(csv_path), "--input_data_folder",
+            str(tmp / "data"), "--split", "train", "--results_dir", str(tmp / "results"), "--batch_sz",
+            str(args.batch), "--num_workers", "0", "--device", "cpu", "--amp", args.amp]))
+        figures = {"checkpoint": str(args.checkpoint or "random CrossAttention (default config)"),
+                   "threads": args.threads, "amp": summary["amp"], "eval_images": summary["n_images"],
+                   "eval_size": args.size, "eval_images_per_s": summary["images_per_s"],
+                   "eval_model_images_per_s": summary["model_images_per_s"], "scenes": {}}
+        rng = np.random.default_rng(0)
+        for side in (int(s) for s in args.scenes.split(",")):
+            cloudy, sar = tmp / f"s2_{side}.tif", tmp / f"s1_{side}.tif"
+            georef = dict(driver="GTiff", height=side, width=side, crs="EPSG:32631",
+                          transform=from_origin(500000.0, 5600000.0, 10.0, 10.0))
+            with rasterio.open(cloudy, "w", count=13, dtype="uint16", **georef) as s2, \
+                    rasterio.open(sar, "w", count=2, dtype="float32", **georef) as s1:
+                for y in range(0, side, 256):  # written in strips: the parent stays small too
+                    h = min(256, side - y)
+                    win = rasterio.windows.Window(0, y, side, h)
+                    s2.write(rng.integers(0, 6000, (13, h, side), dtype=np.uint16), window=win)
+                    s1.write(rng.uniform(-30, 0, (2, h, side)).astype(np.float32), window=win)
+            out = subprocess.run([sys.executable, "-c", _SCENE_CHILD, str(ckpt), str(cloudy), str(sar),
+                                  str(tmp / f"out_{side}.tif"), str(args.tile), str(args.overlap), str(args.batch),
+                                  args.amp, str(args.threads)], cwd=here, capture_output=True, text=True,
+                                 env=dict(os.environ, PYTHONPATH=str(here)))
+            if out.returncode:
+                raise RuntimeError(f"whole-scene child failed for {side}x{side}:\n{out.stderr[-3000:]}")
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            n_tiles = len(test_CR.tile_starts(side, args.tile, args.overlap)) ** 2
+            r.update(tiles=n_tiles, megapixels_per_s=side * side / 1e6 / r["seconds"],
+                     full_scene_fp32_accumulator_mb=(13 + 1) * side * side * 4 / 2 ** 20)
+            figures["scenes"][side] = r
+            for p in (cloudy, sar, tmp / f"out_{side}.tif"):
+                p.unlink()
+    print(f"model: {figures['checkpoint']}; CPU, {args.threads} threads, amp {figures['amp']}")
+    print(f"evaluation: {figures['eval_images']} patches of {args.size} px, batch {args.batch}: "
+          f"{figures['eval_images_per_s']:.2f} images/s end to end "
+          f"({figures['eval_model_images_per_s']:.2f} images/s in the forward pass alone)")
+    print(f"whole scene, tile {args.tile}, overlap {args.overlap}, batch {args.batch}; peak RSS of a fresh process "
+          f"(VmHWM of /proc/self/status)")
+    print(f"{'scene':<11}{'tiles':>6}{'seconds':>10}{'Mpx/s':>8}{'RSS model MB':>14}{'peak RSS MB':>13}"
+          f"{'scene-size acc. MB':>20}")
+    for side, r in figures["scenes"].items():
+        print(f"{f'{side}x{side}':<11}{r['tiles']:>6}{r['seconds']:>10.1f}{r['megapixels_per_s']:>8.3f}"
+              f"{r['rss_after_model_mb']:>14.0f}{r['peak_rss_mb']:>13.0f}{r['full_scene_fp32_accumulator_mb']:>20.0f}")
+    return figures
+
+
+SUBCOMMANDS["eval"] = (_add_eval_args, bench_eval)
+
+
+# ---------------------------------------------------------------- train (model helper) -----------------
+# Training-step throughput and peak memory of the model. Every variant runs in a FRESH subprocess so its
+# peak memory is its own: on CPU the figure is the process's peak RSS (resource.getrusage ru_maxrss) minus
+# its RSS just before the first training step (model, optimizer and batch already built); on CUDA it is
+# torch.cuda.max_memory_allocated. The baseline every ratio refers to is the naive implementation:
+# fp32, materialised ("reference") attention, channels-first, eager.
+_TRAIN_WORKER = r'''
+import json, resource, sys, time
+import torch
+import torch.nn.functional as F
+import net_CR_CrossAttention as net
+
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(cfg["threads"]) if cfg["threads"] else None
+device = torch.device(cfg["device"])
+torch.manual_seed(0)
+model_config = {} if cfg["model_name"] == "DSen2CR" else {"attention": cfg["attention"]}
+model = net.create_model(cfg["model_name"], **model_config).to(device)
+n, s = cfg["batch"], cfg["size"]
+cloudy, sar, target = (torch.rand(n, c, s, s, device=device) for c in (13, 2, 13))
+if cfg["channels_last"]:
+    model = model.to(memory_format=torch.channels_last)
+    cloudy, sar = (t.contiguous(memory_format=torch.channels_last) for t in (cloudy, sar))
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
+scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
+forward = model
+if cfg["compile"]:
+    forward = torch.compile(model)
+
+def sync():
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+def step():
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = F.l1_loss(forward(cloudy, sar), target)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+def rss_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+
+out = {}
+flops = None
+if device.type == "cuda":
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            loss = F.l1_loss(model(cloudy, sar), target)
+        loss.backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops = counter.get_total_flops() / n
+    torch.cuda.reset_peak_memory_stats()
+base_rss = rss_mb()
+t0 = time.perf_counter()
+for _ in range(cfg["warmup"]):
+    step()
+sync()
+out["warmup_s"] = time.perf_counter() - t0
+times = []
+for _ in range(cfg["steps"]):
+    t0 = time.perf_counter()
+    step()
+    sync()
+    times.append(time.perf_counter() - t0)
+times.sort()
+median = times[len(times) // 2]
+out.update(step_s=median, samples_per_s=n / median, step_times=times,
+           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base_rss_mb=base_rss)
+out["peak_mem_mb"] = out["peak_rss_mb"] - base_rss
+if device.type == "cuda":
+    out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    out["flops_per_sample"] = flops
+    if cfg["peak_tflops"]:
+        out["mfu"] = flops * n / median / (cfg["peak_tflops"] * 1e12)
+print("RESULT " + json.dumps(out))
+'''
+
+
+def _add_train_args(parser):
+    parser.add_argument("--model_name", choices=("CrossAttention", "DSen2CR"), default="CrossAttention")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="square input sizes")
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help="batch per size (one value for all, or one per size); default 2 at <=128 px, else 1")
+    parser.add_argument("--precision", nargs="+", default=None, choices=("fp32", "bf16", "fp16"),
+                        help="default fp32 bf16 (+ fp16 on CUDA)")
+    parser.add_argument("--attention", nargs="+", default=["fused", "reference"], choices=("fused", "reference"))
+    parser.add_argument("--channels_last", nargs="+", default=["off", "on"], choices=("off", "on"))
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=("off", "on"),
+                        help="torch.compile variants; 'off on' to compare (compiling takes minutes on 2 cores)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocation, kernel choice)")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0],
+                        help="torch CPU threads per variant (0: torch's default); several values compare them. "
+                             "On a loaded shared machine 1 thread can beat 2 by far (OpenMP threads wait on "
+                             "each other when one is descheduled)")
+    parser.add_argument("--peak_tflops", type=float, default=None,
+                        help="dense peak of the GPU for the precision measured, for MFU (e.g. H100 SXM bf16: 989)")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per variant before it is skipped")
+
+
+def _cuda_available():
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def _train_variants(args):
+    import itertools
+    precisions = args.precision or (["fp32", "bf16", "fp16"] if args.device.startswith("cuda") else ["fp32", "bf16"])
+    attentions = args.attention if args.model_name == "CrossAttention" else ["n/a"]
+    batches = args.batch or [2 if s <= 128 else 1 for s in args.sizes]
+    if len(batches) == 1:
+        batches = batches * len(args.sizes)
+    if len(batches) != len(args.sizes):
+        raise SystemExit("--batch takes one value or one per --sizes entry")
+    for (size, batch), threads, precision, attention, cl, comp in itertools.product(
+            zip(args.sizes, batches), args.threads, precisions, attentions, args.channels_last, args.compile):
+        yield dict(model_name=args.model_name, size=size, batch=batch, precision=precision,
+                   attention="reference" if attention == "n/a" else attention, channels_last=cl == "on",
+                   compile=comp == "on", device=args.device, steps=args.steps, warmup=args.warmup,
+                   threads=threads, peak_tflops=args.peak_tflops), attention
+
+
+def _run_train_variant(cfg, timeout):
+    import os
+    import subprocess
+    if cfg["precision"] == "fp16" and not cfg["device"].startswith("cuda"):
+        return {"skipped": "fp16 autocast is for CUDA here (CPU fp16 matmuls are not accelerated)"}
+    root = os.path.dirname(os.path.abspath(__file__))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _TRAIN_WORKER, json.dumps(cfg)], cwd=root,
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"over --timeout {timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    return {"skipped": f"failed (exit {proc.returncode}): {lines[-1][:160] if lines else 'no output'}"}
+
+
+def bench_train(args):
+    """Training-step samples/s and peak memory by precision, attention path, channels-last and compile."""
+    import platform
+    rows = []
+    for cfg, attention in _train_variants(args):
+        result = _run_train_variant(cfg, args.timeout)
+        row = dict(size=cfg["size"], batch=cfg["batch"], threads=cfg["threads"], precision=cfg["precision"],
+                   attention=attention,
+                   channels_last=cfg["channels_last"], compile=cfg["compile"], **result)
+        rows.append(row)
+        label = (f"{row['size']}px b{row['batch']} t{row['threads']} {row['precision']} {attention} "
+                 f"cl={'on' if row['channels_last'] else 'off'} compile={'on' if row['compile'] else 'off'}")
+        print(f"  done {label}: " + (row.get("skipped") or f"{row['samples_per_s']:.2f} samples/s"), flush=True)
+    # Ratios against the naive implementation at the same size: fp32, reference attention, channels-first, eager.
+    for row in rows:
+        base = next((r for r in rows if r["size"] == row["size"] and r["threads"] == row["threads"]
+                     and r["precision"] == "fp32"
+                     and r["attention"] in ("reference", "n/a") and not r["channels_last"] and not r["compile"]
+                     and "skipped" not in r), None)
+        if base and "skipped" not in row:
+            row["speed_vs_naive"] = row["samples_per_s"] / base["samples_per_s"]
+            row["mem_vs_naive"] = row["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else None
+    mem_label = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS-base MiB"
+    print(f"\nbenchmark.py train  model={args.model_name} device={args.device} "
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs) steps={args.steps}")
+    header = (f"{'size':>5} {'b':>2} {'thr':>3} {'prec':>5} {'attention':>9} {'cl':>3} {'comp':>4} {'samples/s':>9} "
+              f"{'step s':>7} {mem_label:>17} {'x speed':>7} {'x mem':>6}")
+    if args.device.startswith("cuda"):
+        header += f" {'GFLOP/sample':>12} {'MFU':>6}"
+    print(header)
+    for r in rows:
+        head = (f"{r['size']:>5} {r['batch']:>2} {r['threads'] or 'def':>3} {r['precision']:>5} {r['attention']:>9} "
+                f"{'on' if r['channels_last'] else 'off':>3} {'on' if r['compile'] else 'off':>4} ")
+        if "skipped" in r:
+            print(head + "skipped: " + r["skipped"])
+            continue
+        line = (head + f"{r['samples_per_s']:>9.3f} {r['step_s']:>7.3f} {r['peak_mem_mb']:>17.0f} "
+                f"{r.get('speed_vs_naive', float('nan')):>7.2f} {r.get('mem_vs_naive') or float('nan'):>6.2f}")
+        if args.device.startswith("cuda"):
+            line += f" {r['flops_per_sample'] / 1e9:>12.1f} {r.get('mfu', float('nan')):>6.1%}"
+        print(line)
+    print("x speed / x mem: samples/s and peak memory relative to fp32 + reference attention + channels-first "
+          "+ eager at the same size and threads (the naive implementation).")
+    return {"model_name": args.model_name, "device": args.device, "rows": rows}
+
+
+SUBCOMMANDS["train"] = (_add_train_args, bench_train)
+
+
+# ---------------------------------------------------------------- learn (lead) -------------------------
+# Does the model learn, and what does each part of the design buy? Trains every variant with the real
+# scripts (train_CR_kaggle.py, then test_CR.py on the test split) in fresh subprocesses on the synthetic
+# dataset, for several seeds, and reports test-split scores beside the identity baseline (cloudy input
+# taken as the prediction). The base loss set is the design's minus the two VGG terms, unless
+# --vgg_weights is given: pretrained VGG weights cannot be had offline, and random VGG features measure
+# nothing perceptual.
+LEARN_VARIANTS = {
+    "full": [],
+    "no_spectral_attention": ["--no-use_spectral_attention"],
+    "no_cloud_predictor": ["--no-use_cloud_predictor"],
+    "no_cloud_focused_loss": ["--no_cloud_focused_loss"],  # handled below: drops the design's flag
+    "no_sar": ["--sar_input", "zeros"],
+    "no_cross_attn": ["--no-use_cross_attn"],
+    "fp32": ["--amp", "off"],
+    "DSen2CR": ["--model_name", "DSen2CR"],
+}
+
+
+def _add_learn_args(parser):
+    parser.add_argument("--variants", default="full,no_spectral_attention,no_cloud_predictor,no_cloud_focused_loss,"
+                        "no_sar,fp32", help=f"comma-separated, from: {', '.join(LEARN_VARIANTS)}")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per variant")
+    parser.add_argument("--epochs", type=int, default=8, help="training epochs per run (the fixed budget)")
+    parser.add_argument("--n", type=int, default=80, help="synthetic patches (split by scene into train/val/test)")
+    parser.add_argument("--size", type=int, default=64, help="synthetic patch size in pixels (trained uncropped)")
+    parser.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset")
+    parser.add_argument("--batch_sz", type=int, default=4, help="training batch size")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    parser.add_argument("--amp", default="bf16", help="precision of every variant except 'fp32'")
+    parser.add_argument("--vgg_weights", default=None,
+                        help="VGG weights path: adds the design's perceptual and contrastive terms")
+    parser.add_argument("--out", default="runs/learn", help="folder for data, checkpoints and results")
+
+
+def _learn_run(variant, seed, args, csv_path, out):
+    root = Path(csv_path).parent
+    extra = list(LEARN_VARIANTS[variant])
+    loss_flags = ["--use_fft_loss", "--use_gradient_loss", "--use_cloud_focused_loss", "--cloud_weight_factor", "2.5"]
+    if "--no_cloud_focused_loss" in extra:
+        extra.remove("--no_cloud_focused_loss")
+        loss_flags.remove("--use_cloud_focused_loss")
+    vgg = (["--vgg_weights", args.vgg_weights, "--use_contrastive_loss"] if args.vgg_weights
+           else ["--perceptual_weight", "0"])
+    name = f"{variant}_s{seed}"
+    train_cmd = [sys.executable, "train_CR_kaggle.py", "--data_list_filepath", str(csv_path), "--input_data_folder",
+                 str(root), "--load_size", str(args.size), "--crop_size", str(args.size), "--max_epochs",
+                 str(args.epochs), "--batch_sz", str(args.batch_sz), "--lr", str(args.lr), "--warmup_epochs", "1",
+                 "--num_workers", "1", "--amp", args.amp, "--seed", str(seed), "--save_model_dir", str(out / "ckpt"),
+                 "--experiment_name", name, "--train_from_scratch", "--num_quicklooks", "0",
+                 *loss_flags, *vgg, *extra]
+    t0 = time.time()
+    subprocess.run(train_cmd, check=True, stdout=subprocess.DEVNULL)
+    train_s = time.time() - t0
+    results = out / "results" / name
+    subprocess.run([sys.executable, "test_CR.py", "--checkpoint", str(out / "ckpt" / name / "best.pth"),
+                    "--data_list_filepath", str(csv_path), "--input_data_folder", str(root), "--split", "test",
+                    "--results_dir", str(results)], check=True, stdout=subprocess.DEVNULL)
+    summary = json.loads((results / "summary.json").read_text())
+    return {"variant": variant, "seed": seed, "train_s": train_s, "model": summary["mean"]["model"],
+            "identity": summary["mean"]["identity"], "n_test": summary["n_images"]}
+
+
+def bench_learn(args):
+    """Train each design variant on synthetic data for a fixed budget, score the test split vs identity."""
+    import dataloader
+    out = Path(args.out)
+    csv_path = out / f"data_n{args.n}_s{args.size}_seed{args.data_seed}" / "data.csv"
+    if not csv_path.is_file():
+        dataloader.make_synthetic_dataset(csv_path.parent, n=args.n, size=args.size, seed=args.data_seed)
+    runs = []
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in LEARN_VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(LEARN_VARIANTS)}")
+    for variant in variants:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run = _learn_run(variant, seed, args, csv_path, out)
+            runs.append(run)
+            print(f"{variant:<24} seed {seed}: test PSNR {run['model']['all']['PSNR']:.2f} dB "
+                  f"(identity {run['identity']['all']['PSNR']:.2f}) in {run['train_s']:.0f} s", flush=True)
+
+    def mean_std(values):
+        values = np.asarray(values, dtype=np.float64)
+        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+    table = []
+    print(f"\n{'variant':<24} {'PSNR':>15} {'PSNR cloudy':>15} {'SSIM':>15} {'SAM deg':>13} {'train s':>8}")
+    identity = runs[0]["identity"]
+    for variant in variants:
+        rs = [r for r in runs if r["variant"] == variant]
+        row = {"variant": variant, "seeds": [r["seed"] for r in rs], "train_s": float(np.mean([r["train_s"] for r in rs]))}
+        for key, region, metric in (("PSNR", "all", "PSNR"), ("PSNR_cloudy", "cloudy", "PSNR"),
+                                    ("SSIM", "all", "SSIM"), ("SAM", "all", "SAM")):
+            row[key] = mean_std([r["model"][region][metric] for r in rs])
+        table.append(row)
+        print(f"{variant:<24} {row['PSNR'][0]:>8.2f} ± {row['PSNR'][1]:<4.2f} {row['PSNR_cloudy'][0]:>8.2f} ± "
+              f"{row['PSNR_cloudy'][1]:<4.2f} {row['SSIM'][0]:>8.4f} ± {row['SSIM'][1]:<.3f} "
+              f"{row['SAM'][0]:>6.2f} ± {row['SAM'][1]:<4.2f} {row['train_s']:>8.0f}")
+    print(f"{'identity (cloudy input)':<24} {identity['all']['PSNR']:>8.2f}        {identity['cloudy']['PSNR']:>8.2f}"
+          f"        {identity['all']['SSIM']:>8.4f}        {identity['all']['SAM']:>6.2f}")
+    print(f"mean ± sample std over seeds; {runs[0]['n_test']} test patches of {args.size} px, {args.epochs} epochs each")
+    return {"runs": runs, "table": table, "identity": identity, "settings": {k: v for k, v in vars(args).items()
+                                                                           if not k.startswith("_")}}
+
+
+SUBCOMMANDS["learn"] = (_add_learn_args, bench_learn)
 
 
 if __name__ == "__main__":
