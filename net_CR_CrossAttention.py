@@ -379,8 +379,9 @@ class DSen2CR(nn.Module):
     def forward(self, optical, sar, return_aux=False):
         _check_inputs(optical, sar, self.in_optical, self.in_sar)
         x = self.blocks(F.relu(self.stem(torch.cat([optical, sar], dim=1))))
+        residual = self.head(x)
         with torch.autocast(device_type=optical.device.type, enabled=False):
-            residual = self.head(x).float()
+            residual = residual.float()
             prediction = optical.float() + residual
         if return_aux:
             return prediction, {"confidence": None, "residual": residual}

@@ -227,6 +227,10 @@ def test_dsen2cr_baseline():
     torch.testing.assert_close(prediction, optical + aux["residual"], rtol=0, atol=0)
     prediction.mean().backward()
     assert all(p.grad is not None for p in small.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = small(optical, sar)
+    assert low.dtype == torch.float32 and torch.isfinite(low).all()
+    assert (low - prediction).abs().max() < 0.05
     # The published configuration: 16 blocks of 256 features (checked on the meta device: no memory).
     with torch.device("meta"):
         default = DSen2CR()
