@@ -199,3 +199,25 @@ def test_torchrun_two_processes_gloo(synthetic_dataset, tmp_path):
     assert proc.stdout.count("done: best validation PSNR") == 1
     ckpt = train.load_checkpoint(run / "last.pth")
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_sigterm_saves_resumable_checkpoint(synthetic_dataset, tmp_path):
+    import signal
+    import time
+    root, csv_path = synthetic_dataset
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_CR_kaggle.py"),
+                             *tiny(csv_path, root, tmp_path, "--perceptual_weight", "0", epochs=500)],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "glf_cr_enhanced_v3" / "last.pth"
+    deadline = time.time() + 300
+    while not last.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert last.exists(), "no epoch finished"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out[-2000:]
+    assert "resumable checkpoint saved" in out
+    ckpt = train.load_checkpoint(last)
+    assert 1 <= ckpt["epoch"] < 500
+    assert not [p for p in last.parent.iterdir() if ".tmp" in p.name]
