@@ -186,31 +186,41 @@ def get_train_val_test_filelists(csv_path):
     return tuple([t for t in triplets if t.split == s] for s in (1, 2, 3))
 
 
-def _atomic_target(path):
-    """Temp file in the destination folder, so os.replace is atomic (same file system)."""
+@contextlib.contextmanager
+def atomic_output(path, suffix=".tmp"):
+    """Yield a temp file path beside `path`; rename it over `path` when the block succeeds, delete it when it
+    fails. A reader (or a run killed half-way) never sees a half-written file. Used for every output the
+    project writes: lists, GeoTIFFs, checkpoints, CSV/JSON results, PNGs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Same folder, so os.replace stays on one file system and is atomic.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
-    return path, tmp
-
-
-def write_data_list(path, triplets):
-    """Write the Kaggle 7-column format with a header, atomically."""
-    path, tmp = _atomic_target(path)
     try:
-        with open(tmp, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(KAGGLE_HEADER)
-            for t in triplets:
-                w.writerow([t.split, os.path.dirname(t.s1), os.path.dirname(t.s2_cloudfree),
-                            os.path.dirname(t.s2_cloudy), os.path.basename(t.s2_cloudfree),
-                            os.path.basename(t.s1), os.path.basename(t.s2_cloudy)])
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return path
+
+
+def write_text_atomic(path, text):
+    """Write a text file atomically (see atomic_output)."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_data_list(path, triplets):
+    """Write the Kaggle 7-column format with a header, atomically."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(KAGGLE_HEADER)
+        for t in triplets:
+            w.writerow([t.split, os.path.dirname(t.s1), os.path.dirname(t.s2_cloudfree),
+                        os.path.dirname(t.s2_cloudy), os.path.basename(t.s2_cloudfree),
+                        os.path.basename(t.s1), os.path.basename(t.s2_cloudy)])
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -266,16 +276,11 @@ def raster_georef(path, window=None):
 
 
 def _write_geotiff(path, data, crs, transform):
-    path, tmp = _atomic_target(path)
-    try:
+    with atomic_output(path, ".tif") as tmp:
         with rasterio.open(tmp, "w", driver="GTiff", height=data.shape[1], width=data.shape[2],
                            count=data.shape[0], dtype=data.dtype, crs=crs, transform=transform) as dst:
             dst.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def write_s2_geotiff(path, reflectance01, crs, transform):

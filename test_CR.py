@@ -18,9 +18,7 @@ import csv
 import io
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -120,25 +118,6 @@ def forward(model, cloudy, sar, amp_dtype):
     return finish(prediction), None if confidence is None else confidence.float()
 
 
-def _tmp_beside(path, suffix):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
-def write_text_atomic(path, text):
-    tmp = _tmp_beside(path, ".tmp")
-    try:
-        with open(tmp, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_quicklook(path, cloudy, sar, prediction, target, confidence):
     """One PNG row cloudy | SAR | prediction | target | confidence; (C,H,W) tensors in [0,1]."""
     from torchvision.utils import save_image
@@ -146,13 +125,8 @@ def save_quicklook(path, cloudy, sar, prediction, target, confidence):
     conf = torch.zeros_like(cloudy[:1]) if confidence is None else confidence.clamp(0, 1)
     panels = [dataloader.s2_to_rgb(cloudy), dataloader.sar_to_rgb(sar), dataloader.s2_to_rgb(prediction),
               dataloader.s2_to_rgb(target), conf.expand(3, -1, -1)]
-    tmp = _tmp_beside(path, ".png")
-    try:
+    with dataloader.atomic_output(path, ".png") as tmp:
         save_image(torch.cat([p.float().cpu() for p in panels], dim=2), tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -283,8 +257,8 @@ def evaluate(args):
     writer.writeheader()
     for row in per_image:  # repr keeps every float bit; NaN (no such pixels) is written as "nan"
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
-    write_text_atomic(results / "metrics.csv", buf.getvalue())
-    write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
+    dataloader.write_text_atomic(results / "metrics.csv", buf.getvalue())
+    dataloader.write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
     print(f"{ckpt['model_name']} from {args.checkpoint} on {len(per_image)} {args.split} images "
           f"({args.data_list_filepath}); device {device}, amp {summary['amp']}")
     print(format_table(summary["mean"], bins))
@@ -389,8 +363,7 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
         acc = np.zeros((len(dataloader.S2_BANDS), th, width), dtype=np.float32)
         wsum = np.zeros((th, width), dtype=np.float32)
         top = 0  # scene row of acc[:, 0]
-        tmp = _tmp_beside(out_path, ".tif")
-        try:
+        with dataloader.atomic_output(out_path, ".tif") as tmp:
             with rasterio.open(tmp, "w", **profile) as dst:
                 def flush(upto):
                     """Write finished scene rows [top, upto) and shift the strip up."""
@@ -427,10 +400,6 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
                         bar.update(len(chunk))
                 bar.close()
                 flush(height)
-            os.replace(tmp, out_path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return out_path
 
 

@@ -150,17 +150,10 @@ def build_parser():
 
 def atomic_torch_save(obj, path):
     """Write to a temp file beside `path`, then rename: a kill at any moment leaves the old file intact."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with dataloader.atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -272,18 +265,12 @@ def prepare_run_dir(args):
     return run_dir
 
 
-def write_text_atomic(path, text):
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_history(path, rows):
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    dataloader.write_text_atomic(path, buf.getvalue())
 
 
 def read_history(path):
@@ -427,7 +414,7 @@ def main(argv=None):
     if is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=global_step or None)
-        write_text_atomic(run_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
+        dataloader.write_text_atomic(run_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
         writer.add_text("notes", args.notes or "(none)", global_step)
         history = read_history(run_dir / "history.csv") if ckpt is not None else []
         n_params = sum(p.numel() for p in model.parameters())

@@ -1,5 +1,4 @@
 """Shared pytest fixtures: the real SEN12MS-CR sample (when present) and small synthetic trees."""
-import os
 import sys
 from pathlib import Path
 

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import dataloader
 import train_CR_kaggle as train
 
 ROOT = Path(__file__).resolve().parents[1]
