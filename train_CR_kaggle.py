@@ -34,8 +34,8 @@ import losses
 import metrics
 import net_CR_CrossAttention
 
-# bf16 autocast on CPU: measured in BENCHMARKS.md ("Model training step" and "CPU precision"), which
-# decides what --amp auto means on a machine without a GPU.
+# bf16 autocast on CPU: measured in BENCHMARKS.md ("Model training step": ~2.2x fp32's speed; "Learning and
+# ablations": the same PSNR), which decides what --amp auto means on a machine without a GPU.
 CPU_AUTO_AMP = "bf16"
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -89,7 +89,9 @@ def build_parser():
     g.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"],
                    help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler; "
                         f"on CPU auto = {CPU_AUTO_AMP} (see BENCHMARKS.md)")
-    g.add_argument("--channels_last", action="store_true", help="use the channels-last memory format")
+    g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                   help="channels-last memory format: auto = on for CPU (measured ~1.4x faster with bf16, "
+                        "BENCHMARKS.md), off on CUDA (not yet measured there)")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--seed", type=int, default=0, help="random seed (each DDP rank adds its rank)")
 
@@ -359,7 +361,8 @@ def main(argv=None):
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     model_name, model_config = ckpt["model_name"] if ckpt else args.model_name, dict(model.config)
     model.to(device)
-    if args.channels_last:
+    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cpu")
+    if channels_last:
         model.to(memory_format=torch.channels_last)
 
     # ---- data
@@ -455,7 +458,7 @@ def main(argv=None):
                     for group in optimizer.param_groups:
                         group["lr"] = args.lr * (global_step + 1) / warmup_steps
                 cloudy, cloudfree, sar, cloud_mask = to_device(batch, device, args.sar_input)
-                if args.channels_last:
+                if channels_last:
                     cloudy, sar = cloudy.contiguous(memory_format=torch.channels_last), sar.contiguous(
                         memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
