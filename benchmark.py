@@ -36,7 +36,7 @@ def main(argv=None):
 
 def _add_loss_args(parser):
     parser.add_argument("--size", type=int, default=128, help="square crop size in pixels")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2, help="training batch size of the timed step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--model", choices=("auto", "standin"), default="auto",
@@ -563,19 +563,23 @@ print("RESULT " + json.dumps(out))
 
 
 def _add_train_args(parser):
-    parser.add_argument("--model_name", choices=("CrossAttention", "DSen2CR"), default="CrossAttention")
+    parser.add_argument("--model_name", choices=("CrossAttention", "DSen2CR"), default="CrossAttention",
+                        help="network to time")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="square input sizes")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
                         help="batch per size (one value for all, or one per size); default 2 at <=128 px, else 1")
     parser.add_argument("--precision", nargs="+", default=None, choices=("fp32", "bf16", "fp16"),
                         help="default fp32 bf16 (+ fp16 on CUDA)")
-    parser.add_argument("--attention", nargs="+", default=["fused", "reference"], choices=("fused", "reference"))
-    parser.add_argument("--channels_last", nargs="+", default=["off", "on"], choices=("off", "on"))
+    parser.add_argument("--attention", nargs="+", default=["fused", "reference"], choices=("fused", "reference"),
+                        help="attention paths to compare")
+    parser.add_argument("--channels_last", nargs="+", default=["off", "on"], choices=("off", "on"),
+                        help="memory formats to compare")
     parser.add_argument("--compile", nargs="+", default=["off"], choices=("off", "on"),
                         help="torch.compile variants; 'off on' to compare (compiling takes minutes on 2 cores)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocation, kernel choice)")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--threads", type=int, nargs="+", default=[0],
                         help="torch CPU threads per variant (0: torch's default); several values compare them. "
                              "On a loaded shared machine 1 thread can beat 2 by far (OpenMP threads wait on "
