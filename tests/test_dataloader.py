@@ -471,3 +471,12 @@ def test_cli_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         D.main(["synth", "--help"])
     assert e.value.code == 0 and "--seed" in capsys.readouterr().out
+
+
+def test_atomic_output_has_plain_file_permissions(tmp_path):
+    import stat
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = D.write_text_atomic(tmp_path / "atomic.txt", "x")
+    assert stat.S_IMODE(os.stat(written).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
