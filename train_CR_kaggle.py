@@ -360,6 +360,9 @@ def main(argv=None):
             use_cloud_predictor=args.use_cloud_predictor, attention=args.attention)
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     model_name, model_config = ckpt["model_name"] if ckpt else args.model_name, dict(model.config)
+    if args.confidence_weight > 0 and not model_config.get("use_cloud_predictor", False):
+        raise SystemExit(f"--confidence_weight {args.confidence_weight} supervises the cloud confidence map, which "
+                         f"{model_name} without the cloud predictor does not have; set it to 0")
     model.to(device)
     channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cpu")
     if channels_last:

@@ -215,3 +215,10 @@ def test_sigterm_saves_resumable_checkpoint(synthetic_dataset, tmp_path):
     ckpt = train.load_checkpoint(last)
     assert 1 <= ckpt["epoch"] < 500
     assert not [p for p in last.parent.iterdir() if ".tmp" in p.name]
+
+
+def test_confidence_weight_needs_a_confidence_map(synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    with pytest.raises(SystemExit, match="confidence"):
+        train.main(tiny(csv_path, root, tmp_path, "--no-use_cloud_predictor", "--confidence_weight", "0.1"))
+    assert not list(tmp_path.rglob("*.pth"))
