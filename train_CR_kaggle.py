@@ -241,7 +241,9 @@ def check_inputs(args):
     """Fail before the first step, with the file named, on anything that would fail later."""
     if not args.data_list_filepath or not args.input_data_folder:
         raise SystemExit("pass --data_list_filepath and --input_data_folder (or --demo for synthetic data)")
-    train_rows, val_rows, _ = dataloader.get_train_val_test_filelists(args.data_list_filepath)
+    rows = dataloader.read_data_list(args.data_list_filepath)
+    train_rows = dataloader.select_split(rows, "train", source=args.data_list_filepath)
+    val_rows = dataloader.select_split(rows, "val", source=args.data_list_filepath)
     root = Path(args.input_data_folder)
     for rows in (train_rows, val_rows):
         for t in rows:

@@ -149,6 +149,11 @@ def test_bad_data_list_fails_before_training(synthetic_dataset, tmp_path):
         train.main(tiny(broken, root, tmp_path / "out"))
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pth"))
 
+    no_val = tmp_path / "no_val.csv"
+    no_val.write_text("\n".join(l for l in lines if not l.startswith("2,")) + "\n")
+    with pytest.raises(ValueError, match=r"no_val\.csv.*split 2"):
+        train.main(tiny(no_val, root, tmp_path / "out"))
+
     missing = tmp_path / "missing.csv"
     rows = Path(csv_path).read_text().splitlines()
     rows[-1] = rows[-1].replace(".tif", "_gone.tif")
