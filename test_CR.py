@@ -363,7 +363,10 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
         acc = np.zeros((len(dataloader.S2_BANDS), th, width), dtype=np.float32)
         wsum = np.zeros((th, width), dtype=np.float32)
         top = 0  # scene row of acc[:, 0]
-        with dataloader.atomic_output(out_path, ".tif") as tmp:
+        # GDAL's block cache (default 5% of RAM) would grow with the scene; two rows of 256 px output blocks
+        # (13 bands uint16) plus 32 MB for the input reads is all this loop ever revisits.
+        cache_mb = 32 + 2 * math.ceil(width / 256) * 256 * 256 * len(dataloader.S2_BANDS) * 2 // 2 ** 20
+        with dataloader.atomic_output(out_path, ".tif") as tmp, rasterio.Env(GDAL_CACHEMAX=cache_mb):
             with rasterio.open(tmp, "w", **profile) as dst:
                 def flush(upto):
                     """Write finished scene rows [top, upto) and shift the strip up."""
