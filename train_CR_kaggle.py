@@ -34,7 +34,7 @@ import losses
 import metrics
 import net_CR_CrossAttention
 
-# bf16 autocast on CPU: measured in BENCHMARKS.md ("Model training step": ~2.2x fp32's speed; "Learning and
+# bf16 autocast on CPU: measured in BENCHMARKS.md ("Model training step": 2.0-2.7x fp32's speed; "Learning and
 # ablations": the same PSNR), which decides what --amp auto means on a machine without a GPU.
 CPU_AUTO_AMP = "bf16"
 
@@ -90,7 +90,7 @@ def build_parser():
                    help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler; "
                         f"on CPU auto = {CPU_AUTO_AMP} (see BENCHMARKS.md)")
     g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
-                   help="channels-last memory format: auto = on for CPU (measured ~1.4x faster with bf16, "
+                   help="channels-last memory format: auto = on for CPU (measured ~1.5x faster with bf16, "
                         "BENCHMARKS.md), off on CUDA (not yet measured there)")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--seed", type=int, default=0, help="random seed (each DDP rank adds its rank)")
@@ -449,7 +449,7 @@ def main(argv=None):
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     bad_steps = 0
-    epoch = start_epoch
+    epochs_done = start_epoch  # epochs whose end-of-epoch checkpoint has been written
     try:
         for epoch in range(start_epoch, args.max_epochs):
             if train_sampler is not None:
@@ -561,14 +561,15 @@ def main(argv=None):
                 if val is not None:
                     msg += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" | best PSNR {best_psnr:.3f}"
                 tqdm.write(msg)
+            epochs_done = epoch + 1
             if args.early_stop_patience > 0 and early_stop_counter >= args.early_stop_patience:
                 if is_main:
                     tqdm.write(f"early stop: no PSNR gain in {early_stop_counter} validations")
                 break
         if stop_requested["signal"] is not None:
             if is_main:
-                # The interrupted epoch is not counted: resuming re-runs it from the weights reached so far.
-                atomic_torch_save(checkpoint_state(epoch), run_dir / "last.pth")
+                # An interrupted epoch is not counted: resuming re-runs it from the weights reached so far.
+                atomic_torch_save(checkpoint_state(epochs_done), run_dir / "last.pth")
                 print(f"\nstopped by signal {stop_requested['signal']}: resumable checkpoint saved to "
                       f"{run_dir / 'last.pth'}; run the same command again to continue")
             return 130
