@@ -237,7 +237,8 @@ def write_data_list(path, triplets):
 GDAL_READ_OPTIONS = {"GTIFF_VIRTUAL_MEM_IO": "YES", "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
 
 
-def _open(path):
+def open_raster(path):
+    """rasterio.open with errors that name the file (DataError)."""
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"file not found: {path}")
@@ -255,12 +256,13 @@ def _check_bands(src, bands):
 def read_raster(path, bands, window=None):
     """Read `window` (rasterio Window or (row_off, col_off, height, width); None = all) of a raster that must
     have `bands` bands, as float32 (C,H,W). Errors name the file."""
-    with rasterio.Env(**GDAL_READ_OPTIONS), _open(path) as src:
+    with rasterio.Env(**GDAL_READ_OPTIONS), open_raster(path) as src:
         _check_bands(src, bands)
-        return _read_window(src, window).astype(np.float32, copy=False)
+        return read_window(src, window).astype(np.float32, copy=False)
 
 
-def _read_window(src, window):
+def read_window(src, window):
+    """Read a window ((row_off, col_off, height, width), a rasterio Window, or None = all) of an open raster."""
     if window is not None and not isinstance(window, Window):
         r, c, h, w = (int(v) for v in window)
         window = Window(c, r, w, h)
@@ -272,7 +274,7 @@ def _read_window(src, window):
 
 def raster_georef(path, window=None):
     """(crs, transform) of a raster, or of a (row_off, col_off, height, width) window of it."""
-    with _open(path) as src:
+    with open_raster(path) as src:
         if window is None:
             return src.crs, src.transform
         r, c, h, w = (int(v) for v in window)
@@ -443,14 +445,14 @@ class SEN12MSCRDataset(Dataset):
             stack.enter_context(rasterio.Env(**GDAL_READ_OPTIONS))
             srcs = []
             for p, bands in zip(paths, (len(S1_BANDS), len(S2_BANDS), len(S2_BANDS))):
-                srcs.append(stack.enter_context(_open(p)))
+                srcs.append(stack.enter_context(open_raster(p)))
                 _check_bands(srcs[-1], bands)
             ref = srcs[2]
             for src in srcs[:2]:
                 if src.shape != ref.shape:
                     raise DataError(f"{src.name}: size {src.shape} differs from {ref.shape} of {ref.name}")
             window = self._window(ref.height, ref.width, ref.name)
-            sar, cloudfree, cloudy = (_read_window(s, window) for s in srcs)
+            sar, cloudfree, cloudy = (read_window(s, window) for s in srcs)
         sar, cloudfree, cloudy = normalize_s1(sar), normalize_s2(cloudfree), normalize_s2(cloudy)
         score = cloud_score(cloudy, self.cloud_detector)[None]
         arrays = [cloudy, cloudfree, sar, score]

@@ -297,7 +297,7 @@ def scene_sar_fill_db(sar_src, strip=256):
     sums = np.zeros(len(dataloader.S1_BANDS), np.float64)
     counts = np.zeros(len(dataloader.S1_BANDS), np.int64)
     for y in range(0, sar_src.height, strip):
-        raw = dataloader._read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
+        raw = dataloader.read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
         valid = ~np.isnan(raw)
         normed = dataloader.normalize_s1(raw)  # only NaN pixels are changed by the fill: valid ones are exact
         sums += np.where(valid, normed, 0).sum(axis=(1, 2), dtype=np.float64)
@@ -350,7 +350,7 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
     device = torch.device(device)
     model.eval()
     out_path = Path(out_path)
-    with dataloader._open(cloudy_path) as cloudy_src, dataloader._open(sar_path) as sar_src:
+    with dataloader.open_raster(cloudy_path) as cloudy_src, dataloader.open_raster(sar_path) as sar_src:
         check_scene_pair(cloudy_src, sar_src)
         height, width = cloudy_src.height, cloudy_src.width
         ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
@@ -387,9 +387,9 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
                     flush(y)
                     for b in range(0, len(xs), batch_sz):
                         chunk = xs[b:b + batch_sz]
-                        cloudy = np.stack([dataloader.normalize_s2(dataloader._read_window(cloudy_src, (y, x, th, tw)))
+                        cloudy = np.stack([dataloader.normalize_s2(dataloader.read_window(cloudy_src, (y, x, th, tw)))
                                            for x in chunk])
-                        sar = np.stack([dataloader.normalize_s1(_fill(dataloader._read_window(sar_src, (y, x, th, tw)),
+                        sar = np.stack([dataloader.normalize_s1(_fill(dataloader.read_window(sar_src, (y, x, th, tw)),
                                                                       sar_fill)) for x in chunk])
                         if sar_zeros:  # a model trained on the radar ablation sees what it was trained on
                             sar = np.zeros_like(sar)
