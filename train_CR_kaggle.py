@@ -451,6 +451,8 @@ def main(argv=None):
     bad_steps = 0
     epochs_done = start_epoch  # epochs whose end-of-epoch checkpoint has been written
     try:
+        epoch_bar = tqdm(total=args.max_epochs, initial=start_epoch, desc="epochs", disable=not is_main,
+                         dynamic_ncols=True)
         for epoch in range(start_epoch, args.max_epochs):
             if train_sampler is not None:
                 train_sampler.set_epoch(epoch)
@@ -562,10 +564,13 @@ def main(argv=None):
                     msg += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" | best PSNR {best_psnr:.3f}"
                 tqdm.write(msg)
             epochs_done = epoch + 1
+            epoch_bar.update(1)
+            epoch_bar.set_postfix(best_psnr=f"{best_psnr:.2f}")
             if args.early_stop_patience > 0 and early_stop_counter >= args.early_stop_patience:
                 if is_main:
                     tqdm.write(f"early stop: no PSNR gain in {early_stop_counter} validations")
                 break
+        epoch_bar.close()
         if stop_requested["signal"] is not None:
             if is_main:
                 # An interrupted epoch is not counted: resuming re-runs it from the weights reached so far.
