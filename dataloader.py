@@ -100,6 +100,13 @@ def normalize_s2(arr):
     return _fill_nan_with_band_mean(x)
 
 
+def finish_s2(prediction):
+    """The project's one rule for a predicted S2 image (N,13,H,W or 13,H,W tensor): clamp to [0, 1] (no negative
+    reflectance; the encoding tops out at 10000) and round to the uint16 x10000 grid of the dataset, i.e. exactly
+    the values a saved GeoTIFF holds. Training validation, test_CR scores, GeoTIFFs and quicklooks all use it."""
+    return torch.round(prediction.float().clamp(0.0, 1.0) * S2_SCALE) / S2_SCALE
+
+
 def denormalize_s2(x):
     """[0,1] float array or tensor -> uint16 numpy reflectance x10000 (values outside [0,1] clipped)."""
     if torch.is_tensor(x):

@@ -103,19 +103,13 @@ def load_model(path, device):
     return model.to(device).eval(), ckpt
 
 
-def finish(prediction):
-    """The one clamping rule (module docstring): clamp to [0, 1], round to the uint16 x10000 grid."""
-    scale = dataloader.S2_SCALE
-    return torch.round(prediction.float().clamp(0.0, 1.0) * scale) / scale
-
-
 @torch.no_grad()
 def forward(model, cloudy, sar, amp_dtype):
     """(finished prediction, confidence or None) in float32."""
     with torch.autocast(cloudy.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         prediction, aux = model(cloudy, sar, return_aux=True)
     confidence = aux.get("confidence")
-    return finish(prediction), None if confidence is None else confidence.float()
+    return dataloader.finish_s2(prediction), None if confidence is None else confidence.float()
 
 
 def save_quicklook(path, cloudy, sar, prediction, target, confidence):
@@ -218,7 +212,7 @@ def evaluate(args):
             torch.cuda.synchronize(device)
         t_model += time.perf_counter() - t1
         scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
-                  "identity": score_batch(finish(cloudy), target, cloud_mask, args.cloud_threshold)}
+                  "identity": score_batch(dataloader.finish_s2(cloudy), target, cloud_mask, args.cloud_threshold)}
         # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
         cover = (cloud_mask >= args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
         for i in range(cloudy.shape[0]):
@@ -377,7 +371,7 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
                     if not (wsum[:k] > 0).all():  # cannot happen with tile_starts + feather; guard anyway
                         raise RuntimeError(f"rows {top}..{upto} of {cloudy_path} were not covered by any tile")
                     rows = torch.from_numpy(acc[:, :k] / wsum[:k])
-                    dst.write(dataloader.denormalize_s2(finish(rows)), window=Window(0, top, width, k))
+                    dst.write(dataloader.denormalize_s2(dataloader.finish_s2(rows)), window=Window(0, top, width, k))
                     acc[:, :th - k], wsum[:th - k] = acc[:, k:].copy(), wsum[k:].copy()
                     acc[:, th - k:], wsum[th - k:] = 0.0, 0.0
                     top = upto

@@ -127,8 +127,7 @@ def build_parser():
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random flips and 90-degree rotations of training crops")
     g.add_argument("--cloud_detector", default="rule", choices=["rule", "s2cloudless", "none"],
-                   help="cloud mask for the cloud-focused loss and masked metrics")
-    g.add_argument("--cloud_threshold", type=float, default=0.2, help="soft cloud score above which a pixel is cloudy")
+                   help="soft cloud score behind the cloud-focused and confidence losses")
     g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes per training process")
     g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (default: --batch_sz)")
 
@@ -314,7 +313,7 @@ def validate(model, loader, device, amp_dtype, args, world_size):
         cloudy, cloudfree, sar, _ = to_device(batch, device, args.sar_input)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             prediction = model(cloudy, sar)
-        scores = metrics.compute_metrics(prediction.float().clamp(0, 1), cloudfree)
+        scores = metrics.compute_metrics(dataloader.finish_s2(prediction), cloudfree)  # as test_CR scores
         for i, name in enumerate(METRIC_NAMES):
             sums[i] += scores[name].double().sum()
         sums[-1] += cloudy.shape[0]
@@ -373,10 +372,10 @@ def main(argv=None):
     # ---- data
     train_set = dataloader.SEN12MSCRDataset(train_rows, args.input_data_folder, crop_size=args.crop_size,
                                             load_size=args.load_size, augment=args.augment,
-                                            cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold)
+                                            cloud_detector=args.cloud_detector)
     val_set = dataloader.SEN12MSCRDataset(val_rows, args.input_data_folder,
                                           crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
-                                          augment=False, cloud_detector="none", cloud_threshold=args.cloud_threshold)
+                                          augment=False, cloud_detector="none")
     # Validation: every rank scores its own disjoint share; sums are all-reduced (no padded duplicates).
     val_share = Subset(val_set, list(range(rank, len(val_set), world_size)))
     train_sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True) if world_size > 1 else None
@@ -548,7 +547,7 @@ def main(argv=None):
                             pred_q, aux_q = model(qb["cloudy_data"], sar_q, return_aux=True)
                         model.train()
                         writer.add_image("val/quicklook_cloudy_prediction_target_confidence",
-                                         quicklook_grid(qb["cloudy_data"].cpu(), pred_q.float().clamp(0, 1).cpu(),
+                                         quicklook_grid(qb["cloudy_data"].cpu(), dataloader.finish_s2(pred_q).cpu(),
                                                         qb["cloudfree_data"].cpu(),
                                                         None if aux_q["confidence"] is None else
                                                         aux_q["confidence"].float().cpu()), global_step)
