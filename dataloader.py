@@ -1,4 +1,4 @@
-"""SEN12MS-CR data: list files, windowed GeoTIFF reading, normalisation, cloud masks, synthetic data.
+"""SEN12MS-CR data: list files, windowed GeoTIFF reading and writing, the Dataset, scanning a download.
 
     python dataloader.py synth OUT --n 48 --size 128 --seed 0     # demo data in the official layout
     python dataloader.py scan ROOT --out data.csv                  # list a downloaded copy, split by scene
@@ -6,12 +6,12 @@
 The dataset returns the dict keys of the GLF-CR code (cloudy_data, cloudfree_data, SAR_data, cloud_mask,
 file_name) so notebooks written against GLF-CR keep working; GLF-CR's entry points
 `get_train_val_test_filelists` and `AlignedDataset` are kept beside the friendlier `SEN12MSCRDataset`.
-This module never imports the model.
+The band table and encodings live in bands.py, the cloud detectors in clouds.py, the synthetic scene
+generator in synthetic.py; their public names are re-exported here. This module never imports the model.
 """
 import argparse
 import contextlib
 import csv
-import math
 import os
 import random
 import re
@@ -26,93 +26,22 @@ import rasterio.errors
 import torch
 from rasterio.transform import from_origin
 from rasterio.windows import Window
-from scipy import ndimage
 from torch.utils.data import Dataset
 
-# ---------------------------------------------------------------------------------------------------------------
-# The one band table of the project. Sentinel-2 L1C band order of SEN12MS-CR files (B8A after B8, B10 kept).
-S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
-S2_BAND_INDEX = {name: i for i, name in enumerate(S2_BANDS)}
-RGB_BANDS = (S2_BAND_INDEX["B4"], S2_BAND_INDEX["B3"], S2_BAND_INDEX["B2"])  # (3, 2, 1): R, G, B
-S1_BANDS = ("VV", "VH")
+import synthetic
+from bands import (RGB_BANDS, RGB_STRETCH_MAX, S1_BANDS, S1_CLIP_DB, S2_BAND_INDEX, S2_BANDS, S2_SCALE,  # noqa: F401
+                   denormalize_s2, finish_s2, normalize_s1, normalize_s2, s1_db_of, s2_to_rgb, sar_to_rgb)
+from clouds import (CLOUD_DETECTORS, cloud_score, cloud_shadow_mask, rule_cloud_mask, rule_cloud_score,  # noqa: F401
+                    s2cloudless_score, shadow_mask)
 
-# DSen2-CR / GLF-CR normalisation, kept identical so scores compare with the published tables.
-S1_CLIP_DB = {"VV": (-25.0, 0.0), "VH": (-32.5, 0.0)}
-S2_SCALE = 10000.0
-
-CLOUD_DETECTORS = ("rule", "s2cloudless", "none")
 SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
 SPLIT_NAMES = {v: k for k, v in SPLIT_IDS.items()}
 KAGGLE_HEADER = ("split", "s1_folder", "s2_folder", "s2_cloudy_folder", "s2_filename", "s1_filename",
                  "s2_cloudy_filename")
 
-_S1_LOW = np.array([S1_CLIP_DB[b][0] for b in S1_BANDS], dtype=np.float32)[:, None, None]
-_S1_HIGH = np.array([S1_CLIP_DB[b][1] for b in S1_BANDS], dtype=np.float32)[:, None, None]
-
-
-# One fixed display stretch for every quicklook (TensorBoard, test_CR PNGs), so panels compare across images:
-# land reflectance rarely exceeds 0.3, so 0..0.3 maps linearly to 0..1 and brighter clouds saturate white.
-RGB_STRETCH_MAX = 0.3
-
-
-def s2_to_rgb(x):
-    """(N,13,H,W) or (13,H,W) tensor in [0,1] -> RGB (bands B4,B3,B2) in [0,1] with the fixed stretch."""
-    return (x[..., list(RGB_BANDS), :, :].float() / RGB_STRETCH_MAX).clamp(0, 1)
-
-
-def sar_to_rgb(x):
-    """(N,2,H,W) or (2,H,W) normalised SAR -> false colour (VV, VH, their mean) in [0,1]."""
-    vv, vh = x[..., 0:1, :, :].float(), x[..., 1:2, :, :].float()
-    return torch.cat([vv, vh, (vv + vh) / 2], dim=-3).clamp(0, 1)
-
 
 class DataError(ValueError):
     """Bad input data: the message names the file (and line, for list files)."""
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Normalisation
-
-def _fill_nan_with_band_mean(x):
-    """In place: NaN -> mean of the finite pixels of the same band; an all-NaN band becomes 0."""
-    nan = np.isnan(x)
-    if nan.any():
-        counts = (~nan).sum(axis=(1, 2))
-        sums = np.where(nan, 0, x).sum(axis=(1, 2), dtype=np.float64)
-        means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0).astype(x.dtype)
-        x[nan] = np.broadcast_to(means[:, None, None], x.shape)[nan]
-    return x
-
-
-def normalize_s1(arr):
-    """(2,H,W) S1 backscatter in dB -> float32 [0,1]: VV clipped to [-25,0], VH to [-32.5,0]."""
-    x = np.asarray(arr, dtype=np.float32)
-    x = (np.clip(x, _S1_LOW, _S1_HIGH) - _S1_LOW) / (_S1_HIGH - _S1_LOW)  # np.clip keeps NaN as NaN
-    return _fill_nan_with_band_mean(x)
-
-
-def normalize_s2(arr):
-    """(13,H,W) S2 reflectance x10000 -> float32 [0,1] (clip to [0,10000], divide by 10000)."""
-    x = np.asarray(arr)
-    if x.dtype.kind in "ui":  # the files' uint16: clip in integers (cheap), no NaN possible
-        return np.multiply(np.clip(x, 0, int(S2_SCALE)), np.float32(1.0 / S2_SCALE), dtype=np.float32)
-    x = np.clip(x.astype(np.float32, copy=False), 0.0, S2_SCALE) * np.float32(1.0 / S2_SCALE)
-    return _fill_nan_with_band_mean(x)
-
-
-def finish_s2(prediction):
-    """The project's one rule for a predicted S2 image (N,13,H,W or 13,H,W tensor): clamp to [0, 1] (no negative
-    reflectance; the encoding tops out at 10000) and round to the uint16 x10000 grid of the dataset, i.e. exactly
-    the values a saved GeoTIFF holds. Training validation, test_CR scores, GeoTIFFs and quicklooks all use it."""
-    return torch.round(prediction.float().clamp(0.0, 1.0) * S2_SCALE) / S2_SCALE
-
-
-def denormalize_s2(x):
-    """[0,1] float array or tensor -> uint16 numpy reflectance x10000 (values outside [0,1] clipped)."""
-    if torch.is_tensor(x):
-        x = x.detach().float().cpu().numpy()
-    x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
-    return np.round(np.clip(x, 0.0, 1.0) * S2_SCALE).astype(np.uint16)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,90 +234,6 @@ def write_s2_geotiff(path, reflectance01, crs, transform):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Cloud and shadow detection (DSen2-CR rule set: Meraner et al. 2020, reused by GLF-CR and UnCRtainTS).
-# Thresholds are those of the published `get_cloud_mask` / `get_shadow_mask`; inputs here are already /10000.
-
-def _rescaled(x, low, high):
-    # Not clipped, like the original: negative scores survive until the final clip after smoothing.
-    return (x - low) * (1.0 / (high - low))
-
-
-def _normalized_difference(a, b):
-    s = a + b
-    s[s == 0] = 0.001  # the original's guard against division by zero
-    return (a - b) / s
-
-
-def rule_cloud_score(s2):
-    """(13,H,W) reflectance in [0,1] -> (H,W) float32 soft cloud score in [1e-5, 1]."""
-    s2 = np.asarray(s2, dtype=np.float32)
-    b = {name: s2[S2_BAND_INDEX[name]] for name in ("B1", "B2", "B3", "B4", "B10", "B11")}
-    # Clouds are bright in blue and aerosol/cirrus bands and in all visible bands ...
-    score = np.minimum(_rescaled(b["B2"], 0.1, 0.5), 1.0)
-    np.minimum(score, _rescaled(b["B1"], 0.1, 0.3), out=score)
-    np.minimum(score, _rescaled(b["B1"] + b["B10"], 0.15, 0.2), out=score)
-    np.minimum(score, _rescaled(b["B4"] + b["B3"] + b["B2"], 0.2, 0.8), out=score)
-    # ... but they are not snow (high NDSI).
-    np.minimum(score, _rescaled(_normalized_difference(b["B3"], b["B11"]), 0.8, 0.6), out=score)
-    score = ndimage.grey_closing(score, size=(5, 5))
-    # The original convolves with a 7x7 box in 'same' mode: zero padding, i.e. mode="constant".
-    score = ndimage.uniform_filter(score, size=7, mode="constant", cval=0.0)
-    return np.clip(score, 1e-5, 1.0).astype(np.float32)
-
-
-def rule_cloud_mask(s2, threshold=0.2):
-    """(H,W) bool: soft score >= threshold (the original binarisation)."""
-    return rule_cloud_score(s2) >= threshold
-
-
-def shadow_mask(s2):
-    """(H,W) bool cloud-shadow mask: dark in NIR+SWIR (CSI) and in blue, relative to the patch statistics,
-    then a 5x5 median filter (the original's medfilt2d, zero padded)."""
-    s2 = np.asarray(s2, dtype=np.float32)
-    blue = s2[S2_BAND_INDEX["B2"]]
-    csi = (s2[S2_BAND_INDEX["B8"]] + s2[S2_BAND_INDEX["B11"]]) / 2.0
-    t3 = csi.min() + 0.75 * (csi.mean() - csi.min())
-    t4 = blue.min() + (5.0 / 6.0) * (blue.mean() - blue.min())
-    dark = ((csi < t3) & (blue < t4)).astype(np.float32)
-    # Median of a binary 5x5 neighbourhood = majority vote (>= 13 of 25); a box sum is far cheaper.
-    votes = ndimage.uniform_filter(dark, size=5, mode="constant", cval=0.0) * 25.0
-    return votes > 12.5
-
-
-def cloud_shadow_mask(s2, threshold=0.2):
-    """(H,W) int8: 1 cloud, -1 shadow, 0 clear (clouds win over shadows), like get_cloud_cloudshadow_mask."""
-    out = np.where(shadow_mask(s2), -1, 0).astype(np.int8)
-    out[rule_cloud_mask(s2, threshold)] = 1
-    return out
-
-
-_S2CLOUDLESS = None
-
-
-def s2cloudless_score(s2):
-    """(13,H,W) reflectance in [0,1] -> (H,W) float32 cloud probability of s2cloudless (LightGBM, offline).
-    s2cloudless wants (N,H,W,13) L1C reflectance /10000 in the band order of S2_BANDS, which is ours."""
-    global _S2CLOUDLESS
-    if _S2CLOUDLESS is None:
-        from s2cloudless import S2PixelCloudDetector
-        # The settings UnCRtainTS uses for SEN12MS-CR.
-        _S2CLOUDLESS = S2PixelCloudDetector(threshold=0.4, all_bands=True, average_over=4, dilation_size=2)
-    s2 = np.asarray(s2, dtype=np.float32)
-    return _S2CLOUDLESS.get_cloud_probability_maps(np.moveaxis(s2, 0, -1)[None])[0].astype(np.float32)
-
-
-def cloud_score(s2, detector="rule"):
-    """Soft cloud score (H,W) by detector name; "none" gives zeros (no pixel flagged)."""
-    if detector == "rule":
-        return rule_cloud_score(s2)
-    if detector == "s2cloudless":
-        return s2cloudless_score(s2)
-    if detector == "none":
-        return np.zeros(np.shape(s2)[1:], dtype=np.float32)
-    raise ValueError(f"unknown cloud detector {detector!r}; use one of {CLOUD_DETECTORS}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Dataset
 
 class SEN12MSCRDataset(Dataset):
@@ -556,123 +401,23 @@ def split_by_scene(triplets, val_frac=0.1, test_frac=0.1, seed=0):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Synthetic SEN12MS-CR
-
-# Approximate L1C top-of-atmosphere reflectance (B1..B12) and S1 backscatter (VV, VH dB) of five land covers.
-LAND_COVERS = {
-    "water":      ([.120, .090, .070, .050, .040, .030, .030, .020, .020, .010, .002, .010, .005], (-21.0, -27.0)),
-    "forest":     ([.110, .080, .070, .040, .080, .200, .250, .270, .290, .090, .003, .130, .060], (-7.5, -13.0)),
-    "cropland":   ([.120, .090, .100, .070, .130, .280, .330, .350, .370, .120, .004, .200, .110], (-10.5, -17.0)),
-    "bare_soil":  ([.140, .120, .140, .170, .200, .230, .250, .260, .280, .100, .005, .320, .250], (-13.0, -20.5)),
-    "urban":      ([.150, .130, .130, .140, .150, .170, .180, .190, .200, .080, .004, .220, .190], (-3.0, -9.5)),
-}
-# Reflectance of a thick cloud per band (bright and flat in VNIR, lower in SWIR, some cirrus signal in B10).
-CLOUD_SPECTRUM = np.array([.55, .52, .50, .50, .50, .50, .50, .50, .50, .30, .08, .40, .30], dtype=np.float32)
-CLOUD_REGIMES = ("clear", "haze", "partial", "partial", "overcast")  # cycled so even a few patches vary
-
-
-def _smooth_noise(rng, shape, sigma):
-    return ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
-
-
-def _land_cover_scene(rng, height, width):
-    """Class map (argmax of smooth random fields) plus per-class reflectance and backscatter images."""
-    sigma = max(height, width) / 24.0
-    fields = np.stack([_smooth_noise(rng, (height, width), sigma) for _ in LAND_COVERS])
-    classes = fields.argmax(0)
-    spectra = np.array([v[0] for v in LAND_COVERS.values()], dtype=np.float32)      # (5,13)
-    sar_db = np.array([v[1] for v in LAND_COVERS.values()], dtype=np.float32)       # (5,2)
-    # Within-class texture shared by optical and radar (e.g. biomass), so SAR tells what clouds hide.
-    texture = _smooth_noise(rng, (height, width), sigma / 6.0)
-    texture /= texture.std() + 1e-6
-    reflectance = spectra[classes].transpose(2, 0, 1) * (1.0 + 0.08 * texture)[None]
-    reflectance = ndimage.gaussian_filter(reflectance, (0, 0.7, 0.7))  # soft class borders, like 10 m pixels
-    backscatter = sar_db[classes].transpose(2, 0, 1) + 1.5 * texture[None]
-    return reflectance.astype(np.float32), backscatter.astype(np.float32)
-
-
-def _speckle_db(rng, shape, looks=4.4):
-    """Multiplicative speckle of a multi-looked GRD image, in dB (gamma with mean 1)."""
-    return (10.0 * np.log10(rng.gamma(looks, 1.0 / looks, size=shape))).astype(np.float32)
-
-
-def _simulate_clouds(clear, regime, seed):
-    """(13,H,W) clear reflectance -> (cloudy, cloud opacity (H,W)). Shapes come from satellite-cloud-generator
-    (Perlin noise, seeded through a forked torch RNG so the caller's RNG is untouched); shadows are the cloud
-    shape shifted along a sun direction, so they sit next to the clouds casting them."""
-    import satellite_cloud_generator as scg
-
-    _, h, w = clear.shape
-    if regime == "clear":
-        return clear.copy(), np.zeros((h, w), np.float32)
-    local = np.random.default_rng(seed)
-    params = {
-        "haze": dict(min_lvl=(0.05, 0.15), max_lvl=(0.2, 0.45), clear_threshold=0.0, locality_degree=1),
-        "partial": dict(min_lvl=0.0, max_lvl=(0.85, 1.0), clear_threshold=float(local.uniform(0.05, 0.6)),
-                        locality_degree=int(local.integers(1, 3))),
-        "overcast": dict(min_lvl=(0.7, 0.85), max_lvl=(0.95, 1.0), clear_threshold=0.0, locality_degree=1),
-    }[regime]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        _, alpha = scg.add_cloud(torch.zeros(1, 1, h, w), channel_offset=0, channel_magnitude_shift=0.0,
-                                 blur_scaling=0.0, cloud_color=False, return_cloud=True, **params)
-    alpha = alpha[0, 0].numpy().astype(np.float32)
-    ground = clear.copy()
-    if regime == "partial":
-        dy, dx = (int(v) for v in local.integers(h // 12, h // 6 + 1, size=2) * local.choice([-1, 1], size=2))
-        shade = np.zeros_like(alpha)
-        shade[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-            alpha[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-        ground *= 1.0 - float(local.uniform(0.4, 0.7)) * shade[None]
-    cloudy = ground * (1.0 - alpha[None]) + CLOUD_SPECTRUM[:, None, None] * alpha[None]
-    return cloudy.astype(np.float32), alpha
-
+# Synthetic SEN12MS-CR in the official layout (the scenes themselves come from synthetic.py)
 
 def make_synthetic_dataset(out_dir, n, size=256, seed=0, n_scenes=None, roi="ROIs2017_winter",
                            val_frac=0.15, test_frac=0.15):
     """Write `n` synthetic triplets of `size` px in the official SEN12MS-CR layout under out_dir, plus
     out_dir/data.csv (7 columns, split by scene). Returns the CSV path. Deterministic for a seed.
-
-    Patches of one scene are overlapping windows of one procedural land-cover map (like real SEN12MS-CR,
-    where neighbouring patches overlap), georeferenced in UTM 31N at 10 m. S1: float32 dB (VV, VH) with
-    speckle and a NaN block in every 7th patch; S2: uint16 reflectance x10000, 13 bands. Cloud regimes cycle
-    through clear, haze (thin, full cover), partial (with shadows) and overcast."""
-    if n < 1 or size < 16:
-        raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
+    Georeferenced in UTM 31N at 10 m; S1 float32 dB (VV, VH); S2 uint16 reflectance x10000, 13 bands."""
     out_dir = Path(out_dir)
-    n_scenes = n_scenes or max(3, math.ceil(n / 4))
-    n_scenes = min(n_scenes, n)
-    rng = np.random.default_rng(seed)
-    per_scene = [n // n_scenes + (1 if i < n % n_scenes else 0) for i in range(n_scenes)]
-    stride = size // 2
-    triplets, k = [], 0
-    for s_idx, count in enumerate(per_scene):
-        scene = 100 + s_idx
-        cols = math.ceil(math.sqrt(count))
-        rows = math.ceil(count / cols)
-        H, W = size + stride * (rows - 1), size + stride * (cols - 1)
-        reflectance, backscatter = _land_cover_scene(rng, H, W)
-        # A second acquisition date for the cloudy image: slight per-band radiometric change.
-        date_gain = (1.0 + rng.normal(0.0, 0.02, size=(13, 1, 1))).astype(np.float32)
-        x0, y0 = 500000.0 + 20000.0 * s_idx, 5600000.0 - 10000.0 * s_idx
-        for p in range(count):
-            r, c = divmod(p, cols)
-            sl = (slice(None), slice(r * stride, r * stride + size), slice(c * stride, c * stride + size))
-            clear = reflectance[sl]
-            sar = backscatter[sl] + _speckle_db(rng, (2, size, size))
-            if k % 7 == 6:
-                sar[:, : size // 8, : size // 8] = np.nan  # real S1 patches have NaN holes
-            regime = CLOUD_REGIMES[k % len(CLOUD_REGIMES)]
-            cloudy, _ = _simulate_clouds(clear * date_gain, regime, seed=int(rng.integers(2 ** 31)))
-            patch = 1 + p
-            transform = from_origin(x0 + c * stride * 10.0, y0 - r * stride * 10.0, 10.0, 10.0)
-            rel = {}
-            for mod, data in (("s1", sar.astype(np.float32)), ("s2", denormalize_s2(clear)),
-                              ("s2_cloudy", denormalize_s2(cloudy))):
-                rel[mod] = os.path.join(f"{roi}_{mod}", f"{mod}_{scene}", f"{roi}_{mod}_{scene}_p{patch}.tif")
-                _write_geotiff(out_dir / rel[mod], data, "EPSG:32631", transform)
-            triplets.append(Triplet(0, rel["s1"], rel["s2"], rel["s2_cloudy"]))
-            k += 1
+    triplets = []
+    for p in synthetic.generate_patches(n, size=size, seed=seed, n_scenes=n_scenes):
+        scene, patch = p["scene"], p["patch"]
+        transform = from_origin(*p["origin"], synthetic.PIXEL_M, synthetic.PIXEL_M)
+        rel = {}
+        for mod, data in (("s1", p["s1"]), ("s2", denormalize_s2(p["s2"])), ("s2_cloudy", denormalize_s2(p["cloudy"]))):
+            rel[mod] = os.path.join(f"{roi}_{mod}", f"{mod}_{scene}", f"{roi}_{mod}_{scene}_p{patch}.tif")
+            _write_geotiff(out_dir / rel[mod], data, synthetic.CRS, transform)
+        triplets.append(Triplet(0, rel["s1"], rel["s2"], rel["s2_cloudy"]))
     triplets = split_by_scene(triplets, val_frac=val_frac, test_frac=test_frac, seed=seed)
     return write_data_list(out_dir / "data.csv", triplets)
 

@@ -1,5 +1,6 @@
 """test_CR.py: evaluation scores equal metrics.py on the saved predictions, GeoTIFF georeferencing survives,
 whole-scene tiling covers everything without seams, bad inputs give named errors."""
+import contextlib
 import csv
 import json
 import math
@@ -14,6 +15,7 @@ from rasterio.transform import from_origin
 
 import dataloader
 import metrics
+import synthetic
 import test_CR
 import train_CR_kaggle as train
 
@@ -175,10 +177,10 @@ def scene(tmp_path_factory):
     """A 75 x 100 px synthetic scene (cloudy S2 uint16 x10000, S1 dB with a NaN hole) in UTM 31N."""
     d = tmp_path_factory.mktemp("scene")
     rng = np.random.default_rng(3)
-    reflectance, backscatter = dataloader._land_cover_scene(rng, SCENE_H, SCENE_W)
+    reflectance, backscatter = synthetic.land_cover_scene(rng, SCENE_H, SCENE_W)
     yy, xx = np.mgrid[:SCENE_H, :SCENE_W]
     cloud = np.exp(-(((yy - 30) / 18.0) ** 2 + ((xx - 55) / 25.0) ** 2))[None]  # one soft cloud blob
-    cloudy = reflectance * (1 - cloud) + dataloader.CLOUD_SPECTRUM[:, None, None] * cloud
+    cloudy = reflectance * (1 - cloud) + synthetic.CLOUD_SPECTRUM[:, None, None] * cloud
     sar = backscatter.copy()
     sar[:, 5:9, 70:80] = np.nan
     return _write(d / "s2_cloudy.tif", dataloader.denormalize_s2(cloudy)), _write(d / "s1.tif", sar)
@@ -187,7 +189,7 @@ def scene(tmp_path_factory):
 def _whole_image_prediction(model, cloudy_path, sar_path):
     cloudy = dataloader.normalize_s2(dataloader.read_raster(cloudy_path, 13))
     sar = dataloader.normalize_s1(dataloader.read_raster(sar_path, 2))
-    pred, _ = test_CR.forward(model, torch.from_numpy(cloudy)[None], torch.from_numpy(sar)[None], None)
+    pred, _ = test_CR.forward(model, torch.from_numpy(cloudy)[None], torch.from_numpy(sar)[None], contextlib.nullcontext())
     return dataloader.denormalize_s2(pred[0]).astype(np.float32)
 
 

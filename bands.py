@@ -1,0 +1,86 @@
+"""The band table of SEN12MS-CR and the encodings every other module shares (numpy and torch only).
+
+- S2_BANDS / S1_BANDS: band order of the files; RGB_BANDS: the true-colour bands by index.
+- normalize_s1 / normalize_s2: file values -> [0, 1] (DSen2-CR / GLF-CR convention, so scores compare).
+- finish_s2 / denormalize_s2: a predicted image -> the uint16 x10000 grid the dataset's files use.
+- s2_to_rgb / sar_to_rgb: the one fixed display stretch of every quicklook.
+
+No rasterio, no scipy: losses.py imports this for RGB_BANDS without pulling in GeoTIFF I/O.
+"""
+import numpy as np
+import torch
+
+# Sentinel-2 L1C band order of SEN12MS-CR files (B8A after B8, B10 kept).
+S2_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
+S2_BAND_INDEX = {name: i for i, name in enumerate(S2_BANDS)}
+RGB_BANDS = (S2_BAND_INDEX["B4"], S2_BAND_INDEX["B3"], S2_BAND_INDEX["B2"])  # (3, 2, 1): R, G, B
+S1_BANDS = ("VV", "VH")
+
+# DSen2-CR / GLF-CR normalisation, kept identical so scores compare with the published tables.
+S1_CLIP_DB = {"VV": (-25.0, 0.0), "VH": (-32.5, 0.0)}
+S2_SCALE = 10000.0
+
+_S1_LOW = np.array([S1_CLIP_DB[b][0] for b in S1_BANDS], dtype=np.float32)[:, None, None]
+_S1_HIGH = np.array([S1_CLIP_DB[b][1] for b in S1_BANDS], dtype=np.float32)[:, None, None]
+
+# One fixed display stretch for every quicklook (TensorBoard, test_CR PNGs), so panels compare across images:
+# land reflectance rarely exceeds 0.3, so 0..0.3 maps linearly to 0..1 and brighter clouds saturate white.
+RGB_STRETCH_MAX = 0.3
+
+
+def fill_nan_with_band_mean(x):
+    """In place: NaN -> mean of the finite pixels of the same band; an all-NaN band becomes 0."""
+    nan = np.isnan(x)
+    if nan.any():
+        counts = (~nan).sum(axis=(1, 2))
+        sums = np.where(nan, 0, x).sum(axis=(1, 2), dtype=np.float64)
+        means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0).astype(x.dtype)
+        x[nan] = np.broadcast_to(means[:, None, None], x.shape)[nan]
+    return x
+
+
+def normalize_s1(arr):
+    """(2,H,W) S1 backscatter in dB -> float32 [0,1]: VV clipped to [-25,0], VH to [-32.5,0]."""
+    x = np.asarray(arr, dtype=np.float32)
+    x = (np.clip(x, _S1_LOW, _S1_HIGH) - _S1_LOW) / (_S1_HIGH - _S1_LOW)  # np.clip keeps NaN as NaN
+    return fill_nan_with_band_mean(x)
+
+
+def s1_db_of(normalised):
+    """Inverse of normalize_s1 for per-band values (C,) in [0,1] -> dB."""
+    return (_S1_LOW[:, 0, 0] + np.asarray(normalised) * (_S1_HIGH - _S1_LOW)[:, 0, 0]).astype(np.float32)
+
+
+def normalize_s2(arr):
+    """(13,H,W) S2 reflectance x10000 -> float32 [0,1] (clip to [0,10000], divide by 10000)."""
+    x = np.asarray(arr)
+    if x.dtype.kind in "ui":  # the files' uint16: clip in integers (cheap), no NaN possible
+        return np.multiply(np.clip(x, 0, int(S2_SCALE)), np.float32(1.0 / S2_SCALE), dtype=np.float32)
+    x = np.clip(x.astype(np.float32, copy=False), 0.0, S2_SCALE) * np.float32(1.0 / S2_SCALE)
+    return fill_nan_with_band_mean(x)
+
+
+def finish_s2(prediction):
+    """The project's one rule for a predicted S2 image (N,13,H,W or 13,H,W tensor): clamp to [0, 1] (no negative
+    reflectance; the encoding tops out at 10000) and round to the uint16 x10000 grid of the dataset, i.e. exactly
+    the values a saved GeoTIFF holds. Training validation, test_CR scores, GeoTIFFs and quicklooks all use it."""
+    return torch.round(prediction.float().clamp(0.0, 1.0) * S2_SCALE) / S2_SCALE
+
+
+def denormalize_s2(x):
+    """[0,1] float array or tensor -> uint16 numpy reflectance x10000 (values outside [0,1] clipped)."""
+    if torch.is_tensor(x):
+        x = x.detach().float().cpu().numpy()
+    x = np.nan_to_num(np.asarray(x, dtype=np.float32), nan=0.0)
+    return np.round(np.clip(x, 0.0, 1.0) * S2_SCALE).astype(np.uint16)
+
+
+def s2_to_rgb(x):
+    """(N,13,H,W) or (13,H,W) tensor in [0,1] -> RGB (bands B4,B3,B2) in [0,1] with the fixed stretch."""
+    return (x[..., list(RGB_BANDS), :, :].float() / RGB_STRETCH_MAX).clamp(0, 1)
+
+
+def sar_to_rgb(x):
+    """(N,2,H,W) or (2,H,W) normalised SAR -> false colour (VV, VH, their mean) in [0,1]."""
+    vv, vh = x[..., 0:1, :, :].float(), x[..., 1:2, :, :].float()
+    return torch.cat([vv, vh, (vv + vh) / 2], dim=-3).clamp(0, 1)

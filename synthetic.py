@@ -1,0 +1,121 @@
+"""Synthetic SEN12MS-CR-like patches: land covers with 13-band spectra and VV/VH backscatter, speckle, clouds.
+
+`generate_patches(n, size, seed)` yields one dict of arrays per patch; `dataloader.make_synthetic_dataset`
+writes them as GeoTIFFs in the official layout (the demo data and the test fixtures). numpy, scipy and
+satellite-cloud-generator only; no file I/O.
+
+Each scene is a procedural map of five land covers with distinct spectra and matching backscatter plus gamma
+speckle; a within-class texture is shared by optical and radar, so the SAR carries what the clouds hide.
+Patches of a scene overlap by half, like the real data; every 7th S1 patch has a NaN block. The cloudy image
+is a second date (a small per-band gain) with clouds cycling through clear, haze, partial (with shadows) and
+overcast. Same seed, same arrays; the caller's numpy and torch RNGs are untouched.
+"""
+import math
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+# Approximate L1C top-of-atmosphere reflectance (B1..B12) and S1 backscatter (VV, VH dB) of five land covers.
+LAND_COVERS = {
+    "water":      ([.120, .090, .070, .050, .040, .030, .030, .020, .020, .010, .002, .010, .005], (-21.0, -27.0)),
+    "forest":     ([.110, .080, .070, .040, .080, .200, .250, .270, .290, .090, .003, .130, .060], (-7.5, -13.0)),
+    "cropland":   ([.120, .090, .100, .070, .130, .280, .330, .350, .370, .120, .004, .200, .110], (-10.5, -17.0)),
+    "bare_soil":  ([.140, .120, .140, .170, .200, .230, .250, .260, .280, .100, .005, .320, .250], (-13.0, -20.5)),
+    "urban":      ([.150, .130, .130, .140, .150, .170, .180, .190, .200, .080, .004, .220, .190], (-3.0, -9.5)),
+}
+# Reflectance of a thick cloud per band (bright and flat in VNIR, lower in SWIR, some cirrus signal in B10).
+CLOUD_SPECTRUM = np.array([.55, .52, .50, .50, .50, .50, .50, .50, .50, .30, .08, .40, .30], dtype=np.float32)
+CLOUD_REGIMES = ("clear", "haze", "partial", "partial", "overcast")  # cycled so even a few patches vary
+CRS = "EPSG:32631"  # UTM 31N, the zone of the real sample
+PIXEL_M = 10.0
+
+
+def _smooth_noise(rng, shape, sigma):
+    return ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma, mode="wrap")
+
+
+def land_cover_scene(rng, height, width):
+    """Class map (argmax of smooth random fields) -> per-class reflectance (13,H,W) and backscatter (2,H,W) dB."""
+    sigma = max(height, width) / 24.0
+    fields = np.stack([_smooth_noise(rng, (height, width), sigma) for _ in LAND_COVERS])
+    classes = fields.argmax(0)
+    spectra = np.array([v[0] for v in LAND_COVERS.values()], dtype=np.float32)      # (5,13)
+    sar_db = np.array([v[1] for v in LAND_COVERS.values()], dtype=np.float32)       # (5,2)
+    # Within-class texture shared by optical and radar (e.g. biomass), so SAR tells what clouds hide.
+    texture = _smooth_noise(rng, (height, width), sigma / 6.0)
+    texture /= texture.std() + 1e-6
+    reflectance = spectra[classes].transpose(2, 0, 1) * (1.0 + 0.08 * texture)[None]
+    reflectance = ndimage.gaussian_filter(reflectance, (0, 0.7, 0.7))  # soft class borders, like 10 m pixels
+    backscatter = sar_db[classes].transpose(2, 0, 1) + 1.5 * texture[None]
+    return reflectance.astype(np.float32), backscatter.astype(np.float32)
+
+
+def speckle_db(rng, shape, looks=4.4):
+    """Multiplicative speckle of a multi-looked GRD image, in dB (gamma with mean 1)."""
+    return (10.0 * np.log10(rng.gamma(looks, 1.0 / looks, size=shape))).astype(np.float32)
+
+
+def simulate_clouds(clear, regime, seed):
+    """(13,H,W) clear reflectance -> (cloudy, cloud opacity (H,W)). Shapes come from satellite-cloud-generator
+    (Perlin noise, seeded through a forked torch RNG so the caller's RNG is untouched); shadows are the cloud
+    shape shifted along a sun direction, so they sit next to the clouds casting them."""
+    import satellite_cloud_generator as scg  # slow to import (matplotlib): only when data is made
+
+    _, h, w = clear.shape
+    if regime == "clear":
+        return clear.copy(), np.zeros((h, w), np.float32)
+    local = np.random.default_rng(seed)
+    params = {
+        "haze": dict(min_lvl=(0.05, 0.15), max_lvl=(0.2, 0.45), clear_threshold=0.0, locality_degree=1),
+        "partial": dict(min_lvl=0.0, max_lvl=(0.85, 1.0), clear_threshold=float(local.uniform(0.05, 0.6)),
+                        locality_degree=int(local.integers(1, 3))),
+        "overcast": dict(min_lvl=(0.7, 0.85), max_lvl=(0.95, 1.0), clear_threshold=0.0, locality_degree=1),
+    }[regime]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, alpha = scg.add_cloud(torch.zeros(1, 1, h, w), channel_offset=0, channel_magnitude_shift=0.0,
+                                 blur_scaling=0.0, cloud_color=False, return_cloud=True, **params)
+    alpha = alpha[0, 0].numpy().astype(np.float32)
+    ground = clear.copy()
+    if regime == "partial":
+        dy, dx = (int(v) for v in local.integers(h // 12, h // 6 + 1, size=2) * local.choice([-1, 1], size=2))
+        shade = np.zeros_like(alpha)
+        shade[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+            alpha[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+        ground *= 1.0 - float(local.uniform(0.4, 0.7)) * shade[None]
+    cloudy = ground * (1.0 - alpha[None]) + CLOUD_SPECTRUM[:, None, None] * alpha[None]
+    return cloudy.astype(np.float32), alpha
+
+
+def generate_patches(n, size=256, seed=0, n_scenes=None):
+    """Yield `n` patches as dicts: scene (number), patch (1-based within the scene), origin (x, y) of the
+    top-left corner in CRS metres, s1 (2,H,W) float32 dB, s2 (13,H,W) and cloudy (13,H,W) float32 reflectance
+    in [0,1]-ish (not yet clipped), regime. Patches of a scene are overlapping windows of one map."""
+    if n < 1 or size < 16:
+        raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
+    n_scenes = min(n_scenes or max(3, math.ceil(n / 4)), n)
+    rng = np.random.default_rng(seed)
+    per_scene = [n // n_scenes + (1 if i < n % n_scenes else 0) for i in range(n_scenes)]
+    stride = size // 2
+    k = 0
+    for s_idx, count in enumerate(per_scene):
+        cols = math.ceil(math.sqrt(count))
+        rows = math.ceil(count / cols)
+        reflectance, backscatter = land_cover_scene(rng, size + stride * (rows - 1), size + stride * (cols - 1))
+        # A second acquisition date for the cloudy image: slight per-band radiometric change.
+        date_gain = (1.0 + rng.normal(0.0, 0.02, size=(13, 1, 1))).astype(np.float32)
+        x0, y0 = 500000.0 + 20000.0 * s_idx, 5600000.0 - 10000.0 * s_idx
+        for p in range(count):
+            r, c = divmod(p, cols)
+            window = (slice(None), slice(r * stride, r * stride + size), slice(c * stride, c * stride + size))
+            clear = reflectance[window]
+            sar = backscatter[window] + speckle_db(rng, (2, size, size))
+            if k % 7 == 6:
+                sar[:, : size // 8, : size // 8] = np.nan  # real S1 patches have NaN holes
+            regime = CLOUD_REGIMES[k % len(CLOUD_REGIMES)]
+            cloudy, _ = simulate_clouds(clear * date_gain, regime, seed=int(rng.integers(2 ** 31)))
+            yield {"scene": 100 + s_idx, "patch": 1 + p, "regime": regime, "s1": sar.astype(np.float32),
+                   "s2": clear, "cloudy": cloudy,
+                   "origin": (x0 + c * stride * PIXEL_M, y0 - r * stride * PIXEL_M)}
+            k += 1
