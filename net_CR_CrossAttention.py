@@ -18,7 +18,6 @@ Also the field's baseline DSen2CR (Meraner et al., ISPRS 2020) with the same for
 create_model(model_name, **config) building either from a checkpoint's stored config.
 This module imports nothing of the project (torch only).
 """
-import math
 import time
 
 import torch
@@ -28,15 +27,21 @@ import torch.nn.functional as F
 __all__ = [
     "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion",
     "SpeckleAwareGate", "CloudConfidencePredictor", "CloudRemovalCrossAttention", "DSen2CR",
-    "create_model", "MODELS",
+    "create_model", "MODELS", "SAR_INPUTS",
 ]
 
 GN_GROUPS = 8
 ATTENTION_PATHS = ("fused", "reference")
+SAR_INPUTS = ("on", "zeros")  # "zeros": the radar ablation, an all-zero SAR image whatever the data holds
 
 
 def _gn(channels):
     return nn.GroupNorm(min(GN_GROUPS, channels), channels)
+
+
+def _check_sar_input(sar_input):
+    if sar_input not in SAR_INPUTS:
+        raise ValueError(f"sar_input must be one of {SAR_INPUTS}, got {sar_input!r}")
 
 
 def _check_inputs(optical, sar, in_optical, in_sar):
@@ -270,6 +275,8 @@ class CloudRemovalCrossAttention(nn.Module):
                            confidence returned as None).
       attention: "fused" (F.scaled_dot_product_attention) or "reference" (materialised softmax(QK^T)V);
                  same parameters, same function.
+      sar_input: "on", or "zeros" to feed an all-zero radar image (ablation: does the model use the radar?);
+                 part of the config so a checkpoint evaluates the way it was trained.
     """
 
     model_name = "CrossAttention"
@@ -277,18 +284,19 @@ class CloudRemovalCrossAttention(nn.Module):
 
     def __init__(self, in_optical=13, in_sar=2, use_spectral_attention=True, use_cross_attn=True,
                  use_cloud_predictor=True, attention="fused", widths=(64, 128, 256), encoder_blocks=(1, 1, 1),
-                 decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0):
+                 decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0, sar_input="on"):
         super().__init__()
         widths, encoder_blocks, decoder_blocks = tuple(widths), tuple(encoder_blocks), tuple(decoder_blocks)
         if len(widths) != 3 or len(encoder_blocks) != 3 or len(decoder_blocks) != 2:
             raise ValueError("widths and encoder_blocks need 3 entries (levels), decoder_blocks 2")
         if attention not in ATTENTION_PATHS:
             raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {attention!r}")
+        _check_sar_input(sar_input)
         self.config = dict(in_optical=in_optical, in_sar=in_sar, use_spectral_attention=use_spectral_attention,
                            use_cross_attn=use_cross_attn, use_cloud_predictor=use_cloud_predictor,
                            attention=attention, widths=widths, encoder_blocks=encoder_blocks,
-                           decoder_blocks=decoder_blocks, heads=heads, ffn_ratio=ffn_ratio)
-        self.in_optical, self.in_sar = in_optical, in_sar
+                           decoder_blocks=decoder_blocks, heads=heads, ffn_ratio=ffn_ratio, sar_input=sar_input)
+        self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, sar_input
         dim = widths[2]
         self.optical_encoder = OpticalEncoder(in_optical, widths, encoder_blocks)
         self.sar_encoder = SAREncoder(in_sar, widths, encoder_blocks, use_spectral_attention)
@@ -312,6 +320,8 @@ class CloudRemovalCrossAttention(nn.Module):
         With return_aux=True returns (prediction, {"confidence": (N,1,H,W) or None, "residual": (N,13,H,W)}).
         """
         _check_inputs(optical, sar, self.in_optical, self.in_sar)
+        if self.sar_input == "zeros":
+            sar = torch.zeros_like(sar)
         h, w = optical.shape[-2:]
         optical_p = _pad_to_multiple(optical, self.DOWNSAMPLE)
         sar_p = _pad_to_multiple(sar, self.DOWNSAMPLE)
@@ -367,17 +377,20 @@ class DSen2CR(nn.Module):
 
     model_name = "DSen2CR"
 
-    def __init__(self, in_optical=13, in_sar=2, feature_sizes=256, num_layers=16, scale=0.1):
+    def __init__(self, in_optical=13, in_sar=2, feature_sizes=256, num_layers=16, scale=0.1, sar_input="on"):
         super().__init__()
+        _check_sar_input(sar_input)
         self.config = dict(in_optical=in_optical, in_sar=in_sar, feature_sizes=feature_sizes,
-                           num_layers=num_layers, scale=scale)
-        self.in_optical, self.in_sar = in_optical, in_sar
+                           num_layers=num_layers, scale=scale, sar_input=sar_input)
+        self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, sar_input
         self.stem = nn.Conv2d(in_optical + in_sar, feature_sizes, 3, padding=1)
         self.blocks = nn.Sequential(*[_DSen2CRBlock(feature_sizes, scale) for _ in range(num_layers)])
         self.head = nn.Conv2d(feature_sizes, in_optical, 3, padding=1)
 
     def forward(self, optical, sar, return_aux=False):
         _check_inputs(optical, sar, self.in_optical, self.in_sar)
+        if self.sar_input == "zeros":
+            sar = torch.zeros_like(sar)
         x = self.blocks(F.relu(self.stem(torch.cat([optical, sar], dim=1))))
         residual = self.head(x)
         with torch.autocast(device_type=optical.device.type, enabled=False):

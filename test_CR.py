@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 import dataloader
 import metrics
-import train_CR_kaggle
+import runtime
 
 METRIC_NAMES = metrics.METRIC_NAMES
 # Whole-image score, then inside clouds and in clear pixels (metrics.masked_metrics halves).
@@ -47,9 +47,9 @@ def build_parser():
                    help="checkpoint written by train_CR_kaggle.py (last.pth or best.pth); the network is rebuilt "
                         "from it, no architecture flags needed")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
-    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+    p.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
                    help="autocast for inference: auto = bf16 on GPUs that support it, else fp16; on CPU the "
-                        f"training script's choice ({train_CR_kaggle.CPU_AUTO_AMP}); off = float32")
+                        f"training script's choice ({runtime.CPU_AUTO_AMP}); off = float32")
     p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
     g = p.add_argument_group("evaluation on a data list")
     g.add_argument("--data_list_filepath", default=None, help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column)")
@@ -82,31 +82,20 @@ def build_parser():
 
 # ----------------------------------------------------------------------------- shared helpers
 
-def resolve_device(arg):
-    if arg == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(arg)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {arg}: CUDA is not available on this machine; use --device cpu")
-    return device
+# Kept under their old names: benchmark.py and notebooks call them from here.
+resolve_device = runtime.resolve_device
+load_model = runtime.load_model
 
 
 def resolve_amp(amp, device):
     """Autocast dtype or None; the training script's rule, so scores match its validation."""
-    return train_CR_kaggle.resolve_amp(amp, device)[0]
-
-
-def load_model(path, device):
-    """(model in eval mode on device, checkpoint dict); CheckpointError naming the file on any problem."""
-    ckpt = train_CR_kaggle.load_checkpoint(path, map_location="cpu")
-    model = train_CR_kaggle.build_model_from_checkpoint(ckpt, path)
-    return model.to(device).eval(), ckpt
+    return runtime.resolve_amp(amp, device)[0]
 
 
 @torch.no_grad()
-def forward(model, cloudy, sar, amp_dtype):
-    """(finished prediction, confidence or None) in float32."""
-    with torch.autocast(cloudy.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+def forward(model, cloudy, sar, ctx):
+    """(finished prediction, confidence or None) in float32; ctx is the run's autocast context (runtime.autocast)."""
+    with ctx:
         prediction, aux = model(cloudy, sar, return_aux=True)
     confidence = aux.get("confidence")
     return dataloader.finish_s2(prediction), None if confidence is None else confidence.float()
@@ -176,76 +165,32 @@ def format_table(summary, bins):
     return out.getvalue()
 
 
-def evaluate(args):
-    """Score every image of the split; write metrics.csv and summary.json (and GeoTIFF/PNG outputs)."""
-    if not args.data_list_filepath or not args.input_data_folder:
-        raise SystemExit("pass --data_list_filepath and --input_data_folder (or --predict for a whole scene)")
-    device = resolve_device(args.device)
-    amp_dtype = resolve_amp(args.amp, device)
-    model, ckpt = load_model(args.checkpoint, device)
-    rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
-                                   source=str(args.data_list_filepath))
-    dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size, augment=False,
-                                          cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold)
-    loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
-                        pin_memory=device.type == "cuda")
-    # A model trained with --sar_input zeros (the radar ablation) is evaluated the way it was trained.
-    sar_zeros = (ckpt.get("args") or {}).get("sar_input") == "zeros"
-    results = Path(args.results_dir)
-    results.mkdir(parents=True, exist_ok=True)
-    if args.save_geotiff:
-        (results / "geotiff").mkdir(exist_ok=True)
-    if args.save_png:
-        (results / "png").mkdir(exist_ok=True)
+def image_rows(batch, scores, cover):
+    """One CSV row per image of a scored batch."""
+    rows = []
+    for i, name in enumerate(batch["file_name"]):
+        row = {"file_name": name, "cloud_cover": float(cover[i])}
+        for p in PREDICTORS:
+            for r in REGIONS:
+                for m in METRIC_NAMES:
+                    row[column(p, r, m)] = float(scores[p][r][m][i])
+        rows.append(row)
+    return rows
 
-    per_image, t_model, t0 = [], 0.0, time.perf_counter()
-    for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
-        cloudy = batch["cloudy_data"].to(device)
-        target = batch["cloudfree_data"].to(device)
-        sar = batch["SAR_data"].to(device)
-        cloud_mask = batch["cloud_mask"].to(device)
-        if sar_zeros:
-            sar = torch.zeros_like(sar)
-        t1 = time.perf_counter()
-        prediction, confidence = forward(model, cloudy, sar, amp_dtype)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_model += time.perf_counter() - t1
-        scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
-                  "identity": score_batch(dataloader.finish_s2(cloudy), target, cloud_mask, args.cloud_threshold)}
-        # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
-        cover = (cloud_mask >= args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
-        for i in range(cloudy.shape[0]):
-            row = {"file_name": batch["file_name"][i], "cloud_cover": float(cover[i])}
-            for p in PREDICTORS:
-                for r in REGIONS:
-                    for m in METRIC_NAMES:
-                        row[column(p, r, m)] = float(scores[p][r][m][i])
-            per_image.append(row)
-            stem = Path(batch["file_name"][i]).stem
-            if args.save_geotiff:
-                crs, transform = dataloader.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
-                dataloader.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform)
-            if args.save_png:
-                save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(), prediction[i].cpu(),
-                               target[i].cpu(), None if confidence is None else confidence[i].cpu())
-    seconds = time.perf_counter() - t0
 
-    bins = {}
-    for lo, hi in COVER_BINS:
-        name = f"{lo}-{hi}"
-        members = [row for row in per_image if cover_bin(row["cloud_cover"]) == name]
-        bins[name] = {"n": len(members), "mean": summarise(members)}
-    summary = {
-        "checkpoint": str(args.checkpoint), "model_name": ckpt["model_name"], "epoch": ckpt.get("epoch"),
-        "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
-        "crop_size": args.crop_size, "cloud_detector": args.cloud_detector, "cloud_threshold": args.cloud_threshold,
-        "device": str(device), "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-        "sar_input": "zeros" if sar_zeros else "on",
-        "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
-        "mean": summarise(per_image), "cloud_cover_bins": bins,
-        "images_per_s": len(per_image) / seconds, "model_images_per_s": len(per_image) / max(t_model, 1e-9),
-    }
+def save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence):
+    """--save_geotiff / --save_png for each image of a batch."""
+    for i, name in enumerate(batch["file_name"]):
+        stem = Path(name).stem
+        if args.save_geotiff:
+            crs, transform = dataloader.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
+            dataloader.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform)
+        if args.save_png:
+            save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(), prediction[i].cpu(),
+                           target[i].cpu(), None if confidence is None else confidence[i].cpu())
+
+
+def write_results(results, per_image, summary):
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     writer.writeheader()
@@ -253,9 +198,66 @@ def evaluate(args):
         writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
     dataloader.write_text_atomic(results / "metrics.csv", buf.getvalue())
     dataloader.write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
+
+
+def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_model):
+    bins = {}
+    for lo, hi in COVER_BINS:
+        name = f"{lo}-{hi}"
+        members = [row for row in per_image if cover_bin(row["cloud_cover"]) == name]
+        bins[name] = {"n": len(members), "mean": summarise(members)}
+    return {
+        "checkpoint": str(args.checkpoint), "model_name": ckpt["model_name"], "epoch": ckpt.get("epoch"),
+        "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
+        "crop_size": args.crop_size, "cloud_detector": args.cloud_detector, "cloud_threshold": args.cloud_threshold,
+        "device": str(device), "amp": runtime.amp_name(amp_dtype),
+        # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
+        "sar_input": model.config.get("sar_input", "on"),
+        "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
+        "mean": summarise(per_image), "cloud_cover_bins": bins,
+        "images_per_s": len(per_image) / seconds, "model_images_per_s": len(per_image) / max(t_model, 1e-9),
+    }
+
+
+def evaluate(args):
+    """Score every image of the split; write metrics.csv and summary.json (and GeoTIFF/PNG outputs)."""
+    if not args.data_list_filepath or not args.input_data_folder:
+        raise SystemExit("pass --data_list_filepath and --input_data_folder (or --predict for a whole scene)")
+    device = resolve_device(args.device)
+    amp_dtype = resolve_amp(args.amp, device)
+    ctx = runtime.autocast(device, amp_dtype)
+    model, ckpt = load_model(args.checkpoint, device)
+    rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
+                                   source=str(args.data_list_filepath))
+    dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size, augment=False,
+                                          cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold)
+    loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
+                        pin_memory=device.type == "cuda")
+    results = Path(args.results_dir)
+    for sub, wanted in (("", True), ("geotiff", args.save_geotiff), ("png", args.save_png)):
+        if wanted:
+            (results / sub).mkdir(parents=True, exist_ok=True)
+
+    per_image, t_model, t0 = [], 0.0, time.perf_counter()
+    for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
+        cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
+                                           ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
+        t1 = time.perf_counter()
+        prediction, confidence = forward(model, cloudy, sar, ctx)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t_model += time.perf_counter() - t1
+        scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
+                  "identity": score_batch(dataloader.finish_s2(cloudy), target, cloud_mask, args.cloud_threshold)}
+        # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
+        cover = (cloud_mask >= args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
+        per_image += image_rows(batch, scores, cover)
+        save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence)
+    summary = summarise_run(args, ckpt, model, device, amp_dtype, per_image, time.perf_counter() - t0, t_model)
+    write_results(results, per_image, summary)
     print(f"{ckpt['model_name']} from {args.checkpoint} on {len(per_image)} {args.split} images "
           f"({args.data_list_filepath}); device {device}, amp {summary['amp']}")
-    print(format_table(summary["mean"], bins))
+    print(format_table(summary["mean"], summary["cloud_cover_bins"]))
     print(f"{summary['images_per_s']:.2f} images/s; per-image scores in {results / 'metrics.csv'}, "
           f"means in {results / 'summary.json'}")
     return summary
@@ -297,9 +299,7 @@ def scene_sar_fill_db(sar_src, strip=256):
         sums += np.where(valid, normed, 0).sum(axis=(1, 2), dtype=np.float64)
         counts += valid.sum(axis=(1, 2))
     means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)  # all-NaN band -> 0, as dataloader
-    low = np.array([dataloader.S1_CLIP_DB[b][0] for b in dataloader.S1_BANDS])
-    high = np.array([dataloader.S1_CLIP_DB[b][1] for b in dataloader.S1_BANDS])
-    return (low + means * (high - low)).astype(np.float32)
+    return dataloader.s1_db_of(means)
 
 
 def check_scene_pair(cloudy_src, sar_src):
@@ -331,7 +331,7 @@ def _fill(raw_db, fill_db):
 
 @torch.no_grad()
 def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, batch_sz=4, device="cpu",
-                  amp_dtype=None, progress=True, sar_zeros=False):
+                  amp_dtype=None, progress=True):
     """Cloud-free prediction of a whole scene, written as a uint16 x10000 GeoTIFF with the input's grid.
 
     Tiles of `tile` px overlapping by `overlap` px are blended with separable feathered weights. Memory is one
@@ -342,6 +342,7 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
     if tile < 8 or not 0 <= overlap < tile:
         raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     device = torch.device(device)
+    ctx = runtime.autocast(device, amp_dtype)
     model.eval()
     out_path = Path(out_path)
     with dataloader.open_raster(cloudy_path) as cloudy_src, dataloader.open_raster(sar_path) as sar_src:
@@ -385,10 +386,8 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
                                            for x in chunk])
                         sar = np.stack([dataloader.normalize_s1(_fill(dataloader.read_window(sar_src, (y, x, th, tw)),
                                                                       sar_fill)) for x in chunk])
-                        if sar_zeros:  # a model trained on the radar ablation sees what it was trained on
-                            sar = np.zeros_like(sar)
                         prediction, _ = forward(model, torch.from_numpy(cloudy).to(device),
-                                                torch.from_numpy(sar).to(device), amp_dtype)
+                                                torch.from_numpy(sar).to(device), ctx)
                         # Blend the clamped float prediction; the uint16 rounding happens once, at flush.
                         prediction = prediction.cpu().numpy()
                         for x, pred in zip(chunk, prediction):
@@ -409,8 +408,7 @@ def predict(args):
     model, ckpt = load_model(args.checkpoint, device)
     t0 = time.perf_counter()
     out = predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
-                        batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype,
-                        sar_zeros=(ckpt.get("args") or {}).get("sar_input") == "zeros")
+                        batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype)
     print(f"wrote {out} ({time.perf_counter() - t0:.1f} s; {ckpt['model_name']} from {args.checkpoint}, "
           f"tile {args.tile}, overlap {args.overlap}, device {device})")
     return out

@@ -20,6 +20,7 @@ import time
 import warnings
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -33,25 +34,27 @@ import dataloader
 import losses
 import metrics
 import net_CR_CrossAttention
-
-# bf16 autocast on CPU: measured in BENCHMARKS.md ("Model training step": 2.0-2.7x fp32's speed; "Learning and
-# ablations": the same PSNR), which decides what --amp auto means on a machine without a GPU.
-CPU_AUTO_AMP = "bf16"
+import runtime
+# Re-exported: these lived here before runtime.py held them, and notebooks call them by this module's name.
+from runtime import (CPU_AUTO_AMP, CheckpointError, build_model_from_checkpoint, load_checkpoint,  # noqa: F401
+                     resolve_amp)
+from runtime import save_checkpoint as atomic_torch_save
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
 DEMO_SAMPLES, DEMO_SIZE, DEMO_SEED, DEMO_EPOCHS = 128, 64, 0, 24  # ~2 min on 2 quiet CPU cores (measured 1 min 53 s)
 
-METRIC_NAMES = ("PSNR", "SSIM", "SAM", "MAE", "RMSE")  # the keys of metrics.compute_metrics
-HISTORY_FIELDS = ["epoch", "lr", "train_loss", "train_psnr", "samples_per_s", "val_PSNR", "val_SSIM",
-                  "val_SAM", "val_MAE", "val_RMSE", "best_psnr", "seconds"]
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint file that cannot be used (unreadable, truncated, or not one of ours)."""
+HISTORY_FIELDS = (["epoch", "lr", "train_loss", "train_psnr", "samples_per_s"]
+                  + [f"val_{name}" for name in metrics.METRIC_NAMES] + ["best_psnr", "seconds"])
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for add_flags in (_model_flags, _optimisation_flags, _loss_flags, _data_flags, _run_flags):
+        add_flags(p)
+    return p
+
+
+def _model_flags(p):
     g = p.add_argument_group("model")
     g.add_argument("--model_name", default="CrossAttention", choices=["CrossAttention", "DSen2CR"],
                    help="network to train: the GLF-CR CrossAttention v3 design, or the DSen2-CR baseline")
@@ -65,9 +68,12 @@ def build_parser():
                         "(--no-use_cloud_predictor: output = cloudy + residual)")
     g.add_argument("--attention", default="fused", choices=["fused", "reference"],
                    help="attention kernel: fused scaled_dot_product_attention, or the explicit reference")
-    g.add_argument("--sar_input", default="on", choices=["on", "zeros"],
-                   help="'zeros' feeds an all-zero SAR image (ablation: does the model use the radar?)")
+    g.add_argument("--sar_input", default="on", choices=list(net_CR_CrossAttention.SAR_INPUTS),
+                   help="'zeros' feeds an all-zero SAR image (ablation: does the model use the radar?); "
+                        "stored in the model's config, so evaluation feeds what training fed")
 
+
+def _optimisation_flags(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_epochs", type=int, default=30, help="number of epochs to train")
     g.add_argument("--batch_sz", type=int, default=6, help="training batch size per process")
@@ -86,36 +92,42 @@ def build_parser():
                    help="stop after this many validations without a new best PSNR (0 = never)")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="abort after this many consecutive steps with a non-finite loss")
-    g.add_argument("--amp", default="auto", choices=["auto", "fp16", "bf16", "off"],
+    g.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
                    help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler; "
-                        f"on CPU auto = {CPU_AUTO_AMP} (see BENCHMARKS.md)")
+                        f"on CPU auto = {runtime.CPU_AUTO_AMP} (see BENCHMARKS.md)")
     g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
                    help="channels-last memory format: auto = on for CPU (measured ~1.5x faster with bf16, "
                         "BENCHMARKS.md), off on CUDA (not yet measured there)")
     g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
     g.add_argument("--seed", type=int, default=0, help="random seed (each DDP rank adds its rank)")
 
+
+def _loss_flags(p):
+    d = losses.LOSS_DEFAULTS
     g = p.add_argument_group("losses (see losses.py)")
-    g.add_argument("--l1_weight", type=float, default=1.0, help="weight of the L1 (or cloud-focused L1) term")
-    g.add_argument("--perceptual_weight", type=float, default=0.5,
+    g.add_argument("--l1_weight", type=float, default=d["l1_weight"], help="weight of the L1 (or cloud-focused L1) term")
+    g.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"],
                    help="weight of the VGG perceptual term on RGB (0 = off)")
     g.add_argument("--use_fft_loss", action="store_true", help="add the Fourier-domain L1 term")
-    g.add_argument("--fft_weight", type=float, default=0.3, help="weight of the FFT term")
+    g.add_argument("--fft_weight", type=float, default=d["fft_weight"], help="weight of the FFT term")
     g.add_argument("--use_gradient_loss", action="store_true", help="add the image-gradient L1 term")
-    g.add_argument("--gradient_weight", type=float, default=0.2, help="weight of the gradient term")
+    g.add_argument("--gradient_weight", type=float, default=d["gradient_weight"], help="weight of the gradient term")
     g.add_argument("--use_contrastive_loss", action="store_true",
                    help="add the AECR-Net contrastive term (VGG space: pull to target, push from cloudy)")
-    g.add_argument("--contrastive_weight", type=float, default=0.1, help="weight of the contrastive term")
+    g.add_argument("--contrastive_weight", type=float, default=d["contrastive_weight"], help="weight of the contrastive term")
     g.add_argument("--use_cloud_focused_loss", action="store_true",
                    help="replace plain L1 by L1 weighted 1 + factor * cloud intensity")
-    g.add_argument("--cloud_weight_factor", type=float, default=2.5,
-                   help="extra weight of fully cloudy pixels in the cloud-focused loss")
-    g.add_argument("--confidence_weight", type=float, default=0.0,
+    g.add_argument("--cloud_weight_factor", type=float, default=d["cloud_weight_factor"],
+                   help="extra weight of fully cloudy pixels in the cloud-focused loss (2.5: the design document's "
+                        "training command; its usage example shows 2.0)")
+    g.add_argument("--confidence_weight", type=float, default=d["confidence_weight"],
                    help="weight of the BCE between the confidence map and the cloud mask (0 = off)")
-    g.add_argument("--vgg_weights", default="imagenet",
+    g.add_argument("--vgg_weights", default=d["vgg_weights"],
                    help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
                         "a local .pth path, or 'random' (offline smoke tests only)")
 
+
+def _data_flags(p):
     g = p.add_argument_group("data")
     g.add_argument("--data_list_filepath", default=None,
                    help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column format)")
@@ -131,6 +143,8 @@ def build_parser():
     g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes per training process")
     g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (default: --batch_sz)")
 
+
+def _run_flags(p):
     g = p.add_argument_group("run")
     g.add_argument("--save_model_dir", default="./checkpoints", help="folder holding one subfolder per experiment")
     g.add_argument("--experiment_name", default="glf_cr_enhanced_v3", help="name of this run's subfolder")
@@ -144,51 +158,14 @@ def build_parser():
                    help="fixed validation samples shown in TensorBoard (cloudy | prediction | target | confidence)")
     g.add_argument("--demo", action="store_true",
                    help="train a short run on built-in synthetic data (no dataset needed)")
-    return p
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def atomic_torch_save(obj, path):
-    """Write to a temp file beside `path`, then rename: a kill at any moment leaves the old file intact."""
-    with dataloader.atomic_output(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load and validate a checkpoint written by this script; raise CheckpointError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as e:  # truncated zip, pickle garbage, not a torch file at all
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
-    missing = [k for k in ("model", "model_name", "model_config") if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} is not a checkpoint of train_CR_kaggle.py (missing {', '.join(missing)})")
-    return ckpt
-
-
-def build_model_from_checkpoint(ckpt, path="<checkpoint>"):
-    """Rebuild the network a checkpoint was trained with and load its weights."""
-    try:
-        model = net_CR_CrossAttention.create_model(ckpt["model_name"], **ckpt["model_config"])
-        model.load_state_dict(ckpt["model"])
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {path} does not match model {ckpt.get('model_name')!r}: {e}") from e
-    return model
-
-
-# ----------------------------------------------------------------------------- setup helpers
+# ----------------------------------------------------------------------------- set-up
 
 def setup_distributed(device_arg):
     """torchrun sets LOCAL_RANK/RANK/WORLD_SIZE; without them this is a plain single-process run."""
     if "LOCAL_RANK" not in os.environ:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device_arg == "auto" else device_arg)
-        return device, 0, 1
+        return runtime.resolve_device(device_arg), 0, 1
     local_rank = int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available() and device_arg != "cpu"
     if use_cuda:
@@ -198,20 +175,6 @@ def setup_distributed(device_arg):
     if not use_cuda:  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     return device, dist.get_rank(), dist.get_world_size()
-
-
-def resolve_amp(amp, device):
-    """Return (autocast dtype or None, whether a GradScaler is needed)."""
-    if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            amp = CPU_AUTO_AMP
-    if amp == "off":
-        return None, False
-    if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
-    return (torch.float16, True) if amp == "fp16" else (torch.bfloat16, False)
 
 
 def prepare_demo(args):
@@ -268,12 +231,148 @@ def prepare_run_dir(args):
     return run_dir
 
 
+def build_model(args, ckpt, resume_path, is_main):
+    """The network to train: rebuilt from the checkpoint when resuming, else from the model flags."""
+    if ckpt is not None:
+        model = build_model_from_checkpoint(ckpt, resume_path)
+        if is_main:
+            print(f"resuming from {resume_path} (epoch {ckpt['epoch']} done, best PSNR {ckpt['best_psnr']:.3f})")
+    else:
+        config = dict(sar_input=args.sar_input)
+        if args.model_name == "CrossAttention":
+            config.update(use_cross_attn=args.use_cross_attn, use_spectral_attention=args.use_spectral_attention,
+                          use_cloud_predictor=args.use_cloud_predictor, attention=args.attention)
+        model = net_CR_CrossAttention.create_model(args.model_name, **config)
+    if args.confidence_weight > 0 and not model.config.get("use_cloud_predictor", False):
+        raise SystemExit(f"--confidence_weight {args.confidence_weight} supervises the cloud confidence map, which "
+                         f"{model.model_name} without the cloud predictor does not have; set it to 0")
+    return model
+
+
+def build_loaders(args, train_rows, val_rows, device, rank, world_size):
+    """(train_loader, val_loader, val_set). Validation: every rank scores its own disjoint share and the sums are
+    all-reduced, so no sample is padded in twice."""
+    train_set = dataloader.SEN12MSCRDataset(train_rows, args.input_data_folder, crop_size=args.crop_size,
+                                            load_size=args.load_size, augment=args.augment,
+                                            cloud_detector=args.cloud_detector)
+    val_set = dataloader.SEN12MSCRDataset(val_rows, args.input_data_folder,
+                                          crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
+                                          augment=False, cloud_detector="none")
+    val_share = Subset(val_set, list(range(rank, len(val_set), world_size)))
+    sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True) if world_size > 1 else None
+    loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                     persistent_workers=args.num_workers > 0)
+    train_loader = DataLoader(train_set, batch_size=args.batch_sz, shuffle=sampler is None, sampler=sampler,
+                              drop_last=len(train_set) >= args.batch_sz * world_size, **loader_kw)
+    val_loader = DataLoader(val_share, batch_size=args.val_batch_sz or args.batch_sz, shuffle=False, **loader_kw)
+    if len(train_loader) == 0:
+        raise dataloader.DataError(f"{args.data_list_filepath}: too few training samples for one batch per process")
+    return train_loader, val_loader, val_set
+
+
+def build_optimizer(args, model):
+    """AdamW and the schedule that follows the warm-up (None for --lr_scheduler none)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    if args.lr_scheduler == "plateau":
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_factor,
+                                                               patience=args.lr_patience)
+    elif args.lr_scheduler == "cosine":
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, T_max=max(1, args.max_epochs - math.ceil(args.warmup_epochs)))
+    elif args.lr_scheduler == "step":
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_factor)
+    else:
+        scheduler = None
+    return optimizer, scheduler
+
+
+def restore(run, ckpt):
+    """Optimizer, schedule, scaler and counters from a checkpoint, so a resumed run carries on exactly."""
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if run.scheduler is not None and ckpt.get("scheduler"):
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt.get("scaler"):
+        run.scaler.load_state_dict(ckpt["scaler"])
+    run.epochs_done, run.best_psnr = ckpt["epoch"], ckpt["best_psnr"]
+    run.early_stop_counter, run.global_step = ckpt.get("early_stop_counter", 0), ckpt.get("global_step", 0)
+
+
+def setup(args):
+    """Everything a run needs, in the order that fails early: device, data list, losses, run folder, model, data,
+    optimiser, logging. Returns the run as one namespace that the loop's functions share."""
+    device, rank, world_size = setup_distributed(args.device)
+    run = SimpleNamespace(args=args, device=device, rank=rank, world_size=world_size, is_main=rank == 0,
+                          epochs_done=0, best_psnr=-math.inf, early_stop_counter=0, global_step=0, bad_steps=0,
+                          stop_signal=None, writer=None, history=[], quicklook_batch=None)
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    if args.demo:
+        if run.is_main:
+            prepare_demo(args)
+        if world_size > 1:  # rank 0 built the data; everyone takes the same settings
+            holder = [vars(args)]
+            dist.broadcast_object_list(holder, src=0)
+            vars(args).update(holder[0])
+    train_rows, val_rows = check_inputs(args)
+    run.criterion = losses.build_criterion(args).to(device)  # fails here if VGG weights are unavailable
+    run.amp_dtype, use_scaler = resolve_amp(args.amp, device)
+    run.ctx = runtime.autocast(device, run.amp_dtype)  # the one autocast context: training, validation, quicklooks
+    run.dir = prepare_run_dir(args) if run.is_main else Path(args.save_model_dir) / args.experiment_name
+    if world_size > 1:
+        dist.barrier()
+
+    resume_path = args.resume or (None if args.train_from_scratch else
+                                  (run.dir / "last.pth" if (run.dir / "last.pth").is_file() else None))
+    ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
+    run.model = build_model(args, ckpt, resume_path, run.is_main).to(device)
+    run.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cpu")
+    if run.channels_last:
+        run.model.to(memory_format=torch.channels_last)
+    run.train_loader, run.val_loader, val_set = build_loaders(args, train_rows, val_rows, device, rank, world_size)
+    run.optimizer, run.scheduler = build_optimizer(args, run.model)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    if ckpt is not None:
+        restore(run, ckpt)
+    run.start_epoch = run.epochs_done
+    run.warmup_steps = int(args.warmup_epochs * len(run.train_loader))
+    run.train_model = torch.compile(run.model) if args.compile else run.model
+    if world_size > 1:
+        run.train_model = DDP(run.train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if run.is_main:
+        setup_logging(run, ckpt is not None, val_set)
+    return run
+
+
+def setup_logging(run, resumed, val_set):
+    """Rank 0 only: TensorBoard, args.json, the history so far, and the fixed quicklook samples."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    args = run.args
+    run.writer = SummaryWriter(log_dir=str(run.dir / "tensorboard"), purge_step=run.global_step or None)
+    runtime.write_text_atomic(run.dir / "args.json", json.dumps(vars(args), indent=2, default=str))
+    run.writer.add_text("notes", args.notes or "(none)", run.global_step)
+    run.history = read_history(run.dir / "history.csv") if resumed else []
+    n_params = sum(p.numel() for p in run.model.parameters())
+    print(f"{run.model.model_name}: {n_params / 1e6:.2f}M parameters | device {run.device} x{run.world_size} | "
+          f"amp {run.amp_dtype} | {len(run.train_loader.dataset)} train / {len(val_set)} val samples | "
+          f"run dir {run.dir}")
+    if args.num_quicklooks > 0:
+        picks = [val_set[i] for i in range(min(args.num_quicklooks, len(val_set)))]
+        run.quicklook_batch = {k: torch.stack([s[k] for s in picks])
+                               for k in ("cloudy_data", "cloudfree_data", "SAR_data")}
+    if run.start_epoch >= args.max_epochs:
+        print(f"nothing to train: {run.dir} already holds {run.start_epoch} epochs; raise --max_epochs to continue "
+              f"or pass --train_from_scratch to start again")
+
+
+# ----------------------------------------------------------------------------- history and quicklooks
+
 def write_history(path, rows):
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    dataloader.write_text_atomic(path, buf.getvalue())
+    runtime.write_text_atomic(path, buf.getvalue())
 
 
 def read_history(path):
@@ -292,305 +391,248 @@ def quicklook_grid(cloudy, prediction, target, confidence):
     return torch.cat(rows, dim=1)  # 3 x (n*H) x (4*W)
 
 
+@torch.no_grad()
+def log_quicklooks(run):
+    """The fixed validation samples through the model, under the run's autocast context, into TensorBoard."""
+    batch = {k: v.to(run.device) for k, v in run.quicklook_batch.items()}
+    run.model.eval()
+    with run.ctx:
+        prediction, aux = run.model(batch["cloudy_data"], batch["SAR_data"], return_aux=True)
+    run.model.train()
+    confidence = None if aux["confidence"] is None else aux["confidence"].float().cpu()
+    grid = quicklook_grid(batch["cloudy_data"].cpu(), dataloader.finish_s2(prediction).cpu(),
+                          batch["cloudfree_data"].cpu(), confidence)
+    run.writer.add_image("val/quicklook_cloudy_prediction_target_confidence", grid, run.global_step)
+
+
 # ----------------------------------------------------------------------------- train / validate
 
-def to_device(batch, device, sar_input):
+def get_lr(step, peak_lr, warmup_steps):
+    """Learning rate of warm-up iteration `step`: linear from peak_lr / warmup_steps up to peak_lr. After the
+    warm-up the scheduler (plateau, cosine, step) owns the learning rate."""
+    return peak_lr * (step + 1) / warmup_steps
+
+
+def to_device(batch, device, channels_last=False):
     cloudy = batch["cloudy_data"].to(device, non_blocking=True)
     cloudfree = batch["cloudfree_data"].to(device, non_blocking=True)
     sar = batch["SAR_data"].to(device, non_blocking=True)
-    if sar_input == "zeros":
-        sar = torch.zeros_like(sar)
     cloud_mask = batch["cloud_mask"].to(device, non_blocking=True)
+    if channels_last:  # the model's convolutions want NHWC inputs when its weights are NHWC
+        cloudy, sar = (t.contiguous(memory_format=torch.channels_last) for t in (cloudy, sar))
     return cloudy, cloudfree, sar, cloud_mask
 
 
+def train_step(run, batch):
+    """One optimisation step. Returns (loss, terms, batch PSNR) or None when the loss was not finite on any rank
+    (the step is skipped on every rank) or a stop signal arrived (the step is taken first)."""
+    args = run.args
+    if run.global_step < run.warmup_steps:
+        for group in run.optimizer.param_groups:
+            group["lr"] = get_lr(run.global_step, args.lr, run.warmup_steps)
+    cloudy, cloudfree, sar, cloud_mask = to_device(batch, run.device, run.channels_last)
+    with run.ctx:
+        prediction, aux = run.train_model(cloudy, sar, return_aux=True)
+    total, terms = run.criterion(prediction, cloudfree, cloudy, cloud_mask=cloud_mask, confidence=aux.get("confidence"))
+    # Every rank must agree on skipping a step or on stopping, or DDP's all-reduce would hang.
+    flags = torch.tensor([float(not torch.isfinite(total)), float(run.stop_signal is not None)], device=run.device)
+    if run.world_size > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    run.stop_requested = bool(flags[1] > 0)
+    run.optimizer.zero_grad(set_to_none=True)
+    if flags[0] > 0:
+        run.bad_steps += 1
+        warnings.warn(f"non-finite loss at step {run.global_step}: step skipped ({run.bad_steps} in a row)")
+        if run.bad_steps >= args.max_bad_steps:
+            raise FloatingPointError(f"{run.bad_steps} consecutive non-finite losses (terms: "
+                                     f"{ {k: float(v) for k, v in terms.items()} }); lower --lr, try --amp "
+                                     f"bf16/off, or check the data for NaN")
+        return None
+    run.bad_steps = 0
+    run.scaler.scale(total).backward()
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+    run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
+                                                   args.grad_clip if args.grad_clip > 0 else math.inf)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    with torch.no_grad():
+        batch_psnr = metrics.psnr(prediction.detach().float().clamp(0, 1), cloudfree).mean().item()
+    run.global_step += 1
+    return total.item(), terms, batch_psnr
+
+
+def log_step(run, loss, terms, batch_psnr, bar):
+    bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{batch_psnr:.2f}")
+    w, step = run.writer, run.global_step
+    w.add_scalar("train/loss", loss, step)
+    for name, value in terms.items():
+        w.add_scalar(f"train/loss_{name}", float(value), step)
+    w.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], step)
+    w.add_scalar("train/grad_norm", float(run.grad_norm), step)
+    w.add_scalar("train/psnr", batch_psnr, step)
+
+
+def train_one_epoch(run, epoch):
+    """One pass over the training set: {"loss", "psnr", "samples_per_s", "seconds"} (means over the steps taken)."""
+    run.model.train()
+    if isinstance(run.train_loader.sampler, DistributedSampler):
+        run.train_loader.sampler.set_epoch(epoch)
+    t0, seen, loss_sum, psnr_sum, n_steps = time.time(), 0, 0.0, 0.0, 0
+    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{run.args.max_epochs}", disable=not run.is_main,
+               leave=False, dynamic_ncols=True)
+    run.stop_requested = False
+    for batch in bar:
+        result = train_step(run, batch)
+        if result is not None:
+            loss, terms, batch_psnr = result
+            loss_sum, psnr_sum, n_steps = loss_sum + loss, psnr_sum + batch_psnr, n_steps + 1
+            seen += batch["cloudy_data"].shape[0] * run.world_size
+            if run.is_main:
+                log_step(run, loss, terms, batch_psnr, bar)
+        if run.stop_requested:
+            break
+    bar.close()
+    seconds = time.time() - t0
+    return {"loss": loss_sum / max(n_steps, 1), "psnr": psnr_sum / max(n_steps, 1),
+            "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
+
+
 @torch.no_grad()
-def validate(model, loader, device, amp_dtype, args, world_size):
-    """Mean of per-image metrics over the whole validation set, summed across DDP ranks."""
-    model.eval()
-    sums = torch.zeros(len(METRIC_NAMES) + 1, dtype=torch.float64, device=device)
-    for batch in loader:
-        cloudy, cloudfree, sar, _ = to_device(batch, device, args.sar_input)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            prediction = model(cloudy, sar)
-        scores = metrics.compute_metrics(dataloader.finish_s2(prediction), cloudfree)  # as test_CR scores
-        for i, name in enumerate(METRIC_NAMES):
+def validate(run):
+    """Mean of per-image metrics over the whole validation set, summed across DDP ranks; predictions are scored
+    with the same rule as test_CR.py (bands.finish_s2)."""
+    run.model.eval()
+    sums = torch.zeros(len(metrics.METRIC_NAMES) + 1, dtype=torch.float64, device=run.device)
+    for batch in run.val_loader:
+        cloudy, cloudfree, sar, _ = to_device(batch, run.device)
+        with run.ctx:
+            prediction = run.model(cloudy, sar)
+        scores = metrics.compute_metrics(dataloader.finish_s2(prediction), cloudfree)
+        for i, name in enumerate(metrics.METRIC_NAMES):
             sums[i] += scores[name].double().sum()
         sums[-1] += cloudy.shape[0]
-    if world_size > 1:
+    if run.world_size > 1:
         dist.all_reduce(sums)
-    model.train()
-    return {name: (sums[i] / sums[-1]).item() for i, name in enumerate(METRIC_NAMES)}
+    run.model.train()
+    return {name: (sums[i] / sums[-1]).item() for i, name in enumerate(metrics.METRIC_NAMES)}
+
+
+def is_validation_epoch(args, epoch):
+    return (epoch + 1) % args.val_every == 0 or epoch + 1 == args.max_epochs
+
+
+# ----------------------------------------------------------------------------- end of epoch, end of run
+
+def checkpoint_state(run):
+    return {"model": run.model.state_dict(), "model_name": run.model.model_name,
+            "model_config": dict(run.model.config), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict() if run.scheduler else None, "scaler": run.scaler.state_dict(),
+            "epoch": run.epochs_done, "best_psnr": run.best_psnr, "early_stop_counter": run.early_stop_counter,
+            "global_step": run.global_step, "args": vars(run.args)}
+
+
+def update_schedule(run, val):
+    """Best PSNR, early-stopping counter and the post-warm-up LR schedule; True when validation improved."""
+    improved = False
+    warmed_up = run.global_step >= run.warmup_steps
+    if val is not None:
+        improved = val["PSNR"] > run.best_psnr
+        run.best_psnr = val["PSNR"] if improved else run.best_psnr
+        run.early_stop_counter = 0 if improved else run.early_stop_counter + 1
+        if run.scheduler is not None and run.args.lr_scheduler == "plateau" and warmed_up:
+            run.scheduler.step(val["PSNR"])
+    if run.scheduler is not None and run.args.lr_scheduler != "plateau" and warmed_up:
+        run.scheduler.step()
+    return improved
+
+
+def record_epoch(run, epoch, stats, val, improved):
+    """Rank 0: TensorBoard scalars and quicklooks, history.csv, last.pth (and best.pth), one summary line."""
+    w, step = run.writer, run.global_step
+    w.add_scalar("train/samples_per_s", stats["samples_per_s"], step)
+    w.add_scalar("train/epoch_loss", stats["loss"], step)
+    row = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"], "train_loss": stats["loss"],
+           "train_psnr": stats["psnr"], "samples_per_s": stats["samples_per_s"], "best_psnr": run.best_psnr,
+           "seconds": stats["seconds"]}
+    if val is not None:
+        for name, value in val.items():
+            w.add_scalar(f"val/{name}", value, step)
+            row[f"val_{name}"] = value
+        if run.quicklook_batch is not None:
+            log_quicklooks(run)
+    run.history.append(row)
+    write_history(run.dir / "history.csv", run.history)
+    atomic_torch_save(checkpoint_state(run), run.dir / "last.pth")
+    if improved:
+        atomic_torch_save(checkpoint_state(run), run.dir / "best.pth")
+    w.flush()
+    msg = f"epoch {epoch + 1}/{run.args.max_epochs}: loss {stats['loss']:.4f} | {stats['samples_per_s']:.1f} samples/s"
+    if val is not None:
+        msg += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" | best PSNR {run.best_psnr:.3f}"
+    tqdm.write(msg)
+
+
+def end_of_epoch(run, epoch, stats, val):
+    """Schedule, logging and checkpoints after an epoch; True when training should stop early."""
+    improved = update_schedule(run, val)
+    run.epochs_done = epoch + 1  # counted before the checkpoint is written, so last.pth resumes after this epoch
+    if run.is_main:
+        record_epoch(run, epoch, stats, val, improved)
+    if run.args.early_stop_patience > 0 and run.early_stop_counter >= run.args.early_stop_patience:
+        if run.is_main:
+            tqdm.write(f"early stop: no PSNR gain in {run.early_stop_counter} validations")
+        return True
+    return False
+
+
+def finish(run):
+    """Exit status of the run: 130 after a stop signal (with a resumable last.pth), else 0 and the next command."""
+    args = run.args
+    if run.stop_signal is not None:
+        if run.is_main:
+            # An interrupted epoch is not counted: resuming re-runs it from the weights reached so far.
+            atomic_torch_save(checkpoint_state(run), run.dir / "last.pth")
+            print(f"\nstopped by signal {run.stop_signal}: resumable checkpoint saved to {run.dir / 'last.pth'}; "
+                  f"run the same command again to continue")
+        return 130
+    if run.is_main:
+        best = run.dir / "best.pth" if (run.dir / "best.pth").is_file() else run.dir / "last.pth"
+        print(f"\ndone: best validation PSNR {run.best_psnr:.3f} dB. Evaluate with:\n"
+              f"  python test_CR.py --checkpoint {best} --data_list_filepath {args.data_list_filepath} "
+              f"--input_data_folder {args.input_data_folder} --split test")
+    return 0
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device, rank, world_size = setup_distributed(args.device)
-    is_main = rank == 0
-    torch.manual_seed(args.seed + rank)
-    np.random.seed(args.seed + rank)
+    run = setup(args)
 
-    if args.demo:
-        if is_main:
-            prepare_demo(args)
-        if world_size > 1:  # rank 0 built the data; everyone takes the same settings
-            holder = [vars(args)]
-            dist.broadcast_object_list(holder, src=0)
-            vars(args).update(holder[0])
-    train_rows, val_rows = check_inputs(args)
-    criterion = losses.build_criterion(args).to(device)  # fails here if VGG weights are unavailable
-    amp_dtype, use_scaler = resolve_amp(args.amp, device)
-
-    run_dir = Path(args.save_model_dir) / args.experiment_name
-    if is_main:
-        run_dir = prepare_run_dir(args)
-    if world_size > 1:
-        dist.barrier()
-
-    # ---- resume or start
-    resume_path = args.resume or (None if args.train_from_scratch else
-                                  (run_dir / "last.pth" if (run_dir / "last.pth").is_file() else None))
-    ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
-    if ckpt is not None:
-        model = build_model_from_checkpoint(ckpt, resume_path)
-        if is_main:
-            print(f"resuming from {resume_path} (epoch {ckpt['epoch']} done, best PSNR {ckpt['best_psnr']:.3f})")
-    else:
-        config = {} if args.model_name == "DSen2CR" else dict(
-            use_cross_attn=args.use_cross_attn, use_spectral_attention=args.use_spectral_attention,
-            use_cloud_predictor=args.use_cloud_predictor, attention=args.attention)
-        model = net_CR_CrossAttention.create_model(args.model_name, **config)
-    model_name, model_config = ckpt["model_name"] if ckpt else args.model_name, dict(model.config)
-    if args.confidence_weight > 0 and not model_config.get("use_cloud_predictor", False):
-        raise SystemExit(f"--confidence_weight {args.confidence_weight} supervises the cloud confidence map, which "
-                         f"{model_name} without the cloud predictor does not have; set it to 0")
-    model.to(device)
-    channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cpu")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-
-    # ---- data
-    train_set = dataloader.SEN12MSCRDataset(train_rows, args.input_data_folder, crop_size=args.crop_size,
-                                            load_size=args.load_size, augment=args.augment,
-                                            cloud_detector=args.cloud_detector)
-    val_set = dataloader.SEN12MSCRDataset(val_rows, args.input_data_folder,
-                                          crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
-                                          augment=False, cloud_detector="none")
-    # Validation: every rank scores its own disjoint share; sums are all-reduced (no padded duplicates).
-    val_share = Subset(val_set, list(range(rank, len(val_set), world_size)))
-    train_sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True) if world_size > 1 else None
-    loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                     persistent_workers=args.num_workers > 0)
-    train_loader = DataLoader(train_set, batch_size=args.batch_sz, shuffle=train_sampler is None,
-                              sampler=train_sampler, drop_last=len(train_set) >= args.batch_sz * world_size,
-                              **loader_kw)
-    val_loader = DataLoader(val_share, batch_size=args.val_batch_sz or args.batch_sz, shuffle=False, **loader_kw)
-    if len(train_loader) == 0:
-        raise dataloader.DataError(f"{args.data_list_filepath}: too few training samples for one batch per process")
-
-    # ---- optimiser, schedule, AMP
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    if args.lr_scheduler == "plateau":
-        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_factor,
-                                                               patience=args.lr_patience)
-    elif args.lr_scheduler == "cosine":
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max(1, args.max_epochs - math.ceil(args.warmup_epochs)))
-    elif args.lr_scheduler == "step":
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.lr_step_size, gamma=args.lr_factor)
-    else:
-        scheduler = None
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-    start_epoch, best_psnr, early_stop_counter, global_step = 0, -math.inf, 0, 0
-    if ckpt is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt.get("scheduler"):
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start_epoch, best_psnr = ckpt["epoch"], ckpt["best_psnr"]
-        early_stop_counter, global_step = ckpt.get("early_stop_counter", 0), ckpt.get("global_step", 0)
-    warmup_steps = int(args.warmup_epochs * len(train_loader))
-
-    train_model = torch.compile(model) if args.compile else model
-    if world_size > 1:
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    # ---- logging (rank 0 only)
-    writer, history = None, []
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=global_step or None)
-        dataloader.write_text_atomic(run_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
-        writer.add_text("notes", args.notes or "(none)", global_step)
-        history = read_history(run_dir / "history.csv") if ckpt is not None else []
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{model_name}: {n_params / 1e6:.2f}M parameters | device {device} x{world_size} | "
-              f"amp {amp_dtype} | {len(train_set)} train / {len(val_set)} val samples | run dir {run_dir}")
-    quicklook_batch = None
-    if is_main and args.num_quicklooks > 0:
-        picks = [val_set[i] for i in range(min(args.num_quicklooks, len(val_set)))]
-        quicklook_batch = {k: torch.stack([s[k] for s in picks]) for k in ("cloudy_data", "cloudfree_data", "SAR_data")}
-
-    def checkpoint_state(epochs_done):
-        return {"model": model.state_dict(), "model_name": model_name, "model_config": model_config,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "scaler": scaler.state_dict(), "epoch": epochs_done, "best_psnr": best_psnr,
-                "early_stop_counter": early_stop_counter, "global_step": global_step, "args": vars(args)}
-
-    if is_main and start_epoch >= args.max_epochs:
-        print(f"nothing to train: {run_dir} already holds {start_epoch} epochs; raise --max_epochs to continue "
-              f"or pass --train_from_scratch to start again")
-    stop_requested = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stop_requested["signal"] = signum
+    def on_signal(signum, _frame):  # Ctrl-C or Kaggle's SIGTERM: finish the step, save, exit 130
+        run.stop_signal = signum
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bad_steps = 0
-    epochs_done = start_epoch  # epochs whose end-of-epoch checkpoint has been written
+    epoch_bar = tqdm(total=args.max_epochs, initial=run.start_epoch, desc="epochs", disable=not run.is_main,
+                     dynamic_ncols=True)
     try:
-        epoch_bar = tqdm(total=args.max_epochs, initial=start_epoch, desc="epochs", disable=not is_main,
-                         dynamic_ncols=True)
-        for epoch in range(start_epoch, args.max_epochs):
-            if train_sampler is not None:
-                train_sampler.set_epoch(epoch)
-            model.train()
-            t0, seen, loss_sum, psnr_sum, n_batches = time.time(), 0, 0.0, 0.0, 0
-            bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{args.max_epochs}", disable=not is_main,
-                       leave=False, dynamic_ncols=True)
-            for batch in bar:
-                if global_step < warmup_steps:
-                    for group in optimizer.param_groups:
-                        group["lr"] = args.lr * (global_step + 1) / warmup_steps
-                cloudy, cloudfree, sar, cloud_mask = to_device(batch, device, args.sar_input)
-                if channels_last:
-                    cloudy, sar = cloudy.contiguous(memory_format=torch.channels_last), sar.contiguous(
-                        memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    prediction, aux = train_model(cloudy, sar, return_aux=True)
-                total, terms = criterion(prediction, cloudfree, cloudy, cloud_mask=cloud_mask,
-                                         confidence=aux.get("confidence"))
-                # Every rank must agree on skipping a step or on stopping, or DDP's all-reduce would hang.
-                flags = torch.tensor([float(not torch.isfinite(total)), float(stop_requested["signal"] is not None)],
-                                     device=device)
-                if world_size > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                if flags[0] > 0:
-                    bad_steps += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    warnings.warn(f"non-finite loss at step {global_step}: step skipped ({bad_steps} in a row)")
-                    if bad_steps >= args.max_bad_steps:
-                        raise FloatingPointError(
-                            f"{bad_steps} consecutive non-finite losses (terms: "
-                            f"{ {k: float(v) for k, v in terms.items()} }); lower --lr, try --amp bf16/off, "
-                            f"or check the data for NaN")
-                else:
-                    bad_steps = 0
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(total).backward()
-                    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-                    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                               args.grad_clip if args.grad_clip > 0 else math.inf)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    with torch.no_grad():
-                        batch_psnr = metrics.psnr(prediction.detach().float().clamp(0, 1), cloudfree).mean().item()
-                    loss_sum, psnr_sum, n_batches = loss_sum + total.item(), psnr_sum + batch_psnr, n_batches + 1
-                    seen += cloudy.shape[0] * world_size
-                    global_step += 1
-                    if is_main:
-                        bar.set_postfix(loss=f"{total.item():.4f}", psnr=f"{batch_psnr:.2f}")
-                        writer.add_scalar("train/loss", total.item(), global_step)
-                        for name, value in terms.items():
-                            writer.add_scalar(f"train/loss_{name}", float(value), global_step)
-                        writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], global_step)
-                        writer.add_scalar("train/grad_norm", float(grad_norm), global_step)
-                        writer.add_scalar("train/psnr", batch_psnr, global_step)
-                if flags[1] > 0:
-                    break
-            bar.close()
-            if flags[1] > 0:
+        for epoch in range(run.start_epoch, args.max_epochs):
+            stats = train_one_epoch(run, epoch)
+            if run.stop_requested:
                 break
-            elapsed = time.time() - t0
-            samples_per_s = seen / max(elapsed, 1e-9)
-
-            val = None
-            if (epoch + 1) % args.val_every == 0 or epoch + 1 == args.max_epochs:
-                val = validate(model, val_loader, device, amp_dtype, args, world_size)
-                if val["PSNR"] > best_psnr:
-                    best_psnr, early_stop_counter, improved = val["PSNR"], 0, True
-                else:
-                    early_stop_counter, improved = early_stop_counter + 1, False
-                if scheduler is not None and args.lr_scheduler == "plateau" and global_step >= warmup_steps:
-                    scheduler.step(val["PSNR"])
-            else:
-                improved = False
-            if scheduler is not None and args.lr_scheduler != "plateau" and global_step >= warmup_steps:
-                scheduler.step()
-
-            if is_main:
-                writer.add_scalar("train/samples_per_s", samples_per_s, global_step)
-                writer.add_scalar("train/epoch_loss", loss_sum / max(n_batches, 1), global_step)
-                row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                       "train_loss": loss_sum / max(n_batches, 1), "train_psnr": psnr_sum / max(n_batches, 1),
-                       "samples_per_s": samples_per_s, "best_psnr": best_psnr, "seconds": elapsed}
-                if val is not None:
-                    for name, value in val.items():
-                        writer.add_scalar(f"val/{name}", value, global_step)
-                        row[f"val_{name}"] = value
-                    if quicklook_batch is not None:
-                        model.eval()
-                        with torch.no_grad():
-                            qb = {k: v.to(device) for k, v in quicklook_batch.items()}
-                            sar_q = torch.zeros_like(qb["SAR_data"]) if args.sar_input == "zeros" else qb["SAR_data"]
-                            pred_q, aux_q = model(qb["cloudy_data"], sar_q, return_aux=True)
-                        model.train()
-                        writer.add_image("val/quicklook_cloudy_prediction_target_confidence",
-                                         quicklook_grid(qb["cloudy_data"].cpu(), dataloader.finish_s2(pred_q).cpu(),
-                                                        qb["cloudfree_data"].cpu(),
-                                                        None if aux_q["confidence"] is None else
-                                                        aux_q["confidence"].float().cpu()), global_step)
-                history.append(row)
-                write_history(run_dir / "history.csv", history)
-                atomic_torch_save(checkpoint_state(epoch + 1), run_dir / "last.pth")
-                if improved:
-                    atomic_torch_save(checkpoint_state(epoch + 1), run_dir / "best.pth")
-                writer.flush()
-                msg = (f"epoch {epoch + 1}/{args.max_epochs}: loss {row['train_loss']:.4f} | "
-                       f"{samples_per_s:.1f} samples/s")
-                if val is not None:
-                    msg += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" | best PSNR {best_psnr:.3f}"
-                tqdm.write(msg)
-            epochs_done = epoch + 1
+            val = validate(run) if is_validation_epoch(args, epoch) else None
+            stop = end_of_epoch(run, epoch, stats, val)
             epoch_bar.update(1)
-            epoch_bar.set_postfix(best_psnr=f"{best_psnr:.2f}")
-            if args.early_stop_patience > 0 and early_stop_counter >= args.early_stop_patience:
-                if is_main:
-                    tqdm.write(f"early stop: no PSNR gain in {early_stop_counter} validations")
+            epoch_bar.set_postfix(best_psnr=f"{run.best_psnr:.2f}")
+            if stop:
                 break
         epoch_bar.close()
-        if stop_requested["signal"] is not None:
-            if is_main:
-                # An interrupted epoch is not counted: resuming re-runs it from the weights reached so far.
-                atomic_torch_save(checkpoint_state(epochs_done), run_dir / "last.pth")
-                print(f"\nstopped by signal {stop_requested['signal']}: resumable checkpoint saved to "
-                      f"{run_dir / 'last.pth'}; run the same command again to continue")
-            return 130
+        return finish(run)
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
-        if writer is not None:
-            writer.close()
-        if world_size > 1:
+        if run.writer is not None:
+            run.writer.close()
+        if run.world_size > 1:
             dist.destroy_process_group()
-
-    if is_main:
-        best = run_dir / "best.pth" if (run_dir / "best.pth").is_file() else run_dir / "last.pth"
-        print(f"\ndone: best validation PSNR {best_psnr:.3f} dB. Evaluate with:\n"
-              f"  python test_CR.py --checkpoint {best} --data_list_filepath {args.data_list_filepath} "
-              f"--input_data_folder {args.input_data_folder} --split test")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,113 @@
+"""What training and evaluation share: device and precision, one autocast context, the checkpoint format,
+atomic writes.
+
+    device = resolve_device("auto")
+    amp_dtype, use_scaler = resolve_amp("auto", device)
+    ctx = autocast(device, amp_dtype)          # built once; `with ctx:` around every forward pass
+    model, ckpt = load_model("best.pth", device)
+
+A checkpoint is a dict written by train_CR_kaggle.py: "model" (state_dict), "model_name" and "model_config"
+(enough to rebuild the network with net_CR_CrossAttention.create_model), plus the training state (optimizer,
+scheduler, scaler, epoch, best_psnr, early_stop_counter, global_step, args). Imports the model, the data module
+(for its atomic writer) and torch; never the training script, so evaluation carries no DDP or VGG.
+"""
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+import net_CR_CrossAttention
+from dataloader import atomic_output, write_text_atomic  # noqa: F401  (re-exported: the project's one writer)
+
+# bf16 autocast on CPU: measured in BENCHMARKS.md ("Model training step": 2.0-2.7x fp32's speed; "Learning and
+# ablations": the same PSNR), which decides what --amp auto means on a machine without a GPU.
+CPU_AUTO_AMP = "bf16"
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+CHECKPOINT_KEYS = ("model", "model_name", "model_config")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used (unreadable, truncated, or not one of ours)."""
+
+
+def resolve_device(arg="auto"):
+    """'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N' -> torch.device; a missing GPU is a clear error."""
+    if arg == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(arg)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {arg}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_amp(amp, device):
+    """(autocast dtype or None, whether fp16 needs a GradScaler). auto: bf16 on GPUs that have it, fp16 on older
+    GPUs (T4, P100), CPU_AUTO_AMP on CPU."""
+    if amp == "auto":
+        if device.type == "cuda":
+            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            amp = CPU_AUTO_AMP
+    if amp == "off":
+        return None, False
+    if amp == "fp16" and device.type != "cuda":
+        raise SystemExit("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
+    return (torch.float16, True) if amp == "fp16" else (torch.bfloat16, False)
+
+
+def autocast(device, dtype):
+    """The one autocast context of a run (reusable: `with ctx:` as often as needed); a null context for fp32."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def amp_name(dtype):
+    return str(dtype).replace("torch.", "") if dtype is not None else "off"
+
+
+def save_checkpoint(state, path):
+    """Write to a temp file beside `path`, then rename: a kill at any moment leaves the old file intact."""
+    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load and validate a checkpoint written by train_CR_kaggle.py; raise CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, not a torch file at all
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from e
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint of train_CR_kaggle.py (missing {', '.join(missing)})")
+    return ckpt
+
+
+def model_config_of(ckpt):
+    """The constructor arguments a checkpoint's network was built with. Checkpoints written before the SAR input
+    mode became part of the model's config kept it only in the training args ("sar_input")."""
+    config = dict(ckpt["model_config"])
+    config.setdefault("sar_input", (ckpt.get("args") or {}).get("sar_input", "on"))
+    return config
+
+
+def build_model_from_checkpoint(ckpt, path="<checkpoint>"):
+    """Rebuild the network a checkpoint was trained with and load its weights."""
+    try:
+        model = net_CR_CrossAttention.create_model(ckpt["model_name"], **model_config_of(ckpt))
+        model.load_state_dict(ckpt["model"])
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {path} does not match model {ckpt.get('model_name')!r}: {e}") from e
+    return model
+
+
+def load_model(path, device):
+    """(model in eval mode on device, checkpoint dict); CheckpointError naming the file on any problem."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    model = build_model_from_checkpoint(ckpt, path)
+    return model.to(device).eval(), ckpt
