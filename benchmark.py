@@ -8,14 +8,46 @@ this runs on are shared and noisy.
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 SUBCOMMANDS = {}  # name -> (add_arguments(parser), run(args) -> dict of figures)
+HERE = Path(__file__).resolve().parent
+
+
+def in_fresh_process(function, *args, timeout=None):
+    """Run benchmark.<function>(*args) in a new Python process and return its result (JSON-serialisable).
+
+    A fresh process per variant gives each its own peak memory (VmHWM) and its own torch state (threads,
+    compile caches); the function is an ordinary one in this file, called by name."""
+    call = ("import json, sys, benchmark; "
+            "print('RESULT ' + json.dumps(getattr(benchmark, sys.argv[1])(*json.loads(sys.argv[2]))))")
+    proc = subprocess.run([sys.executable, "-c", call, function.__name__, json.dumps(args)], cwd=HERE,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, PYTHONPATH=str(HERE)))
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    raise RuntimeError(f"{function.__name__} failed (exit {proc.returncode}): "
+                       f"{lines[-1][:300] if lines else 'no output'}")
+
+
+def peak_rss_mb():
+    """High-water mark of this process's resident memory (VmHWM). getrusage's ru_maxrss would also count the
+    parent's resident set at fork time, which Linux carries across exec into a child's figure."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: may include the parent
 
 
 def main(argv=None):
@@ -40,43 +72,42 @@ def _add_loss_args(parser):
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--model", choices=("auto", "standin"), default="auto",
-                        help="auto: net_CR_CrossAttention.create_model() if importable, else a small stand-in")
+                        help="auto: the default CrossAttention model; standin: a 3-layer CNN (the loss's cost alone)")
+
+
+def _standin_model():
+    """A 3-layer CNN with the model's forward signature: isolates the loss's cost from the network's."""
+    import torch
+    import torch.nn as nn
+
+    class StandIn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(15, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
+                                     nn.ReLU(), nn.Conv2d(64, 13, 3, padding=1))
+
+        def forward(self, optical, sar, return_aux=False):
+            pred = optical + self.net(torch.cat([optical, sar], 1))
+            return (pred, {"confidence": None, "residual": pred - optical}) if return_aux else pred
+
+    return StandIn()
 
 
 def bench_loss(args):
     """Time the full criterion (design's flag set, random VGG weights) adds to a CPU training step vs L1 only."""
-    import statistics
-    import time
     import warnings
 
     import torch
-    import torch.nn as nn
 
     import losses
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model_desc = "stand-in 3-layer CNN (15->64->64->13)"
     if args.model == "auto":
-        try:
-            import net_CR_CrossAttention
-
-            model = net_CR_CrossAttention.create_model("CrossAttention")
-            model_desc = "net_CR_CrossAttention.create_model('CrossAttention')"
-        except ImportError:
-            model = None
-    if args.model == "standin" or model is None:
-        class StandIn(nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.net = nn.Sequential(nn.Conv2d(15, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
-                                         nn.ReLU(), nn.Conv2d(64, 13, 3, padding=1))
-
-            def forward(self, optical, sar, return_aux=False):
-                pred = optical + self.net(torch.cat([optical, sar], 1))
-                return (pred, {"confidence": None, "residual": pred - optical}) if return_aux else pred
-
-        model = StandIn()
+        import net_CR_CrossAttention
+        model, model_desc = net_CR_CrossAttention.create_model("CrossAttention"), "create_model('CrossAttention')"
+    else:
+        model, model_desc = _standin_model(), "stand-in 3-layer CNN (15->64->64->13)"
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     n, s = args.batch, args.size
     cloudy, cloudfree = torch.rand(n, 13, s, s) * 0.8, torch.rand(n, 13, s, s) * 0.3
@@ -134,11 +165,10 @@ def bench_loss(args):
 SUBCOMMANDS["loss"] = (_add_loss_args, bench_loss)
 
 
-# --- data loading and cloud detection (helper "data") -----------------------------------------------------------
+# ------------------------------------------------------------------------------------- data loading, cloud detection
 
 def _data_source(args):
     """(root, triplets): --csv/--root if given, else a synthetic tree of 256-px patches (real dtypes, layout)."""
-    import tempfile
 
     import dataloader
 
@@ -156,7 +186,6 @@ def _data_source(args):
 def _reference_cloud_score(img10000):
     """DSen2-CR's get_cloud_mask as published and called by GLF-CR: float64 ops on the full image, a 7x7 box by
     scipy.signal.convolve2d."""
-    import numpy as np
     import scipy.ndimage
     import scipy.signal
 
@@ -190,7 +219,6 @@ class _ReferenceGLFCRLoader:
 
     @staticmethod
     def _read(path):
-        import numpy as np
         import rasterio
 
         src = rasterio.open(path, "r", driver="GTiff")
@@ -200,7 +228,6 @@ class _ReferenceGLFCRLoader:
         return image
 
     def _normalise(self, image, kind):
-        import numpy as np
 
         if kind == 1:
             for c in range(len(image)):
@@ -214,9 +241,7 @@ class _ReferenceGLFCRLoader:
         return image
 
     def __getitem__(self, index):
-        import os
 
-        import numpy as np
         import torch
 
         t = self.triplets[index]
@@ -247,8 +272,6 @@ def _add_data_args(parser):
 
 def bench_data(args):
     """Samples/s of the dataset __getitem__ loop vs a GLF-CR-style reference loader (with/without cloud mask)."""
-    import statistics
-    import time
 
     import torch
 
@@ -317,8 +340,6 @@ def _add_clouds_args(parser):
 
 def bench_clouds(args):
     """Milliseconds per 256x256 patch: vectorised rule detector, original rule code, s2cloudless."""
-    import statistics
-    import time
 
     import dataloader
 
@@ -352,35 +373,22 @@ SUBCOMMANDS["data"] = (_add_data_args, bench_data)
 SUBCOMMANDS["clouds"] = (_add_clouds_args, bench_clouds)
 
 
-# --- evaluation and whole-scene prediction (helper "eval") -----------------------------------------------------
-# Runs in a fresh process per scene. Peak memory is VmHWM of /proc/self/status (the high-water mark of this
-# process's own address space): getrusage's ru_maxrss would also count the parent's resident set at fork
-# time, which Linux carries across exec into the child's figure.
-_SCENE_CHILD = r"""
-import json, resource, sys, time
-import torch
-import test_CR
+# ------------------------------------------------------------------------------ evaluation, whole-scene prediction
 
-def peak_mb():
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: may include the parent
+def scene_worker(ckpt, cloudy, sar, out, tile, overlap, batch, amp, threads):
+    """Whole-scene prediction in a fresh process (in_fresh_process): seconds and peak memory of that alone."""
+    import torch
 
-ckpt, cloudy, sar, out, tile, overlap, batch, amp, threads = sys.argv[1:]
-torch.set_num_threads(int(threads))
-model, _ = test_CR.load_model(ckpt, torch.device("cpu"))
-amp_dtype = test_CR.resolve_amp(amp, torch.device("cpu"))
-rss_model = peak_mb()
-t0 = time.perf_counter()
-test_CR.predict_scene(model, cloudy, sar, out, tile=int(tile), overlap=int(overlap), batch_sz=int(batch),
-                      amp_dtype=amp_dtype, progress=False)
-print(json.dumps({"seconds": time.perf_counter() - t0, "rss_after_model_mb": rss_model,
-                  "peak_rss_mb": peak_mb()}))
-"""
+    import test_CR
+
+    torch.set_num_threads(threads)
+    model, _ = test_CR.load_model(ckpt, torch.device("cpu"))
+    amp_dtype = test_CR.resolve_amp(amp, torch.device("cpu"))
+    rss_model = peak_rss_mb()
+    t0 = time.perf_counter()
+    test_CR.predict_scene(model, cloudy, sar, out, tile=tile, overlap=overlap, batch_sz=batch, amp_dtype=amp_dtype,
+                          progress=False)
+    return {"seconds": time.perf_counter() - t0, "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb()}
 
 
 def _add_eval_args(parser):
@@ -400,12 +408,7 @@ def _add_eval_args(parser):
 
 def bench_eval(args):
     """Evaluation images/s (test_CR.evaluate) and whole-scene prediction time and peak RSS on CPU."""
-    import os
-    import subprocess
-    import tempfile
-    from pathlib import Path
 
-    import numpy as np
     import rasterio
     import torch
     from rasterio.transform import from_origin
@@ -415,7 +418,6 @@ def bench_eval(args):
     import test_CR
 
     torch.set_num_threads(args.threads)
-    here = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         tmp = Path(tmp)
         ckpt = args.checkpoint
@@ -448,13 +450,8 @@ def bench_eval(args):
                     win = rasterio.windows.Window(0, y, side, h)
                     s2.write(rng.integers(0, 6000, (13, h, side), dtype=np.uint16), window=win)
                     s1.write(rng.uniform(-30, 0, (2, h, side)).astype(np.float32), window=win)
-            out = subprocess.run([sys.executable, "-c", _SCENE_CHILD, str(ckpt), str(cloudy), str(sar),
-                                  str(tmp / f"out_{side}.tif"), str(args.tile), str(args.overlap), str(args.batch),
-                                  args.amp, str(args.threads)], cwd=here, capture_output=True, text=True,
-                                 env=dict(os.environ, PYTHONPATH=str(here)))
-            if out.returncode:
-                raise RuntimeError(f"whole-scene child failed for {side}x{side}:\n{out.stderr[-3000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
+            r = in_fresh_process(scene_worker, str(ckpt), str(cloudy), str(sar), str(tmp / f"out_{side}.tif"),
+                                 args.tile, args.overlap, args.batch, args.amp, args.threads)
             n_tiles = len(test_CR.tile_starts(side, args.tile, args.overlap)) ** 2
             r.update(tiles=n_tiles, megapixels_per_s=side * side / 1e6 / r["seconds"],
                      full_scene_fp32_accumulator_mb=(13 + 1) * side * side * 4 / 2 ** 20)
@@ -478,88 +475,91 @@ def bench_eval(args):
 SUBCOMMANDS["eval"] = (_add_eval_args, bench_eval)
 
 
-# ---------------------------------------------------------------- train (model helper) -----------------
-# Training-step throughput and peak memory of the model. Every variant runs in a FRESH subprocess so its
-# peak memory is its own: on CPU the figure is the process's peak RSS (resource.getrusage ru_maxrss) minus
-# its RSS just before the first training step (model, optimizer and batch already built); on CUDA it is
-# torch.cuda.max_memory_allocated. The baseline every ratio refers to is the naive implementation:
-# fp32, materialised ("reference") attention, channels-first, eager.
-_TRAIN_WORKER = r'''
-import json, resource, sys, time
-import torch
-import torch.nn.functional as F
-import net_CR_CrossAttention as net
+# ------------------------------------------------------------------------------------------- model training step
+# Training-step throughput and peak memory of the model, every variant in a fresh process so its peak memory is
+# its own: on CPU the process's peak RSS minus its RSS just before the first training step (model, optimizer and
+# batch already built); on CUDA torch.cuda.max_memory_allocated. The baseline every ratio refers to is the naive
+# implementation: fp32, materialised ("reference") attention, channels-first, eager.
 
-cfg = json.loads(sys.argv[1])
-torch.set_num_threads(cfg["threads"]) if cfg["threads"] else None
-device = torch.device(cfg["device"])
-torch.manual_seed(0)
-model_config = {} if cfg["model_name"] == "DSen2CR" else {"attention": cfg["attention"]}
-model = net.create_model(cfg["model_name"], **model_config).to(device)
-n, s = cfg["batch"], cfg["size"]
-cloudy, sar, target = (torch.rand(n, c, s, s, device=device) for c in (13, 2, 13))
-if cfg["channels_last"]:
-    model = model.to(memory_format=torch.channels_last)
-    cloudy, sar = (t.contiguous(memory_format=torch.channels_last) for t in (cloudy, sar))
-optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]]
-scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
-forward = model
-if cfg["compile"]:
-    forward = torch.compile(model)
-
-def sync():
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-def step():
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        loss = F.l1_loss(forward(cloudy, sar), target)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-def rss_mb():
+def _rss_mb():
     with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
-out = {}
-flops = None
-if device.type == "cuda":
+
+def _train_flops_per_sample(model, cloudy, sar, target, ctx):
+    """FLOPs of one forward + backward (torch's FlopCounterMode), per sample."""
+    import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
+
     counter = FlopCounterMode(display=False)
     with counter:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with ctx:
             loss = F.l1_loss(model(cloudy, sar), target)
         loss.backward()
-    optimizer.zero_grad(set_to_none=True)
-    flops = counter.get_total_flops() / n
-    torch.cuda.reset_peak_memory_stats()
-base_rss = rss_mb()
-t0 = time.perf_counter()
-for _ in range(cfg["warmup"]):
-    step()
-sync()
-out["warmup_s"] = time.perf_counter() - t0
-times = []
-for _ in range(cfg["steps"]):
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / cloudy.shape[0]
+
+
+def train_step_worker(cfg):
+    """One variant of `benchmark.py train`, run by in_fresh_process: median step time and peak memory."""
+    import torch
+    import torch.nn.functional as F
+
+    import net_CR_CrossAttention as net
+    import runtime
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    device = torch.device(cfg["device"])
+    torch.manual_seed(0)
+    model_config = {} if cfg["model_name"] == "DSen2CR" else {"attention": cfg["attention"]}
+    model = net.create_model(cfg["model_name"], **model_config).to(device)
+    n, s = cfg["batch"], cfg["size"]
+    cloudy, sar, target = (torch.rand(n, c, s, s, device=device) for c in (13, 2, 13))
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+        cloudy, sar = (t.contiguous(memory_format=torch.channels_last) for t in (cloudy, sar))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ctx = runtime.autocast(device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]])
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
+    forward = torch.compile(model) if cfg["compile"] else model
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step():
+        with ctx:
+            loss = F.l1_loss(forward(cloudy, sar), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    out = {}
+    if device.type == "cuda":
+        out["flops_per_sample"] = _train_flops_per_sample(model, cloudy, sar, target, ctx)
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = _rss_mb()
     t0 = time.perf_counter()
-    step()
+    for _ in range(cfg["warmup"]):
+        step()
     sync()
-    times.append(time.perf_counter() - t0)
-times.sort()
-median = times[len(times) // 2]
-out.update(step_s=median, samples_per_s=n / median, step_times=times,
-           peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, base_rss_mb=base_rss)
-out["peak_mem_mb"] = out["peak_rss_mb"] - base_rss
-if device.type == "cuda":
-    out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
-    out["flops_per_sample"] = flops
-    if cfg["peak_tflops"]:
-        out["mfu"] = flops * n / median / (cfg["peak_tflops"] * 1e12)
-print("RESULT " + json.dumps(out))
-'''
+    out["warmup_s"] = time.perf_counter() - t0
+    times = []
+    for _ in range(cfg["steps"]):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - t0)
+    median = sorted(times)[len(times) // 2]
+    out.update(step_s=median, samples_per_s=n / median, step_times=times, peak_rss_mb=peak_rss_mb(),
+               base_rss_mb=base_rss, peak_mem_mb=peak_rss_mb() - base_rss)
+    if device.type == "cuda":
+        out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        if cfg["peak_tflops"]:
+            out["mfu"] = out["flops_per_sample"] * n / median / (cfg["peak_tflops"] * 1e12)
+    return out
 
 
 def _add_train_args(parser):
@@ -615,21 +615,14 @@ def _train_variants(args):
 
 
 def _run_train_variant(cfg, timeout):
-    import os
-    import subprocess
     if cfg["precision"] == "fp16" and not cfg["device"].startswith("cuda"):
         return {"skipped": "fp16 autocast is for CUDA here (CPU fp16 matmuls are not accelerated)"}
-    root = os.path.dirname(os.path.abspath(__file__))
     try:
-        proc = subprocess.run([sys.executable, "-c", _TRAIN_WORKER, json.dumps(cfg)], cwd=root,
-                              capture_output=True, text=True, timeout=timeout)
+        return in_fresh_process(train_step_worker, cfg, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"skipped": f"over --timeout {timeout} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
-    return {"skipped": f"failed (exit {proc.returncode}): {lines[-1][:160] if lines else 'no output'}"}
+    except RuntimeError as e:
+        return {"skipped": str(e)[:200]}
 
 
 def bench_train(args):
@@ -681,7 +674,7 @@ def bench_train(args):
 SUBCOMMANDS["train"] = (_add_train_args, bench_train)
 
 
-# ---------------------------------------------------------------- learn (lead) -------------------------
+# ----------------------------------------------------------------------------------------- learning and ablations
 # Does the model learn, and what does each part of the design buy? Trains every variant with the real
 # scripts (train_CR_kaggle.py, then test_CR.py on the test split) in fresh subprocesses on the synthetic
 # dataset, for several seeds, and reports test-split scores beside the identity baseline (cloudy input
