@@ -9,7 +9,7 @@ runs in float32 with autocast switched off locally, so a bf16/fp16 autocast regi
 Per-image functions return (N,) float32 tensors:
     psnr, ssim, sam (degrees), mae, rmse, compute_metrics (dict of all five), masked_metrics.
 GLF-CR's callables keep their names and return the batch mean as a Python float:
-    PSNR(img1, img2, mask=None), SSIM(img1, img2), SAM, MAE, RMSE.
+    PSNR(img1, img2, mask=None), SAM, MAE, RMSE; SSIM(img1, img2) returns it as a 0-d tensor, as GLF-CR's does.
 
 Definitions (per image n, over the selected pixels P and all C bands):
     MSE  = sum_{c, p in P} (pred - target)^2 / (|P| * C)      (GLF-CR's masked MSE, same normaliser)
@@ -55,7 +55,7 @@ thresholded first (pass `threshold=` to masked_metrics, or compare yourself); no
 Batch means. GLF-CR's PSNR pools the squared error of the whole batch before taking the log; ours is
 the mean of the per-image PSNRs, the quantity a per-image evaluation averages (UnCRtainTS does the
 same). For a batch of one, which is how GLF-CR's test script runs (--batch_sz 1), the two are identical.
-GLF-CR's SSIM returns a 0-d tensor (its test script calls .item() on it); ours returns a float.
+GLF-CR's SSIM returns a 0-d tensor (its test script calls .item() on it); so does ours.
 """
 from contextlib import nullcontext
 

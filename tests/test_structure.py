@@ -1,0 +1,149 @@
+"""The house's rooms: what may import what, one source for shared defaults, old checkpoints, short functions."""
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import dataloader
+import losses
+import net_CR_CrossAttention as net
+import runtime
+import test_CR
+import train_CR_kaggle
+
+ROOT = Path(__file__).resolve().parents[1]
+# Layers from the bottom up; a module may import project modules of lower layers only.
+LAYERS = {
+    "bands": 0, "metrics": 0, "net_CR_CrossAttention": 0, "synthetic": 0,
+    "losses": 1, "clouds": 1,
+    "dataloader": 2,
+    "runtime": 3,
+    "test_CR": 4, "train_CR_kaggle": 4,
+    "benchmark": 5,
+}
+OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
+
+
+def _project_imports(module):
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):  # function-local imports count too
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(LAYERS)
+
+
+def test_every_module_has_a_layer():
+    assert {p.stem for p in ROOT.glob("*.py")} == set(LAYERS)
+
+
+@pytest.mark.parametrize("module", sorted(LAYERS))
+def test_no_module_imports_upward(module):
+    upward = {m for m in _project_imports(module) if LAYERS[m] >= LAYERS[module]}
+    assert not upward, f"{module} (layer {LAYERS[module]}) imports {upward}"
+
+
+def test_only_the_benchmark_imports_the_training_script():
+    for module in LAYERS:
+        imports = _project_imports(module)
+        assert "benchmark" not in imports, module
+        if module != "benchmark":
+            assert "train_CR_kaggle" not in imports, module
+
+
+def _modules_loaded_by(statement):
+    code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_losses_loads_no_geotiff_stack():
+    loaded = _modules_loaded_by("import losses")
+    assert not {"rasterio", "scipy", "dataloader"} & loaded
+
+
+def test_evaluation_loads_no_training_code():
+    loaded = _modules_loaded_by("import test_CR")
+    assert not {"train_CR_kaggle", "losses", "torchvision"} & loaded
+
+
+def test_no_product_function_is_longer_than_80_lines():
+    long = []
+    for path in ROOT.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 80:
+                    long.append(f"{path.name}:{node.name} ({n} lines)")
+    assert not long, long
+
+
+def test_loss_defaults_have_one_source():
+    parser_defaults = vars(train_CR_kaggle.build_parser().parse_args([]))
+    for name, value in losses.LOSS_DEFAULTS.items():
+        assert parser_defaults[name] == value, name
+    assert losses.LOSS_DEFAULTS["cloud_weight_factor"] == 2.5  # the design document's training command
+    assert losses.CloudFocusedLoss().cloud_weight_factor == 2.5
+    crit = losses.CRLoss(use_cloud_focused_loss=True, perceptual_weight=0)
+    assert crit.cloud_focused.cloud_weight_factor == 2.5
+    with pytest.raises(TypeError, match="unknown loss options"):
+        losses.CRLoss(cloud_weigth_factor=3)
+
+
+def test_history_and_metric_names_have_one_source():
+    import metrics
+    assert test_CR.METRIC_NAMES == metrics.METRIC_NAMES
+    assert [f for f in train_CR_kaggle.HISTORY_FIELDS if f.startswith("val_")] == [
+        f"val_{m}" for m in metrics.METRIC_NAMES]
+
+
+def test_moved_names_still_work_where_readme_documents_them():
+    for name in ("S2_BANDS", "RGB_BANDS", "normalize_s1", "normalize_s2", "denormalize_s2", "finish_s2",
+                 "s2_to_rgb", "sar_to_rgb", "rule_cloud_score", "shadow_mask", "cloud_shadow_mask",
+                 "s2cloudless_score", "CLOUD_DETECTORS", "make_synthetic_dataset", "atomic_output",
+                 "write_text_atomic", "get_train_val_test_filelists", "AlignedDataset", "SEN12MSCRDataset"):
+        assert hasattr(dataloader, name), name
+    for name in ("load_checkpoint", "build_model_from_checkpoint", "CheckpointError", "resolve_amp", "CPU_AUTO_AMP",
+                 "atomic_torch_save"):
+        assert hasattr(train_CR_kaggle, name), name
+    assert train_CR_kaggle.CheckpointError is runtime.CheckpointError
+
+
+def test_sar_input_is_part_of_the_model_config():
+    torch.manual_seed(0)
+    model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4, sar_input="zeros").eval()
+    assert model.config["sar_input"] == "zeros"
+    cloudy = torch.rand(1, 13, 16, 16)
+    with torch.no_grad():
+        a, b = model(cloudy, torch.rand(1, 2, 16, 16)), model(cloudy, torch.rand(1, 2, 16, 16))
+    assert torch.equal(a, b)  # the radar is ignored, whatever is passed in
+    with pytest.raises(ValueError, match="sar_input"):
+        net.create_model("DSen2CR", sar_input="off")
+
+
+def test_checkpoint_from_before_the_sar_config_loads_and_evaluates(synthetic_dataset, tmp_path):
+    """tests/data/checkpoint_before_sar_config.pth was written by the code of commit 4bb3e5e (a small
+    CrossAttention, widths 8/16/32, trained with --sar_input zeros, which that code kept only in ckpt["args"])."""
+    ckpt = runtime.load_checkpoint(OLD_CHECKPOINT)
+    assert "sar_input" not in ckpt["model_config"] and ckpt["args"]["sar_input"] == "zeros"
+    model, _ = runtime.load_model(OLD_CHECKPOINT, torch.device("cpu"))
+    assert model.config["sar_input"] == "zeros"
+    root, csv_path = synthetic_dataset
+    summary = test_CR.evaluate(test_CR.build_parser().parse_args([
+        "--checkpoint", str(OLD_CHECKPOINT), "--data_list_filepath", str(csv_path), "--input_data_folder",
+        str(root), "--split", "test", "--results_dir", str(tmp_path), "--num_workers", "0", "--amp", "off"]))
+    assert summary["sar_input"] == "zeros" and summary["n_images"] > 0
+
+
+def test_one_autocast_context_is_reusable():
+    ctx = runtime.autocast(torch.device("cpu"), torch.bfloat16)
+    for _ in range(2):
+        with ctx:
+            assert torch.is_autocast_enabled("cpu")
+        assert not torch.is_autocast_enabled("cpu")
+    assert isinstance(runtime.autocast(torch.device("cpu"), None), type(__import__("contextlib").nullcontext()))
