@@ -13,12 +13,13 @@ scheduler, scaler, epoch, best_psnr, early_stop_counter, global_step, args). Imp
 """
 import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 import net_CR_CrossAttention
-from dataloader import atomic_output, write_text_atomic  # noqa: F401  (re-exported: the project's one writer)
+from dataloader import DataError, atomic_output, write_text_atomic  # noqa: F401  (re-exported: one writer)
 
 # bf16 autocast on CPU: measured in BENCHMARKS.md ("Model training step": 2.0-2.7x fp32's speed; "Learning and
 # ablations": the same PSNR), which decides what --amp auto means on a machine without a GPU.
@@ -29,6 +30,24 @@ CHECKPOINT_KEYS = ("model", "model_name", "model_config")
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be used (unreadable, truncated, or not one of ours)."""
+
+
+class UsageError(Exception):
+    """Flags that cannot work together or a value that cannot be used; the message says which flag to change."""
+
+
+USER_ERRORS = (DataError, CheckpointError, UsageError)
+
+
+def run_cli(main, argv=None, user_errors=()):
+    """Run a script's main(argv). An expected user error (bad data, checkpoint or flags; plus the script's own
+    `user_errors`) prints one line `error: ...` to stderr and returns 2, no traceback; anything else keeps its
+    traceback, because it is a bug to report."""
+    try:
+        return main(argv)
+    except USER_ERRORS + tuple(user_errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def resolve_device(arg="auto"):
