@@ -690,6 +690,13 @@ LEARN_VARIANTS = {
     "no_cross_attn": ["--no-use_cross_attn"],
     "fp32": ["--amp", "off"],
     "DSen2CR": ["--model_name", "DSen2CR"],
+    # the cloud-aware residual: supervise the confidence map, correct the date change on all pixels, SAR skips
+    "conf_supervised": ["--confidence_weight", "0.5"],
+    "date_correction": ["--use_date_correction"],
+    "sar_skips": ["--use_sar_skips"],
+    "conf_date": ["--confidence_weight", "0.5", "--use_date_correction"],
+    "conf_date_skips": ["--confidence_weight", "0.5", "--use_date_correction", "--use_sar_skips"],
+    "conf_skips": ["--confidence_weight", "0.5", "--use_sar_skips"],
 }
 
 
@@ -707,6 +714,7 @@ def _add_learn_args(parser):
     parser.add_argument("--vgg_weights", default=None,
                         help="VGG weights path: adds the design's perceptual and contrastive terms")
     parser.add_argument("--out", default="runs/learn", help="folder for data, checkpoints and results")
+    parser.add_argument("--extra", default="", help="extra training flags for every variant, e.g. '--lr 1e-3'")
 
 
 def _learn_run(variant, seed, args, csv_path, out):
@@ -724,7 +732,7 @@ def _learn_run(variant, seed, args, csv_path, out):
                  str(args.epochs), "--batch_sz", str(args.batch_sz), "--lr", str(args.lr), "--warmup_epochs", "1",
                  "--num_workers", "1", "--amp", args.amp, "--seed", str(seed), "--save_model_dir", str(out / "ckpt"),
                  "--experiment_name", name, "--train_from_scratch", "--num_quicklooks", "0",
-                 *loss_flags, *vgg, *extra]
+                 *loss_flags, *vgg, *extra, *args.extra.split()]
     t0 = time.time()
     subprocess.run(train_cmd, check=True, stdout=subprocess.DEVNULL)
     train_s = time.time() - t0
@@ -734,7 +742,8 @@ def _learn_run(variant, seed, args, csv_path, out):
                     "--results_dir", str(results)], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((results / "summary.json").read_text())
     return {"variant": variant, "seed": seed, "train_s": train_s, "model": summary["mean"]["model"],
-            "identity": summary["mean"]["identity"], "n_test": summary["n_images"]}
+            "identity": summary["mean"]["identity"], "n_test": summary["n_images"],
+            "confidence": summary.get("confidence"), "clear_change": summary["clear_change"]["model"]}
 
 
 def bench_learn(args):
@@ -756,28 +765,47 @@ def bench_learn(args):
             print(f"{variant:<24} seed {seed}: test PSNR {run['model']['all']['PSNR']:.2f} dB "
                   f"(identity {run['identity']['all']['PSNR']:.2f}) in {run['train_s']:.0f} s", flush=True)
 
-    def mean_std(values):
-        values = np.asarray(values, dtype=np.float64)
-        return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    table = [_learn_row(variant, [r for r in runs if r["variant"] == variant]) for variant in variants]
+    _print_learn_table(table, runs[0]["identity"], f"{runs[0]['n_test']} test patches of {args.size} px, "
+                       f"{args.epochs} epochs each")
+    return {"runs": runs, "table": table, "identity": runs[0]["identity"],
+            "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
 
-    table = []
-    print(f"\n{'variant':<24} {'PSNR':>15} {'PSNR cloudy':>15} {'SSIM':>15} {'SAM deg':>13} {'train s':>8}")
-    identity = runs[0]["identity"]
-    for variant in variants:
-        rs = [r for r in runs if r["variant"] == variant]
-        row = {"variant": variant, "seeds": [r["seed"] for r in rs], "train_s": float(np.mean([r["train_s"] for r in rs]))}
-        for key, region, metric in (("PSNR", "all", "PSNR"), ("PSNR_cloudy", "cloudy", "PSNR"),
-                                    ("SSIM", "all", "SSIM"), ("SAM", "all", "SAM")):
-            row[key] = mean_std([r["model"][region][metric] for r in rs])
-        table.append(row)
-        print(f"{variant:<24} {row['PSNR'][0]:>8.2f} ± {row['PSNR'][1]:<4.2f} {row['PSNR_cloudy'][0]:>8.2f} ± "
-              f"{row['PSNR_cloudy'][1]:<4.2f} {row['SSIM'][0]:>8.4f} ± {row['SSIM'][1]:<.3f} "
-              f"{row['SAM'][0]:>6.2f} ± {row['SAM'][1]:<4.2f} {row['train_s']:>8.0f}")
-    print(f"{'identity (cloudy input)':<24} {identity['all']['PSNR']:>8.2f}        {identity['cloudy']['PSNR']:>8.2f}"
-          f"        {identity['all']['SSIM']:>8.4f}        {identity['all']['SAM']:>6.2f}")
-    print(f"mean ± sample std over seeds; {runs[0]['n_test']} test patches of {args.size} px, {args.epochs} epochs each")
-    return {"runs": runs, "table": table, "identity": identity, "settings": {k: v for k, v in vars(args).items()
-                                                                           if not k.startswith("_")}}
+
+# What each learn row reports: (key, getter of one run's figure)
+LEARN_COLUMNS = (
+    ("PSNR", lambda r: r["model"]["all"]["PSNR"]),
+    ("PSNR_cloudy", lambda r: r["model"]["cloudy"]["PSNR"]),
+    ("SSIM", lambda r: r["model"]["all"]["SSIM"]),
+    ("SAM", lambda r: r["model"]["all"]["SAM"]),
+    ("conf_AUC_truth", lambda r: (r["confidence"] or {}).get("auc_truth_pooled")),
+    ("conf_clear", lambda r: (r["confidence"] or {}).get("mean_clear")),
+    ("clear_change", lambda r: r["clear_change"]),
+)
+
+
+def _learn_row(variant, runs):
+    """Mean and sample std over seeds of every LEARN_COLUMNS figure (None where a variant has no such figure)."""
+    row = {"variant": variant, "seeds": [r["seed"] for r in runs], "train_s": float(np.mean([r["train_s"] for r in runs]))}
+    for key, get in LEARN_COLUMNS:
+        values = [get(r) for r in runs]
+        if any(v is None for v in values):
+            row[key] = None
+            continue
+        values = np.asarray(values, dtype=np.float64)
+        row[key] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0)
+    return row
+
+
+def _print_learn_table(table, identity, what):
+    print(f"\n{'variant':<24}" + "".join(f"{key:>18}" for key, _ in LEARN_COLUMNS) + f"{'train s':>9}")
+    for row in table:
+        cells = "".join(f"{'-':>18}" if row[k] is None else f"{row[k][0]:>10.3f} ± {row[k][1]:<5.3f}"
+                        for k, _ in LEARN_COLUMNS)
+        print(f"{row['variant']:<24}{cells}{row['train_s']:>9.0f}")
+    print(f"{'identity (cloudy input)':<24}{identity['all']['PSNR']:>10.3f}{'':8}{identity['cloudy']['PSNR']:>10.3f}"
+          f"{'':8}{identity['all']['SSIM']:>10.3f}{'':8}{identity['all']['SAM']:>10.3f}{'':44}{0.0:>10.3f}")
+    print(f"mean ± sample std over seeds; {what}")
 
 
 SUBCOMMANDS["learn"] = (_add_learn_args, bench_learn)

@@ -2,6 +2,7 @@
 
     python dataloader.py synth OUT --n 48 --size 128 --seed 0     # demo data in the official layout
     python dataloader.py scan ROOT --out data.csv                  # list a downloaded copy, split by scene
+    python dataloader.py masks --data_list_filepath data.csv --input_data_folder ROOT --out masks   # once
 
 The dataset returns the dict keys of the GLF-CR code (cloudy_data, cloudfree_data, SAR_data, cloud_mask,
 file_name) so notebooks written against GLF-CR keep working; GLF-CR's entry points
@@ -12,6 +13,7 @@ generator in synthetic.py; their public names are re-exported here. This module 
 import argparse
 import contextlib
 import csv
+import json
 import os
 import random
 import re
@@ -217,12 +219,38 @@ def raster_georef(path, window=None):
         return src.crs, rasterio.windows.transform(Window(c, r, w, h), src.transform)
 
 
-def _write_geotiff(path, data, crs, transform):
+def _write_geotiff(path, data, crs, transform, descriptions=None, **creation_options):
     with atomic_output(path, ".tif") as tmp:
-        with rasterio.open(tmp, "w", driver="GTiff", height=data.shape[1], width=data.shape[2],
-                           count=data.shape[0], dtype=data.dtype, crs=crs, transform=transform) as dst:
+        with rasterio.open(tmp, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
+                           dtype=data.dtype, crs=crs, transform=transform, **creation_options) as dst:
             dst.write(data)
+            for band, text in enumerate(descriptions or (), start=1):
+                dst.set_band_description(band, text)
     return Path(path)
+
+
+def truth_path(cloudy_rel):
+    """Where a cloudy image's true cloud map lives (synthetic data only): beside it, every `s2_cloudy` of its
+    relative path replaced by `cloud_truth` (ROIs2017_winter_cloud_truth/cloud_truth_100/..._cloud_truth_100_p1.tif).
+    Two float32 bands: cloud opacity and shadow darkening, each in [0, 1]."""
+    return str(cloudy_rel).replace("s2_cloudy", "cloud_truth")
+
+
+TRUTH_BANDS = ("cloud_opacity", "shadow_darkening")
+TRUTH_THRESHOLD = 0.05  # opacity or darkening above this counts as "needs correction" (cloud or shadow)
+
+
+def truth_mask(cloud_truth):
+    """(N,2,H,W) or (2,H,W) cloud truth -> bool (N,1,H,W) / (1,H,W): cloud or shadow above TRUTH_THRESHOLD."""
+    return (cloud_truth > TRUTH_THRESHOLD).any(dim=-3, keepdim=True)
+
+
+def write_float_geotiff(path, image, crs, transform, description=None):
+    """Write a (C,H,W) or (H,W) float map (e.g. a confidence map) as float32 GeoTIFF, atomically."""
+    data = np.asarray(image.detach().float().cpu() if torch.is_tensor(image) else image, dtype=np.float32)
+    data = data[None] if data.ndim == 2 else data
+    return _write_geotiff(path, data, crs, transform, descriptions=[description] * len(data) if description else None,
+                          compress="deflate")
 
 
 def write_s2_geotiff(path, reflectance01, crs, transform):
@@ -231,6 +259,90 @@ def write_s2_geotiff(path, reflectance01, crs, transform):
     if data.ndim != 3:
         raise ValueError(f"expected (C,H,W) reflectance, got shape {data.shape}")
     return _write_geotiff(path, data, crs, transform)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cloud masks: true maps of synthetic data, and detector masks computed once (`python dataloader.py masks`)
+
+MASK_SCALE = 255  # a precomputed mask stores the soft score as uint8 score x 255 (deflate): 64 KB per 256-px patch
+MASKS_INFO = "masks.json"  # in a mask folder: which detector made its masks
+
+
+def truth_available(root, triplets):
+    """True when every triplet has a true cloud map, False when none has; a partial set is an error."""
+    have = [(Path(root) / truth_path(t.s2_cloudy)).is_file() for t in triplets]
+    if any(have) and not all(have):
+        missing = triplets[have.index(False)]
+        raise DataError(f"{Path(root) / truth_path(missing.s2_cloudy)}: missing, while other triplets of the list "
+                        f"have a true cloud map; make the set again or remove the cloud_truth folders")
+    return all(have)
+
+
+def read_mask(path, window=None):
+    """A precomputed soft cloud score (H,W) float32 in [0, 1]."""
+    return read_raster(path, 1, window)[0] / np.float32(MASK_SCALE)
+
+
+def check_mask_dir(mask_dir, triplets):
+    """The detector that made the masks in mask_dir; DataError if the folder is not a finished mask folder."""
+    info = Path(mask_dir) / MASKS_INFO
+    if not info.is_file():
+        raise DataError(f"{mask_dir}: no {MASKS_INFO}; make the masks with `python dataloader.py masks ... --out "
+                        f"{mask_dir}`")
+    missing = [t.s2_cloudy for t in triplets if not (Path(mask_dir) / t.s2_cloudy).is_file()]
+    if missing:
+        raise DataError(f"{Path(mask_dir) / missing[0]}: no precomputed mask ({len(missing)} of {len(triplets)} "
+                        f"missing); run `python dataloader.py masks` again with --out {mask_dir} (it resumes)")
+    return json.loads(info.read_text())["detector"]
+
+
+def write_cloud_mask(cloudy_path, out_path, detector):
+    """The detector's soft score of a whole cloudy raster, as a uint8 GeoTIFF with the raster's georeferencing."""
+    with rasterio.Env(**GDAL_READ_OPTIONS), open_raster(cloudy_path) as src:
+        _check_bands(src, len(S2_BANDS))
+        cloudy, crs, transform = normalize_s2(read_window(src, None)), src.crs, src.transform
+    score = np.round(cloud_score(cloudy, detector) * MASK_SCALE).astype(np.uint8)[None]
+    return _write_geotiff(out_path, score, crs, transform, descriptions=(f"{detector} cloud score x{MASK_SCALE}",),
+                          compress="deflate")
+
+
+def _mask_worker(job):
+    write_cloud_mask(*job)
+    return job[1]
+
+
+def _init_mask_worker():
+    # One thread per process: the pool already uses every core (s2cloudless' LightGBM would start one per core).
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=True):
+    """Compute each triplet's cloud mask once into out_dir (mirroring the cloudy images' relative paths), on all
+    cores, skipping masks already there (resumable; each file written atomically). Returns (made, skipped)."""
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    if detector not in CLOUD_DETECTORS or detector == "none":
+        raise ValueError(f"detector must be 'rule' or 's2cloudless', got {detector!r}")
+    out_dir = Path(out_dir)
+    info = out_dir / MASKS_INFO
+    if info.is_file() and json.loads(info.read_text())["detector"] != detector:
+        raise DataError(f"{out_dir} holds {json.loads(info.read_text())['detector']} masks; use another --out for "
+                        f"{detector}")
+    write_text_atomic(info, json.dumps({"detector": detector, "encoding": f"uint8 soft score x{MASK_SCALE}"}))
+    jobs = [(Path(root) / t.s2_cloudy, out_dir / t.s2_cloudy, detector) for t in triplets
+            if not (out_dir / t.s2_cloudy).is_file()]
+    if not jobs:
+        return 0, len(triplets)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    # spawn: fresh workers, no OpenMP state forked from this process
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_mask_worker) as pool:
+        done = pool.imap_unordered(_mask_worker, jobs, chunksize=4)
+        for _ in tqdm(done, total=len(jobs), desc=f"{detector} masks", disable=not progress, dynamic_ncols=True):
+            pass
+    return len(jobs), len(triplets) - len(jobs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,12 +357,15 @@ class SEN12MSCRDataset(Dataset):
     90-degree rotations, identical for the three images. Only the crop window is read from disk, so NaN pixels
     are filled with the mean of the band over that crop.
     cloud_detector: "rule" (DSen2-CR rules), "s2cloudless" or "none" (cloud_mask all zeros, so a cloud-weighted
-    loss reduces to an unweighted one). `cloud_binary` is cloud_mask >= cloud_threshold.
+    loss reduces to an unweighted one). `cloud_binary` is cloud_mask >= cloud_threshold. cloud_mask_dir: read
+    cloud_mask from masks precomputed by `python dataloader.py masks` instead of running a detector per sample.
+    Where every triplet has a true cloud map (synthetic data, truth_path), samples also hold `cloud_truth`
+    (2,H,W: opacity, shadow darkening).
     Random choices use torch's generator, which a DataLoader seeds differently in every worker.
     """
 
     def __init__(self, triplets, root, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
-                 cloud_threshold=0.2, random_crop=None):
+                 cloud_threshold=0.2, random_crop=None, cloud_mask_dir=None):
         self.triplets = list(triplets)
         if not self.triplets:
             raise DataError(f"no samples: the list of triplets for data root {root} is empty")
@@ -268,6 +383,10 @@ class SEN12MSCRDataset(Dataset):
         self.random_crop = self.augment if random_crop is None else bool(random_crop)
         self.cloud_detector = cloud_detector
         self.cloud_threshold = float(cloud_threshold)
+        self.cloud_mask_dir = Path(cloud_mask_dir) if cloud_mask_dir else None
+        if self.cloud_mask_dir is not None:
+            self.cloud_detector = check_mask_dir(self.cloud_mask_dir, self.triplets)
+        self.with_truth = truth_available(self.root, self.triplets)
 
     def __len__(self):
         return len(self.triplets)
@@ -306,16 +425,22 @@ class SEN12MSCRDataset(Dataset):
             window = self._window(ref.height, ref.width, ref.name)
             sar, cloudfree, cloudy = (read_window(s, window) for s in srcs)
         sar, cloudfree, cloudy = normalize_s1(sar), normalize_s2(cloudfree), normalize_s2(cloudy)
-        score = cloud_score(cloudy, self.cloud_detector)[None]
+        if self.cloud_mask_dir is not None:
+            score = read_mask(self.cloud_mask_dir / t.s2_cloudy, window)[None]
+        else:
+            score = cloud_score(cloudy, self.cloud_detector)[None]
         arrays = [cloudy, cloudfree, sar, score]
+        if self.with_truth:
+            arrays.append(read_raster(self.root / truth_path(t.s2_cloudy), len(TRUTH_BANDS), window))
         if self.augment:
             k = int(torch.randint(4, ()).item())
             flip = bool(torch.randint(2, ()).item())
             arrays = [np.rot90(a, k, axes=(1, 2)) for a in arrays]
             if flip:
                 arrays = [a[:, :, ::-1] for a in arrays]
-        cloudy, cloudfree, sar, score = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        cloudy, cloudfree, sar, score, *truth = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
         return {
+            **({"cloud_truth": truth[0]} if truth else {}),
             "cloudy_data": cloudy,
             "cloudfree_data": cloudfree,
             "SAR_data": sar,
@@ -406,8 +531,9 @@ def split_by_scene(triplets, val_frac=0.1, test_frac=0.1, seed=0):
 def make_synthetic_dataset(out_dir, n, size=256, seed=0, n_scenes=None, roi="ROIs2017_winter",
                            val_frac=0.15, test_frac=0.15):
     """Write `n` synthetic triplets of `size` px in the official SEN12MS-CR layout under out_dir, plus
-    out_dir/data.csv (7 columns, split by scene). Returns the CSV path. Deterministic for a seed.
-    Georeferenced in UTM 31N at 10 m; S1 float32 dB (VV, VH); S2 uint16 reflectance x10000, 13 bands."""
+    out_dir/data.csv (7 columns, split by scene) and each patch's true cloud map (truth_path). Returns the CSV path.
+    Deterministic for a seed. Georeferenced in UTM 31N at 10 m; S1 float32 dB (VV, VH); S2 uint16 reflectance
+    x10000, 13 bands."""
     out_dir = Path(out_dir)
     triplets = []
     for p in synthetic.generate_patches(n, size=size, seed=seed, n_scenes=n_scenes):
@@ -417,6 +543,8 @@ def make_synthetic_dataset(out_dir, n, size=256, seed=0, n_scenes=None, roi="ROI
         for mod, data in (("s1", p["s1"]), ("s2", denormalize_s2(p["s2"])), ("s2_cloudy", denormalize_s2(p["cloudy"]))):
             rel[mod] = os.path.join(f"{roi}_{mod}", f"{mod}_{scene}", f"{roi}_{mod}_{scene}_p{patch}.tif")
             _write_geotiff(out_dir / rel[mod], data, synthetic.CRS, transform)
+        _write_geotiff(out_dir / truth_path(rel["s2_cloudy"]), np.stack([p["opacity"], p["shadow"]]), synthetic.CRS,
+                       transform, descriptions=TRUTH_BANDS)
         triplets.append(Triplet(0, rel["s1"], rel["s2"], rel["s2_cloudy"]))
     triplets = split_by_scene(triplets, val_frac=val_frac, test_frac=test_frac, seed=seed)
     return write_data_list(out_dir / "data.csv", triplets)
@@ -447,6 +575,14 @@ def _cmd_scan(args):
     return 0
 
 
+def _cmd_masks(args):
+    triplets = read_data_list(args.data_list_filepath)
+    made, skipped = make_cloud_masks(triplets, args.input_data_folder, args.out, args.detector, workers=args.workers)
+    print(f"{args.detector} masks of {len(triplets)} triplets in {args.out} ({made} made, {skipped} already there); "
+          f"use them with --cloud_mask_dir {args.out}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -466,6 +602,14 @@ def build_parser():
     p.add_argument("--test_frac", type=float, default=0.1, help="fraction of scenes for test (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of the scene shuffle (same seed, same split)")
     p.set_defaults(func=_cmd_scan)
+    p = sub.add_parser("masks", help="compute every triplet's cloud mask once, for --cloud_mask_dir")
+    p.add_argument("--data_list_filepath", required=True, help="data list (every split is done)")
+    p.add_argument("--input_data_folder", required=True, help="root the list's folders are relative to")
+    p.add_argument("--detector", default="s2cloudless", choices=["rule", "s2cloudless"],
+                   help="cloud detector (default s2cloudless: the better detector, too slow to run per sample)")
+    p.add_argument("--out", required=True, help="folder for the masks (mirrors the cloudy images' relative paths)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: every CPU core)")
+    p.set_defaults(func=_cmd_masks)
     return parser
 
 

@@ -240,20 +240,23 @@ def gradient_loss(pred, target):
     return dx + dy
 
 
-def confidence_loss(confidence, target, cloud_mask=None, cloudy=None):
-    """BCE between the model's confidence map (0 = clear, 1 = cloudy) and the soft cloud intensity."""
+def confidence_loss(confidence, target, cloud_mask=None, cloudy=None, labels=None):
+    """BCE between the model's confidence map (0 = clear, 1 = cloudy) and `labels` (N,1,H,W) in [0,1] (the
+    training script passes the binary cloud mask, or the true cloud map where one exists); without labels,
+    the soft cloud intensity."""
     with torch.autocast(confidence.device.type, enabled=False):
         confidence = confidence.float()
         if confidence.shape[-2:] != target.shape[-2:]:
             confidence = F.interpolate(confidence, size=target.shape[-2:], mode="bilinear", align_corners=False)
-        labels = cloud_intensity(target, cloud_mask, cloudy)
+        labels = cloud_intensity(target, cloud_mask, cloudy) if labels is None else labels.float()
         return F.binary_cross_entropy(confidence.clamp(EPS, 1.0 - EPS), labels)
 
 
 class CRLoss(nn.Module):
     """Weighted sum of the enabled terms. A term is enabled when its flag is on and its weight > 0.
 
-    forward(pred, target, cloudy, cloud_mask=None, confidence=None) -> (total, terms): terms maps each
+    forward(pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None) -> (total, terms):
+    confidence_target (N,1,H,W) labels the confidence term (default: the soft cloud intensity). terms maps each
     enabled term's name ("l1" or "cloud_focused", "perceptual", "fft", "gradient", "contrastive",
     "confidence") to its weighted, detached value. The cloud-focused loss REPLACES plain L1 and is
     weighted by l1_weight (it equals plain L1 when there are no clouds, so adding both would double-count).
@@ -305,7 +308,7 @@ class CRLoss(nn.Module):
                 contrastive = contrastive + w * d_positive / (d_negative + EPS)
         return perceptual, contrastive
 
-    def forward(self, pred, target, cloudy, cloud_mask=None, confidence=None):
+    def forward(self, pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None):
         if pred.shape != target.shape or pred.shape != cloudy.shape:
             raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and cloudy "
                              f"{tuple(cloudy.shape)} must have the same shape")
@@ -330,7 +333,8 @@ class CRLoss(nn.Module):
                 if confidence is None:
                     raise ValueError("confidence_weight > 0 but the model returned no confidence map "
                                      "(DSen2CR, or CrossAttention without its cloud predictor): set --confidence_weight 0")
-                raw["confidence"] = confidence_loss(confidence, target, _fp32(cloud_mask), cloudy)
+                raw["confidence"] = confidence_loss(confidence, target, _fp32(cloud_mask), cloudy,
+                                                    labels=confidence_target)
             weighted = {name: self.weights[name] * value for name, value in raw.items()}
             total = sum(weighted.values())
         return total, {name: value.detach() for name, value in weighted.items()}

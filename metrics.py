@@ -52,6 +52,9 @@ the neighbouring unselected pixels. An image whose mask selects no pixel scores 
 skip such NaNs (nanmean), and are NaN only if no image selects any pixel. A soft cloud score must be
 thresholded first (pass `threshold=` to masked_metrics, or compare yourself); non-binary values raise.
 
+Confidence maps: roc_auc and iou score the model's confidence map (or any soft cloud score) against a binary
+cloud mask per image; auc_histograms / auc_from_histograms give the AUC pooled over a whole data set.
+
 Batch means. GLF-CR's PSNR pools the squared error of the whole batch before taking the log; ours is
 the mean of the per-image PSNRs, the quantity a per-image evaluation averages (UnCRtainTS does the
 same). For a batch of one, which is how GLF-CR's test script runs (--batch_sz 1), the two are identical.
@@ -242,6 +245,64 @@ def masked_metrics(pred, target, cloud_mask, threshold=None):
     return {"cloudy": compute_metrics(pred, target, cloudy), "clear": compute_metrics(pred, target, 1.0 - cloudy)}
 
 
+# ---------------------------------------------------------------------------- a confidence map against a cloud mask
+# The model's confidence map (0 clear .. 1 cloudy) is scored as a cloud detector: ROC AUC (how well it ranks
+# cloudy above clear pixels, threshold-free) and IoU of confidence >= 0.5 with the mask.
+AUC_BINS = 1000  # pooled AUC over many images from histograms: exact up to ties within 1/1000
+
+
+def _average_ranks(values):
+    """1-based ranks of a 1-D tensor, ties sharing their mean rank (as scipy.stats.rankdata)."""
+    order = torch.argsort(values)
+    _, counts = torch.unique_consecutive(values[order], return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    group_rank = ends - (counts.double() - 1) / 2  # mean of the ranks end-count+1 .. end
+    ranks = torch.empty_like(values, dtype=torch.float64)
+    ranks[order] = torch.repeat_interleave(group_rank, counts)
+    return ranks
+
+
+def roc_auc(score, label):
+    """Per-image ROC AUC of a soft score against a binary label, both (N,1,H,W): the probability that a random
+    labelled pixel scores higher than a random unlabelled one (ties count half). NaN for an image with only
+    one class (no AUC exists). (N,) float32."""
+    with _no_autocast(score):
+        out = []
+        for s, y in zip(score.float().flatten(1), label.bool().flatten(1)):
+            n_pos, n_neg = int(y.sum()), int((~y).sum())
+            if n_pos == 0 or n_neg == 0:
+                out.append(float("nan"))
+                continue
+            ranks = _average_ranks(s)
+            out.append(float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
+        return torch.tensor(out, dtype=torch.float32)
+
+
+def iou(predicted, label):
+    """Per-image intersection over union of two binary (N,1,H,W) masks; NaN where both are empty. (N,) float32."""
+    p, y = predicted.bool().flatten(1), label.bool().flatten(1)
+    inter, union = (p & y).sum(1).float(), (p | y).sum(1).float()
+    return inter / union  # 0/0 -> NaN on purpose: nothing to overlap
+
+
+def auc_histograms(score, label, bins=AUC_BINS):
+    """(positives, negatives) counts of a [0,1] score in `bins` equal bins: add them up over a data set, then
+    auc_from_histograms gives the pooled AUC without keeping every pixel."""
+    idx = (score.float().clamp(0, 1) * bins).long().clamp(max=bins - 1).flatten()
+    y = label.bool().flatten()
+    return (torch.bincount(idx[y], minlength=bins).double().cpu(),
+            torch.bincount(idx[~y], minlength=bins).double().cpu())
+
+
+def auc_from_histograms(positives, negatives):
+    """ROC AUC from binned score counts (ties within a bin count half); NaN if a class is empty."""
+    n_pos, n_neg = float(positives.sum()), float(negatives.sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    below = torch.cumsum(negatives, 0) - negatives  # negatives in lower bins
+    return float(((positives * (below + negatives / 2)).sum()) / (n_pos * n_neg))
+
+
 def _batch_mean(values):
     """Mean over the batch as a Python float, skipping images whose mask selected nothing (NaN)."""
     return float(torch.nanmean(values).item())
@@ -280,4 +341,5 @@ def RMSE(img1, img2, mask=None):
 __all__ = [
     "PSNR_CAP", "METRIC_NAMES", "psnr", "ssim", "sam", "mae", "rmse", "ssim_map", "sam_map",
     "gaussian_window", "compute_metrics", "masked_metrics", "PSNR", "SSIM", "SAM", "MAE", "RMSE",
+    "roc_auc", "iou", "auc_histograms", "auc_from_histograms",
 ]

@@ -225,18 +225,39 @@ class Refinement(nn.Module):
 
 
 class _UpStage(nn.Module):
-    """x2 bilinear upsampling, 1x1 channel reduction, concatenation with the encoder skip, 3x3 conv."""
+    """x2 bilinear upsampling, 1x1 channel reduction, concatenation with the encoder skip(s), 3x3 conv."""
 
-    def __init__(self, cin, cout, blocks=0):
+    def __init__(self, cin, cout, blocks=0, skips=1):
         super().__init__()
         self.reduce = nn.Conv2d(cin, cout, 1)
-        self.merge = _conv_gn_act(2 * cout, cout)
+        self.merge = _conv_gn_act((1 + skips) * cout, cout)
         self.blocks = nn.Sequential(*[ResBlock(cout) for _ in range(blocks)])
 
-    def forward(self, x, skip):
-        x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
-        x = self.merge(torch.cat([self.reduce(x), skip], dim=1))
+    def forward(self, x, *skips):
+        x = F.interpolate(x, size=skips[0].shape[-2:], mode="bilinear", align_corners=False)
+        x = self.merge(torch.cat([self.reduce(x), *skips], dim=1))
         return self.blocks(x)
+
+
+class DateCorrection(nn.Module):
+    """A per-image, per-band radiometric correction applied to every pixel: corrected = gain * cloudy + offset.
+
+    The cloudy and the cloud-free image of a pair are two acquisition dates, so even clear pixels differ (sun,
+    atmosphere, phenology). This term carries that change for all pixels, so the confidence map only has to say
+    where clouds are. gain = 1 + 0.1 tanh(.), offset = 0.05 tanh(.) (a bounded correction), predicted from the
+    pooled refined features; zero-initialised, so an untrained network starts at the identity.
+    """
+
+    def __init__(self, dim=256, bands=13, hidden=64):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(dim, hidden, 1), nn.SiLU(inplace=True),
+                                 nn.Conv2d(hidden, 2 * bands, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, refined):
+        gain, offset = self.mlp(refined).float().chunk(2, dim=1)  # (N,13,1,1) each
+        return 1.0 + 0.1 * torch.tanh(gain), 0.05 * torch.tanh(offset)
 
 
 class CloudConfidencePredictor(nn.Module):
@@ -277,6 +298,9 @@ class CloudRemovalCrossAttention(nn.Module):
                  same parameters, same function.
       sar_input: "on", or "zeros" to feed an all-zero radar image (ablation: does the model use the radar?);
                  part of the config so a checkpoint evaluates the way it was trained.
+      use_date_correction: output = DateCorrection(cloudy) + confidence * residual (off: cloudy + ...).
+      use_sar_skips: the decoder also concatenates the SAR encoder's full and half resolution features, so
+                 full-resolution radar detail reaches the pixels under thick cloud (off: optical skips only).
     """
 
     model_name = "CrossAttention"
@@ -284,7 +308,8 @@ class CloudRemovalCrossAttention(nn.Module):
 
     def __init__(self, in_optical=13, in_sar=2, use_spectral_attention=True, use_cross_attn=True,
                  use_cloud_predictor=True, attention="fused", widths=(64, 128, 256), encoder_blocks=(1, 1, 1),
-                 decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0, sar_input="on"):
+                 decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0, sar_input="on", use_date_correction=False,
+                 use_sar_skips=False):
         super().__init__()
         widths, encoder_blocks, decoder_blocks = tuple(widths), tuple(encoder_blocks), tuple(decoder_blocks)
         if len(widths) != 3 or len(encoder_blocks) != 3 or len(decoder_blocks) != 2:
@@ -295,7 +320,8 @@ class CloudRemovalCrossAttention(nn.Module):
         self.config = dict(in_optical=in_optical, in_sar=in_sar, use_spectral_attention=use_spectral_attention,
                            use_cross_attn=use_cross_attn, use_cloud_predictor=use_cloud_predictor,
                            attention=attention, widths=widths, encoder_blocks=encoder_blocks,
-                           decoder_blocks=decoder_blocks, heads=heads, ffn_ratio=ffn_ratio, sar_input=sar_input)
+                           decoder_blocks=decoder_blocks, heads=heads, ffn_ratio=ffn_ratio, sar_input=sar_input,
+                           use_date_correction=use_date_correction, use_sar_skips=use_sar_skips)
         self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, sar_input
         dim = widths[2]
         self.optical_encoder = OpticalEncoder(in_optical, widths, encoder_blocks)
@@ -304,10 +330,12 @@ class CloudRemovalCrossAttention(nn.Module):
                        else ConcatFusion(dim))
         self.gate = SpeckleAwareGate(dim)
         self.refine = Refinement(dim)
-        self.up2 = _UpStage(widths[2], widths[1], decoder_blocks[0])
-        self.up1 = _UpStage(widths[1], widths[0], decoder_blocks[1])
+        skips = 2 if use_sar_skips else 1
+        self.up2 = _UpStage(widths[2], widths[1], decoder_blocks[0], skips)
+        self.up1 = _UpStage(widths[1], widths[0], decoder_blocks[1], skips)
         self.head = nn.Conv2d(widths[0], in_optical, 3, padding=1)
         self.cloud_predictor = CloudConfidencePredictor(dim) if use_cloud_predictor else None
+        self.date_correction = DateCorrection(dim, in_optical) if use_date_correction else None
         # A small residual at initialisation: the untrained network starts near the identity (output ~
         # cloudy), which is already a fair cloud-removal baseline, yet every layer still gets a gradient.
         with torch.no_grad():
@@ -327,10 +355,13 @@ class CloudRemovalCrossAttention(nn.Module):
         sar_p = _pad_to_multiple(sar, self.DOWNSAMPLE)
 
         o1, o2, o3 = self.optical_encoder(optical_p)
-        s3 = self.sar_encoder(sar_p)[2]
+        s1, s2, s3 = self.sar_encoder(sar_p)
         fused = self.fusion(o3, s3) * self.gate(o3, s3)
         refined = self.refine(fused, o3)
-        x = self.up1(self.up2(refined, o2), o1)
+        if self.config["use_sar_skips"]:
+            x = self.up1(self.up2(refined, o2, s2), o1, s1)
+        else:
+            x = self.up1(self.up2(refined, o2), o1)
         residual = self.head(x)[..., :h, :w]
 
         confidence = None
@@ -338,17 +369,21 @@ class CloudRemovalCrossAttention(nn.Module):
             confidence = self.cloud_predictor(refined)
             confidence = F.interpolate(confidence, size=optical_p.shape[-2:], mode="bilinear",
                                        align_corners=False)[..., :h, :w]
+        correction = None if self.date_correction is None else self.date_correction(refined)
         # The final addition in fp32 (outside autocast): in bf16 a clear pixel's reflectance would lose
         # its last 8 bits, which is the detail the weighted residual is meant to pass through.
         with torch.autocast(device_type=optical.device.type, enabled=False):
-            residual = residual.float()
+            residual, base = residual.float(), optical.float()
+            if correction is not None:
+                gain, offset = correction
+                base = gain * base + offset
             if confidence is not None:
                 confidence = confidence.float()
-                prediction = optical.float() + confidence * residual
+                prediction = base + confidence * residual
             else:
-                prediction = optical.float() + residual
+                prediction = base + residual
         if return_aux:
-            return prediction, {"confidence": confidence, "residual": residual}
+            return prediction, {"confidence": confidence, "residual": residual, "corrected": base}
         return prediction
 
 

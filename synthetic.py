@@ -16,19 +16,46 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-# Approximate L1C top-of-atmosphere reflectance (B1..B12) and S1 backscatter (VV, VH dB) of five land covers.
+# L1C top-of-atmosphere reflectance (B1..B12) and S1 backscatter (VV, VH dB) of the land covers.
+# real_1..real_5 are measured: the k-means centroids (land_covers_from_sample, k=5) of the cloud-free pixels of the
+# real SEN12MS-CR patch ROIs2017_winter_112_p797 and the mean backscatter of each cluster, ordered by NIR (B8). So
+# the synthetic clear pixels carry real TOA band relations: the aerosol path radiance that keeps B1 near 0.14, the
+# water-vapour dip of B9, the near-zero cirrus band B10. That winter patch holds fields and vegetation only, so
+# water and urban keep approximate L1C values (not measured here).
 LAND_COVERS = {
-    "water":      ([.120, .090, .070, .050, .040, .030, .030, .020, .020, .010, .002, .010, .005], (-21.0, -27.0)),
-    "forest":     ([.110, .080, .070, .040, .080, .200, .250, .270, .290, .090, .003, .130, .060], (-7.5, -13.0)),
-    "cropland":   ([.120, .090, .100, .070, .130, .280, .330, .350, .370, .120, .004, .200, .110], (-10.5, -17.0)),
-    "bare_soil":  ([.140, .120, .140, .170, .200, .230, .250, .260, .280, .100, .005, .320, .250], (-13.0, -20.5)),
-    "urban":      ([.150, .130, .130, .140, .150, .170, .180, .190, .200, .080, .004, .220, .190], (-3.0, -9.5)),
+    "real_1": ([.142, .110, .083, .070, .085, .114, .128, .122, .142, .043, .001, .116, .072], (-7.1, -14.2)),
+    "real_2": ([.144, .115, .093, .083, .109, .159, .182, .176, .206, .057, .001, .164, .097], (-8.5, -15.5)),
+    "real_3": ([.144, .116, .100, .086, .126, .208, .243, .240, .275, .068, .001, .196, .109], (-10.2, -17.1)),
+    "real_4": ([.144, .116, .104, .086, .137, .252, .300, .298, .339, .079, .001, .221, .117], (-11.4, -18.2)),
+    "real_5": ([.143, .114, .104, .078, .138, .304, .371, .366, .417, .095, .001, .239, .118], (-13.1, -19.7)),
+    "water":  ([.120, .090, .070, .050, .040, .030, .030, .020, .020, .010, .002, .010, .005], (-21.0, -27.0)),
+    "urban":  ([.150, .130, .130, .140, .150, .170, .180, .190, .200, .080, .004, .220, .190], (-3.0, -9.5)),
 }
 # Reflectance of a thick cloud per band (bright and flat in VNIR, lower in SWIR, some cirrus signal in B10).
 CLOUD_SPECTRUM = np.array([.55, .52, .50, .50, .50, .50, .50, .50, .50, .30, .08, .40, .30], dtype=np.float32)
 CLOUD_REGIMES = ("clear", "haze", "partial", "partial", "overcast")  # cycled so even a few patches vary
 CRS = "EPSG:32631"  # UTM 31N, the zone of the real sample
 PIXEL_M = 10.0
+
+
+def land_covers_from_sample(cloudfree, sar_db, k=5, iterations=50, seed=0):
+    """k-means (k-means++ start, Lloyd iterations, numpy's seeded Generator) of a real patch's cloud-free spectra.
+
+    cloudfree (13,H,W) reflectance in [0,1], sar_db (2,H,W) dB -> [(spectrum (13,), backscatter (2,), share)] per
+    cluster, ordered by NIR (B8) reflectance: how LAND_COVERS' real_* rows were made."""
+    x = cloudfree.reshape(cloudfree.shape[0], -1).T.astype(np.float64)
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(len(x))]]
+    for _ in range(1, k):  # k-means++: far points are likelier next centres
+        d2 = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
+        centres.append(x[rng.choice(len(x), p=d2 / d2.sum())])
+    centres = np.array(centres)
+    for _ in range(iterations):
+        labels = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+        centres = np.array([x[labels == c].mean(0) if (labels == c).any() else centres[c] for c in range(k)])
+    sar = sar_db.reshape(sar_db.shape[0], -1)
+    out = [(centres[c], np.nanmean(sar[:, labels == c], axis=1), float((labels == c).mean())) for c in range(k)]
+    return sorted(out, key=lambda row: row[0][7])
 
 
 def _smooth_noise(rng, shape, sigma):
@@ -57,14 +84,15 @@ def speckle_db(rng, shape, looks=4.4):
 
 
 def simulate_clouds(clear, regime, seed):
-    """(13,H,W) clear reflectance -> (cloudy, cloud opacity (H,W)). Shapes come from satellite-cloud-generator
-    (Perlin noise, seeded through a forked torch RNG so the caller's RNG is untouched); shadows are the cloud
-    shape shifted along a sun direction, so they sit next to the clouds casting them."""
+    """(13,H,W) clear reflectance -> (cloudy, cloud opacity (H,W), shadow darkening (H,W)), both maps in [0,1].
+    Shapes come from satellite-cloud-generator (Perlin noise, seeded through a forked torch RNG so the caller's
+    RNG is untouched); shadows are the cloud shape shifted along a sun direction, so they sit next to the clouds
+    casting them. cloudy = clear * (1 - shadow) * (1 - opacity) + CLOUD_SPECTRUM * opacity."""
     import satellite_cloud_generator as scg  # slow to import (matplotlib): only when data is made
 
     _, h, w = clear.shape
     if regime == "clear":
-        return clear.copy(), np.zeros((h, w), np.float32)
+        return clear.copy(), np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
     local = np.random.default_rng(seed)
     params = {
         "haze": dict(min_lvl=(0.05, 0.15), max_lvl=(0.2, 0.45), clear_threshold=0.0, locality_degree=1),
@@ -77,21 +105,21 @@ def simulate_clouds(clear, regime, seed):
         _, alpha = scg.add_cloud(torch.zeros(1, 1, h, w), channel_offset=0, channel_magnitude_shift=0.0,
                                  blur_scaling=0.0, cloud_color=False, return_cloud=True, **params)
     alpha = alpha[0, 0].numpy().astype(np.float32)
-    ground = clear.copy()
+    shadow = np.zeros_like(alpha)
     if regime == "partial":
         dy, dx = (int(v) for v in local.integers(h // 12, h // 6 + 1, size=2) * local.choice([-1, 1], size=2))
-        shade = np.zeros_like(alpha)
-        shade[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        shadow[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
             alpha[max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
-        ground *= 1.0 - float(local.uniform(0.4, 0.7)) * shade[None]
-    cloudy = ground * (1.0 - alpha[None]) + CLOUD_SPECTRUM[:, None, None] * alpha[None]
-    return cloudy.astype(np.float32), alpha
+        shadow *= float(local.uniform(0.4, 0.7))
+    cloudy = clear * (1.0 - shadow[None]) * (1.0 - alpha[None]) + CLOUD_SPECTRUM[:, None, None] * alpha[None]
+    return cloudy.astype(np.float32), alpha, shadow
 
 
 def generate_patches(n, size=256, seed=0, n_scenes=None):
     """Yield `n` patches as dicts: scene (number), patch (1-based within the scene), origin (x, y) of the
     top-left corner in CRS metres, s1 (2,H,W) float32 dB, s2 (13,H,W) and cloudy (13,H,W) float32 reflectance
-    in [0,1]-ish (not yet clipped), regime. Patches of a scene are overlapping windows of one map."""
+    in [0,1]-ish (not yet clipped), the true cloud opacity and shadow darkening (H,W) in [0,1], regime.
+    Patches of a scene are overlapping windows of one map."""
     if n < 1 or size < 16:
         raise ValueError(f"need n >= 1 and size >= 16, got n={n}, size={size}")
     n_scenes = min(n_scenes or max(3, math.ceil(n / 4)), n)
@@ -114,8 +142,8 @@ def generate_patches(n, size=256, seed=0, n_scenes=None):
             if k % 7 == 6:
                 sar[:, : size // 8, : size // 8] = np.nan  # real S1 patches have NaN holes
             regime = CLOUD_REGIMES[k % len(CLOUD_REGIMES)]
-            cloudy, _ = simulate_clouds(clear * date_gain, regime, seed=int(rng.integers(2 ** 31)))
+            cloudy, opacity, shadow = simulate_clouds(clear * date_gain, regime, seed=int(rng.integers(2 ** 31)))
             yield {"scene": 100 + s_idx, "patch": 1 + p, "regime": regime, "s1": sar.astype(np.float32),
-                   "s2": clear, "cloudy": cloudy,
+                   "s2": clear, "cloudy": cloudy, "opacity": opacity, "shadow": shadow,
                    "origin": (x0 + c * stride * PIXEL_M, y0 - r * stride * PIXEL_M)}
             k += 1

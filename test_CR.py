@@ -63,10 +63,15 @@ def build_parser():
                    help="cloud mask behind the cloudy/clear scores and the cloud-cover bins")
     g.add_argument("--cloud_threshold", type=float, default=0.2,
                    help="soft cloud score above which a pixel counts as cloudy")
+    g.add_argument("--cloud_mask_dir", default=None,
+                   help="read the masks precomputed by `python dataloader.py masks` instead of running --cloud_detector")
     g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes")
     g.add_argument("--save_geotiff", action="store_true",
                    help="write each prediction as a 13-band uint16 x10000 GeoTIFF with the input crop's CRS and "
                         "transform (results_dir/geotiff/NAME.tif)")
+    g.add_argument("--save_confidence", action="store_true",
+                   help="write the model's confidence map (0 clear .. 1 cloudy) as a float32 GeoTIFF with the crop's "
+                        "CRS and transform (results_dir/confidence/NAME.tif): a cloud-probability product")
     g.add_argument("--save_png", action="store_true",
                    help="write RGB quicklooks cloudy | SAR | prediction | target | confidence with one fixed "
                         "stretch (results_dir/png/NAME.png)")
@@ -120,12 +125,38 @@ def score_batch(prediction, target, cloud_mask, threshold):
     return {"all": metrics.compute_metrics(prediction, target), "cloudy": halves["cloudy"], "clear": halves["clear"]}
 
 
+def confidence_scores(confidence, prediction, cloudy, cloud_mask, threshold, truth=None):
+    """{CONFIDENCE_COLUMNS name: (N,) tensor} of a batch. Clear pixels are those of the true map where it exists,
+    else those of the mask in use (score < threshold)."""
+    mask = cloud_mask >= threshold
+    true_mask = None if truth is None else dataloader.truth_mask(truth)
+    clear = ~(mask if true_mask is None else true_mask)
+    n = prediction.shape[0]
+    nan = torch.full((n,), float("nan"))
+    change = (prediction - cloudy).abs().mean(dim=1, keepdim=True)  # mean over bands, then over clear pixels
+    out = {"model_clear_change": ((change * clear).sum(dim=(1, 2, 3)) / clear.sum(dim=(1, 2, 3))).cpu()}
+    if confidence is None:  # DSen2CR, or no cloud predictor: nothing to score
+        return {**out, **{k: nan for k in CONFIDENCE_COLUMNS if k != "model_clear_change"}}
+    out["conf_mean_clear"] = ((confidence * clear).sum(dim=(1, 2, 3)) / clear.sum(dim=(1, 2, 3))).cpu()
+    out["conf_auc_mask"], out["conf_iou_mask"] = metrics.roc_auc(confidence, mask), metrics.iou(confidence >= 0.5, mask)
+    if true_mask is None:
+        out["conf_auc_truth"] = out["conf_iou_truth"] = nan
+    else:
+        out["conf_auc_truth"] = metrics.roc_auc(confidence, true_mask)
+        out["conf_iou_truth"] = metrics.iou(confidence >= 0.5, true_mask)
+    return {k: v.cpu().float() for k, v in out.items()}
+
+
 def column(predictor, region, metric):
     return f"{predictor}_{metric}" if region == "all" else f"{predictor}_{region}_{metric}"
 
 
-CSV_COLUMNS = ["file_name", "cloud_cover"] + [column(p, r, m) for r in REGIONS for m in METRIC_NAMES
-                                              for p in PREDICTORS]
+# The confidence map scored as a cloud detector (against the mask in use, and the true cloud map where the data has
+# one), its mean on clear pixels, and how much the model changed clear pixels (the identity changes nothing).
+CONFIDENCE_COLUMNS = ("conf_auc_mask", "conf_iou_mask", "conf_auc_truth", "conf_iou_truth", "conf_mean_clear",
+                      "model_clear_change")
+CSV_COLUMNS = (["file_name", "cloud_cover"] + [column(p, r, m) for r in REGIONS for m in METRIC_NAMES
+                                               for p in PREDICTORS] + list(CONFIDENCE_COLUMNS))
 
 
 def cover_bin(cover_percent):
@@ -165,7 +196,7 @@ def format_table(summary, bins):
     return out.getvalue()
 
 
-def image_rows(batch, scores, cover):
+def image_rows(batch, scores, cover, confidence_cols):
     """One CSV row per image of a scored batch."""
     rows = []
     for i, name in enumerate(batch["file_name"]):
@@ -174,17 +205,22 @@ def image_rows(batch, scores, cover):
             for r in REGIONS:
                 for m in METRIC_NAMES:
                     row[column(p, r, m)] = float(scores[p][r][m][i])
+        row.update({k: float(v[i]) for k, v in confidence_cols.items()})
         rows.append(row)
     return rows
 
 
 def save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence):
-    """--save_geotiff / --save_png for each image of a batch."""
+    """--save_geotiff / --save_confidence / --save_png for each image of a batch."""
     for i, name in enumerate(batch["file_name"]):
         stem = Path(name).stem
-        if args.save_geotiff:
+        if args.save_geotiff or (args.save_confidence and confidence is not None):
             crs, transform = dataloader.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
+        if args.save_geotiff:
             dataloader.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform)
+        if args.save_confidence and confidence is not None:
+            dataloader.write_float_geotiff(results / "confidence" / f"{stem}.tif", confidence[i].cpu(), crs, transform,
+                                           description="cloud confidence (0 clear .. 1 cloudy)")
         if args.save_png:
             save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(), prediction[i].cpu(),
                            target[i].cpu(), None if confidence is None else confidence[i].cpu())
@@ -200,7 +236,26 @@ def write_results(results, per_image, summary):
     dataloader.write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
 
 
-def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_model):
+def accumulate_histograms(pooled, confidence, mask, true_mask):
+    for key, labels in (("auc_mask", mask), ("auc_truth", true_mask)):
+        if labels is not None:
+            pos, neg = metrics.auc_histograms(confidence, labels)
+            old = pooled[key]
+            pooled[key] = [pos, neg] if old[0] is None else [old[0] + pos, old[1] + neg]
+
+
+def summarise_confidence(per_image, pooled):
+    """Means over images (NaN skipped: an image with one class has no AUC) and the AUC pooled over all pixels."""
+    if all(math.isnan(row["conf_auc_mask"]) and math.isnan(row["conf_mean_clear"]) for row in per_image):
+        return None  # the model has no confidence map
+    out = {name[len("conf_"):]: _nanmean([row[name] for row in per_image])
+           for name in CONFIDENCE_COLUMNS if name.startswith("conf_")}
+    for key, (pos, neg) in pooled.items():
+        out[f"{key}_pooled"] = metrics.auc_from_histograms(pos, neg) if pos is not None else None
+    return out
+
+
+def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_model, pooled):
     bins = {}
     for lo, hi in COVER_BINS:
         name = f"{lo}-{hi}"
@@ -209,14 +264,34 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
     return {
         "checkpoint": str(args.checkpoint), "model_name": ckpt["model_name"], "epoch": ckpt.get("epoch"),
         "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
-        "crop_size": args.crop_size, "cloud_detector": args.cloud_detector, "cloud_threshold": args.cloud_threshold,
+        "crop_size": args.crop_size, "cloud_threshold": args.cloud_threshold,
+        "cloud_detector": args.cloud_detector if not args.cloud_mask_dir else
+        f"{dataloader.check_mask_dir(args.cloud_mask_dir, [])} (precomputed in {args.cloud_mask_dir})",
         "device": str(device), "amp": runtime.amp_name(amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
         "sar_input": model.config.get("sar_input", "on"),
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
         "mean": summarise(per_image), "cloud_cover_bins": bins,
+        "confidence": summarise_confidence(per_image, pooled),
+        "clear_change": {"model": _nanmean([row["model_clear_change"] for row in per_image]), "identity": 0.0},
         "images_per_s": len(per_image) / seconds, "model_images_per_s": len(per_image) / max(t_model, 1e-9),
     }
+
+
+def format_confidence(summary):
+    """Lines saying what the confidence map is worth as a cloud map, and how much clear pixels were changed."""
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"clear pixels changed by the model: mean |prediction - cloudy| = {fmt(summary['clear_change']['model'])}"
+             f" (identity: 0)"]
+    c = summary["confidence"]
+    if c is not None:
+        lines.append(f"confidence map vs the {summary['cloud_detector']} mask: ROC AUC {fmt(c['auc_mask'])} "
+                     f"(pooled {fmt(c['auc_mask_pooled'])}), IoU at 0.5 {fmt(c['iou_mask'])}; "
+                     f"mean on clear pixels {fmt(c['mean_clear'])}")
+        if c["auc_truth"] is not None:
+            lines.append(f"confidence map vs the true cloud map: ROC AUC {fmt(c['auc_truth'])} "
+                         f"(pooled {fmt(c['auc_truth_pooled'])}), IoU at 0.5 {fmt(c['iou_truth'])}")
+    return "\n".join(lines)
 
 
 def evaluate(args):
@@ -230,15 +305,18 @@ def evaluate(args):
     rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
                                    source=str(args.data_list_filepath))
     dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size, augment=False,
-                                          cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold)
+                                          cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold,
+                                          cloud_mask_dir=args.cloud_mask_dir)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     results = Path(args.results_dir)
-    for sub, wanted in (("", True), ("geotiff", args.save_geotiff), ("png", args.save_png)):
+    for sub, wanted in (("", True), ("geotiff", args.save_geotiff), ("png", args.save_png),
+                        ("confidence", args.save_confidence)):
         if wanted:
             (results / sub).mkdir(parents=True, exist_ok=True)
 
     per_image, t_model, t0 = [], 0.0, time.perf_counter()
+    pooled = {"auc_mask": [None, None], "auc_truth": [None, None]}  # summed score histograms: pooled AUCs
     for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
         cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
                                            ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
@@ -251,13 +329,21 @@ def evaluate(args):
                   "identity": score_batch(dataloader.finish_s2(cloudy), target, cloud_mask, args.cloud_threshold)}
         # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
         cover = (cloud_mask >= args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
-        per_image += image_rows(batch, scores, cover)
+        truth = batch["cloud_truth"].to(device) if "cloud_truth" in batch else None
+        conf_cols = confidence_scores(confidence, prediction, dataloader.finish_s2(cloudy), cloud_mask,
+                                      args.cloud_threshold, truth)
+        if confidence is not None:
+            accumulate_histograms(pooled, confidence, cloud_mask >= args.cloud_threshold,
+                                  None if truth is None else dataloader.truth_mask(truth))
+        per_image += image_rows(batch, scores, cover, conf_cols)
         save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence)
-    summary = summarise_run(args, ckpt, model, device, amp_dtype, per_image, time.perf_counter() - t0, t_model)
+    summary = summarise_run(args, ckpt, model, device, amp_dtype, per_image, time.perf_counter() - t0, t_model,
+                            pooled)
     write_results(results, per_image, summary)
     print(f"{ckpt['model_name']} from {args.checkpoint} on {len(per_image)} {args.split} images "
           f"({args.data_list_filepath}); device {device}, amp {summary['amp']}")
     print(format_table(summary["mean"], summary["cloud_cover_bins"]))
+    print(format_confidence(summary))
     print(f"{summary['images_per_s']:.2f} images/s; per-image scores in {results / 'metrics.csv'}, "
           f"means in {results / 'summary.json'}")
     return summary

@@ -66,6 +66,11 @@ def _model_flags(p):
     g.add_argument("--use_cloud_predictor", action=argparse.BooleanOptionalAction, default=True,
                    help="weight the residual by a predicted cloud confidence map "
                         "(--no-use_cloud_predictor: output = cloudy + residual)")
+    g.add_argument("--use_date_correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="a per-image, per-band gain and offset applied to every pixel (the two dates' radiometric "
+                        "change), so the confidence map only marks clouds: output = corrected + confidence * residual")
+    g.add_argument("--use_sar_skips", action=argparse.BooleanOptionalAction, default=False,
+                   help="feed the SAR encoder's full- and half-resolution features to the decoder too")
     g.add_argument("--attention", default="fused", choices=["fused", "reference"],
                    help="attention kernel: fused scaled_dot_product_attention, or the explicit reference")
     g.add_argument("--sar_input", default="on", choices=list(net_CR_CrossAttention.SAR_INPUTS),
@@ -140,6 +145,9 @@ def _data_flags(p):
                    help="random flips and 90-degree rotations of training crops")
     g.add_argument("--cloud_detector", default="rule", choices=["rule", "s2cloudless", "none"],
                    help="soft cloud score behind the cloud-focused and confidence losses")
+    g.add_argument("--cloud_mask_dir", default=None,
+                   help="read the cloud masks precomputed by `python dataloader.py masks` from this folder instead "
+                        "of running --cloud_detector on every sample")
     g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes per training process")
     g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (default: --batch_sz)")
 
@@ -241,7 +249,8 @@ def build_model(args, ckpt, resume_path, is_main):
         config = dict(sar_input=args.sar_input)
         if args.model_name == "CrossAttention":
             config.update(use_cross_attn=args.use_cross_attn, use_spectral_attention=args.use_spectral_attention,
-                          use_cloud_predictor=args.use_cloud_predictor, attention=args.attention)
+                          use_cloud_predictor=args.use_cloud_predictor, attention=args.attention,
+                          use_date_correction=args.use_date_correction, use_sar_skips=args.use_sar_skips)
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     if args.confidence_weight > 0 and not model.config.get("use_cloud_predictor", False):
         raise SystemExit(f"--confidence_weight {args.confidence_weight} supervises the cloud confidence map, which "
@@ -254,7 +263,7 @@ def build_loaders(args, train_rows, val_rows, device, rank, world_size):
     all-reduced, so no sample is padded in twice."""
     train_set = dataloader.SEN12MSCRDataset(train_rows, args.input_data_folder, crop_size=args.crop_size,
                                             load_size=args.load_size, augment=args.augment,
-                                            cloud_detector=args.cloud_detector)
+                                            cloud_detector=args.cloud_detector, cloud_mask_dir=args.cloud_mask_dir)
     val_set = dataloader.SEN12MSCRDataset(val_rows, args.input_data_folder,
                                           crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
                                           augment=False, cloud_detector="none")
@@ -423,6 +432,14 @@ def to_device(batch, device, channels_last=False):
     return cloudy, cloudfree, sar, cloud_mask
 
 
+def confidence_target(batch, device):
+    """What the confidence map should be: the true cloud map where the data has one (synthetic sets), else the
+    detector's binary mask (score >= threshold)."""
+    if "cloud_truth" in batch:
+        return dataloader.truth_mask(batch["cloud_truth"]).float().to(device, non_blocking=True)
+    return batch["cloud_binary"].to(device, non_blocking=True)
+
+
 def train_step(run, batch):
     """One optimisation step. Returns (loss, terms, batch PSNR) or None when the loss was not finite on any rank
     (the step is skipped on every rank) or a stop signal arrived (the step is taken first)."""
@@ -433,7 +450,8 @@ def train_step(run, batch):
     cloudy, cloudfree, sar, cloud_mask = to_device(batch, run.device, run.channels_last)
     with run.ctx:
         prediction, aux = run.train_model(cloudy, sar, return_aux=True)
-    total, terms = run.criterion(prediction, cloudfree, cloudy, cloud_mask=cloud_mask, confidence=aux.get("confidence"))
+    total, terms = run.criterion(prediction, cloudfree, cloudy, cloud_mask=cloud_mask, confidence=aux.get("confidence"),
+                                 confidence_target=confidence_target(batch, run.device))
     # Every rank must agree on skipping a step or on stopping, or DDP's all-reduce would hang.
     flags = torch.tensor([float(not torch.isfinite(total)), float(run.stop_signal is not None)], device=run.device)
     if run.world_size > 1:

@@ -433,10 +433,12 @@ def test_synthetic_is_deterministic_for_a_seed(tmp_path):
              for name, seed in (("a", 7), ("b", 7), ("c", 8))]
     assert torch.equal(before, torch.get_rng_state())  # the caller's torch RNG is left alone
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tif"))
-    assert len(files) == 15
+    assert len(files) == 20  # S1, S2, cloudy S2 and the true cloud map of 5 patches
     same = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files]
-    differ = [(tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in files]
-    assert all(same) and all(differ)
+    # every image differs with the seed; so do the true cloud maps, but for the all-zero map of a clear patch
+    images = [f for f in files if "cloud_truth" not in str(f) or D.read_raster(tmp_path / "a" / f, 2).any()]
+    differ = [(tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in images]
+    assert all(same) and all(differ) and len(images) >= 18
     assert paths[0].read_text() == paths[1].read_text()
 
 
@@ -464,7 +466,7 @@ def test_sar_carries_the_land_cover_under_clouds(synth):
 def test_cli_help_documents_every_flag(capsys):
     parser = D.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"synth", "scan"}
+    assert set(subparsers.choices) == {"synth", "scan", "masks"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"{name}: {action.dest} has no help text"
