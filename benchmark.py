@@ -338,35 +338,62 @@ def _add_clouds_args(parser):
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
 
 
-def bench_clouds(args):
-    """Milliseconds per 256x256 patch: vectorised rule detector, original rule code, s2cloudless."""
+def _detector_agreement(scores, truths, threshold):
+    """Pooled ROC AUC and IoU at the detector's threshold of soft scores against binary truth masks."""
+    import torch
 
+    import metrics
+
+    score = torch.from_numpy(np.stack(scores))[:, None]
+    label = torch.from_numpy(np.stack(truths))[:, None]
+    pos, neg = metrics.auc_histograms(score, label)
+    hits = score >= threshold
+    return {"auc": metrics.auc_from_histograms(pos, neg),
+            "iou": float((hits & label).sum() / max(int((hits | label).sum()), 1))}
+
+
+def bench_clouds(args):
+    """Each detector's ms per patch and, on synthetic data, its agreement with the true cloud map."""
     import dataloader
 
     root, triplets = _data_source(args)
     images = [dataloader.read_raster(f"{root}/{t.s2_cloudy}", 13) for t in triplets]
     normed = [dataloader.normalize_s2(im) for im in images]
-    variants = {
-        "rule, original code": lambda: [_reference_cloud_score(im) for im in images],
-        "rule (dataloader)": lambda: [dataloader.rule_cloud_score(im) for im in normed],
-        "rule + shadows (dataloader)": lambda: [dataloader.cloud_shadow_mask(im) for im in normed],
-        "s2cloudless": lambda: [dataloader.s2cloudless_score(im) for im in normed],
+    variants = {  # name -> (scores of every patch, threshold that makes the binary mask)
+        "rule, original code": (lambda: [_reference_cloud_score(im) for im in images], 0.2),
+        "rule (clouds.rule_cloud_score)": (lambda: [dataloader.rule_cloud_score(im) for im in normed], 0.2),
+        "rule + shadows (cloud_shadow_mask)": (lambda: [np.abs(dataloader.cloud_shadow_mask(im)).astype(np.float32)
+                                                        for im in normed], 0.5),
+        "s2cloudless": (lambda: [dataloader.s2cloudless_score(im) for im in normed], 0.4),
     }
-    for fn in variants.values():
-        fn()  # warm-up; loads the s2cloudless model
+    outputs = {name: fn() for name, (fn, _) in variants.items()}  # warm-up; loads the s2cloudless model
     times = {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name, fn in variants.items():
+        for name, (fn, _) in variants.items():
             t0 = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t0) / len(images) * 1000)
     ms = {name: statistics.median(t) for name, t in times.items()}
+    truth_paths = [Path(root) / dataloader.truth_path(t.s2_cloudy) for t in triplets]
+    agreement = {}
+    if all(p.is_file() for p in truth_paths):
+        truths = [dataloader.read_raster(p, 2) for p in truth_paths]
+        cloud = [t[0] > dataloader.TRUTH_THRESHOLD for t in truths]
+        cloud_or_shadow = [(t > dataloader.TRUTH_THRESHOLD).any(0) for t in truths]
+        for name, (_, threshold) in variants.items():
+            agreement[name] = {"clouds": _detector_agreement(outputs[name], cloud, threshold),
+                               "clouds_and_shadows": _detector_agreement(outputs[name], cloud_or_shadow, threshold)}
     h, w = images[0].shape[1:]
     print(f"{len(images)} cloudy patches of {h}x{w}; median of {args.rounds} rounds")
-    print(f"{'detector':<30}{'ms/patch':>10}")
+    print(f"{'detector':<36}{'ms/patch':>10}" + ("  AUC / IoU vs true clouds  AUC / IoU vs clouds+shadows"
+                                                   if agreement else ""))
     for name, v in ms.items():
-        print(f"{name:<30}{v:>10.2f}")
-    return {"patch": [h, w], "ms_per_patch": ms}
+        line = f"{name:<36}{v:>10.2f}"
+        if agreement:
+            a, b = agreement[name]["clouds"], agreement[name]["clouds_and_shadows"]
+            line += f"  {a['auc']:>9.3f} / {a['iou']:.3f}  {b['auc']:>17.3f} / {b['iou']:.3f}"
+        print(line)
+    return {"patch": [h, w], "ms_per_patch": ms, "agreement_with_truth": agreement}
 
 
 SUBCOMMANDS["data"] = (_add_data_args, bench_data)

@@ -237,21 +237,22 @@ def write_results(results, per_image, summary):
 
 
 def accumulate_histograms(pooled, confidence, mask, true_mask):
+    """Add a batch's confidence histograms (against the mask, and the truth if any) to the data set's."""
     for key, labels in (("auc_mask", mask), ("auc_truth", true_mask)):
         if labels is not None:
-            pos, neg = metrics.auc_histograms(confidence, labels)
-            old = pooled[key]
-            pooled[key] = [pos, neg] if old[0] is None else [old[0] + pos, old[1] + neg]
+            counts = metrics.auc_histograms(confidence, labels)
+            pooled[key] = counts if key not in pooled else tuple(a + b for a, b in zip(pooled[key], counts))
 
 
 def summarise_confidence(per_image, pooled):
-    """Means over images (NaN skipped: an image with one class has no AUC) and the AUC pooled over all pixels."""
-    if all(math.isnan(row["conf_auc_mask"]) and math.isnan(row["conf_mean_clear"]) for row in per_image):
-        return None  # the model has no confidence map
+    """Means over images (NaN skipped: an image with one class has no AUC) and the AUC pooled over all pixels;
+    None for a model without a confidence map (nothing was pooled)."""
+    if not pooled:
+        return None
     out = {name[len("conf_"):]: _nanmean([row[name] for row in per_image])
            for name in CONFIDENCE_COLUMNS if name.startswith("conf_")}
-    for key, (pos, neg) in pooled.items():
-        out[f"{key}_pooled"] = metrics.auc_from_histograms(pos, neg) if pos is not None else None
+    for key in ("auc_mask", "auc_truth"):
+        out[f"{key}_pooled"] = metrics.auc_from_histograms(*pooled[key]) if key in pooled else None
     return out
 
 
@@ -316,7 +317,7 @@ def evaluate(args):
             (results / sub).mkdir(parents=True, exist_ok=True)
 
     per_image, t_model, t0 = [], 0.0, time.perf_counter()
-    pooled = {"auc_mask": [None, None], "auc_truth": [None, None]}  # summed score histograms: pooled AUCs
+    pooled = {}  # summed confidence histograms, for the AUCs pooled over the whole split
     for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
         cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
                                            ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
