@@ -649,6 +649,11 @@ def test_cli_user_errors_print_one_line_and_exit_2(tmp_path, argv, message):
                           capture_output=True, text=True)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [message.replace("{tmp}", str(tmp_path))]
-    bad_fraction = subprocess.run([sys.executable, "dataloader.py", "scan", str(tmp_path), "--out", "x.csv",
-                                   "--test_frac", "1.5"], cwd=Path(D.__file__).parent, capture_output=True, text=True)
-    assert bad_fraction.returncode == 2 and "--test_frac: 1.5 is not in [0, 1)" in bad_fraction.stderr
+
+
+def test_cli_bad_flags_are_argparse_errors(tmp_path, capsys):
+    for argv, message in ((["--test_frac", "1.5"], "argument --test_frac: 1.5 is not in [0, 1)"),
+                          (["--val_frac", "0.5", "--test_frac", "0.5"], "--val_frac 0.5 + --test_frac 0.5 must be below 1")):
+        with pytest.raises(SystemExit) as e:
+            D.main(["scan", str(tmp_path), "--out", str(tmp_path / "x.csv"), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err
