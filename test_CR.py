@@ -461,7 +461,7 @@ def check_scene_pair(cloudy_src, sar_src):
                                    f"(VV, VH), found {sar_src.count}")
     problems = dataloader.grid_problems(sar_src, cloudy_src)
     if problems:
-        raise dataloader.DataError(f"{cloudy_src.name} and {sar_src.name} are not on the same grid: "
+        raise dataloader.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
                                    + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
 
 
