@@ -374,7 +374,7 @@ def bench_clouds(args):
             fn()
             times[name].append((time.perf_counter() - t0) / len(images) * 1000)
     ms = {name: statistics.median(t) for name, t in times.items()}
-    truth_paths = [Path(root) / dataloader.truth_path(t.s2_cloudy) for t in triplets]
+    truth_paths = [Path(root) / (dataloader.truth_path(t.s2_cloudy) or "-") for t in triplets]
     agreement = {}
     if all(p.is_file() for p in truth_paths):
         truths = [dataloader.read_raster(p, 2) for p in truth_paths]

@@ -2,6 +2,7 @@
 
     python dataloader.py synth OUT --n 48 --size 128 --seed 0     # demo data in the official layout
     python dataloader.py scan ROOT --out data.csv                  # list a downloaded copy, split by scene
+    python dataloader.py scan ROOT --out data.csv --split official # the published SEN12MS-CR scene split
     python dataloader.py masks --data_list_filepath data.csv --input_data_folder ROOT --out masks   # once
 
 The dataset returns the dict keys of the GLF-CR code (cloudy_data, cloudfree_data, SAR_data, cloud_mask,
@@ -19,6 +20,7 @@ import random
 import re
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +46,14 @@ KAGGLE_HEADER = ("split", "s1_folder", "s2_folder", "s2_cloudy_folder", "s2_file
 
 class DataError(ValueError):
     """Bad input data: the message names the file (and line, for list files)."""
+
+    def __init__(self, message=""):
+        # A DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker process N.\n
+        # Original Traceback ... DataError: <message>"); keep <message>, the part that tells a user what to fix.
+        message = str(message)
+        if message.startswith("Caught DataError in DataLoader worker") and "DataError: " in message:
+            message = message.rsplit("DataError: ", 1)[1].rstrip("\n")
+        super().__init__(message)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -176,14 +186,29 @@ GDAL_READ_OPTIONS = {"GTIFF_VIRTUAL_MEM_IO": "YES", "GDAL_DISABLE_READDIR_ON_OPE
 
 
 def open_raster(path):
-    """rasterio.open with errors that name the file (DataError)."""
+    """rasterio.open with errors that name the file (DataError). A raster without georeferencing (derived
+    SEN12MS-CR copies often lose it) opens without rasterio's NotGeoreferencedWarning: it is a supported case."""
     path = str(path)
     if not os.path.isfile(path):
         raise DataError(f"file not found: {path}")
     try:
-        return rasterio.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            return rasterio.open(path)
     except rasterio.errors.RasterioError as e:
-        raise DataError(f"cannot open {path} as a raster: {e}") from None
+        raise DataError(f"cannot open {path} as a raster: {gdal_cause(e)}") from None
+
+
+def gdal_cause(error):
+    """The message of a rasterio error, with GDAL's own reason: rasterio often says only "Read failed. See previous
+    exception for details." and keeps the reason (e.g. "TIFFReadEncodedStrip() failed") in the chained exception."""
+    messages, e = [], error
+    while e is not None and len(messages) < 4:
+        text = str(e).strip()
+        if text and "See previous exception" not in text and text not in messages:
+            messages.append(text)
+        e = e.__cause__ or e.__context__
+    return "; ".join(messages) or type(error).__name__
 
 
 def _check_bands(src, bands):
@@ -207,7 +232,59 @@ def read_window(src, window):
     try:
         return src.read(window=window)
     except rasterio.errors.RasterioError as e:
-        raise DataError(f"cannot read {src.name}: {e}") from None
+        raise DataError(f"cannot read {src.name}: {gdal_cause(e)} (the file is damaged or incomplete, e.g. a "
+                        f"download that stopped early: fetch it again)") from None
+
+
+def _same_transform(a, b):
+    """Equal pixel grids up to 1% of a pixel (headers written by different tools differ in the last digits)."""
+    tolerance = 0.01 * min(abs(a.a), abs(a.e))
+    return max(abs(p - q) for p, q in zip(tuple(a)[:6], tuple(b)[:6])) <= tolerance
+
+
+def grid_problems(a, b):
+    """How the pixel grids of two open rasters differ: size always; CRS and transform where both files carry one
+    (a raster without georeferencing has no CRS and the identity transform, so it is checked by size alone)."""
+    problems = []
+    if a.shape != b.shape:
+        problems.append(f"size {a.height}x{a.width} differs from {b.height}x{b.width}")
+    if a.crs and b.crs and a.crs != b.crs:
+        problems.append(f"CRS {a.crs} vs {b.crs}")
+    ta, tb = a.transform, b.transform
+    if not ta.is_identity and not tb.is_identity and not _same_transform(ta, tb):
+        problems.append(f"transform: origin ({ta.c:.1f}, {ta.f:.1f}) vs ({tb.c:.1f}, {tb.f:.1f}), "
+                        f"pixel ({ta.a:g}, {ta.e:g}) vs ({tb.a:g}, {tb.e:g})")
+    return problems
+
+
+def check_triplet(s1, s2_cloudfree, s2_cloudy):
+    """Header checks of one triplet's open rasters (cheap, no pixels read): band counts, and S1 and cloud-free S2
+    on the cloudy S2's grid (size, CRS, transform). Errors name both files of a mismatched pair."""
+    for src, bands in ((s1, len(S1_BANDS)), (s2_cloudfree, len(S2_BANDS)), (s2_cloudy, len(S2_BANDS))):
+        _check_bands(src, bands)
+    for src in (s1, s2_cloudfree):
+        problems = grid_problems(src, s2_cloudy)
+        if problems:
+            raise DataError(f"{src.name} and {s2_cloudy.name} are not on the same grid: {'; '.join(problems)} "
+                            f"(the three files of a triplet must cover the same pixels: check this row of the "
+                            f"data list, or resample the file onto the cloudy Sentinel-2 grid)")
+
+
+# Sentinel-2 reflectance already divided by 10000 peaks near 1 (bright clouds ~1.5); x10000 data peaks in the
+# thousands, so a float band whose maximum is at most this is the [0, 1] encoding.
+S2_FLOAT_REFLECTANCE_MAX = 2.0
+
+
+def check_s2_encoding(data, path):
+    """Refuse Sentinel-2 pixels already scaled to float reflectance in [0, 1]: normalize_s2 would divide them by
+    10000 again and the network would see (and predict) a black image."""
+    if data.dtype.kind != "f" or data.size == 0:
+        return
+    peak = float(np.fmax.reduce(data, axis=None))  # NaN-tolerant maximum
+    if 0 < peak <= S2_FLOAT_REFLECTANCE_MAX:
+        raise DataError(f"{path}: Sentinel-2 values are {data.dtype} with maximum {peak:.3g}, i.e. reflectance in "
+                        f"[0, 1]; expected reflectance x10000 (uint16, as SEN12MS-CR ships it). Convert with: "
+                        f"gdal_translate -ot UInt16 -scale 0 1 0 10000 {path} {Path(path).stem}_x10000.tif")
 
 
 def raster_georef(path, window=None):
@@ -220,7 +297,9 @@ def raster_georef(path, window=None):
 
 
 def _write_geotiff(path, data, crs, transform, descriptions=None, **creation_options):
-    with atomic_output(path, ".tif") as tmp:
+    with atomic_output(path, ".tif") as tmp, warnings.catch_warnings():
+        # An input without georeferencing gives an output without it (crs None, identity transform), as it should.
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(tmp, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
                            dtype=data.dtype, crs=crs, transform=transform, **creation_options) as dst:
             dst.write(data)
@@ -232,8 +311,8 @@ def _write_geotiff(path, data, crs, transform, descriptions=None, **creation_opt
 def truth_path(cloudy_rel):
     """Where a cloudy image's true cloud map lives (synthetic data only): beside it, every `s2_cloudy` of its
     relative path replaced by `cloud_truth` (ROIs2017_winter_cloud_truth/cloud_truth_100/..._cloud_truth_100_p1.tif).
-    Two float32 bands: cloud opacity and shadow darkening, each in [0, 1]."""
-    return str(cloudy_rel).replace("s2_cloudy", "cloud_truth")
+    Two float32 bands: cloud opacity and shadow darkening, each in [0, 1]. None for a path without `s2_cloudy`."""
+    return str(cloudy_rel).replace("s2_cloudy", "cloud_truth") if "s2_cloudy" in str(cloudy_rel) else None
 
 
 TRUTH_BANDS = ("cloud_opacity", "shadow_darkening")
@@ -270,10 +349,12 @@ MASKS_INFO = "masks.json"  # in a mask folder: which detector made its masks
 
 def truth_available(root, triplets):
     """True when every triplet has a true cloud map, False when none has; a partial set is an error."""
-    have = [(Path(root) / truth_path(t.s2_cloudy)).is_file() for t in triplets]
+    have = [truth_path(t.s2_cloudy) is not None and (Path(root) / truth_path(t.s2_cloudy)).is_file()
+            for t in triplets]
     if any(have) and not all(have):
         missing = triplets[have.index(False)]
-        raise DataError(f"{Path(root) / truth_path(missing.s2_cloudy)}: missing, while other triplets of the list "
+        raise DataError(f"{Path(root) / (truth_path(missing.s2_cloudy) or missing.s2_cloudy)}: no true cloud map, "
+                        f"while other triplets of the list "
                         f"have a true cloud map; make the set again or remove the cloud_truth folders")
     return all(have)
 
@@ -352,20 +433,25 @@ class SEN12MSCRDataset(Dataset):
     """Triplets (S1, cloud-free S2, cloudy S2) read with rasterio windows.
 
     crop_size: side of the returned square (None = whole region). load_size: side of the centred region of the
-    raster that crops are taken from (None = the whole raster; GLF-CR's load_size). random_crop (default: same
-    as augment) takes the crop at a random place, otherwise in the centre; augment adds random flips and
-    90-degree rotations, identical for the three images. Only the crop window is read from disk, so NaN pixels
-    are filled with the mean of the band over that crop.
+    raster that crops are taken from (None = the whole raster; GLF-CR's load_size); a load_size larger than the
+    raster takes the whole raster (one warning per dataset), and a crop_size equal to load_size means "the whole
+    region" (so validation at --load_size works on smaller patches). random_crop (default: same as augment) takes
+    the crop at a random place, otherwise in the centre; augment adds random flips and 90-degree rotations,
+    identical for the three images. Only the crop window is read from disk, so NaN pixels are filled with the
+    mean of the band over that crop.
     cloud_detector: "rule" (DSen2-CR rules), "s2cloudless" or "none" (cloud_mask all zeros, so a cloud-weighted
     loss reduces to an unweighted one). `cloud_binary` is cloud_mask >= cloud_threshold. cloud_mask_dir: read
     cloud_mask from masks precomputed by `python dataloader.py masks` instead of running a detector per sample.
     Where every triplet has a true cloud map (synthetic data, truth_path), samples also hold `cloud_truth`
     (2,H,W: opacity, shadow darkening).
+    crop_flag: the command-line flag that set crop_size, named in the error when a raster is smaller than it.
+    Every sample is checked from the file headers (check_triplet: bands, size, CRS, transform) and its Sentinel-2
+    encoding from its pixels (check_s2_encoding); errors name the files.
     Random choices use torch's generator, which a DataLoader seeds differently in every worker.
     """
 
     def __init__(self, triplets, root, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
-                 cloud_threshold=0.2, random_crop=None, cloud_mask_dir=None):
+                 cloud_threshold=0.2, random_crop=None, cloud_mask_dir=None, crop_flag="--crop_size"):
         self.triplets = list(triplets)
         if not self.triplets:
             raise DataError(f"no samples: the list of triplets for data root {root} is empty")
@@ -383,6 +469,8 @@ class SEN12MSCRDataset(Dataset):
         self.random_crop = self.augment if random_crop is None else bool(random_crop)
         self.cloud_detector = cloud_detector
         self.cloud_threshold = float(cloud_threshold)
+        self.crop_flag = crop_flag
+        self._warn_if_load_size_exceeds_rasters()
         self.cloud_mask_dir = Path(cloud_mask_dir) if cloud_mask_dir else None
         if self.cloud_mask_dir is not None:
             self.cloud_detector = check_mask_dir(self.cloud_mask_dir, self.triplets)
@@ -391,6 +479,21 @@ class SEN12MSCRDataset(Dataset):
     def __len__(self):
         return len(self.triplets)
 
+    def _warn_if_load_size_exceeds_rasters(self):
+        """One warning per dataset, here in the main process (a DataLoader worker would repeat it every epoch),
+        from the first sample's header; _window then takes the whole raster wherever load_size exceeds it."""
+        if not self.load_size:
+            return
+        try:
+            with open_raster(self.root / self.triplets[0].s2_cloudy) as src:
+                height, width = src.height, src.width
+        except DataError:
+            return  # __getitem__ reports the file
+        if self.load_size > min(height, width):
+            warnings.warn(f"--load_size {self.load_size} is larger than the {height}x{width} rasters (first: "
+                          f"{self.root / self.triplets[0].s2_cloudy}); the whole raster is used instead",
+                          stacklevel=3)
+
     def _window(self, height, width, path):
         """(row_off, col_off, h, w) of this sample's crop."""
         region_h, region_w = height, width
@@ -398,9 +501,10 @@ class SEN12MSCRDataset(Dataset):
             region_h, region_w = min(self.load_size, height), min(self.load_size, width)
         top0, left0 = (height - region_h) // 2, (width - region_w) // 2
         ch, cw = region_h, region_w
-        if self.crop_size:
+        if self.crop_size and self.crop_size != self.load_size:  # crop == load_size: the whole region
             if self.crop_size > region_h or self.crop_size > region_w:
-                raise DataError(f"{path}: raster {height}x{width} is smaller than crop_size {self.crop_size}")
+                raise DataError(f"{path}: the raster is {height}x{width} px, smaller than {self.crop_flag} "
+                                f"{self.crop_size}; pass {self.crop_flag} {min(region_h, region_w)} or less")
             ch = cw = self.crop_size
         if self.random_crop:
             dy = int(torch.randint(region_h - ch + 1, ()).item())
@@ -414,16 +518,13 @@ class SEN12MSCRDataset(Dataset):
         paths = [self.root / p for p in (t.s1, t.s2_cloudfree, t.s2_cloudy)]
         with contextlib.ExitStack() as stack:
             stack.enter_context(rasterio.Env(**GDAL_READ_OPTIONS))
-            srcs = []
-            for p, bands in zip(paths, (len(S1_BANDS), len(S2_BANDS), len(S2_BANDS))):
-                srcs.append(stack.enter_context(open_raster(p)))
-                _check_bands(srcs[-1], bands)
+            srcs = [stack.enter_context(open_raster(p)) for p in paths]
+            check_triplet(*srcs)
             ref = srcs[2]
-            for src in srcs[:2]:
-                if src.shape != ref.shape:
-                    raise DataError(f"{src.name}: size {src.shape} differs from {ref.shape} of {ref.name}")
             window = self._window(ref.height, ref.width, ref.name)
             sar, cloudfree, cloudy = (read_window(s, window) for s in srcs)
+        check_s2_encoding(cloudfree, paths[1])
+        check_s2_encoding(cloudy, paths[2])
         sar, cloudfree, cloudy = normalize_s1(sar), normalize_s2(cloudfree), normalize_s2(cloudy)
         if self.cloud_mask_dir is not None:
             score = read_mask(self.cloud_mask_dir / t.s2_cloudy, window)[None]
@@ -525,6 +626,37 @@ def split_by_scene(triplets, val_frac=0.1, test_frac=0.1, seed=0):
     return [Triplet(split_of.get(scene_of(t), 1), t.s1, t.s2_cloudfree, t.s2_cloudy) for t in triplets]
 
 
+# The standard SEN12MS-CR scene split (UnCRtainTS's SEN12MSCR data loader, used by EMRDM and ECRformer): these
+# test and validation scenes, every other scene trains. Published scores on "the SEN12MS-CR test split" mean these.
+OFFICIAL_TEST_SCENES = {"ROIs1158_spring": (106, 123, 140, 31, 44), "ROIs1868_summer": (119, 73),
+                        "ROIs1970_fall": (139,), "ROIs2017_winter": (108, 63)}
+OFFICIAL_VAL_SCENES = {"ROIs2017_winter": (22, 107, 130, 84), "ROIs1868_summer": (19, 80, 127, 17),
+                       "ROIs1970_fall": (65,), "ROIs1158_spring": (17,)}
+
+
+def _scene_set(table):
+    return {(roi, scene) for roi, scenes in table.items() for scene in scenes}
+
+
+def split_official(triplets):
+    """Assign split 1/2/3 by the official scene lists. Returns (triplets, missing) where missing maps "test" and
+    "val" to the official scenes of that split not among the triplets (a partial download), in list order."""
+    test, val = _scene_set(OFFICIAL_TEST_SCENES), _scene_set(OFFICIAL_VAL_SCENES)
+    split_of = lambda t: 3 if scene_of(t) in test else 2 if scene_of(t) in val else 1
+    present = {scene_of(t) for t in triplets}
+    missing = {name: [(roi, n) for roi, scenes in table.items() for n in scenes if (roi, n) not in present]
+               for name, table in (("test", OFFICIAL_TEST_SCENES), ("val", OFFICIAL_VAL_SCENES))}
+    return [Triplet(split_of(t), t.s1, t.s2_cloudfree, t.s2_cloudy) for t in triplets], missing
+
+
+def format_scenes(scenes):
+    """[(roi, n), ...] -> "ROIs1158_spring 106, 123; ROIs1970_fall 139" (as the scene lists are written)."""
+    by_roi = {}
+    for roi, n in scenes:
+        by_roi.setdefault(roi, []).append(str(n))
+    return "; ".join(f"{roi} {', '.join(ns)}" for roi, ns in by_roi.items())
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Synthetic SEN12MS-CR in the official layout (the scenes themselves come from synthetic.py)
 
@@ -567,10 +699,18 @@ def _cmd_scan(args):
         print(f"no partner: {rel}", file=sys.stderr)
     if not triplets:
         raise DataError(f"{args.root}: no complete SEN12MS-CR triplets found")
-    triplets = split_by_scene(triplets, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
+    if args.split == "official":
+        triplets, missing = split_official(triplets)
+        for name, scenes in missing.items():
+            if scenes:
+                print(f"note: official {name} scenes not found under {args.root}: {format_scenes(scenes)}"
+                      + (" (scores on this test split do not compare with published ones)" if name == "test" else ""),
+                      file=sys.stderr)
+    else:
+        triplets = split_by_scene(triplets, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
     out = write_data_list(args.out, triplets)
     counts = {name: sum(t.split == i for t in triplets) for name, i in SPLIT_IDS.items()}
-    print(f"{len(triplets)} triplets in {len({scene_of(t) for t in triplets})} scenes {counts}; "
+    print(f"{len(triplets)} triplets in {len({scene_of(t) for t in triplets})} scenes {counts}, {args.split} split; "
           f"{len(unpartnered)} files without partner; wrote {out}")
     return 0
 
@@ -583,26 +723,48 @@ def _cmd_masks(args):
     return 0
 
 
+def fraction(text):
+    """argparse type: a float in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not in [0, 1)")
+    return value
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the description's layout and shows every flag's default (test_CR.py uses it too)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.required else super()._get_help_string(action)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="write a synthetic SEN12MS-CR tree (official layout) and its data.csv")
+    p = sub.add_parser("synth", help="write a synthetic SEN12MS-CR tree (official layout) and its data.csv",
+                       formatter_class=HelpFormatter)
     p.add_argument("out", help="output folder (created)")
-    p.add_argument("--n", type=int, default=48, help="number of triplets (default 48)")
-    p.add_argument("--size", type=int, default=128, help="patch side in pixels (default 128; real data: 256)")
+    p.add_argument("--n", type=int, default=48, help="number of triplets")
+    p.add_argument("--size", type=int, default=128, help="patch side in pixels (real SEN12MS-CR: 256)")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same data")
-    p.add_argument("--scenes", type=int, default=None, help="number of scenes (default max(3, ceil(n/4)))")
-    p.add_argument("--val_frac", type=float, default=0.15, help="fraction of scenes for validation")
-    p.add_argument("--test_frac", type=float, default=0.15, help="fraction of scenes for test")
+    p.add_argument("--scenes", type=int, default=None, help="number of scenes; None means max(3, ceil(n/4))")
+    p.add_argument("--val_frac", type=fraction, default=0.15, help="fraction of scenes for validation")
+    p.add_argument("--test_frac", type=fraction, default=0.15, help="fraction of scenes for test")
     p.set_defaults(func=_cmd_synth)
-    p = sub.add_parser("scan", help="list the triplets of a downloaded copy and split them by scene")
+    p = sub.add_parser("scan", help="list the triplets of a downloaded copy and split them by scene",
+                       formatter_class=HelpFormatter)
     p.add_argument("root", help="data root (official layout at any depth, Kaggle's nesting included)")
     p.add_argument("--out", required=True, help="CSV to write (7-column Kaggle format, paths relative to ROOT)")
-    p.add_argument("--val_frac", type=float, default=0.1, help="fraction of scenes for validation (default 0.1)")
-    p.add_argument("--test_frac", type=float, default=0.1, help="fraction of scenes for test (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the scene shuffle (same seed, same split)")
+    p.add_argument("--split", default="random", choices=["random", "official"],
+                   help="random: scenes shuffled into val/test by --val_frac/--test_frac (for partial downloads "
+                        "such as Kaggle's winter-only copy); official: the published SEN12MS-CR scene split "
+                        "(UnCRtainTS, EMRDM, ECRformer), which reports official scenes it does not find")
+    p.add_argument("--val_frac", type=fraction, default=0.1, help="--split random: fraction of scenes for validation")
+    p.add_argument("--test_frac", type=fraction, default=0.1, help="--split random: fraction of scenes for test")
+    p.add_argument("--seed", type=int, default=0, help="--split random: seed of the scene shuffle (same seed, same split)")
     p.set_defaults(func=_cmd_scan)
-    p = sub.add_parser("masks", help="compute every triplet's cloud mask once, for --cloud_mask_dir")
+    p = sub.add_parser("masks", help="compute every triplet's cloud mask once, for --cloud_mask_dir",
+                       formatter_class=HelpFormatter)
     p.add_argument("--data_list_filepath", required=True, help="data list (every split is done)")
     p.add_argument("--input_data_folder", required=True, help="root the list's folders are relative to")
     p.add_argument("--detector", default="s2cloudless", choices=["rule", "s2cloudless"],
@@ -614,7 +776,13 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run a subcommand. Bad data (DataError) prints one line `error: ...` and returns 2, without a traceback;
+    flags argparse rejects exit 2 with its usage line. (The scripts above use runtime.run_cli for the same rule;
+    this module sits below runtime and keeps its own small handler.)"""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "val_frac", 0) + getattr(args, "test_frac", 0) >= 1:
+        parser.error(f"--val_frac {args.val_frac} + --test_frac {args.test_frac} must be below 1")
     try:
         return args.func(args)
     except DataError as e:

@@ -5,6 +5,10 @@ input taken as the prediction; inside clouds, in clear pixels, and by cloud-cove
     python test_CR.py --checkpoint checkpoints/glf_cr_enhanced_v3/best.pth \\
         --data_list_filepath data.csv --input_data_folder ROOT --split test --save_geotiff --save_png
 
+Protocols (what is scored): --protocol full scores whole 256 x 256 patches (UnCRtainTS, EMRDM, ECRformer);
+--protocol glfcr the centred 128 x 128 crop, as GLF-CR's test script does. GLF-CR's own flags --load_size,
+--crop_size, --is_use_cloudmask and --cloud_threshold are accepted with GLF-CR's meaning and override it.
+
 Whole-scene prediction (any raster size; overlapping tiles blended with feathered weights):
     python test_CR.py --predict --checkpoint best.pth --cloudy S2.tif --sar S1.tif --out cloudfree.tif
 
@@ -14,16 +18,21 @@ rounded to the uint16 x10000 grid of the dataset, i.e. exactly the values the sa
 scores therefore describe the delivered product; the rounding moves a PSNR of 30 dB by < 1e-4 dB.
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
 import math
+import os
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import torch
 from rasterio.windows import Window
 from torch.utils.data import DataLoader
@@ -39,10 +48,22 @@ REGIONS = ("all", "cloudy", "clear")
 PREDICTORS = ("model", "identity")  # identity: the cloudy input itself taken as the prediction
 # Cloud-cover bins in percent of cloudy pixels: [lo, hi), the last one closed at 100.
 COVER_BINS = ((0, 10), (10, 30), (30, 60), (60, 100))
+# (load_size, crop_size) of each protocol; None = the whole patch. glfcr: GLF-CR's test_CR.py defaults.
+PROTOCOLS = {"full": (None, None), "glfcr": (256, 128)}
+# Rows are appended here batch by batch; metrics.csv replaces it (atomically) when the run completes.
+PARTIAL_CSV = "metrics.partial.csv"
+
+
+def parse_bool(text):
+    """argparse type for GLF-CR's boolean flags: true/false, 1/0, yes/no (any case)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dataloader.HelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint written by train_CR_kaggle.py (last.pth or best.pth); the network is rebuilt "
                         "from it, no architecture flags needed")
@@ -56,13 +77,23 @@ def build_parser():
     g.add_argument("--input_data_folder", default=None, help="root the CSV's folders are relative to")
     g.add_argument("--split", default="test", choices=["train", "val", "test"], help="rows of the list to evaluate")
     g.add_argument("--results_dir", default="results",
-                   help="where metrics.csv, summary.json, geotiff/ and png/ are written")
+                   help="where metrics.csv, summary.json, geotiff/ and png/ are written (checked before any work)")
+    g.add_argument("--protocol", default="full", choices=list(PROTOCOLS),
+                   help="full: score whole patches (UnCRtainTS, EMRDM, ECRformer); glfcr: the centred 128 px crop "
+                        "of GLF-CR's test script (--load_size 256 --crop_size 128)")
+    g.add_argument("--load_size", type=int, default=None,
+                   help="GLF-CR's flag: side of the centred region the crop is taken from (None: from --protocol; "
+                        "larger than the patch: the whole patch)")
     g.add_argument("--crop_size", type=int, default=None,
-                   help="score a centred crop of this side (default: the whole patch, as GLF-CR does)")
+                   help="GLF-CR's flag: score a centred crop of this side (None: from --protocol, i.e. the whole "
+                        "patch for full, 128 for glfcr)")
     g.add_argument("--cloud_detector", default="rule", choices=list(dataloader.CLOUD_DETECTORS),
                    help="cloud mask behind the cloudy/clear scores and the cloud-cover bins")
+    g.add_argument("--is_use_cloudmask", type=parse_bool, nargs="?", const=True, default=None,
+                   help="GLF-CR's flag: False = no cloud mask (--cloud_detector none: the cloudy/clear scores are "
+                        "empty); True = use the --cloud_detector mask; None: follow --cloud_detector")
     g.add_argument("--cloud_threshold", type=float, default=0.2,
-                   help="soft cloud score above which a pixel counts as cloudy")
+                   help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold)")
     g.add_argument("--cloud_mask_dir", default=None,
                    help="read the masks precomputed by `python dataloader.py masks` instead of running --cloud_detector")
     g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes")
@@ -73,13 +104,14 @@ def build_parser():
                    help="write the model's confidence map (0 clear .. 1 cloudy) as a float32 GeoTIFF with the crop's "
                         "CRS and transform (results_dir/confidence/NAME.tif): a cloud-probability product")
     g.add_argument("--save_png", action="store_true",
-                   help="write RGB quicklooks cloudy | SAR | prediction | target | confidence with one fixed "
-                        "stretch (results_dir/png/NAME.png)")
+                   help="write labelled quicklooks cloudy | SAR | prediction | target | confidence heat map with "
+                        "its colour bar, RGB with one fixed stretch (results_dir/png/NAME.png)")
     g = p.add_argument_group("whole-scene prediction")
     g.add_argument("--predict", action="store_true", help="predict one whole scene instead of evaluating a list")
     g.add_argument("--cloudy", default=None, help="--predict: cloudy Sentinel-2 GeoTIFF (13 bands, reflectance x10000)")
     g.add_argument("--sar", default=None, help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid")
-    g.add_argument("--out", default=None, help="--predict: output GeoTIFF (13 bands, uint16 x10000)")
+    g.add_argument("--out", default=None, help="--predict: output GeoTIFF (13 bands, uint16 x10000); never an input")
+    g.add_argument("--overwrite", action="store_true", help="--predict: replace --out if it exists")
     g.add_argument("--tile", type=int, default=256, help="--predict: tile side in pixels")
     g.add_argument("--overlap", type=int, default=32, help="--predict: overlap of neighbouring tiles in pixels")
     return p
@@ -97,6 +129,30 @@ def resolve_amp(amp, device):
     return runtime.resolve_amp(amp, device)[0]
 
 
+def resolve_device_and_amp(args):
+    """(device, autocast dtype) from --device and --amp. runtime raises SystemExit for a flag the machine cannot
+    honour (exit 1, the training script's behaviour); here it is a UsageError, one line and exit 2."""
+    try:
+        device = resolve_device(args.device)
+        return device, resolve_amp(args.amp, device)
+    except SystemExit as e:
+        raise runtime.UsageError(str(e)) from None
+
+
+def ensure_writable_dir(folder, what):
+    """Create `folder` and prove it takes a file, before any work: an unwritable results folder used to fail
+    only after every image was scored, losing the run."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise runtime.UsageError(f"cannot write to {what} {folder}: {e.strerror or e}; "
+                                 f"choose a folder you can write to") from None
+    return folder
+
+
 @torch.no_grad()
 def forward(model, cloudy, sar, ctx):
     """(finished prediction, confidence or None) in float32; ctx is the run's autocast context (runtime.autocast)."""
@@ -106,15 +162,61 @@ def forward(model, cloudy, sar, ctx):
     return dataloader.finish_s2(prediction), None if confidence is None else confidence.float()
 
 
-def save_quicklook(path, cloudy, sar, prediction, target, confidence):
-    """One PNG row cloudy | SAR | prediction | target | confidence; (C,H,W) tensors in [0,1]."""
-    from torchvision.utils import save_image
+# ----------------------------------------------------------------------------- quicklooks
 
-    conf = torch.zeros_like(cloudy[:1]) if confidence is None else confidence.clamp(0, 1)
-    panels = [dataloader.s2_to_rgb(cloudy), dataloader.sar_to_rgb(sar), dataloader.s2_to_rgb(prediction),
-              dataloader.s2_to_rgb(target), conf.expand(3, -1, -1)]
+QUICKLOOK_PANELS = ("cloudy input", "SAR (VV, VH, mean)", "prediction", "target (cloud-free)", "cloud confidence")
+QUICKLOOK_MIN_SIDE = 256  # smaller patches are enlarged by a whole factor (nearest neighbour) to at least this
+QUICKLOOK_CMAP = "magma"  # perceptually uniform, dark = clear, bright = cloudy
+QUICKLOOK_DPI = 100
+_QL_MARGIN, _QL_GAP, _QL_TOP, _QL_BAR = 12, 12, 56, 88  # px: border, between panels, title + labels, colour bar
+
+
+def quicklook_layout(height, width):
+    """Pixel layout of the quicklook of an (height, width) image: {"scale", "size": (H, W) of the PNG,
+    "panels": [(top, left)] per QUICKLOOK_PANELS entry, "colorbar": (top, left, height, width)}. Panel k holds
+    the image enlarged `scale` times: PNG rows top..top+scale*height, columns left..left+scale*width."""
+    scale = max(1, math.ceil(QUICKLOOK_MIN_SIDE / max(height, width)))
+    ph, pw = height * scale, width * scale
+    lefts = [_QL_MARGIN + k * (pw + _QL_GAP) for k in range(len(QUICKLOOK_PANELS))]
+    bar_left = lefts[-1] + pw + _QL_GAP
+    return {"scale": scale, "size": (_QL_TOP + ph + _QL_MARGIN, bar_left + _QL_BAR),
+            "panels": [(_QL_TOP, left) for left in lefts], "colorbar": (_QL_TOP, bar_left, ph, 14)}
+
+
+def save_quicklook(path, cloudy, sar, prediction, target, confidence, title=""):
+    """One labelled PNG row cloudy | SAR | prediction | target | confidence; (C,H,W) tensors in [0,1]. RGB panels
+    use the fixed stretch of bands.s2_to_rgb (reflectance 0-0.3) unresampled but for a whole-number enlargement,
+    so panels compare across images; confidence is a heat map with its colour bar (0 clear .. 1 cloudy)."""
+    from matplotlib import colormaps  # matplotlib only where a PNG is asked for
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    layout, cmap = quicklook_layout(*cloudy.shape[-2:]), colormaps[QUICKLOOK_CMAP]
+    (fig_h, fig_w), scale = layout["size"], layout["scale"]
+    images = [dataloader.s2_to_rgb(cloudy), dataloader.sar_to_rgb(sar), dataloader.s2_to_rgb(prediction),
+              dataloader.s2_to_rgb(target)]
+    images = [img.float().cpu().permute(1, 2, 0).numpy() for img in images]
+    images.append(np.full_like(images[0], 0.85) if confidence is None
+                  else cmap(confidence[0].float().clamp(0, 1).cpu().numpy())[..., :3])
+    fig = Figure(figsize=(fig_w / QUICKLOOK_DPI, fig_h / QUICKLOOK_DPI), dpi=QUICKLOOK_DPI, facecolor="white")
+    at = lambda top, left: (left / fig_w, 1 - top / fig_h)  # PNG pixel -> figure fraction
+    fig.text(*at(6, _QL_MARGIN), f"{title}   RGB = B4, B3, B2, reflectance 0-0.3", va="top", fontsize=10)
+    for (top, left), label, img in zip(layout["panels"], QUICKLOOK_PANELS, images):
+        big = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
+        fig.figimage(big, xo=left, yo=fig_h - top - big.shape[0], origin="upper")
+        fig.text(*at(top - 5, left), label, va="bottom", fontsize=10, weight="bold")
+    top, left, height, width = layout["colorbar"]
+    if confidence is None:
+        x, y = at(top + height / 2, layout["panels"][-1][1] + 8)
+        fig.text(x, y, "no confidence map:\nthis model predicts none", va="center", fontsize=9)
+    else:
+        x, y = at(top + height, left)
+        cax = fig.add_axes((x, y, width / fig_w, height / fig_h))
+        fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=cax, ticks=[0, 0.5, 1])
+        cax.set_yticklabels(["0 clear", "0.5", "1 cloudy"], fontsize=8)
     with dataloader.atomic_output(path, ".png") as tmp:
-        save_image(torch.cat([p.float().cpu() for p in panels], dim=2), tmp, format="png")
+        fig.savefig(tmp, format="png", dpi=QUICKLOOK_DPI)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -223,17 +325,23 @@ def save_outputs(args, results, batch, cloudy, sar, prediction, target, confiden
                                            description="cloud confidence (0 clear .. 1 cloudy)")
         if args.save_png:
             save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(), prediction[i].cpu(),
-                           target[i].cpu(), None if confidence is None else confidence[i].cpu())
+                           target[i].cpu(), None if confidence is None else confidence[i].cpu(), title=stem)
+
+
+def csv_row(row):
+    """repr keeps every float bit; NaN (no such pixels in the image) is written as "nan"."""
+    return {k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()}
 
 
 def write_results(results, per_image, summary):
+    """metrics.csv and summary.json, atomically; then the partial CSV of the run is no longer needed."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     writer.writeheader()
-    for row in per_image:  # repr keeps every float bit; NaN (no such pixels) is written as "nan"
-        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+    writer.writerows(csv_row(row) for row in per_image)
     dataloader.write_text_atomic(results / "metrics.csv", buf.getvalue())
     dataloader.write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
+    (results / PARTIAL_CSV).unlink(missing_ok=True)
 
 
 def accumulate_histograms(pooled, confidence, mask, true_mask):
@@ -265,7 +373,9 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
     return {
         "checkpoint": str(args.checkpoint), "model_name": ckpt["model_name"], "epoch": ckpt.get("epoch"),
         "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
-        "crop_size": args.crop_size, "cloud_threshold": args.cloud_threshold,
+        # What was scored: "full" (whole patches), "glfcr" (centred 128 of 256) or "custom" (other sizes).
+        "protocol": args.protocol, "load_size": args.load_size, "crop_size": args.crop_size,
+        "cloud_threshold": args.cloud_threshold,
         "cloud_detector": args.cloud_detector if not args.cloud_mask_dir else
         f"{dataloader.check_mask_dir(args.cloud_mask_dir, [])} (precomputed in {args.cloud_mask_dir})",
         "device": str(device), "amp": runtime.amp_name(amp_dtype),
@@ -295,54 +405,98 @@ def format_confidence(summary):
     return "\n".join(lines)
 
 
-def evaluate(args):
-    """Score every image of the split; write metrics.csv and summary.json (and GeoTIFF/PNG outputs)."""
+def resolve_eval_flags(args):
+    """Settle what is scored, in place: load_size and crop_size (explicit flags override --protocol's sizes;
+    args.protocol becomes the name of the protocol those sizes are, else "custom") and the cloud detector
+    (GLF-CR's --is_use_cloudmask False means none). Flag errors are UsageErrors, before any work."""
     if not args.data_list_filepath or not args.input_data_folder:
-        raise SystemExit("pass --data_list_filepath and --input_data_folder (or --predict for a whole scene)")
-    device = resolve_device(args.device)
-    amp_dtype = resolve_amp(args.amp, device)
-    ctx = runtime.autocast(device, amp_dtype)
+        raise runtime.UsageError("pass --data_list_filepath and --input_data_folder to evaluate a list (or "
+                                 "--predict with --cloudy, --sar and --out for a whole scene)")
+    load_size, crop_size = PROTOCOLS[args.protocol]
+    args.load_size = load_size if args.load_size is None else args.load_size
+    args.crop_size = crop_size if args.crop_size is None else args.crop_size
+    for flag, value in (("--load_size", args.load_size), ("--crop_size", args.crop_size)):
+        if value is not None and value < 1:
+            raise runtime.UsageError(f"{flag} must be a positive number of pixels, got {value}")
+    if args.load_size and args.crop_size and args.crop_size > args.load_size:
+        raise runtime.UsageError(f"--crop_size {args.crop_size} is larger than --load_size {args.load_size}, the "
+                                 f"region it is cut from; lower --crop_size or raise --load_size")
+    args.protocol = next((name for name, sizes in PROTOCOLS.items() if sizes == (args.load_size, args.crop_size)),
+                         "custom")
+    if args.is_use_cloudmask is False:
+        args.cloud_detector = "none"
+    elif args.is_use_cloudmask and args.cloud_detector == "none":
+        raise runtime.UsageError("--is_use_cloudmask True asks for a cloud mask but --cloud_detector is none; "
+                                 "pass --cloud_detector rule (GLF-CR's mask) or s2cloudless")
+    return args
+
+
+def setup_evaluation(args):
+    """Everything before the first image, in the order that fails fastest: flags, results folder, device,
+    checkpoint, data list. Returns (results, device, amp_dtype, model, ckpt, loader)."""
+    resolve_eval_flags(args)
+    results = ensure_writable_dir(args.results_dir, "--results_dir")
+    for sub, wanted in (("geotiff", args.save_geotiff), ("png", args.save_png), ("confidence", args.save_confidence)):
+        if wanted:
+            ensure_writable_dir(results / sub, "--results_dir")
+    device, amp_dtype = resolve_device_and_amp(args)
     model, ckpt = load_model(args.checkpoint, device)
     rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
                                    source=str(args.data_list_filepath))
-    dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size, augment=False,
+    dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
+                                          load_size=args.load_size, augment=False,
                                           cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold,
                                           cloud_mask_dir=args.cloud_mask_dir)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    results = Path(args.results_dir)
-    for sub, wanted in (("", True), ("geotiff", args.save_geotiff), ("png", args.save_png),
-                        ("confidence", args.save_confidence)):
-        if wanted:
-            (results / sub).mkdir(parents=True, exist_ok=True)
+    return results, device, amp_dtype, model, ckpt, loader
 
+
+def evaluate_batch(args, results, model, ctx, device, batch, pooled):
+    """Predict, score and save one batch; adds its confidence histograms to `pooled`. Returns (CSV rows,
+    seconds spent in the model)."""
+    cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
+                                       ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
+    t0 = time.perf_counter()
+    prediction, confidence = forward(model, cloudy, sar, ctx)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - t0
+    identity = dataloader.finish_s2(cloudy)
+    scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
+              "identity": score_batch(identity, target, cloud_mask, args.cloud_threshold)}
+    # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
+    cover = (cloud_mask >= args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
+    truth = batch["cloud_truth"].to(device) if "cloud_truth" in batch else None
+    conf_cols = confidence_scores(confidence, prediction, identity, cloud_mask, args.cloud_threshold, truth)
+    if confidence is not None:
+        accumulate_histograms(pooled, confidence, cloud_mask >= args.cloud_threshold,
+                              None if truth is None else dataloader.truth_mask(truth))
+    save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence)
+    return image_rows(batch, scores, cover, conf_cols), seconds
+
+
+def evaluate(args):
+    """Score every image of the split; write metrics.csv and summary.json (and GeoTIFF/PNG outputs). Rows are
+    also appended to metrics.partial.csv as they are scored, so a run that stops part-way keeps them."""
+    results, device, amp_dtype, model, ckpt, loader = setup_evaluation(args)
+    ctx = runtime.autocast(device, amp_dtype)
     per_image, t_model, t0 = [], 0.0, time.perf_counter()
     pooled = {}  # summed confidence histograms, for the AUCs pooled over the whole split
-    for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
-        cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
-                                           ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
-        t1 = time.perf_counter()
-        prediction, confidence = forward(model, cloudy, sar, ctx)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t_model += time.perf_counter() - t1
-        scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
-                  "identity": score_batch(dataloader.finish_s2(cloudy), target, cloud_mask, args.cloud_threshold)}
-        # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
-        cover = (cloud_mask >= args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
-        truth = batch["cloud_truth"].to(device) if "cloud_truth" in batch else None
-        conf_cols = confidence_scores(confidence, prediction, dataloader.finish_s2(cloudy), cloud_mask,
-                                      args.cloud_threshold, truth)
-        if confidence is not None:
-            accumulate_histograms(pooled, confidence, cloud_mask >= args.cloud_threshold,
-                                  None if truth is None else dataloader.truth_mask(truth))
-        per_image += image_rows(batch, scores, cover, conf_cols)
-        save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence)
+    with open(results / PARTIAL_CSV, "w", newline="") as partial:
+        partial_rows = csv.DictWriter(partial, fieldnames=CSV_COLUMNS)
+        partial_rows.writeheader()
+        for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
+            rows, seconds = evaluate_batch(args, results, model, ctx, device, batch, pooled)
+            t_model += seconds
+            per_image += rows
+            partial_rows.writerows(csv_row(row) for row in rows)
+            partial.flush()
     summary = summarise_run(args, ckpt, model, device, amp_dtype, per_image, time.perf_counter() - t0, t_model,
                             pooled)
     write_results(results, per_image, summary)
     print(f"{ckpt['model_name']} from {args.checkpoint} on {len(per_image)} {args.split} images "
-          f"({args.data_list_filepath}); device {device}, amp {summary['amp']}")
+          f"({args.data_list_filepath}); protocol {args.protocol}, device {device}, amp {summary['amp']}")
     print(format_table(summary["mean"], summary["cloud_cover_bins"]))
     print(format_confidence(summary))
     print(f"{summary['images_per_s']:.2f} images/s; per-image scores in {results / 'metrics.csv'}, "
@@ -390,23 +544,24 @@ def scene_sar_fill_db(sar_src, strip=256):
 
 
 def check_scene_pair(cloudy_src, sar_src):
-    """S1 and S2 must share size, CRS and transform; the error names both files."""
+    """S1 and S2 must share size, and CRS and transform where both files carry one (dataloader.grid_problems, the
+    rule of the dataset's triplets); the error names both files."""
     if cloudy_src.count != len(dataloader.S2_BANDS):
         raise dataloader.DataError(f"{cloudy_src.name}: expected {len(dataloader.S2_BANDS)} Sentinel-2 bands, "
                                    f"found {cloudy_src.count}")
     if sar_src.count != len(dataloader.S1_BANDS):
         raise dataloader.DataError(f"{sar_src.name}: expected {len(dataloader.S1_BANDS)} Sentinel-1 bands "
                                    f"(VV, VH), found {sar_src.count}")
-    problems = []
-    if cloudy_src.shape != sar_src.shape:
-        problems.append(f"size {cloudy_src.shape} vs {sar_src.shape}")
-    if cloudy_src.crs != sar_src.crs:
-        problems.append(f"CRS {cloudy_src.crs} vs {sar_src.crs}")
-    if not cloudy_src.transform.almost_equals(sar_src.transform):
-        problems.append(f"transform {tuple(cloudy_src.transform)[:6]} vs {tuple(sar_src.transform)[:6]}")
+    problems = dataloader.grid_problems(sar_src, cloudy_src)
     if problems:
-        raise dataloader.DataError(f"{cloudy_src.name} and {sar_src.name} are not on the same grid: "
+        raise dataloader.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
                                    + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
+
+
+def _read_s2(src, window):
+    raw = dataloader.read_window(src, window)
+    dataloader.check_s2_encoding(raw, src.name)  # float [0, 1] reflectance would give a black scene
+    return raw
 
 
 def _fill(raw_db, fill_db):
@@ -414,6 +569,23 @@ def _fill(raw_db, fill_db):
     if nan.any():
         raw_db[nan] = np.broadcast_to(fill_db[:, None, None], raw_db.shape)[nan]
     return raw_db
+
+
+@contextlib.contextmanager
+def _scene_output(path, cloudy_src):
+    """The open output GeoTIFF of predict_scene: the input's size, CRS and transform, uint16, tiled, deflate."""
+    height, width = cloudy_src.height, cloudy_src.width
+    profile = dict(driver="GTiff", height=height, width=width, count=len(dataloader.S2_BANDS), dtype="uint16",
+                   crs=cloudy_src.crs, transform=cloudy_src.transform, compress="deflate", tiled=True,
+                   blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
+    # GDAL's block cache (default 5% of RAM) would grow with the scene; two rows of 256 px output blocks
+    # (13 bands uint16) plus 32 MB for the input reads is all predict_scene ever revisits.
+    cache_mb = 32 + 2 * math.ceil(width / 256) * 256 * 256 * len(dataloader.S2_BANDS) * 2 // 2 ** 20
+    with rasterio.Env(GDAL_CACHEMAX=cache_mb), warnings.catch_warnings():
+        # An input without georeferencing gives an output without it, as it should.
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **profile) as dst:
+            yield dst
 
 
 @torch.no_grad()
@@ -439,59 +611,72 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
         th, tw = min(tile, height), min(tile, width)
         sar_fill = scene_sar_fill_db(sar_src)
         weight_tile = np.outer(feather(th, overlap), feather(tw, overlap))
-        profile = dict(driver="GTiff", height=height, width=width, count=len(dataloader.S2_BANDS), dtype="uint16",
-                       crs=cloudy_src.crs, transform=cloudy_src.transform, compress="deflate", tiled=True,
-                       blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
         acc = np.zeros((len(dataloader.S2_BANDS), th, width), dtype=np.float32)
         wsum = np.zeros((th, width), dtype=np.float32)
         top = 0  # scene row of acc[:, 0]
-        # GDAL's block cache (default 5% of RAM) would grow with the scene; two rows of 256 px output blocks
-        # (13 bands uint16) plus 32 MB for the input reads is all this loop ever revisits.
-        cache_mb = 32 + 2 * math.ceil(width / 256) * 256 * 256 * len(dataloader.S2_BANDS) * 2 // 2 ** 20
-        with dataloader.atomic_output(out_path, ".tif") as tmp, rasterio.Env(GDAL_CACHEMAX=cache_mb):
-            with rasterio.open(tmp, "w", **profile) as dst:
-                def flush(upto):
-                    """Write finished scene rows [top, upto) and shift the strip up."""
-                    nonlocal top
-                    k = upto - top
-                    if k <= 0:
-                        return
-                    if not (wsum[:k] > 0).all():  # cannot happen with tile_starts + feather; guard anyway
-                        raise RuntimeError(f"rows {top}..{upto} of {cloudy_path} were not covered by any tile")
-                    rows = torch.from_numpy(acc[:, :k] / wsum[:k])
-                    dst.write(dataloader.denormalize_s2(dataloader.finish_s2(rows)), window=Window(0, top, width, k))
-                    acc[:, :th - k], wsum[:th - k] = acc[:, k:].copy(), wsum[k:].copy()
-                    acc[:, th - k:], wsum[th - k:] = 0.0, 0.0
-                    top = upto
+        with dataloader.atomic_output(out_path, ".tif") as tmp, _scene_output(tmp, cloudy_src) as dst:
+            def flush(upto):
+                """Write finished scene rows [top, upto) and shift the strip up."""
+                nonlocal top
+                k = upto - top
+                if k <= 0:
+                    return
+                if not (wsum[:k] > 0).all():  # cannot happen with tile_starts + feather; guard anyway
+                    raise RuntimeError(f"rows {top}..{upto} of {cloudy_path} were not covered by any tile")
+                rows = torch.from_numpy(acc[:, :k] / wsum[:k])
+                dst.write(dataloader.denormalize_s2(dataloader.finish_s2(rows)), window=Window(0, top, width, k))
+                acc[:, :th - k], wsum[:th - k] = acc[:, k:].copy(), wsum[k:].copy()
+                acc[:, th - k:], wsum[th - k:] = 0.0, 0.0
+                top = upto
 
-                bar = tqdm(total=len(ys) * len(xs), desc="tiles", disable=not progress, dynamic_ncols=True)
-                for y in ys:
-                    flush(y)
-                    for b in range(0, len(xs), batch_sz):
-                        chunk = xs[b:b + batch_sz]
-                        cloudy = np.stack([dataloader.normalize_s2(dataloader.read_window(cloudy_src, (y, x, th, tw)))
-                                           for x in chunk])
-                        sar = np.stack([dataloader.normalize_s1(_fill(dataloader.read_window(sar_src, (y, x, th, tw)),
-                                                                      sar_fill)) for x in chunk])
-                        prediction, _ = forward(model, torch.from_numpy(cloudy).to(device),
-                                                torch.from_numpy(sar).to(device), ctx)
-                        # Blend the clamped float prediction; the uint16 rounding happens once, at flush.
-                        prediction = prediction.cpu().numpy()
-                        for x, pred in zip(chunk, prediction):
-                            acc[:, y - top:y - top + th, x:x + tw] += pred * weight_tile
-                            wsum[y - top:y - top + th, x:x + tw] += weight_tile
-                        bar.update(len(chunk))
-                bar.close()
-                flush(height)
+            bar = tqdm(total=len(ys) * len(xs), desc="tiles", disable=not progress, dynamic_ncols=True)
+            for y in ys:
+                flush(y)
+                for b in range(0, len(xs), batch_sz):
+                    chunk = xs[b:b + batch_sz]
+                    cloudy = np.stack([dataloader.normalize_s2(_read_s2(cloudy_src, (y, x, th, tw)))
+                                       for x in chunk])
+                    sar = np.stack([dataloader.normalize_s1(_fill(dataloader.read_window(sar_src, (y, x, th, tw)),
+                                                                  sar_fill)) for x in chunk])
+                    prediction, _ = forward(model, torch.from_numpy(cloudy).to(device),
+                                            torch.from_numpy(sar).to(device), ctx)
+                    # Blend the clamped float prediction; the uint16 rounding happens once, at flush.
+                    prediction = prediction.cpu().numpy()
+                    for x, pred in zip(chunk, prediction):
+                        acc[:, y - top:y - top + th, x:x + tw] += pred * weight_tile
+                        wsum[y - top:y - top + th, x:x + tw] += weight_tile
+                    bar.update(len(chunk))
+            bar.close()
+            flush(height)
     return out_path
+
+
+def check_predict_output(args):
+    """Before any work: --out must not be an input (it would be overwritten), nor an existing file unless
+    --overwrite, and its folder must be writable."""
+    out = Path(args.out)
+    for flag in ("cloudy", "sar"):
+        given = Path(getattr(args, flag))
+        if out.resolve() == given.resolve() or (out.exists() and given.exists() and os.path.samefile(out, given)):
+            raise runtime.UsageError(f"--out {out} is the --{flag} input: writing there would destroy it; "
+                                     f"choose another --out")
+    if out.is_dir():
+        raise runtime.UsageError(f"--out {out} is a folder; give a file name, e.g. --out {out / 'cloudfree.tif'}")
+    if out.exists() and not args.overwrite:
+        raise runtime.UsageError(f"--out {out} exists; pass --overwrite to replace it, or choose another --out")
+    ensure_writable_dir(out.parent, "the folder of --out")
+    return out
 
 
 def predict(args):
     missing = [f"--{k}" for k in ("cloudy", "sar", "out") if not getattr(args, k)]
     if missing:
-        raise SystemExit(f"--predict needs {', '.join(missing)}")
-    device = resolve_device(args.device)
-    amp_dtype = resolve_amp(args.amp, device)
+        raise runtime.UsageError(f"--predict needs {', '.join(missing)}")
+    if args.tile < 8 or not 0 <= args.overlap < args.tile:
+        raise runtime.UsageError(f"need --tile >= 8 and 0 <= --overlap < --tile, got --tile {args.tile} "
+                                 f"--overlap {args.overlap}")
+    check_predict_output(args)
+    device, amp_dtype = resolve_device_and_amp(args)
     model, ckpt = load_model(args.checkpoint, device)
     t0 = time.perf_counter()
     out = predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
@@ -502,9 +687,12 @@ def predict(args):
 
 
 def main(argv=None):
+    """Evaluate a list or predict a scene. Expected user errors (bad flags, data, checkpoint) are raised as
+    runtime.UsageError / dataloader.DataError / runtime.CheckpointError; run as a script, runtime.run_cli prints
+    them as one line and exits 2."""
     args = build_parser().parse_args(argv)
     if args.batch_sz < 1:
-        raise SystemExit("--batch_sz must be at least 1")
+        raise runtime.UsageError(f"--batch_sz must be at least 1, got {args.batch_sz}")
     if args.predict:
         predict(args)
     else:
@@ -513,4 +701,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.run_cli(main))

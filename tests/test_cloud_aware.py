@@ -35,6 +35,8 @@ def test_truth_is_written_beside_the_cloudy_image_with_its_georeference(syntheti
             assert truth.crs == cloudy.crs and truth.transform == cloudy.transform and truth.shape == cloudy.shape
             values = truth.read()
         assert values.min() >= 0 and values.max() <= 1
+    assert D.truth_path("s2_cloudy/p.tif") == "cloud_truth/p.tif"
+    assert D.truth_path("cloudy/p.tif") is None  # a layout without the word has no truth (not the image itself)
 
 
 def test_truth_explains_the_cloudy_image(synthetic_dataset):

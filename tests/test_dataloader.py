@@ -3,11 +3,15 @@ import argparse
 import csv
 import os
 import shutil
+import subprocess
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import rasterio.errors
 import scipy.ndimage
 import scipy.signal
 import torch
@@ -18,11 +22,16 @@ import dataloader as D
 
 # ----------------------------------------------------------------------------------------------- helpers
 
-def _write(path, data, transform=from_origin(500000, 5600000, 10, 10)):
+def _write(path, data, transform=from_origin(500000, 5600000, 10, 10), crs="EPSG:32631"):
+    """A GeoTIFF; crs=None and transform=None write one without georeferencing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
-                       dtype=data.dtype, crs="EPSG:32631", transform=transform) as dst:
-        dst.write(data)
+    georef = {} if crs is None else {"crs": crs, "transform": transform}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2],
+                           count=data.shape[0], dtype=data.dtype, **georef) as dst:
+            dst.write(data)
+    return path
 
 
 def _official_name(triplet, mod):
@@ -184,6 +193,98 @@ def test_bad_files_raise_data_error_naming_the_file(tmp_path, kind, message):
     assert isinstance(e.value, ValueError)
 
 
+def _triplet(root, s1=None, s1_crs="EPSG:32631", s1_transform=from_origin(500000, 5600000, 10, 10), s2=None,
+             s2_crs="EPSG:32631", s2_transform=from_origin(500000, 5600000, 10, 10)):
+    """Write one 32 px triplet under root (S1 with its own CRS/transform, both S2 with theirs); return it."""
+    s1 = np.full((2, 32, 32), -10, np.float32) if s1 is None else s1
+    s2 = np.full((13, 32, 32), 1000, np.uint16) if s2 is None else s2
+    t = D.Triplet(1, "s1/p.tif", "s2/p.tif", "cloudy/p.tif")
+    _write(root / t.s1, s1, s1_transform, s1_crs)
+    for rel in (t.s2_cloudfree, t.s2_cloudy):
+        _write(root / rel, s2, s2_transform, s2_crs)
+    return t
+
+
+@pytest.mark.parametrize("what, s1_georef", [
+    ("CRS", {"s1_crs": "EPSG:32650"}),
+    ("transform", {"s1_transform": from_origin(505000, 5600000, 10, 10)}),  # the same pixels 5 km east
+])
+def test_misaligned_s1_is_refused_naming_both_files(tmp_path, what, s1_georef):
+    t = _triplet(tmp_path, **s1_georef)
+    with pytest.raises(D.DataError, match="not on the same grid") as e:
+        D.SEN12MSCRDataset([t], tmp_path)[0]
+    message = str(e.value)
+    assert what in message and str(tmp_path / t.s1) in message and str(tmp_path / t.s2_cloudy) in message
+    if what == "CRS":
+        assert "EPSG:32650" in message and "EPSG:32631" in message
+    else:
+        assert "505000.0" in message and "500000.0" in message
+
+
+def test_errors_from_dataloader_workers_keep_only_the_message(tmp_path):
+    t = _triplet(tmp_path, s1_crs="EPSG:32650")
+    loader = torch.utils.data.DataLoader(D.SEN12MSCRDataset([t], tmp_path), num_workers=1)
+    with pytest.raises(D.DataError) as e:
+        next(iter(loader))
+    assert str(e.value).startswith(f"{tmp_path / t.s1} and ") and "Traceback" not in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_rasters_without_georeferencing_load(tmp_path, synth):
+    """Derived copies often lose CRS and transform: size is still checked, CRS/transform only where both have one."""
+    root, triplets = synth
+    src = triplets[0]
+    data = [D.read_raster(root / rel, n) for rel, n in ((src.s1, 2), (src.s2_cloudfree, 13), (src.s2_cloudy, 13))]
+    data = [data[0], *(d.astype(np.uint16) for d in data[1:])]
+    t = D.Triplet(1, "s1/p.tif", "s2/p.tif", "cloudy/p.tif")
+    for rel, d in zip((t.s1, t.s2_cloudfree, t.s2_cloudy), data):
+        _write(tmp_path / "none" / rel, d, crs=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no NotGeoreferencedWarning either
+        plain = D.SEN12MSCRDataset([t], tmp_path / "none", crop_size=32)[0]
+    ref = D.SEN12MSCRDataset([src], root, crop_size=32)[0]
+    for key in ("cloudy_data", "cloudfree_data", "SAR_data", "window"):
+        assert torch.equal(plain[key], ref[key]), key
+    # One georeferenced file and one without: nothing to compare, so it loads.
+    mixed = _triplet(tmp_path / "mixed", s1_crs=None)
+    assert D.SEN12MSCRDataset([mixed], tmp_path / "mixed")[0]["SAR_data"].shape == (2, 32, 32)
+    # Size is checked whatever the georeferencing.
+    small = _triplet(tmp_path / "small", s1=np.zeros((2, 16, 32), np.float32), s1_crs=None, s2_crs=None)
+    with pytest.raises(D.DataError, match="size 16x32 differs from 32x32"):
+        D.SEN12MSCRDataset([small], tmp_path / "small")[0]
+
+
+def test_truncated_geotiff_error_keeps_gdals_reason(tmp_path):
+    t = _triplet(tmp_path, s2=np.random.default_rng(0).integers(0, 5000, (13, 32, 32)).astype(np.uint16))
+    cloudy = tmp_path / t.s2_cloudy
+    cloudy.write_bytes(cloudy.read_bytes()[: cloudy.stat().st_size // 2])  # a download that stopped half-way
+    # rasterio itself says only "Read failed. See previous exception for details."; GDAL's reason is kept. It reads
+    # "Missing data for block" through the memory-mapped reads of the dataset, "TIFFReadEncodedStrip() failed"
+    # through plain reads.
+    with pytest.raises(D.DataError) as mapped:
+        D.SEN12MSCRDataset([t], tmp_path)[0]
+    with rasterio.open(cloudy) as src, pytest.raises(D.DataError) as plain:
+        D.read_window(src, None)
+    for e, reason in ((mapped, "Missing data for block"), (plain, "TIFFReadEncodedStrip() failed")):
+        message = str(e.value)
+        assert message.startswith(f"cannot read {cloudy}: ") and reason in message, message
+        assert "See previous exception" not in message and "fetch it again" in message
+
+
+def test_s2_already_scaled_to_float_reflectance_is_refused(tmp_path):
+    scaled = np.full((13, 32, 32), 0.12, np.float32)
+    scaled[:, :4] = 1.3  # a bright cloud
+    t = _triplet(tmp_path / "float01", s2=scaled)
+    with pytest.raises(D.DataError) as e:
+        D.SEN12MSCRDataset([t], tmp_path / "float01")[0]
+    message = str(e.value)
+    assert str(tmp_path / "float01" / t.s2_cloudfree) in message
+    assert "expected reflectance x10000 (uint16" in message and "gdal_translate -ot UInt16 -scale 0 1 0 10000" in message
+    # Float files holding the x10000 encoding are fine (some tools write float32).
+    ok = _triplet(tmp_path / "float10000", s2=scaled * 10000)
+    assert D.SEN12MSCRDataset([ok], tmp_path / "float10000")[0]["cloudy_data"].max() == pytest.approx(1.0)
+
+
 # ----------------------------------------------------------------------------------------------- normalisation
 
 def test_normalisation_convention_and_nan_fill():
@@ -241,8 +342,28 @@ def test_crops_windows_and_georeference(synth, tmp_path):
     with rasterio.open(out) as src:
         assert src.dtypes[0] == "uint16" and src.count == 13 and src.crs == crs and src.transform == transform
         np.testing.assert_array_equal(src.read(), D.denormalize_s2(centre["cloudy_data"]))
-    with pytest.raises(D.DataError, match="smaller than crop_size"):
+    with pytest.raises(D.DataError, match="64x64 px, smaller than --crop_size 128; pass --crop_size 64 or less"):
         D.SEN12MSCRDataset([t], root, crop_size=128)[0]
+
+
+def test_load_size_beyond_the_raster_takes_the_whole_raster_with_one_warning(synth):
+    """The design's Kaggle command (--load_size 256 --crop_size 128, validation crop = load_size) on patches smaller
+    than 256 px: training crops come from the whole raster, validation takes it whole; one warning per dataset."""
+    root, triplets = synth  # 64 px patches
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train = D.SEN12MSCRDataset(triplets[:4], root, crop_size=32, load_size=256, augment=True)
+        val = D.SEN12MSCRDataset(triplets[:4], root, crop_size=256, load_size=256)
+        windows = [train[i]["window"].tolist() for i in range(4)] + [val[i]["window"].tolist() for i in range(4)]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2 and all("--load_size 256 is larger than the 64x64 rasters" in m for m in messages)
+    assert all(w[2:] == [32, 32] and 0 <= min(w[:2]) and max(w[:2]) <= 32 for w in windows[:4])
+    assert windows[4:] == [[0, 0, 64, 64]] * 4
+    # A crop that does not fit names the flag that set it, not load_size.
+    with pytest.raises(D.DataError, match="smaller than --val_crop_size 128; pass --val_crop_size 64") as e, \
+            pytest.warns(UserWarning, match="--load_size 256"):
+        D.SEN12MSCRDataset(triplets[:1], root, crop_size=128, load_size=256, crop_flag="--val_crop_size")[0]
+    assert "load_size" not in str(e.value)
 
 
 def test_augmentation_is_identical_for_all_images(synth):
@@ -391,6 +512,32 @@ def test_scan_reports_files_without_partner(synth, tmp_path, capsys):
     assert f"no partner: {t.s1}" in err and "no complete SEN12MS-CR triplets" in err
 
 
+def test_scan_official_split_uses_the_published_scene_lists(synth, tmp_path, capsys):
+    root, triplets = synth
+    t = triplets[0]
+    scenes = {("ROIs1158_spring", 106): 3, ("ROIs2017_winter", 63): 3, ("ROIs2017_winter", 22): 2,
+              ("ROIs1970_fall", 65): 2, ("ROIs2017_winter", 5): 1, ("ROIs1868_summer", 139): 1}
+    for (roi, scene) in scenes:
+        for mod, rel in zip(("s1", "s2", "s2_cloudy"), (t.s1, t.s2_cloudfree, t.s2_cloudy)):
+            for patch in (1, 2):
+                dst = tmp_path / "data" / f"{roi}_{mod}" / f"{mod}_{scene}" / f"{roi}_{mod}_{scene}_p{patch}.tif"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(root / rel, dst)
+    out = tmp_path / "official.csv"
+    assert D.main(["scan", str(tmp_path / "data"), "--out", str(out), "--split", "official"]) == 0
+    listed = D.read_data_list(out)
+    assert len(listed) == 2 * len(scenes)
+    assert {D.scene_of(x): x.split for x in listed} == scenes
+    err = capsys.readouterr().err
+    # The test scenes this partial copy lacks are named, in the published order.
+    assert ("note: official test scenes not found under" in err and
+            "ROIs1158_spring 123, 140, 31, 44; ROIs1868_summer 119, 73; ROIs1970_fall 139; ROIs2017_winter 108" in err)
+    assert "ROIs2017_winter 107, 130, 84; ROIs1868_summer 19, 80, 127, 17; ROIs1158_spring 17" in err
+    n_test = sum(len(v) for v in D.OFFICIAL_TEST_SCENES.values())
+    n_val = sum(len(v) for v in D.OFFICIAL_VAL_SCENES.values())
+    assert (n_test, n_val) == (10, 10)
+
+
 def _assert_no_scene_in_two_splits(triplets):
     split_of = {}
     for t in triplets:
@@ -482,3 +629,33 @@ def test_atomic_output_has_plain_file_permissions(tmp_path):
     written = D.write_text_atomic(tmp_path / "atomic.txt", "x")
     assert stat.S_IMODE(os.stat(written).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_cli_help_shows_every_default():
+    parser = D.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        text = " ".join(sub.format_help().split())
+        for action in sub._actions:
+            if action.option_strings and not action.required and action.default is not argparse.SUPPRESS:
+                assert f"(default: {action.default})" in text, (name, action.dest)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scan", "/no/such/folder", "--out", "x.csv"], "error: data root not found: /no/such/folder"),
+    (["scan", "{tmp}", "--out", "x.csv"], "error: {tmp}: no complete SEN12MS-CR triplets found"),
+])
+def test_cli_user_errors_print_one_line_and_exit_2(tmp_path, argv, message):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run([sys.executable, "dataloader.py", *argv], cwd=Path(D.__file__).parent,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [message.replace("{tmp}", str(tmp_path))]
+
+
+def test_cli_bad_flags_are_argparse_errors(tmp_path, capsys):
+    for argv, message in ((["--test_frac", "1.5"], "argument --test_frac: 1.5 is not in [0, 1)"),
+                          (["--val_frac", "0.5", "--test_frac", "0.5"], "--val_frac 0.5 + --test_frac 0.5 must be below 1")):
+        with pytest.raises(SystemExit) as e:
+            D.main(["scan", str(tmp_path), "--out", str(tmp_path / "x.csv"), *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err

@@ -1,13 +1,20 @@
 """test_CR.py: evaluation scores equal metrics.py on the saved predictions, GeoTIFF georeferencing survives,
 whole-scene tiling covers everything without seams, bad inputs give named errors."""
+import argparse
 import contextlib
 import csv
 import json
 import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 import rasterio
+import rasterio.errors
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -15,6 +22,7 @@ from rasterio.transform import from_origin
 
 import dataloader
 import metrics
+import runtime
 import synthetic
 import test_CR
 import train_CR_kaggle as train
@@ -27,11 +35,14 @@ def tiny_checkpoint(synthetic_dataset, tmp_path_factory):
     """A freshly trained (1 epoch, 32 px crops, no VGG) checkpoint of the default CrossAttention network."""
     root, csv_path = synthetic_dataset
     save_dir = tmp_path_factory.mktemp("eval_ckpt")
+    # --load_size left at its default (256) on 64 px patches: the whole raster is used, with one warning per dataset
+    # (the design's Kaggle command on small synthetic patches).
     argv = ["--data_list_filepath", str(csv_path), "--input_data_folder", str(root), "--save_model_dir",
-            str(save_dir), "--experiment_name", "tiny", "--max_epochs", "1", "--batch_sz", "2", "--load_size", "64",
+            str(save_dir), "--experiment_name", "tiny", "--max_epochs", "1", "--batch_sz", "2",
             "--crop_size", "32", "--val_crop_size", "32", "--num_workers", "0", "--vgg_weights", "random",
             "--perceptual_weight", "0", "--amp", "off", "--warmup_epochs", "0.5", "--num_quicklooks", "0"]
-    assert train.main(argv) == 0
+    with pytest.warns(UserWarning, match="--load_size 256 is larger than the 64x64 rasters"):
+        assert train.main(argv) == 0
     return save_dir / "tiny" / "last.pth"
 
 
@@ -133,17 +144,62 @@ def test_geotiff_round_trip_keeps_georeferencing(evaluated):
             assert out.xy(0, 0) == src.xy(r0, c0)
 
 
+def _panel(png, layout, k, height, width):
+    """Panel k of a quicklook PNG (as laid out by test_CR.quicklook_layout), in [0, 1]."""
+    top, left = layout["panels"][k]
+    s = layout["scale"]
+    return png[top:top + s * height, left:left + s * width].astype(np.float32) / 255
+
+
+def _enlarged(img, scale):
+    """(C,H,W) tensor -> (H*scale, W*scale, C) array, nearest neighbour (how quicklooks enlarge small patches)."""
+    return np.repeat(np.repeat(img.permute(1, 2, 0).numpy(), scale, axis=0), scale, axis=1)
+
+
 def test_png_quicklooks_use_the_fixed_stretch(evaluated):
     results, rows, _, samples = evaluated
+    layout = test_CR.quicklook_layout(CROP, CROP)
+    assert layout["scale"] == 6  # 48 px patches are enlarged to 288 px panels
     for row in rows:
         png = np.asarray(Image.open(results / "png" / (row["file_name"][:-4] + ".png")).convert("RGB"))
-        assert png.shape == (CROP, 5 * CROP, 3)
+        assert png.shape == (*layout["size"], 3)
         s = samples[row["file_name"]]
         pred = _read_prediction(results / "geotiff" / (row["file_name"][:-4] + ".tif"))[0]
         for k, img in ((0, dataloader.s2_to_rgb(s["cloudy_data"])), (2, dataloader.s2_to_rgb(pred)),
                        (3, dataloader.s2_to_rgb(s["cloudfree_data"]))):
-            panel = png[:, k * CROP:(k + 1) * CROP].astype(np.float32) / 255
-            assert np.abs(panel - img.permute(1, 2, 0).numpy()).max() <= 1 / 255 + 1e-6, k
+            panel = _panel(png, layout, k, CROP, CROP)
+            assert np.abs(panel - _enlarged(img, 6)).max() <= 1 / 255 + 1e-6, k
+
+
+def test_quicklook_labels_heat_map_and_colour_bar(tmp_path):
+    from matplotlib import colormaps
+    torch.manual_seed(0)
+    h, w = 16, 24  # small and not square: enlarged 11 times to 176 x 264 px panels
+    cloudy, target, pred, sar = torch.rand(13, h, w), torch.rand(13, h, w), torch.rand(13, h, w), torch.rand(2, h, w)
+    confidence = torch.linspace(0, 1, w).expand(1, h, w)
+    test_CR.save_quicklook(tmp_path / "q.png", cloudy, sar, pred, target, confidence, title="patch_p1")
+    test_CR.save_quicklook(tmp_path / "none.png", cloudy, sar, pred, target, None)
+    layout = test_CR.quicklook_layout(h, w)
+    assert layout["scale"] == 11 and [p.name for p in tmp_path.iterdir()] != []
+    png = np.asarray(Image.open(tmp_path / "q.png").convert("RGB"))
+    assert png.shape == (*layout["size"], 3)
+    cmap = colormaps[test_CR.QUICKLOOK_CMAP]
+    heat = _panel(png, layout, 4, h, w)
+    assert np.abs(heat - _enlarged(torch.from_numpy(cmap(confidence[0].numpy())[..., :3]).permute(2, 0, 1), 11)).max() \
+        <= 1 / 255 + 1e-6
+    assert np.abs(_panel(png, layout, 1, h, w) - _enlarged(dataloader.sar_to_rgb(sar), 11)).max() <= 1 / 255 + 1e-6
+    # The colour bar runs from cmap(0) at the bottom to cmap(1) at the top.
+    top, left, height, width = layout["colorbar"]
+    bar = png[top + 2:top + height - 2, left + width // 2].astype(np.float32) / 255
+    assert np.abs(bar[-1] - cmap(0.0)[:3]).max() < 0.03 and np.abs(bar[0] - cmap(1.0)[:3]).max() < 0.03
+    # Every panel has a label above it (dark text pixels in the strip over the panel).
+    for panel_top, panel_left in layout["panels"]:
+        strip = png[panel_top - 22:panel_top - 2, panel_left:panel_left + 100]
+        assert (strip.min(axis=2) < 100).sum() > 20
+    # A model without a confidence map: the panel says so and no colour bar is drawn.
+    plain = np.asarray(Image.open(tmp_path / "none.png").convert("RGB"))
+    assert (plain[top:top + height, left:left + width] == 255).all()
+    assert not (tmp_path / "none.png").with_suffix(".png.tmp").exists()
 
 
 def test_real_sample_evaluates(real_sample_dir, tiny_checkpoint, tmp_path):
@@ -166,9 +222,13 @@ SCENE_H, SCENE_W = 75, 100  # not a multiple of the 32 px tile in either directi
 
 
 def _write(path, data, crs="EPSG:32631", transform=from_origin(600000.0, 5700000.0, 10.0, 10.0)):
-    with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
-                       dtype=data.dtype, crs=crs, transform=transform) as dst:
-        dst.write(data)
+    """A GeoTIFF; crs=None writes one without georeferencing."""
+    georef = {} if crs is None else {"crs": crs, "transform": transform}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2],
+                           count=data.shape[0], dtype=data.dtype, **georef) as dst:
+            dst.write(data)
     return path
 
 
@@ -250,8 +310,9 @@ def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_pat
     diff = np.abs(tiled - whole) / dataloader.S2_SCALE
     # A 32 px tile gives the network less context than the whole scene, so outputs differ a little;
     # the design's residual is confidence-weighted and small, so the difference stays far below a visible step.
-    # (measured: max 0.017, mean 0.0019 reflectance)
-    assert diff.max() < 0.05 and diff.mean() < 0.005, (diff.max(), diff.mean())
+    # (measured: max 0.067, mean 0.0064 reflectance for this 1-epoch model on the measured land covers; it was
+    # max 0.017, mean 0.0019 on the earlier synthetic spectra)
+    assert diff.max() < 0.15 and diff.mean() < 0.015, (diff.max(), diff.mean())
 
     def seam(img, overlap):
         """Mean excess of the column-to-column jump at tile edges over the single-pass image's jump there."""
@@ -259,8 +320,8 @@ def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_pat
         jump = lambda a: np.abs(np.diff(a, axis=2))[:, :, [e - 1 for e in edges]]
         return np.abs(jump(img) - jump(whole)).mean() / dataloader.S2_SCALE
 
-    # No seam: feathered tiles jump at their edges as the single-pass prediction does (measured 0.0004), while
-    # hard stitching of the same tiles (overlap 0) leaves a step ten times larger (measured 0.005).
+    # No seam: feathered tiles jump at their edges as the single-pass prediction does (measured 0.0010), while
+    # hard stitching of the same tiles (overlap 0) leaves a step eight times larger (measured 0.0081).
     hard = test_CR.predict_scene(model, *scene, tmp_path / "hard.tif", tile=32, overlap=0, progress=False)
     with rasterio.open(hard) as dst:
         stitched = dst.read().astype(np.float32)
@@ -311,12 +372,217 @@ def test_bad_checkpoints_name_the_file(tiny_checkpoint, synthetic_dataset, tmp_p
 
 def test_missing_arguments_are_named(tiny_checkpoint, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
-    with pytest.raises(SystemExit, match="--data_list_filepath"):
+    with pytest.raises(runtime.UsageError, match="--data_list_filepath"):
         test_CR.main(["--checkpoint", str(tiny_checkpoint)])
-    with pytest.raises(SystemExit, match="--sar"):
+    with pytest.raises(runtime.UsageError, match="--sar"):
         test_CR.main(["--predict", "--checkpoint", str(tiny_checkpoint), "--cloudy", "x.tif", "--out", "o.tif"])
     with pytest.raises(dataloader.DataError, match="data.csv"):  # the synthetic list has no empty split; fake one
         bad_csv = tmp_path / "data.csv"
         bad_csv.write_text(open(csv_path).read().replace("\n3,", "\n1,"))
         test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(bad_csv),
                       "--input_data_folder", str(root), "--split", "test", "--results_dir", str(tmp_path)])
+
+
+
+# ----------------------------------------------------------------------------- the command line a user meets
+
+ROOT = Path(test_CR.__file__).resolve().parent
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "test_CR.py", *map(str, argv)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _one_line_error(done):
+    """The `error: ...` line of a run that must fail as a user error: exit 2, no traceback, one error line, last,
+    after nothing but (possibly) the progress bar."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: "), done.stderr
+    assert all(line.startswith("evaluating ") for line in lines[:-1]), done.stderr
+    return lines[-1]
+
+
+def test_help_shows_every_default():
+    parser = test_CR.build_parser()
+    text = " ".join(parser.format_help().split())
+    for action in parser._actions:
+        if action.option_strings and not action.required and action.default is not argparse.SUPPRESS:
+            assert f"(default: {action.default})" in text, action.dest
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "error: pass --data_list_filepath and --input_data_folder to evaluate a list"),
+    (["--data_list_filepath", "{csv}", "--input_data_folder", "{root}", "--crop_size", "128", "--load_size", "64"],
+     "error: --crop_size 128 is larger than --load_size 64, the region it is cut from"),
+    (["--data_list_filepath", "{csv}", "--input_data_folder", "{root}", "--is_use_cloudmask", "True",
+      "--cloud_detector", "none"], "error: --is_use_cloudmask True asks for a cloud mask but --cloud_detector is none"),
+    (["--batch_sz", "0"], "error: --batch_sz must be at least 1, got 0"),
+    (["--data_list_filepath", "{csv}", "--input_data_folder", "{root}", "--results_dir", "{tmp}/r",
+      "--checkpoint", "{tmp}/missing.pth"], "error: checkpoint not found: {tmp}/missing.pth"),
+])
+def test_cli_user_errors_are_one_line_and_exit_2(extra, message, synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    fill = lambda text: text.replace("{csv}", str(csv_path)).replace("{root}", str(root)).replace("{tmp}", str(tmp_path))
+    done = _cli("--checkpoint", tmp_path / "unused.pth", *map(fill, extra))
+    assert _one_line_error(done).startswith(fill(message))
+
+
+def test_unwritable_results_folder_fails_before_any_work(synthetic_dataset, scene, tmp_path):
+    root, csv_path = synthetic_dataset
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")  # a file where a folder is wanted: unwritable even for root
+    # The checkpoint does not exist either: the folder is checked first, before any loading or scoring.
+    done = _cli("--checkpoint", tmp_path / "missing.pth", "--data_list_filepath", csv_path, "--input_data_folder",
+                root, "--results_dir", blocker / "results")
+    assert _one_line_error(done).startswith(f"error: cannot write to --results_dir {blocker / 'results'}: ")
+    done = _cli("--predict", "--checkpoint", tmp_path / "missing.pth", "--cloudy", scene[0], "--sar", scene[1],
+                "--out", blocker / "out.tif")
+    assert _one_line_error(done).startswith(f"error: cannot write to the folder of --out {blocker}: ")
+    if os.geteuid() != 0:  # permission bits do not stop root
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(runtime.UsageError, match="Permission denied"):
+            test_CR.main(["--checkpoint", str(tmp_path / "missing.pth"), "--data_list_filepath", str(csv_path),
+                          "--input_data_folder", str(root), "--results_dir", str(locked)])
+
+
+def _copy_with_s1(src_root, t, folder, **georef):
+    """Absolute-path triplet: t's S2 files, and its S1 rewritten under folder with the given crs/transform."""
+    with rasterio.open(src_root / t.s1) as src:
+        data, crs, transform = src.read(), src.crs, src.transform
+    folder.mkdir(parents=True, exist_ok=True)
+    s1 = _write(folder / Path(t.s1).name, data, crs=georef.get("crs", crs), transform=georef.get("transform", transform))
+    return dataloader.Triplet(3, str(s1), str(src_root / t.s2_cloudfree), str(src_root / t.s2_cloudy))
+
+
+def test_misaligned_triplet_stops_evaluation_with_one_line_and_keeps_the_rows_so_far(tiny_checkpoint,
+                                                                                     synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    test_rows = dataloader.select_split(dataloader.read_data_list(csv_path), "test")
+    good = dataloader.Triplet(3, *(str(root / p) for p in (test_rows[0].s1, test_rows[0].s2_cloudfree,
+                                                           test_rows[0].s2_cloudy)))
+    bad = _copy_with_s1(root, test_rows[1], tmp_path / "bad", crs="EPSG:32650")
+    listed = dataloader.write_data_list(tmp_path / "data.csv", [good, bad])
+    results = tmp_path / "results"
+    # Workers load the data (the error crosses a process boundary) and the batch of one makes the good image
+    # complete before the bad one is read.
+    done = _cli("--checkpoint", tiny_checkpoint, "--data_list_filepath", listed, "--input_data_folder", "/",
+                "--results_dir", results, "--batch_sz", "1", "--num_workers", "1", "--amp", "off", "--device", "cpu")
+    error = _one_line_error(done)
+    assert error.startswith(f"error: {bad.s1} and {bad.s2_cloudy} are not on the same grid: CRS EPSG:32650 vs "
+                            f"EPSG:32631"), error
+    # The long-evaluation rule: rows are written as they are scored, so the finished image is kept.
+    partial = list(csv.DictReader(open(results / test_CR.PARTIAL_CSV)))
+    assert [r["file_name"] for r in partial] == [Path(good.s2_cloudy).name]
+    assert math.isfinite(float(partial[0]["model_PSNR"])) and not (results / "metrics.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def synthetic_256(tmp_path_factory):
+    """Three 256 px synthetic triplets (SEN12MS-CR's patch size), one in the test split."""
+    root = tmp_path_factory.mktemp("synthetic_256")
+    return root, dataloader.make_synthetic_dataset(root, n=3, size=256, seed=1)
+
+
+def test_protocols_full_and_glfcr(synthetic_256, tiny_checkpoint, tmp_path):
+    root, csv_path = synthetic_256
+    common = ["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(csv_path), "--input_data_folder",
+              str(root), "--amp", "off", "--num_workers", "0", "--device", "cpu", "--save_geotiff"]
+    run = lambda name, *flags: test_CR.evaluate(test_CR.build_parser().parse_args(
+        common + ["--results_dir", str(tmp_path / name), *flags]))
+    full, glfcr = run("full"), run("glfcr", "--protocol", "glfcr")
+    copied = run("copied", "--load_size", "256", "--crop_size", "128")  # GLF-CR's command-line flags
+    custom = run("custom", "--crop_size", "64")
+    assert [s["protocol"] for s in (full, glfcr, copied, custom)] == ["full", "glfcr", "glfcr", "custom"]
+    assert (full["load_size"], full["crop_size"], glfcr["load_size"], glfcr["crop_size"]) == (None, None, 256, 128)
+    assert json.loads((tmp_path / "glfcr" / "summary.json").read_text())["protocol"] == "glfcr"
+    assert copied["mean"] == glfcr["mean"] and full["mean"] != glfcr["mean"]
+    # glfcr scores exactly the centred 128 px of the 256 px patch.
+    t = dataloader.select_split(dataloader.read_data_list(csv_path), "test")[0]
+    sample = dataloader.SEN12MSCRDataset([t], root)[0]
+    centre = (slice(None), slice(None), slice(64, 192), slice(64, 192))
+    identity = metrics.compute_metrics(sample["cloudy_data"][None][centre], sample["cloudfree_data"][None][centre])
+    assert _close(glfcr["mean"]["identity"]["all"]["PSNR"], float(identity["PSNR"][0]))
+    for name, side, offset in (("full", 256, 0), ("glfcr", 128, 64)):
+        with rasterio.open(next((tmp_path / name / "geotiff").iterdir())) as out, \
+                rasterio.open(root / t.s2_cloudy) as src:
+            assert (out.height, out.width) == (side, side) and out.xy(0, 0) == src.xy(offset, offset)
+
+
+def test_is_use_cloudmask_follows_glfcr(tiny_checkpoint, synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    parse = lambda *flags: test_CR.build_parser().parse_args(["--checkpoint", str(tiny_checkpoint), *flags])
+    assert parse().is_use_cloudmask is None and parse("--is_use_cloudmask").is_use_cloudmask is True
+    assert parse("--is_use_cloudmask", "false").is_use_cloudmask is False
+    with pytest.raises(SystemExit):
+        parse("--is_use_cloudmask", "maybe")
+    summary = test_CR.evaluate(parse("--data_list_filepath", str(csv_path), "--input_data_folder", str(root),
+                                     "--results_dir", str(tmp_path), "--is_use_cloudmask", "False", "--amp", "off",
+                                     "--num_workers", "0", "--crop_size", "32"))
+    assert summary["cloud_detector"] == "none" and summary["mean"]["model"]["cloudy"]["PSNR"] is None
+    assert summary["cloud_cover_bins"]["0-10"]["n"] == summary["n_images"]
+
+
+def test_rasters_without_georeferencing_evaluate_and_predict(tiny_checkpoint, synthetic_dataset, scene, tmp_path):
+    root, csv_path = synthetic_dataset
+    plain = []
+    for t in dataloader.select_split(dataloader.read_data_list(csv_path), "test")[:2]:
+        paths = []
+        for rel in (t.s1, t.s2_cloudfree, t.s2_cloudy):
+            with rasterio.open(root / rel) as src:
+                paths.append(str(_write(tmp_path / Path(rel).name, src.read(), crs=None)))
+        plain.append(dataloader.Triplet(3, *paths))
+    listed = dataloader.write_data_list(tmp_path / "plain.csv", plain)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", rasterio.errors.NotGeoreferencedWarning)
+        summary = test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(listed),
+                                "--input_data_folder", "/", "--results_dir", str(tmp_path / "r"), "--save_geotiff",
+                                "--amp", "off", "--num_workers", "0", "--crop_size", "32"])
+    assert summary == 0
+    rows = list(csv.DictReader(open(tmp_path / "r" / "metrics.csv")))
+    assert len(rows) == 2 and all(math.isfinite(float(r["model_PSNR"])) for r in rows)
+    with rasterio.open(tmp_path / "r" / "geotiff" / (Path(plain[0].s2_cloudy).stem + ".tif")) as out:
+        assert out.crs is None and out.count == 13 and (out.height, out.width) == (32, 32)
+    cloudy, sar = (_write(tmp_path / f"scene_{i}.tif", dataloader.read_raster(p, n).astype(dtype), crs=None)
+                   for i, (p, n, dtype) in enumerate(((scene[0], 13, np.uint16), (scene[1], 2, np.float32))))
+    out = test_CR.predict_scene(Pointwise(), cloudy, sar, tmp_path / "scene_out.tif", tile=32, overlap=8,
+                                progress=False)
+    with rasterio.open(out) as dst:
+        assert dst.crs is None and (dst.height, dst.width) == (SCENE_H, SCENE_W)
+
+
+def test_predict_never_overwrites_an_input_and_asks_before_replacing_an_output(scene, tiny_checkpoint, tmp_path):
+    cloudy, sar = scene
+    before = cloudy.read_bytes()
+    common = ["--predict", "--checkpoint", str(tiny_checkpoint), "--tile", "32", "--overlap", "8", "--amp", "off",
+              "--device", "cpu"]
+    same_file = cloudy.parent / ".." / cloudy.parent.name / cloudy.name  # another spelling of the input
+    linked = tmp_path / "link_to_sar.tif"
+    linked.symlink_to(sar)
+    for out, flag in ((same_file, "--cloudy"), (linked, "--sar")):
+        with pytest.raises(runtime.UsageError, match=f"is the {flag} input: writing there would destroy it"):
+            test_CR.main(common + ["--cloudy", str(cloudy), "--sar", str(sar), "--out", str(out), "--overwrite"])
+    assert cloudy.read_bytes() == before
+    done = _cli(*common, "--cloudy", cloudy, "--sar", sar, "--out", cloudy)
+    assert _one_line_error(done).startswith(f"error: --out {cloudy} is the --cloudy input")
+    assert cloudy.read_bytes() == before
+    out = tmp_path / "cloudfree.tif"
+    out.write_bytes(b"an earlier result")
+    with pytest.raises(runtime.UsageError, match="exists; pass --overwrite to replace it"):
+        test_CR.main(common + ["--cloudy", str(cloudy), "--sar", str(sar), "--out", str(out)])
+    assert out.read_bytes() == b"an earlier result"
+    assert test_CR.main(common + ["--cloudy", str(cloudy), "--sar", str(sar), "--out", str(out), "--overwrite"]) == 0
+    with rasterio.open(out) as dst:
+        assert (dst.count, dst.height, dst.width) == (13, SCENE_H, SCENE_W)
+
+
+def test_predict_refuses_s2_already_scaled_to_float_reflectance(scene, tmp_path):
+    cloudy, sar = scene
+    scaled = _write(tmp_path / "s2_float01.tif", dataloader.read_raster(cloudy, 13) / dataloader.S2_SCALE)
+    with pytest.raises(dataloader.DataError, match=r"expected reflectance x10000 \(uint16") as e:
+        test_CR.predict_scene(Pointwise(), scaled, sar, tmp_path / "out.tif", tile=32, overlap=8, progress=False)
+    assert str(scaled) in str(e.value) and "gdal_translate" in str(e.value)
+    assert not (tmp_path / "out.tif").exists()
