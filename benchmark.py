@@ -724,6 +724,10 @@ LEARN_VARIANTS = {
     "conf_date": ["--confidence_weight", "0.5", "--use_date_correction"],
     "conf_date_skips": ["--confidence_weight", "0.5", "--use_date_correction", "--use_sar_skips"],
     "conf_skips": ["--confidence_weight", "0.5", "--use_sar_skips"],
+    "conf_refine": ["--confidence_weight", "0.5", "--use_confidence_refinement"],
+    "conf_refine_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--use_sar_skips"],
+    "conf_refine_date_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--use_sar_skips",
+                               "--use_date_correction"],
 }
 
 

@@ -275,6 +275,25 @@ class CloudConfidencePredictor(nn.Module):
         return torch.sigmoid(self.net(refined))
 
 
+class ConfidenceRefinement(nn.Module):
+    """A full-resolution correction of the confidence logit from the decoder's features (64 channels at H x W).
+
+    The CloudConfidencePredictor sees the 1/4-resolution bottleneck, so its upsampled map blurs cloud edges over
+    4-8 px; near an edge that gates the residual off inside the cloud and on in the clear. confidence =
+    sigmoid(logit(predictor map) + refinement). Zero-initialised: an untrained refinement returns the
+    predictor's map unchanged.
+    """
+
+    def __init__(self, channels=64, hidden=32):
+        super().__init__()
+        self.net = nn.Sequential(_conv_gn_act(channels, hidden), nn.Conv2d(hidden, 1, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, confidence, decoder_features):
+        return torch.sigmoid(torch.logit(confidence, eps=1e-4) + self.net(decoder_features))
+
+
 def _pad_to_multiple(x, multiple):
     """Pad bottom/right so H and W are multiples of `multiple`; reflect where the size allows it."""
     h, w = x.shape[-2:]
@@ -301,6 +320,7 @@ class CloudRemovalCrossAttention(nn.Module):
       use_date_correction: output = DateCorrection(cloudy) + confidence * residual (off: cloudy + ...).
       use_sar_skips: the decoder also concatenates the SAR encoder's full and half resolution features, so
                  full-resolution radar detail reaches the pixels under thick cloud (off: optical skips only).
+      use_confidence_refinement: ConfidenceRefinement sharpens the confidence map at full resolution.
     """
 
     model_name = "CrossAttention"
@@ -309,7 +329,7 @@ class CloudRemovalCrossAttention(nn.Module):
     def __init__(self, in_optical=13, in_sar=2, use_spectral_attention=True, use_cross_attn=True,
                  use_cloud_predictor=True, attention="fused", widths=(64, 128, 256), encoder_blocks=(1, 1, 1),
                  decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0, sar_input="on", use_date_correction=False,
-                 use_sar_skips=False):
+                 use_sar_skips=False, use_confidence_refinement=False):
         super().__init__()
         widths, encoder_blocks, decoder_blocks = tuple(widths), tuple(encoder_blocks), tuple(decoder_blocks)
         if len(widths) != 3 or len(encoder_blocks) != 3 or len(decoder_blocks) != 2:
@@ -321,7 +341,8 @@ class CloudRemovalCrossAttention(nn.Module):
                            use_cross_attn=use_cross_attn, use_cloud_predictor=use_cloud_predictor,
                            attention=attention, widths=widths, encoder_blocks=encoder_blocks,
                            decoder_blocks=decoder_blocks, heads=heads, ffn_ratio=ffn_ratio, sar_input=sar_input,
-                           use_date_correction=use_date_correction, use_sar_skips=use_sar_skips)
+                           use_date_correction=use_date_correction, use_sar_skips=use_sar_skips,
+                           use_confidence_refinement=use_confidence_refinement)
         self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, sar_input
         dim = widths[2]
         self.optical_encoder = OpticalEncoder(in_optical, widths, encoder_blocks)
@@ -336,6 +357,9 @@ class CloudRemovalCrossAttention(nn.Module):
         self.head = nn.Conv2d(widths[0], in_optical, 3, padding=1)
         self.cloud_predictor = CloudConfidencePredictor(dim) if use_cloud_predictor else None
         self.date_correction = DateCorrection(dim, in_optical) if use_date_correction else None
+        if use_confidence_refinement and not use_cloud_predictor:
+            raise ValueError("use_confidence_refinement refines the cloud predictor's map: it needs use_cloud_predictor")
+        self.confidence_refinement = ConfidenceRefinement(widths[0]) if use_confidence_refinement else None
         # A small residual at initialisation: the untrained network starts near the identity (output ~
         # cloudy), which is already a fair cloud-removal baseline, yet every layer still gets a gradient.
         with torch.no_grad():
@@ -367,8 +391,10 @@ class CloudRemovalCrossAttention(nn.Module):
         confidence = None
         if self.cloud_predictor is not None:
             confidence = self.cloud_predictor(refined)
-            confidence = F.interpolate(confidence, size=optical_p.shape[-2:], mode="bilinear",
-                                       align_corners=False)[..., :h, :w]
+            confidence = F.interpolate(confidence, size=optical_p.shape[-2:], mode="bilinear", align_corners=False)
+            if self.confidence_refinement is not None:
+                confidence = self.confidence_refinement(confidence, x)
+            confidence = confidence[..., :h, :w]
         correction = None if self.date_correction is None else self.date_correction(refined)
         # The final addition in fp32 (outside autocast): in bf16 a clear pixel's reflectance would lose
         # its last 8 bits, which is the detail the weighted residual is meant to pass through.
