@@ -203,6 +203,27 @@ def test_sar_skips_feed_full_resolution_radar_to_the_decoder():
     assert grad[4:7, 4:7].sum() > grad[:2, :2].sum()
 
 
+def test_confidence_refinement_starts_at_the_design_map_and_sharpens_at_full_resolution():
+    torch.manual_seed(0)
+    design = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4).eval()
+    refined = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4, use_confidence_refinement=True).eval()
+    refined.load_state_dict({**design.state_dict(), **{k: v for k, v in refined.state_dict().items()
+                                                       if k.startswith("confidence_refinement")}})
+    cloudy, sar = torch.rand(1, 13, 16, 16), torch.rand(1, 2, 16, 16)
+    with torch.no_grad():
+        a, b = design(cloudy, sar, return_aux=True)[1]["confidence"], refined(cloudy, sar, return_aux=True)[1]["confidence"]
+    assert torch.allclose(a, b, atol=1e-6)  # zero-initialised
+    assert net.parameter_breakdown(refined)["confidence_refinement"] > 0
+    # trained, it can change single pixels, which the 1/4-resolution predictor cannot
+    with torch.no_grad():
+        refined.confidence_refinement.net[-1].weight.normal_(0, 1.0)
+        c = refined(cloudy, sar, return_aux=True)[1]["confidence"]
+    step = (c[..., :, 1:] - c[..., :, :-1]).abs().max()
+    assert step > 4 * (a[..., :, 1:] - a[..., :, :-1]).abs().max()
+    with pytest.raises(ValueError, match="use_cloud_predictor"):
+        net.create_model("CrossAttention", use_cloud_predictor=False, use_confidence_refinement=True)
+
+
 # ----------------------------------------------------------------------------------------------- training target
 
 def test_confidence_target_is_the_truth_where_there_is_one():
