@@ -27,12 +27,15 @@ import torch.nn.functional as F
 __all__ = [
     "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion",
     "SpeckleAwareGate", "CloudConfidencePredictor", "CloudRemovalCrossAttention", "DSen2CR",
-    "create_model", "MODELS", "SAR_INPUTS",
+    "create_model", "MODELS", "SAR_INPUTS", "ADDED_SWITCHES",
 ]
 
 GN_GROUPS = 8
 ATTENTION_PATHS = ("fused", "reference")
 SAR_INPUTS = ("on", "zeros")  # "zeros": the radar ablation, an all-zero SAR image whatever the data holds
+# Switches added after the design's first version, with the value that rebuilds a network saved before each
+# existed (a checkpoint's config lacks the key): runtime.model_config_of fills them in.
+ADDED_SWITCHES = {"use_date_correction": False, "use_sar_skips": False, "use_confidence_refinement": False}
 
 
 def _gn(channels):
@@ -271,8 +274,11 @@ class CloudConfidencePredictor(nn.Module):
         self.net = nn.Sequential(_conv_gn_act(dim, dim // 2), _conv_gn_act(dim // 2, dim // 4),
                                  nn.Conv2d(dim // 4, 1, 1))
 
+    def logits(self, refined):
+        return self.net(refined)
+
     def forward(self, refined):
-        return torch.sigmoid(self.net(refined))
+        return torch.sigmoid(self.logits(refined))
 
 
 class ConfidenceRefinement(nn.Module):
@@ -280,8 +286,8 @@ class ConfidenceRefinement(nn.Module):
 
     The CloudConfidencePredictor sees the 1/4-resolution bottleneck, so its upsampled map blurs cloud edges over
     4-8 px; near an edge that gates the residual off inside the cloud and on in the clear. confidence =
-    sigmoid(logit(predictor map) + refinement). Zero-initialised: an untrained refinement returns the
-    predictor's map unchanged.
+    sigmoid(upsampled predictor logits + refinement). Zero-initialised: an untrained refinement gives the
+    predictor's own map (upsampled as logits rather than as probabilities).
     """
 
     def __init__(self, channels=64, hidden=32):
@@ -290,8 +296,8 @@ class ConfidenceRefinement(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    def forward(self, confidence, decoder_features):
-        return torch.sigmoid(torch.logit(confidence, eps=1e-4) + self.net(decoder_features))
+    def forward(self, decoder_features):
+        return self.net(decoder_features)
 
 
 def _pad_to_multiple(x, multiple):
@@ -390,10 +396,13 @@ class CloudRemovalCrossAttention(nn.Module):
 
         confidence = None
         if self.cloud_predictor is not None:
-            confidence = self.cloud_predictor(refined)
-            confidence = F.interpolate(confidence, size=optical_p.shape[-2:], mode="bilinear", align_corners=False)
-            if self.confidence_refinement is not None:
-                confidence = self.confidence_refinement(confidence, x)
+            if self.confidence_refinement is None:  # the design: the predictor's map, upsampled
+                confidence = F.interpolate(self.cloud_predictor(refined), size=optical_p.shape[-2:], mode="bilinear",
+                                           align_corners=False)
+            else:  # in logits, so the full-resolution correction adds up without saturating
+                logits = F.interpolate(self.cloud_predictor.logits(refined), size=optical_p.shape[-2:],
+                                       mode="bilinear", align_corners=False)
+                confidence = torch.sigmoid((logits + self.confidence_refinement(x)).float())
             confidence = confidence[..., :h, :w]
         correction = None if self.date_correction is None else self.date_correction(refined)
         # The final addition in fp32 (outside autocast): in bf16 a clear pixel's reflectance would lose

@@ -109,9 +109,13 @@ def load_checkpoint(path, map_location="cpu"):
 
 def model_config_of(ckpt):
     """The constructor arguments a checkpoint's network was built with. Checkpoints written before the SAR input
-    mode became part of the model's config kept it only in the training args ("sar_input")."""
+    mode became part of the model's config kept it only in the training args ("sar_input"); those written
+    before a later switch existed were built without it (net_CR_CrossAttention.ADDED_SWITCHES)."""
     config = dict(ckpt["model_config"])
     config.setdefault("sar_input", (ckpt.get("args") or {}).get("sar_input", "on"))
+    if ckpt["model_name"] == "CrossAttention":
+        for switch, before in net_CR_CrossAttention.ADDED_SWITCHES.items():
+            config.setdefault(switch, before)
     return config
 
 

@@ -203,6 +203,11 @@ def test_sar_skips_feed_full_resolution_radar_to_the_decoder():
     assert grad[4:7, 4:7].sum() > grad[:2, :2].sum()
 
 
+def _fused_and_o3(model, cloudy, sar):
+    o3, s3 = model.optical_encoder(cloudy)[2], model.sar_encoder(sar)[2]
+    return model.fusion(o3, s3) * model.gate(o3, s3), o3
+
+
 def test_confidence_refinement_starts_at_the_design_map_and_sharpens_at_full_resolution():
     torch.manual_seed(0)
     design = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4).eval()
@@ -212,12 +217,25 @@ def test_confidence_refinement_starts_at_the_design_map_and_sharpens_at_full_res
     cloudy, sar = torch.rand(1, 13, 16, 16), torch.rand(1, 2, 16, 16)
     with torch.no_grad():
         a, b = design(cloudy, sar, return_aux=True)[1]["confidence"], refined(cloudy, sar, return_aux=True)[1]["confidence"]
-    assert torch.allclose(a, b, atol=1e-6)  # zero-initialised
+        # zero-initialised: the predictor's map, upsampled as logits instead of probabilities
+        padded = net._pad_to_multiple(cloudy, 4).shape[-2:]
+        logits = torch.nn.functional.interpolate(
+            design.cloud_predictor.logits(design.refine(*_fused_and_o3(design, cloudy, sar))), size=padded,
+            mode="bilinear", align_corners=False)
+    assert torch.allclose(b, torch.sigmoid(logits)[..., :16, :16], atol=1e-6)
+    assert torch.allclose(a, b, atol=0.05)
     assert net.parameter_breakdown(refined)["confidence_refinement"] > 0
     # trained, it can change single pixels, which the 1/4-resolution predictor cannot
     with torch.no_grad():
         refined.confidence_refinement.net[-1].weight.normal_(0, 1.0)
         c = refined(cloudy, sar, return_aux=True)[1]["confidence"]
+    # and it trains under bf16 autocast without NaN (a logit of a bf16 probability of exactly 1 would give one)
+    refined.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = refined(cloudy * 10, sar, return_aux=True)[1]["confidence"]
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in refined.parameters() if p.grad is not None)
     step = (c[..., :, 1:] - c[..., :, :-1]).abs().max()
     assert step > 4 * (a[..., :, 1:] - a[..., :, :-1]).abs().max()
     with pytest.raises(ValueError, match="use_cloud_predictor"):
