@@ -127,8 +127,10 @@ def _loss_flags(p):
     g.add_argument("--cloud_weight_factor", type=float, default=d["cloud_weight_factor"],
                    help="extra weight of fully cloudy pixels in the cloud-focused loss (2.5: the design document's "
                         "training command; its usage example shows 2.0)")
-    g.add_argument("--confidence_weight", type=float, default=d["confidence_weight"],
-                   help="weight of the BCE between the confidence map and the cloud mask (0 = off)")
+    g.add_argument("--confidence_weight", type=float, default=None,
+                   help=f"weight of the BCE that teaches the confidence map where clouds are (the true cloud map of "
+                        f"synthetic data, else the cloud mask); default {d['confidence_weight']} for a model with a "
+                        f"confidence map, 0 for one without (DSen2CR, --no-use_cloud_predictor)")
     g.add_argument("--vgg_weights", default=d["vgg_weights"],
                    help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
                         "a local .pth path, or 'random' (offline smoke tests only)")
@@ -207,6 +209,14 @@ def prepare_demo(args):
             print(f"[demo] perceptual and contrastive terms left out: {e}")
             args.perceptual_weight, args.use_contrastive_loss = 0.0, False
     args.notes = args.notes or "demo run on synthetic data"
+
+
+def resolve_confidence_weight(args):
+    """--confidence_weight's default: the loss table's value where the model has a confidence map, else 0."""
+    if args.confidence_weight is None:
+        has_map = args.model_name == "CrossAttention" and args.use_cloud_predictor
+        args.confidence_weight = losses.LOSS_DEFAULTS["confidence_weight"] if has_map else 0.0
+    return args.confidence_weight
 
 
 def check_inputs(args):
@@ -326,6 +336,7 @@ def setup(args):
             dist.broadcast_object_list(holder, src=0)
             vars(args).update(holder[0])
     train_rows, val_rows = check_inputs(args)
+    resolve_confidence_weight(args)
     run.criterion = losses.build_criterion(args).to(device)  # fails here if VGG weights are unavailable
     run.amp_dtype, use_scaler = resolve_amp(args.amp, device)
     run.ctx = runtime.autocast(device, run.amp_dtype)  # the one autocast context: training, validation, quicklooks
