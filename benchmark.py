@@ -728,6 +728,10 @@ LEARN_VARIANTS = {
     "conf_refine_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--use_sar_skips"],
     "conf_refine_date_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--use_sar_skips",
                                "--use_date_correction"],
+    "conf_refine_detach": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--detach_confidence_input"],
+    "conf_refine_detach_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement",
+                                 "--detach_confidence_input", "--use_sar_skips"],
+    "conf_detach_skips": ["--confidence_weight", "0.5", "--detach_confidence_input", "--use_sar_skips"],
 }
 
 

@@ -35,7 +35,8 @@ ATTENTION_PATHS = ("fused", "reference")
 SAR_INPUTS = ("on", "zeros")  # "zeros": the radar ablation, an all-zero SAR image whatever the data holds
 # Switches added after the design's first version, with the value that rebuilds a network saved before each
 # existed (a checkpoint's config lacks the key): runtime.model_config_of fills them in.
-ADDED_SWITCHES = {"use_date_correction": False, "use_sar_skips": False, "use_confidence_refinement": False}
+ADDED_SWITCHES = {"use_date_correction": False, "use_sar_skips": False, "use_confidence_refinement": False,
+                  "detach_confidence_input": False}
 
 
 def _gn(channels):
@@ -327,6 +328,10 @@ class CloudRemovalCrossAttention(nn.Module):
       use_sar_skips: the decoder also concatenates the SAR encoder's full and half resolution features, so
                  full-resolution radar detail reaches the pixels under thick cloud (off: optical skips only).
       use_confidence_refinement: ConfidenceRefinement sharpens the confidence map at full resolution.
+      detach_confidence_input: the confidence predictor (and refinement) read detached features, so a loss on the
+                 confidence map (--confidence_weight) trains the confidence head only and does not pull the shared
+                 encoders and decoder away from reconstruction; the reconstruction loss still reaches the head
+                 through confidence * residual.
     """
 
     model_name = "CrossAttention"
@@ -335,7 +340,7 @@ class CloudRemovalCrossAttention(nn.Module):
     def __init__(self, in_optical=13, in_sar=2, use_spectral_attention=True, use_cross_attn=True,
                  use_cloud_predictor=True, attention="fused", widths=(64, 128, 256), encoder_blocks=(1, 1, 1),
                  decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0, sar_input="on", use_date_correction=False,
-                 use_sar_skips=False, use_confidence_refinement=False):
+                 use_sar_skips=False, use_confidence_refinement=False, detach_confidence_input=False):
         super().__init__()
         widths, encoder_blocks, decoder_blocks = tuple(widths), tuple(encoder_blocks), tuple(decoder_blocks)
         if len(widths) != 3 or len(encoder_blocks) != 3 or len(decoder_blocks) != 2:
@@ -348,7 +353,8 @@ class CloudRemovalCrossAttention(nn.Module):
                            attention=attention, widths=widths, encoder_blocks=encoder_blocks,
                            decoder_blocks=decoder_blocks, heads=heads, ffn_ratio=ffn_ratio, sar_input=sar_input,
                            use_date_correction=use_date_correction, use_sar_skips=use_sar_skips,
-                           use_confidence_refinement=use_confidence_refinement)
+                           use_confidence_refinement=use_confidence_refinement,
+                           detach_confidence_input=detach_confidence_input)
         self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, sar_input
         dim = widths[2]
         self.optical_encoder = OpticalEncoder(in_optical, widths, encoder_blocks)
@@ -396,13 +402,14 @@ class CloudRemovalCrossAttention(nn.Module):
 
         confidence = None
         if self.cloud_predictor is not None:
+            bottleneck, decoded = (refined.detach(), x.detach()) if self.config["detach_confidence_input"] else (refined, x)
             if self.confidence_refinement is None:  # the design: the predictor's map, upsampled
-                confidence = F.interpolate(self.cloud_predictor(refined), size=optical_p.shape[-2:], mode="bilinear",
-                                           align_corners=False)
+                confidence = F.interpolate(self.cloud_predictor(bottleneck), size=optical_p.shape[-2:],
+                                           mode="bilinear", align_corners=False)
             else:  # in logits, so the full-resolution correction adds up without saturating
-                logits = F.interpolate(self.cloud_predictor.logits(refined), size=optical_p.shape[-2:],
+                logits = F.interpolate(self.cloud_predictor.logits(bottleneck), size=optical_p.shape[-2:],
                                        mode="bilinear", align_corners=False)
-                confidence = torch.sigmoid((logits + self.confidence_refinement(x)).float())
+                confidence = torch.sigmoid((logits + self.confidence_refinement(decoded)).float())
             confidence = confidence[..., :h, :w]
         correction = None if self.date_correction is None else self.date_correction(refined)
         # The final addition in fp32 (outside autocast): in bf16 a clear pixel's reflectance would lose

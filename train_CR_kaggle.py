@@ -73,6 +73,9 @@ def _model_flags(p):
                    help="feed the SAR encoder's full- and half-resolution features to the decoder too")
     g.add_argument("--use_confidence_refinement", action=argparse.BooleanOptionalAction, default=False,
                    help="sharpen the cloud confidence map at full resolution from the decoder's features")
+    g.add_argument("--detach_confidence_input", action=argparse.BooleanOptionalAction, default=False,
+                   help="the confidence head reads detached features: --confidence_weight trains the head only, "
+                        "not the shared encoders and decoder")
     g.add_argument("--attention", default="fused", choices=["fused", "reference"],
                    help="attention kernel: fused scaled_dot_product_attention, or the explicit reference")
     g.add_argument("--sar_input", default="on", choices=list(net_CR_CrossAttention.SAR_INPUTS),
@@ -263,7 +266,8 @@ def build_model(args, ckpt, resume_path, is_main):
             config.update(use_cross_attn=args.use_cross_attn, use_spectral_attention=args.use_spectral_attention,
                           use_cloud_predictor=args.use_cloud_predictor, attention=args.attention,
                           use_date_correction=args.use_date_correction, use_sar_skips=args.use_sar_skips,
-                          use_confidence_refinement=args.use_confidence_refinement)
+                          use_confidence_refinement=args.use_confidence_refinement,
+                          detach_confidence_input=args.detach_confidence_input)
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     if args.confidence_weight > 0 and not model.config.get("use_cloud_predictor", False):
         raise SystemExit(f"--confidence_weight {args.confidence_weight} supervises the cloud confidence map, which "
