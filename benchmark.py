@@ -674,6 +674,245 @@ def bench_train(args):
 SUBCOMMANDS["train"] = (_add_train_args, bench_train)
 
 
+# ------------------------------------------------------------------------------- training loop vs its model step
+# The real training loop (train_CR_kaggle.setup, then train_one_epoch: data loading, host-to-device copies,
+# clipping, logging included) against the bare model step it is built around (forward, loss, backward, optimizer
+# step on one batch already on the device), with the same model, loss set, precision, batch and optimizer, in one
+# fresh process per loss set. The loop's first --warmup steps are not timed; one epoch holds all the steps, so
+# start-up and validation are not in the figure.
+LOOP_LOSS_FLAGS = {
+    "l1": ["--perceptual_weight", "0"],
+    "design": ["--use_cloud_focused_loss", "--cloud_weight_factor", "2.5", "--perceptual_weight", "0.5",
+               "--use_fft_loss", "--fft_weight", "0.3", "--use_gradient_loss", "--gradient_weight", "0.2",
+               "--use_contrastive_loss", "--contrastive_weight", "0.1", "--vgg_weights", "random"],
+}
+
+
+def _loop_data(out, n_unique, size, n_train):
+    """A data list of n_train training rows (n_unique synthetic patches listed again and again, so a long epoch
+    costs no more synthesis) and a small validation split. Returns the CSV path."""
+    import dataloader
+
+    csv_path = dataloader.make_synthetic_dataset(Path(out) / "unique", n=n_unique, size=size, seed=0,
+                                                 val_frac=0.2, test_frac=0.0)
+    rows = dataloader.read_data_list(csv_path)
+    train_rows = [t for t in rows if t.split == 1]
+    repeated = [train_rows[i % len(train_rows)] for i in range(n_train)]
+    return dataloader.write_data_list(Path(out) / "unique" / "loop.csv", repeated + [t for t in rows if t.split == 2])
+
+
+def _cpu_seconds(pids):
+    """User + system CPU seconds of these processes so far (/proc/PID/stat); vanished ones count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid):
+    """PIDs of the processes whose parent is `pid` (the DataLoader's workers)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _machine_busy():
+    """(busy, total) jiffies of all CPUs since boot (/proc/stat); differences give the machine's load."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+class _GpuBusy:
+    """Samples torch.cuda.utilization (NVML: the fraction of time a kernel ran) every 0.1 s in a thread."""
+
+    def __init__(self, device):
+        import threading
+        import torch
+        self.samples, self.stop, self.device = [], threading.Event(), device
+        try:
+            torch.cuda.utilization(device)
+        except Exception:  # no NVML bindings: the figure is reported as unavailable
+            self.thread = None
+            return
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self):
+        import torch
+        while not self.stop.wait(0.1):
+            self.samples.append(torch.cuda.utilization(self.device))
+
+    def fraction(self):
+        self.stop.set()
+        return sum(self.samples) / len(self.samples) / 100 if self.samples else None
+
+
+class _TimedLoader:
+    """The training DataLoader, timestamping every batch it hands to the loop: the gaps are the loop's steps.
+    At the first timed batch (after `warmup` ones) and at the end it synchronises CUDA and reads the CPU counters,
+    so the window covers whole steps."""
+
+    def __init__(self, loader, warmup, sync):
+        self.loader, self.warmup, self.sync = loader, warmup, sync
+        self.sampler, self.dataset, self.batch_size = loader.sampler, loader.dataset, loader.batch_size
+        self.marks = []
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _mark(self):
+        self.sync()
+        pids = [os.getpid()] + _children(os.getpid())
+        self.marks.append((time.perf_counter(), _cpu_seconds(pids), _machine_busy()))
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i == self.warmup:
+                self._mark()
+            yield batch
+        self._mark()
+
+
+def _device_batch(run, batch):
+    """One batch as the loop's step sees it: on the device, S2 in [0, 1], inputs channels-last if the model is."""
+    import torch
+
+    out = {}
+    for key in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"):
+        t = batch[key].to(run.device)
+        out[key] = t.float() * (1.0 / 10000) if t.dtype == torch.uint16 else t  # uint16-encoded S2
+    if run.channels_last:
+        for key in ("cloudy_data", "SAR_data"):
+            out[key] = out[key].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _bare_steps(run, batch, steps, sync):
+    """Seconds for `steps` bare model steps: forward, loss, backward, optimizer step; no data, no host reads."""
+    cloudy, cloudfree, sar, mask = (batch[k] for k in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with run.ctx:
+            prediction, aux = run.train_model(cloudy, sar, return_aux=True)
+        total, _ = run.criterion(prediction, cloudfree, cloudy, cloud_mask=mask, confidence=aux.get("confidence"))
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(total).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    sync()
+    return time.perf_counter() - t0
+
+
+def loop_worker(cfg):
+    """One loss set of `benchmark.py loop`, run by in_fresh_process: loop and bare-step samples/s, CPU/GPU busy."""
+    import torch
+    from torch.utils.data import default_collate
+
+    import train_CR_kaggle as train
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
+        args = train.build_parser().parse_args([
+            "--data_list_filepath", cfg["csv"], "--input_data_folder", str(Path(cfg["csv"]).parent),
+            "--save_model_dir", tmp, "--experiment_name", "loop", "--max_epochs", "1", "--warmup_epochs", "0",
+            "--batch_sz", str(cfg["batch"]), "--load_size", str(cfg["size"]), "--crop_size", str(cfg["size"]),
+            "--num_workers", str(cfg["workers"]), "--amp", cfg["amp"], "--device", cfg["device"],
+            "--num_quicklooks", "0", *LOOP_LOSS_FLAGS[cfg["loss"]], *cfg["train_flags"]])
+        run = train.setup(args)
+        cuda = run.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        batch = _device_batch(run, default_collate([run.train_loader.dataset[i] for i in range(cfg["batch"])]))
+        _bare_steps(run, batch, cfg["warmup"], sync)  # allocation, kernel choice, compilation
+        half = max(1, cfg["steps"] // 2)
+        bare_s = _bare_steps(run, batch, half, sync)  # two halves around the loop: load changes hit both
+        run.train_loader = timed = _TimedLoader(run.train_loader, cfg["warmup"], sync)
+        gpu = _GpuBusy(run.device) if cuda else None
+        stats = train.train_one_epoch(run, 0)
+        gpu_busy = gpu.fraction() if gpu else None
+        bare_s += _bare_steps(run, batch, half, sync)
+        (t0, cpu0, (busy0, all0)), (t1, cpu1, (busy1, all1)) = timed.marks
+        loop_steps = len(timed) - cfg["warmup"]
+        out = {"loop_samples_per_s": loop_steps * cfg["batch"] / (t1 - t0), "loop_steps": loop_steps,
+               "step_samples_per_s": 2 * half * cfg["batch"] / bare_s, "train_loss": stats["loss"],
+               "run_cpu_cores": (cpu1 - cpu0) / (t1 - t0), "machine_busy": (busy1 - busy0) / max(all1 - all0, 1),
+               "gpu_busy": gpu_busy, "device": str(run.device), "amp": str(run.amp_dtype),
+               "compiled": run.train_model is not run.model, "cpus": os.cpu_count()}
+        if run.writer is not None:
+            run.writer.close()
+    out["ratio"] = out["loop_samples_per_s"] / out["step_samples_per_s"]
+    return out
+
+
+def _add_loop_args(parser):
+    parser.add_argument("--loss", nargs="+", default=["l1", "design"], choices=list(LOOP_LOSS_FLAGS),
+                        help="loss sets: l1 (L1 only) and/or design (the design document's flags, random VGG)")
+    parser.add_argument("--size", type=int, default=64, help="square training crop (the synthetic patch side)")
+    parser.add_argument("--batch", type=int, default=4, help="training batch size")
+    parser.add_argument("--steps", type=int, default=24, help="timed loop steps (bare steps: the same number)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first, in the loop and the bare step")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="DataLoader workers (training's default is 2; 1 worker + 1 thread fit 2 cores)")
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="training --amp")
+    parser.add_argument("--device", default="auto", help="training --device: auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default). On a loaded 2-core machine 2 OpenMP threads wait "
+                             "on each other (measured 2.7x slower than 1 here), which would drown what is measured")
+    parser.add_argument("--unique", type=int, default=32, help="distinct synthetic patches the epoch cycles through")
+    parser.add_argument("--train_flags", default="",
+                        help="more train_CR_kaggle.py flags for every variant, e.g. '--compile on --log_every 10'")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per loss set before it is skipped")
+
+
+def bench_loop(args):
+    """Steady-state samples/s of the real training loop vs its bare model step; last line `loop/step RATIO`."""
+    import shlex
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_loop_data_") as tmp:
+        csv_path = _loop_data(tmp, args.unique, args.size, (args.warmup + args.steps) * args.batch)
+        for loss in args.loss:
+            cfg = dict(csv=str(csv_path), loss=loss, size=args.size, batch=args.batch, steps=args.steps,
+                       warmup=args.warmup, workers=args.workers, amp=args.amp, device=args.device,
+                       threads=args.threads, train_flags=shlex.split(args.train_flags))
+            results[loss] = in_fresh_process(loop_worker, cfg, timeout=args.timeout)
+            print(f"  done {loss}: loop {results[loss]['loop_samples_per_s']:.2f} samples/s", flush=True)
+    first = next(iter(results.values()))
+    print(f"\nbenchmark.py loop  device={first['device']} ({os.cpu_count()} CPUs) amp={first['amp']} "
+          f"compiled={first['compiled']} {args.size} px batch {args.batch} workers {args.workers}; "
+          f"{first['loop_steps']} timed steps after {args.warmup} warm-up {args.train_flags}".rstrip())
+    print(f"{'loss':<8}{'loop samples/s':>15}{'step samples/s':>15}{'loop/step':>10}{'run CPU cores':>14}"
+          f"{'machine busy':>13}{'GPU busy':>9}")
+    for loss, r in results.items():
+        gpu = "n/a" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}"
+        print(f"{loss:<8}{r['loop_samples_per_s']:>15.2f}{r['step_samples_per_s']:>15.2f}{r['ratio']:>10.2f}"
+              f"{r['run_cpu_cores']:>14.2f}{r['machine_busy']:>13.0%}{gpu:>9}")
+    if {"l1", "design"} <= set(results):
+        print(f"design-loss loop / L1 loop: "
+              f"{results['design']['loop_samples_per_s'] / results['l1']['loop_samples_per_s']:.2f}")
+    worst = min(results, key=lambda k: results[k]["ratio"])
+    print(f"loop/step {results[worst]['ratio']:.2f}" + (f"  (lowest: {worst})" if len(results) > 1 else ""))
+    return {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "results": results}
+
+
+SUBCOMMANDS["loop"] = (_add_loop_args, bench_loop)
+
+
 # ----------------------------------------------------------------------------------------- learning and ablations
 # Does the model learn, and what does each part of the design buy? Trains every variant with the real
 # scripts (train_CR_kaggle.py, then test_CR.py on the test split) in fresh subprocesses on the synthetic
