@@ -246,11 +246,16 @@ class SEN12MSCRDataset(Dataset):
     are filled with the mean of the band over that crop.
     cloud_detector: "rule" (DSen2-CR rules), "s2cloudless" or "none" (cloud_mask all zeros, so a cloud-weighted
     loss reduces to an unweighted one). `cloud_binary` is cloud_mask >= cloud_threshold.
+    s2_encoding: "float" (default) returns S2 as float32 in [0, 1]; "uint16" returns it as the files' clipped
+    uint16 x10000 (half the bytes to copy to a GPU; divide by S2_SCALE there). The cloud mask is the same either way.
     Random choices use torch's generator, which a DataLoader seeds differently in every worker.
     """
 
     def __init__(self, triplets, root, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
-                 cloud_threshold=0.2, random_crop=None):
+                 cloud_threshold=0.2, random_crop=None, s2_encoding="float"):
+        if s2_encoding not in ("float", "uint16"):
+            raise ValueError(f"s2_encoding must be 'float' or 'uint16', got {s2_encoding!r}")
+        self.s2_encoding = s2_encoding
         self.triplets = list(triplets)
         if not self.triplets:
             raise DataError(f"no samples: the list of triplets for data root {root} is empty")
@@ -307,6 +312,8 @@ class SEN12MSCRDataset(Dataset):
             sar, cloudfree, cloudy = (read_window(s, window) for s in srcs)
         sar, cloudfree, cloudy = normalize_s1(sar), normalize_s2(cloudfree), normalize_s2(cloudy)
         score = cloud_score(cloudy, self.cloud_detector)[None]
+        if self.s2_encoding == "uint16":
+            cloudy, cloudfree = denormalize_s2(cloudy), denormalize_s2(cloudfree)
         arrays = [cloudy, cloudfree, sar, score]
         if self.augment:
             k = int(torch.randint(4, ()).item())
