@@ -679,7 +679,8 @@ SUBCOMMANDS["train"] = (_add_train_args, bench_train)
 # clipping, logging included) against the bare model step it is built around (forward, loss, backward, optimizer
 # step on one batch already on the device), with the same model, loss set, precision, batch and optimizer, in one
 # fresh process per loss set. The loop's first --warmup steps are not timed; one epoch holds all the steps, so
-# start-up and validation are not in the figure.
+# start-up and validation are not in the figure. Blocks of bare steps run between blocks of loop steps, so the
+# machine's load changes hit both alike.
 LOOP_LOSS_FLAGS = {
     "l1": ["--perceptual_weight", "0"],
     "design": ["--use_cloud_focused_loss", "--cloud_weight_factor", "2.5", "--perceptual_weight", "0.5",
@@ -737,54 +738,79 @@ def _machine_busy():
 
 
 class _GpuBusy:
-    """Samples torch.cuda.utilization (NVML: the fraction of time a kernel ran) every 0.1 s in a thread."""
+    """Samples torch.cuda.utilization (NVML: the fraction of time a kernel ran) every 0.1 s in a thread, while
+    `active` is set (during the loop's timed segments)."""
 
     def __init__(self, device):
         import threading
         import torch
-        self.samples, self.stop, self.device = [], threading.Event(), device
+        self.samples, self.stop, self.active, self.device = [], threading.Event(), threading.Event(), device
         try:
             torch.cuda.utilization(device)
         except Exception:  # no NVML bindings: the figure is reported as unavailable
-            self.thread = None
             return
-        self.thread = threading.Thread(target=self._poll, daemon=True)
-        self.thread.start()
+        threading.Thread(target=self._poll, daemon=True).start()
 
     def _poll(self):
         import torch
         while not self.stop.wait(0.1):
-            self.samples.append(torch.cuda.utilization(self.device))
+            if self.active.is_set():
+                self.samples.append(torch.cuda.utilization(self.device))
 
     def fraction(self):
         self.stop.set()
         return sum(self.samples) / len(self.samples) / 100 if self.samples else None
 
 
-class _TimedLoader:
-    """The training DataLoader, timestamping every batch it hands to the loop: the gaps are the loop's steps.
-    At the first timed batch (after `warmup` ones) and at the end it synchronises CUDA and reads the CPU counters,
-    so the window covers whole steps."""
+class _InterleavedLoader:
+    """The training DataLoader as the loop sees it, with the bare model step interleaved: after `warmup` batches,
+    every `block` loop steps it runs `block` bare steps (their own timer), so machine load hits both alike.
+    A loop segment runs from handing a batch to the loop until the batch after `block` steps is ready (the steps
+    plus their waits for data); segments and bare blocks are bounded by a CUDA synchronisation."""
 
-    def __init__(self, loader, warmup, sync):
-        self.loader, self.warmup, self.sync = loader, warmup, sync
+    def __init__(self, loader, warmup, block, bare_block, sync, gpu):
+        self.loader, self.warmup, self.block, self.bare_block, self.sync, self.gpu = \
+            loader, warmup, block, bare_block, sync, gpu
         self.sampler, self.dataset, self.batch_size = loader.sampler, loader.dataset, loader.batch_size
-        self.marks = []
+        self.loop_s = self.bare_s = self.cpu_s = 0.0
+        self.loop_steps = self.bare_steps = 0
+        self.busy, self.pids = [0, 0], None
 
     def __len__(self):
         return len(self.loader)
 
-    def _mark(self):
+    def _open_segment(self):
+        self.bare_s += self.bare_block(self.block)
+        self.bare_steps += self.block
+        if self.pids is None:
+            self.pids = [os.getpid()] + _children(os.getpid())
+        if self.gpu:
+            self.gpu.active.set()
+        return {"t": time.perf_counter(), "cpu": _cpu_seconds(self.pids), "busy": _machine_busy(), "steps": 0}
+
+    def _close_segment(self, segment):
         self.sync()
-        pids = [os.getpid()] + _children(os.getpid())
-        self.marks.append((time.perf_counter(), _cpu_seconds(pids), _machine_busy()))
+        self.loop_s += time.perf_counter() - segment["t"]
+        self.cpu_s += _cpu_seconds(self.pids) - segment["cpu"]
+        busy = _machine_busy()
+        self.busy = [self.busy[0] + busy[0] - segment["busy"][0], self.busy[1] + busy[1] - segment["busy"][1]]
+        self.loop_steps += segment["steps"]
+        if self.gpu:
+            self.gpu.active.clear()
 
     def __iter__(self):
+        segment = None
         for i, batch in enumerate(self.loader):
-            if i == self.warmup:
-                self._mark()
+            if segment is not None and segment["steps"] == self.block:
+                self._close_segment(segment)
+                segment = None
+            if segment is None and i >= self.warmup:
+                segment = self._open_segment()
+            if segment is not None:
+                segment["steps"] += 1
             yield batch
-        self._mark()
+        if segment is not None:
+            self._close_segment(segment)
 
 
 def _device_batch(run, batch):
@@ -839,20 +865,17 @@ def loop_worker(cfg):
         sync = torch.cuda.synchronize if cuda else (lambda: None)
         batch = _device_batch(run, default_collate([run.train_loader.dataset[i] for i in range(cfg["batch"])]))
         _bare_steps(run, batch, cfg["warmup"], sync)  # allocation, kernel choice, compilation
-        half = max(1, cfg["steps"] // 2)
-        bare_s = _bare_steps(run, batch, half, sync)  # two halves around the loop: load changes hit both
-        run.train_loader = timed = _TimedLoader(run.train_loader, cfg["warmup"], sync)
         gpu = _GpuBusy(run.device) if cuda else None
+        run.train_loader = timed = _InterleavedLoader(run.train_loader, cfg["warmup"], cfg["block"],
+                                                      lambda n: _bare_steps(run, batch, n, sync), sync, gpu)
         stats = train.train_one_epoch(run, 0)
-        gpu_busy = gpu.fraction() if gpu else None
-        bare_s += _bare_steps(run, batch, half, sync)
-        (t0, cpu0, (busy0, all0)), (t1, cpu1, (busy1, all1)) = timed.marks
-        loop_steps = len(timed) - cfg["warmup"]
-        out = {"loop_samples_per_s": loop_steps * cfg["batch"] / (t1 - t0), "loop_steps": loop_steps,
-               "step_samples_per_s": 2 * half * cfg["batch"] / bare_s, "train_loss": stats["loss"],
-               "run_cpu_cores": (cpu1 - cpu0) / (t1 - t0), "machine_busy": (busy1 - busy0) / max(all1 - all0, 1),
-               "gpu_busy": gpu_busy, "device": str(run.device), "amp": str(run.amp_dtype),
-               "compiled": run.train_model is not run.model, "cpus": os.cpu_count()}
+        n = cfg["batch"]
+        out = {"loop_samples_per_s": timed.loop_steps * n / timed.loop_s, "loop_steps": timed.loop_steps,
+               "step_samples_per_s": timed.bare_steps * n / timed.bare_s, "bare_steps": timed.bare_steps,
+               "train_loss": stats["loss"], "run_cpu_cores": timed.cpu_s / timed.loop_s,
+               "machine_busy": timed.busy[0] / max(timed.busy[1], 1), "gpu_busy": gpu.fraction() if gpu else None,
+               "device": str(run.device), "amp": str(run.amp_dtype), "compiled": run.train_model is not run.model,
+               "cpus": os.cpu_count()}
         if run.writer is not None:
             run.writer.close()
     out["ratio"] = out["loop_samples_per_s"] / out["step_samples_per_s"]
@@ -866,6 +889,9 @@ def _add_loop_args(parser):
     parser.add_argument("--batch", type=int, default=4, help="training batch size")
     parser.add_argument("--steps", type=int, default=24, help="timed loop steps (bare steps: the same number)")
     parser.add_argument("--warmup", type=int, default=4, help="untimed steps first, in the loop and the bare step")
+    parser.add_argument("--block", type=int, default=6,
+                        help="loop steps between bare-step blocks of the same length (interleaved: load hits both; "
+                             "the workers' prefetch of 2 batches per worker happens during a bare block)")
     parser.add_argument("--workers", type=int, default=1,
                         help="DataLoader workers (training's default is 2; 1 worker + 1 thread fit 2 cores)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="training --amp")
@@ -888,14 +914,15 @@ def bench_loop(args):
         csv_path = _loop_data(tmp, args.unique, args.size, (args.warmup + args.steps) * args.batch)
         for loss in args.loss:
             cfg = dict(csv=str(csv_path), loss=loss, size=args.size, batch=args.batch, steps=args.steps,
-                       warmup=args.warmup, workers=args.workers, amp=args.amp, device=args.device,
+                       warmup=args.warmup, block=args.block, workers=args.workers, amp=args.amp, device=args.device,
                        threads=args.threads, train_flags=shlex.split(args.train_flags))
             results[loss] = in_fresh_process(loop_worker, cfg, timeout=args.timeout)
             print(f"  done {loss}: loop {results[loss]['loop_samples_per_s']:.2f} samples/s", flush=True)
     first = next(iter(results.values()))
     print(f"\nbenchmark.py loop  device={first['device']} ({os.cpu_count()} CPUs) amp={first['amp']} "
-          f"compiled={first['compiled']} {args.size} px batch {args.batch} workers {args.workers}; "
-          f"{first['loop_steps']} timed steps after {args.warmup} warm-up {args.train_flags}".rstrip())
+          f"compiled={first['compiled']} {args.size} px batch {args.batch} workers {args.workers} threads "
+          f"{args.threads or 'default'}; {first['loop_steps']} loop and {first['bare_steps']} bare steps timed in "
+          f"blocks of {args.block}, after {args.warmup} warm-up {args.train_flags}".rstrip())
     print(f"{'loss':<8}{'loop samples/s':>15}{'step samples/s':>15}{'loop/step':>10}{'run CPU cores':>14}"
           f"{'machine busy':>13}{'GPU busy':>9}")
     for loss, r in results.items():
