@@ -73,6 +73,13 @@ def _add_loss_args(parser):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--model", choices=("auto", "standin"), default="auto",
                         help="auto: the default CrossAttention model; standin: a 3-layer CNN (the loss's cost alone)")
+    parser.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
+                        help="autocast of the model step and AMP dtype of VGG (bf16: the training script's CPU "
+                             "default; fp16 needs CUDA)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--vgg_weights", default="random",
+                        help="VGG weights for the VGG terms (random costs what ImageNet costs; with a weights file the "
+                             "run also prints how far the AMP VGG's terms are from float32 VGG's)")
 
 
 def _standin_model():
@@ -93,40 +100,93 @@ def _standin_model():
     return StandIn()
 
 
-def bench_loss(args):
-    """Time the full criterion (design's flag set, random VGG weights) adds to a CPU training step vs L1 only."""
+def _one_forward_vgg_loss(**options):
+    """The criterion's VGG terms as they were computed before: one float32 VGG forward of [pred, target, cloudy]
+    with gradient through all three (target and cloudy features detached only after it)."""
+    import torch
+    import torch.nn.functional as F
+
+    import losses
+
+    class OneForwardVGG(losses.CRLoss):
+        def _vgg_terms(self, pred, target, cloudy):
+            n = pred.shape[0]
+            feats = self.vgg(losses.rgb_for_vgg(torch.cat([pred, target, cloudy]), self.imagenet_mean,
+                                                self.imagenet_std))
+            perceptual = contrastive = pred.new_zeros(())
+            for w, f in zip(self.layer_weights, feats):
+                d_positive = F.l1_loss(f[:n], f[n:2 * n].detach())
+                perceptual = perceptual + w * d_positive
+                contrastive = contrastive + w * d_positive / (F.l1_loss(f[:n], f[2 * n:].detach()) + losses.EPS)
+            return perceptual, contrastive
+
+    return OneForwardVGG(**options)
+
+
+def _loss_variants(args, amp_dtype):
+    """Criteria to compare: L1 only, the pixel terms alone, and the design's full set: VGG as before (one float32
+    forward with gradient through all three images), in float32 with target/cloudy features without gradient, at
+    the AMP dtype (what training uses), and at the AMP dtype in channels-last (training's CPU default)."""
     import warnings
 
     import torch
 
     import losses
 
+    design = dict(l1_weight=1.0, perceptual_weight=0.5, use_fft_loss=True, fft_weight=0.3, use_gradient_loss=True,
+                  gradient_weight=0.2, use_contrastive_loss=True, contrastive_weight=0.1,
+                  use_cloud_focused_loss=True, cloud_weight_factor=2.5, vgg_weights=args.vgg_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        variants = {
+            "L1 only": losses.CRLoss(l1_weight=1.0, perceptual_weight=0.0, vgg_weights="random"),
+            "no VGG terms": losses.CRLoss(**dict(design, perceptual_weight=0.0, use_contrastive_loss=False)),
+            "full, as before": _one_forward_vgg_loss(**design),
+            "full, VGG fp32": losses.CRLoss(**design),
+        }
+        if amp_dtype is not None:
+            variants["full, VGG AMP"] = losses.CRLoss(vgg_dtype=amp_dtype, **design)
+            variants["full, VGG AMP, NHWC"] = losses.CRLoss(vgg_dtype=amp_dtype, **design).to(
+                memory_format=torch.channels_last)
+    for name in ("full, as before", "full, VGG AMP", "full, VGG AMP, NHWC"):  # one set of VGG weights for all
+        if name in variants:
+            variants[name].vgg.load_state_dict(variants["full, VGG fp32"].vgg.state_dict())
+    return variants
+
+
+def bench_loss(args):
+    """Time the full criterion (design's flag set) adds to a training step vs L1 only, VGG fp32 vs AMP."""
+    import torch
+
+    import runtime
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     if args.model == "auto":
         import net_CR_CrossAttention
         model, model_desc = net_CR_CrossAttention.create_model("CrossAttention"), "create_model('CrossAttention')"
     else:
         model, model_desc = _standin_model(), "stand-in 3-layer CNN (15->64->64->13)"
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    ctx = runtime.autocast(device, amp_dtype)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     n, s = args.batch, args.size
-    cloudy, cloudfree = torch.rand(n, 13, s, s) * 0.8, torch.rand(n, 13, s, s) * 0.3
-    sar, cloud_mask = torch.rand(n, 2, s, s), torch.rand(n, 1, s, s)
-    # The design document's training flags (glf-cr-enhanced-v3.md); random VGG costs what ImageNet VGG costs.
-    design = dict(l1_weight=1.0, perceptual_weight=0.5, use_fft_loss=True, fft_weight=0.3, use_gradient_loss=True,
-                  gradient_weight=0.2, use_contrastive_loss=True, contrastive_weight=0.1,
-                  use_cloud_focused_loss=True, cloud_weight_factor=2.5, vgg_weights="random")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        variants = {
-            "L1 only": losses.CRLoss(l1_weight=1.0, perceptual_weight=0.0, vgg_weights="random"),
-            "no VGG terms": losses.CRLoss(**dict(design, perceptual_weight=0.0, use_contrastive_loss=False)),
-            "full (design flags)": losses.CRLoss(**design),
-        }
+    cloudy, cloudfree = torch.rand(n, 13, s, s, device=device) * 0.8, torch.rand(n, 13, s, s, device=device) * 0.3
+    sar, cloud_mask = torch.rand(n, 2, s, s, device=device), torch.rand(n, 1, s, s, device=device)
+    cloudy_in, sar_in = cloudy, sar
+    variants = {name: c.to(device) for name, c in _loss_variants(args, amp_dtype).items()}
+    if device.type == "cpu":  # the training script's CPU default: channels-last model and inputs
+        model.to(memory_format=torch.channels_last)
+        cloudy_in, sar_in = (t.contiguous(memory_format=torch.channels_last) for t in (cloudy, sar))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(criterion):
         optimizer.zero_grad(set_to_none=True)
-        pred = model(cloudy, sar)
+        with ctx:
+            pred = model(cloudy_in, sar_in)
         total, _ = criterion(pred, cloudfree, cloudy, cloud_mask=cloud_mask)
         total.backward()
         optimizer.step()
@@ -141,25 +201,52 @@ def bench_loss(args):
     loss_times = {name: [] for name in variants}
     for name, criterion in variants.items():
         step(criterion)  # warm-up
+        criterion_only(criterion)
     for _ in range(args.steps):  # interleaved, so machine noise hits all variants alike
         for name, criterion in variants.items():
+            sync()
             t0 = time.perf_counter()
             step(criterion)
+            sync()
             t1 = time.perf_counter()
             criterion_only(criterion)
+            sync()
             times[name].append(t1 - t0)
             loss_times[name].append(time.perf_counter() - t1)
+    return _report_loss(args, model_desc, variants, times, loss_times, cloudy, cloudfree)
+
+
+def _report_loss(args, model_desc, variants, times, loss_times, cloudy, cloudfree):
+    """Print the table and ratios; with two VGG precisions, also how far the AMP terms are from float32."""
+    import torch
+
     med = {name: statistics.median(t) for name, t in times.items()}
     loss_med = {name: statistics.median(t) for name, t in loss_times.items()}
-    base, no_vgg, full = med["L1 only"], med["no VGG terms"], med["full (design flags)"]
-    print(f"model: {model_desc}; {n}x{s}x{s}, {args.threads} threads, median of {args.steps} steps")
-    print(f"{'criterion':<22}{'step s':>10}{'loss fwd+bwd s':>16}")
+    base = med["L1 only"]
+    print(f"model: {model_desc}; {args.batch}x{args.size}x{args.size}, {args.device}, amp {args.amp}, "
+          f"{args.threads} threads, median of {args.steps} steps")
+    print(f"{'criterion':<22}{'step s':>10}{'x L1 step':>11}{'loss fwd+bwd s':>16}")
     for name, t in med.items():
-        print(f"{name:<22}{t:>10.3f}{loss_med[name]:>16.3f}")
-    print(f"full criterion adds {full - base:.3f} s per step ({full / base:.2f}x the L1-only step)")
-    return {"model": model_desc, "size": s, "batch": n, "threads": args.threads, "steps": args.steps,
-            "step_s_l1_only": base, "step_s_no_vgg": no_vgg, "step_s_full": full, "added_s": full - base,
-            "ratio": full / base, "loss_only_s": loss_med}
+        print(f"{name:<22}{t:>10.3f}{t / base:>11.2f}{loss_med[name]:>16.3f}")
+    figures = {"model": model_desc, "size": args.size, "batch": args.batch, "threads": args.threads,
+               "device": args.device,
+               "amp": args.amp, "steps": args.steps, "step_s": med, "loss_only_s": loss_med,
+               "ratio_to_l1": {name: t / base for name, t in med.items()}}
+    print(f"target/cloudy VGG features without gradient: full-criterion step "
+          f"{med['full, as before'] / med['full, VGG fp32']:.2f}x faster, criterion alone "
+          f"{loss_med['full, as before'] / loss_med['full, VGG fp32']:.2f}x")
+    if "full, VGG AMP" in variants:
+        print(f"VGG under AMP: full-criterion step {med['full, VGG fp32'] / med['full, VGG AMP']:.2f}x faster, "
+              f"criterion alone {loss_med['full, VGG fp32'] / loss_med['full, VGG AMP']:.2f}x")
+        pred = (0.5 * cloudy + 0.5 * cloudfree).clamp(0, 1)
+        with torch.no_grad():
+            exact = variants["full, VGG fp32"](pred, cloudfree, cloudy)[1]
+            amp = variants["full, VGG AMP"](pred, cloudfree, cloudy)[1]
+        figures["amp_relative_difference"] = {k: abs(amp[k].item() / exact[k].item() - 1) for k in
+                                              ("perceptual", "contrastive")}
+        print("AMP VGG vs float32 VGG, relative difference of the terms (vgg_weights "
+              f"{args.vgg_weights}): " + ", ".join(f"{k} {v:.2e}" for k, v in figures["amp_relative_difference"].items()))
+    return figures
 
 
 SUBCOMMANDS["loss"] = (_add_loss_args, bench_loss)
