@@ -486,6 +486,14 @@ class StepMeter:
         self.names, self.device = list(names), device
         self.streak = torch.zeros((), device=device)  # consecutive skipped steps; runs on across reads and epochs
         self._reset()
+        self.start_epoch()
+
+    def start_epoch(self):
+        self.epoch_sums, self.epoch_taken = dict.fromkeys(self.names, 0.0), 0
+
+    def epoch_mean(self, name):
+        """Mean over this epoch's steps taken and read so far."""
+        return self.epoch_sums[name] / max(self.epoch_taken, 1)
 
     def _reset(self):
         # the named sums over the steps taken, then: steps taken, steps skipped, longest skip streak
@@ -499,12 +507,15 @@ class StepMeter:
         self.sums[-1] = torch.maximum(self.sums[-1], self.streak)
 
     def read(self):
-        """Host copy: {"means": {name: mean over the steps taken}, "taken", "skipped", "worst_streak"}; resets."""
+        """Host copy of the figures since the last read: {"means": {name: mean over the steps taken}, "taken",
+        "skipped", "worst_streak"}; adds them to the epoch's totals and starts a new interval."""
         *sums, taken, skipped, worst = self.sums.tolist()
         self._reset()
-        means = {name: s / taken if taken else math.nan for name, s in zip(self.names, sums)}
-        return {"means": means, "sums": dict(zip(self.names, sums)), "taken": int(taken), "skipped": int(skipped),
-                "worst_streak": int(worst)}
+        for name, value in zip(self.names, sums):
+            self.epoch_sums[name] += value
+        self.epoch_taken += int(taken)
+        means = {name: value / taken if taken else math.nan for name, value in zip(self.names, sums)}
+        return {"means": means, "taken": int(taken), "skipped": int(skipped), "worst_streak": int(worst)}
 
 
 def get_lr(step, peak_lr, warmup_steps):
@@ -617,18 +628,18 @@ def train_one_epoch(run, epoch):
     loader workers fetch them while validation runs."""
     args, meter = run.args, run.meter
     run.model.train()
-    batches = run.next_batches or start_epoch_batches(run, epoch)
+    batches = run.next_batches if run.next_batches is not None else start_epoch_batches(run, epoch)
     run.next_batches, run.epoch_started, run.stop_requested = None, time.monotonic(), False
     bar = tqdm(batches, total=len(run.train_loader), desc=f"epoch {epoch + 1}/{args.max_epochs}", leave=False,
                dynamic_ncols=True) if run.show_bars else None
-    t0, seen, totals = time.time(), 0, {"taken": 0, "loss": 0.0, "psnr": 0.0}
+    t0, seen = time.time(), 0
+    meter.start_epoch()
     for i, batch in enumerate(bar if bar is not None else batches, start=1):
         meter.add(*train_step(run, batch))
         seen += batch["cloudy_data"].shape[0] * run.world_size
         reading = i % args.log_every == 0 or i == len(run.train_loader)
         if reading:
             interval = meter.read()
-            totals = {k: totals[k] + (interval["taken"] if k == "taken" else interval["sums"][k]) for k in totals}
             if run.is_main:
                 log_interval(run, interval, bar)
             check_non_finite(run, interval)
@@ -639,8 +650,8 @@ def train_one_epoch(run, epoch):
         bar.close()
     if epoch + 1 < args.max_epochs and not run.stop_requested:
         run.next_batches = start_epoch_batches(run, epoch + 1)
-    seconds, taken = time.time() - t0, max(totals["taken"], 1)
-    return {"loss": totals["loss"] / taken, "psnr": totals["psnr"] / taken,
+    seconds = time.time() - t0
+    return {"loss": meter.epoch_mean("loss"), "psnr": meter.epoch_mean("psnr"),
             "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
 
 
@@ -753,7 +764,10 @@ def record_epoch(run, epoch, stats, val, improved):
     msg = f"epoch {epoch + 1}/{run.args.max_epochs}: loss {stats['loss']:.4f} | {stats['samples_per_s']:.1f} samples/s"
     if val is not None:
         msg += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" | best PSNR {run.best_psnr:.3f}"
-    tqdm.write(msg) if run.show_bars else print(msg, flush=True)
+    if run.show_bars:
+        tqdm.write(msg)  # above the bars, not through them
+    else:
+        print(msg, flush=True)
 
 
 def end_of_epoch(run, epoch, stats, val):
