@@ -295,6 +295,25 @@ def test_figures_are_read_every_log_every_steps(synthetic_dataset, tmp_path, mon
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0
 
 
+def test_the_next_epochs_batches_are_requested_before_validation(synthetic_dataset, tmp_path, monkeypatch):
+    """Creating the epoch's iterator sends the loader workers their first indices, so asking for it at the end of
+    train_one_epoch lets them load while validation runs; the next epoch then uses that iterator."""
+    root, csv_path = synthetic_dataset
+    run = _setup(csv_path, root, tmp_path, "--perceptual_weight", "0", "--max_epochs", "2")
+    requested = []
+    real_start = train.start_epoch_batches
+    monkeypatch.setattr(train, "start_epoch_batches",
+                        lambda r, epoch: requested.append((epoch, r.global_step)) or real_start(r, epoch))
+    steps = len(run.train_loader)
+    train.train_one_epoch(run, 0)
+    assert requested == [(0, 0), (1, steps)] and run.next_batches is not None
+    train.validate(run)
+    train.train_one_epoch(run, 1)
+    _close(run)
+    assert requested == [(0, 0), (1, steps)], "epoch 2 must use the iterator asked for before validation"
+    assert run.global_step == 2 * steps and run.next_batches is None  # nothing asked for after the last epoch
+
+
 def test_a_non_finite_step_leaves_the_weights_alone(synthetic_dataset, tmp_path, monkeypatch):
     import losses
     root, csv_path = synthetic_dataset
