@@ -906,8 +906,10 @@ def _device_batch(run, batch):
 
     out = {}
     for key in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"):
-        t = batch[key].to(run.device)
-        out[key] = t.float() * (1.0 / 10000) if t.dtype == torch.uint16 else t  # uint16-encoded S2
+        t = batch[key]
+        if t.dtype == torch.uint16:  # uint16-encoded S2, moved as int16 like the training loop does
+            t = t.view(torch.int16).to(run.device).float() * (1.0 / 10000)
+        out[key] = t.to(run.device)
     if run.channels_last:
         for key in ("cloudy_data", "SAR_data"):
             out[key] = out[key].contiguous(memory_format=torch.channels_last)

@@ -529,8 +529,11 @@ def to_device(batch, device, channels_last=False):
     normalised there to [0, 1], the same float32 values the dataset's float encoding gives."""
     out = {}
     for key in BATCH_KEYS:
-        t = batch[key].to(device, non_blocking=True)
-        out[key] = t.float() * (1.0 / dataloader.S2_SCALE) if t.dtype == torch.uint16 else t
+        t = batch[key]
+        if t.dtype == torch.uint16:  # moved as int16, the same bits (values <= 10000): every backend converts int16
+            out[key] = t.view(torch.int16).to(device, non_blocking=True).float() * (1.0 / dataloader.S2_SCALE)
+        else:
+            out[key] = t.to(device, non_blocking=True)
     if channels_last:  # the model's convolutions want NHWC inputs when its weights are NHWC
         for key in ("cloudy_data", "SAR_data"):
             out[key] = out[key].contiguous(memory_format=torch.channels_last)
