@@ -73,6 +73,13 @@ def _add_loss_args(parser):
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--model", choices=("auto", "standin"), default="auto",
                         help="auto: the default CrossAttention model; standin: a 3-layer CNN (the loss's cost alone)")
+    parser.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
+                        help="autocast of the model step and AMP dtype of VGG (bf16: the training script's CPU "
+                             "default; fp16 needs CUDA)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--vgg_weights", default="random",
+                        help="VGG weights for the VGG terms (random costs what ImageNet costs; with a weights file the "
+                             "run also prints how far the AMP VGG's terms are from float32 VGG's)")
 
 
 def _standin_model():
@@ -93,40 +100,93 @@ def _standin_model():
     return StandIn()
 
 
-def bench_loss(args):
-    """Time the full criterion (design's flag set, random VGG weights) adds to a CPU training step vs L1 only."""
+def _one_forward_vgg_loss(**options):
+    """The criterion's VGG terms as they were computed before: one float32 VGG forward of [pred, target, cloudy]
+    with gradient through all three (target and cloudy features detached only after it)."""
+    import torch
+    import torch.nn.functional as F
+
+    import losses
+
+    class OneForwardVGG(losses.CRLoss):
+        def _vgg_terms(self, pred, target, cloudy):
+            n = pred.shape[0]
+            feats = self.vgg(losses.rgb_for_vgg(torch.cat([pred, target, cloudy]), self.imagenet_mean,
+                                                self.imagenet_std))
+            perceptual = contrastive = pred.new_zeros(())
+            for w, f in zip(self.layer_weights, feats):
+                d_positive = F.l1_loss(f[:n], f[n:2 * n].detach())
+                perceptual = perceptual + w * d_positive
+                contrastive = contrastive + w * d_positive / (F.l1_loss(f[:n], f[2 * n:].detach()) + losses.EPS)
+            return perceptual, contrastive
+
+    return OneForwardVGG(**options)
+
+
+def _loss_variants(args, amp_dtype):
+    """Criteria to compare: L1 only, the pixel terms alone, and the design's full set: VGG as before (one float32
+    forward with gradient through all three images), in float32 with target/cloudy features without gradient, at
+    the AMP dtype (what training uses), and at the AMP dtype in channels-last (training's CPU default)."""
     import warnings
 
     import torch
 
     import losses
 
+    design = dict(l1_weight=1.0, perceptual_weight=0.5, use_fft_loss=True, fft_weight=0.3, use_gradient_loss=True,
+                  gradient_weight=0.2, use_contrastive_loss=True, contrastive_weight=0.1,
+                  use_cloud_focused_loss=True, cloud_weight_factor=2.5, vgg_weights=args.vgg_weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        variants = {
+            "L1 only": losses.CRLoss(l1_weight=1.0, perceptual_weight=0.0, vgg_weights="random"),
+            "no VGG terms": losses.CRLoss(**dict(design, perceptual_weight=0.0, use_contrastive_loss=False)),
+            "full, as before": _one_forward_vgg_loss(**design),
+            "full, VGG fp32": losses.CRLoss(**design),
+        }
+        if amp_dtype is not None:
+            variants["full, VGG AMP"] = losses.CRLoss(vgg_dtype=amp_dtype, **design)
+            variants["full, VGG AMP, NHWC"] = losses.CRLoss(vgg_dtype=amp_dtype, **design).to(
+                memory_format=torch.channels_last)
+    for name in ("full, as before", "full, VGG AMP", "full, VGG AMP, NHWC"):  # one set of VGG weights for all
+        if name in variants:
+            variants[name].vgg.load_state_dict(variants["full, VGG fp32"].vgg.state_dict())
+    return variants
+
+
+def bench_loss(args):
+    """Time the full criterion (design's flag set) adds to a training step vs L1 only, VGG fp32 vs AMP."""
+    import torch
+
+    import runtime
+
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
     if args.model == "auto":
         import net_CR_CrossAttention
         model, model_desc = net_CR_CrossAttention.create_model("CrossAttention"), "create_model('CrossAttention')"
     else:
         model, model_desc = _standin_model(), "stand-in 3-layer CNN (15->64->64->13)"
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
+    ctx = runtime.autocast(device, amp_dtype)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     n, s = args.batch, args.size
-    cloudy, cloudfree = torch.rand(n, 13, s, s) * 0.8, torch.rand(n, 13, s, s) * 0.3
-    sar, cloud_mask = torch.rand(n, 2, s, s), torch.rand(n, 1, s, s)
-    # The design document's training flags (glf-cr-enhanced-v3.md); random VGG costs what ImageNet VGG costs.
-    design = dict(l1_weight=1.0, perceptual_weight=0.5, use_fft_loss=True, fft_weight=0.3, use_gradient_loss=True,
-                  gradient_weight=0.2, use_contrastive_loss=True, contrastive_weight=0.1,
-                  use_cloud_focused_loss=True, cloud_weight_factor=2.5, vgg_weights="random")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        variants = {
-            "L1 only": losses.CRLoss(l1_weight=1.0, perceptual_weight=0.0, vgg_weights="random"),
-            "no VGG terms": losses.CRLoss(**dict(design, perceptual_weight=0.0, use_contrastive_loss=False)),
-            "full (design flags)": losses.CRLoss(**design),
-        }
+    cloudy, cloudfree = torch.rand(n, 13, s, s, device=device) * 0.8, torch.rand(n, 13, s, s, device=device) * 0.3
+    sar, cloud_mask = torch.rand(n, 2, s, s, device=device), torch.rand(n, 1, s, s, device=device)
+    cloudy_in, sar_in = cloudy, sar
+    variants = {name: c.to(device) for name, c in _loss_variants(args, amp_dtype).items()}
+    if device.type == "cpu":  # the training script's CPU default: channels-last model and inputs
+        model.to(memory_format=torch.channels_last)
+        cloudy_in, sar_in = (t.contiguous(memory_format=torch.channels_last) for t in (cloudy, sar))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(criterion):
         optimizer.zero_grad(set_to_none=True)
-        pred = model(cloudy, sar)
+        with ctx:
+            pred = model(cloudy_in, sar_in)
         total, _ = criterion(pred, cloudfree, cloudy, cloud_mask=cloud_mask)
         total.backward()
         optimizer.step()
@@ -141,25 +201,52 @@ def bench_loss(args):
     loss_times = {name: [] for name in variants}
     for name, criterion in variants.items():
         step(criterion)  # warm-up
+        criterion_only(criterion)
     for _ in range(args.steps):  # interleaved, so machine noise hits all variants alike
         for name, criterion in variants.items():
+            sync()
             t0 = time.perf_counter()
             step(criterion)
+            sync()
             t1 = time.perf_counter()
             criterion_only(criterion)
+            sync()
             times[name].append(t1 - t0)
             loss_times[name].append(time.perf_counter() - t1)
+    return _report_loss(args, model_desc, variants, times, loss_times, cloudy, cloudfree)
+
+
+def _report_loss(args, model_desc, variants, times, loss_times, cloudy, cloudfree):
+    """Print the table and ratios; with two VGG precisions, also how far the AMP terms are from float32."""
+    import torch
+
     med = {name: statistics.median(t) for name, t in times.items()}
     loss_med = {name: statistics.median(t) for name, t in loss_times.items()}
-    base, no_vgg, full = med["L1 only"], med["no VGG terms"], med["full (design flags)"]
-    print(f"model: {model_desc}; {n}x{s}x{s}, {args.threads} threads, median of {args.steps} steps")
-    print(f"{'criterion':<22}{'step s':>10}{'loss fwd+bwd s':>16}")
+    base = med["L1 only"]
+    print(f"model: {model_desc}; {args.batch}x{args.size}x{args.size}, {args.device}, amp {args.amp}, "
+          f"{args.threads} threads, median of {args.steps} steps")
+    print(f"{'criterion':<22}{'step s':>10}{'x L1 step':>11}{'loss fwd+bwd s':>16}")
     for name, t in med.items():
-        print(f"{name:<22}{t:>10.3f}{loss_med[name]:>16.3f}")
-    print(f"full criterion adds {full - base:.3f} s per step ({full / base:.2f}x the L1-only step)")
-    return {"model": model_desc, "size": s, "batch": n, "threads": args.threads, "steps": args.steps,
-            "step_s_l1_only": base, "step_s_no_vgg": no_vgg, "step_s_full": full, "added_s": full - base,
-            "ratio": full / base, "loss_only_s": loss_med}
+        print(f"{name:<22}{t:>10.3f}{t / base:>11.2f}{loss_med[name]:>16.3f}")
+    figures = {"model": model_desc, "size": args.size, "batch": args.batch, "threads": args.threads,
+               "device": args.device,
+               "amp": args.amp, "steps": args.steps, "step_s": med, "loss_only_s": loss_med,
+               "ratio_to_l1": {name: t / base for name, t in med.items()}}
+    print(f"target/cloudy VGG features without gradient: full-criterion step "
+          f"{med['full, as before'] / med['full, VGG fp32']:.2f}x faster, criterion alone "
+          f"{loss_med['full, as before'] / loss_med['full, VGG fp32']:.2f}x")
+    if "full, VGG AMP" in variants:
+        print(f"VGG under AMP: full-criterion step {med['full, VGG fp32'] / med['full, VGG AMP']:.2f}x faster, "
+              f"criterion alone {loss_med['full, VGG fp32'] / loss_med['full, VGG AMP']:.2f}x")
+        pred = (0.5 * cloudy + 0.5 * cloudfree).clamp(0, 1)
+        with torch.no_grad():
+            exact = variants["full, VGG fp32"](pred, cloudfree, cloudy)[1]
+            amp = variants["full, VGG AMP"](pred, cloudfree, cloudy)[1]
+        figures["amp_relative_difference"] = {k: abs(amp[k].item() / exact[k].item() - 1) for k in
+                                              ("perceptual", "contrastive")}
+        print("AMP VGG vs float32 VGG, relative difference of the terms (vgg_weights "
+              f"{args.vgg_weights}): " + ", ".join(f"{k} {v:.2e}" for k, v in figures["amp_relative_difference"].items()))
+    return figures
 
 
 SUBCOMMANDS["loss"] = (_add_loss_args, bench_loss)
@@ -699,6 +786,274 @@ def bench_train(args):
 
 
 SUBCOMMANDS["train"] = (_add_train_args, bench_train)
+
+
+# ------------------------------------------------------------------------------- training loop vs its model step
+# The real training loop (train_CR_kaggle.setup, then train_one_epoch: data loading, host-to-device copies,
+# clipping, logging included) against the bare model step it is built around (forward, loss, backward, optimizer
+# step on one batch already on the device), with the same model, loss set, precision, batch and optimizer, in one
+# fresh process per loss set. The loop's first --warmup steps are not timed; one epoch holds all the steps, so
+# start-up and validation are not in the figure. Blocks of bare steps run between blocks of loop steps, so the
+# machine's load changes hit both alike.
+LOOP_LOSS_FLAGS = {
+    "l1": ["--perceptual_weight", "0"],
+    "design": ["--use_cloud_focused_loss", "--cloud_weight_factor", "2.5", "--perceptual_weight", "0.5",
+               "--use_fft_loss", "--fft_weight", "0.3", "--use_gradient_loss", "--gradient_weight", "0.2",
+               "--use_contrastive_loss", "--contrastive_weight", "0.1", "--vgg_weights", "random"],
+}
+
+
+def _loop_data(out, n_unique, size, n_train):
+    """A data list of n_train training rows (n_unique synthetic patches listed again and again, so a long epoch
+    costs no more synthesis) and a small validation split. Returns the CSV path."""
+    import dataloader
+
+    csv_path = dataloader.make_synthetic_dataset(Path(out) / "unique", n=n_unique, size=size, seed=0,
+                                                 val_frac=0.2, test_frac=0.0)
+    rows = dataloader.read_data_list(csv_path)
+    train_rows = [t for t in rows if t.split == 1]
+    repeated = [train_rows[i % len(train_rows)] for i in range(n_train)]
+    return dataloader.write_data_list(Path(out) / "unique" / "loop.csv", repeated + [t for t in rows if t.split == 2])
+
+
+def _cpu_seconds(pids):
+    """User + system CPU seconds of these processes so far (/proc/PID/stat); vanished ones count 0."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid):
+    """PIDs of the processes whose parent is `pid` (the DataLoader's workers)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    return kids
+
+
+def _machine_busy():
+    """(busy, total) jiffies of all CPUs since boot (/proc/stat); differences give the machine's load."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
+class _GpuBusy:
+    """Samples torch.cuda.utilization (NVML: the fraction of time a kernel ran) every 0.1 s in a thread, while
+    `active` is set (during the loop's timed segments)."""
+
+    def __init__(self, device):
+        import threading
+        import torch
+        self.samples, self.stop, self.active, self.device = [], threading.Event(), threading.Event(), device
+        try:
+            torch.cuda.utilization(device)
+        except Exception:  # no NVML bindings: the figure is reported as unavailable
+            return
+        threading.Thread(target=self._poll, daemon=True).start()
+
+    def _poll(self):
+        import torch
+        while not self.stop.wait(0.1):
+            if self.active.is_set():
+                self.samples.append(torch.cuda.utilization(self.device))
+
+    def fraction(self):
+        self.stop.set()
+        return sum(self.samples) / len(self.samples) / 100 if self.samples else None
+
+
+class _InterleavedLoader:
+    """The training DataLoader as the loop sees it, with the bare model step interleaved: after `warmup` batches,
+    every `block` loop steps it runs `block` bare steps (their own timer), so machine load hits both alike.
+    A loop segment runs from handing a batch to the loop until the batch after `block` steps is ready (the steps
+    plus their waits for data); segments and bare blocks are bounded by a CUDA synchronisation."""
+
+    def __init__(self, loader, warmup, block, bare_block, sync, gpu):
+        self.loader, self.warmup, self.block, self.bare_block, self.sync, self.gpu = \
+            loader, warmup, block, bare_block, sync, gpu
+        self.sampler, self.dataset, self.batch_size = loader.sampler, loader.dataset, loader.batch_size
+        self.loop_s = self.bare_s = self.cpu_s = 0.0
+        self.loop_steps = self.bare_steps = 0
+        self.busy, self.pids = [0, 0], None
+
+    def __len__(self):
+        return len(self.loader)
+
+    def _open_segment(self):
+        self.bare_s += self.bare_block(self.block)
+        self.bare_steps += self.block
+        if self.pids is None:
+            self.pids = [os.getpid()] + _children(os.getpid())
+        if self.gpu:
+            self.gpu.active.set()
+        return {"t": time.perf_counter(), "cpu": _cpu_seconds(self.pids), "busy": _machine_busy(), "steps": 0}
+
+    def _close_segment(self, segment):
+        self.sync()
+        self.loop_s += time.perf_counter() - segment["t"]
+        self.cpu_s += _cpu_seconds(self.pids) - segment["cpu"]
+        busy = _machine_busy()
+        self.busy = [self.busy[0] + busy[0] - segment["busy"][0], self.busy[1] + busy[1] - segment["busy"][1]]
+        self.loop_steps += segment["steps"]
+        if self.gpu:
+            self.gpu.active.clear()
+
+    def __iter__(self):
+        segment = None
+        for i, batch in enumerate(self.loader):
+            if segment is not None and segment["steps"] == self.block:
+                self._close_segment(segment)
+                segment = None
+            if segment is None and i >= self.warmup:
+                segment = self._open_segment()
+            if segment is not None:
+                segment["steps"] += 1
+            yield batch
+        if segment is not None:
+            self._close_segment(segment)
+
+
+def _device_batch(run, batch):
+    """One batch as the loop's step sees it: on the device, S2 in [0, 1], inputs channels-last if the model is."""
+    import torch
+
+    out = {}
+    for key in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"):
+        t = batch[key]
+        if t.dtype == torch.uint16:  # uint16-encoded S2, moved as int16 like the training loop does
+            t = t.view(torch.int16).to(run.device).float() * (1.0 / 10000)
+        out[key] = t.to(run.device)
+    if run.channels_last:
+        for key in ("cloudy_data", "SAR_data"):
+            out[key] = out[key].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def _bare_steps(run, batch, steps, sync):
+    """Seconds for `steps` bare model steps: forward, loss, backward, optimizer step; no data, no host reads."""
+    cloudy, cloudfree, sar, mask = (batch[k] for k in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        with run.ctx:
+            prediction, aux = run.train_model(cloudy, sar, return_aux=True)
+        total, _ = run.criterion(prediction, cloudfree, cloudy, cloud_mask=mask, confidence=aux.get("confidence"))
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(total).backward()
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    sync()
+    return time.perf_counter() - t0
+
+
+def loop_worker(cfg):
+    """One loss set of `benchmark.py loop`, run by in_fresh_process: loop and bare-step samples/s, CPU/GPU busy."""
+    import torch
+    from torch.utils.data import default_collate
+
+    import train_CR_kaggle as train
+
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
+        args = train.build_parser().parse_args([
+            "--data_list_filepath", cfg["csv"], "--input_data_folder", str(Path(cfg["csv"]).parent),
+            "--save_model_dir", tmp, "--experiment_name", "loop", "--max_epochs", "1", "--warmup_epochs", "0",
+            "--batch_sz", str(cfg["batch"]), "--load_size", str(cfg["size"]), "--crop_size", str(cfg["size"]),
+            "--num_workers", str(cfg["workers"]), "--amp", cfg["amp"], "--device", cfg["device"],
+            "--num_quicklooks", "0", *LOOP_LOSS_FLAGS[cfg["loss"]], *cfg["train_flags"]])
+        run = train.setup(args)
+        cuda = run.device.type == "cuda"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        batch = _device_batch(run, default_collate([run.train_loader.dataset[i] for i in range(cfg["batch"])]))
+        _bare_steps(run, batch, cfg["warmup"], sync)  # allocation, kernel choice, compilation
+        gpu = _GpuBusy(run.device) if cuda else None
+        run.train_loader = timed = _InterleavedLoader(run.train_loader, cfg["warmup"], cfg["block"],
+                                                      lambda n: _bare_steps(run, batch, n, sync), sync, gpu)
+        stats = train.train_one_epoch(run, 0)
+        n = cfg["batch"]
+        out = {"loop_samples_per_s": timed.loop_steps * n / timed.loop_s, "loop_steps": timed.loop_steps,
+               "step_samples_per_s": timed.bare_steps * n / timed.bare_s, "bare_steps": timed.bare_steps,
+               "train_loss": stats["loss"], "run_cpu_cores": timed.cpu_s / timed.loop_s,
+               "machine_busy": timed.busy[0] / max(timed.busy[1], 1), "gpu_busy": gpu.fraction() if gpu else None,
+               "device": str(run.device), "amp": str(run.amp_dtype), "compiled": run.train_model is not run.model,
+               "cpus": os.cpu_count()}
+        if run.writer is not None:
+            run.writer.close()
+    out["ratio"] = out["loop_samples_per_s"] / out["step_samples_per_s"]
+    return out
+
+
+def _add_loop_args(parser):
+    parser.add_argument("--loss", nargs="+", default=["l1", "design"], choices=list(LOOP_LOSS_FLAGS),
+                        help="loss sets: l1 (L1 only) and/or design (the design document's flags, random VGG)")
+    parser.add_argument("--size", type=int, default=64, help="square training crop (the synthetic patch side)")
+    parser.add_argument("--batch", type=int, default=4, help="training batch size")
+    parser.add_argument("--steps", type=int, default=24, help="timed loop steps (bare steps: the same number)")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps first, in the loop and the bare step")
+    parser.add_argument("--block", type=int, default=6,
+                        help="loop steps between bare-step blocks of the same length (interleaved: load hits both; "
+                             "the workers' prefetch of 2 batches per worker happens during a bare block)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="DataLoader workers (training's default is 2; 1 worker + 1 thread fit 2 cores)")
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"), help="training --amp")
+    parser.add_argument("--device", default="auto", help="training --device: auto, cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (0: torch's default). On a loaded 2-core machine 2 OpenMP threads wait "
+                             "on each other (measured 2.7x slower than 1 here), which would drown what is measured")
+    parser.add_argument("--unique", type=int, default=32, help="distinct synthetic patches the epoch cycles through")
+    parser.add_argument("--train_flags", default="",
+                        help="more train_CR_kaggle.py flags for every variant, e.g. '--compile on --log_every 10'")
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per loss set before it is skipped")
+
+
+def bench_loop(args):
+    """Steady-state samples/s of the real training loop vs its bare model step; last line `loop/step RATIO`."""
+    import shlex
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="bench_loop_data_") as tmp:
+        csv_path = _loop_data(tmp, args.unique, args.size, (args.warmup + args.steps) * args.batch)
+        for loss in args.loss:
+            cfg = dict(csv=str(csv_path), loss=loss, size=args.size, batch=args.batch, steps=args.steps,
+                       warmup=args.warmup, block=args.block, workers=args.workers, amp=args.amp, device=args.device,
+                       threads=args.threads, train_flags=shlex.split(args.train_flags))
+            results[loss] = in_fresh_process(loop_worker, cfg, timeout=args.timeout)
+            print(f"  done {loss}: loop {results[loss]['loop_samples_per_s']:.2f} samples/s", flush=True)
+    first = next(iter(results.values()))
+    print(f"\nbenchmark.py loop  device={first['device']} ({os.cpu_count()} CPUs) amp={first['amp']} "
+          f"compiled={first['compiled']} {args.size} px batch {args.batch} workers {args.workers} threads "
+          f"{args.threads or 'default'}; {first['loop_steps']} loop and {first['bare_steps']} bare steps timed in "
+          f"blocks of {args.block}, after {args.warmup} warm-up {args.train_flags}".rstrip())
+    print(f"{'loss':<8}{'loop samples/s':>15}{'step samples/s':>15}{'loop/step':>10}{'run CPU cores':>14}"
+          f"{'machine busy':>13}{'GPU busy':>9}")
+    for loss, r in results.items():
+        gpu = "n/a" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}"
+        print(f"{loss:<8}{r['loop_samples_per_s']:>15.2f}{r['step_samples_per_s']:>15.2f}{r['ratio']:>10.2f}"
+              f"{r['run_cpu_cores']:>14.2f}{r['machine_busy']:>13.0%}{gpu:>9}")
+    if {"l1", "design"} <= set(results):
+        print(f"design-loss loop / L1 loop: "
+              f"{results['design']['loop_samples_per_s'] / results['l1']['loop_samples_per_s']:.2f}")
+    worst = min(results, key=lambda k: results[k]["ratio"])
+    print(f"loop/step {results[worst]['ratio']:.2f}" + (f"  (lowest: {worst})" if len(results) > 1 else ""))
+    return {"settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "results": results}
+
+
+SUBCOMMANDS["loop"] = (_add_loop_args, bench_loop)
 
 
 # ----------------------------------------------------------------------------------------- learning and ablations

@@ -447,11 +447,17 @@ class SEN12MSCRDataset(Dataset):
     crop_flag: the command-line flag that set crop_size, named in the error when a raster is smaller than it.
     Every sample is checked from the file headers (check_triplet: bands, size, CRS, transform) and its Sentinel-2
     encoding from its pixels (check_s2_encoding); errors name the files.
+    s2_encoding: "float" (default) returns S2 as float32 in [0, 1]; "uint16" returns it as the files' clipped
+    uint16 x10000 (half the bytes to copy to a GPU; divide by S2_SCALE there). The cloud mask is the same either way.
     Random choices use torch's generator, which a DataLoader seeds differently in every worker.
     """
 
     def __init__(self, triplets, root, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
-                 cloud_threshold=0.2, random_crop=None, cloud_mask_dir=None, crop_flag="--crop_size"):
+                 cloud_threshold=0.2, random_crop=None, cloud_mask_dir=None, crop_flag="--crop_size",
+                 s2_encoding="float"):
+        if s2_encoding not in ("float", "uint16"):
+            raise ValueError(f"s2_encoding must be 'float' or 'uint16', got {s2_encoding!r}")
+        self.s2_encoding = s2_encoding
         self.triplets = list(triplets)
         if not self.triplets:
             raise DataError(f"no samples: the list of triplets for data root {root} is empty")
@@ -530,6 +536,8 @@ class SEN12MSCRDataset(Dataset):
             score = read_mask(self.cloud_mask_dir / t.s2_cloudy, window)[None]
         else:
             score = cloud_score(cloudy, self.cloud_detector)[None]
+        if self.s2_encoding == "uint16":
+            cloudy, cloudfree = denormalize_s2(cloudy), denormalize_s2(cloudfree)
         arrays = [cloudy, cloudfree, sar, score]
         if self.with_truth:
             arrays.append(read_raster(self.root / truth_path(t.s2_cloudy), len(TRUTH_BANDS), window))

@@ -4,15 +4,20 @@ AECR-Net contrastive regularisation and an optional confidence-map supervision t
     criterion = build_criterion(args)                     # args: the training script's argparse namespace
     total, terms = criterion(pred, target, cloudy, cloud_mask=cloud_mask, confidence=confidence)
 
-Everything is computed in float32 with autocast disabled, whatever precision the model ran in: the
+Every term is computed in float32 with autocast disabled, whatever precision the model ran in: the
 FFT, the divisions of the contrastive and cloud-focused terms and binary cross-entropy are not safe in
-fp16/bf16. Every division carries an epsilon, so all-zero and all-one images give finite losses.
+fp16/bf16. Every division carries an epsilon, so all-zero and all-one images give finite losses. Only the
+frozen VGG's convolutions may run in lower precision (CRLoss(vgg_dtype=torch.bfloat16), what training passes
+under AMP); their features are compared in float32.
 
-The perceptual and contrastive terms share one frozen VGG19 forward per step, of the concatenated batch
-[prediction, target, cloudy]; only the prediction's features carry gradient.
+The perceptual and contrastive terms share the VGG19 features of one step: the target and the cloudy image
+go through VGG together without gradient, the prediction with gradient. The L1, cloud-focused, FFT and
+gradient terms all read one difference image (pred - target): the FFT and finite differences are linear,
+so FFT(pred) - FFT(target) = FFT(pred - target) and one transform does.
 """
 import os
 import socket
+import urllib.request
 import warnings
 
 import torch
@@ -28,6 +33,11 @@ EPS = 1e-7  # AECR-Net's epsilon; also guards every other division below
 # weights of AECR-Net's ContrastLoss (GlassyWu/AECR-Net, model/CR.py) - the same layers and weights as
 # pix2pixHD's VGG perceptual loss. Deeper layers get more weight because they are fewer and coarser.
 VGG_LAYER_WEIGHTS = {"relu1_1": 1.0 / 32, "relu2_1": 1.0 / 16, "relu3_1": 1.0 / 8, "relu4_1": 1.0 / 4, "relu5_1": 1.0}
+# Under AMP the VGG layers up to this ReLU run in bf16/fp16, the deeper ones in float32. Measured with random
+# weights (tests/test_losses.py): relu5_1 features of different images differ by ~1e-3 of their magnitude, below
+# bf16's resolution, and the contrastive term came out 17-22% off when conv4_2..conv5_1 ran in bf16; up to
+# relu4_1 (62% of the FLOPs to relu5_1) the terms stay within the tolerance the tests state.
+FP32_AFTER = "relu4_1"
 # Index of each ReLU in torchvision's `vgg.features` Sequential (VGG16 accepted for local weight files).
 VGG_LAYER_INDEX = {
     "vgg19": {"relu1_1": 1, "relu2_1": 6, "relu3_1": 11, "relu4_1": 20, "relu5_1": 29},
@@ -40,6 +50,10 @@ RGB_GAIN = 1.0 / 0.3
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DOWNLOAD_TIMEOUT_S = 60  # torch.hub's download has no timeout of its own; a dead network must not hang training
+PROBE_TIMEOUT_S = 10  # one HEAD request tells whether the weights can be downloaded at all
+VGG_WEIGHTS_HINT = ("hint: pass --vgg_weights PATH to a torchvision vgg19 or vgg16 state_dict file (e.g. "
+                    "vgg19-dcbb9e9d.pth copied from an online machine), or --vgg_weights random for offline smoke "
+                    "tests only (the perceptual and contrastive terms are then meaningless)")
 
 # The one table of loss defaults: CRLoss, build_criterion and the training script's flags all read it.
 LOSS_DEFAULTS = {
@@ -60,35 +74,47 @@ LOSS_DEFAULTS = {
 }
 
 
+class VGGWeightsError(RuntimeError):
+    """The VGG weights asked for cannot be had (offline without a cached copy, unreadable or foreign file)."""
+
+
 def _fp32(x):
     return None if x is None else x.float()
 
 
-def rgb_for_vgg(x):
-    """(N,13,H,W) reflectance in [0,1] -> (N,3,H,W) R,G,B scaled by RGB_GAIN, clipped, ImageNet-normalised."""
-    rgb = (x[:, list(RGB_BANDS)] * RGB_GAIN).clamp(0.0, 1.0)
-    mean = rgb.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = rgb.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (rgb - mean) / std
+def rgb_for_vgg(x, mean, std):
+    """(N,13,H,W) reflectance in [0,1] -> (N,3,H,W) R,G,B scaled by RGB_GAIN, clipped, normalised by the (1,3,1,1)
+    ImageNet mean and std (built once by CRLoss, on its device)."""
+    return ((x[:, list(RGB_BANDS)] * RGB_GAIN).clamp(0.0, 1.0) - mean) / std
+
+
+def _reachable(url):
+    """None when a HEAD request to url succeeds, else why not ("URLError: ...")."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
+        return None
+    except Exception as exc:  # URLError, timeout, HTTP error: no download possible from here
+        return f"{type(exc).__name__}: {exc}"
 
 
 def _imagenet_state_dict():
-    """torchvision's ImageNet VGG19 weights from the torch hub cache, downloading them when online."""
+    """torchvision's ImageNet VGG19 weights from the torch hub cache; downloaded (and said so) only when the cache
+    lacks them and the URL answers, so an offline machine gets one error line, not a "Downloading" line first."""
     url = torchvision.models.VGG19_Weights.IMAGENET1K_V1.url
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if not os.path.isfile(cached):
+        why = _reachable(url)
+        if why is not None:
+            raise VGGWeightsError(f"VGG19 ImageNet weights are not in the torch cache ({cached}) and {url} cannot "
+                                  f"be reached ({why})\n{VGG_WEIGHTS_HINT}")
+        print(f"downloading VGG19 ImageNet weights (548 MB, once) from {url} to {cached}")
     previous_timeout = socket.getdefaulttimeout()
     try:
-        if not os.path.isfile(cached):
-            socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         return torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, map_location="cpu")
-    except Exception as exc:  # URLError, timeout, hash mismatch: all mean "no usable ImageNet weights here"
-        raise RuntimeError(
-            f"VGG19 ImageNet weights are not in the torch cache ({cached}) and could not be downloaded "
-            f"from {url} ({type(exc).__name__}: {exc}). Pass --vgg_weights PATH to a torchvision "
-            f"vgg19 or vgg16 state_dict file (e.g. that .pth copied from an online machine), or "
-            f"--vgg_weights random for offline smoke tests only (the perceptual and contrastive terms "
-            f"are then meaningless)."
-        ) from exc
+    except Exception as exc:  # broken download, hash mismatch, unreadable cached file
+        raise VGGWeightsError(f"VGG19 ImageNet weights could not be loaded from {cached} or {url} "
+                              f"({type(exc).__name__}: {exc})\n{VGG_WEIGHTS_HINT}") from exc
     finally:
         socket.setdefaulttimeout(previous_timeout)
 
@@ -97,11 +123,12 @@ def _file_state_dict(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise RuntimeError(f"--vgg_weights {path}: cannot read a torch state_dict ({type(exc).__name__}: {exc})") from exc
+        raise VGGWeightsError(f"--vgg_weights {path}: cannot read a torch state_dict ({type(exc).__name__}: {exc})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise RuntimeError(f"--vgg_weights {path}: expected a torchvision vgg16/vgg19 state_dict, got {type(state).__name__}")
+        raise VGGWeightsError(f"--vgg_weights {path}: expected a torchvision vgg16/vgg19 state_dict, "
+                              f"got {type(state).__name__}")
     return state
 
 
@@ -121,7 +148,7 @@ def _arch_of(state, source):
         expected = {i for i, m in enumerate(_vgg_conv_stack(arch)) if isinstance(m, nn.Conv2d)}
         if conv_indices == expected:
             return arch
-    raise RuntimeError(
+    raise VGGWeightsError(
         f"--vgg_weights {source}: not a torchvision vgg16/vgg19 state_dict (conv keys features.N.weight with "
         f"N in {sorted(conv_indices)[:20]})"
     )
@@ -143,14 +170,14 @@ class VGGFeatures(nn.Module):
         elif weights == "random":
             msg = ("--vgg_weights random: VGG has random weights, so the perceptual and contrastive losses "
                    "do not measure perceptual similarity; use only for offline smoke tests")
-            warnings.warn(msg)
-            print("WARNING:", msg)
+            warnings.warn(msg)  # once: a print beside it said the same thing twice
             state, arch = None, "vgg19"
         elif os.path.isfile(weights):
             state = _file_state_dict(weights)
             arch = _arch_of(state, weights)
         else:
-            raise RuntimeError(f"--vgg_weights {weights!r}: not 'imagenet', 'random' or an existing file")
+            raise VGGWeightsError(f"--vgg_weights {weights!r}: not 'imagenet', 'random' or an existing file\n"
+                                  f"{VGG_WEIGHTS_HINT}")
         unknown = [name for name in layers if name not in VGG_LAYER_INDEX[arch]]
         if unknown or not layers:
             raise ValueError(f"VGG layers {list(layers)}: choose from {list(VGG_LAYER_INDEX[arch])}")
@@ -161,6 +188,7 @@ class VGGFeatures(nn.Module):
         self.arch, self.weights_source = arch, weights
         self.layer_names = tuple(layers)
         self.layer_indices = tuple(VGG_LAYER_INDEX[arch][name] for name in layers)
+        self.low_precision_last = VGG_LAYER_INDEX[arch][FP32_AFTER]
         deepest = max(self.layer_indices)
         self.features = features[: deepest + 1]
         for module in self.features:
@@ -174,12 +202,18 @@ class VGGFeatures(nn.Module):
         # Frozen feature extractor: stays in eval mode whatever the enclosing module does.
         return super().train(False)
 
-    def forward(self, x):
+    def forward(self, x, dtype=None):
+        """The requested ReLU outputs of x. dtype (bf16/fp16): the layers up to relu4_1 run under autocast at dtype,
+        the deeper ones in float32 (see FP32_AFTER)."""
         self.forward_count += 1
         wanted = set(self.layer_indices)
         out = {}
         for i, module in enumerate(self.features):
-            x = module(x)
+            if dtype is not None and i <= self.low_precision_last:
+                with torch.autocast(x.device.type, dtype=dtype):
+                    x = module(x)
+            else:
+                x = module(x.float())
             if i in wanted:
                 out[i] = x
         return [out[i] for i in self.layer_indices]
@@ -214,30 +248,42 @@ class CloudFocusedLoss(nn.Module):
     def forward(self, pred, target, cloud_mask=None, cloudy=None):
         with torch.autocast(pred.device.type, enabled=False):
             pred, target = pred.float(), target.float()
-            weight = 1.0 + self.cloud_weight_factor * cloud_intensity(target, cloud_mask, cloudy)
-            weighted_error = (weight * (pred - target).abs()).mean(dim=(1, 2, 3))
-            return (weighted_error / (weight.mean(dim=(1, 2, 3)) + EPS)).mean()
+            return self.from_error((pred - target).abs(), target, cloud_mask, cloudy)
+
+    def from_error(self, abs_error, target, cloud_mask=None, cloudy=None):
+        """The loss from |pred - target| already at hand (CRLoss computes it once for all its terms)."""
+        weight = 1.0 + self.cloud_weight_factor * cloud_intensity(target, cloud_mask, cloudy)
+        weighted_error = (weight * abs_error).mean(dim=(1, 2, 3))
+        return (weighted_error / (weight.mean(dim=(1, 2, 3)) + EPS)).mean()
 
 
-def fft_loss(pred, target):
-    """L1 between the real and imaginary parts of the orthonormal 2-D FFTs, in float32.
+def fft_l1(diff):
+    """L1 of the real and imaginary parts of the orthonormal 2-D FFT of diff = pred - target, in float32; equal to
+    the L1 between the FFTs of pred and target (the FFT is linear) at half the transforms.
 
     Real/imaginary rather than amplitude/phase: the phase is undefined where the amplitude is ~0
     (flat images, high frequencies), and its gradient blows up there. rfft2 holds the same information
     as fft2 for real images at half the cost; "ortho" keeps the scale independent of the image size.
     """
-    with torch.autocast(pred.device.type, enabled=False):
-        pred_f = torch.fft.rfft2(pred.float(), norm="ortho")
-        target_f = torch.fft.rfft2(target.float(), norm="ortho")
-        return F.l1_loss(torch.view_as_real(pred_f), torch.view_as_real(target_f))
+    with torch.autocast(diff.device.type, enabled=False):
+        return torch.view_as_real(torch.fft.rfft2(diff.float(), norm="ortho")).abs().mean()
+
+
+def gradient_l1(diff):
+    """Sum of the mean |horizontal| and |vertical| forward differences of diff = pred - target: the L1 between the
+    image gradients of pred and target (differencing is linear)."""
+    diff = diff.float()
+    return (diff[..., :, 1:] - diff[..., :, :-1]).abs().mean() + (diff[..., 1:, :] - diff[..., :-1, :]).abs().mean()
+
+
+def fft_loss(pred, target):
+    """L1 between the real and imaginary parts of the orthonormal 2-D FFTs of pred and target (see fft_l1)."""
+    return fft_l1(pred.float() - target.float())
 
 
 def gradient_loss(pred, target):
-    """L1 between horizontal and vertical forward differences (sum of the two means)."""
-    pred, target = pred.float(), target.float()
-    dx = F.l1_loss(pred[..., :, 1:] - pred[..., :, :-1], target[..., :, 1:] - target[..., :, :-1])
-    dy = F.l1_loss(pred[..., 1:, :] - pred[..., :-1, :], target[..., 1:, :] - target[..., :-1, :])
-    return dx + dy
+    """L1 between horizontal and vertical forward differences of pred and target (sum of the two means)."""
+    return gradient_l1(pred.float() - target.float())
 
 
 def confidence_loss(confidence, target, cloud_mask=None, cloudy=None, labels=None):
@@ -260,9 +306,12 @@ class CRLoss(nn.Module):
     enabled term's name ("l1" or "cloud_focused", "perceptual", "fft", "gradient", "contrastive",
     "confidence") to its weighted, detached value. The cloud-focused loss REPLACES plain L1 and is
     weighted by l1_weight (it equals plain L1 when there are no clouds, so adding both would double-count).
+    vgg_dtype: torch.bfloat16 / torch.float16 runs the VGG layers up to relu4_1 under autocast (the training
+    script passes its AMP dtype; the loss matches float32 VGG to the tolerance tests/test_losses.py states), None
+    keeps them in float32.
     """
 
-    def __init__(self, vgg_layers=tuple(VGG_LAYER_WEIGHTS), **options):
+    def __init__(self, vgg_layers=tuple(VGG_LAYER_WEIGHTS), vgg_dtype=None, **options):
         super().__init__()
         unknown = sorted(set(options) - set(LOSS_DEFAULTS))
         if unknown:
@@ -286,25 +335,37 @@ class CRLoss(nn.Module):
         self.layer_weights = tuple(VGG_LAYER_WEIGHTS[name] for name in vgg_layers)
         uses_vgg = "perceptual" in self.weights or "contrastive" in self.weights
         self.vgg = VGGFeatures(o["vgg_weights"], vgg_layers) if uses_vgg else None
+        self.vgg_dtype = vgg_dtype
+        # Built once and moved with the module (.to(device)), not rebuilt on every call.
+        self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def vgg_forward_count(self):
         return 0 if self.vgg is None else self.vgg.forward_count
 
+    def _vgg_features(self, x):
+        """VGG features of 13-band images, the convolutions up to relu4_1 at vgg_dtype (float32 when None)."""
+        rgb = rgb_for_vgg(x, self.imagenet_mean, self.imagenet_std)
+        if self.vgg.features[0].weight.is_contiguous(memory_format=torch.channels_last):
+            rgb = rgb.contiguous(memory_format=torch.channels_last)
+        return self.vgg(rgb, dtype=self.vgg_dtype)
+
     def _vgg_terms(self, pred, target, cloudy):
-        """Perceptual and contrastive terms from ONE VGG forward of [pred, target, (cloudy)]."""
+        """Perceptual and contrastive terms: target (and cloudy) features in one forward without gradient, the
+        prediction's in one with; distances in float32."""
         with_negative = "contrastive" in self.weights
-        parts = [pred, target] + ([cloudy] if with_negative else [])
         n = pred.shape[0]
-        feats = self.vgg(rgb_for_vgg(torch.cat(parts, dim=0)))
+        with torch.no_grad():
+            reference = self._vgg_features(torch.cat([target, cloudy]) if with_negative else target)
         perceptual = pred.new_zeros(())
         contrastive = pred.new_zeros(())
-        for w, f in zip(self.layer_weights, feats):
-            f_pred, f_target = f[:n], f[n:2 * n].detach()
-            d_positive = F.l1_loss(f_pred, f_target)
+        for w, f_pred, f_ref in zip(self.layer_weights, self._vgg_features(pred), reference):
+            f_pred = f_pred.float()
+            d_positive = F.l1_loss(f_pred, f_ref[:n].float())
             perceptual = perceptual + w * d_positive
             if with_negative:
-                d_negative = F.l1_loss(f_pred, f[2 * n:].detach())
+                d_negative = F.l1_loss(f_pred, f_ref[n:].float())
                 contrastive = contrastive + w * d_positive / (d_negative + EPS)
         return perceptual, contrastive
 
@@ -314,11 +375,12 @@ class CRLoss(nn.Module):
                              f"{tuple(cloudy.shape)} must have the same shape")
         with torch.autocast(pred.device.type, enabled=False):
             pred, target, cloudy = pred.float(), target.float(), cloudy.float()
+            diff = pred - target  # every pixel-space term reads this one image
             raw = {}
             if "l1" in self.weights:
-                raw["l1"] = F.l1_loss(pred, target)
+                raw["l1"] = diff.abs().mean()
             if "cloud_focused" in self.weights:
-                raw["cloud_focused"] = self.cloud_focused(pred, target, cloud_mask=_fp32(cloud_mask), cloudy=cloudy)
+                raw["cloud_focused"] = self.cloud_focused.from_error(diff.abs(), target, _fp32(cloud_mask), cloudy)
             if self.vgg is not None:
                 perceptual, contrastive = self._vgg_terms(pred, target, cloudy)
                 if "perceptual" in self.weights:
@@ -326,9 +388,9 @@ class CRLoss(nn.Module):
                 if "contrastive" in self.weights:
                     raw["contrastive"] = contrastive
             if "fft" in self.weights:
-                raw["fft"] = fft_loss(pred, target)
+                raw["fft"] = fft_l1(diff)
             if "gradient" in self.weights:
-                raw["gradient"] = gradient_loss(pred, target)
+                raw["gradient"] = gradient_l1(diff)
             if "confidence" in self.weights:
                 if confidence is None:
                     raise ValueError("confidence_weight > 0 but the model returned no confidence map "
@@ -340,7 +402,8 @@ class CRLoss(nn.Module):
         return total, {name: value.detach() for name, value in weighted.items()}
 
 
-def build_criterion(args):
-    """CRLoss from the training script's argparse namespace (missing attributes take LOSS_DEFAULTS)."""
+def build_criterion(args, vgg_dtype=None):
+    """CRLoss from the training script's argparse namespace (missing attributes take LOSS_DEFAULTS); vgg_dtype: the
+    precision of the VGG convolutions (training passes its autocast dtype; None = float32)."""
     opts = {name: getattr(args, name, default) for name, default in LOSS_DEFAULTS.items()}
-    return CRLoss(**opts)
+    return CRLoss(vgg_dtype=vgg_dtype, **opts)

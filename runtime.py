@@ -56,7 +56,7 @@ def resolve_device(arg="auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(arg)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {arg}: CUDA is not available on this machine; use --device cpu")
+        raise UsageError(f"--device {arg}: CUDA is not available on this machine; use --device cpu")
     return device
 
 
@@ -71,7 +71,7 @@ def resolve_amp(amp, device):
     if amp == "off":
         return None, False
     if amp == "fp16" and device.type != "cuda":
-        raise SystemExit("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
+        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
     return (torch.float16, True) if amp == "fp16" else (torch.bfloat16, False)
 
 

@@ -130,13 +130,9 @@ def resolve_amp(amp, device):
 
 
 def resolve_device_and_amp(args):
-    """(device, autocast dtype) from --device and --amp. runtime raises SystemExit for a flag the machine cannot
-    honour (exit 1, the training script's behaviour); here it is a UsageError, one line and exit 2."""
-    try:
-        device = resolve_device(args.device)
-        return device, resolve_amp(args.amp, device)
-    except SystemExit as e:
-        raise runtime.UsageError(str(e)) from None
+    """(device, autocast dtype) from --device and --amp; a flag the machine cannot honour is a UsageError."""
+    device = resolve_device(args.device)
+    return device, resolve_amp(args.amp, device)
 
 
 def ensure_writable_dir(folder, what):

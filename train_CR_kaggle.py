@@ -14,6 +14,8 @@ import io
 import json
 import math
 import os
+import shlex
+import shutil
 import signal
 import sys
 import time
@@ -36,8 +38,8 @@ import metrics
 import net_CR_CrossAttention
 import runtime
 # Re-exported: these lived here before runtime.py held them, and notebooks call them by this module's name.
-from runtime import (CPU_AUTO_AMP, CheckpointError, build_model_from_checkpoint, load_checkpoint,  # noqa: F401
-                     resolve_amp)
+from runtime import (CPU_AUTO_AMP, CheckpointError, UsageError, build_model_from_checkpoint,  # noqa: F401
+                     load_checkpoint, resolve_amp)
 from runtime import save_checkpoint as atomic_torch_save
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -45,10 +47,22 @@ DEMO_SAMPLES, DEMO_SIZE, DEMO_SEED, DEMO_EPOCHS = 128, 64, 0, 24  # ~2 min on 2 
 
 HISTORY_FIELDS = (["epoch", "lr", "train_loss", "train_psnr", "samples_per_s"]
                   + [f"val_{name}" for name in metrics.METRIC_NAMES] + ["best_psnr", "seconds"])
+BATCH_KEYS = ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask")  # the tensors a step moves to the device
+# Host reads of the step's figures (loss, terms, PSNR, gradient norm, the non-finite flag) happen every LOG_EVERY
+# steps: a read waits for the GPU to drain its queue; reading all of them every step cost 6-8 % on an H100.
+LOG_EVERY = 10
+# --compile auto: on for CUDA on the strength of one H100 measurement of the bare model step (bf16, 256 px,
+# batch 32: 213 samples/s eager, 349 compiled, 12.4 instead of 22.7 GB), off on CPU, where BENCHMARKS.md measured
+# it slower (bf16 3.63 vs 4.13 samples/s after 83-101 s of compiling).
+COMPILE_AUTO = {"cuda": True, "cpu": False}
+# --time_limit: stop after an epoch when elapsed + MARGIN x the longest epoch so far would pass the limit; within an
+# epoch, stop (like SIGTERM: a resumable last.pth) when less than RESERVE of the limit is left.
+TIME_LIMIT_MARGIN = 1.25
+TIME_LIMIT_RESERVE_S = 60.0
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dataloader.HelpFormatter)
     for add_flags in (_model_flags, _optimisation_flags, _loss_flags, _data_flags, _run_flags):
         add_flags(p)
     return p
@@ -101,14 +115,16 @@ def _optimisation_flags(p):
     g.add_argument("--early_stop_patience", type=int, default=10,
                    help="stop after this many validations without a new best PSNR (0 = never)")
     g.add_argument("--max_bad_steps", type=int, default=5,
-                   help="abort after this many consecutive steps with a non-finite loss")
+                   help="abort after this many consecutive steps with a non-finite loss (checked at each log read)")
     g.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
-                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler; "
+                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler (T4, P100); "
                         f"on CPU auto = {runtime.CPU_AUTO_AMP} (see BENCHMARKS.md)")
     g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
                    help="channels-last memory format: auto = on for CPU (measured ~1.5x faster with bf16, "
                         "BENCHMARKS.md), off on CUDA (not yet measured there)")
-    g.add_argument("--compile", action="store_true", help="wrap the model in torch.compile")
+    g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model: auto = on for CUDA (1.6x the eager model step in one H100 "
+                        "measurement), off on CPU (measured slower); see BENCHMARKS.md. A bare --compile means on")
     g.add_argument("--seed", type=int, default=0, help="random seed (each DDP rank adds its rank)")
 
 
@@ -147,7 +163,7 @@ def _data_flags(p):
     g.add_argument("--load_size", type=int, default=256, help="size of the image region crops are taken from")
     g.add_argument("--crop_size", type=int, default=128, help="training crop size (random crop + flips)")
     g.add_argument("--val_crop_size", type=int, default=None,
-                   help="validation centre-crop size (default: --load_size, the whole patch)")
+                   help="validation centre-crop size (None: --load_size, the whole patch)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random flips and 90-degree rotations of training crops")
     g.add_argument("--cloud_detector", default="rule", choices=["rule", "s2cloudless", "none"],
@@ -156,7 +172,7 @@ def _data_flags(p):
                    help="read the cloud masks precomputed by `python dataloader.py masks` from this folder instead "
                         "of running --cloud_detector on every sample")
     g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes per training process")
-    g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (default: --batch_sz)")
+    g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (None: --batch_sz)")
 
 
 def _run_flags(p):
@@ -165,31 +181,47 @@ def _run_flags(p):
     g.add_argument("--experiment_name", default="glf_cr_enhanced_v3", help="name of this run's subfolder")
     g.add_argument("--train_from_scratch", action="store_true",
                    help="start fresh even if the experiment has a last.pth (the old run is moved aside, not deleted)")
-    g.add_argument("--resume", default=None, help="resume from this checkpoint file")
+    g.add_argument("--resume", default=None, help="resume from this checkpoint file (None: the experiment's last.pth)")
     g.add_argument("--notes", default="", help="free text stored in args.json and TensorBoard")
     g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     g.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and at the last)")
     g.add_argument("--num_quicklooks", type=int, default=4,
                    help="fixed validation samples shown in TensorBoard (cloudy | prediction | target | confidence)")
+    g.add_argument("--log_every", type=int, default=LOG_EVERY,
+                   help="read the loss, its terms, PSNR and gradient norm from the device every N steps (TensorBoard "
+                        "points are means over them); each read waits for the GPU")
+    g.add_argument("--time_limit", type=float, default=None,
+                   help="hours this command may run (e.g. 11.5 in a 12-hour Kaggle session): stop after the last "
+                        "epoch that fits, with a resumable last.pth and the command that resumes (None: no limit)")
     g.add_argument("--demo", action="store_true",
                    help="train a short run on built-in synthetic data (no dataset needed)")
 
 
 # ----------------------------------------------------------------------------- set-up
 
+def distributed_backend(device_arg):
+    """The torch.distributed backend for this machine: NCCL when the processes train on GPUs, else gloo."""
+    return "nccl" if torch.cuda.is_available() and device_arg != "cpu" else "gloo"
+
+
 def setup_distributed(device_arg):
     """torchrun sets LOCAL_RANK/RANK/WORLD_SIZE; without them this is a plain single-process run."""
     if "LOCAL_RANK" not in os.environ:
         return runtime.resolve_device(device_arg), 0, 1
     local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available() and device_arg != "cpu"
-    if use_cuda:
+    backend = distributed_backend(device_arg)
+    if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if not use_cuda:  # share the cores instead of oversubscribing them
+    dist.init_process_group(backend=backend)
+    device = torch.device(f"cuda:{local_rank}" if backend == "nccl" else "cpu")
+    if backend == "gloo":  # share the cores instead of oversubscribing them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.get_world_size()))
     return device, dist.get_rank(), dist.get_world_size()
+
+
+def resolve_compile(choice, device):
+    """Whether to torch.compile the model: 'on', 'off', or 'auto' (COMPILE_AUTO by device type; off elsewhere)."""
+    return choice == "on" or (choice == "auto" and COMPILE_AUTO.get(device.type, False))
 
 
 def prepare_demo(args):
@@ -208,8 +240,8 @@ def prepare_demo(args):
     if args.vgg_weights == "imagenet":
         try:
             losses.VGGFeatures("imagenet")
-        except RuntimeError as e:
-            print(f"[demo] perceptual and contrastive terms left out: {e}")
+        except losses.VGGWeightsError as e:
+            print(f"[demo] perceptual and contrastive terms left out: {str(e).splitlines()[0]}")
             args.perceptual_weight, args.use_contrastive_loss = 0.0, False
     args.notes = args.notes or "demo run on synthetic data"
 
@@ -225,7 +257,12 @@ def resolve_confidence_weight(args):
 def check_inputs(args):
     """Fail before the first step, with the file named, on anything that would fail later."""
     if not args.data_list_filepath or not args.input_data_folder:
-        raise SystemExit("pass --data_list_filepath and --input_data_folder (or --demo for synthetic data)")
+        raise UsageError("pass --data_list_filepath and --input_data_folder (or --demo for synthetic data)")
+    for flag in ("log_every", "batch_sz", "max_epochs"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise UsageError(f"--time_limit is in hours and must be positive, got {args.time_limit}")
     rows = dataloader.read_data_list(args.data_list_filepath)
     train_rows = dataloader.select_split(rows, "train", source=args.data_list_filepath)
     val_rows = dataloader.select_split(rows, "val", source=args.data_list_filepath)
@@ -238,20 +275,36 @@ def check_inputs(args):
     return train_rows, val_rows
 
 
-def prepare_run_dir(args):
-    run_dir = Path(args.save_model_dir) / args.experiment_name
-    if args.train_from_scratch and run_dir.exists() and any(run_dir.iterdir()):
-        aside = run_dir.with_name(f"{run_dir.name}.{datetime.now():%Y%m%d-%H%M%S}")
-        os.replace(run_dir, aside)
-        print(f"--train_from_scratch: the earlier run in {run_dir} was moved to {aside}")
+def prepare_run_dir(run):
+    """Rank 0, once nothing but the first step can fail: create the run folder (moving an earlier run aside with
+    --train_from_scratch). run.made_dir / run.moved_aside let discard_run_dir undo this if the run never starts."""
+    run_dir = run.dir
+    if run.args.train_from_scratch and run_dir.exists() and any(run_dir.iterdir()):
+        run.moved_aside = run_dir.with_name(f"{run_dir.name}.{datetime.now():%Y%m%d-%H%M%S}")
+        os.replace(run_dir, run.moved_aside)
+        print(f"--train_from_scratch: the earlier run in {run_dir} was moved to {run.moved_aside}")
+    if not run_dir.exists():  # the outermost folder this run creates (--save_model_dir too, if it is new)
+        run.made_dir = run_dir
+        while not run.made_dir.parent.exists():
+            run.made_dir = run.made_dir.parent
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
-        raise SystemExit(f"cannot write to --save_model_dir {run_dir}: {e}")
-    return run_dir
+        discard_run_dir(run)
+        raise UsageError(f"cannot write to --save_model_dir {run_dir}: {e}") from None
+
+
+def discard_run_dir(run):
+    """Undo prepare_run_dir for a run that failed before its first step: no empty run folder is left to be moved
+    aside by the next attempt, and the run moved aside is put back."""
+    if run.made_dir is not None:
+        shutil.rmtree(run.made_dir, ignore_errors=True)
+    if run.moved_aside is not None and not run.dir.exists():
+        os.replace(run.moved_aside, run.dir)
+    run.made_dir, run.moved_aside = None, None
 
 
 def build_model(args, ckpt, resume_path, is_main):
@@ -270,20 +323,23 @@ def build_model(args, ckpt, resume_path, is_main):
                           detach_confidence_input=args.detach_confidence_input)
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     if args.confidence_weight > 0 and not model.config.get("use_cloud_predictor", False):
-        raise SystemExit(f"--confidence_weight {args.confidence_weight} supervises the cloud confidence map, which "
+        raise UsageError(f"--confidence_weight {args.confidence_weight} supervises the cloud confidence map, which "
                          f"{model.model_name} without the cloud predictor does not have; set it to 0")
     return model
 
 
 def build_loaders(args, train_rows, val_rows, device, rank, world_size):
-    """(train_loader, val_loader, val_set). Validation: every rank scores its own disjoint share and the sums are
+    """(train_loader, val_loader, val_set). S2 travels as uint16 (half the bytes; to_device normalises it on the
+    device) from pinned memory on CUDA. Validation: every rank scores its own disjoint share and the sums are
     all-reduced, so no sample is padded in twice."""
     train_set = dataloader.SEN12MSCRDataset(train_rows, args.input_data_folder, crop_size=args.crop_size,
                                             load_size=args.load_size, augment=args.augment,
-                                            cloud_detector=args.cloud_detector, cloud_mask_dir=args.cloud_mask_dir)
+                                            cloud_detector=args.cloud_detector, cloud_mask_dir=args.cloud_mask_dir,
+                                            s2_encoding="uint16")
     val_set = dataloader.SEN12MSCRDataset(val_rows, args.input_data_folder,
                                           crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
-                                          augment=False, cloud_detector="none")
+                                          augment=False, cloud_detector="none", s2_encoding="uint16",
+                                          crop_flag="--val_crop_size" if args.val_crop_size else "--load_size")
     val_share = Subset(val_set, list(range(rank, len(val_set), world_size)))
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True) if world_size > 1 else None
     loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",
@@ -296,9 +352,11 @@ def build_loaders(args, train_rows, val_rows, device, rank, world_size):
     return train_loader, val_loader, val_set
 
 
-def build_optimizer(args, model):
-    """AdamW and the schedule that follows the warm-up (None for --lr_scheduler none)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+def build_optimizer(args, model, device):
+    """AdamW (fused on CPU and CUDA: one kernel for all parameters, and it skips a step on the device when told the
+    loss was not finite) and the schedule that follows the warm-up (None for --lr_scheduler none)."""
+    fused = device.type in ("cuda", "cpu")  # measured on CPU: 8 ms a step against 22 ms for foreach (6M parameters)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
     if args.lr_scheduler == "plateau":
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_factor,
                                                                patience=args.lr_patience)
@@ -314,7 +372,10 @@ def build_optimizer(args, model):
 
 def restore(run, ckpt):
     """Optimizer, schedule, scaler and counters from a checkpoint, so a resumed run carries on exactly."""
+    fused = [group.get("fused") for group in run.optimizer.param_groups]
     run.optimizer.load_state_dict(ckpt["optimizer"])
+    for group, was in zip(run.optimizer.param_groups, fused):  # this machine's choice, not the checkpoint's
+        group["fused"] = was
     if run.scheduler is not None and ckpt.get("scheduler"):
         run.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt.get("scaler"):
@@ -323,13 +384,15 @@ def restore(run, ckpt):
     run.early_stop_counter, run.global_step = ckpt.get("early_stop_counter", 0), ckpt.get("global_step", 0)
 
 
-def setup(args):
-    """Everything a run needs, in the order that fails early: device, data list, losses, run folder, model, data,
-    optimiser, logging. Returns the run as one namespace that the loop's functions share."""
+def setup(args, argv=()):
+    """Everything a run needs, in the order that fails early: device, data list, losses, model, data, optimiser,
+    then (only then) the run folder and logging. Returns the run as one namespace the loop's functions share."""
     device, rank, world_size = setup_distributed(args.device)
-    run = SimpleNamespace(args=args, device=device, rank=rank, world_size=world_size, is_main=rank == 0,
-                          epochs_done=0, best_psnr=-math.inf, early_stop_counter=0, global_step=0, bad_steps=0,
-                          stop_signal=None, writer=None, history=[], quicklook_batch=None)
+    run = SimpleNamespace(args=args, argv=list(argv), device=device, rank=rank, world_size=world_size,
+                          is_main=rank == 0, started=time.monotonic(), epochs_done=0, best_psnr=-math.inf,
+                          early_stop_counter=0, global_step=0, stop_signal=None, stop_reason=None, writer=None,
+                          history=[], quicklook_batch=None, made_dir=None, moved_aside=None, next_batches=None,
+                          epoch_seconds=[])
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     if args.demo:
@@ -341,13 +404,10 @@ def setup(args):
             vars(args).update(holder[0])
     train_rows, val_rows = check_inputs(args)
     resolve_confidence_weight(args)
-    run.criterion = losses.build_criterion(args).to(device)  # fails here if VGG weights are unavailable
     run.amp_dtype, use_scaler = resolve_amp(args.amp, device)
     run.ctx = runtime.autocast(device, run.amp_dtype)  # the one autocast context: training, validation, quicklooks
-    run.dir = prepare_run_dir(args) if run.is_main else Path(args.save_model_dir) / args.experiment_name
-    if world_size > 1:
-        dist.barrier()
-
+    run.criterion = losses.build_criterion(args, vgg_dtype=run.amp_dtype).to(device)  # fails here without VGG weights
+    run.dir = Path(args.save_model_dir) / args.experiment_name
     resume_path = args.resume or (None if args.train_from_scratch else
                                   (run.dir / "last.pth" if (run.dir / "last.pth").is_file() else None))
     ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
@@ -355,23 +415,36 @@ def setup(args):
     run.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cpu")
     if run.channels_last:
         run.model.to(memory_format=torch.channels_last)
+        run.criterion.to(memory_format=torch.channels_last)  # its VGG, fed channels-last inputs
     run.train_loader, run.val_loader, val_set = build_loaders(args, train_rows, val_rows, device, rank, world_size)
-    run.optimizer, run.scheduler = build_optimizer(args, run.model)
+    run.optimizer, run.scheduler = build_optimizer(args, run.model, device)
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     if ckpt is not None:
         restore(run, ckpt)
-    run.start_epoch = run.epochs_done
+    run.start_epoch, run.first_step = run.epochs_done, run.global_step
     run.warmup_steps = int(args.warmup_epochs * len(run.train_loader))
-    run.train_model = torch.compile(run.model) if args.compile else run.model
+    run.compiled = resolve_compile(args.compile, device)
+    run.train_model = torch.compile(run.model) if run.compiled else run.model
     if world_size > 1:
         run.train_model = DDP(run.train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    run.meter = StepMeter(["loss", "psnr", "grad_norm"] + list(run.criterion.weights), device)
+    run.show_bars = run.is_main and (sys.stderr.isatty() or "ipykernel" in sys.modules)  # a terminal or a notebook
     if run.is_main:
+        run.quicklook_batch = read_quicklooks(val_set, args.num_quicklooks)  # reads files: before the folder exists
+        prepare_run_dir(run)
         setup_logging(run, ckpt is not None, val_set)
+    if world_size > 1:
+        dist.barrier()
     return run
 
 
+def read_quicklooks(val_set, n):
+    picks = [val_set[i] for i in range(min(n, len(val_set)))]
+    return {k: torch.stack([s[k] for s in picks]) for k in BATCH_KEYS} if picks else None
+
+
 def setup_logging(run, resumed, val_set):
-    """Rank 0 only: TensorBoard, args.json, the history so far, and the fixed quicklook samples."""
+    """Rank 0 only: TensorBoard, args.json, the history so far."""
     from torch.utils.tensorboard import SummaryWriter
 
     args = run.args
@@ -381,12 +454,8 @@ def setup_logging(run, resumed, val_set):
     run.history = read_history(run.dir / "history.csv") if resumed else []
     n_params = sum(p.numel() for p in run.model.parameters())
     print(f"{run.model.model_name}: {n_params / 1e6:.2f}M parameters | device {run.device} x{run.world_size} | "
-          f"amp {run.amp_dtype} | {len(run.train_loader.dataset)} train / {len(val_set)} val samples | "
-          f"run dir {run.dir}")
-    if args.num_quicklooks > 0:
-        picks = [val_set[i] for i in range(min(args.num_quicklooks, len(val_set)))]
-        run.quicklook_batch = {k: torch.stack([s[k] for s in picks])
-                               for k in ("cloudy_data", "cloudfree_data", "SAR_data")}
+          f"amp {run.amp_dtype} | compile {'on' if run.compiled else 'off'} | {len(run.train_loader.dataset)} train "
+          f"/ {len(val_set)} val samples | run dir {run.dir}")
     if run.start_epoch >= args.max_epochs:
         print(f"nothing to train: {run.dir} already holds {run.start_epoch} epochs; raise --max_epochs to continue "
               f"or pass --train_from_scratch to start again")
@@ -421,7 +490,7 @@ def quicklook_grid(cloudy, prediction, target, confidence):
 @torch.no_grad()
 def log_quicklooks(run):
     """The fixed validation samples through the model, under the run's autocast context, into TensorBoard."""
-    batch = {k: v.to(run.device) for k, v in run.quicklook_batch.items()}
+    batch = to_device(run.quicklook_batch, run.device)
     run.model.eval()
     with run.ctx:
         prediction, aux = run.model(batch["cloudy_data"], batch["SAR_data"], return_aux=True)
@@ -434,6 +503,46 @@ def log_quicklooks(run):
 
 # ----------------------------------------------------------------------------- train / validate
 
+class StepMeter:
+    """What each training step reports (loss, PSNR, gradient norm, loss terms; whether it was skipped), summed on
+    the device. read() is the loop's only host read of them, every --log_every steps and at the end of an epoch."""
+
+    def __init__(self, names, device):
+        self.names, self.device = list(names), device
+        self.streak = torch.zeros((), device=device)  # consecutive skipped steps; runs on across reads and epochs
+        self._reset()
+        self.start_epoch()
+
+    def start_epoch(self):
+        self.epoch_sums, self.epoch_taken = dict.fromkeys(self.names, 0.0), 0
+
+    def epoch_mean(self, name):
+        """Mean over this epoch's steps taken and read so far."""
+        return self.epoch_sums[name] / max(self.epoch_taken, 1)
+
+    def _reset(self):
+        # the named sums over the steps taken, then: steps taken, steps skipped, longest skip streak
+        self.sums = torch.zeros(len(self.names) + 3, device=self.device)
+
+    def add(self, values, skipped):
+        """values: 0-d tensors in the order of names; skipped: 0-d float, 1 when the step was not taken."""
+        self.streak = (self.streak + 1) * skipped
+        taken = torch.where(skipped > 0, 0.0, torch.stack(values).float())  # a skipped step's NaN stays out
+        self.sums[:-1] += torch.cat([taken, torch.stack([1 - skipped, skipped])])
+        self.sums[-1] = torch.maximum(self.sums[-1], self.streak)
+
+    def read(self):
+        """Host copy of the figures since the last read: {"means": {name: mean over the steps taken}, "taken",
+        "skipped", "worst_streak"}; adds them to the epoch's totals and starts a new interval."""
+        *sums, taken, skipped, worst = self.sums.tolist()
+        self._reset()
+        for name, value in zip(self.names, sums):
+            self.epoch_sums[name] += value
+        self.epoch_taken += int(taken)
+        means = {name: value / taken if taken else math.nan for name, value in zip(self.names, sums)}
+        return {"means": means, "taken": int(taken), "skipped": int(skipped), "worst_streak": int(worst)}
+
+
 def get_lr(step, peak_lr, warmup_steps):
     """Learning rate of warm-up iteration `step`: linear from peak_lr / warmup_steps up to peak_lr. After the
     warm-up the scheduler (plateau, cosine, step) owns the learning rate."""
@@ -441,13 +550,39 @@ def get_lr(step, peak_lr, warmup_steps):
 
 
 def to_device(batch, device, channels_last=False):
-    cloudy = batch["cloudy_data"].to(device, non_blocking=True)
-    cloudfree = batch["cloudfree_data"].to(device, non_blocking=True)
-    sar = batch["SAR_data"].to(device, non_blocking=True)
-    cloud_mask = batch["cloud_mask"].to(device, non_blocking=True)
+    """The batch's tensors on the device (non-blocking from pinned memory); S2 that came as uint16 x10000 is
+    normalised there to [0, 1], the same float32 values the dataset's float encoding gives."""
+    out = {}
+    for key in BATCH_KEYS:
+        t = batch[key]
+        if t.dtype == torch.uint16:  # moved as int16, the same bits (values <= 10000): every backend converts int16
+            out[key] = t.view(torch.int16).to(device, non_blocking=True).float() * (1.0 / dataloader.S2_SCALE)
+        else:
+            out[key] = t.to(device, non_blocking=True)
     if channels_last:  # the model's convolutions want NHWC inputs when its weights are NHWC
-        cloudy, sar = (t.contiguous(memory_format=torch.channels_last) for t in (cloudy, sar))
-    return cloudy, cloudfree, sar, cloud_mask
+        for key in ("cloudy_data", "SAR_data"):
+            out[key] = out[key].contiguous(memory_format=torch.channels_last)
+    return out
+
+
+def optimizer_step(run, skip):
+    """Clip and step without reading the device: the fused AdamW skips the update itself when `skip` is 1 or the
+    gradient norm is not finite; under fp16 the GradScaler hands it its own inf/NaN check the same way."""
+    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
+    clip = run.args.grad_clip if run.args.grad_clip > 0 else math.inf
+    run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip, foreach=True)
+    if run.scaler.is_enabled():
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        return
+    found_inf = torch.maximum(skip, (~torch.isfinite(run.grad_norm)).float())
+    if not run.optimizer.param_groups[0].get("fused"):  # no device-side skip: read the flag
+        if not found_inf.item():
+            run.optimizer.step()
+        return
+    run.optimizer.found_inf = found_inf
+    run.optimizer.step()
+    del run.optimizer.found_inf
 
 
 def confidence_target(batch, device):
@@ -459,78 +594,109 @@ def confidence_target(batch, device):
 
 
 def train_step(run, batch):
-    """One optimisation step. Returns (loss, terms, batch PSNR) or None when the loss was not finite on any rank
-    (the step is skipped on every rank) or a stop signal arrived (the step is taken first)."""
+    """One optimisation step. Returns (figures, skipped) as device tensors, read later by StepMeter: figures in
+    run.meter's order (loss, PSNR, gradient norm, terms); skipped is 1 when the loss was not finite on some rank,
+    and then every rank leaves its weights alone."""
     args = run.args
     if run.global_step < run.warmup_steps:
         for group in run.optimizer.param_groups:
             group["lr"] = get_lr(run.global_step, args.lr, run.warmup_steps)
-    cloudy, cloudfree, sar, cloud_mask = to_device(batch, run.device, run.channels_last)
+    b = to_device(batch, run.device, run.channels_last)
     with run.ctx:
-        prediction, aux = run.train_model(cloudy, sar, return_aux=True)
-    total, terms = run.criterion(prediction, cloudfree, cloudy, cloud_mask=cloud_mask, confidence=aux.get("confidence"),
+        prediction, aux = run.train_model(b["cloudy_data"], b["SAR_data"], return_aux=True)
+    total, terms = run.criterion(prediction, b["cloudfree_data"], b["cloudy_data"], cloud_mask=b["cloud_mask"],
+                                 confidence=aux.get("confidence"),
                                  confidence_target=confidence_target(batch, run.device))
-    # Every rank must agree on skipping a step or on stopping, or DDP's all-reduce would hang.
-    flags = torch.tensor([float(not torch.isfinite(total)), float(run.stop_signal is not None)], device=run.device)
-    if run.world_size > 1:
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    run.stop_requested = bool(flags[1] > 0)
+    skipped = (~torch.isfinite(total.detach())).float()
+    if run.world_size > 1:  # all ranks skip together, so their weights stay identical
+        dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
     run.optimizer.zero_grad(set_to_none=True)
-    if flags[0] > 0:
-        run.bad_steps += 1
-        warnings.warn(f"non-finite loss at step {run.global_step}: step skipped ({run.bad_steps} in a row)")
-        if run.bad_steps >= args.max_bad_steps:
-            raise FloatingPointError(f"{run.bad_steps} consecutive non-finite losses (terms: "
-                                     f"{ {k: float(v) for k, v in terms.items()} }); lower --lr, try --amp "
-                                     f"bf16/off, or check the data for NaN")
-        return None
-    run.bad_steps = 0
     run.scaler.scale(total).backward()
-    run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
-    run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(),
-                                                   args.grad_clip if args.grad_clip > 0 else math.inf)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
+    optimizer_step(run, skipped)
     with torch.no_grad():
-        batch_psnr = metrics.psnr(prediction.detach().float().clamp(0, 1), cloudfree).mean().item()
+        batch_psnr = metrics.psnr(prediction.detach().float().clamp(0, 1), b["cloudfree_data"]).mean()
     run.global_step += 1
-    return total.item(), terms, batch_psnr
+    run.last_terms = terms
+    return [total.detach(), batch_psnr, run.grad_norm.detach(), *terms.values()], skipped
 
 
-def log_step(run, loss, terms, batch_psnr, bar):
-    bar.set_postfix(loss=f"{loss:.4f}", psnr=f"{batch_psnr:.2f}")
-    w, step = run.writer, run.global_step
-    w.add_scalar("train/loss", loss, step)
-    for name, value in terms.items():
-        w.add_scalar(f"train/loss_{name}", float(value), step)
+def log_interval(run, interval, bar):
+    """Rank 0, at each read: TensorBoard points (means over the interval's steps) and the bar's postfix."""
+    means, w, step = interval["means"], run.writer, run.global_step
+    if interval["taken"]:
+        w.add_scalar("train/loss", means["loss"], step)
+        for name in run.criterion.weights:
+            w.add_scalar(f"train/loss_{name}", means[name], step)
+        w.add_scalar("train/grad_norm", means["grad_norm"], step)
+        w.add_scalar("train/psnr", means["psnr"], step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{means['loss']:.4f}", psnr=f"{means['psnr']:.2f}")
     w.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], step)
-    w.add_scalar("train/grad_norm", float(run.grad_norm), step)
-    w.add_scalar("train/psnr", batch_psnr, step)
+
+
+def check_non_finite(run, interval):
+    """Warn about skipped steps; abort after --max_bad_steps in a row (every rank sees the same all-reduced flags,
+    so all of them stop here together)."""
+    if interval["skipped"]:
+        warnings.warn(f"non-finite loss at {interval['skipped']} of the last {interval['taken'] + interval['skipped']} "
+                      f"steps (up to step {run.global_step}): those steps were skipped")
+    if interval["worst_streak"] >= run.args.max_bad_steps:
+        terms = {k: float(v) for k, v in run.last_terms.items()}
+        raise FloatingPointError(f"{interval['worst_streak']} consecutive non-finite losses (last terms: {terms}); "
+                                 f"lower --lr, try --amp bf16/off, or check the data for NaN")
+
+
+def should_stop(run, reading):
+    """A stop signal, or the time limit's last minutes. Host state only; under DDP the ranks agree at reads (an
+    all-reduce), so they leave the epoch at the same step."""
+    local = run.stop_signal is not None or seconds_left(run) < time_limit_reserve(run)
+    if run.world_size == 1:
+        return local
+    if not reading:
+        return False
+    flag = torch.tensor([float(local)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def train_one_epoch(run, epoch):
-    """One pass over the training set: {"loss", "psnr", "samples_per_s", "seconds"} (means over the steps taken)."""
+    """One pass over the training set: {"loss", "psnr", "samples_per_s", "seconds"} (means over the steps taken).
+    Host reads happen every --log_every steps; at the end the next epoch's first batches are requested, so the
+    loader workers fetch them while validation runs."""
+    args, meter = run.args, run.meter
     run.model.train()
+    batches = run.next_batches if run.next_batches is not None else start_epoch_batches(run, epoch)
+    run.next_batches, run.epoch_started, run.stop_requested = None, time.monotonic(), False
+    bar = tqdm(batches, total=len(run.train_loader), desc=f"epoch {epoch + 1}/{args.max_epochs}", leave=False,
+               dynamic_ncols=True) if run.show_bars else None
+    t0, seen = time.time(), 0
+    meter.start_epoch()
+    for i, batch in enumerate(bar if bar is not None else batches, start=1):
+        meter.add(*train_step(run, batch))
+        seen += batch["cloudy_data"].shape[0] * run.world_size
+        reading = i % args.log_every == 0 or i == len(run.train_loader)
+        if reading:
+            interval = meter.read()
+            if run.is_main:
+                log_interval(run, interval, bar)
+            check_non_finite(run, interval)
+        if should_stop(run, reading):
+            run.stop_requested = True
+            break
+    if bar is not None:
+        bar.close()
+    if epoch + 1 < args.max_epochs and not run.stop_requested:
+        run.next_batches = start_epoch_batches(run, epoch + 1)
+    seconds = time.time() - t0
+    return {"loss": meter.epoch_mean("loss"), "psnr": meter.epoch_mean("psnr"),
+            "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
+
+
+def start_epoch_batches(run, epoch):
+    """The epoch's batch iterator; creating it sends the loader workers their first indices."""
     if isinstance(run.train_loader.sampler, DistributedSampler):
         run.train_loader.sampler.set_epoch(epoch)
-    t0, seen, loss_sum, psnr_sum, n_steps = time.time(), 0, 0.0, 0.0, 0
-    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{run.args.max_epochs}", disable=not run.is_main,
-               leave=False, dynamic_ncols=True)
-    run.stop_requested = False
-    for batch in bar:
-        result = train_step(run, batch)
-        if result is not None:
-            loss, terms, batch_psnr = result
-            loss_sum, psnr_sum, n_steps = loss_sum + loss, psnr_sum + batch_psnr, n_steps + 1
-            seen += batch["cloudy_data"].shape[0] * run.world_size
-            if run.is_main:
-                log_step(run, loss, terms, batch_psnr, bar)
-        if run.stop_requested:
-            break
-    bar.close()
-    seconds = time.time() - t0
-    return {"loss": loss_sum / max(n_steps, 1), "psnr": psnr_sum / max(n_steps, 1),
-            "samples_per_s": seen / max(seconds, 1e-9), "seconds": seconds}
+    return iter(run.train_loader)
 
 
 @torch.no_grad()
@@ -540,13 +706,13 @@ def validate(run):
     run.model.eval()
     sums = torch.zeros(len(metrics.METRIC_NAMES) + 1, dtype=torch.float64, device=run.device)
     for batch in run.val_loader:
-        cloudy, cloudfree, sar, _ = to_device(batch, run.device)
+        b = to_device(batch, run.device)
         with run.ctx:
-            prediction = run.model(cloudy, sar)
-        scores = metrics.compute_metrics(dataloader.finish_s2(prediction), cloudfree)
+            prediction = run.model(b["cloudy_data"], b["SAR_data"])
+        scores = metrics.compute_metrics(dataloader.finish_s2(prediction), b["cloudfree_data"])
         for i, name in enumerate(metrics.METRIC_NAMES):
             sums[i] += scores[name].double().sum()
-        sums[-1] += cloudy.shape[0]
+        sums[-1] += b["cloudy_data"].shape[0]
     if run.world_size > 1:
         dist.all_reduce(sums)
     run.model.train()
@@ -555,6 +721,36 @@ def validate(run):
 
 def is_validation_epoch(args, epoch):
     return (epoch + 1) % args.val_every == 0 or epoch + 1 == args.max_epochs
+
+
+# ----------------------------------------------------------------------------- time limit
+
+def seconds_left(run):
+    """Seconds until --time_limit, counted from the start of set-up (inf without a limit)."""
+    if run.args.time_limit is None:
+        return math.inf
+    return run.args.time_limit * 3600 - (time.monotonic() - run.started)
+
+
+def time_limit_reserve(run):
+    """Seconds kept free at the end of the limit to save a checkpoint and exit."""
+    return 0.0 if run.args.time_limit is None else min(TIME_LIMIT_RESERVE_S, 0.05 * run.args.time_limit * 3600)
+
+
+def next_epoch_fits(seconds_left_now, epoch_seconds, reserve=0.0):
+    """Whether another epoch, taken as TIME_LIMIT_MARGIN x the longest one so far, ends before the limit."""
+    return not epoch_seconds or seconds_left_now - reserve >= TIME_LIMIT_MARGIN * max(epoch_seconds)
+
+
+def out_of_time(run):
+    """After an epoch: True when the next one would not fit in --time_limit (all DDP ranks take rank 0's view)."""
+    if run.args.time_limit is None:
+        return False
+    stop = torch.tensor([0.0 if next_epoch_fits(seconds_left(run), run.epoch_seconds, time_limit_reserve(run))
+                         else 1.0], device=run.device)
+    if run.world_size > 1:
+        dist.broadcast(stop, src=0)
+    return bool(stop.item())
 
 
 # ----------------------------------------------------------------------------- end of epoch, end of run
@@ -605,32 +801,57 @@ def record_epoch(run, epoch, stats, val, improved):
     msg = f"epoch {epoch + 1}/{run.args.max_epochs}: loss {stats['loss']:.4f} | {stats['samples_per_s']:.1f} samples/s"
     if val is not None:
         msg += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" | best PSNR {run.best_psnr:.3f}"
-    tqdm.write(msg)
+    if run.show_bars:
+        tqdm.write(msg)  # above the bars, not through them
+    else:
+        print(msg, flush=True)
 
 
 def end_of_epoch(run, epoch, stats, val):
-    """Schedule, logging and checkpoints after an epoch; True when training should stop early."""
+    """Schedule, logging and checkpoints after an epoch; True when training should stop (early stopping, or the
+    next epoch would not fit in --time_limit)."""
     improved = update_schedule(run, val)
     run.epochs_done = epoch + 1  # counted before the checkpoint is written, so last.pth resumes after this epoch
     if run.is_main:
         record_epoch(run, epoch, stats, val, improved)
+    run.epoch_seconds.append(time.monotonic() - run.epoch_started)
     if run.args.early_stop_patience > 0 and run.early_stop_counter >= run.args.early_stop_patience:
         if run.is_main:
-            tqdm.write(f"early stop: no PSNR gain in {run.early_stop_counter} validations")
+            print(f"early stop: no PSNR gain in {run.early_stop_counter} validations")
+        return True
+    if run.epochs_done < run.args.max_epochs and out_of_time(run):
+        run.stop_reason = "time limit"
         return True
     return False
 
 
+def resume_command(run):
+    """The command that continues this run from its last.pth: this one without --train_from_scratch / --resume."""
+    argv, kept, skip_next = run.argv, [], False
+    for i, a in enumerate(argv):
+        if skip_next:
+            skip_next = False
+        elif a == "--resume":
+            skip_next = True
+        elif a != "--train_from_scratch" and not a.startswith("--resume="):
+            kept.append(a)
+    script = os.path.relpath(__file__)
+    launcher = ["torchrun", f"--nproc_per_node={run.world_size}"] if run.world_size > 1 else ["python"]
+    return shlex.join(launcher + [script] + kept)
+
+
 def finish(run):
-    """Exit status of the run: 130 after a stop signal (with a resumable last.pth), else 0 and the next command."""
+    """Exit status: 130 after a stop signal, 0 otherwise; a stop (signal or time limit) leaves a resumable last.pth
+    and prints the command that resumes; a completed run prints the command that evaluates it."""
     args = run.args
-    if run.stop_signal is not None:
+    if run.stop_requested or run.stop_reason == "time limit":
         if run.is_main:
-            # An interrupted epoch is not counted: resuming re-runs it from the weights reached so far.
-            atomic_torch_save(checkpoint_state(run), run.dir / "last.pth")
-            print(f"\nstopped by signal {run.stop_signal}: resumable checkpoint saved to {run.dir / 'last.pth'}; "
-                  f"run the same command again to continue")
-        return 130
+            if run.stop_requested:  # an interrupted epoch is not counted: resuming re-runs it from the weights reached
+                atomic_torch_save(checkpoint_state(run), run.dir / "last.pth")
+            why = f"signal {run.stop_signal}" if run.stop_signal is not None else f"--time_limit {args.time_limit} h"
+            print(f"\nstopped by {why} after {run.epochs_done} of {args.max_epochs} epochs: resumable checkpoint "
+                  f"saved to {run.dir / 'last.pth'}. Resume with:\n  {resume_command(run)}")
+        return 130 if run.stop_signal is not None else 0
     if run.is_main:
         best = run.dir / "best.pth" if (run.dir / "best.pth").is_file() else run.dir / "last.pth"
         print(f"\ndone: best validation PSNR {run.best_psnr:.3f} dB. Evaluate with:\n"
@@ -640,15 +861,16 @@ def finish(run):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    run = setup(args)
+    run = setup(args, argv)
 
     def on_signal(signum, _frame):  # Ctrl-C or Kaggle's SIGTERM: finish the step, save, exit 130
         run.stop_signal = signum
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    epoch_bar = tqdm(total=args.max_epochs, initial=run.start_epoch, desc="epochs", disable=not run.is_main,
-                     dynamic_ncols=True)
+    epoch_bar = tqdm(total=args.max_epochs, initial=run.start_epoch, desc="epochs", dynamic_ncols=True,
+                     disable=not run.show_bars)
     try:
         for epoch in range(run.start_epoch, args.max_epochs):
             stats = train_one_epoch(run, epoch)
@@ -662,6 +884,13 @@ def main(argv=None):
                 break
         epoch_bar.close()
         return finish(run)
+    except BaseException:
+        if run.is_main and run.global_step == run.first_step:  # failed before its first step: leave no folder
+            if run.writer is not None:
+                run.writer.close()
+                run.writer = None
+            discard_run_dir(run)
+        raise
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -672,4 +901,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.run_cli(main, user_errors=(losses.VGGWeightsError,)))

@@ -1,6 +1,8 @@
 """train_CR_kaggle.py end to end on tiny synthetic data (crops of 32 px, 1-2 epochs)."""
 import csv
+import math
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -224,6 +226,287 @@ def test_sigterm_saves_resumable_checkpoint(synthetic_dataset, tmp_path):
 
 def test_confidence_weight_needs_a_confidence_map(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
-    with pytest.raises(SystemExit, match="confidence"):
+    with pytest.raises(train.UsageError, match="confidence"):
         train.main(tiny(csv_path, root, tmp_path, "--no-use_cloud_predictor", "--confidence_weight", "0.1"))
-    assert not list(tmp_path.rglob("*.pth"))
+    assert not list(tmp_path.iterdir()), "a run that fails before its first step leaves no run folder"
+
+
+# ----------------------------------------------------------------------------- the loop: device-side figures
+
+def _setup(csv_path, root, save_dir, *extra):
+    args = train.build_parser().parse_args(tiny(csv_path, root, save_dir, *extra))
+    return train.setup(args)
+
+
+def _close(run):
+    if run.writer is not None:
+        run.writer.close()
+
+
+def test_uint16_batches_normalised_on_the_device_equal_the_float_path(synthetic_dataset):
+    import dataloader
+    from torch.utils.data import default_collate
+    root, csv_path = synthetic_dataset
+    rows = dataloader.select_split(dataloader.read_data_list(csv_path), "train")
+    as_float, as_uint16 = (dataloader.SEN12MSCRDataset(rows, root, crop_size=32, load_size=64, s2_encoding=e)
+                           for e in ("float", "uint16"))
+    float_batch = default_collate([as_float[i] for i in range(3)])
+    uint16_batch = default_collate([as_uint16[i] for i in range(3)])
+    assert uint16_batch["cloudy_data"].dtype == torch.uint16 and uint16_batch["cloudfree_data"].dtype == torch.uint16
+    on_device = train.to_device(uint16_batch, torch.device("cpu"))
+    for key in train.BATCH_KEYS:  # bit for bit, the cloud mask included (computed in the worker from float S2)
+        assert on_device[key].dtype == torch.float32 and torch.equal(on_device[key], float_batch[key]), key
+    with pytest.raises(ValueError, match="s2_encoding"):
+        dataloader.SEN12MSCRDataset(rows, root, s2_encoding="int8")
+
+
+def test_a_training_step_makes_no_host_read(synthetic_dataset, tmp_path, monkeypatch):
+    """train_step leaves every figure on the device: any .item()/float()/bool()/tolist() in it would fail here."""
+    root, csv_path = synthetic_dataset
+    run = _setup(csv_path, root, tmp_path, "--amp", "bf16")
+    batch = next(iter(run.train_loader))
+    train.train_step(run, batch)  # first call outside the trap (lazy allocations)
+
+    def host_read(*a, **k):
+        raise AssertionError("host read inside train_step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    figures, skipped = train.train_step(run, batch)
+    run.meter.add(figures, skipped)
+    monkeypatch.undo()
+    _close(run)
+    read = run.meter.read()
+    assert read["taken"] == 1 and read["skipped"] == 0 and math.isfinite(read["means"]["loss"])
+    assert set(read["means"]) == {"loss", "psnr", "grad_norm", "cloud_focused", "perceptual", "fft", "gradient",
+                                  "contrastive"}
+
+
+def test_figures_are_read_every_log_every_steps(synthetic_dataset, tmp_path, monkeypatch):
+    root, csv_path = synthetic_dataset
+    run = _setup(csv_path, root, tmp_path, "--log_every", "2", "--batch_sz", "1", "--perceptual_weight", "0")
+    reads = []
+    real_read = train.StepMeter.read
+    monkeypatch.setattr(train.StepMeter, "read", lambda self: reads.append(run.global_step) or real_read(self))
+    stats = train.train_one_epoch(run, 0)
+    _close(run)
+    steps = len(run.train_loader)
+    assert reads == sorted({*range(2, steps + 1, 2), steps}), (reads, steps)  # every 2 steps and at the end
+    assert math.isfinite(stats["loss"]) and stats["loss"] > 0
+
+
+def test_the_next_epochs_batches_are_requested_before_validation(synthetic_dataset, tmp_path, monkeypatch):
+    """Creating the epoch's iterator sends the loader workers their first indices, so asking for it at the end of
+    train_one_epoch lets them load while validation runs; the next epoch then uses that iterator."""
+    root, csv_path = synthetic_dataset
+    run = _setup(csv_path, root, tmp_path, "--perceptual_weight", "0", "--max_epochs", "2")
+    requested = []
+    real_start = train.start_epoch_batches
+    monkeypatch.setattr(train, "start_epoch_batches",
+                        lambda r, epoch: requested.append((epoch, r.global_step)) or real_start(r, epoch))
+    steps = len(run.train_loader)
+    train.train_one_epoch(run, 0)
+    assert requested == [(0, 0), (1, steps)] and run.next_batches is not None
+    train.validate(run)
+    train.train_one_epoch(run, 1)
+    _close(run)
+    assert requested == [(0, 0), (1, steps)], "epoch 2 must use the iterator asked for before validation"
+    assert run.global_step == 2 * steps and run.next_batches is None  # nothing asked for after the last epoch
+
+
+def test_a_non_finite_step_leaves_the_weights_alone(synthetic_dataset, tmp_path, monkeypatch):
+    import losses
+    root, csv_path = synthetic_dataset
+    run = _setup(csv_path, root, tmp_path, "--perceptual_weight", "0")
+    batch = next(iter(run.train_loader))
+    real_forward = losses.CRLoss.forward
+    calls = []
+
+    def nan_first(self, *a, **k):
+        total, terms = real_forward(self, *a, **k)
+        calls.append(1)
+        return (total * float("nan") if len(calls) == 1 else total), terms
+
+    monkeypatch.setattr(losses.CRLoss, "forward", nan_first)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    figures, skipped = train.train_step(run, batch)
+    assert skipped.item() == 1
+    assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items()), "skipped step moved weights"
+    train.train_step(run, batch)
+    _close(run)
+    assert not all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
+    steps = {float(s["step"]) for s in run.optimizer.state_dict()["state"].values()}
+    assert steps == {1.0}, "the skipped step must not count in AdamW's bias correction"
+
+
+def test_grad_scaler_path_trains_on_cpu(synthetic_dataset, tmp_path, monkeypatch):
+    """What --amp fp16 runs on a T4 (GradScaler: unscale, clip, scaled fused step, update), exercised on CPU with
+    bf16 autocast, since CPU autocast has no fp16 here."""
+    root, csv_path = synthetic_dataset
+    monkeypatch.setattr(train, "resolve_amp", lambda amp, device: (torch.bfloat16, True))
+    assert train.main(tiny(csv_path, root, tmp_path, "--perceptual_weight", "0")) == 0
+    ckpt = train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
+    assert ckpt["scaler"] and ckpt["scaler"]["scale"] > 0
+    rows = list(csv.DictReader(open(tmp_path / "glf_cr_enhanced_v3" / "history.csv")))
+    assert math.isfinite(float(rows[0]["train_loss"]))
+
+
+# ----------------------------------------------------------------------------- device choices (mocked CUDA)
+
+def test_amp_auto_picks_bf16_or_fp16_with_a_scaler(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert train.resolve_amp("auto", cuda) == (torch.bfloat16, False)  # Ampere and newer
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert train.resolve_amp("auto", cuda) == (torch.float16, True)  # T4, P100: fp16 with a GradScaler
+    assert train.resolve_amp("fp16", cuda) == (torch.float16, True)
+    assert train.resolve_amp("auto", cpu) == (torch.bfloat16, False)
+    assert train.resolve_amp("off", cuda) == (None, False)
+    with pytest.raises(train.UsageError, match="fp16 needs a CUDA device"):
+        train.resolve_amp("fp16", cpu)
+
+
+def test_distributed_backend_is_nccl_on_gpus_and_gloo_on_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train.distributed_backend("auto") == "nccl" and train.distributed_backend("cuda") == "nccl"
+    assert train.distributed_backend("cpu") == "gloo"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.distributed_backend("auto") == "gloo"
+
+
+def test_compile_auto_is_on_for_cuda_and_off_on_cpu(synthetic_dataset, tmp_path, monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train.resolve_compile("auto", cuda) and not train.resolve_compile("auto", cpu)
+    assert train.resolve_compile("on", cpu) and not train.resolve_compile("off", cuda)
+    assert train.build_parser().parse_args(["--compile"]).compile == "on"  # the old bare flag still means on
+    root, csv_path = synthetic_dataset
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model, **k: compiled.append(model) or model)
+    for choice, expected in (("auto", 0), ("on", 1)):  # CPU here: auto leaves it off
+        run = _setup(csv_path, root, tmp_path / choice, "--compile", choice)
+        _close(run)
+        assert len(compiled) == expected and run.compiled == bool(expected)
+        assert not compiled or compiled[-1] is run.model
+
+
+# ----------------------------------------------------------------------------- time limit
+
+def test_next_epoch_fits_takes_the_longest_epoch_with_a_margin():
+    assert train.next_epoch_fits(1000.0, [])  # nothing measured yet: try
+    assert train.next_epoch_fits(1000.0, [300.0, 850.0, 500.0]) is False  # 1.25 x 850 > 1000
+    assert train.next_epoch_fits(1000.0, [300.0, 790.0]) is True  # 1.25 x 790 = 987.5
+    assert train.next_epoch_fits(1000.0, [300.0, 790.0], reserve=60.0) is False
+
+
+def _history(run_dir):
+    return [(int(r["epoch"]), float(r["lr"])) for r in csv.DictReader(open(run_dir / "history.csv"))]
+
+
+def test_time_limit_stop_then_resume_continues_the_schedule_exactly(synthetic_dataset, tmp_path, monkeypatch, capsys):
+    root, csv_path = synthetic_dataset
+    schedule = ["--lr_scheduler", "cosine", "--warmup_epochs", "1", "--early_stop_patience", "0", "--lr", "1e-3",
+                "--perceptual_weight", "0"]
+    assert train.main(tiny(csv_path, root, tmp_path / "whole", *schedule, epochs=3)) == 0
+    uninterrupted = _history(tmp_path / "whole" / "glf_cr_enhanced_v3")
+
+    verdicts = iter([False])  # the first end-of-epoch check says the next epoch would not fit, later ones that it does
+    monkeypatch.setattr(train, "next_epoch_fits", lambda *a, **k: next(verdicts, True))
+    argv = tiny(csv_path, root, tmp_path / "split", *schedule, "--time_limit", "11.5", epochs=3)
+    assert train.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "stopped by --time_limit 11.5 h after 1 of 3 epochs" in out
+    command = out.split("Resume with:\n", 1)[1].strip().splitlines()[0]
+    resume_argv = shlex.split(command)[2:]  # python train_CR_kaggle.py ...
+    assert "--train_from_scratch" not in resume_argv and "--time_limit" in resume_argv
+    assert train.main(resume_argv) == 0
+    assert _history(tmp_path / "split" / "glf_cr_enhanced_v3") == uninterrupted
+    assert [e for e, _ in uninterrupted] == [1, 2, 3]
+
+
+def test_a_real_time_limit_stops_with_a_resumable_checkpoint(synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "train_CR_kaggle.py"),
+                           *tiny(csv_path, root, tmp_path, "--perceptual_weight", "0", "--time_limit", "0.004",
+                                 epochs=500)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "stopped by --time_limit 0.004 h after" in proc.stdout and "Resume with:" in proc.stdout
+    ckpt = train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
+    assert ckpt["epoch"] < 500
+
+
+# ----------------------------------------------------------------------------- users first
+
+def _cli(*argv, env=None, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "train_CR_kaggle.py"), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _one_error_line(proc):
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("hint:")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return proc.stderr
+
+
+def test_user_errors_print_one_line_and_exit_2(synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    _one_error_line(_cli("--save_model_dir", str(tmp_path)))  # no data list
+    _one_error_line(_cli(*tiny(csv_path, root, tmp_path, "--amp", "fp16", "--device", "cpu")))
+    err = _one_error_line(_cli(*tiny(csv_path, tmp_path / "elsewhere", tmp_path)))  # DataError: files not found
+    assert "not found" in err
+    err = _one_error_line(_cli(*tiny(csv_path, root, tmp_path, "--vgg_weights", str(tmp_path / "vgg.pth"))))
+    assert "hint: pass --vgg_weights PATH" in err
+    assert not list(tmp_path.iterdir()), "nothing may be left behind by runs that never started"
+
+
+def test_offline_imagenet_vgg_error_has_no_download_line(synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    offline = {"TORCH_HOME": str(tmp_path / "torch_home"), "https_proxy": "http://127.0.0.1:9",
+               "HTTPS_PROXY": "http://127.0.0.1:9", "no_proxy": "", "NO_PROXY": ""}  # a closed port: offline
+    args = [a for a in tiny(csv_path, root, tmp_path / "out") if a != "random"]
+    args[args.index("--vgg_weights")] = "--vgg_weights=imagenet"
+    proc = _cli(*args, env=offline)
+    err = _one_error_line(proc)
+    assert "VGG19 ImageNet weights are not in the torch cache" in err and "hint:" in err
+    assert "ownloading" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_help_shows_every_default():
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())  # argparse wraps lines; compare with the whitespace collapsed
+    for action in train.build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert f"(default: {action.default})" in text, action.option_strings
+
+
+def test_redirected_output_gets_one_line_per_epoch_and_one_vgg_warning(synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    proc = _cli(*tiny(csv_path, root, tmp_path, epochs=2), env={"PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\r" not in proc.stderr + proc.stdout, "progress-bar redraws in a redirected log"
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
+    assert (proc.stdout + proc.stderr).count("VGG has random weights") == 1
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(synthetic_dataset, tmp_path):
+    import dataloader
+    root, csv_path = synthetic_dataset
+    assert train.main(tiny(csv_path, root, tmp_path, "--perceptual_weight", "0")) == 0  # an earlier, good run
+    garbage = tmp_path / "garbage.tif"
+    garbage.write_bytes(b"not a GeoTIFF")
+    rows = dataloader.read_data_list(csv_path)
+    broken = [dataloader.Triplet(t.split, t.s1, t.s2_cloudfree, str(garbage)) if t.split == 1 else t for t in rows]
+    broken_csv = dataloader.write_data_list(tmp_path / "broken.csv", broken)
+    with pytest.raises(dataloader.DataError, match="garbage.tif"):  # the first batch cannot be read
+        train.main(tiny(broken_csv, root, tmp_path, "--perceptual_weight", "0"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.csv", "garbage.tif", "glf_cr_enhanced_v3"]
+    assert train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 1  # put back in place
+    with pytest.raises(dataloader.DataError, match="garbage.tif"):
+        train.main(tiny(broken_csv, root, tmp_path / "fresh", "--perceptual_weight", "0"))
+    assert not (tmp_path / "fresh").exists()
