@@ -1087,6 +1087,9 @@ LEARN_VARIANTS = {
     "conf_refine_detach_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement",
                                  "--detach_confidence_input", "--use_sar_skips"],
     "conf_detach_skips": ["--confidence_weight", "0.5", "--detach_confidence_input", "--use_sar_skips"],
+    "conf_refine_residual": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--residual_weight", "0.5"],
+    "conf_refine_residual_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--residual_weight",
+                                   "0.5", "--use_sar_skips"],
     "conf_refine_detach_skips_date": ["--confidence_weight", "0.5", "--use_confidence_refinement",
                                       "--detach_confidence_input", "--use_sar_skips", "--use_date_correction"],
 }

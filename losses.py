@@ -70,6 +70,7 @@ LOSS_DEFAULTS = {
     # BENCHMARKS.md was measured with 2.5.
     "cloud_weight_factor": 2.5,
     "confidence_weight": 0.0,
+    "residual_weight": 0.0,
     "vgg_weights": "imagenet",
 }
 
@@ -327,6 +328,7 @@ class CRLoss(nn.Module):
             "gradient": (o["use_gradient_loss"], o["gradient_weight"]),
             "contrastive": (o["use_contrastive_loss"], o["contrastive_weight"]),
             "confidence": (True, o["confidence_weight"]),
+            "residual": (True, o["residual_weight"]),
         }
         self.weights = {name: float(w) for name, (on, w) in switched.items() if on and w > 0}
         if not self.weights:
@@ -369,7 +371,7 @@ class CRLoss(nn.Module):
                 contrastive = contrastive + w * d_positive / (d_negative + EPS)
         return perceptual, contrastive
 
-    def forward(self, pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None):
+    def forward(self, pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None, ungated=None):
         if pred.shape != target.shape or pred.shape != cloudy.shape:
             raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and cloudy "
                              f"{tuple(cloudy.shape)} must have the same shape")
@@ -397,6 +399,13 @@ class CRLoss(nn.Module):
                                      "(DSen2CR, or CrossAttention without its cloud predictor): set --confidence_weight 0")
                 raw["confidence"] = confidence_loss(confidence, target, _fp32(cloud_mask), cloudy,
                                                     labels=confidence_target)
+            if "residual" in self.weights:
+                if ungated is None:
+                    raise ValueError("residual_weight > 0 but the model returned no residual (DSen2CR, or "
+                                     "CrossAttention without its cloud predictor): set --residual_weight 0")
+                # L1 of the prediction the residual would give with the confidence at 1 everywhere: the residual
+                # learns on every pixel, while the confidence decides where it is applied.
+                raw["residual"] = (ungated.float() - target).abs().mean()
             weighted = {name: self.weights[name] * value for name, value in raw.items()}
             total = sum(weighted.values())
         return total, {name: value.detach() for name, value in weighted.items()}

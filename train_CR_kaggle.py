@@ -150,6 +150,9 @@ def _loss_flags(p):
                    help=f"weight of the BCE that teaches the confidence map where clouds are (the true cloud map of "
                         f"synthetic data, else the cloud mask); default {d['confidence_weight']} for a model with a "
                         f"confidence map, 0 for one without (DSen2CR, --no-use_cloud_predictor)")
+    g.add_argument("--residual_weight", type=float, default=d["residual_weight"],
+                   help="weight of an L1 on corrected + residual over every pixel, so the residual learns on clear "
+                        "pixels too while the confidence map gates where it is applied (0 = off)")
     g.add_argument("--vgg_weights", default=d["vgg_weights"],
                    help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
                         "a local .pth path, or 'random' (offline smoke tests only)")
@@ -585,6 +588,13 @@ def optimizer_step(run, skip):
     del run.optimizer.found_inf
 
 
+def ungated_prediction(aux):
+    """corrected + residual: what the model would predict with confidence 1 everywhere (None without a gate)."""
+    if aux.get("confidence") is None:
+        return None
+    return aux.get("corrected", 0.0) + aux["residual"]
+
+
 def confidence_target(batch, device):
     """What the confidence map should be: the true cloud map where the data has one (synthetic sets), else the
     detector's binary mask (score >= threshold)."""
@@ -606,7 +616,7 @@ def train_step(run, batch):
         prediction, aux = run.train_model(b["cloudy_data"], b["SAR_data"], return_aux=True)
     total, terms = run.criterion(prediction, b["cloudfree_data"], b["cloudy_data"], cloud_mask=b["cloud_mask"],
                                  confidence=aux.get("confidence"),
-                                 confidence_target=confidence_target(batch, run.device))
+                                 confidence_target=confidence_target(batch, run.device), ungated=ungated_prediction(aux))
     skipped = (~torch.isfinite(total.detach())).float()
     if run.world_size > 1:  # all ranks skip together, so their weights stay identical
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
