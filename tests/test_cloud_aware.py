@@ -319,3 +319,21 @@ def test_models_without_confidence_report_none(synthetic_dataset, tmp_path):
         "--num_workers", "0", "--amp", "off", "--save_confidence"]))
     assert summary["confidence"] is None and summary["clear_change"]["model"] > 0
     assert not (tmp_path / "r" / "confidence").exists() or not any((tmp_path / "r" / "confidence").iterdir())
+
+
+def test_residual_term_trains_the_ungated_residual_on_every_pixel():
+    import losses
+    target = torch.rand(2, 13, 8, 8)
+    cloudy = target + 0.2
+    crit = losses.CRLoss(perceptual_weight=0, residual_weight=0.5)
+    exact, terms = crit(target, target, cloudy, ungated=target)
+    assert float(terms["residual"]) == 0.0 and float(exact) == 0.0
+    off, terms = crit(target, target, cloudy, ungated=target + 0.1)
+    assert math.isclose(float(terms["residual"]), 0.5 * 0.1, rel_tol=1e-4)
+    with pytest.raises(ValueError, match="residual_weight"):
+        crit(target, target, cloudy)  # a model without a gate has no ungated prediction
+    # what training passes: corrected + residual, whatever the confidence
+    model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
+    _, aux = model(torch.rand(1, 13, 16, 16), torch.rand(1, 2, 16, 16), return_aux=True)
+    assert torch.allclose(train.ungated_prediction(aux), aux["corrected"] + aux["residual"])
+    assert train.ungated_prediction({"confidence": None, "residual": aux["residual"]}) is None
