@@ -1065,39 +1065,29 @@ SUBCOMMANDS["loop"] = (_add_loop_args, bench_loop)
 # nothing perceptual.
 LEARN_VARIANTS = {
     "full": [],
+    # what each part added to the design document's network buys (BENCHMARKS.md, "Learning and ablations")
+    "no_confidence_loss": ["--confidence_weight", "0"],
+    "no_residual_loss": ["--residual_weight", "0"],
+    "no_confidence_refinement": ["--no-use_confidence_refinement"],
+    "no_sar_skips": ["--no-use_sar_skips"],
+    "design_v3": ["--confidence_weight", "0", "--residual_weight", "0", "--no-use_confidence_refinement",
+                  "--no-use_sar_skips"],  # the design document's network and losses, nothing added
+    "with_date_correction": ["--use_date_correction"],
+    # the design's own parts
     "no_spectral_attention": ["--no-use_spectral_attention"],
-    "no_cloud_predictor": ["--no-use_cloud_predictor"],
+    "no_cloud_predictor": ["--no-use_cloud_predictor"],  # plain residual; the map's loss terms go with it
     "no_cloud_focused_loss": ["--no_cloud_focused_loss"],  # handled below: drops the design's flag
     "no_sar": ["--sar_input", "zeros"],
     "no_cross_attn": ["--no-use_cross_attn"],
     "fp32": ["--amp", "off"],
     "DSen2CR": ["--model_name", "DSen2CR"],
-    # the cloud-aware residual: supervise the confidence map, correct the date change on all pixels, SAR skips
-    "conf_supervised": ["--confidence_weight", "0.5"],
-    "date_correction": ["--use_date_correction"],
-    "sar_skips": ["--use_sar_skips"],
-    "conf_date": ["--confidence_weight", "0.5", "--use_date_correction"],
-    "conf_date_skips": ["--confidence_weight", "0.5", "--use_date_correction", "--use_sar_skips"],
-    "conf_skips": ["--confidence_weight", "0.5", "--use_sar_skips"],
-    "conf_refine": ["--confidence_weight", "0.5", "--use_confidence_refinement"],
-    "conf_refine_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--use_sar_skips"],
-    "conf_refine_date_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--use_sar_skips",
-                               "--use_date_correction"],
-    "conf_refine_detach": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--detach_confidence_input"],
-    "conf_refine_detach_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement",
-                                 "--detach_confidence_input", "--use_sar_skips"],
-    "conf_detach_skips": ["--confidence_weight", "0.5", "--detach_confidence_input", "--use_sar_skips"],
-    "conf_refine_residual": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--residual_weight", "0.5"],
-    "conf_refine_residual_skips": ["--confidence_weight", "0.5", "--use_confidence_refinement", "--residual_weight",
-                                   "0.5", "--use_sar_skips"],
-    "conf_refine_detach_skips_date": ["--confidence_weight", "0.5", "--use_confidence_refinement",
-                                      "--detach_confidence_input", "--use_sar_skips", "--use_date_correction"],
 }
 
 
 def _add_learn_args(parser):
-    parser.add_argument("--variants", default="full,no_spectral_attention,no_cloud_predictor,no_cloud_focused_loss,"
-                        "no_sar,fp32", help=f"comma-separated, from: {', '.join(LEARN_VARIANTS)}")
+    parser.add_argument("--variants", default="full,no_confidence_loss,no_residual_loss,no_confidence_refinement,"
+                        "no_sar_skips,design_v3,no_cloud_predictor",
+                        help=f"comma-separated, from: {', '.join(LEARN_VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per variant")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs per run (the fixed budget)")
     parser.add_argument("--n", type=int, default=80, help="synthetic patches (split by scene into train/val/test)")

@@ -327,7 +327,8 @@ class CloudRemovalCrossAttention(nn.Module):
       use_date_correction: output = DateCorrection(cloudy) + confidence * residual (off: cloudy + ...).
       use_sar_skips: the decoder also concatenates the SAR encoder's full and half resolution features, so
                  full-resolution radar detail reaches the pixels under thick cloud (off: optical skips only).
-      use_confidence_refinement: ConfidenceRefinement sharpens the confidence map at full resolution.
+      use_confidence_refinement: ConfidenceRefinement sharpens the confidence map at full resolution (only with
+                 use_cloud_predictor: without a confidence map it is recorded as off).
       detach_confidence_input: the confidence predictor (and refinement) read detached features, so a loss on the
                  confidence map (--confidence_weight) trains the confidence head only and does not pull the shared
                  encoders and decoder away from reconstruction; the reconstruction loss still reaches the head
@@ -340,7 +341,7 @@ class CloudRemovalCrossAttention(nn.Module):
     def __init__(self, in_optical=13, in_sar=2, use_spectral_attention=True, use_cross_attn=True,
                  use_cloud_predictor=True, attention="fused", widths=(64, 128, 256), encoder_blocks=(1, 1, 1),
                  decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0, sar_input="on", use_date_correction=False,
-                 use_sar_skips=False, use_confidence_refinement=False, detach_confidence_input=False):
+                 use_sar_skips=True, use_confidence_refinement=True, detach_confidence_input=False):
         super().__init__()
         widths, encoder_blocks, decoder_blocks = tuple(widths), tuple(encoder_blocks), tuple(decoder_blocks)
         if len(widths) != 3 or len(encoder_blocks) != 3 or len(decoder_blocks) != 2:
@@ -369,8 +370,9 @@ class CloudRemovalCrossAttention(nn.Module):
         self.head = nn.Conv2d(widths[0], in_optical, 3, padding=1)
         self.cloud_predictor = CloudConfidencePredictor(dim) if use_cloud_predictor else None
         self.date_correction = DateCorrection(dim, in_optical) if use_date_correction else None
-        if use_confidence_refinement and not use_cloud_predictor:
-            raise ValueError("use_confidence_refinement refines the cloud predictor's map: it needs use_cloud_predictor")
+        # a refinement of the confidence map needs a map: without the cloud predictor the config records it as off
+        use_confidence_refinement = use_confidence_refinement and use_cloud_predictor
+        self.config["use_confidence_refinement"] = use_confidence_refinement
         self.confidence_refinement = ConfidenceRefinement(widths[0]) if use_confidence_refinement else None
         # A small residual at initialisation: the untrained network starts near the identity (output ~
         # cloudy), which is already a fair cloud-removal baseline, yet every layer still gets a gradient.
@@ -511,11 +513,16 @@ def _smoke_test():
     n_params = count_parameters(model)
     cfg = model.config
     tick = lambda on: "✓" if on else "✗"  # noqa: E731
-    print(f"Model parameters: {n_params / 1e6:.2f}M")
+    design = count_parameters(CloudRemovalCrossAttention(**ADDED_SWITCHES))
+    print(f"Model parameters: {n_params / 1e6:.2f}M (the design's network: {design / 1e6:.2f}M, plus "
+          f"{(n_params - design):,} for the parts measured worth adding)")
     print("Architecture: Cloud-Aware Weighted Residual Learning")
     print(f"  - Spectral Attention for SAR: {tick(cfg['use_spectral_attention'])}")
     print(f"  - Cloud Confidence Predictor: {tick(cfg['use_cloud_predictor'])}")
     print(f"  - Adaptive Residual Weighting: {tick(cfg['use_cloud_predictor'])}")
+    print(f"  - Full-resolution confidence refinement: {tick(cfg['use_confidence_refinement'])}")
+    print(f"  - SAR skip connections to the decoder: {tick(cfg['use_sar_skips'])}")
+    print(f"  - Date (radiometric) correction: {tick(cfg['use_date_correction'])}")
     for name, count in parameter_breakdown(model).items():
         print(f"      {name:32s} {count:>10,d}")
 

@@ -83,9 +83,9 @@ def _model_flags(p):
     g.add_argument("--use_date_correction", action=argparse.BooleanOptionalAction, default=False,
                    help="a per-image, per-band gain and offset applied to every pixel (the two dates' radiometric "
                         "change), so the confidence map only marks clouds: output = corrected + confidence * residual")
-    g.add_argument("--use_sar_skips", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--use_sar_skips", action=argparse.BooleanOptionalAction, default=True,
                    help="feed the SAR encoder's full- and half-resolution features to the decoder too")
-    g.add_argument("--use_confidence_refinement", action=argparse.BooleanOptionalAction, default=False,
+    g.add_argument("--use_confidence_refinement", action=argparse.BooleanOptionalAction, default=True,
                    help="sharpen the cloud confidence map at full resolution from the decoder's features")
     g.add_argument("--detach_confidence_input", action=argparse.BooleanOptionalAction, default=False,
                    help="the confidence head reads detached features: --confidence_weight trains the head only, "
@@ -129,7 +129,7 @@ def _optimisation_flags(p):
 
 
 def _loss_flags(p):
-    d = losses.LOSS_DEFAULTS
+    d, m = losses.LOSS_DEFAULTS, losses.MAP_LOSS_DEFAULTS
     g = p.add_argument_group("losses (see losses.py)")
     g.add_argument("--l1_weight", type=float, default=d["l1_weight"], help="weight of the L1 (or cloud-focused L1) term")
     g.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"],
@@ -148,11 +148,12 @@ def _loss_flags(p):
                         "training command; its usage example shows 2.0)")
     g.add_argument("--confidence_weight", type=float, default=None,
                    help=f"weight of the BCE that teaches the confidence map where clouds are (the true cloud map of "
-                        f"synthetic data, else the cloud mask); default {d['confidence_weight']} for a model with a "
+                        f"synthetic data, else the cloud mask); default {m['confidence_weight']} for a model with a "
                         f"confidence map, 0 for one without (DSen2CR, --no-use_cloud_predictor)")
-    g.add_argument("--residual_weight", type=float, default=d["residual_weight"],
-                   help="weight of an L1 on corrected + residual over every pixel, so the residual learns on clear "
-                        "pixels too while the confidence map gates where it is applied (0 = off)")
+    g.add_argument("--residual_weight", type=float, default=None,
+                   help=f"weight of an L1 on corrected + residual over every pixel, so the residual learns on clear "
+                        f"pixels too while the confidence map gates where it is applied; default "
+                        f"{m['residual_weight']} for a model with a confidence map, 0 for one without")
     g.add_argument("--vgg_weights", default=d["vgg_weights"],
                    help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
                         "a local .pth path, or 'random' (offline smoke tests only)")
@@ -249,12 +250,14 @@ def prepare_demo(args):
     args.notes = args.notes or "demo run on synthetic data"
 
 
-def resolve_confidence_weight(args):
-    """--confidence_weight's default: the loss table's value where the model has a confidence map, else 0."""
-    if args.confidence_weight is None:
-        has_map = args.model_name == "CrossAttention" and args.use_cloud_predictor
-        args.confidence_weight = losses.LOSS_DEFAULTS["confidence_weight"] if has_map else 0.0
-    return args.confidence_weight
+def resolve_confidence_weights(args):
+    """--confidence_weight and --residual_weight default to losses.MAP_LOSS_DEFAULTS where the model has a
+    confidence map, else to 0 (the terms need one)."""
+    has_map = args.model_name == "CrossAttention" and args.use_cloud_predictor
+    for name, value in losses.MAP_LOSS_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value if has_map else losses.LOSS_DEFAULTS[name])
+    return args.confidence_weight, args.residual_weight
 
 
 def check_inputs(args):
@@ -325,9 +328,10 @@ def build_model(args, ckpt, resume_path, is_main):
                           use_confidence_refinement=args.use_confidence_refinement,
                           detach_confidence_input=args.detach_confidence_input)
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
-    if args.confidence_weight > 0 and not model.config.get("use_cloud_predictor", False):
-        raise UsageError(f"--confidence_weight {args.confidence_weight} supervises the cloud confidence map, which "
-                         f"{model.model_name} without the cloud predictor does not have; set it to 0")
+    for flag in ("confidence_weight", "residual_weight"):
+        if getattr(args, flag) > 0 and not model.config.get("use_cloud_predictor", False):
+            raise UsageError(f"--{flag} {getattr(args, flag)} needs the cloud confidence map, which "
+                             f"{model.model_name} without the cloud predictor does not have; set it to 0")
     return model
 
 
@@ -406,7 +410,7 @@ def setup(args, argv=()):
             dist.broadcast_object_list(holder, src=0)
             vars(args).update(holder[0])
     train_rows, val_rows = check_inputs(args)
-    resolve_confidence_weight(args)
+    resolve_confidence_weights(args)
     run.amp_dtype, use_scaler = resolve_amp(args.amp, device)
     run.ctx = runtime.autocast(device, run.amp_dtype)  # the one autocast context: training, validation, quicklooks
     run.criterion = losses.build_criterion(args, vgg_dtype=run.amp_dtype).to(device)  # fails here without VGG weights

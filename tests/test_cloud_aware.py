@@ -238,8 +238,8 @@ def test_confidence_refinement_starts_at_the_design_map_and_sharpens_at_full_res
     assert all(torch.isfinite(p.grad).all() for p in refined.parameters() if p.grad is not None)
     step = (c[..., :, 1:] - c[..., :, :-1]).abs().max()
     assert step > 4 * (a[..., :, 1:] - a[..., :, :-1]).abs().max()
-    with pytest.raises(ValueError, match="use_cloud_predictor"):
-        net.create_model("CrossAttention", use_cloud_predictor=False, use_confidence_refinement=True)
+    plain = net.create_model("CrossAttention", use_cloud_predictor=False, use_confidence_refinement=True)
+    assert plain.confidence_refinement is None and not plain.config["use_confidence_refinement"]
 
 
 # ----------------------------------------------------------------------------------------------- training target

@@ -85,13 +85,15 @@ def test_no_product_function_is_longer_than_80_lines():
 
 def test_loss_defaults_have_one_source():
     args = train_CR_kaggle.build_parser().parse_args([])
-    assert args.confidence_weight is None  # resolved per model: the table's value, or 0 without a confidence map
-    assert train_CR_kaggle.resolve_confidence_weight(args) == losses.LOSS_DEFAULTS["confidence_weight"]
+    # resolved per model: the table's values, or 0 without a confidence map
+    assert args.confidence_weight is None and args.residual_weight is None
+    assert train_CR_kaggle.resolve_confidence_weights(args) == tuple(losses.MAP_LOSS_DEFAULTS.values())
     parser_defaults = vars(args)
-    for name, value in losses.LOSS_DEFAULTS.items():
+    for name, value in {**losses.LOSS_DEFAULTS, **losses.MAP_LOSS_DEFAULTS}.items():
         assert parser_defaults[name] == value, name
+    assert losses.CRLoss(perceptual_weight=0).weights == {"l1": 1.0}  # a bare criterion needs no confidence map
     dsen2cr = train_CR_kaggle.build_parser().parse_args(["--model_name", "DSen2CR"])
-    assert train_CR_kaggle.resolve_confidence_weight(dsen2cr) == 0.0
+    assert train_CR_kaggle.resolve_confidence_weights(dsen2cr) == (0.0, 0.0)
     assert losses.LOSS_DEFAULTS["cloud_weight_factor"] == 2.5  # the design document's training command
     assert losses.CloudFocusedLoss().cloud_weight_factor == 2.5
     crit = losses.CRLoss(use_cloud_focused_loss=True, perceptual_weight=0)

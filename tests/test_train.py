@@ -279,7 +279,7 @@ def test_a_training_step_makes_no_host_read(synthetic_dataset, tmp_path, monkeyp
     read = run.meter.read()
     assert read["taken"] == 1 and read["skipped"] == 0 and math.isfinite(read["means"]["loss"])
     assert set(read["means"]) == {"loss", "psnr", "grad_norm", "cloud_focused", "perceptual", "fft", "gradient",
-                                  "contrastive"}
+                                  "contrastive", "confidence", "residual"}
 
 
 def test_figures_are_read_every_log_every_steps(synthetic_dataset, tmp_path, monkeypatch):
