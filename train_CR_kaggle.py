@@ -868,9 +868,11 @@ def finish(run):
         return 130 if run.stop_signal is not None else 0
     if run.is_main:
         best = run.dir / "best.pth" if (run.dir / "best.pth").is_file() else run.dir / "last.pth"
+        # the demo's command also draws quicklooks, so a first run ends with a picture to look at
+        pictures = f" --results_dir results/{args.experiment_name} --save_png" if args.demo else ""
         print(f"\ndone: best validation PSNR {run.best_psnr:.3f} dB. Evaluate with:\n"
               f"  python test_CR.py --checkpoint {best} --data_list_filepath {args.data_list_filepath} "
-              f"--input_data_folder {args.input_data_folder} --split test")
+              f"--input_data_folder {args.input_data_folder} --split test{pictures}")
     return 0
 
 

@@ -510,3 +510,17 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(synthetic_d
     with pytest.raises(dataloader.DataError, match="garbage.tif"):
         train.main(tiny(broken_csv, root, tmp_path / "fresh", "--perceptual_weight", "0"))
     assert not (tmp_path / "fresh").exists()
+
+
+def test_the_demo_prints_an_evaluation_command_that_draws_quicklooks(tmp_path, capsys):
+    from types import SimpleNamespace
+    for demo in (True, False):
+        args = train.build_parser().parse_args(["--data_list_filepath", "d.csv", "--input_data_folder", "root"]
+                                               + (["--demo"] if demo else []))
+        args.experiment_name = "demo" if demo else args.experiment_name
+        run = SimpleNamespace(args=args, is_main=True, stop_requested=False, stop_reason=None, dir=tmp_path,
+                              best_psnr=30.0)
+        assert train.finish(run) == 0
+        command = capsys.readouterr().out.strip().splitlines()[-1].strip()
+        assert command.startswith("python test_CR.py --checkpoint") and "--split test" in command
+        assert ("--save_png" in command and "--results_dir results/demo" in command) == demo
