@@ -18,20 +18,13 @@ import torch
 from rasterio.transform import from_origin
 
 import dataloader as D
-
+from geotiff import write_geotiff
 
 # ----------------------------------------------------------------------------------------------- helpers
 
 def _write(path, data, transform=from_origin(500000, 5600000, 10, 10), crs="EPSG:32631"):
-    """A GeoTIFF; crs=None and transform=None write one without georeferencing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    georef = {} if crs is None else {"crs": crs, "transform": transform}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2],
-                           count=data.shape[0], dtype=data.dtype, **georef) as dst:
-            dst.write(data)
-    return path
+    """A GeoTIFF; crs=None writes one without georeferencing."""
+    return write_geotiff(path, data, crs, transform)
 
 
 def _official_name(triplet, mod):

@@ -26,6 +26,7 @@ import runtime
 import synthetic
 import test_CR
 import train_CR_kaggle as train
+from geotiff import write_geotiff
 
 CROP = 48  # evaluation crop: the 64 px synthetic patches give a window offset of 8 px, so georef is non-trivial
 
@@ -223,13 +224,7 @@ SCENE_H, SCENE_W = 75, 100  # not a multiple of the 32 px tile in either directi
 
 def _write(path, data, crs="EPSG:32631", transform=from_origin(600000.0, 5700000.0, 10.0, 10.0)):
     """A GeoTIFF; crs=None writes one without georeferencing."""
-    georef = {} if crs is None else {"crs": crs, "transform": transform}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path, "w", driver="GTiff", height=data.shape[1], width=data.shape[2],
-                           count=data.shape[0], dtype=data.dtype, **georef) as dst:
-            dst.write(data)
-    return path
+    return write_geotiff(path, data, crs, transform)
 
 
 @pytest.fixture(scope="module")
