@@ -20,6 +20,7 @@ from rasterio.transform import from_origin
 import dataloader as D
 from geotiff import write_geotiff
 
+
 # ----------------------------------------------------------------------------------------------- helpers
 
 def _write(path, data, transform=from_origin(500000, 5600000, 10, 10), crs="EPSG:32631"):
