@@ -70,7 +70,7 @@ def _add_loss_args(parser):
     parser.add_argument("--size", type=int, default=128, help="square crop size in pixels")
     parser.add_argument("--batch", type=int, default=2, help="training batch size of the timed step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--model", choices=("auto", "standin"), default="auto",
                         help="auto: the default CrossAttention model; standin: a 3-layer CNN (the loss's cost alone)")
     parser.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
@@ -161,7 +161,8 @@ def bench_loss(args):
 
     import runtime
 
-    torch.set_num_threads(args.threads)
+    if args.threads:  # 0: torch's default
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
     if args.model == "auto":
@@ -636,7 +637,9 @@ def train_step_worker(cfg):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ctx = runtime.autocast(device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]])
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
-    forward = torch.compile(model) if cfg["compile"] else model
+    # "on": inductor's default mode; "reduce-overhead": also CUDA graphs (replays the step's kernel launches)
+    forward = model if cfg["compile"] == "off" else torch.compile(
+        model, mode="reduce-overhead" if cfg["compile"] == "reduce-overhead" else "default")
 
     def sync():
         if device.type == "cuda":
@@ -688,8 +691,9 @@ def _add_train_args(parser):
                         help="attention paths to compare")
     parser.add_argument("--channels_last", nargs="+", default=["off", "on"], choices=("off", "on"),
                         help="memory formats to compare")
-    parser.add_argument("--compile", nargs="+", default=["off"], choices=("off", "on"),
-                        help="torch.compile variants; 'off on' to compare (compiling takes minutes on 2 cores)")
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=("off", "on", "reduce-overhead"),
+                        help="torch.compile variants; 'off on' to compare (compiling takes minutes on 2 cores); "
+                             "reduce-overhead adds CUDA graphs")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocation, kernel choice)")
     parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
@@ -724,7 +728,7 @@ def _train_variants(args):
             zip(args.sizes, batches), args.threads, precisions, attentions, args.channels_last, args.compile):
         yield dict(model_name=args.model_name, size=size, batch=batch, precision=precision,
                    attention="reference" if attention == "n/a" else attention, channels_last=cl == "on",
-                   compile=comp == "on", device=args.device, steps=args.steps, warmup=args.warmup,
+                   compile=comp, device=args.device, steps=args.steps, warmup=args.warmup,
                    threads=threads, peak_tflops=args.peak_tflops), attention
 
 
@@ -750,13 +754,13 @@ def bench_train(args):
                    channels_last=cfg["channels_last"], compile=cfg["compile"], **result)
         rows.append(row)
         label = (f"{row['size']}px b{row['batch']} t{row['threads']} {row['precision']} {attention} "
-                 f"cl={'on' if row['channels_last'] else 'off'} compile={'on' if row['compile'] else 'off'}")
+                 f"cl={'on' if row['channels_last'] else 'off'} compile={row['compile']}")
         print(f"  done {label}: " + (row.get("skipped") or f"{row['samples_per_s']:.2f} samples/s"), flush=True)
     # Ratios against the naive implementation at the same size: fp32, reference attention, channels-first, eager.
     for row in rows:
         base = next((r for r in rows if r["size"] == row["size"] and r["threads"] == row["threads"]
                      and r["precision"] == "fp32"
-                     and r["attention"] in ("reference", "n/a") and not r["channels_last"] and not r["compile"]
+                     and r["attention"] in ("reference", "n/a") and not r["channels_last"] and r["compile"] == "off"
                      and "skipped" not in r), None)
         if base and "skipped" not in row:
             row["speed_vs_naive"] = row["samples_per_s"] / base["samples_per_s"]
@@ -771,7 +775,7 @@ def bench_train(args):
     print(header)
     for r in rows:
         head = (f"{r['size']:>5} {r['batch']:>2} {r['threads'] or 'def':>3} {r['precision']:>5} {r['attention']:>9} "
-                f"{'on' if r['channels_last'] else 'off':>3} {'on' if r['compile'] else 'off':>4} ")
+                f"{'on' if r['channels_last'] else 'off':>3} {r['compile'][:4]:>4} ")
         if "skipped" in r:
             print(head + "skipped: " + r["skipped"])
             continue
@@ -931,6 +935,8 @@ def _device_batch(run, batch):
     """One batch as the loop's step sees it: on the device, S2 in [0, 1], inputs channels-last if the model is."""
     import torch
 
+    import train_CR_kaggle as train
+
     out = {}
     for key in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"):
         t = batch[key]
@@ -940,18 +946,22 @@ def _device_batch(run, batch):
     if run.channels_last:
         for key in ("cloudy_data", "SAR_data"):
             out[key] = out[key].contiguous(memory_format=torch.channels_last)
+    out["confidence_target"] = train.confidence_target(batch, run.device)
     return out
 
 
 def _bare_steps(run, batch, steps, sync):
     """Seconds for `steps` bare model steps: forward, loss, backward, optimizer step; no data, no host reads."""
+    import train_CR_kaggle as train
+
     cloudy, cloudfree, sar, mask = (batch[k] for k in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
         with run.ctx:
             prediction, aux = run.train_model(cloudy, sar, return_aux=True)
-        total, _ = run.criterion(prediction, cloudfree, cloudy, cloud_mask=mask, confidence=aux.get("confidence"))
+        total, _ = run.criterion(prediction, cloudfree, cloudy, cloud_mask=mask, confidence=aux.get("confidence"),
+                                 confidence_target=batch["confidence_target"], ungated=train.ungated_prediction(aux))
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(total).backward()
         run.scaler.step(run.optimizer)

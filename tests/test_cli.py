@@ -30,3 +30,20 @@ def test_every_flag_has_help(name, parser):
     missing = [a.option_strings or a.dest for a in parser._actions
                if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
     assert not missing, f"{name}: flags without help: {missing}"
+
+
+def test_loop_benchmark_times_the_training_loss_it_compares_with(tmp_path):
+    """`benchmark.py loop` runs the design loss set end to end (its bare step must call the criterion the way
+    train_step does: with the confidence target and the ungated prediction of the residual term) and ends with
+    the `loop/step RATIO` line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "benchmark.py", "loop", "--size", "32", "--batch", "2", "--steps", "2",
+                           "--warmup", "1", "--block", "1", "--unique", "6", "--loss", "design"],
+                          cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("loop/step ") and float(last.split()[1]) > 0, last
