@@ -51,9 +51,9 @@ BATCH_KEYS = ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask")  # the 
 # Host reads of the step's figures (loss, terms, PSNR, gradient norm, the non-finite flag) happen every LOG_EVERY
 # steps: a read waits for the GPU to drain its queue; reading all of them every step cost 6-8 % on an H100.
 LOG_EVERY = 10
-# --compile auto: on for CUDA on the strength of one H100 measurement of the bare model step (bf16, 256 px,
-# batch 32: 213 samples/s eager, 349 compiled, 12.4 instead of 22.7 GB), off on CPU, where BENCHMARKS.md measured
-# it slower (bf16 3.63 vs 4.13 samples/s after 83-101 s of compiling).
+# --compile auto: on for CUDA, where an H100 ran the bare model step 1.63x faster compiled (bf16, 256 px, batch 32:
+# 317.5 vs 195.3 samples/s, 13.8 instead of 24.4 GB) and the design-loss loop 1.36x; off on CPU, where it measured
+# slower (bf16 3.63 vs 4.13 samples/s after 83-101 s of compiling). BENCHMARKS.md, "Training loop" and "GPU".
 COMPILE_AUTO = {"cuda": True, "cpu": False}
 # --time_limit: stop after an epoch when elapsed + MARGIN x the longest epoch so far would pass the limit; within an
 # epoch, stop (like SIGTERM: a resumable last.pth) when less than RESERVE of the limit is left.
@@ -121,10 +121,11 @@ def _optimisation_flags(p):
                         f"on CPU auto = {runtime.CPU_AUTO_AMP} (see BENCHMARKS.md)")
     g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
                    help="channels-last memory format: auto = on for CPU (measured ~1.5x faster with bf16, "
-                        "BENCHMARKS.md), off on CUDA (not yet measured there)")
+                        "BENCHMARKS.md), off on CUDA (measured slower there, eager and compiled)")
     g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model: auto = on for CUDA (1.6x the eager model step in one H100 "
-                        "measurement), off on CPU (measured slower); see BENCHMARKS.md. A bare --compile means on")
+                   help="torch.compile the model: auto = on for CUDA (an H100 ran the model step 1.63x and the "
+                        "design-loss loop 1.36x faster), off on CPU (measured slower); see BENCHMARKS.md. A bare "
+                        "--compile means on")
     g.add_argument("--seed", type=int, default=0, help="random seed (each DDP rank adds its rank)")
 
 
