@@ -223,11 +223,9 @@ def score_batch(prediction, target, cloud_mask, threshold):
     return {"all": metrics.compute_metrics(prediction, target), "cloudy": halves["cloudy"], "clear": halves["clear"]}
 
 
-def confidence_scores(confidence, prediction, cloudy, cloud_mask, threshold, truth=None):
-    """{CONFIDENCE_COLUMNS name: (N,) tensor} of a batch. Clear pixels are those of the true map where it exists,
-    else those of the mask in use (score < threshold)."""
-    mask = cloud_mask >= threshold
-    true_mask = None if truth is None else dataloader.truth_mask(truth)
+def confidence_scores(confidence, prediction, cloudy, mask, true_mask=None):
+    """{CONFIDENCE_COLUMNS name: (N,) tensor} of a batch; mask: the binary cloud mask in use, true_mask: the true
+    one where the data has it. Clear pixels are those of the true map where it exists, else those of the mask."""
     clear = ~(mask if true_mask is None else true_mask)
     n = prediction.shape[0]
     nan = torch.full((n,), float("nan"))
@@ -462,12 +460,12 @@ def evaluate_batch(args, results, model, ctx, device, batch, pooled):
     scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
               "identity": score_batch(identity, target, cloud_mask, args.cloud_threshold)}
     # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
-    cover = (cloud_mask >= args.cloud_threshold).float().mean(dim=(1, 2, 3)) * 100.0
-    truth = batch["cloud_truth"].to(device) if "cloud_truth" in batch else None
-    conf_cols = confidence_scores(confidence, prediction, identity, cloud_mask, args.cloud_threshold, truth)
+    mask = cloud_mask >= args.cloud_threshold
+    cover = mask.float().mean(dim=(1, 2, 3)) * 100.0
+    true_mask = dataloader.truth_mask(batch["cloud_truth"].to(device)) if "cloud_truth" in batch else None
+    conf_cols = confidence_scores(confidence, prediction, identity, mask, true_mask)
     if confidence is not None:
-        accumulate_histograms(pooled, confidence, cloud_mask >= args.cloud_threshold,
-                              None if truth is None else dataloader.truth_mask(truth))
+        accumulate_histograms(pooled, confidence, mask, true_mask)
     save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence)
     return image_rows(batch, scores, cover, conf_cols), seconds
 

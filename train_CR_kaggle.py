@@ -619,9 +619,11 @@ def train_step(run, batch):
     b = to_device(batch, run.device, run.channels_last)
     with run.ctx:
         prediction, aux = run.train_model(b["cloudy_data"], b["SAR_data"], return_aux=True)
+    uses = run.criterion.weights  # the map's labels and the ungated prediction only where a term reads them
+    labels = confidence_target(batch, run.device) if "confidence" in uses else None
     total, terms = run.criterion(prediction, b["cloudfree_data"], b["cloudy_data"], cloud_mask=b["cloud_mask"],
-                                 confidence=aux.get("confidence"),
-                                 confidence_target=confidence_target(batch, run.device), ungated=ungated_prediction(aux))
+                                 confidence=aux.get("confidence"), confidence_target=labels,
+                                 ungated=ungated_prediction(aux) if "residual" in uses else None)
     skipped = (~torch.isfinite(total.detach())).float()
     if run.world_size > 1:  # all ranks skip together, so their weights stay identical
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
@@ -843,7 +845,7 @@ def end_of_epoch(run, epoch, stats, val):
 def resume_command(run):
     """The command that continues this run from its last.pth: this one without --train_from_scratch / --resume."""
     argv, kept, skip_next = run.argv, [], False
-    for i, a in enumerate(argv):
+    for a in argv:
         if skip_next:
             skip_next = False
         elif a == "--resume":
