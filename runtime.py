@@ -21,9 +21,6 @@ import torch
 import net_CR_CrossAttention
 from dataloader import DataError, atomic_output, write_text_atomic  # noqa: F401  (re-exported: one writer)
 
-# bf16 autocast on CPU: measured in BENCHMARKS.md ("Model training step": 2.0-2.7x fp32's speed; "Learning and
-# ablations": the same PSNR), which decides what --amp auto means on a machine without a GPU.
-CPU_AUTO_AMP = "bf16"
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 CHECKPOINT_KEYS = ("model", "model_name", "model_config")
 
@@ -60,19 +57,50 @@ def resolve_device(arg="auto"):
     return device
 
 
+def cpu_has_native_bf16():
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX tiles), from torch's own cpuinfo queries.
+    Without them torch emulates bf16 and a training step is several times slower than fp32 (BENCHMARKS.md,
+    "Model training step"), so --amp auto must not pick it there. ATen must also dispatch its AVX512 kernels
+    (ATEN_CPU_CAPABILITY=avx2 turns them off)."""
+    if not torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return False
+    return any(getattr(torch.cpu, query, lambda: False)() for query in ("_is_avx512_bf16_supported",
+                                                                         "_is_amx_tile_supported"))
+
+
+def auto_amp(device):
+    """(what --amp auto means on this device, why): bf16 on GPUs that have it, fp16 on older GPUs (T4, P100),
+    bf16 on CPUs with native bf16, fp32 ("off") on other CPUs."""
+    if device.type == "cuda":
+        return ("bf16", "GPU with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "GPU without bf16")
+    if device.type == "cpu":
+        return ("bf16", "CPU with native bf16") if cpu_has_native_bf16() else ("off", "CPU without native bf16")
+    return "off", f"{device.type} device"
+
+
 def resolve_amp(amp, device):
-    """(autocast dtype or None, whether fp16 needs a GradScaler). auto: bf16 on GPUs that have it, fp16 on older
-    GPUs (T4, P100), CPU_AUTO_AMP on CPU."""
+    """(autocast dtype or None, whether fp16 needs a GradScaler) for --amp auto|bf16|fp16|off (auto: auto_amp)."""
     if amp == "auto":
-        if device.type == "cuda":
-            amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            amp = CPU_AUTO_AMP
+        amp = auto_amp(device)[0]
     if amp == "off":
         return None, False
     if amp == "fp16" and device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
     return (torch.float16, True) if amp == "fp16" else (torch.bfloat16, False)
+
+
+def describe_amp(amp, device):
+    """The precision a run uses and why, for its header line: 'amp off (CPU without native bf16)', 'amp bf16 (--amp
+    bf16)'. Plus, when bf16 was forced on a CPU that emulates it, a warning line saying what it costs (else None)."""
+    if amp == "auto":
+        chosen, why = auto_amp(device)
+    else:
+        chosen, why = amp, f"--amp {amp}"
+    warning = None
+    if chosen == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        warning = ("warning: --amp bf16 on a CPU without native bf16 (torch emulates it): a training step is several "
+                   "times slower than fp32 here (BENCHMARKS.md, 'Model training step'); --amp auto picks fp32")
+    return f"amp {chosen} ({why})", warning
 
 
 def autocast(device, dtype):

@@ -69,8 +69,8 @@ def build_parser():
                         "from it, no architecture flags needed")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
-                   help="autocast for inference: auto = bf16 on GPUs that support it, else fp16; on CPU the "
-                        f"training script's choice ({runtime.CPU_AUTO_AMP}); off = float32")
+                   help="autocast for inference: auto = bf16 on GPUs that support it, else fp16; on CPU bf16 where "
+                        "the CPU has native bf16, else float32 (the training script's rule); off = float32")
     p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
     g = p.add_argument_group("evaluation on a data list")
     g.add_argument("--data_list_filepath", default=None, help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column)")
@@ -132,6 +132,9 @@ def resolve_amp(amp, device):
 def resolve_device_and_amp(args):
     """(device, autocast dtype) from --device and --amp; a flag the machine cannot honour is a UsageError."""
     device = resolve_device(args.device)
+    amp_warning = runtime.describe_amp(args.amp, device)[1]
+    if amp_warning:
+        print(amp_warning.replace("training step", "forward pass"), file=sys.stderr)
     return device, resolve_amp(args.amp, device)
 
 
@@ -490,7 +493,8 @@ def evaluate(args):
                             pooled)
     write_results(results, per_image, summary)
     print(f"{ckpt['model_name']} from {args.checkpoint} on {len(per_image)} {args.split} images "
-          f"({args.data_list_filepath}); protocol {args.protocol}, device {device}, amp {summary['amp']}")
+          f"({args.data_list_filepath}); protocol {args.protocol}, device {device}, "
+          f"{runtime.describe_amp(args.amp, device)[0]}")
     print(format_table(summary["mean"], summary["cloud_cover_bins"]))
     print(format_confidence(summary))
     print(f"{summary['images_per_s']:.2f} images/s; per-image scores in {results / 'metrics.csv'}, "

@@ -38,7 +38,7 @@ import metrics
 import net_CR_CrossAttention
 import runtime
 # Re-exported: these lived here before runtime.py held them, and notebooks call them by this module's name.
-from runtime import (CPU_AUTO_AMP, CheckpointError, UsageError, build_model_from_checkpoint,  # noqa: F401
+from runtime import (CheckpointError, UsageError, build_model_from_checkpoint,  # noqa: F401
                      load_checkpoint, resolve_amp)
 from runtime import save_checkpoint as atomic_torch_save
 
@@ -118,7 +118,8 @@ def _optimisation_flags(p):
                    help="abort after this many consecutive steps with a non-finite loss (checked at each log read)")
     g.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
                    help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler (T4, P100); "
-                        f"on CPU auto = {runtime.CPU_AUTO_AMP} (see BENCHMARKS.md)")
+                        "on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else off (float32), since "
+                        "emulated bf16 is several times slower than fp32")
     g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
                    help="channels-last memory format: auto = on for CPU (measured ~1.5x faster with bf16, "
                         "BENCHMARKS.md), off on CUDA (measured slower there, eager and compiled)")
@@ -413,6 +414,9 @@ def setup(args, argv=()):
     train_rows, val_rows = check_inputs(args)
     resolve_confidence_weights(args)
     run.amp_dtype, use_scaler = resolve_amp(args.amp, device)
+    run.amp_text, amp_warning = runtime.describe_amp(args.amp, device)
+    if amp_warning and rank == 0:
+        print(amp_warning, file=sys.stderr)
     run.ctx = runtime.autocast(device, run.amp_dtype)  # the one autocast context: training, validation, quicklooks
     run.criterion = losses.build_criterion(args, vgg_dtype=run.amp_dtype).to(device)  # fails here without VGG weights
     run.dir = Path(args.save_model_dir) / args.experiment_name
@@ -462,7 +466,7 @@ def setup_logging(run, resumed, val_set):
     run.history = read_history(run.dir / "history.csv") if resumed else []
     n_params = sum(p.numel() for p in run.model.parameters())
     print(f"{run.model.model_name}: {n_params / 1e6:.2f}M parameters | device {run.device} x{run.world_size} | "
-          f"amp {run.amp_dtype} | compile {'on' if run.compiled else 'off'} | {len(run.train_loader.dataset)} train "
+          f"{run.amp_text} | channels-last {'on' if run.channels_last else 'off'} | compile {'on' if run.compiled else 'off'} | {len(run.train_loader.dataset)} train "
           f"/ {len(val_set)} val samples | run dir {run.dir}")
     if run.start_epoch >= args.max_epochs:
         print(f"nothing to train: {run.dir} already holds {run.start_epoch} epochs; raise --max_epochs to continue "

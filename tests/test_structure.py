@@ -115,7 +115,7 @@ def test_moved_names_still_work_where_readme_documents_them():
                  "s2cloudless_score", "CLOUD_DETECTORS", "make_synthetic_dataset", "atomic_output",
                  "write_text_atomic", "get_train_val_test_filelists", "AlignedDataset", "SEN12MSCRDataset"):
         assert hasattr(dataloader, name), name
-    for name in ("load_checkpoint", "build_model_from_checkpoint", "CheckpointError", "resolve_amp", "CPU_AUTO_AMP",
+    for name in ("load_checkpoint", "build_model_from_checkpoint", "CheckpointError", "resolve_amp",
                  "atomic_torch_save"):
         assert hasattr(train_CR_kaggle, name), name
     assert train_CR_kaggle.CheckpointError is runtime.CheckpointError
