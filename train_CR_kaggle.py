@@ -758,6 +758,25 @@ def time_limit_reserve(run):
     return 0.0 if run.args.time_limit is None else min(TIME_LIMIT_RESERVE_S, 0.05 * run.args.time_limit * 3600)
 
 
+def format_duration(seconds):
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def pace(run):
+    """'41 s/epoch, 5 min 28 s left': the mean wall time of the last three epochs (training and validation) and
+    what the remaining epochs will take at that pace, capped by --time_limit. Shown from the first epoch on, so a
+    slow machine shows itself at once."""
+    recent = run.epoch_seconds[-3:]
+    per_epoch = sum(recent) / len(recent)
+    left = min(per_epoch * (run.args.max_epochs - run.epochs_done), max(seconds_left(run), 0.0))
+    return f"{per_epoch:.0f} s/epoch, {format_duration(left)} left"
+
+
 def next_epoch_fits(seconds_left_now, epoch_seconds, reserve=0.0):
     """Whether another epoch, taken as TIME_LIMIT_MARGIN x the longest one so far, ends before the limit."""
     return not epoch_seconds or seconds_left_now - reserve >= TIME_LIMIT_MARGIN * max(epoch_seconds)
@@ -822,6 +841,7 @@ def record_epoch(run, epoch, stats, val, improved):
     msg = f"epoch {epoch + 1}/{run.args.max_epochs}: loss {stats['loss']:.4f} | {stats['samples_per_s']:.1f} samples/s"
     if val is not None:
         msg += " | val " + " ".join(f"{k} {v:.4f}" for k, v in val.items()) + f" | best PSNR {run.best_psnr:.3f}"
+    msg += f" | {pace(run)}"
     if run.show_bars:
         tqdm.write(msg)  # above the bars, not through them
     else:
@@ -833,9 +853,9 @@ def end_of_epoch(run, epoch, stats, val):
     next epoch would not fit in --time_limit)."""
     improved = update_schedule(run, val)
     run.epochs_done = epoch + 1  # counted before the checkpoint is written, so last.pth resumes after this epoch
+    run.epoch_seconds.append(time.monotonic() - run.epoch_started)
     if run.is_main:
         record_epoch(run, epoch, stats, val, improved)
-    run.epoch_seconds.append(time.monotonic() - run.epoch_started)
     if run.args.early_stop_patience > 0 and run.early_stop_counter >= run.args.early_stop_patience:
         if run.is_main:
             print(f"early stop: no PSNR gain in {run.early_stop_counter} validations")
@@ -890,6 +910,8 @@ def main(argv=None):
 
     def on_signal(signum, _frame):  # Ctrl-C or Kaggle's SIGTERM: finish the step, save, exit 130
         run.stop_signal = signum
+        for s, h in old_handlers.items():  # a second signal (timeout, a scheduler) does what it did before: ends us
+            signal.signal(s, h)
 
     old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     epoch_bar = tqdm(total=args.max_epochs, initial=run.start_epoch, desc="epochs", dynamic_ncols=True,
@@ -902,7 +924,7 @@ def main(argv=None):
             val = validate(run) if is_validation_epoch(args, epoch) else None
             stop = end_of_epoch(run, epoch, stats, val)
             epoch_bar.update(1)
-            epoch_bar.set_postfix(best_psnr=f"{run.best_psnr:.2f}")
+            epoch_bar.set_postfix_str(f"best PSNR {run.best_psnr:.2f} | {pace(run)}")
             if stop:
                 break
         epoch_bar.close()

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import runtime
 import train_CR_kaggle as train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,7 +361,7 @@ def test_amp_auto_picks_bf16_or_fp16_with_a_scaler(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert train.resolve_amp("auto", cuda) == (torch.float16, True)  # T4, P100: fp16 with a GradScaler
     assert train.resolve_amp("fp16", cuda) == (torch.float16, True)
-    assert train.resolve_amp("auto", cpu) == (torch.bfloat16, False)
+    assert train.resolve_amp("auto", cpu) == runtime.resolve_amp("auto", cpu)  # by the CPU: tests/test_runtime.py
     assert train.resolve_amp("off", cuda) == (None, False)
     with pytest.raises(train.UsageError, match="fp16 needs a CUDA device"):
         train.resolve_amp("fp16", cpu)
@@ -491,6 +492,8 @@ def test_redirected_output_gets_one_line_per_epoch_and_one_vgg_warning(synthetic
     assert "\r" not in proc.stderr + proc.stdout, "progress-bar redraws in a redirected log"
     epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in epoch_lines] == ["epoch 1/2", "epoch 2/2"]
+    assert all(" s/epoch, " in line for line in epoch_lines) and epoch_lines[-1].endswith(" 0 s left")
+    assert " s left" in epoch_lines[0] and "amp off (--amp off)" in proc.stdout  # the precision and why
     assert (proc.stdout + proc.stderr).count("VGG has random weights") == 1
 
 
@@ -524,3 +527,41 @@ def test_the_demo_prints_an_evaluation_command_that_draws_quicklooks(tmp_path, c
         command = capsys.readouterr().out.strip().splitlines()[-1].strip()
         assert command.startswith("python test_CR.py --checkpoint") and "--split test" in command
         assert ("--save_png" in command and "--results_dir results/demo" in command) == demo
+
+
+def test_a_run_in_process_gives_back_the_signal_handlers_and_a_second_signal_reaches_them(
+        synthetic_dataset, tmp_path, monkeypatch):
+    """A notebook cell or a test calling main() must get its handlers back; a second SIGTERM during the stop
+    (e.g. while the checkpoint is written) goes to the previous handler, which for a script is the default: exit."""
+    import signal
+    root, csv_path = synthetic_dataset
+    received = []
+    previous_int = signal.getsignal(signal.SIGINT)
+    previous_term = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+    try:
+        def epoch_that_gets_two_signals(run, epoch):
+            os.kill(os.getpid(), signal.SIGTERM)  # first: the run's handler asks for a stop
+            assert run.stop_signal == signal.SIGTERM and not received
+            os.kill(os.getpid(), signal.SIGTERM)  # second: back to the handler that was there before
+            assert received == [signal.SIGTERM]
+            run.stop_requested = True
+            return {"loss": 0.0, "psnr": 0.0, "samples_per_s": 0.0, "seconds": 0.0}
+
+        monkeypatch.setattr(train, "train_one_epoch", epoch_that_gets_two_signals)
+        assert train.main(tiny(csv_path, root, tmp_path, "--perceptual_weight", "0", epochs=3)) == 130
+        assert signal.getsignal(signal.SIGINT) is previous_int
+        handler = signal.getsignal(signal.SIGTERM)
+        handler(signal.SIGTERM, None)
+        assert received == [signal.SIGTERM, signal.SIGTERM]  # ours again, not the run's
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+def test_pace_gives_seconds_per_epoch_and_time_left():
+    from types import SimpleNamespace
+    run = SimpleNamespace(epoch_seconds=[100.0, 40.0, 50.0, 60.0], epochs_done=4, started=0.0,
+                          args=SimpleNamespace(max_epochs=10, time_limit=None))
+    assert train.pace(run) == "50 s/epoch, 5 min 00 s left"
+    run.args.time_limit = 0.0  # a limit already reached caps the estimate
+    assert train.pace(run).endswith("0 s left")
+    assert train.format_duration(7300) == "2 h 01 min"
