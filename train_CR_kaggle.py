@@ -121,8 +121,9 @@ def _optimisation_flags(p):
                         "on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else off (float32), since "
                         "emulated bf16 is several times slower than fp32")
     g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
-                   help="channels-last memory format: auto = on for CPU (measured ~1.5x faster with bf16, "
-                        "BENCHMARKS.md), off on CUDA (measured slower there, eager and compiled)")
+                   help="channels-last memory format: auto = on CPU, time one step in each layout at start-up and "
+                        "keep the faster (the winner depends on the CPU, the precision and the crop size); off on "
+                        "CUDA, where it measured slower")
     g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the model: auto = on for CUDA (an H100 ran the model step 1.63x and the "
                         "design-loss loop 1.36x faster), off on CPU (measured slower); see BENCHMARKS.md. A bare "
@@ -228,6 +229,42 @@ def setup_distributed(device_arg):
 def resolve_compile(choice, device):
     """Whether to torch.compile the model: 'on', 'off', or 'auto' (COMPILE_AUTO by device type; off elsewhere)."""
     return choice == "on" or (choice == "auto" and COMPILE_AUTO.get(device.type, False))
+
+
+def step_seconds(model, ctx, size, channels_last, repeats=2):
+    """Fastest of `repeats` forward + backward passes of one random sample of `size` px in the given layout (after
+    one untimed pass, which builds oneDNN's kernels)."""
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(memory_format=layout)
+    cloudy, sar = (torch.rand(1, c, size, size).contiguous(memory_format=layout) for c in (13, 2))
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        with ctx:
+            prediction = model(cloudy, sar)
+        prediction.float().mean().backward()
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    model.to(memory_format=torch.contiguous_format)
+    return min(times[1:])
+
+
+def resolve_channels_last(args, model, ctx, device, world_size):
+    """(use channels-last, text for the header line). auto on CPU times one step in each layout at the training
+    crop size and keeps the faster: which wins depends on the CPU, the precision and the input size, in both
+    directions (BENCHMARKS.md, "Model training step"). Off on CUDA, where it measured slower. Under DDP every
+    rank takes rank 0's measurement."""
+    if args.channels_last != "auto":
+        return args.channels_last == "on", f"channels-last {args.channels_last} (--channels_last)"
+    if device.type != "cpu":
+        return False, "channels-last off (auto on a GPU)"
+    with torch.random.fork_rng(devices=[]):  # the probe's random inputs leave the run's random stream alone
+        first, last = (step_seconds(model, ctx, args.crop_size, cl) for cl in (False, True))
+    choice = torch.tensor([float(last < first)])
+    if world_size > 1:
+        dist.broadcast(choice, src=0)
+    on = bool(choice.item())
+    return on, f"channels-last {'on' if on else 'off'} (a step took {last:.2f} s channels-last, {first:.2f} s not)"
 
 
 def prepare_demo(args):
@@ -424,7 +461,7 @@ def setup(args, argv=()):
                                   (run.dir / "last.pth" if (run.dir / "last.pth").is_file() else None))
     ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
     run.model = build_model(args, ckpt, resume_path, run.is_main).to(device)
-    run.channels_last = args.channels_last == "on" or (args.channels_last == "auto" and device.type == "cpu")
+    run.channels_last, run.layout_text = resolve_channels_last(args, run.model, run.ctx, device, world_size)
     if run.channels_last:
         run.model.to(memory_format=torch.channels_last)
         run.criterion.to(memory_format=torch.channels_last)  # its VGG, fed channels-last inputs
@@ -466,7 +503,7 @@ def setup_logging(run, resumed, val_set):
     run.history = read_history(run.dir / "history.csv") if resumed else []
     n_params = sum(p.numel() for p in run.model.parameters())
     print(f"{run.model.model_name}: {n_params / 1e6:.2f}M parameters | device {run.device} x{run.world_size} | "
-          f"{run.amp_text} | channels-last {'on' if run.channels_last else 'off'} | compile {'on' if run.compiled else 'off'} | {len(run.train_loader.dataset)} train "
+          f"{run.amp_text} | {run.layout_text} | compile {'on' if run.compiled else 'off'} | {len(run.train_loader.dataset)} train "
           f"/ {len(val_set)} val samples | run dir {run.dir}")
     if run.start_epoch >= args.max_epochs:
         print(f"nothing to train: {run.dir} already holds {run.start_epoch} epochs; raise --max_epochs to continue "

@@ -565,3 +565,36 @@ def test_pace_gives_seconds_per_epoch_and_time_left():
     run.args.time_limit = 0.0  # a limit already reached caps the estimate
     assert train.pace(run).endswith("0 s left")
     assert train.format_duration(7300) == "2 h 01 min"
+
+
+@pytest.mark.parametrize("channels_last_seconds, first_seconds, expected", [(0.5, 1.0, True), (1.0, 0.5, False)])
+def test_channels_last_auto_keeps_the_layout_that_ran_faster(monkeypatch, channels_last_seconds, first_seconds,
+                                                             expected):
+    from types import SimpleNamespace
+    import net_CR_CrossAttention as net
+    model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
+    timed = {True: channels_last_seconds, False: first_seconds}
+    monkeypatch.setattr(train, "step_seconds", lambda m, ctx, size, cl, repeats=2: timed[cl])
+    args = SimpleNamespace(channels_last="auto", crop_size=32)
+    on, text = train.resolve_channels_last(args, model, runtime.autocast(torch.device("cpu"), None),
+                                           torch.device("cpu"), 1)
+    assert on is expected and text.startswith(f"channels-last {'on' if expected else 'off'} (a step took")
+    assert train.resolve_channels_last(args, model, None, torch.device("cuda"), 1)[0] is False
+    for choice in ("on", "off"):
+        args.channels_last = choice
+        assert train.resolve_channels_last(args, model, None, torch.device("cpu"), 1)[0] is (choice == "on")
+
+
+def test_the_layout_probe_changes_neither_weights_nor_the_random_stream():
+    import net_CR_CrossAttention as net
+    torch.manual_seed(0)
+    model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(1)
+    train.resolve_channels_last(__import__("types").SimpleNamespace(channels_last="auto", crop_size=32), model,
+                                runtime.autocast(torch.device("cpu"), None), torch.device("cpu"), 1)
+    assert torch.equal(torch.rand(3), expected_draw)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
