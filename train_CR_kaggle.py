@@ -20,9 +20,9 @@ import signal
 import sys
 import time
 import warnings
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -430,15 +430,66 @@ def restore(run, ckpt):
     run.early_stop_counter, run.global_step = ckpt.get("early_stop_counter", 0), ckpt.get("global_step", 0)
 
 
+@dataclass
+class Run:
+    """One training run, every field declared here. setup() fills the first two blocks once; the loop's functions
+    update the progress fields."""
+    args: argparse.Namespace
+    argv: list
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    started: float = field(default_factory=time.monotonic)  # for --time_limit, counted from set-up
+    # built by setup()
+    dir: Path | None = None
+    amp_dtype: torch.dtype | None = None
+    amp_text: str = ""           # the header's precision and why
+    layout_text: str = ""        # the header's memory layout and why
+    channels_last: bool = False
+    ctx: object = None           # the one autocast context: training, validation, quicklooks
+    criterion: object = None
+    model: object = None
+    train_model: object = None   # what the step calls: the model, compiled and/or DDP-wrapped
+    optimizer: object = None
+    scheduler: object = None
+    scaler: object = None
+    train_loader: object = None
+    val_loader: object = None
+    meter: object = None
+    compiled: bool = False
+    show_bars: bool = False
+    warmup_steps: int = 0
+    start_epoch: int = 0         # epochs done when this process started (resumed runs start above 0)
+    first_step: int = 0
+    quicklook_batch: dict | None = None
+    writer: object = None
+    made_dir: Path | None = None     # folders this run created, removed again if it fails before its first step
+    moved_aside: Path | None = None  # an old run moved aside by --train_from_scratch, put back on such a failure
+    # progress
+    epochs_done: int = 0
+    global_step: int = 0
+    best_psnr: float = -math.inf
+    early_stop_counter: int = 0
+    history: list = field(default_factory=list)
+    epoch_seconds: list = field(default_factory=list)
+    epoch_started: float = 0.0
+    next_batches: object = None  # the next epoch's iterator, asked for before validation so workers prefetch
+    grad_norm: object = None     # the last step's gradient norm (a device tensor)
+    last_terms: dict = field(default_factory=dict)  # the last step's loss terms (device tensors)
+    stop_signal: int | None = None
+    stop_requested: bool = False  # a signal or the time limit's reserve ended an epoch part-way
+    stop_reason: str | None = None
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
 def setup(args, argv=()):
     """Everything a run needs, in the order that fails early: device, data list, losses, model, data, optimiser,
-    then (only then) the run folder and logging. Returns the run as one namespace the loop's functions share."""
+    then (only then) the run folder and logging."""
     device, rank, world_size = setup_distributed(args.device)
-    run = SimpleNamespace(args=args, argv=list(argv), device=device, rank=rank, world_size=world_size,
-                          is_main=rank == 0, started=time.monotonic(), epochs_done=0, best_psnr=-math.inf,
-                          early_stop_counter=0, global_step=0, stop_signal=None, stop_reason=None, writer=None,
-                          history=[], quicklook_batch=None, made_dir=None, moved_aside=None, next_batches=None,
-                          epoch_seconds=[])
+    run = Run(args=args, argv=list(argv), device=device, rank=rank, world_size=world_size)
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     if args.demo:
@@ -505,9 +556,6 @@ def setup_logging(run, resumed, val_set):
     print(f"{run.model.model_name}: {n_params / 1e6:.2f}M parameters | device {run.device} x{run.world_size} | "
           f"{run.amp_text} | {run.layout_text} | compile {'on' if run.compiled else 'off'} | {len(run.train_loader.dataset)} train "
           f"/ {len(val_set)} val samples | run dir {run.dir}")
-    if run.start_epoch >= args.max_epochs:
-        print(f"nothing to train: {run.dir} already holds {run.start_epoch} epochs; raise --max_epochs to continue "
-              f"or pass --train_from_scratch to start again")
 
 
 # ----------------------------------------------------------------------------- history and quicklooks
@@ -918,6 +966,13 @@ def resume_command(run):
     return shlex.join(launcher + [script] + kept)
 
 
+def evaluation_command(args, checkpoint):
+    # the demo's command also draws quicklooks, so a first run ends with a picture to look at
+    pictures = f" --results_dir results/{args.experiment_name} --save_png" if args.demo else ""
+    return (f"python test_CR.py --checkpoint {checkpoint} --data_list_filepath {args.data_list_filepath} "
+            f"--input_data_folder {args.input_data_folder} --split test{pictures}")
+
+
 def finish(run):
     """Exit status: 130 after a stop signal, 0 otherwise; a stop (signal or time limit) leaves a resumable last.pth
     and prints the command that resumes; a completed run prints the command that evaluates it."""
@@ -932,11 +987,13 @@ def finish(run):
         return 130 if run.stop_signal is not None else 0
     if run.is_main:
         best = run.dir / "best.pth" if (run.dir / "best.pth").is_file() else run.dir / "last.pth"
-        # the demo's command also draws quicklooks, so a first run ends with a picture to look at
-        pictures = f" --results_dir results/{args.experiment_name} --save_png" if args.demo else ""
-        print(f"\ndone: best validation PSNR {run.best_psnr:.3f} dB. Evaluate with:\n"
-              f"  python test_CR.py --checkpoint {best} --data_list_filepath {args.data_list_filepath} "
-              f"--input_data_folder {args.input_data_folder} --split test{pictures}")
+        if run.start_epoch >= args.max_epochs:  # a finished experiment run again (a notebook cell re-run)
+            print(f"already finished: {run.dir} holds {run.start_epoch} epochs (--max_epochs {args.max_epochs}); "
+                  f"raise --max_epochs to continue, or pass --train_from_scratch to start again.\n"
+                  f"best checkpoint: {best} (validation PSNR {run.best_psnr:.3f} dB). Evaluate with:")
+        else:
+            print(f"\ndone: best validation PSNR {run.best_psnr:.3f} dB. Evaluate with:")
+        print(f"  {evaluation_command(args, best)}")
     return 0
 
 

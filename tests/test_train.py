@@ -516,13 +516,11 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(synthetic_d
 
 
 def test_the_demo_prints_an_evaluation_command_that_draws_quicklooks(tmp_path, capsys):
-    from types import SimpleNamespace
     for demo in (True, False):
         args = train.build_parser().parse_args(["--data_list_filepath", "d.csv", "--input_data_folder", "root"]
                                                + (["--demo"] if demo else []))
         args.experiment_name = "demo" if demo else args.experiment_name
-        run = SimpleNamespace(args=args, is_main=True, stop_requested=False, stop_reason=None, dir=tmp_path,
-                              best_psnr=30.0)
+        run = train.Run(args=args, argv=[], device=torch.device("cpu"), dir=tmp_path, best_psnr=30.0)
         assert train.finish(run) == 0
         command = capsys.readouterr().out.strip().splitlines()[-1].strip()
         assert command.startswith("python test_CR.py --checkpoint") and "--split test" in command
@@ -598,3 +596,21 @@ def test_the_layout_probe_changes_neither_weights_nor_the_random_stream():
     assert torch.equal(torch.rand(3), expected_draw)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_running_a_finished_experiment_again_says_so_and_a_larger_max_epochs_continues(synthetic_dataset, tmp_path):
+    """What re-running a notebook cell does: the same command twice, then with --max_epochs raised."""
+    root, csv_path = synthetic_dataset
+    flags = [f for f in tiny(csv_path, root, tmp_path, "--perceptual_weight", "0") if f != "--train_from_scratch"]
+    first = _cli(*flags)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = _cli(*flags)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "Traceback" not in again.stderr
+    best = tmp_path / "glf_cr_enhanced_v3" / "best.pth"
+    assert "already finished" in again.stdout and f"best checkpoint: {best}" in again.stdout
+    assert f"python test_CR.py --checkpoint {best}" in again.stdout
+    more = _cli(*flags, "--max_epochs", "2")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "resuming from" in more.stdout and "epoch 2/2" in more.stdout and "epoch 1/2" not in more.stdout
+    assert train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 2
