@@ -77,6 +77,46 @@ LOSS_DEFAULTS = {
 }
 
 
+# Named loss sets, each spelled out once: the demo, benchmark.py and the tests take them from here.
+LOSS_PRESETS = {
+    "default": {},  # LOSS_DEFAULTS as they stand: L1 + perceptual (+ MAP_LOSS_DEFAULTS for a model with a map)
+    "l1": {"perceptual_weight": 0.0},
+    # the design document's training command
+    "design": {"l1_weight": 1.0, "perceptual_weight": 0.5, "use_fft_loss": True, "fft_weight": 0.3,
+               "use_gradient_loss": True, "gradient_weight": 0.2, "use_contrastive_loss": True,
+               "contrastive_weight": 0.1, "use_cloud_focused_loss": True, "cloud_weight_factor": 2.5},
+}
+# The design's set without its two VGG terms, for runs where pretrained VGG weights cannot be had (random VGG
+# features measure nothing perceptual): the demo offline, the learning benchmark, the tests.
+LOSS_PRESETS["design_no_vgg"] = {**LOSS_PRESETS["design"], "perceptual_weight": 0.0, "use_contrastive_loss": False}
+
+
+def loss_options(preset, **overrides):
+    """Every CRLoss option: LOSS_DEFAULTS, then the named preset, then `overrides`."""
+    if preset not in LOSS_PRESETS:
+        raise ValueError(f"unknown loss preset {preset!r}; known: {sorted(LOSS_PRESETS)}")
+    unknown = sorted(set(overrides) - set(LOSS_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown loss options {unknown}; known: {sorted(LOSS_DEFAULTS)}")
+    return {**LOSS_DEFAULTS, **LOSS_PRESETS[preset], **overrides}
+
+
+def preset_flags(preset, **overrides):
+    """The training script's command-line flags that give loss_options(preset, **overrides): every option that
+    differs from its default, as --use_X for switches and --name value for the rest."""
+    flags = []
+    for name, value in loss_options(preset, **overrides).items():
+        if value == LOSS_DEFAULTS[name]:
+            continue
+        if isinstance(value, bool):
+            if not value:  # every switch defaults to off, so an "off" always equals its default
+                raise ValueError(f"{name}=False cannot be written as a flag")
+            flags.append(f"--{name}")
+        else:
+            flags += [f"--{name}", str(value)]
+    return flags
+
+
 class VGGWeightsError(RuntimeError):
     """The VGG weights asked for cannot be had (offline without a cached copy, unreadable or foreign file)."""
 

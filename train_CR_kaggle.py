@@ -278,14 +278,15 @@ def prepare_demo(args):
     args.max_epochs, args.batch_sz, args.warmup_epochs = min(args.max_epochs, DEMO_EPOCHS), 4, 1
     args.lr, args.num_workers = 5e-4, min(args.num_workers, 1)
     args.experiment_name = "demo" if args.experiment_name == "glf_cr_enhanced_v3" else args.experiment_name
-    # The design's full loss set; the VGG terms only where their weights can be had (checked below).
-    args.use_fft_loss = args.use_gradient_loss = args.use_contrastive_loss = args.use_cloud_focused_loss = True
+    # The design's full loss set; the VGG terms only where their weights can be had.
+    preset = "design"
     if args.vgg_weights == "imagenet":
         try:
             losses.VGGFeatures("imagenet")
         except losses.VGGWeightsError as e:
             print(f"[demo] perceptual and contrastive terms left out: {str(e).splitlines()[0]}")
-            args.perceptual_weight, args.use_contrastive_loss = 0.0, False
+            preset = "design_no_vgg"
+    vars(args).update(losses.LOSS_PRESETS[preset])
     args.notes = args.notes or "demo run on synthetic data"
 
 

@@ -6,6 +6,7 @@ import json
 import pytest
 
 import dataloader
+import losses
 import test_CR
 import train_CR_kaggle as train
 
@@ -26,8 +27,7 @@ def test_default_model_beats_identity_on_held_out_scenes(learn_set, tmp_path):
         "--data_list_filepath", str(csv_path), "--input_data_folder", str(root), "--save_model_dir", str(tmp_path),
         "--experiment_name", "learn", "--load_size", "48", "--crop_size", "32", "--batch_sz", "4",
         "--max_epochs", "15", "--lr", "1e-3", "--warmup_epochs", "0.5", "--num_workers", "0",
-        "--use_fft_loss", "--use_gradient_loss", "--use_cloud_focused_loss", "--perceptual_weight", "0",
-        "--num_quicklooks", "0", "--seed", "0"]) == 0
+        *losses.preset_flags("design_no_vgg"), "--num_quicklooks", "0", "--seed", "0"]) == 0
     results = tmp_path / "results"
     assert test_CR.main(["--checkpoint", str(tmp_path / "learn" / "best.pth"), "--data_list_filepath",
                          str(csv_path), "--input_data_folder", str(root), "--split", "test",

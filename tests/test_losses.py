@@ -306,3 +306,21 @@ def test_random_weights_warn_once(capfd):
     assert len(record) == 1
     out = capfd.readouterr()
     assert "random weights" not in out.out + out.err  # the warning is the only message (it used to be printed too)
+
+
+def test_loss_presets_give_their_options_and_the_flags_that_reproduce_them():
+    import train_CR_kaggle as train
+    for preset in losses.LOSS_PRESETS:
+        args = train.build_parser().parse_args(["--demo", *losses.preset_flags(preset)])
+        parsed = {k: getattr(args, k) for k in losses.LOSS_DEFAULTS if getattr(args, k) is not None}
+        assert parsed == {k: v for k, v in losses.loss_options(preset).items() if k in parsed}, preset
+        assert set(losses.LOSS_DEFAULTS) - set(parsed) == set(losses.MAP_LOSS_DEFAULTS)  # resolved per model
+    design = losses.loss_options("design")
+    assert design["use_cloud_focused_loss"] and design["cloud_weight_factor"] == 2.5 and design["fft_weight"] == 0.3
+    offline = losses.loss_options("design_no_vgg")
+    assert offline["perceptual_weight"] == 0 and not offline["use_contrastive_loss"] and offline["use_fft_loss"]
+    assert "--use_cloud_focused_loss" not in losses.preset_flags("design_no_vgg", use_cloud_focused_loss=False)
+    with pytest.raises(ValueError, match="unknown loss preset"):
+        losses.loss_options("nope")
+    with pytest.raises(TypeError, match="unknown loss options"):
+        losses.loss_options("design", fft=1)
