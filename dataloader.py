@@ -782,16 +782,21 @@ class LeakReport:
 
 def read_footprints(triplets, root, progress=False):
     """(crs, (left, bottom, right, top), pixel size) of each triplet's cloudy image, from its header only; crs None
-    for a raster without georeferencing. The three files of a triplet share a grid (check_triplet)."""
+    for a raster without georeferencing; None for a file that is missing or cannot be opened (a list may name
+    splits that are not downloaded: the check compares what is there). The three files of a triplet share a grid
+    (check_triplet)."""
     from tqdm.auto import tqdm
 
     out = []
     with rasterio.Env(**GDAL_READ_OPTIONS):
         for t in tqdm(triplets, desc="footprints", disable=not progress, dynamic_ncols=True):
-            with open_raster(Path(root) / t.s2_cloudy) as src:
-                georeferenced = src.crs is not None and not src.transform.is_identity
-                out.append((src.crs.to_string() if georeferenced else None, tuple(src.bounds),
-                            min(abs(src.transform.a), abs(src.transform.e))))
+            try:
+                with open_raster(Path(root) / t.s2_cloudy) as src:
+                    georeferenced = src.crs is not None and not src.transform.is_identity
+                    out.append((src.crs.to_string() if georeferenced else None, tuple(src.bounds),
+                                min(abs(src.transform.a), abs(src.transform.e))))
+            except DataError:
+                out.append(None)
     return out
 
 
@@ -803,12 +808,16 @@ def check_leaks(triplets, root=None, source="data list", progress=False):
     overlaps, footprints = None, "not read (no data root given)"
     if root is not None:
         boxes = read_footprints(triplets, root, progress)
-        found = splits.overlapping_footprints([(t.split, *box) for t, box in zip(triplets, boxes)])
+        found = splits.overlapping_footprints([(t.split, *(box or (None, None, None))) for t, box in
+                                               zip(triplets, boxes)])
         overlaps = {pair: (len({j for _, j in ij}), (triplets[ij[0][0]].s2_cloudy, triplets[ij[0][1]].s2_cloudy))
                     for pair, ij in found.items()}
-        n_geo = sum(box[0] is not None for box in boxes)
-        footprints = f"{len(boxes)} headers read, {n_geo} georeferenced" + (
-            f", {len(boxes) - n_geo} without georeferencing (not compared)" if n_geo < len(boxes) else "")
+        n_read = sum(box is not None for box in boxes)
+        n_geo = sum(box is not None and box[0] is not None for box in boxes)
+        footprints = f"{n_read} headers read, {n_geo} georeferenced" + (
+            f", {n_read - n_geo} without georeferencing (not compared)" if n_geo < n_read else "") + (
+            f", {len(boxes) - n_read} listed file(s) missing or unreadable (not compared)"
+            if n_read < len(boxes) else "")
     return LeakReport(source, {name: sum(t.split == i for t in triplets) for name, i in SPLIT_IDS.items()},
                       len({scene_of(t) for t in triplets}), shared, overlaps, footprints, _split_rule(triplets, shared))
 

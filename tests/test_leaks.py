@@ -118,11 +118,14 @@ def footprints(tmp_path):
 
 def test_check_finds_overlapping_footprints_of_different_scenes(footprints, tmp_path, capsys):
     root, rel = footprints
-    leaky = _list(tmp_path / "leaky.csv", [(1, rel["A"]), (3, rel["B"]), (2, rel["C"]), (2, rel["D"]), (3, rel["E"])])
+    missing = "ROIs2017_winter_s2_cloudy/s2_cloudy_6/ROIs2017_winter_s2_cloudy_6_p1.tif"  # a split not downloaded
+    leaky = _list(tmp_path / "leaky.csv", [(1, rel["A"]), (3, rel["B"]), (2, rel["C"]), (2, rel["D"]), (3, rel["E"]),
+                                           (3, missing)])
     report = D.check_leaks(D.read_data_list(leaky), root)
-    assert report.shared == {}  # five scenes, one per patch
+    assert report.shared == {}  # six scenes, one per patch
     assert report.overlaps == {(1, 3): (1, (rel["A"], rel["B"]))}  # C only touches A; D is in another CRS
-    assert report.footprints == "5 headers read, 4 georeferenced, 1 without georeferencing (not compared)"
+    assert report.footprints == ("5 headers read, 4 georeferenced, 1 without georeferencing (not compared), "
+                                 "1 listed file(s) missing or unreadable (not compared)")
     assert report.leaks() and report.leaks([(1, 3)]) and not report.leaks([(1, 2), (2, 3)])
     argv = ["check", str(leaky), "--input_data_folder", str(root)]
     assert D.main(argv) == 0 and D.main(argv + ["--strict"]) == 1
