@@ -173,7 +173,8 @@ def _data_flags(p):
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random flips and 90-degree rotations of training crops")
     g.add_argument("--cloud_detector", default="rule", choices=list(dataloader.CLOUD_DETECTORS),
-                   help="soft cloud score behind the cloud-focused and confidence losses")
+                   help="cloud score behind the cloud-focused and confidence losses (soft for rule and "
+                        "s2cloudless_prob; s2cloudless: the literature's binary mask, best precomputed)")
     g.add_argument("--cloud_mask_dir", default=None,
                    help="read the cloud masks precomputed by `python dataloader.py masks` from this folder instead "
                         "of running --cloud_detector on every sample")
