@@ -482,11 +482,13 @@ def _package_mask(raw):
     return _package_detector().get_cloud_masks(np.moveaxis(img / 10000, 0, -1)[None, ...])[0]
 
 
-def test_s2cloudless_mask_is_the_packages_get_cloud_masks_on_the_real_sample(real_sample_dir):
+def test_s2cloudless_mask_is_the_packages_get_cloud_masks_on_the_real_sample(real_sample_dir, tmp_path):
     t = D.read_data_list(real_sample_dir / "data.csv")[0]
     mask = _package_mask(D.read_raster(real_sample_dir / t.s2_cloudy, 13))
     whole = D.SEN12MSCRDataset([t], real_sample_dir, cloud_detector="s2cloudless")[0]
     np.testing.assert_array_equal(whole["cloud_mask"][0].numpy(), mask)
+    stored = D.write_cloud_mask(real_sample_dir / t.s2_cloudy, tmp_path / "mask.tif", "s2cloudless")  # precomputed
+    np.testing.assert_array_equal(D.read_mask(stored), mask)
     np.testing.assert_array_equal(whole["cloud_binary"][0].numpy(), mask)  # binary already: no threshold moves it
     prob = D.SEN12MSCRDataset([t], real_sample_dir, cloud_detector="s2cloudless_prob")[0]["cloud_mask"][0].numpy()
     np.testing.assert_array_equal(_package_detector().get_mask_from_prob(prob[None])[0], mask)
