@@ -2,8 +2,11 @@
 
 - rule_cloud_score: the rule set published with DSen2-CR (Meraner et al. 2020), reused by GLF-CR and
   UnCRtainTS, with the original thresholds, vectorised; rule_cloud_mask, shadow_mask, cloud_shadow_mask.
-- s2cloudless_score: the s2cloudless LightGBM cloud probability (offline, all 13 bands).
-- cloud_score(s2, detector): either by name, or zeros for "none".
+- s2cloudless_mask: the s2cloudless binary mask as UnCRtainTS makes it for SEN12MS-CR (`get_cloud_masks` of
+  S2PixelCloudDetector(threshold=0.4, all_bands=True, average_over=4, dilation_size=2)); s2cloudless_score: the
+  raw LightGBM cloud probability that mask starts from (offline, all 13 bands).
+- cloud_score(s2, detector): a score by detector name ("s2cloudless": the binary mask as 0/1; "s2cloudless_prob":
+  the probability; "none": zeros); detector_settings: what a detector's binary mask is, for result files.
 Inputs are (13,H,W) reflectance already divided by 10000 (bands.normalize_s2).
 """
 import numpy as np
@@ -11,7 +14,13 @@ from scipy import ndimage
 
 from bands import S2_BAND_INDEX
 
-CLOUD_DETECTORS = ("rule", "s2cloudless", "none")
+CLOUD_DETECTORS = ("rule", "s2cloudless", "s2cloudless_prob", "none")
+BINARY_DETECTORS = ("s2cloudless",)  # their score is already the binary mask (0/1): --cloud_threshold does not matter
+# UnCRtainTS's SEN12MS-CR loader (data/dataLoader.py, cloud_masks='s2cloudless_mask', its default).
+S2CLOUDLESS_SETTINGS = {"threshold": 0.4, "all_bands": True, "average_over": 4, "dilation_size": 2}
+# A mask pixel depends on probabilities up to average_over + dilation_size px away (disc average, then dilation):
+# computed on a crop grown by this margin, the crop's mask equals the whole raster's.
+S2CLOUDLESS_MARGIN = S2CLOUDLESS_SETTINGS["average_over"] + S2CLOUDLESS_SETTINGS["dilation_size"]
 
 
 # Thresholds below are those of the published `get_cloud_mask` / `get_shadow_mask` (DSen2-CR).
@@ -72,23 +81,67 @@ def cloud_shadow_mask(s2, threshold=0.2):
 _S2CLOUDLESS = None
 
 
-def s2cloudless_score(s2):
-    """(13,H,W) reflectance in [0,1] -> (H,W) float32 cloud probability of s2cloudless (LightGBM, offline).
-    s2cloudless wants (N,H,W,13) L1C reflectance /10000 in the band order of S2_BANDS, which is ours."""
+def s2cloudless_detector():
+    """The one S2PixelCloudDetector with S2CLOUDLESS_SETTINGS (its LightGBM model loads on first use)."""
     global _S2CLOUDLESS
     if _S2CLOUDLESS is None:
         from s2cloudless import S2PixelCloudDetector
-        # The settings UnCRtainTS uses for SEN12MS-CR.
-        _S2CLOUDLESS = S2PixelCloudDetector(threshold=0.4, all_bands=True, average_over=4, dilation_size=2)
-    s2 = np.asarray(s2, dtype=np.float32)
-    return _S2CLOUDLESS.get_cloud_probability_maps(np.moveaxis(s2, 0, -1)[None])[0].astype(np.float32)
+        _S2CLOUDLESS = S2PixelCloudDetector(**S2CLOUDLESS_SETTINGS)
+    return _S2CLOUDLESS
+
+
+def _s2cloudless_input(s2):
+    """(13,H,W) reflectance in [0,1] -> (1,H,W,13) as the published loader feeds s2cloudless: float32 DN / 10000.
+    LightGBM compares features with thresholds, and bands.normalize_s2's DN * float32(1e-4) differs from DN / 10000
+    by one ulp in about a third of the pixels; SEN12MS-CR's DN are integers, which rint recovers exactly."""
+    dn = np.rint(np.asarray(s2, dtype=np.float32) * np.float32(10000))
+    return np.moveaxis(dn / np.float32(10000), 0, -1)[None]
+
+
+def s2cloudless_score(s2):
+    """(13,H,W) reflectance in [0,1] -> (H,W) float32 cloud probability of s2cloudless (LightGBM, offline).
+    s2cloudless wants (N,H,W,13) L1C reflectance /10000 in the band order of S2_BANDS, which is ours."""
+    return s2cloudless_detector().get_cloud_probability_maps(_s2cloudless_input(s2))[0].astype(np.float32)
+
+
+def s2cloudless_mask(s2):
+    """(13,H,W) reflectance in [0,1] -> (H,W) float32 0/1: S2PixelCloudDetector(**S2CLOUDLESS_SETTINGS)
+    .get_cloud_masks, i.e. the probability averaged over a disc of 4 px, > 0.4, dilated by a disc of 2 px."""
+    detector = s2cloudless_detector()
+    return detector.get_mask_from_prob(s2cloudless_score(s2)[None])[0].astype(np.float32)
+
+
+def detector_margin(detector):
+    """Pixels of context a detector's score at a pixel depends on beyond it, where the dataset grows the crop to
+    match the whole raster's mask; 0 for per-pixel scores and for the rule detector, which is kept as published
+    (computed on the crop it is given)."""
+    return S2CLOUDLESS_MARGIN if detector == "s2cloudless" else 0
+
+
+def detector_settings(detector, threshold):
+    """JSON-ready description of the binary cloud mask a detector gives at `threshold` (result files carry it, so two
+    runs can be compared from their files alone)."""
+    if detector == "s2cloudless":
+        from importlib.metadata import version
+        return {"detector": detector, "binary": "S2PixelCloudDetector.get_cloud_masks", **S2CLOUDLESS_SETTINGS,
+                "s2cloudless_version": version("s2cloudless"), "cloud_threshold": None}
+    scores = {"rule": "DSen2-CR rule cloud score (rule_cloud_score)",
+              "s2cloudless_prob": "S2PixelCloudDetector.get_cloud_probability_maps (no averaging, no dilation)",
+              "none": "none (no pixel is cloudy)"}
+    if detector not in scores:
+        raise ValueError(f"unknown cloud detector {detector!r}; use one of {CLOUD_DETECTORS}")
+    return {"detector": detector, "score": scores[detector], "binary": "score >= cloud_threshold",
+            "cloud_threshold": threshold}
 
 
 def cloud_score(s2, detector="rule"):
-    """Soft cloud score (H,W) by detector name; "none" gives zeros (no pixel flagged)."""
+    """Cloud score (H,W) by detector name: soft for "rule" and "s2cloudless_prob", the binary mask (0/1) for
+    "s2cloudless"; "none" gives zeros (no pixel flagged)."""
     if detector == "rule":
         return rule_cloud_score(s2)
     if detector == "s2cloudless":
+        return s2cloudless_mask(s2)
+    if detector == "s2cloudless_prob":
         return s2cloudless_score(s2)
     if detector == "none":
         return np.zeros(np.shape(s2)[1:], dtype=np.float32)

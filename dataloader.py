@@ -3,6 +3,8 @@
     python dataloader.py synth OUT --n 48 --size 128 --seed 0     # demo data in the official layout
     python dataloader.py scan ROOT --out data.csv                  # list a downloaded copy, split by scene
     python dataloader.py scan ROOT --out data.csv --split official # the published SEN12MS-CR scene split
+    python dataloader.py scan ROOT --out data.csv --split official-substring  # the published loaders' rule
+    python dataloader.py check data.csv --input_data_folder ROOT --strict  # scenes/footprints shared by splits
     python dataloader.py masks --data_list_filepath data.csv --input_data_folder ROOT --out masks   # once
 
 The dataset returns the dict keys of the GLF-CR code (cloudy_data, cloudfree_data, SAR_data, cloud_mask,
@@ -32,14 +34,15 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from torch.utils.data import Dataset
 
+import splits
 import synthetic
 from bands import (RGB_BANDS, RGB_STRETCH_MAX, S1_BANDS, S1_CLIP_DB, S2_BAND_INDEX, S2_BANDS, S2_SCALE,  # noqa: F401
                    denormalize_s2, finish_s2, normalize_s1, normalize_s2, s1_db_of, s2_to_rgb, sar_to_rgb)
-from clouds import (CLOUD_DETECTORS, cloud_score, cloud_shadow_mask, rule_cloud_mask, rule_cloud_score,  # noqa: F401
-                    s2cloudless_score, shadow_mask)
-
-SPLIT_IDS = {"train": 1, "val": 2, "test": 3}
-SPLIT_NAMES = {v: k for k, v in SPLIT_IDS.items()}
+from clouds import (BINARY_DETECTORS, CLOUD_DETECTORS, cloud_score, cloud_shadow_mask, detector_margin,  # noqa: F401
+                    detector_settings, rule_cloud_mask, rule_cloud_score, s2cloudless_mask, s2cloudless_score,
+                    shadow_mask)
+from splits import (OFFICIAL_TEST_SCENES, OFFICIAL_TRAIN_SCENES, OFFICIAL_VAL_SCENES, SPLIT_IDS,  # noqa: F401
+                    SPLIT_NAMES)
 KAGGLE_HEADER = ("split", "s1_folder", "s2_folder", "s2_cloudy_folder", "s2_filename", "s1_filename",
                  "s2_cloudy_filename")
 
@@ -343,7 +346,12 @@ def write_s2_geotiff(path, reflectance01, crs, transform):
 # ---------------------------------------------------------------------------------------------------------------
 # Cloud masks: true maps of synthetic data, and detector masks computed once (`python dataloader.py masks`)
 
-MASK_SCALE = 255  # a precomputed mask stores the soft score as uint8 score x 255 (deflate): 64 KB per 256-px patch
+# A precomputed mask stores exactly the score the detector gives on the fly, so thresholding it gives the same binary
+# mask at any --cloud_threshold: the 0/1 mask of a binary detector as uint8, a soft score as float32 (both deflate).
+# (Masks made before stored a soft score as uint8 score x 255, whose rounding moved the threshold: refused below.)
+MASK_ENCODINGS = {"binary": "uint8 binary mask (0 clear, 1 cloudy)", "soft": "float32 cloud score"}
+LEGACY_MASK_ENCODING = "uint8 soft score x255"
+MASK_DETECTORS = tuple(d for d in CLOUD_DETECTORS if d != "none")
 MASKS_INFO = "masks.json"  # in a mask folder: which detector made its masks
 
 
@@ -360,31 +368,58 @@ def truth_available(root, triplets):
 
 
 def read_mask(path, window=None):
-    """A precomputed soft cloud score (H,W) float32 in [0, 1]."""
-    return read_raster(path, 1, window)[0] / np.float32(MASK_SCALE)
+    """A precomputed cloud score (H,W) float32: the binary mask (0/1) or the soft score, as the detector gave it."""
+    return read_raster(path, 1, window)[0]
 
 
-def check_mask_dir(mask_dir, triplets):
-    """The detector that made the masks in mask_dir; DataError if the folder is not a finished mask folder."""
+def read_masks_info(mask_dir):
+    """The masks.json of a mask folder (detector, settings, encoding); DataError for a folder without one or one made
+    with the old uint8 x255 encoding."""
     info = Path(mask_dir) / MASKS_INFO
     if not info.is_file():
         raise DataError(f"{mask_dir}: no {MASKS_INFO}; make the masks with `python dataloader.py masks ... --out "
                         f"{mask_dir}`")
+    meta = json.loads(info.read_text())
+    if meta.get("encoding") == LEGACY_MASK_ENCODING:
+        old = "s2cloudless_prob" if meta["detector"] == "s2cloudless" else meta["detector"]
+        raise DataError(f"{info}: these masks store the score as {LEGACY_MASK_ENCODING}, whose rounding moves the "
+                        f"threshold (and their s2cloudless is the raw probability, now --detector s2cloudless_prob); "
+                        f"make them again in a new folder: python dataloader.py masks ... --detector {old} --out NEW")
+    return meta
+
+
+def check_mask_dir(mask_dir, triplets):
+    """The detector that made the masks in mask_dir; DataError if the folder is not a finished mask folder."""
+    detector = read_masks_info(mask_dir)["detector"]
     missing = [t.s2_cloudy for t in triplets if not (Path(mask_dir) / t.s2_cloudy).is_file()]
     if missing:
         raise DataError(f"{Path(mask_dir) / missing[0]}: no precomputed mask ({len(missing)} of {len(triplets)} "
                         f"missing); run `python dataloader.py masks` again with --out {mask_dir} (it resumes)")
-    return json.loads(info.read_text())["detector"]
+    return detector
+
+
+def describe_cloud_mask(detector, threshold, mask_dir=None):
+    """What the binary cloud mask of a run is (clouds.detector_settings), and where it was read from: for
+    summary.json, so two runs can be compared from their files alone."""
+    if mask_dir is None:
+        return {**detector_settings(detector, threshold), "computed": "on the fly"}
+    meta = read_masks_info(mask_dir)
+    return {**detector_settings(meta["detector"], threshold), "computed": f"precomputed in {mask_dir}",
+            "encoding": meta["encoding"]}
 
 
 def write_cloud_mask(cloudy_path, out_path, detector):
-    """The detector's soft score of a whole cloudy raster, as a uint8 GeoTIFF with the raster's georeferencing."""
+    """The detector's score of a whole cloudy raster, stored exactly (MASK_ENCODINGS) with the raster's
+    georeferencing."""
     with rasterio.Env(**GDAL_READ_OPTIONS), open_raster(cloudy_path) as src:
         _check_bands(src, len(S2_BANDS))
         cloudy, crs, transform = normalize_s2(read_window(src, None)), src.crs, src.transform
-    score = np.round(cloud_score(cloudy, detector) * MASK_SCALE).astype(np.uint8)[None]
-    return _write_geotiff(out_path, score, crs, transform, descriptions=(f"{detector} cloud score x{MASK_SCALE}",),
-                          compress="deflate")
+    score = cloud_score(cloudy, detector)[None]
+    if detector in BINARY_DETECTORS:
+        return _write_geotiff(out_path, score.astype(np.uint8), crs, transform,
+                              descriptions=(f"{detector} cloud mask (1 cloudy)",), compress="deflate")
+    return _write_geotiff(out_path, score.astype(np.float32), crs, transform,
+                          descriptions=(f"{detector} cloud score",), compress="deflate", predictor=3)
 
 
 def _mask_worker(job):
@@ -405,14 +440,16 @@ def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=T
 
     from tqdm.auto import tqdm
 
-    if detector not in CLOUD_DETECTORS or detector == "none":
-        raise ValueError(f"detector must be 'rule' or 's2cloudless', got {detector!r}")
+    if detector not in MASK_DETECTORS:
+        raise ValueError(f"detector must be one of {MASK_DETECTORS}, got {detector!r}")
     out_dir = Path(out_dir)
     info = out_dir / MASKS_INFO
-    if info.is_file() and json.loads(info.read_text())["detector"] != detector:
-        raise DataError(f"{out_dir} holds {json.loads(info.read_text())['detector']} masks; use another --out for "
+    if info.is_file() and read_masks_info(out_dir)["detector"] != detector:
+        raise DataError(f"{out_dir} holds {read_masks_info(out_dir)['detector']} masks; use another --out for "
                         f"{detector}")
-    write_text_atomic(info, json.dumps({"detector": detector, "encoding": f"uint8 soft score x{MASK_SCALE}"}))
+    kind = "binary" if detector in BINARY_DETECTORS else "soft"
+    write_text_atomic(info, json.dumps({"detector": detector, "settings": detector_settings(detector, None),
+                                        "encoding": MASK_ENCODINGS[kind]}, indent=2))
     jobs = [(Path(root) / t.s2_cloudy, out_dir / t.s2_cloudy, detector) for t in triplets
             if not (out_dir / t.s2_cloudy).is_file()]
     if not jobs:
@@ -439,9 +476,11 @@ class SEN12MSCRDataset(Dataset):
     the crop at a random place, otherwise in the centre; augment adds random flips and 90-degree rotations,
     identical for the three images. Only the crop window is read from disk, so NaN pixels are filled with the
     mean of the band over that crop.
-    cloud_detector: "rule" (DSen2-CR rules), "s2cloudless" or "none" (cloud_mask all zeros, so a cloud-weighted
-    loss reduces to an unweighted one). `cloud_binary` is cloud_mask >= cloud_threshold. cloud_mask_dir: read
-    cloud_mask from masks precomputed by `python dataloader.py masks` instead of running a detector per sample.
+    cloud_detector: "rule" (DSen2-CR rules, soft score), "s2cloudless" (the literature's binary mask, 0/1: the
+    whole raster's mask, cropped), "s2cloudless_prob" (its raw probability) or "none" (cloud_mask all zeros, so a
+    cloud-weighted loss reduces to an unweighted one). `cloud_binary` is cloud_mask >= cloud_threshold. cloud_mask_dir:
+    read cloud_mask from masks precomputed by `python dataloader.py masks` (exactly the detector's score) instead of
+    running a detector per sample.
     Where every triplet has a true cloud map (synthetic data, truth_path), samples also hold `cloud_truth`
     (2,H,W: opacity, shadow darkening).
     crop_flag: the command-line flag that set crop_size, named in the error when a raster is smaller than it.
@@ -519,6 +558,28 @@ class SEN12MSCRDataset(Dataset):
             dy, dx = (region_h - ch) // 2, (region_w - cw) // 2
         return top0 + dy, left0 + dx, ch, cw
 
+    def _grown_crop(self, src, window):
+        """Where the detector looks beyond a pixel (clouds.detector_margin), the cloudy crop grown by that margin,
+        clipped to the raster (whose own border the detector then treats as on the whole raster), and the crop's
+        (row, col) offset in it; None for detectors that need no context or masks read from cloud_mask_dir."""
+        margin = detector_margin(self.cloud_detector) if self.cloud_mask_dir is None else 0
+        if not margin:
+            return None
+        r, c, h, w = window
+        r0, c0 = max(0, r - margin), max(0, c - margin)
+        r1, c1 = min(src.height, r + h + margin), min(src.width, c + w + margin)
+        return read_window(src, (r0, c0, r1 - r0, c1 - c0)), (r - r0, c - c0)
+
+    def _cloud_score(self, t, window, cloudy, grown):
+        """(1,h,w) cloud score of the crop: precomputed, or the detector's, which then equals the whole raster's
+        score cropped (run on the grown crop and cut back)."""
+        if self.cloud_mask_dir is not None:
+            return read_mask(self.cloud_mask_dir / t.s2_cloudy, window)[None]
+        if grown is None:
+            return cloud_score(cloudy, self.cloud_detector)[None]
+        (raw, (dr, dc)), (h, w) = grown, cloudy.shape[-2:]
+        return cloud_score(normalize_s2(raw), self.cloud_detector)[None, dr:dr + h, dc:dc + w]
+
     def __getitem__(self, index):
         t = self.triplets[index]
         paths = [self.root / p for p in (t.s1, t.s2_cloudfree, t.s2_cloudy)]
@@ -529,13 +590,11 @@ class SEN12MSCRDataset(Dataset):
             ref = srcs[2]
             window = self._window(ref.height, ref.width, ref.name)
             sar, cloudfree, cloudy = (read_window(s, window) for s in srcs)
+            grown = self._grown_crop(ref, window)
         check_s2_encoding(cloudfree, paths[1])
         check_s2_encoding(cloudy, paths[2])
         sar, cloudfree, cloudy = normalize_s1(sar), normalize_s2(cloudfree), normalize_s2(cloudy)
-        if self.cloud_mask_dir is not None:
-            score = read_mask(self.cloud_mask_dir / t.s2_cloudy, window)[None]
-        else:
-            score = cloud_score(cloudy, self.cloud_detector)[None]
+        score = self._cloud_score(t, window, cloudy, grown)
         if self.s2_encoding == "uint16":
             cloudy, cloudfree = denormalize_s2(cloudy), denormalize_s2(cloudfree)
         arrays = [cloudy, cloudfree, sar, score]
@@ -634,27 +693,37 @@ def split_by_scene(triplets, val_frac=0.1, test_frac=0.1, seed=0):
     return [Triplet(split_of.get(scene_of(t), 1), t.s1, t.s2_cloudfree, t.s2_cloudy) for t in triplets]
 
 
-# The standard SEN12MS-CR scene split (UnCRtainTS's SEN12MSCR data loader, used by EMRDM and ECRformer): these
-# test and validation scenes, every other scene trains. Published scores on "the SEN12MS-CR test split" mean these.
-OFFICIAL_TEST_SCENES = {"ROIs1158_spring": (106, 123, 140, 31, 44), "ROIs1868_summer": (119, 73),
-                        "ROIs1970_fall": (139,), "ROIs2017_winter": (108, 63)}
-OFFICIAL_VAL_SCENES = {"ROIs2017_winter": (22, 107, 130, 84), "ROIs1868_summer": (19, 80, 127, 17),
-                       "ROIs1970_fall": (65,), "ROIs1158_spring": (17,)}
-
-
-def _scene_set(table):
-    return {(roi, scene) for roi, scenes in table.items() for scene in scenes}
+def official_patch(triplet):
+    """((region-season, scene), patch) of a triplet named in the official way, else None."""
+    m = _FILE_RE.match(os.path.basename(triplet.s2_cloudy))
+    return ((m.group(1), int(m.group(3))), int(m.group(4))) if m else None
 
 
 def split_official(triplets):
-    """Assign split 1/2/3 by the official scene lists. Returns (triplets, missing) where missing maps "test" and
-    "val" to the official scenes of that split not among the triplets (a partial download), in list order."""
-    test, val = _scene_set(OFFICIAL_TEST_SCENES), _scene_set(OFFICIAL_VAL_SCENES)
-    split_of = lambda t: 3 if scene_of(t) in test else 2 if scene_of(t) in val else 1
+    """Assign split 1/2/3 by the published scene lists, scenes matched exactly (splits.py, rule "official").
+    Returns (triplets, missing) where missing maps "test" and "val" to the official scenes of that split not among
+    the triplets (a partial download), in list order."""
     present = {scene_of(t) for t in triplets}
     missing = {name: [(roi, n) for roi, scenes in table.items() for n in scenes if (roi, n) not in present]
                for name, table in (("test", OFFICIAL_TEST_SCENES), ("val", OFFICIAL_VAL_SCENES))}
-    return [Triplet(split_of(t), t.s1, t.s2_cloudfree, t.s2_cloudy) for t in triplets], missing
+    return [Triplet(splits.official_split(scene_of(t)), t.s1, t.s2_cloudfree, t.s2_cloudy) for t in triplets], missing
+
+
+def split_official_substring(triplets):
+    """The published loaders' substring rule (splits.substring_splits on each patch's official S1 path): one row per
+    split a patch falls in, so a patch may be listed twice and a scene in no list is dropped. Returns (rows,
+    doubled, dropped): doubled maps "val" and "test" to their scenes that are also in train; dropped lists the
+    scenes in no split."""
+    rows, doubled, dropped = [], {"val": set(), "test": set()}, set()
+    for t in triplets:
+        scene, patch = official_patch(t)
+        in_splits = splits.substring_splits(scene, patch)
+        rows += [Triplet(split, t.s1, t.s2_cloudfree, t.s2_cloudy) for split in in_splits]
+        for split in in_splits[1:] if in_splits[:1] == (1,) else ():
+            doubled[SPLIT_NAMES[split]].add(scene)
+        if not in_splits:
+            dropped.add(scene)
+    return rows, {k: sorted(v) for k, v in doubled.items()}, sorted(dropped)
 
 
 def format_scenes(scenes):
@@ -663,6 +732,124 @@ def format_scenes(scenes):
     for roi, n in scenes:
         by_roi.setdefault(roi, []).append(str(n))
     return "; ".join(f"{roi} {', '.join(ns)}" for roi, ns in by_roi.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Leak check: scenes and footprints shared by splits (`python dataloader.py check`)
+
+# Lists up to this many triplets get their footprints checked when training or evaluation starts (one header read
+# each, about 1 ms on a local disk); larger ones get the scene check there and `dataloader.py check` reads them all.
+AUTO_FOOTPRINT_LIMIT = 5000
+
+
+@dataclass
+class LeakReport:
+    """What `check_leaks` found. shared: {(split a, split b): scenes in both}; overlaps: {(a, b): (number of split-b
+    patches whose footprint overlaps a split-a patch, one example pair of paths)}, None when footprints were not
+    read; footprints: how they were read (or why not); split_rule: splits.rule_of for officially named lists, else
+    a description."""
+    source: str
+    counts: dict
+    n_scenes: int
+    shared: dict
+    overlaps: object
+    footprints: str
+    split_rule: str
+
+    def leaks(self, pairs=splits.SPLIT_PAIRS):
+        return any(p in self.shared or (self.overlaps and p in self.overlaps) for p in pairs)
+
+    def pair_text(self, pair):
+        """What leaks between two splits, in words; "" when nothing does."""
+        a, b = SPLIT_NAMES[pair[0]], SPLIT_NAMES[pair[1]]
+        parts = []
+        if pair in self.shared:
+            scenes = self.shared[pair]
+            parts.append(f"{a} and {b} share {len(scenes)} scene{'s' * (len(scenes) > 1)} ({format_scenes(scenes)})")
+        if self.overlaps and pair in self.overlaps:
+            n, (pa, pb) = self.overlaps[pair]
+            parts.append(f"{n} {b} patch{'es' * (n > 1)} overlap {a} patches (e.g. {pb} and {pa})")
+        return "; ".join(parts)
+
+    def to_json(self):
+        pairs = {f"{SPLIT_NAMES[a]}-{SPLIT_NAMES[b]}": {
+            "shared_scenes": [f"{roi} {n}" for roi, n in self.shared.get((a, b), [])],
+            "overlapping_patches": None if self.overlaps is None else self.overlaps.get((a, b), (0, None))[0]}
+            for a, b in splits.SPLIT_PAIRS}
+        return {"data_list": self.source, "leak": self.leaks(), "pairs": pairs, "footprints": self.footprints,
+                "split_rule": self.split_rule}
+
+
+def read_footprints(triplets, root, progress=False):
+    """(crs, (left, bottom, right, top), pixel size) of each triplet's cloudy image, from its header only; crs None
+    for a raster without georeferencing; None for a file that is missing or cannot be opened (a list may name
+    splits that are not downloaded: the check compares what is there). The three files of a triplet share a grid
+    (check_triplet)."""
+    from tqdm.auto import tqdm
+
+    out = []
+    with rasterio.Env(**GDAL_READ_OPTIONS):
+        for t in tqdm(triplets, desc="footprints", disable=not progress, dynamic_ncols=True):
+            try:
+                with open_raster(Path(root) / t.s2_cloudy) as src:
+                    georeferenced = src.crs is not None and not src.transform.is_identity
+                    out.append((src.crs.to_string() if georeferenced else None, tuple(src.bounds),
+                                min(abs(src.transform.a), abs(src.transform.e))))
+            except DataError:
+                out.append(None)
+    return out
+
+
+def check_leaks(triplets, root=None, source="data list", progress=False):
+    """The leak check: scenes shared by two splits (scene_of: official names, else the cloudy file's folder) and,
+    with `root`, footprints of patches of two splits that overlap (same CRS, bounds overlapping by at least half a
+    pixel; headers only, no pixels). Returns a LeakReport."""
+    shared = splits.shared_scenes((t.split, scene_of(t)) for t in triplets)
+    overlaps, footprints = None, "not read (no data root given)"
+    if root is not None:
+        boxes = read_footprints(triplets, root, progress)
+        found = splits.overlapping_footprints([(t.split, *(box or (None, None, None))) for t, box in
+                                               zip(triplets, boxes)])
+        overlaps = {pair: (len({j for _, j in ij}), (triplets[ij[0][0]].s2_cloudy, triplets[ij[0][1]].s2_cloudy))
+                    for pair, ij in found.items()}
+        n_read = sum(box is not None for box in boxes)
+        n_geo = sum(box is not None and box[0] is not None for box in boxes)
+        footprints = f"{n_read} headers read, {n_geo} georeferenced" + (
+            f", {n_read - n_geo} without georeferencing (not compared)" if n_geo < n_read else "") + (
+            f", {len(boxes) - n_read} listed file(s) missing or unreadable (not compared)"
+            if n_read < len(boxes) else "")
+    return LeakReport(source, {name: sum(t.split == i for t in triplets) for name, i in SPLIT_IDS.items()},
+                      len({scene_of(t) for t in triplets}), shared, overlaps, footprints, _split_rule(triplets, shared))
+
+
+def _split_rule(triplets, shared):
+    named = [official_patch(t) for t in triplets]
+    if all(named):
+        rule = splits.rule_of((t.split, scene, patch) for t, (scene, patch) in zip(triplets, named))
+        if rule:
+            return rule
+    return "by scene, not the published lists" if not shared else "scenes shared between splits (not by scene)"
+
+
+def startup_leak_check(csv_path, root):
+    """The check that training and evaluation run as they start: scenes always, footprints of lists up to
+    AUTO_FOOTPRINT_LIMIT triplets (the report says when they were not read, and why)."""
+    triplets = read_data_list(csv_path)
+    small = len(triplets) <= AUTO_FOOTPRINT_LIMIT
+    report = check_leaks(triplets, root if small else None, source=str(csv_path))
+    if not small:
+        report.footprints = (f"not read at start-up: {len(triplets)} triplets > {AUTO_FOOTPRINT_LIMIT}; run "
+                             f"python dataloader.py check {csv_path} --input_data_folder {root}")
+    return report
+
+
+def leak_warning(report, pairs, root):
+    """One line naming what leaks between `pairs` of splits, or None when nothing does."""
+    texts = [report.pair_text(pair) for pair in pairs if report.leaks([pair])]
+    if not texts:
+        return None
+    return (f"warning: {report.source} leaks: {'; '.join(texts)}; scores on those splits are inflated (details: "
+            f"python dataloader.py check {report.source} --input_data_folder {root})")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -707,20 +894,57 @@ def _cmd_scan(args):
         print(f"no partner: {rel}", file=sys.stderr)
     if not triplets:
         raise DataError(f"{args.root}: no complete SEN12MS-CR triplets found")
-    if args.split == "official":
-        triplets, missing = split_official(triplets)
-        for name, scenes in missing.items():
-            if scenes:
-                print(f"note: official {name} scenes not found under {args.root}: {format_scenes(scenes)}"
-                      + (" (scores on this test split do not compare with published ones)" if name == "test" else ""),
-                      file=sys.stderr)
-    else:
+    if args.split == "random":
         triplets = split_by_scene(triplets, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
+    else:
+        _note_missing_official(args.root, triplets)
+        triplets = _split_by_published_lists(args.split, triplets)
     out = write_data_list(args.out, triplets)
     counts = {name: sum(t.split == i for t in triplets) for name, i in SPLIT_IDS.items()}
-    print(f"{len(triplets)} triplets in {len({scene_of(t) for t in triplets})} scenes {counts}, {args.split} split; "
+    print(f"{len(triplets)} rows, {len({t.s2_cloudy for t in triplets})} triplets in "
+          f"{len({scene_of(t) for t in triplets})} scenes {counts}, {args.split} split; "
           f"{len(unpartnered)} files without partner; wrote {out}")
     return 0
+
+
+def _note_missing_official(root, triplets):
+    for name, scenes in split_official(triplets)[1].items():
+        if scenes:
+            print(f"note: official {name} scenes not found under {root}: {format_scenes(scenes)}"
+                  + (" (scores on this test split do not compare with published ones)" if name == "test" else ""),
+                  file=sys.stderr)
+
+
+def _split_by_published_lists(rule, triplets):
+    """--split official or official-substring, saying on stderr what the rule does to these triplets."""
+    print(f"split {rule}: {splits.SPLIT_RULES[rule]}", file=sys.stderr)
+    if rule == "official":
+        return split_official(triplets)[0]
+    rows, doubled, dropped = split_official_substring(triplets)
+    for name, scenes in doubled.items():
+        if scenes:
+            print(f"note: these {name} scenes are also in train: {format_scenes(scenes)}", file=sys.stderr)
+    if dropped:
+        print(f"note: scenes in no published list, left out: {format_scenes(dropped)}", file=sys.stderr)
+    return rows
+
+
+def _cmd_check(args):
+    triplets = read_data_list(args.data_list)
+    report = check_leaks(triplets, args.input_data_folder, source=args.data_list, progress=True)
+    counts = ", ".join(f"{name} {n}" for name, n in report.counts.items())
+    print(f"{args.data_list}: {len(triplets)} rows ({counts}) in {report.n_scenes} scenes; split rule: "
+          f"{report.split_rule}")
+    for pair in splits.SPLIT_PAIRS:
+        name = f"{SPLIT_NAMES[pair[0]]}-{SPLIT_NAMES[pair[1]]}"
+        print(f"{name}: {report.pair_text(pair) or 'no shared scene, no overlapping footprint'}")
+    print(f"footprints: {report.footprints}")
+    if not report.leaks():
+        print("no leak found")
+        return 0
+    print("LEAK: patches of one place are in two splits; scores on the later split are inflated"
+          + ("" if args.strict else " (--strict makes this exit 1)"))
+    return 1 if args.strict else 0
 
 
 def _cmd_masks(args):
@@ -763,20 +987,34 @@ def build_parser():
                        formatter_class=HelpFormatter)
     p.add_argument("root", help="data root (official layout at any depth, Kaggle's nesting included)")
     p.add_argument("--out", required=True, help="CSV to write (7-column Kaggle format, paths relative to ROOT)")
-    p.add_argument("--split", default="random", choices=["random", "official"],
+    p.add_argument("--split", default="random", choices=["random", "official", "official-substring"],
                    help="random: scenes shuffled into val/test by --val_frac/--test_frac (for partial downloads "
-                        "such as Kaggle's winter-only copy); official: the published SEN12MS-CR scene split "
-                        "(UnCRtainTS, EMRDM, ECRformer), which reports official scenes it does not find")
+                        "such as Kaggle's winter-only copy); official: the published SEN12MS-CR scene lists "
+                        "(UnCRtainTS), scenes matched exactly; official-substring: the same lists read the way the "
+                        "published loaders read them (a substring test on the path), which also puts 6 test and 3 "
+                        "validation scenes in train: to reproduce published figures, not to report new ones. Both "
+                        "official rules report official scenes they do not find")
     p.add_argument("--val_frac", type=fraction, default=0.1, help="--split random: fraction of scenes for validation")
     p.add_argument("--test_frac", type=fraction, default=0.1, help="--split random: fraction of scenes for test")
     p.add_argument("--seed", type=int, default=0, help="--split random: seed of the scene shuffle (same seed, same split)")
     p.set_defaults(func=_cmd_scan)
+    p = sub.add_parser("check", help="report scenes and footprints that two splits of a data list share (a leak)",
+                       formatter_class=HelpFormatter)
+    p.add_argument("data_list", help="data list to check (GLF-CR 5-column or Kaggle 7-column)")
+    p.add_argument("--input_data_folder", required=True,
+                   help="root the list's folders are relative to; every cloudy image's header is read (no pixels)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 1 when two splits share a scene or overlapping footprints (for scripts and CI); "
+                        "without it the report is printed and the exit status is 0")
+    p.set_defaults(func=_cmd_check)
     p = sub.add_parser("masks", help="compute every triplet's cloud mask once, for --cloud_mask_dir",
                        formatter_class=HelpFormatter)
     p.add_argument("--data_list_filepath", required=True, help="data list (every split is done)")
     p.add_argument("--input_data_folder", required=True, help="root the list's folders are relative to")
-    p.add_argument("--detector", default="s2cloudless", choices=["rule", "s2cloudless"],
-                   help="cloud detector (default s2cloudless: the better detector, too slow to run per sample)")
+    p.add_argument("--detector", default="s2cloudless", choices=list(MASK_DETECTORS),
+                   help="cloud detector (default s2cloudless: the literature's binary mask, too slow to run per "
+                        "sample; s2cloudless_prob: its raw probability; rule: the DSen2-CR rules). Each mask is "
+                        "stored exactly as the detector gives it on the fly")
     p.add_argument("--out", required=True, help="folder for the masks (mirrors the cloudy images' relative paths)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every CPU core)")
     p.set_defaults(func=_cmd_masks)

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 import dataloader
 import metrics
 import runtime
+import splits
 
 METRIC_NAMES = metrics.METRIC_NAMES
 # Whole-image score, then inside clouds and in clear pixels (metrics.masked_metrics halves).
@@ -88,12 +89,15 @@ def build_parser():
                    help="GLF-CR's flag: score a centred crop of this side (None: from --protocol, i.e. the whole "
                         "patch for full, 128 for glfcr)")
     g.add_argument("--cloud_detector", default="rule", choices=list(dataloader.CLOUD_DETECTORS),
-                   help="cloud mask behind the cloudy/clear scores and the cloud-cover bins")
+                   help="cloud mask behind the cloudy/clear scores and the cloud-cover bins: rule (GLF-CR's), "
+                        "s2cloudless (the binary mask UnCRtainTS computes), s2cloudless_prob (its raw probability, "
+                        "thresholded at --cloud_threshold) or none")
     g.add_argument("--is_use_cloudmask", type=parse_bool, nargs="?", const=True, default=None,
                    help="GLF-CR's flag: False = no cloud mask (--cloud_detector none: the cloudy/clear scores are "
                         "empty); True = use the --cloud_detector mask; None: follow --cloud_detector")
     g.add_argument("--cloud_threshold", type=float, default=0.2,
-                   help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold)")
+                   help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold), "
+                        "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
     g.add_argument("--cloud_mask_dir", default=None,
                    help="read the masks precomputed by `python dataloader.py masks` instead of running --cloud_detector")
     g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes")
@@ -361,7 +365,7 @@ def summarise_confidence(per_image, pooled):
     return out
 
 
-def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_model, pooled):
+def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_model, pooled, leaks):
     bins = {}
     for lo, hi in COVER_BINS:
         name = f"{lo}-{hi}"
@@ -375,6 +379,10 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
         "cloud_threshold": args.cloud_threshold,
         "cloud_detector": args.cloud_detector if not args.cloud_mask_dir else
         f"{dataloader.check_mask_dir(args.cloud_mask_dir, [])} (precomputed in {args.cloud_mask_dir})",
+        # The binary mask behind the cloudy/clear scores and bins, and the list's split rule and leak check: what a
+        # reader needs to tell whether two runs' figures compare.
+        "cloud_mask": dataloader.describe_cloud_mask(args.cloud_detector, args.cloud_threshold, args.cloud_mask_dir),
+        "split_rule": leaks.split_rule, "leak_check": leaks.to_json(),
         "device": str(device), "amp": runtime.amp_name(amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
         "sar_input": model.config.get("sar_input", "on"),
@@ -420,6 +428,8 @@ def resolve_eval_flags(args):
                                  f"region it is cut from; lower --crop_size or raise --load_size")
     args.protocol = next((name for name, sizes in PROTOCOLS.items() if sizes == (args.load_size, args.crop_size)),
                          "custom")
+    if not 0 < args.cloud_threshold <= 1:
+        raise runtime.UsageError(f"--cloud_threshold must be in (0, 1] (a cloud score is), got {args.cloud_threshold}")
     if args.is_use_cloudmask is False:
         args.cloud_detector = "none"
     elif args.is_use_cloudmask and args.cloud_detector == "none":
@@ -477,6 +487,10 @@ def evaluate(args):
     """Score every image of the split; write metrics.csv and summary.json (and GeoTIFF/PNG outputs). Rows are
     also appended to metrics.partial.csv as they are scored, so a run that stops part-way keeps them."""
     results, device, amp_dtype, model, ckpt, loader = setup_evaluation(args)
+    leaks = dataloader.startup_leak_check(args.data_list_filepath, args.input_data_folder)
+    warning = dataloader.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
+    if warning:
+        print(warning + " (recorded in summary.json)", file=sys.stderr)
     ctx = runtime.autocast(device, amp_dtype)
     per_image, t_model, t0 = [], 0.0, time.perf_counter()
     pooled = {}  # summed confidence histograms, for the AUCs pooled over the whole split
@@ -490,7 +504,7 @@ def evaluate(args):
             partial_rows.writerows(csv_row(row) for row in rows)
             partial.flush()
     summary = summarise_run(args, ckpt, model, device, amp_dtype, per_image, time.perf_counter() - t0, t_model,
-                            pooled)
+                            pooled, leaks)
     write_results(results, per_image, summary)
     print(f"{ckpt['model_name']} from {args.checkpoint} on {len(per_image)} {args.split} images "
           f"({args.data_list_filepath}); protocol {args.protocol}, device {device}, "

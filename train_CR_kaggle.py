@@ -173,8 +173,9 @@ def _data_flags(p):
                    help="validation centre-crop size (None: --load_size, the whole patch)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random flips and 90-degree rotations of training crops")
-    g.add_argument("--cloud_detector", default="rule", choices=["rule", "s2cloudless", "none"],
-                   help="soft cloud score behind the cloud-focused and confidence losses")
+    g.add_argument("--cloud_detector", default="rule", choices=list(dataloader.CLOUD_DETECTORS),
+                   help="cloud score behind the cloud-focused and confidence losses (soft for rule and "
+                        "s2cloudless_prob; s2cloudless: the literature's binary mask, best precomputed)")
     g.add_argument("--cloud_mask_dir", default=None,
                    help="read the cloud masks precomputed by `python dataloader.py masks` from this folder instead "
                         "of running --cloud_detector on every sample")
@@ -501,6 +502,11 @@ def setup(args, argv=()):
             dist.broadcast_object_list(holder, src=0)
             vars(args).update(holder[0])
     train_rows, val_rows = check_inputs(args)
+    leak = run.is_main and dataloader.leak_warning(  # a place in train and in val or test inflates their scores
+        dataloader.startup_leak_check(args.data_list_filepath, args.input_data_folder), ((1, 2), (1, 3)),
+        args.input_data_folder)
+    if leak:
+        print(leak, file=sys.stderr)
     resolve_confidence_weights(args)
     run.amp_dtype, use_scaler = resolve_amp(args.amp, device)
     run.amp_text, amp_warning = runtime.describe_amp(args.amp, device)

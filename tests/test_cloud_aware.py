@@ -120,11 +120,11 @@ def test_masks_cli_precomputes_resumes_and_feeds_the_dataset(synthetic_dataset, 
     assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temp files left behind"
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "(0 made, 12 already there)" in again.stdout  # resumable: nothing is done twice
-    # the dataset reads them instead of running the detector: the rule score of the whole raster, 8-bit
+    # the dataset reads them instead of running the detector: exactly the rule score of the whole raster
     ds = D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=out)
     for i in (0, 5):
         whole = D.rule_cloud_score(D.normalize_s2(D.read_raster(root / triplets[i].s2_cloudy, 13)))
-        assert np.abs(ds[i]["cloud_mask"][0].numpy() - whole).max() <= 0.5 / D.MASK_SCALE + 1e-6
+        np.testing.assert_array_equal(ds[i]["cloud_mask"][0].numpy(), whole)
     assert ds.cloud_detector == "rule"
     # a missing mask names the file and the command that makes it; another detector in the same folder is refused
     (out / triplets[2].s2_cloudy).unlink()

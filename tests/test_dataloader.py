@@ -1,6 +1,7 @@
 """dataloader.py: list formats, layouts, normalisation, errors, crops, cloud masks, scan, synthetic data."""
 import argparse
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -456,14 +457,86 @@ def test_cloud_score_is_higher_on_cloudy_than_on_clear_synthetic_pixels(synth):
     assert (cloudy >= 0.2).float().mean() > 0.9 and (clear >= 0.2).float().mean() < 0.1
 
 
-def test_s2cloudless_option(synth):
+def test_s2cloudless_options(synth):
     root, triplets = synth
-    ds = D.SEN12MSCRDataset(triplets[:5], root, cloud_detector="s2cloudless")
-    clear, overcast = ds[0]["cloud_mask"], ds[4]["cloud_mask"]  # regimes cycle: clear, haze, partial x2, overcast
-    assert clear.shape == (1, 64, 64) and 0 <= clear.min() and overcast.max() <= 1
-    assert overcast.mean() > clear.mean() + 0.3
+    for detector in ("s2cloudless", "s2cloudless_prob"):
+        ds = D.SEN12MSCRDataset(triplets[:5], root, cloud_detector=detector)
+        clear, overcast = ds[0]["cloud_mask"], ds[4]["cloud_mask"]  # regimes cycle: clear, haze, partial x2, overcast
+        assert clear.shape == (1, 64, 64) and 0 <= clear.min() and overcast.max() <= 1
+        assert overcast.mean() > clear.mean() + 0.3
+    assert set(np.unique(ds[2]["cloud_mask"])) != {0.0, 1.0}  # the probability is soft; the mask below is binary
+    assert set(np.unique(D.SEN12MSCRDataset(triplets[2:3], root, cloud_detector="s2cloudless")[0]["cloud_mask"])) \
+        == {0.0, 1.0}
     with pytest.raises(ValueError, match="unknown cloud detector"):
         D.SEN12MSCRDataset(triplets, root, cloud_detector="magic")
+
+
+def _package_detector():
+    from s2cloudless import S2PixelCloudDetector
+    return S2PixelCloudDetector(threshold=0.4, all_bands=True, average_over=4, dilation_size=2)
+
+
+def _package_mask(raw):
+    """s2cloudless's own binary mask with UnCRtainTS's settings and input (data/dataLoader.py, get_cloud_map)."""
+    img = np.clip(raw.astype(np.float32), 0, 10000)
+    return _package_detector().get_cloud_masks(np.moveaxis(img / 10000, 0, -1)[None, ...])[0]
+
+
+def test_s2cloudless_mask_is_the_packages_get_cloud_masks_on_the_real_sample(real_sample_dir, tmp_path):
+    t = D.read_data_list(real_sample_dir / "data.csv")[0]
+    mask = _package_mask(D.read_raster(real_sample_dir / t.s2_cloudy, 13))
+    whole = D.SEN12MSCRDataset([t], real_sample_dir, cloud_detector="s2cloudless")[0]
+    np.testing.assert_array_equal(whole["cloud_mask"][0].numpy(), mask)
+    stored = D.write_cloud_mask(real_sample_dir / t.s2_cloudy, tmp_path / "mask.tif", "s2cloudless")  # precomputed
+    np.testing.assert_array_equal(D.read_mask(stored), mask)
+    np.testing.assert_array_equal(whole["cloud_binary"][0].numpy(), mask)  # binary already: no threshold moves it
+    prob = D.SEN12MSCRDataset([t], real_sample_dir, cloud_detector="s2cloudless_prob")[0]["cloud_mask"][0].numpy()
+    np.testing.assert_array_equal(_package_detector().get_mask_from_prob(prob[None])[0], mask)
+    # On this winter patch the raw probability >= 0.2 flags pixels where the averaged, thresholded mask flags none.
+    assert mask.mean() == 0 and 0.1 < (prob >= 0.2).mean() < 0.2
+
+
+def test_s2cloudless_mask_of_a_crop_is_the_whole_rasters_mask_cropped(synth):
+    root, triplets = synth
+    torch.manual_seed(0)
+    ds = D.SEN12MSCRDataset(triplets[:6], root, cloud_detector="s2cloudless", crop_size=20, random_crop=True)
+    for i in range(len(ds)):
+        mask = _package_mask(D.read_raster(root / triplets[i].s2_cloudy, 13))
+        s = ds[i]
+        r, c, h, w = s["window"].tolist()
+        np.testing.assert_array_equal(s["cloud_mask"][0].numpy(), mask[r:r + h, c:c + w])
+    assert 0 < np.mean([ds[i]["cloud_mask"].mean() for i in range(len(ds))]) < 1
+
+
+@pytest.mark.parametrize("detector", ["s2cloudless", "s2cloudless_prob", "rule"])
+def test_precomputed_masks_equal_the_detector_on_the_fly(synth, tmp_path, detector):
+    root, triplets = synth
+    triplets = triplets[:4]
+    out = tmp_path / "masks"
+    for t in triplets:  # what the masks command's workers do; make_cloud_masks then has nothing left but masks.json
+        D.write_cloud_mask(root / t.s2_cloudy, out / t.s2_cloudy, detector)
+    assert D.make_cloud_masks(triplets, root, out, detector, progress=False) == (0, 4)
+    info = json.loads((out / D.MASKS_INFO).read_text())
+    assert info["detector"] == detector and info["settings"]["detector"] == detector
+    for threshold in (0.2, 0.5):
+        # A centred crop, the same window both ways; the rule detector, kept as published, runs on the crop it is
+        # given, so its precomputed (whole-raster) score equals it on whole patches only.
+        kw = {"crop_size": None if detector == "rule" else 24, "cloud_threshold": threshold}
+        fly = D.SEN12MSCRDataset(triplets, root, cloud_detector=detector, **kw)
+        stored = D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=out, **kw)
+        assert stored.cloud_detector == detector
+        for i in range(len(triplets)):
+            for key in ("cloud_mask", "cloud_binary"):
+                assert torch.equal(fly[i][key], stored[i][key]), (detector, threshold, key)
+
+
+def test_masks_of_the_old_rounded_encoding_are_refused(synth, tmp_path):
+    root, triplets = synth
+    (tmp_path / D.MASKS_INFO).write_text(json.dumps({"detector": "s2cloudless", "encoding": "uint8 soft score x255"}))
+    with pytest.raises(D.DataError, match="rounding moves the threshold.*--detector s2cloudless_prob"):
+        D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=tmp_path)
+    with pytest.raises(D.DataError, match="rounding moves the threshold"):
+        D.make_cloud_masks(triplets, root, tmp_path, "s2cloudless", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- scan and split
@@ -607,7 +680,7 @@ def test_sar_carries_the_land_cover_under_clouds(synth):
 def test_cli_help_documents_every_flag(capsys):
     parser = D.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"synth", "scan", "masks"}
+    assert set(subparsers.choices) == {"synth", "scan", "check", "masks"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"{name}: {action.dest} has no help text"

@@ -128,6 +128,41 @@ def test_summary_means_and_cloud_cover_bins(evaluated):
             assert _close(b["mean"]["model"]["all"]["PSNR"], want)
 
 
+def test_summary_records_the_split_rule_the_leak_check_and_the_cloud_mask(evaluated, synthetic_dataset):
+    _, _, summary, _ = evaluated
+    csv_path = synthetic_dataset[1]
+    assert summary["split_rule"] == "by scene, not the published lists"
+    check = summary["leak_check"]
+    assert check["leak"] is False and check["data_list"] == str(csv_path)
+    assert check["footprints"] == "12 headers read, 12 georeferenced"
+    assert check["pairs"]["train-test"] == {"shared_scenes": [], "overlapping_patches": 0}
+    assert summary["cloud_mask"] == {"detector": "rule", "score": "DSen2-CR rule cloud score (rule_cloud_score)",
+                                     "binary": "score >= cloud_threshold", "cloud_threshold": 0.2,
+                                     "computed": "on the fly"}
+
+
+def test_a_leaking_list_is_recorded_and_named(tiny_checkpoint, synthetic_dataset, tmp_path, capsys):
+    root, csv_path = synthetic_dataset
+    rows = dataloader.read_data_list(csv_path)
+    test_scene = dataloader.scene_of(next(t for t in rows if t.split == 3))
+    leaky = dataloader.write_data_list(tmp_path / "leaky.csv", rows + [
+        dataloader.Triplet(1, t.s1, t.s2_cloudfree, t.s2_cloudy) for t in rows if dataloader.scene_of(t) == test_scene])
+    assert test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(leaky),
+                         "--input_data_folder", str(root), "--results_dir", str(tmp_path / "r"), "--amp", "off",
+                         "--num_workers", "0", "--crop_size", "16", "--cloud_detector", "s2cloudless"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    err = capsys.readouterr().err
+    assert f"warning: {leaky} leaks: train and test share 1 scene" in err and "recorded in summary.json" in err
+    check = summary["leak_check"]
+    assert check["leak"] and check["pairs"]["train-test"]["shared_scenes"] == [f"{test_scene[0]} {test_scene[1]}"]
+    assert check["pairs"]["train-test"]["overlapping_patches"] > 0 and not check["pairs"]["val-test"]["shared_scenes"]
+    assert summary["split_rule"] == "scenes shared between splits (not by scene)"
+    mask = summary["cloud_mask"]
+    assert mask["detector"] == "s2cloudless" and mask["binary"] == "S2PixelCloudDetector.get_cloud_masks"
+    assert (mask["threshold"], mask["average_over"], mask["dilation_size"], mask["all_bands"]) == (0.4, 4, 2, True)
+    assert mask["cloud_threshold"] is None  # the mask is binary: --cloud_threshold does not move it
+
+
 def test_geotiff_round_trip_keeps_georeferencing(evaluated):
     results, rows, _, samples = evaluated
     for row in rows:
@@ -415,6 +450,8 @@ def test_help_shows_every_default():
     (["--data_list_filepath", "{csv}", "--input_data_folder", "{root}", "--is_use_cloudmask", "True",
       "--cloud_detector", "none"], "error: --is_use_cloudmask True asks for a cloud mask but --cloud_detector is none"),
     (["--batch_sz", "0"], "error: --batch_sz must be at least 1, got 0"),
+    (["--data_list_filepath", "{csv}", "--input_data_folder", "{root}", "--cloud_threshold", "0"],
+     "error: --cloud_threshold must be in (0, 1] (a cloud score is), got 0.0"),
     (["--data_list_filepath", "{csv}", "--input_data_folder", "{root}", "--results_dir", "{tmp}/r",
       "--checkpoint", "{tmp}/missing.pth"], "error: checkpoint not found: {tmp}/missing.pth"),
 ])

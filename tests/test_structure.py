@@ -17,7 +17,7 @@ import train_CR_kaggle
 ROOT = Path(__file__).resolve().parents[1]
 # Layers from the bottom up; a module may import project modules of lower layers only.
 LAYERS = {
-    "bands": 0, "metrics": 0, "net_CR_CrossAttention": 0, "synthetic": 0,
+    "bands": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1,
     "dataloader": 2,
     "runtime": 3,
