@@ -199,11 +199,11 @@ def test_python_examples_use_names_that_exist(page):
     project = {p.stem for p in ROOT.glob("*.py")}
     for block in re.findall(r"^```python\n(.*?)^```", page.read_text(), flags=re.DOTALL | re.MULTILINE):
         tree = ast.parse(block)
-        imported = {alias.asname or alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
-                    for alias in node.names if alias.name in project}
+        imported = {alias.asname or alias.name: alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                    for alias in node.names if alias.name in project}  # the name used -> the module
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in imported:
-                module = importlib.import_module(node.value.id)
+                module = importlib.import_module(imported[node.value.id])
                 assert hasattr(module, node.attr), f"{page.name}: {node.value.id}.{node.attr} does not exist"
 
 
