@@ -43,7 +43,10 @@ from runtime import (CheckpointError, UsageError, build_model_from_checkpoint,  
 from runtime import save_checkpoint as atomic_torch_save
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
-DEMO_SAMPLES, DEMO_SIZE, DEMO_SEED, DEMO_EPOCHS = 128, 64, 0, 24  # ~2 min on 2 quiet CPU cores (measured 1 min 53 s)
+# The demo: 128 synthetic patches of 64 px, trained on 32 px crops (a quarter of the compute per sample) for at most
+# DEMO_EPOCHS within DEMO_MINUTES, so it ends in about five minutes on any CPU; a fast one finishes its epochs sooner.
+DEMO_SAMPLES, DEMO_SIZE, DEMO_SEED = 128, 64, 0
+DEMO_CROP, DEMO_EPOCHS, DEMO_MINUTES, DEMO_LR = 32, 24, 4.5, 1e-3
 
 HISTORY_FIELDS = (["epoch", "lr", "train_loss", "train_psnr", "samples_per_s"]
                   + [f"val_{name}" for name in metrics.METRIC_NAMES] + ["best_psnr", "seconds"])
@@ -202,7 +205,8 @@ def _run_flags(p):
                    help="hours this command may run (e.g. 11.5 in a 12-hour Kaggle session): stop after the last "
                         "epoch that fits, with a resumable last.pth and the command that resumes (None: no limit)")
     g.add_argument("--demo", action="store_true",
-                   help="train a short run on built-in synthetic data (no dataset needed)")
+                   help=f"train a short run on built-in synthetic data (no dataset needed): at most {DEMO_EPOCHS} "
+                        f"epochs within {DEMO_MINUTES:g} minutes (--time_limit overrides the budget)")
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -275,9 +279,10 @@ def prepare_demo(args):
         print(f"[demo] building the synthetic SEN12MS-CR dataset once in {csv_path.parent} ...")
         dataloader.make_synthetic_dataset(csv_path.parent, n=DEMO_SAMPLES, size=DEMO_SIZE, seed=DEMO_SEED)
     args.data_list_filepath, args.input_data_folder = str(csv_path), str(csv_path.parent)
-    args.load_size, args.crop_size = DEMO_SIZE, DEMO_SIZE
+    args.load_size, args.crop_size, args.val_crop_size = DEMO_SIZE, DEMO_CROP, DEMO_SIZE
     args.max_epochs, args.batch_sz, args.warmup_epochs = min(args.max_epochs, DEMO_EPOCHS), 4, 1
-    args.lr, args.num_workers = 5e-4, min(args.num_workers, 1)
+    args.lr, args.num_workers = DEMO_LR, min(args.num_workers, 1)
+    args.time_limit = args.time_limit or DEMO_MINUTES / 60
     args.experiment_name = "demo" if args.experiment_name == "glf_cr_enhanced_v3" else args.experiment_name
     # The design's full loss set; the VGG terms only where their weights can be had.
     preset = "design"
@@ -982,18 +987,23 @@ def evaluation_command(args, checkpoint):
 
 def finish(run):
     """Exit status: 130 after a stop signal, 0 otherwise; a stop (signal or time limit) leaves a resumable last.pth
-    and prints the command that resumes; a completed run prints the command that evaluates it."""
+    and prints the command that resumes; a completed run prints the command that evaluates it. The demo's time
+    budget is part of the demo: it ends like a completed run."""
     args = run.args
-    if run.stop_requested or run.stop_reason == "time limit":
+    stopped = run.stop_requested or run.stop_reason == "time limit"
+    if stopped and run.is_main and run.stop_requested:  # an interrupted epoch is not counted: resuming re-runs it
+        atomic_torch_save(checkpoint_state(run), run.dir / "last.pth")
+    if stopped and not (args.demo and run.stop_signal is None):
         if run.is_main:
-            if run.stop_requested:  # an interrupted epoch is not counted: resuming re-runs it from the weights reached
-                atomic_torch_save(checkpoint_state(run), run.dir / "last.pth")
             why = f"signal {run.stop_signal}" if run.stop_signal is not None else f"--time_limit {args.time_limit} h"
             print(f"\nstopped by {why} after {run.epochs_done} of {args.max_epochs} epochs: resumable checkpoint "
                   f"saved to {run.dir / 'last.pth'}. Resume with:\n  {resume_command(run)}")
         return 130 if run.stop_signal is not None else 0
     if run.is_main:
         best = run.dir / "best.pth" if (run.dir / "best.pth").is_file() else run.dir / "last.pth"
+        if stopped:
+            print(f"\ndemo: its {args.time_limit * 60:g}-minute budget ended training after {run.epochs_done} of "
+                  f"{args.max_epochs} epochs (the same command again trains further)")
         if run.start_epoch >= args.max_epochs:  # a finished experiment run again (a notebook cell re-run)
             print(f"already finished: {run.dir} holds {run.start_epoch} epochs (--max_epochs {args.max_epochs}); "
                   f"raise --max_epochs to continue, or pass --train_from_scratch to start again.\n"

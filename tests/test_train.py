@@ -614,3 +614,19 @@ def test_running_a_finished_experiment_again_says_so_and_a_larger_max_epochs_con
     assert more.returncode == 0, more.stderr[-2000:]
     assert "resuming from" in more.stdout and "epoch 2/2" in more.stdout and "epoch 1/2" not in more.stdout
     assert train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 2
+
+
+def test_the_demo_ends_by_its_time_budget_with_the_evaluation_command(tmp_path, monkeypatch, capsys):
+    """A slow CPU gets through fewer of the demo's epochs, not a longer demo."""
+    monkeypatch.setattr(train, "DEMO_DIR", tmp_path / "demo_data")
+    monkeypatch.setattr(train, "DEMO_SAMPLES", 16)
+    monkeypatch.setattr(train, "next_epoch_fits", lambda *a, **k: False)  # as if the budget were spent after one
+    assert train.main(["--demo", "--save_model_dir", str(tmp_path / "ckpt"), "--vgg_weights", "random",
+                       "--amp", "off", "--channels_last", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "budget ended training after 1 of 24 epochs" in out and "Resume with" not in out
+    command = out.strip().splitlines()[-1].strip()
+    assert command.startswith(f"python test_CR.py --checkpoint {tmp_path / 'ckpt' / 'demo' / 'best.pth'}")
+    args = train.build_parser().parse_args(["--demo", "--vgg_weights", "random"])
+    train.prepare_demo(args)
+    assert args.time_limit == train.DEMO_MINUTES / 60 and args.crop_size == train.DEMO_CROP
