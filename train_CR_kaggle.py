@@ -835,6 +835,9 @@ def end_of_epoch(run, epoch, stats, val):
     run.epochs_done = epoch + 1  # counted before the checkpoint is written, so last.pth resumes after this epoch
     if run.is_main:
         record_epoch(run, epoch, stats, val, improved)
+    elif val is not None:  # the other ranks say what they saw, so a multi-node run shows that they agree
+        print(f"rank {run.rank} of {run.world_size}: epoch {epoch + 1} validation PSNR {val['PSNR']:.6f} "
+              f"(all-reduced over the ranks)", flush=True)
     run.epoch_seconds.append(time.monotonic() - run.epoch_started)
     if run.args.early_stop_patience > 0 and run.early_stop_counter >= run.args.early_stop_patience:
         if run.is_main:
