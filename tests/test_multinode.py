@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_train import ROOT, _free_port, tiny
 
 
@@ -44,7 +43,7 @@ def test_two_nodes_agree_on_validation_and_one_writes_the_checkpoint(synthetic_d
     assert outputs[main].count("done: best validation PSNR") == 1 and "done:" not in outputs[other]
     assert "device cpu x2" in outputs[main]
 
-    history = list(csv.DictReader(open(run / "history.csv")))
+    history = list(csv.DictReader((run / "history.csv").read_text().splitlines()))
     assert [int(r["epoch"]) for r in history] == [1]
     rank1_lines = [line for line in outputs[other].splitlines() if line.startswith("rank 1 of 2: epoch 1 validation")]
     assert len(rank1_lines) == 1, outputs[other][-2000:]
