@@ -869,6 +869,10 @@ def resume_command(run):
         elif a != "--train_from_scratch" and not a.startswith("--resume="):
             kept.append(a)
     script = os.path.relpath(__file__)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", run.world_size))  # set by torchrun
+    if run.world_size > per_node:  # several nodes: torchrun does not pass its rendezvous flags on to the processes
+        launcher = ["torchrun", f"--nnodes={run.world_size // per_node}", f"--nproc_per_node={per_node}"]
+        return shlex.join(launcher + [script] + kept) + "  # on every node, with this launch's --rdzv_* flags"
     launcher = ["torchrun", f"--nproc_per_node={run.world_size}"] if run.world_size > 1 else ["python"]
     return shlex.join(launcher + [script] + kept)
 

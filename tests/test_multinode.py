@@ -3,9 +3,31 @@ import csv
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from test_train import ROOT, _free_port, tiny
+
+import train_CR_kaggle as train
+
+
+@pytest.mark.parametrize("world, per_node, launcher", [
+    (1, None, "python "),
+    (2, "2", "torchrun --nproc_per_node=2 "),
+    (8, "4", "torchrun --nnodes=2 --nproc_per_node=4 "),
+])
+def test_the_printed_resume_command_launches_the_same_processes(world, per_node, launcher, monkeypatch):
+    """torchrun tells each process how many run on its node (LOCAL_WORLD_SIZE); across nodes, resuming takes as many
+    processes per node, started on every node with the launch's own rendezvous flags."""
+    if per_node is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", per_node)
+    run = SimpleNamespace(world_size=world, argv=["--max_epochs", "30", "--train_from_scratch", "--time_limit", "11"])
+    command = train.resume_command(run)
+    assert command.startswith(launcher) and "--max_epochs 30 --time_limit 11" in command
+    assert "--train_from_scratch" not in command
+    assert ("on every node" in command) == launcher.startswith("torchrun --nnodes")
 
 
 @pytest.mark.slow
