@@ -110,6 +110,10 @@ def build_parser():
     g.add_argument("--save_png", action="store_true",
                    help="write labelled quicklooks cloudy | SAR | prediction | target | confidence heat map with "
                         "its colour bar, RGB with one fixed stretch (results_dir/png/NAME.png)")
+    g.add_argument("--save_first", type=int, default=None,
+                   help="write the --save_geotiff/--save_png/--save_confidence files of the first N images only, "
+                        "so the results folder stays small on a large test split (e.g. Kaggle's 20 GB output); every "
+                        "image is still scored (None: all)")
     g = p.add_argument_group("whole-scene prediction")
     g.add_argument("--predict", action="store_true", help="predict one whole scene instead of evaluating a list")
     g.add_argument("--cloudy", default=None, help="--predict: cloudy Sentinel-2 GeoTIFF (13 bands, reflectance x10000)")
@@ -313,9 +317,12 @@ def image_rows(batch, scores, cover, confidence_cols):
     return rows
 
 
-def save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence):
-    """--save_geotiff / --save_confidence / --save_png for each image of a batch."""
+def save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence, first_index=0):
+    """--save_geotiff / --save_confidence / --save_png for each image of a batch (whose first image is image
+    first_index of the split), up to --save_first images in all."""
     for i, name in enumerate(batch["file_name"]):
+        if args.save_first is not None and first_index + i >= args.save_first:
+            break
         stem = Path(name).stem
         if args.save_geotiff or (args.save_confidence and confidence is not None):
             crs, transform = dataloader.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
@@ -459,9 +466,9 @@ def setup_evaluation(args):
     return results, device, amp_dtype, model, ckpt, loader
 
 
-def evaluate_batch(args, results, model, ctx, device, batch, pooled):
-    """Predict, score and save one batch; adds its confidence histograms to `pooled`. Returns (CSV rows,
-    seconds spent in the model)."""
+def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index=0):
+    """Predict, score and save one batch (its first image is image first_index of the split); adds its confidence
+    histograms to `pooled`. Returns (CSV rows, seconds spent in the model)."""
     cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
                                        ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
     t0 = time.perf_counter()
@@ -479,7 +486,7 @@ def evaluate_batch(args, results, model, ctx, device, batch, pooled):
     conf_cols = confidence_scores(confidence, prediction, identity, mask, true_mask)
     if confidence is not None:
         accumulate_histograms(pooled, confidence, mask, true_mask)
-    save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence)
+    save_outputs(args, results, batch, cloudy, sar, prediction, target, confidence, first_index)
     return image_rows(batch, scores, cover, conf_cols), seconds
 
 
@@ -498,7 +505,7 @@ def evaluate(args):
         partial_rows = csv.DictWriter(partial, fieldnames=CSV_COLUMNS)
         partial_rows.writeheader()
         for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
-            rows, seconds = evaluate_batch(args, results, model, ctx, device, batch, pooled)
+            rows, seconds = evaluate_batch(args, results, model, ctx, device, batch, pooled, len(per_image))
             t_model += seconds
             per_image += rows
             partial_rows.writerows(csv_row(row) for row in rows)
@@ -705,6 +712,8 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.batch_sz < 1:
         raise runtime.UsageError(f"--batch_sz must be at least 1, got {args.batch_sz}")
+    if args.save_first is not None and args.save_first < 0:
+        raise runtime.UsageError(f"--save_first must be 0 or more, got {args.save_first}")
     if args.predict:
         predict(args)
     else:

@@ -58,6 +58,9 @@ LOG_EVERY = 10
 # 317.5 vs 195.3 samples/s, 13.8 instead of 24.4 GB) and the design-loss loop 1.36x; off on CPU, where it measured
 # slower (bf16 3.63 vs 4.13 samples/s after 83-101 s of compiling). BENCHMARKS.md, "Training loop" and "GPU".
 COMPILE_AUTO = {"cuda": True, "cpu": False}
+# Triton, which writes torch.compile's GPU kernels, refuses GPUs below CUDA capability 7.0 (Kaggle's P100 is 6.0):
+# there auto stays eager rather than fail at the first step.
+TRITON_MIN_CAPABILITY = (7, 0)
 # --time_limit: stop after an epoch when elapsed + MARGIN x the longest epoch so far would pass the limit; within an
 # epoch, stop (like SIGTERM: a resumable last.pth) when less than RESERVE of the limit is left.
 TIME_LIMIT_MARGIN = 1.25
@@ -129,8 +132,9 @@ def _optimisation_flags(p):
                         "CUDA, where it measured slower")
     g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                    help="torch.compile the model: auto = on for CUDA (an H100 ran the model step 1.63x and the "
-                        "design-loss loop 1.36x faster), off on CPU (measured slower); see BENCHMARKS.md. A bare "
-                        "--compile means on")
+                        "design-loss loop 1.36x faster) where the GPU has compute capability 7.0 or more (Triton's "
+                        "floor; not a P100), off on CPU (measured slower); see BENCHMARKS.md. A bare --compile "
+                        "means on")
     g.add_argument("--seed", type=int, default=0, help="random seed (each DDP rank adds its rank)")
 
 
@@ -232,8 +236,13 @@ def setup_distributed(device_arg):
 
 
 def resolve_compile(choice, device):
-    """Whether to torch.compile the model: 'on', 'off', or 'auto' (COMPILE_AUTO by device type; off elsewhere)."""
-    return choice == "on" or (choice == "auto" and COMPILE_AUTO.get(device.type, False))
+    """Whether to torch.compile the model: 'on', 'off', or 'auto' (COMPILE_AUTO by device type, on CUDA only for GPUs
+    Triton compiles for; off elsewhere)."""
+    if choice != "auto":
+        return choice == "on"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < TRITON_MIN_CAPABILITY:
+        return False
+    return COMPILE_AUTO.get(device.type, False)
 
 
 def step_seconds(model, ctx, size, channels_last, repeats=2):
@@ -953,6 +962,9 @@ def end_of_epoch(run, epoch, stats, val):
     run.epoch_seconds.append(time.monotonic() - run.epoch_started)
     if run.is_main:
         record_epoch(run, epoch, stats, val, improved)
+    elif val is not None:  # the other ranks say what they saw, so a multi-node run shows that they agree
+        print(f"rank {run.rank} of {run.world_size}: epoch {epoch + 1} validation PSNR {val['PSNR']:.6f} "
+              f"(all-reduced over the ranks)", flush=True)
     if run.args.early_stop_patience > 0 and run.early_stop_counter >= run.args.early_stop_patience:
         if run.is_main:
             print(f"early stop: no PSNR gain in {run.early_stop_counter} validations")
@@ -974,6 +986,10 @@ def resume_command(run):
         elif a != "--train_from_scratch" and not a.startswith("--resume="):
             kept.append(a)
     script = os.path.relpath(__file__)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", run.world_size))  # set by torchrun
+    if run.world_size > per_node:  # several nodes: torchrun does not pass its rendezvous flags on to the processes
+        launcher = ["torchrun", f"--nnodes={run.world_size // per_node}", f"--nproc_per_node={per_node}"]
+        return shlex.join(launcher + [script] + kept) + "  # on every node, with this launch's --rdzv_* flags"
     launcher = ["torchrun", f"--nproc_per_node={run.world_size}"] if run.world_size > 1 else ["python"]
     return shlex.join(launcher + [script] + kept)
 

@@ -544,6 +544,21 @@ def test_protocols_full_and_glfcr(synthetic_256, tiny_checkpoint, tmp_path):
             assert (out.height, out.width) == (side, side) and out.xy(0, 0) == src.xy(offset, offset)
 
 
+def test_save_first_bounds_the_saved_files_and_still_scores_every_image(tiny_checkpoint, synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(csv_path),
+                  "--input_data_folder", str(root), "--results_dir", str(tmp_path), "--save_geotiff", "--save_png",
+                  "--save_confidence", "--save_first", "3", "--batch_sz", "2", "--crop_size", "32", "--amp", "off",
+                  "--num_workers", "0", "--device", "cpu"])
+    scored = [Path(r["file_name"]).stem for r in csv.DictReader(open(tmp_path / "metrics.csv"))]
+    assert len(scored) == 4  # the limit crosses a batch boundary (batches of 2)
+    for sub, ext in (("geotiff", ".tif"), ("png", ".png"), ("confidence", ".tif")):
+        assert sorted(p.name for p in (tmp_path / sub).iterdir()) == sorted(f"{n}{ext}" for n in scored[:3]), sub
+    done = _cli("--checkpoint", tiny_checkpoint, "--data_list_filepath", csv_path, "--input_data_folder", root,
+                "--save_png", "--save_first", "-1")
+    assert _one_line_error(done).startswith("error: --save_first must be 0 or more, got -1")
+
+
 def test_is_use_cloudmask_follows_glfcr(tiny_checkpoint, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     parse = lambda *flags: test_CR.build_parser().parse_args(["--checkpoint", str(tiny_checkpoint), *flags])

@@ -377,7 +377,11 @@ def test_distributed_backend_is_nccl_on_gpus_and_gloo_on_cpu(monkeypatch):
 
 def test_compile_auto_is_on_for_cuda_and_off_on_cpu(synthetic_dataset, tmp_path, monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
     assert train.resolve_compile("auto", cuda) and not train.resolve_compile("auto", cpu)
+    # Triton, torch.compile's GPU compiler, refuses GPUs older than capability 7.0, such as Kaggle's P100 (6.0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    assert not train.resolve_compile("auto", cuda) and train.resolve_compile("on", cuda)
     assert train.resolve_compile("on", cpu) and not train.resolve_compile("off", cuda)
     assert train.build_parser().parse_args(["--compile"]).compile == "on"  # the old bare flag still means on
     root, csv_path = synthetic_dataset
