@@ -26,7 +26,7 @@ def tiny_parameters(data, out, **changes):
     """Every parameter of the notebook, set for seconds-long steps on 64 px patches, offline, on the CPU."""
     return {"REPO_DIR": str(ROOT), "DATA_DIR": str(data), "OUT_DIR": str(out), "PREVIOUS_OUTPUT": "",
             "HOURS_LEFT": 1.0, "RESERVE_HOURS": 0.25, "EPOCHS": 1, "PRECOMPUTE_MASKS": True,
-            "RUN_LEAK_CHECK": False,  # the check CLI is not on this branch yet
+            "RUN_LEAK_CHECK": True,
             "SPLIT": "random", "BATCH_SIZE": 2, "LOAD_SIZE": 64, "CROP_SIZE": 32, "VGG_WEIGHTS": "random",
             "AMP": "off", "EXPERIMENT": "glf_cr_enhanced_v3", "NUM_SAVED": 2, "SCENE_MAX_PX": 96, "TILE": 32,
             **changes}
