@@ -19,6 +19,7 @@ create_model(model_name, **config) building either from a checkpoint's stored co
 This module imports nothing of the project (torch only).
 """
 import time
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -27,16 +28,93 @@ import torch.nn.functional as F
 __all__ = [
     "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion",
     "SpeckleAwareGate", "CloudConfidencePredictor", "CloudRemovalCrossAttention", "DSen2CR",
-    "create_model", "MODELS", "SAR_INPUTS", "ADDED_SWITCHES",
+    "create_model", "MODELS", "SAR_INPUTS", "ModelConfig", "DSen2CRConfig",
 ]
 
 GN_GROUPS = 8
 ATTENTION_PATHS = ("fused", "reference")
 SAR_INPUTS = ("on", "zeros")  # "zeros": the radar ablation, an all-zero SAR image whatever the data holds
-# Switches added after the design's first version, with the value that rebuilds a network saved before each
-# existed (a checkpoint's config lacks the key): runtime.model_config_of fills them in.
-ADDED_SWITCHES = {"use_date_correction": False, "use_sar_skips": False, "use_confidence_refinement": False,
-                  "detach_confidence_input": False}
+
+
+def _switch(default, help, older=None):
+    """A field of ModelConfig that is also a training flag. `older`: the value that rebuilds a checkpoint written
+    before the field existed (its stored config lacks the key); None for the design's own switches."""
+    return field(default=default, metadata={"help": help, "older": older})
+
+
+@dataclass
+class ModelConfig:
+    """The CrossAttention network's switches and sizes: the network is built from it, a checkpoint stores it (as a
+    dict, "model_config"), and the training script's model flags are made from its fields that carry a help text.
+    A new switch is one field here plus its use in the network."""
+    use_cross_attn: bool = _switch(True, "fuse SAR into optical features with transformer cross-attention "
+                                         "(--no-use_cross_attn: concatenation + convolution)")
+    use_spectral_attention: bool = _switch(True, "channel attention over VV/VH at the SAR encoder input")
+    use_cloud_predictor: bool = _switch(True, "weight the residual by a predicted cloud confidence map "
+                                              "(--no-use_cloud_predictor: output = cloudy + residual)")
+    use_date_correction: bool = _switch(
+        False, "a per-image, per-band gain and offset applied to every pixel (the two dates' radiometric change), "
+               "so the confidence map only marks clouds: output = corrected + confidence * residual", older=False)
+    use_sar_skips: bool = _switch(True, "feed the SAR encoder's full- and half-resolution features to the decoder "
+                                        "too", older=False)
+    use_confidence_refinement: bool = _switch(True, "sharpen the cloud confidence map at full resolution from the "
+                                                    "decoder's features (needs the cloud predictor)", older=False)
+    detach_confidence_input: bool = _switch(
+        False, "the confidence head reads detached features: --confidence_weight trains the head only, not the "
+               "shared encoders and decoder", older=False)
+    attention: str = field(default="fused", metadata={
+        "choices": ATTENTION_PATHS,
+        "help": "attention kernel: fused scaled_dot_product_attention, or the explicit reference (same function)"})
+    sar_input: str = field(default="on", metadata={
+        "choices": SAR_INPUTS, "older": "args",  # older checkpoints kept it in the training args only
+        "help": "'zeros' feeds an all-zero SAR image (ablation: does the model use the radar?); stored in the "
+                "model's config, so evaluation feeds what training fed"})
+    # sizes: not flags
+    in_optical: int = 13
+    in_sar: int = 2
+    widths: tuple = (64, 128, 256)
+    encoder_blocks: tuple = (1, 1, 1)
+    decoder_blocks: tuple = (0, 0)
+    heads: int = 8
+    ffn_ratio: float = 2.0
+
+    def __post_init__(self):
+        self.widths, self.encoder_blocks = tuple(self.widths), tuple(self.encoder_blocks)
+        self.decoder_blocks = tuple(self.decoder_blocks)
+        if len(self.widths) != 3 or len(self.encoder_blocks) != 3 or len(self.decoder_blocks) != 2:
+            raise ValueError("widths and encoder_blocks need 3 entries (levels), decoder_blocks 2")
+        if self.attention not in ATTENTION_PATHS:
+            raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {self.attention!r}")
+        _check_sar_input(self.sar_input)
+        # a refinement of the confidence map needs a map: without the cloud predictor it is recorded as off
+        self.use_confidence_refinement = self.use_confidence_refinement and self.use_cloud_predictor
+
+
+def flag_fields():
+    """ModelConfig's fields that are training flags (those with a help text)."""
+    return [f for f in fields(ModelConfig) if "help" in f.metadata]
+
+
+def design_switches():
+    """{switch: value} that turns the default network into the design document's: every switch added since at the
+    value that checkpoints written before it were built with."""
+    return {f.name: f.metadata.get("older") for f in flag_fields() if isinstance(f.metadata.get("older"), bool)}
+
+
+def config_for_checkpoint(model_name, stored, training_args=None):
+    """The config a checkpoint's network was built with, from its stored dict: fields added after it was written
+    take the value they had then (the SAR input mode, once kept only in the training args, from there)."""
+    config = dict(stored)
+    if model_name == "CrossAttention":
+        for f in flag_fields():
+            older = f.metadata.get("older")
+            if older == "args":
+                config.setdefault(f.name, (training_args or {}).get(f.name, f.default))
+            elif older is not None:
+                config.setdefault(f.name, older)
+    else:
+        config.setdefault("sar_input", (training_args or {}).get("sar_input", "on"))
+    return config
 
 
 def _gn(channels):
@@ -315,65 +393,34 @@ def _pad_to_multiple(x, multiple):
 class CloudRemovalCrossAttention(nn.Module):
     """The whole GLF-CR Enhanced v3 network; see the module docstring for the data flow.
 
-    Switches (stored in .config so create_model(**model.config) rebuilds the same network):
-      use_spectral_attention: SpectralAttentionSAR before the SAR encoder (off: raw VV/VH go in).
-      use_cross_attn: cross-attention fusion (off: ConcatFusion, concatenation + convolution).
-      use_cloud_predictor: output = cloudy + confidence * residual (off: output = cloudy + residual,
-                           confidence returned as None).
-      attention: "fused" (F.scaled_dot_product_attention) or "reference" (materialised softmax(QK^T)V);
-                 same parameters, same function.
-      sar_input: "on", or "zeros" to feed an all-zero radar image (ablation: does the model use the radar?);
-                 part of the config so a checkpoint evaluates the way it was trained.
-      use_date_correction: output = DateCorrection(cloudy) + confidence * residual (off: cloudy + ...).
-      use_sar_skips: the decoder also concatenates the SAR encoder's full and half resolution features, so
-                 full-resolution radar detail reaches the pixels under thick cloud (off: optical skips only).
-      use_confidence_refinement: ConfidenceRefinement sharpens the confidence map at full resolution (only with
-                 use_cloud_predictor: without a confidence map it is recorded as off).
-      detach_confidence_input: the confidence predictor (and refinement) read detached features, so a loss on the
-                 confidence map (--confidence_weight) trains the confidence head only and does not pull the shared
-                 encoders and decoder away from reconstruction; the reconstruction loss still reaches the head
-                 through confidence * residual.
+    Built from a ModelConfig (keyword overrides allowed: CloudRemovalCrossAttention(use_sar_skips=False)), kept as
+    .config; its fields say what each switch does. create_model("CrossAttention", **asdict(model.config)) rebuilds
+    the same network.
     """
 
     model_name = "CrossAttention"
     DOWNSAMPLE = 4  # two stride-2 stages: inputs are padded to a multiple of this
 
-    def __init__(self, in_optical=13, in_sar=2, use_spectral_attention=True, use_cross_attn=True,
-                 use_cloud_predictor=True, attention="fused", widths=(64, 128, 256), encoder_blocks=(1, 1, 1),
-                 decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0, sar_input="on", use_date_correction=False,
-                 use_sar_skips=True, use_confidence_refinement=True, detach_confidence_input=False):
+    def __init__(self, config=None, **overrides):
         super().__init__()
-        widths, encoder_blocks, decoder_blocks = tuple(widths), tuple(encoder_blocks), tuple(decoder_blocks)
-        if len(widths) != 3 or len(encoder_blocks) != 3 or len(decoder_blocks) != 2:
-            raise ValueError("widths and encoder_blocks need 3 entries (levels), decoder_blocks 2")
-        if attention not in ATTENTION_PATHS:
-            raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {attention!r}")
-        _check_sar_input(sar_input)
-        self.config = dict(in_optical=in_optical, in_sar=in_sar, use_spectral_attention=use_spectral_attention,
-                           use_cross_attn=use_cross_attn, use_cloud_predictor=use_cloud_predictor,
-                           attention=attention, widths=widths, encoder_blocks=encoder_blocks,
-                           decoder_blocks=decoder_blocks, heads=heads, ffn_ratio=ffn_ratio, sar_input=sar_input,
-                           use_date_correction=use_date_correction, use_sar_skips=use_sar_skips,
-                           use_confidence_refinement=use_confidence_refinement,
-                           detach_confidence_input=detach_confidence_input)
-        self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, sar_input
+        c = replace(config or ModelConfig(), **overrides)  # replace() re-runs ModelConfig's checks
+        self.config = c
+        in_optical, in_sar, widths, encoder_blocks = c.in_optical, c.in_sar, c.widths, c.encoder_blocks
+        self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, c.sar_input
         dim = widths[2]
         self.optical_encoder = OpticalEncoder(in_optical, widths, encoder_blocks)
-        self.sar_encoder = SAREncoder(in_sar, widths, encoder_blocks, use_spectral_attention)
-        self.fusion = (CrossAttentionFusion(dim, heads, ffn_ratio, attention) if use_cross_attn
+        self.sar_encoder = SAREncoder(in_sar, widths, encoder_blocks, c.use_spectral_attention)
+        self.fusion = (CrossAttentionFusion(dim, c.heads, c.ffn_ratio, c.attention) if c.use_cross_attn
                        else ConcatFusion(dim))
         self.gate = SpeckleAwareGate(dim)
         self.refine = Refinement(dim)
-        skips = 2 if use_sar_skips else 1
-        self.up2 = _UpStage(widths[2], widths[1], decoder_blocks[0], skips)
-        self.up1 = _UpStage(widths[1], widths[0], decoder_blocks[1], skips)
+        skips = 2 if c.use_sar_skips else 1
+        self.up2 = _UpStage(widths[2], widths[1], c.decoder_blocks[0], skips)
+        self.up1 = _UpStage(widths[1], widths[0], c.decoder_blocks[1], skips)
         self.head = nn.Conv2d(widths[0], in_optical, 3, padding=1)
-        self.cloud_predictor = CloudConfidencePredictor(dim) if use_cloud_predictor else None
-        self.date_correction = DateCorrection(dim, in_optical) if use_date_correction else None
-        # a refinement of the confidence map needs a map: without the cloud predictor the config records it as off
-        use_confidence_refinement = use_confidence_refinement and use_cloud_predictor
-        self.config["use_confidence_refinement"] = use_confidence_refinement
-        self.confidence_refinement = ConfidenceRefinement(widths[0]) if use_confidence_refinement else None
+        self.cloud_predictor = CloudConfidencePredictor(dim) if c.use_cloud_predictor else None
+        self.date_correction = DateCorrection(dim, in_optical) if c.use_date_correction else None
+        self.confidence_refinement = ConfidenceRefinement(widths[0]) if c.use_confidence_refinement else None
         # A small residual at initialisation: the untrained network starts near the identity (output ~
         # cloudy), which is already a fair cloud-removal baseline, yet every layer still gets a gradient.
         with torch.no_grad():
@@ -396,7 +443,7 @@ class CloudRemovalCrossAttention(nn.Module):
         s1, s2, s3 = self.sar_encoder(sar_p)
         fused = self.fusion(o3, s3) * self.gate(o3, s3)
         refined = self.refine(fused, o3)
-        if self.config["use_sar_skips"]:
+        if self.config.use_sar_skips:
             x = self.up1(self.up2(refined, o2, s2), o1, s1)
         else:
             x = self.up1(self.up2(refined, o2), o1)
@@ -404,7 +451,7 @@ class CloudRemovalCrossAttention(nn.Module):
 
         confidence = None
         if self.cloud_predictor is not None:
-            bottleneck, decoded = (refined.detach(), x.detach()) if self.config["detach_confidence_input"] else (refined, x)
+            bottleneck, decoded = (refined.detach(), x.detach()) if self.config.detach_confidence_input else (refined, x)
             if self.confidence_refinement is None:  # the design: the predictor's map, upsampled
                 confidence = F.interpolate(self.cloud_predictor(bottleneck), size=optical_p.shape[-2:],
                                            mode="bilinear", align_corners=False)
@@ -444,6 +491,19 @@ class _DSen2CRBlock(nn.Module):
         return x + self.scale * self.conv2(F.relu(self.conv1(x)))
 
 
+@dataclass
+class DSen2CRConfig:
+    in_optical: int = 13
+    in_sar: int = 2
+    feature_sizes: int = 256
+    num_layers: int = 16
+    scale: float = 0.1
+    sar_input: str = "on"
+
+    def __post_init__(self):
+        _check_sar_input(self.sar_input)
+
+
 class DSen2CR(nn.Module):
     """DSen2-CR baseline (Meraner et al., ISPRS J. 2020), after the authors' Keras code:
     concat(optical, SAR) -> conv3x3 (feature_sizes) + ReLU -> num_layers residual blocks scaled by 0.1
@@ -456,15 +516,13 @@ class DSen2CR(nn.Module):
 
     model_name = "DSen2CR"
 
-    def __init__(self, in_optical=13, in_sar=2, feature_sizes=256, num_layers=16, scale=0.1, sar_input="on"):
+    def __init__(self, config=None, **overrides):
         super().__init__()
-        _check_sar_input(sar_input)
-        self.config = dict(in_optical=in_optical, in_sar=in_sar, feature_sizes=feature_sizes,
-                           num_layers=num_layers, scale=scale, sar_input=sar_input)
-        self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, sar_input
-        self.stem = nn.Conv2d(in_optical + in_sar, feature_sizes, 3, padding=1)
-        self.blocks = nn.Sequential(*[_DSen2CRBlock(feature_sizes, scale) for _ in range(num_layers)])
-        self.head = nn.Conv2d(feature_sizes, in_optical, 3, padding=1)
+        c = self.config = replace(config or DSen2CRConfig(), **overrides)
+        self.in_optical, self.in_sar, self.sar_input = c.in_optical, c.in_sar, c.sar_input
+        self.stem = nn.Conv2d(c.in_optical + c.in_sar, c.feature_sizes, 3, padding=1)
+        self.blocks = nn.Sequential(*[_DSen2CRBlock(c.feature_sizes, c.scale) for _ in range(c.num_layers)])
+        self.head = nn.Conv2d(c.feature_sizes, c.in_optical, 3, padding=1)
 
     def forward(self, optical, sar, return_aux=False):
         _check_inputs(optical, sar, self.in_optical, self.in_sar)
@@ -486,7 +544,7 @@ MODELS = {"CrossAttention": CloudRemovalCrossAttention, "DSen2CR": DSen2CR}
 def create_model(model_name="CrossAttention", **config):
     """Build "CrossAttention" (CloudRemovalCrossAttention) or "DSen2CR" from its constructor arguments.
 
-    create_model(model_name=ckpt["model_name"], **ckpt["model_config"]) rebuilds a saved model.
+    create_model(model_name, **config_for_checkpoint(...)) rebuilds a saved model.
     """
     if model_name not in MODELS:
         raise ValueError(f"unknown model_name {model_name!r}; choose one of {sorted(MODELS)}")
@@ -511,9 +569,9 @@ def _smoke_test():
     torch.manual_seed(0)
     model = CloudRemovalCrossAttention().to(device)
     n_params = count_parameters(model)
-    cfg = model.config
+    cfg = asdict(model.config)
     tick = lambda on: "✓" if on else "✗"  # noqa: E731
-    design = count_parameters(CloudRemovalCrossAttention(**ADDED_SWITCHES))
+    design = count_parameters(CloudRemovalCrossAttention(**design_switches()))
     print(f"Model parameters: {n_params / 1e6:.2f}M (the design's network: {design / 1e6:.2f}M, plus "
           f"{(n_params - design):,} for the parts measured worth adding)")
     print("Architecture: Cloud-Aware Weighted Residual Learning")

@@ -136,15 +136,9 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_config_of(ckpt):
-    """The constructor arguments a checkpoint's network was built with. Checkpoints written before the SAR input
-    mode became part of the model's config kept it only in the training args ("sar_input"); those written
-    before a later switch existed were built without it (net_CR_CrossAttention.ADDED_SWITCHES)."""
-    config = dict(ckpt["model_config"])
-    config.setdefault("sar_input", (ckpt.get("args") or {}).get("sar_input", "on"))
-    if ckpt["model_name"] == "CrossAttention":
-        for switch, before in net_CR_CrossAttention.ADDED_SWITCHES.items():
-            config.setdefault(switch, before)
-    return config
+    """The constructor arguments a checkpoint's network was built with (net_CR_CrossAttention.config_for_checkpoint:
+    fields added since the checkpoint was written take the value they had then)."""
+    return net_CR_CrossAttention.config_for_checkpoint(ckpt["model_name"], ckpt["model_config"], ckpt.get("args"))
 
 
 def build_model_from_checkpoint(ckpt, path="<checkpoint>"):

@@ -392,7 +392,7 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
         "split_rule": leaks.split_rule, "leak_check": leaks.to_json(),
         "device": str(device), "amp": runtime.amp_name(amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
-        "sar_input": model.config.get("sar_input", "on"),
+        "sar_input": model.config.sar_input,
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
         "mean": summarise(per_image), "cloud_cover_bins": bins,
         "confidence": summarise_confidence(per_image, pooled),

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -75,32 +75,16 @@ def build_parser():
 
 
 def _model_flags(p):
-    g = p.add_argument_group("model")
+    g = p.add_argument_group("model (net_CR_CrossAttention.ModelConfig)")
     g.add_argument("--model_name", default="CrossAttention", choices=["CrossAttention", "DSen2CR"],
                    help="network to train: the GLF-CR CrossAttention v3 design, or the DSen2-CR baseline")
-    g.add_argument("--use_cross_attn", action=argparse.BooleanOptionalAction, default=True,
-                   help="fuse SAR into optical features with transformer cross-attention "
-                        "(--no-use_cross_attn: concatenation + convolution)")
-    g.add_argument("--use_spectral_attention", action=argparse.BooleanOptionalAction, default=True,
-                   help="channel attention over VV/VH at the SAR encoder input")
-    g.add_argument("--use_cloud_predictor", action=argparse.BooleanOptionalAction, default=True,
-                   help="weight the residual by a predicted cloud confidence map "
-                        "(--no-use_cloud_predictor: output = cloudy + residual)")
-    g.add_argument("--use_date_correction", action=argparse.BooleanOptionalAction, default=False,
-                   help="a per-image, per-band gain and offset applied to every pixel (the two dates' radiometric "
-                        "change), so the confidence map only marks clouds: output = corrected + confidence * residual")
-    g.add_argument("--use_sar_skips", action=argparse.BooleanOptionalAction, default=True,
-                   help="feed the SAR encoder's full- and half-resolution features to the decoder too")
-    g.add_argument("--use_confidence_refinement", action=argparse.BooleanOptionalAction, default=True,
-                   help="sharpen the cloud confidence map at full resolution from the decoder's features")
-    g.add_argument("--detach_confidence_input", action=argparse.BooleanOptionalAction, default=False,
-                   help="the confidence head reads detached features: --confidence_weight trains the head only, "
-                        "not the shared encoders and decoder")
-    g.add_argument("--attention", default="fused", choices=["fused", "reference"],
-                   help="attention kernel: fused scaled_dot_product_attention, or the explicit reference")
-    g.add_argument("--sar_input", default="on", choices=list(net_CR_CrossAttention.SAR_INPUTS),
-                   help="'zeros' feeds an all-zero SAR image (ablation: does the model use the radar?); "
-                        "stored in the model's config, so evaluation feeds what training fed")
+    for f in net_CR_CrossAttention.flag_fields():  # one flag per switch of the model's config, help and default there
+        if f.type in (bool, "bool"):
+            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
+        else:
+            g.add_argument(f"--{f.name}", default=f.default, choices=list(f.metadata["choices"]),
+                           help=f.metadata["help"])
 
 
 def _optimisation_flags(p):
@@ -375,16 +359,12 @@ def build_model(args, ckpt, resume_path, is_main):
         if is_main:
             print(f"resuming from {resume_path} (epoch {ckpt['epoch']} done, best PSNR {ckpt['best_psnr']:.3f})")
     else:
-        config = dict(sar_input=args.sar_input)
-        if args.model_name == "CrossAttention":
-            config.update(use_cross_attn=args.use_cross_attn, use_spectral_attention=args.use_spectral_attention,
-                          use_cloud_predictor=args.use_cloud_predictor, attention=args.attention,
-                          use_date_correction=args.use_date_correction, use_sar_skips=args.use_sar_skips,
-                          use_confidence_refinement=args.use_confidence_refinement,
-                          detach_confidence_input=args.detach_confidence_input)
+        names = [f.name for f in net_CR_CrossAttention.flag_fields()] if args.model_name == "CrossAttention" else [
+            "sar_input"]  # DSen2-CR has one switch of its own
+        config = {name: getattr(args, name) for name in names}
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     for flag in ("confidence_weight", "residual_weight"):
-        if getattr(args, flag) > 0 and not model.config.get("use_cloud_predictor", False):
+        if getattr(args, flag) > 0 and not getattr(model.config, "use_cloud_predictor", False):
             raise UsageError(f"--{flag} {getattr(args, flag)} needs the cloud confidence map, which "
                              f"{model.model_name} without the cloud predictor does not have; set it to 0")
     return model
@@ -903,7 +883,7 @@ def out_of_time(run):
 
 def checkpoint_state(run):
     return {"model": run.model.state_dict(), "model_name": run.model.model_name,
-            "model_config": dict(run.model.config), "optimizer": run.optimizer.state_dict(),
+            "model_config": asdict(run.model.config), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict() if run.scheduler else None, "scaler": run.scaler.state_dict(),
             "epoch": run.epochs_done, "best_psnr": run.best_psnr, "early_stop_counter": run.early_stop_counter,
             "global_step": run.global_step, "args": vars(run.args)}

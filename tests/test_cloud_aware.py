@@ -239,7 +239,7 @@ def test_confidence_refinement_starts_at_the_design_map_and_sharpens_at_full_res
     step = (c[..., :, 1:] - c[..., :, :-1]).abs().max()
     assert step > 4 * (a[..., :, 1:] - a[..., :, :-1]).abs().max()
     plain = net.create_model("CrossAttention", use_cloud_predictor=False, use_confidence_refinement=True)
-    assert plain.confidence_refinement is None and not plain.config["use_confidence_refinement"]
+    assert plain.confidence_refinement is None and not plain.config.use_confidence_refinement
 
 
 # ----------------------------------------------------------------------------------------------- training target

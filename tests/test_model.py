@@ -3,12 +3,18 @@
 Inputs stay at 32-64 px so the whole file runs in seconds on a shared 2-core machine.
 """
 import copy
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import net_CR_CrossAttention as net
-from net_CR_CrossAttention import CloudRemovalCrossAttention, DSen2CR, count_parameters, create_model
+from net_CR_CrossAttention import (
+    CloudRemovalCrossAttention,
+    DSen2CR,
+    count_parameters,
+    create_model,
+)
 
 # Design: 6.00M parameters in total, SAR spectral attention ~100 or fewer, cloud predictor ~0.37M.
 DESIGN_TOTAL, DESIGN_TOLERANCE = 6.00e6, 0.05e6
@@ -31,7 +37,7 @@ def model():
 
 def test_parameter_budget_matches_design(model):
     # the design document's network: every switch added after it off
-    design = _model(**net.ADDED_SWITCHES)
+    design = _model(**net.design_switches())
     total = count_parameters(design)
     assert abs(total - DESIGN_TOTAL) <= DESIGN_TOLERANCE, total
     assert count_parameters(design.sar_encoder.spectral_attention) <= 100
@@ -133,8 +139,8 @@ def test_cloud_predictor_switch_gives_plain_global_residual():
     default, default_plain = _model(), _model(use_cloud_predictor=False)
     assert count_parameters(default) - count_parameters(default_plain) == \
         count_parameters(default.cloud_predictor) + count_parameters(default.confidence_refinement)
-    full = _model(**net.ADDED_SWITCHES)  # the design's network: the switch removes exactly the predictor
-    plain = _model(use_cloud_predictor=False, **net.ADDED_SWITCHES)
+    full = _model(**net.design_switches())  # the design's network: the switch removes exactly the predictor
+    plain = _model(use_cloud_predictor=False, **net.design_switches())
     assert plain.cloud_predictor is None
     assert count_parameters(full) - count_parameters(plain) == count_parameters(full.cloud_predictor)
     plain.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("cloud_predictor")})
@@ -162,7 +168,7 @@ def test_cross_attention_switch_uses_concat_fusion():
         assert concat(optical, sar).shape == optical.shape
 
 
-@pytest.mark.parametrize("config", [{}, net.ADDED_SWITCHES], ids=["default", "design"])
+@pytest.mark.parametrize("config", [{}, net.design_switches()], ids=["default", "design"])
 def test_zero_confidence_passes_the_input_through_exactly(config):
     m = _model(**config)
     # logits of -1e4: sigmoid gives exactly 0, on the design's path and through the refinement alike
@@ -220,11 +226,11 @@ def test_mismatched_inputs_raise_clear_errors(model):
 
 def test_create_model_rebuilds_from_config():
     m = _model(use_spectral_attention=False, attention="reference")
-    rebuilt = create_model(**m.config)
+    rebuilt = create_model(**asdict(m.config))
     assert rebuilt.config == m.config
     rebuilt.load_state_dict(m.state_dict())  # strict: same architecture
     d = DSen2CR(feature_sizes=8, num_layers=2)
-    rebuilt_d = create_model(model_name=d.model_name, **d.config)
+    rebuilt_d = create_model(model_name=d.model_name, **asdict(d.config))
     assert isinstance(rebuilt_d, DSen2CR) and rebuilt_d.config == d.config
     with pytest.raises(ValueError, match="unknown model_name"):
         create_model(model_name="GLF-CR")

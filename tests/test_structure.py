@@ -124,7 +124,7 @@ def test_moved_names_still_work_where_readme_documents_them():
 def test_sar_input_is_part_of_the_model_config():
     torch.manual_seed(0)
     model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4, sar_input="zeros").eval()
-    assert model.config["sar_input"] == "zeros"
+    assert model.config.sar_input == "zeros"
     cloudy = torch.rand(1, 13, 16, 16)
     with torch.no_grad():
         a, b = model(cloudy, torch.rand(1, 2, 16, 16)), model(cloudy, torch.rand(1, 2, 16, 16))
@@ -139,7 +139,7 @@ def test_checkpoint_from_before_the_sar_config_loads_and_evaluates(synthetic_dat
     ckpt = runtime.load_checkpoint(OLD_CHECKPOINT)
     assert "sar_input" not in ckpt["model_config"] and ckpt["args"]["sar_input"] == "zeros"
     model, _ = runtime.load_model(OLD_CHECKPOINT, torch.device("cpu"))
-    assert model.config["sar_input"] == "zeros"
+    assert model.config.sar_input == "zeros"
     root, csv_path = synthetic_dataset
     summary = test_CR.evaluate(test_CR.build_parser().parse_args([
         "--checkpoint", str(OLD_CHECKPOINT), "--data_list_filepath", str(csv_path), "--input_data_folder",

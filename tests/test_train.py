@@ -6,6 +6,7 @@ import shlex
 import socket
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,7 @@ def test_full_design_flags_train_end_to_end(synthetic_dataset, tmp_path):
     assert ckpt["epoch"] == 1 and ckpt["model_name"] == "CrossAttention"
     assert ckpt["args"]["notes"].startswith("Enhanced")
     model = train.build_model_from_checkpoint(ckpt)  # no architecture flags needed
-    assert model.config == ckpt["model_config"]
+    assert asdict(model.config) == ckpt["model_config"]
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert len(rows) == 1 and float(rows[0]["val_PSNR"]) > 0
 
@@ -245,8 +246,9 @@ def _close(run):
 
 
 def test_uint16_batches_normalised_on_the_device_equal_the_float_path(synthetic_dataset):
-    import dataloader
     from torch.utils.data import default_collate
+
+    import dataloader
     root, csv_path = synthetic_dataset
     rows = dataloader.select_split(dataloader.read_data_list(csv_path), "train")
     as_float, as_uint16 = (dataloader.SEN12MSCRDataset(rows, root, crop_size=32, load_size=64, s2_encoding=e)
@@ -573,6 +575,7 @@ def test_pace_gives_seconds_per_epoch_and_time_left():
 def test_channels_last_auto_keeps_the_layout_that_ran_faster(monkeypatch, channels_last_seconds, first_seconds,
                                                              expected):
     from types import SimpleNamespace
+
     import net_CR_CrossAttention as net
     model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
     timed = {True: channels_last_seconds, False: first_seconds}
