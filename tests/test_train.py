@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import files
 import runtime
 import train_CR_kaggle as train
 
@@ -50,10 +51,10 @@ def test_full_design_flags_train_end_to_end(synthetic_dataset, tmp_path):
     run = tmp_path / "glf_cr_enhanced_v3"
     for name in ("last.pth", "best.pth", "history.csv", "args.json"):
         assert (run / name).is_file(), name
-    ckpt = train.load_checkpoint(run / "last.pth")
+    ckpt = runtime.load_checkpoint(run / "last.pth")
     assert ckpt["epoch"] == 1 and ckpt["model_name"] == "CrossAttention"
     assert ckpt["args"]["notes"].startswith("Enhanced")
-    model = train.build_model_from_checkpoint(ckpt)  # no architecture flags needed
+    model = runtime.build_model_from_checkpoint(ckpt)  # no architecture flags needed
     assert model.config == ckpt["model_config"]
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert len(rows) == 1 and float(rows[0]["val_PSNR"]) > 0
@@ -74,30 +75,30 @@ def test_resume_continues_epoch_and_optimizer_state(synthetic_dataset, tmp_path)
     root, csv_path = synthetic_dataset
     assert train.main(tiny(csv_path, root, tmp_path, epochs=1)) == 0
     run = tmp_path / "glf_cr_enhanced_v3"
-    first = train.load_checkpoint(run / "last.pth")
+    first = runtime.load_checkpoint(run / "last.pth")
 
     # Resume (no --train_from_scratch) to epoch 2, and check the state it starts from is the saved one.
     args = [a for a in tiny(csv_path, root, tmp_path, epochs=2) if a != "--train_from_scratch"]
     seen = {}
-    real_load = train.load_checkpoint
+    real_load = runtime.load_checkpoint
 
     def spy(path, map_location="cpu"):
         seen["path"] = Path(path)
         return real_load(path, map_location)
 
-    train.load_checkpoint = spy
+    runtime.load_checkpoint = spy
     try:
         assert train.main(args) == 0
     finally:
-        train.load_checkpoint = real_load
+        runtime.load_checkpoint = real_load
     assert seen["path"] == run / "last.pth"
-    second = train.load_checkpoint(run / "last.pth")
+    second = runtime.load_checkpoint(run / "last.pth")
     assert second["epoch"] == 2 and second["global_step"] > first["global_step"]
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
 
     # The optimizer rebuilt from the checkpoint holds exactly the saved state.
-    model = train.build_model_from_checkpoint(first)
+    model = runtime.build_model_from_checkpoint(first)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
     opt.load_state_dict(first["optimizer"])
     restored = opt.state_dict()
@@ -119,7 +120,7 @@ def test_train_from_scratch_moves_old_run_aside(synthetic_dataset, tmp_path):
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    train.atomic_torch_save({"model": {"w": torch.ones(3)}, "model_name": "x", "model_config": {}}, path)
+    runtime.save_checkpoint({"model": {"w": torch.ones(3)}, "model_name": "x", "model_config": {}}, path)
 
     def dies_half_way(obj, f, *a, **k):
         f.write(b"PK\x03\x04 half a zip")
@@ -127,20 +128,20 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_torch_save({"model": {"w": torch.zeros(3)}}, path)
+        runtime.save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(runtime.load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"], "temp file left behind"
 
 
 def test_corrupt_checkpoint_gives_named_error(tmp_path):
     bad = tmp_path / "last.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(train.CheckpointError, match="last.pth"):
-        train.load_checkpoint(bad)
+    with pytest.raises(runtime.CheckpointError, match="last.pth"):
+        runtime.load_checkpoint(bad)
     torch.save({"weights": 1}, bad)
-    with pytest.raises(train.CheckpointError, match="not a checkpoint"):
-        train.load_checkpoint(bad)
+    with pytest.raises(runtime.CheckpointError, match="not a checkpoint"):
+        runtime.load_checkpoint(bad)
 
 
 def test_bad_data_list_fails_before_training(synthetic_dataset, tmp_path):
@@ -199,7 +200,7 @@ def test_torchrun_two_processes_gloo(synthetic_dataset, tmp_path):
     assert files == ["args.json", "best.pth", "history.csv", "last.pth", "tensorboard"], files
     assert len(list((run / "tensorboard").iterdir())) == 1, "only rank 0 may write TensorBoard events"
     assert proc.stdout.count("done: best validation PSNR") == 1
-    ckpt = train.load_checkpoint(run / "last.pth")
+    ckpt = runtime.load_checkpoint(run / "last.pth")
     assert not any(k.startswith("module.") for k in ckpt["model"])
 
 
@@ -220,14 +221,14 @@ def test_sigterm_saves_resumable_checkpoint(synthetic_dataset, tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-2000:]
     assert "resumable checkpoint saved" in out
-    ckpt = train.load_checkpoint(last)
+    ckpt = runtime.load_checkpoint(last)
     assert 1 <= ckpt["epoch"] < 500
     assert not [p for p in last.parent.iterdir() if ".tmp" in p.name]
 
 
 def test_confidence_weight_needs_a_confidence_map(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
-    with pytest.raises(train.UsageError, match="confidence"):
+    with pytest.raises(runtime.UsageError, match="confidence"):
         train.main(tiny(csv_path, root, tmp_path, "--no-use_cloud_predictor", "--confidence_weight", "0.1"))
     assert not list(tmp_path.iterdir()), "a run that fails before its first step leaves no run folder"
 
@@ -344,9 +345,9 @@ def test_grad_scaler_path_trains_on_cpu(synthetic_dataset, tmp_path, monkeypatch
     """What --amp fp16 runs on a T4 (GradScaler: unscale, clip, scaled fused step, update), exercised on CPU with
     bf16 autocast, since CPU autocast has no fp16 here."""
     root, csv_path = synthetic_dataset
-    monkeypatch.setattr(train, "resolve_amp", lambda amp, device: (torch.bfloat16, True))
+    monkeypatch.setattr(runtime, "resolve_amp", lambda amp, device: (torch.bfloat16, True))
     assert train.main(tiny(csv_path, root, tmp_path, "--perceptual_weight", "0")) == 0
-    ckpt = train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
+    ckpt = runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
     assert ckpt["scaler"] and ckpt["scaler"]["scale"] > 0
     rows = list(csv.DictReader(open(tmp_path / "glf_cr_enhanced_v3" / "history.csv")))
     assert math.isfinite(float(rows[0]["train_loss"]))
@@ -357,14 +358,14 @@ def test_grad_scaler_path_trains_on_cpu(synthetic_dataset, tmp_path, monkeypatch
 def test_amp_auto_picks_bf16_or_fp16_with_a_scaler(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train.resolve_amp("auto", cuda) == (torch.bfloat16, False)  # Ampere and newer
+    assert runtime.resolve_amp("auto", cuda) == (torch.bfloat16, False)  # Ampere and newer
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train.resolve_amp("auto", cuda) == (torch.float16, True)  # T4, P100: fp16 with a GradScaler
-    assert train.resolve_amp("fp16", cuda) == (torch.float16, True)
-    assert train.resolve_amp("auto", cpu) == runtime.resolve_amp("auto", cpu)  # by the CPU: tests/test_runtime.py
-    assert train.resolve_amp("off", cuda) == (None, False)
-    with pytest.raises(train.UsageError, match="fp16 needs a CUDA device"):
-        train.resolve_amp("fp16", cpu)
+    assert runtime.resolve_amp("auto", cuda) == (torch.float16, True)  # T4, P100: fp16 with a GradScaler
+    assert runtime.resolve_amp("fp16", cuda) == (torch.float16, True)
+    assert runtime.resolve_amp("auto", cpu) == runtime.resolve_amp("auto", cpu)  # by the CPU: tests/test_runtime.py
+    assert runtime.resolve_amp("off", cuda) == (None, False)
+    with pytest.raises(runtime.UsageError, match="fp16 needs a CUDA device"):
+        runtime.resolve_amp("fp16", cpu)
 
 
 def test_distributed_backend_is_nccl_on_gpus_and_gloo_on_cpu(monkeypatch):
@@ -433,7 +434,7 @@ def test_a_real_time_limit_stops_with_a_resumable_checkpoint(synthetic_dataset, 
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "stopped by --time_limit 0.004 h after" in proc.stdout and "Resume with:" in proc.stdout
-    ckpt = train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
+    ckpt = runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
     assert ckpt["epoch"] < 500
 
 
@@ -506,11 +507,11 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(synthetic_d
     rows = dataloader.read_data_list(csv_path)
     broken = [dataloader.Triplet(t.split, t.s1, t.s2_cloudfree, str(garbage)) if t.split == 1 else t for t in rows]
     broken_csv = dataloader.write_data_list(tmp_path / "broken.csv", broken)
-    with pytest.raises(dataloader.DataError, match="garbage.tif"):  # the first batch cannot be read
+    with pytest.raises(files.DataError, match="garbage.tif"):  # the first batch cannot be read
         train.main(tiny(broken_csv, root, tmp_path, "--perceptual_weight", "0"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.csv", "garbage.tif", "glf_cr_enhanced_v3"]
-    assert train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 1  # put back in place
-    with pytest.raises(dataloader.DataError, match="garbage.tif"):
+    assert runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 1  # put back in place
+    with pytest.raises(files.DataError, match="garbage.tif"):
         train.main(tiny(broken_csv, root, tmp_path / "fresh", "--perceptual_weight", "0"))
     assert not (tmp_path / "fresh").exists()
 
@@ -613,7 +614,7 @@ def test_running_a_finished_experiment_again_says_so_and_a_larger_max_epochs_con
     more = _cli(*flags, "--max_epochs", "2")
     assert more.returncode == 0, more.stderr[-2000:]
     assert "resuming from" in more.stdout and "epoch 2/2" in more.stdout and "epoch 1/2" not in more.stdout
-    assert train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 2
+    assert runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 2
 
 
 def test_the_demo_ends_by_its_time_budget_with_the_evaluation_command(tmp_path, monkeypatch, capsys):
