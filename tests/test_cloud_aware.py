@@ -111,6 +111,7 @@ def test_land_cover_table_is_the_clustering_of_the_real_sample(real_sample_dir):
 
 # ----------------------------------------------------------------------------------------------- precomputed masks
 
+@pytest.mark.slow
 def test_masks_cli_precomputes_resumes_and_feeds_the_dataset(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     out = tmp_path / "masks"
@@ -279,6 +280,7 @@ def confidence_run(synthetic_dataset, tmp_path_factory):
     return save / "c" / "last.pth", results, summary
 
 
+@pytest.mark.slow
 def test_evaluation_scores_the_confidence_map(confidence_run, synthetic_dataset):
     import csv
     ckpt, results, summary = confidence_run
@@ -311,6 +313,7 @@ def test_evaluation_scores_the_confidence_map(confidence_run, synthetic_dataset)
         assert out.crs == src.crs and out.dtypes == ("float32",)
 
 
+@pytest.mark.slow
 def test_models_without_confidence_report_none(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     assert train.main(["--data_list_filepath", str(csv_path), "--input_data_folder", str(root), "--save_model_dir",

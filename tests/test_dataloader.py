@@ -462,6 +462,7 @@ def test_cloud_score_is_higher_on_cloudy_than_on_clear_synthetic_pixels(synth):
     assert (cloudy >= 0.2).float().mean() > 0.9 and (clear >= 0.2).float().mean() < 0.1
 
 
+@pytest.mark.slow
 def test_s2cloudless_options(synth):
     root, triplets = synth
     for detector in ("s2cloudless", "s2cloudless_prob"):
@@ -487,6 +488,7 @@ def _package_mask(raw):
     return _package_detector().get_cloud_masks(np.moveaxis(img / 10000, 0, -1)[None, ...])[0]
 
 
+@pytest.mark.slow
 def test_s2cloudless_mask_is_the_packages_get_cloud_masks_on_the_real_sample(real_sample_dir, tmp_path):
     t = D.read_data_list(real_sample_dir / "data.csv")[0]
     mask = _package_mask(D.read_raster(real_sample_dir / t.s2_cloudy, 13))
@@ -501,6 +503,7 @@ def test_s2cloudless_mask_is_the_packages_get_cloud_masks_on_the_real_sample(rea
     assert mask.mean() == 0 and 0.1 < (prob >= 0.2).mean() < 0.2
 
 
+@pytest.mark.slow
 def test_s2cloudless_mask_of_a_crop_is_the_whole_rasters_mask_cropped(synth):
     root, triplets = synth
     torch.manual_seed(0)
@@ -513,7 +516,8 @@ def test_s2cloudless_mask_of_a_crop_is_the_whole_rasters_mask_cropped(synth):
     assert 0 < np.mean([ds[i]["cloud_mask"].mean() for i in range(len(ds))]) < 1
 
 
-@pytest.mark.parametrize("detector", ["s2cloudless", "s2cloudless_prob", "rule"])
+@pytest.mark.parametrize("detector", [pytest.param("s2cloudless", marks=pytest.mark.slow),
+                                      pytest.param("s2cloudless_prob", marks=pytest.mark.slow), "rule"])
 def test_precomputed_masks_equal_the_detector_on_the_fly(synth, tmp_path, detector):
     root, triplets = synth
     triplets = triplets[:4]
@@ -713,6 +717,7 @@ def test_cli_help_shows_every_default():
                 assert f"(default: {action.default})" in text, (name, action.dest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["scan", "/no/such/folder", "--out", "x.csv"], "error: data root not found: /no/such/folder"),
     (["scan", "{tmp}", "--out", "x.csv"], "error: {tmp}: no complete SEN12MS-CR triplets found"),

@@ -83,6 +83,7 @@ def test_every_flag_has_help():
         assert action.help, f"flag {action.option_strings} has no help string"
 
 
+@pytest.mark.slow
 def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
     results, rows, _, samples = evaluated
     assert len(rows) == len(samples) == 4
@@ -108,6 +109,7 @@ def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
     assert min(covers) < 10 and max(covers) > 30
 
 
+@pytest.mark.slow
 def test_summary_means_and_cloud_cover_bins(evaluated):
     _, rows, summary, _ = evaluated
     assert summary["n_images"] == len(rows) and summary["split"] == "test"
@@ -130,6 +132,7 @@ def test_summary_means_and_cloud_cover_bins(evaluated):
             assert _close(b["mean"]["model"]["all"]["PSNR"], want)
 
 
+@pytest.mark.slow
 def test_summary_records_the_split_rule_the_leak_check_and_the_cloud_mask(evaluated, synthetic_dataset):
     _, _, summary, _ = evaluated
     csv_path = synthetic_dataset[1]
@@ -143,6 +146,7 @@ def test_summary_records_the_split_rule_the_leak_check_and_the_cloud_mask(evalua
                                      "computed": "on the fly"}
 
 
+@pytest.mark.slow
 def test_a_leaking_list_is_recorded_and_named(tiny_checkpoint, synthetic_dataset, tmp_path, capsys):
     root, csv_path = synthetic_dataset
     rows = dataloader.read_data_list(csv_path)
@@ -165,6 +169,7 @@ def test_a_leaking_list_is_recorded_and_named(tiny_checkpoint, synthetic_dataset
     assert mask["cloud_threshold"] is None  # the mask is binary: --cloud_threshold does not move it
 
 
+@pytest.mark.slow
 def test_geotiff_round_trip_keeps_georeferencing(evaluated):
     results, rows, _, samples = evaluated
     for row in rows:
@@ -194,6 +199,7 @@ def _enlarged(img, scale):
     return np.repeat(np.repeat(img.permute(1, 2, 0).numpy(), scale, axis=0), scale, axis=1)
 
 
+@pytest.mark.slow
 def test_png_quicklooks_use_the_fixed_stretch(evaluated):
     results, rows, _, samples = evaluated
     layout = test_CR.quicklook_layout(CROP, CROP)
@@ -240,6 +246,7 @@ def test_quicklook_labels_heat_map_and_colour_bar(tmp_path):
     assert not (tmp_path / "none.png").with_suffix(".png.tmp").exists()
 
 
+@pytest.mark.slow
 def test_real_sample_evaluates(real_sample_dir, tiny_checkpoint, tmp_path):
     summary = test_CR.evaluate(test_CR.build_parser().parse_args([
         "--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(real_sample_dir / "data.csv"),
@@ -327,6 +334,7 @@ def test_feather_weights_positive_and_tiles_cover_the_scene():
         assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # overlap at least `overlap`
 
 
+@pytest.mark.slow
 def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_path):
     out = tmp_path / "cloudfree.tif"
     assert test_CR.main(["--predict", "--checkpoint", str(tiny_checkpoint), "--cloudy", str(scene[0]),
@@ -385,6 +393,7 @@ def test_mismatched_scene_inputs_name_both_files(scene, tmp_path):
 
 # ----------------------------------------------------------------------------- bad inputs
 
+@pytest.mark.slow
 def test_bad_checkpoints_name_the_file(tiny_checkpoint, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     common = ["--data_list_filepath", str(csv_path), "--input_data_folder", str(root), "--results_dir",
@@ -402,6 +411,7 @@ def test_bad_checkpoints_name_the_file(tiny_checkpoint, synthetic_dataset, tmp_p
     assert not (tmp_path / "r" / "metrics.csv").exists()
 
 
+@pytest.mark.slow
 def test_missing_arguments_are_named(tiny_checkpoint, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     with pytest.raises(runtime.UsageError, match="--data_list_filepath"):
@@ -445,6 +455,7 @@ def test_help_shows_every_default():
             assert f"(default: {action.default})" in text, action.dest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     ([], "error: pass --data_list_filepath and --input_data_folder to evaluate a list"),
     (["--data_list_filepath", "{csv}", "--input_data_folder", "{root}", "--crop_size", "128", "--load_size", "64"],
@@ -464,6 +475,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(extra, message, synthetic_datas
     assert _one_line_error(done).startswith(fill(message))
 
 
+@pytest.mark.slow
 def test_unwritable_results_folder_fails_before_any_work(synthetic_dataset, scene, tmp_path):
     root, csv_path = synthetic_dataset
     blocker = tmp_path / "a_file"
@@ -492,6 +504,7 @@ def _copy_with_s1(src_root, t, folder, **georef):
     return dataloader.Triplet(3, str(s1), str(src_root / t.s2_cloudfree), str(src_root / t.s2_cloudy))
 
 
+@pytest.mark.slow
 def test_misaligned_triplet_stops_evaluation_with_one_line_and_keeps_the_rows_so_far(tiny_checkpoint,
                                                                                      synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
@@ -521,6 +534,7 @@ def synthetic_256(tmp_path_factory):
     return root, dataloader.make_synthetic_dataset(root, n=3, size=256, seed=1)
 
 
+@pytest.mark.slow
 def test_protocols_full_and_glfcr(synthetic_256, tiny_checkpoint, tmp_path):
     root, csv_path = synthetic_256
     common = ["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(csv_path), "--input_data_folder",
@@ -546,6 +560,7 @@ def test_protocols_full_and_glfcr(synthetic_256, tiny_checkpoint, tmp_path):
             assert (out.height, out.width) == (side, side) and out.xy(0, 0) == src.xy(offset, offset)
 
 
+@pytest.mark.slow
 def test_is_use_cloudmask_follows_glfcr(tiny_checkpoint, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     parse = lambda *flags: test_CR.build_parser().parse_args(["--checkpoint", str(tiny_checkpoint), *flags])
@@ -560,6 +575,7 @@ def test_is_use_cloudmask_follows_glfcr(tiny_checkpoint, synthetic_dataset, tmp_
     assert summary["cloud_cover_bins"]["0-10"]["n"] == summary["n_images"]
 
 
+@pytest.mark.slow
 def test_rasters_without_georeferencing_evaluate_and_predict(tiny_checkpoint, synthetic_dataset, scene, tmp_path):
     root, csv_path = synthetic_dataset
     plain = []
@@ -588,6 +604,7 @@ def test_rasters_without_georeferencing_evaluate_and_predict(tiny_checkpoint, sy
         assert dst.crs is None and (dst.height, dst.width) == (SCENE_H, SCENE_W)
 
 
+@pytest.mark.slow
 def test_predict_never_overwrites_an_input_and_asks_before_replacing_an_output(scene, tiny_checkpoint, tmp_path):
     cloudy, sar = scene
     before = cloudy.read_bytes()

@@ -72,11 +72,13 @@ def _modules_loaded_by(statement):
     return set(out.stdout.split())
 
 
+@pytest.mark.slow
 def test_losses_loads_no_geotiff_stack():
     loaded = _modules_loaded_by("import losses")
     assert not {"rasterio", "scipy", "dataloader"} & loaded
 
 
+@pytest.mark.slow
 def test_evaluation_loads_no_training_code():
     loaded = _modules_loaded_by("import test_CR")
     assert not {"train_CR_kaggle", "losses", "torchvision"} & loaded

@@ -45,6 +45,7 @@ def test_design_command_parses_unchanged():
     assert args.batch_sz == 6 and args.lr_scheduler == "plateau" and args.warmup_epochs == 2
 
 
+@pytest.mark.slow
 def test_full_design_flags_train_end_to_end(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     assert train.main(tiny(csv_path, root, tmp_path)) == 0
@@ -71,6 +72,7 @@ def test_full_design_flags_train_end_to_end(synthetic_dataset, tmp_path):
     assert acc.Tags()["images"], "no quicklook image logged"
 
 
+@pytest.mark.slow
 def test_resume_continues_epoch_and_optimizer_state(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     assert train.main(tiny(csv_path, root, tmp_path, epochs=1)) == 0
@@ -108,6 +110,7 @@ def test_resume_continues_epoch_and_optimizer_state(synthetic_dataset, tmp_path)
     assert restored["param_groups"][0]["lr"] == first["optimizer"]["param_groups"][0]["lr"]
 
 
+@pytest.mark.slow
 def test_train_from_scratch_moves_old_run_aside(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     assert train.main(tiny(csv_path, root, tmp_path, "--max_epochs", "1")) == 0
@@ -144,6 +147,7 @@ def test_corrupt_checkpoint_gives_named_error(tmp_path):
         runtime.load_checkpoint(bad)
 
 
+@pytest.mark.slow
 def test_bad_data_list_fails_before_training(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     broken = tmp_path / "broken.csv"
@@ -166,6 +170,7 @@ def test_bad_data_list_fails_before_training(synthetic_dataset, tmp_path):
         train.main(tiny(missing, root, tmp_path / "out2"))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_skips_then_aborts(synthetic_dataset, tmp_path, monkeypatch):
     import losses
     root, csv_path = synthetic_dataset
@@ -186,6 +191,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -204,6 +210,7 @@ def test_torchrun_two_processes_gloo(synthetic_dataset, tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["model"])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_resumable_checkpoint(synthetic_dataset, tmp_path):
     import signal
     import time
@@ -226,6 +233,7 @@ def test_sigterm_saves_resumable_checkpoint(synthetic_dataset, tmp_path):
     assert not [p for p in last.parent.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_confidence_weight_needs_a_confidence_map(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     with pytest.raises(runtime.UsageError, match="confidence"):
@@ -262,6 +270,7 @@ def test_uint16_batches_normalised_on_the_device_equal_the_float_path(synthetic_
         dataloader.SEN12MSCRDataset(rows, root, s2_encoding="int8")
 
 
+@pytest.mark.slow
 def test_a_training_step_makes_no_host_read(synthetic_dataset, tmp_path, monkeypatch):
     """train_step leaves every figure on the device: any .item()/float()/bool()/tolist() in it would fail here."""
     root, csv_path = synthetic_dataset
@@ -284,6 +293,7 @@ def test_a_training_step_makes_no_host_read(synthetic_dataset, tmp_path, monkeyp
                                   "contrastive", "confidence", "residual"}
 
 
+@pytest.mark.slow
 def test_figures_are_read_every_log_every_steps(synthetic_dataset, tmp_path, monkeypatch):
     root, csv_path = synthetic_dataset
     run = _setup(csv_path, root, tmp_path, "--log_every", "2", "--batch_sz", "1", "--perceptual_weight", "0")
@@ -297,6 +307,7 @@ def test_figures_are_read_every_log_every_steps(synthetic_dataset, tmp_path, mon
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0
 
 
+@pytest.mark.slow
 def test_the_next_epochs_batches_are_requested_before_validation(synthetic_dataset, tmp_path, monkeypatch):
     """Creating the epoch's iterator sends the loader workers their first indices, so asking for it at the end of
     train_one_epoch lets them load while validation runs; the next epoch then uses that iterator."""
@@ -316,6 +327,7 @@ def test_the_next_epochs_batches_are_requested_before_validation(synthetic_datas
     assert run.global_step == 2 * steps and run.next_batches is None  # nothing asked for after the last epoch
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_leaves_the_weights_alone(synthetic_dataset, tmp_path, monkeypatch):
     import losses
     root, csv_path = synthetic_dataset
@@ -341,6 +353,7 @@ def test_a_non_finite_step_leaves_the_weights_alone(synthetic_dataset, tmp_path,
     assert steps == {1.0}, "the skipped step must not count in AdamW's bias correction"
 
 
+@pytest.mark.slow
 def test_grad_scaler_path_trains_on_cpu(synthetic_dataset, tmp_path, monkeypatch):
     """What --amp fp16 runs on a T4 (GradScaler: unscale, clip, scaled fused step, update), exercised on CPU with
     bf16 autocast, since CPU autocast has no fp16 here."""
@@ -376,6 +389,7 @@ def test_distributed_backend_is_nccl_on_gpus_and_gloo_on_cpu(monkeypatch):
     assert train.distributed_backend("auto") == "gloo"
 
 
+@pytest.mark.slow
 def test_compile_auto_is_on_for_cuda_and_off_on_cpu(synthetic_dataset, tmp_path, monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert train.resolve_compile("auto", cuda) and not train.resolve_compile("auto", cpu)
@@ -404,6 +418,7 @@ def _history(run_dir):
     return [(int(r["epoch"]), float(r["lr"])) for r in csv.DictReader(open(run_dir / "history.csv"))]
 
 
+@pytest.mark.slow
 def test_time_limit_stop_then_resume_continues_the_schedule_exactly(synthetic_dataset, tmp_path, monkeypatch, capsys):
     root, csv_path = synthetic_dataset
     schedule = ["--lr_scheduler", "cosine", "--warmup_epochs", "1", "--early_stop_patience", "0", "--lr", "1e-3",
@@ -425,6 +440,7 @@ def test_time_limit_stop_then_resume_continues_the_schedule_exactly(synthetic_da
     assert [e for e, _ in uninterrupted] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_real_time_limit_stops_with_a_resumable_checkpoint(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -453,6 +469,7 @@ def _one_error_line(proc):
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_user_errors_print_one_line_and_exit_2(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     _one_error_line(_cli("--save_model_dir", str(tmp_path)))  # no data list
@@ -464,6 +481,7 @@ def test_user_errors_print_one_line_and_exit_2(synthetic_dataset, tmp_path):
     assert not list(tmp_path.iterdir()), "nothing may be left behind by runs that never started"
 
 
+@pytest.mark.slow
 def test_offline_imagenet_vgg_error_has_no_download_line(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     offline = {"TORCH_HOME": str(tmp_path / "torch_home"), "https_proxy": "http://127.0.0.1:9",
@@ -477,6 +495,7 @@ def test_offline_imagenet_vgg_error_has_no_download_line(synthetic_dataset, tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_help_shows_every_default():
     proc = _cli("--help")
     assert proc.returncode == 0
@@ -486,6 +505,7 @@ def test_help_shows_every_default():
             assert f"(default: {action.default})" in text, action.option_strings
 
 
+@pytest.mark.slow
 def test_redirected_output_gets_one_line_per_epoch_and_one_vgg_warning(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     proc = _cli(*tiny(csv_path, root, tmp_path, epochs=2), env={"PYTHONUNBUFFERED": "1"})
@@ -498,6 +518,7 @@ def test_redirected_output_gets_one_line_per_epoch_and_one_vgg_warning(synthetic
     assert (proc.stdout + proc.stderr).count("VGG has random weights") == 1
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(synthetic_dataset, tmp_path):
     import dataloader
     root, csv_path = synthetic_dataset
@@ -528,6 +549,7 @@ def test_the_demo_prints_an_evaluation_command_that_draws_quicklooks(tmp_path, c
         assert ("--save_png" in command and "--results_dir results/demo" in command) == demo
 
 
+@pytest.mark.slow
 def test_a_run_in_process_gives_back_the_signal_handlers_and_a_second_signal_reaches_them(
         synthetic_dataset, tmp_path, monkeypatch):
     """A notebook cell or a test calling main() must get its handlers back; a second SIGTERM during the stop
@@ -599,6 +621,7 @@ def test_the_layout_probe_changes_neither_weights_nor_the_random_stream():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_running_a_finished_experiment_again_says_so_and_a_larger_max_epochs_continues(synthetic_dataset, tmp_path):
     """What re-running a notebook cell does: the same command twice, then with --max_epochs raised."""
     root, csv_path = synthetic_dataset
@@ -617,6 +640,7 @@ def test_running_a_finished_experiment_again_says_so_and_a_larger_max_epochs_con
     assert runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_the_demo_ends_by_its_time_budget_with_the_evaluation_command(tmp_path, monkeypatch, capsys):
     """A slow CPU gets through fewer of the demo's epochs, not a longer demo."""
     monkeypatch.setattr(train, "DEMO_DIR", tmp_path / "demo_data")
