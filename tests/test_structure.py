@@ -124,9 +124,8 @@ def test_history_and_metric_names_have_one_source():
 @pytest.mark.parametrize("module", sorted(GLFCR_NAMES))
 def test_glf_cr_names_import_from_glf_cr_modules(module):
     for name in GLFCR_NAMES[module]:
-        namespace = {}
-        exec(f"from {module} import {name}", namespace)  # what a GLF-CR notebook writes
-        assert namespace[name].__module__ == module, f"{module}.{name} is defined in {namespace[name].__module__}"
+        thing = getattr(importlib.import_module(module), name)  # what `from dataloader import AlignedDataset` gets
+        assert thing.__module__ == module, f"{module}.{name} is defined in {thing.__module__}"
 
 
 def _top_level_statements(body):
@@ -157,23 +156,23 @@ def _misplaced(module, name):
     return name in _borrowed(module) or not hasattr(importlib.import_module(module), name)
 
 
-def _misplaced_uses(tree):
-    """'module.name' for each use of a project module's name that it does not define, however it is imported."""
+def _module_names(tree):
+    """(module, name, where) for each name of a project module that code uses, however the module is imported."""
     aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                for a in node.names if a.name in LAYERS}
-    uses = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module in LAYERS:
-            uses += [f"{node.module}.{a.name}" for a in node.names if _misplaced(node.module, a.name)]
+            yield from ((node.module, a.name, f"line {node.lineno}, import") for a in node.names)
         elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
-            if _misplaced(aliases[node.value.id], node.attr):
-                uses.append(f"{aliases[node.value.id]}.{node.attr} (line {node.lineno})")
+            yield aliases[node.value.id], node.attr, f"line {node.lineno}"
         elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "setattr" and len(node.args) > 1
               and isinstance(node.args[0], ast.Name) and node.args[0].id in aliases
               and isinstance(node.args[1], ast.Constant)):  # monkeypatch.setattr(module, "name", ...)
-            if _misplaced(aliases[node.args[0].id], node.args[1].value):
-                uses.append(f"{aliases[node.args[0].id]}.{node.args[1].value} (line {node.lineno}, setattr)")
-    return uses
+            yield aliases[node.args[0].id], node.args[1].value, f"line {node.lineno}, setattr"
+
+
+def _misplaced_uses(tree):
+    return [f"{module}.{name} ({where})" for module, name, where in _module_names(tree) if _misplaced(module, name)]
 
 
 def test_code_uses_names_from_the_module_that_defines_them():
