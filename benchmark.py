@@ -442,17 +442,19 @@ def _detector_agreement(scores, truths, threshold):
 
 def bench_clouds(args):
     """Each detector's ms per patch and, on synthetic data, its agreement with the true cloud map."""
+    import bands
+    import clouds
     import dataloader
 
     root, triplets = _data_source(args)
     images = [dataloader.read_raster(f"{root}/{t.s2_cloudy}", 13) for t in triplets]
-    normed = [dataloader.normalize_s2(im) for im in images]
+    normed = [bands.normalize_s2(im) for im in images]
     variants = {  # name -> (scores of every patch, threshold that makes the binary mask)
         "rule, original code": (lambda: [_reference_cloud_score(im) for im in images], 0.2),
-        "rule (clouds.rule_cloud_score)": (lambda: [dataloader.rule_cloud_score(im) for im in normed], 0.2),
-        "rule + shadows (cloud_shadow_mask)": (lambda: [np.abs(dataloader.cloud_shadow_mask(im)).astype(np.float32)
+        "rule (clouds.rule_cloud_score)": (lambda: [clouds.rule_cloud_score(im) for im in normed], 0.2),
+        "rule + shadows (cloud_shadow_mask)": (lambda: [np.abs(clouds.cloud_shadow_mask(im)).astype(np.float32)
                                                         for im in normed], 0.5),
-        "s2cloudless": (lambda: [dataloader.s2cloudless_score(im) for im in normed], 0.4),
+        "s2cloudless": (lambda: [clouds.s2cloudless_score(im) for im in normed], 0.4),
     }
     outputs = {name: fn() for name, (fn, _) in variants.items()}  # warm-up; loads the s2cloudless model
     times = {name: [] for name in variants}
@@ -494,11 +496,12 @@ def scene_worker(ckpt, cloudy, sar, out, tile, overlap, batch, amp, threads):
     """Whole-scene prediction in a fresh process (in_fresh_process): seconds and peak memory of that alone."""
     import torch
 
+    import runtime
     import test_CR
 
     torch.set_num_threads(threads)
-    model, _ = test_CR.load_model(ckpt, torch.device("cpu"))
-    amp_dtype = test_CR.resolve_amp(amp, torch.device("cpu"))
+    model, _ = runtime.load_model(ckpt, torch.device("cpu"))
+    amp_dtype = runtime.resolve_amp(amp, torch.device("cpu"))[0]
     rss_model = peak_rss_mb()
     t0 = time.perf_counter()
     test_CR.predict_scene(model, cloudy, sar, out, tile=tile, overlap=overlap, batch_sz=batch, amp_dtype=amp_dtype,

@@ -11,7 +11,8 @@ The dataset returns the dict keys of the GLF-CR code (cloudy_data, cloudfree_dat
 file_name) so notebooks written against GLF-CR keep working; GLF-CR's entry points
 `get_train_val_test_filelists` and `AlignedDataset` are kept beside the friendlier `SEN12MSCRDataset`.
 The band table and encodings live in bands.py, the cloud detectors in clouds.py, the synthetic scene
-generator in synthetic.py; their public names are re-exported here. This module never imports the model.
+generator in synthetic.py, the atomic writers and DataError in files.py: import them from there. This module
+never imports the model.
 """
 import argparse
 import contextlib
@@ -21,7 +22,6 @@ import os
 import random
 import re
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,27 +36,13 @@ from torch.utils.data import Dataset
 
 import splits
 import synthetic
-from bands import (RGB_BANDS, RGB_STRETCH_MAX, S1_BANDS, S1_CLIP_DB, S2_BAND_INDEX, S2_BANDS, S2_SCALE,  # noqa: F401
-                   denormalize_s2, finish_s2, normalize_s1, normalize_s2, s1_db_of, s2_to_rgb, sar_to_rgb)
-from clouds import (BINARY_DETECTORS, CLOUD_DETECTORS, cloud_score, cloud_shadow_mask, detector_margin,  # noqa: F401
-                    detector_settings, rule_cloud_mask, rule_cloud_score, s2cloudless_mask, s2cloudless_score,
-                    shadow_mask)
-from splits import (OFFICIAL_TEST_SCENES, OFFICIAL_TRAIN_SCENES, OFFICIAL_VAL_SCENES, SPLIT_IDS,  # noqa: F401
-                    SPLIT_NAMES)
+from bands import S1_BANDS, S2_BANDS, denormalize_s2, normalize_s1, normalize_s2
+from clouds import BINARY_DETECTORS, CLOUD_DETECTORS, cloud_score, detector_margin, detector_settings
+from files import DataError, atomic_output, write_text_atomic
+from splits import OFFICIAL_TEST_SCENES, OFFICIAL_VAL_SCENES, SPLIT_IDS, SPLIT_NAMES
+
 KAGGLE_HEADER = ("split", "s1_folder", "s2_folder", "s2_cloudy_folder", "s2_filename", "s1_filename",
                  "s2_cloudy_filename")
-
-
-class DataError(ValueError):
-    """Bad input data: the message names the file (and line, for list files)."""
-
-    def __init__(self, message=""):
-        # A DataLoader worker's error comes back as DataError("Caught DataError in DataLoader worker process N.\n
-        # Original Traceback ... DataError: <message>"); keep <message>, the part that tells a user what to fix.
-        message = str(message)
-        if message.startswith("Caught DataError in DataLoader worker") and "DataError: " in message:
-            message = message.rsplit("DataError: ", 1)[1].rstrip("\n")
-        super().__init__(message)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,35 +121,6 @@ def get_train_val_test_filelists(csv_path):
     a dataset from an empty list raises (use `select_split` for the error right away)."""
     triplets = read_data_list(csv_path)
     return tuple([t for t in triplets if t.split == s] for s in (1, 2, 3))
-
-
-@contextlib.contextmanager
-def atomic_output(path, suffix=".tmp"):
-    """Yield a temp file path beside `path`; rename it over `path` when the block succeeds, delete it when it
-    fails. A reader (or a run killed half-way) never sees a half-written file. Used for every output the
-    project writes: lists, GeoTIFFs, checkpoints, CSV/JSON results, PNGs."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder, so os.replace stays on one file system and is atomic.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    # mkstemp creates the file 0600; give the output the permissions a plain open() would (0666 & ~umask).
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text_atomic(path, text):
-    """Write a text file atomically (see atomic_output)."""
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
-        f.write(text)
-    return Path(path)
 
 
 def write_data_list(path, triplets):
@@ -1024,7 +981,7 @@ def build_parser():
 def main(argv=None):
     """Run a subcommand. Bad data (DataError) prints one line `error: ...` and returns 2, without a traceback;
     flags argparse rejects exit 2 with its usage line. (The scripts above use runtime.run_cli for the same rule;
-    this module sits below runtime and keeps its own small handler.)"""
+    this module and runtime do not import each other, so it keeps its own small handler.)"""
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "val_frac", 0) + getattr(args, "test_frac", 0) >= 1:

@@ -1,5 +1,5 @@
-"""What training and evaluation share: device and precision, one autocast context, the checkpoint format,
-atomic writes.
+"""What training and evaluation share: device and precision, one autocast context, the checkpoint format and
+its atomic save.
 
     device = resolve_device("auto")
     amp_dtype, use_scaler = resolve_amp("auto", device)
@@ -8,8 +8,9 @@ atomic writes.
 
 A checkpoint is a dict written by train_CR_kaggle.py: "model" (state_dict), "model_name" and "model_config"
 (enough to rebuild the network with net_CR_CrossAttention.create_model), plus the training state (optimizer,
-scheduler, scaler, epoch, best_psnr, early_stop_counter, global_step, args). Imports the model, the data module
-(for its atomic writer) and torch; never the training script, so evaluation carries no DDP or VGG.
+scheduler, scaler, epoch, best_psnr, early_stop_counter, global_step, args). Imports the model, files.py (the
+atomic writer, DataError) and torch; never the GeoTIFF layer (dataloader.py) nor the training script, so
+evaluation carries no DDP or VGG and loading a checkpoint no rasterio.
 """
 import contextlib
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 import net_CR_CrossAttention
-from dataloader import DataError, atomic_output, write_text_atomic  # noqa: F401  (re-exported: one writer)
+from files import DataError, atomic_output
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 CHECKPOINT_KEYS = ("model", "model_name", "model_config")

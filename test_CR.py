@@ -38,7 +38,10 @@ from rasterio.windows import Window
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import bands
+import clouds
 import dataloader
+import files
 import metrics
 import runtime
 import splits
@@ -88,7 +91,7 @@ def build_parser():
     g.add_argument("--crop_size", type=int, default=None,
                    help="GLF-CR's flag: score a centred crop of this side (None: from --protocol, i.e. the whole "
                         "patch for full, 128 for glfcr)")
-    g.add_argument("--cloud_detector", default="rule", choices=list(dataloader.CLOUD_DETECTORS),
+    g.add_argument("--cloud_detector", default="rule", choices=list(clouds.CLOUD_DETECTORS),
                    help="cloud mask behind the cloudy/clear scores and the cloud-cover bins: rule (GLF-CR's), "
                         "s2cloudless (the binary mask UnCRtainTS computes), s2cloudless_prob (its raw probability, "
                         "thresholded at --cloud_threshold) or none")
@@ -127,23 +130,14 @@ def build_parser():
 
 # ----------------------------------------------------------------------------- shared helpers
 
-# Kept under their old names: benchmark.py and notebooks call them from here.
-resolve_device = runtime.resolve_device
-load_model = runtime.load_model
-
-
-def resolve_amp(amp, device):
-    """Autocast dtype or None; the training script's rule, so scores match its validation."""
-    return runtime.resolve_amp(amp, device)[0]
-
-
 def resolve_device_and_amp(args):
-    """(device, autocast dtype) from --device and --amp; a flag the machine cannot honour is a UsageError."""
-    device = resolve_device(args.device)
+    """(device, autocast dtype) from --device and --amp; a flag the machine cannot honour is a UsageError. The
+    training script's rule, so scores match its validation."""
+    device = runtime.resolve_device(args.device)
     amp_warning = runtime.describe_amp(args.amp, device)[1]
     if amp_warning:
         print(amp_warning.replace("training step", "forward pass"), file=sys.stderr)
-    return device, resolve_amp(args.amp, device)
+    return device, runtime.resolve_amp(args.amp, device)[0]
 
 
 def ensure_writable_dir(folder, what):
@@ -166,7 +160,7 @@ def forward(model, cloudy, sar, ctx):
     with ctx:
         prediction, aux = model(cloudy, sar, return_aux=True)
     confidence = aux.get("confidence")
-    return dataloader.finish_s2(prediction), None if confidence is None else confidence.float()
+    return bands.finish_s2(prediction), None if confidence is None else confidence.float()
 
 
 # ----------------------------------------------------------------------------- quicklooks
@@ -201,8 +195,8 @@ def save_quicklook(path, cloudy, sar, prediction, target, confidence, title=""):
 
     layout, cmap = quicklook_layout(*cloudy.shape[-2:]), colormaps[QUICKLOOK_CMAP]
     (fig_h, fig_w), scale = layout["size"], layout["scale"]
-    images = [dataloader.s2_to_rgb(cloudy), dataloader.sar_to_rgb(sar), dataloader.s2_to_rgb(prediction),
-              dataloader.s2_to_rgb(target)]
+    images = [bands.s2_to_rgb(cloudy), bands.sar_to_rgb(sar), bands.s2_to_rgb(prediction),
+              bands.s2_to_rgb(target)]
     images = [img.float().cpu().permute(1, 2, 0).numpy() for img in images]
     images.append(np.full_like(images[0], 0.85) if confidence is None
                   else cmap(confidence[0].float().clamp(0, 1).cpu().numpy())[..., :3])
@@ -222,7 +216,7 @@ def save_quicklook(path, cloudy, sar, prediction, target, confidence, title=""):
         cax = fig.add_axes((x, y, width / fig_w, height / fig_h))
         fig.colorbar(ScalarMappable(Normalize(0, 1), cmap), cax=cax, ticks=[0, 0.5, 1])
         cax.set_yticklabels(["0 clear", "0.5", "1 cloudy"], fontsize=8)
-    with dataloader.atomic_output(path, ".png") as tmp:
+    with files.atomic_output(path, ".png") as tmp:
         fig.savefig(tmp, format="png", dpi=QUICKLOOK_DPI)
 
 
@@ -347,8 +341,8 @@ def write_results(results, per_image, summary):
     writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(csv_row(row) for row in per_image)
-    dataloader.write_text_atomic(results / "metrics.csv", buf.getvalue())
-    dataloader.write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
+    files.write_text_atomic(results / "metrics.csv", buf.getvalue())
+    files.write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
     (results / PARTIAL_CSV).unlink(missing_ok=True)
 
 
@@ -454,7 +448,7 @@ def setup_evaluation(args):
         if wanted:
             ensure_writable_dir(results / sub, "--results_dir")
     device, amp_dtype = resolve_device_and_amp(args)
-    model, ckpt = load_model(args.checkpoint, device)
+    model, ckpt = runtime.load_model(args.checkpoint, device)
     rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
                                    source=str(args.data_list_filepath))
     dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
@@ -476,7 +470,7 @@ def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    identity = dataloader.finish_s2(cloudy)
+    identity = bands.finish_s2(cloudy)
     scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
               "identity": score_batch(identity, target, cloud_mask, args.cloud_threshold)}
     # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
@@ -550,30 +544,30 @@ def scene_sar_fill_db(sar_src, strip=256):
     The dataset fills an S1 NaN with the band mean of the image it reads; filling per tile would make the value
     depend on the tiling (visible as a seam through a NaN hole). One strip-wise pass over the two SAR bands
     finds the scene mean instead; it is written into each tile's NaN pixels before normalize_s1."""
-    sums = np.zeros(len(dataloader.S1_BANDS), np.float64)
-    counts = np.zeros(len(dataloader.S1_BANDS), np.int64)
+    sums = np.zeros(len(bands.S1_BANDS), np.float64)
+    counts = np.zeros(len(bands.S1_BANDS), np.int64)
     for y in range(0, sar_src.height, strip):
         raw = dataloader.read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
         valid = ~np.isnan(raw)
-        normed = dataloader.normalize_s1(raw)  # only NaN pixels are changed by the fill: valid ones are exact
+        normed = bands.normalize_s1(raw)  # only NaN pixels are changed by the fill: valid ones are exact
         sums += np.where(valid, normed, 0).sum(axis=(1, 2), dtype=np.float64)
         counts += valid.sum(axis=(1, 2))
     means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)  # all-NaN band -> 0, as dataloader
-    return dataloader.s1_db_of(means)
+    return bands.s1_db_of(means)
 
 
 def check_scene_pair(cloudy_src, sar_src):
     """S1 and S2 must share size, and CRS and transform where both files carry one (dataloader.grid_problems, the
     rule of the dataset's triplets); the error names both files."""
-    if cloudy_src.count != len(dataloader.S2_BANDS):
-        raise dataloader.DataError(f"{cloudy_src.name}: expected {len(dataloader.S2_BANDS)} Sentinel-2 bands, "
+    if cloudy_src.count != len(bands.S2_BANDS):
+        raise files.DataError(f"{cloudy_src.name}: expected {len(bands.S2_BANDS)} Sentinel-2 bands, "
                                    f"found {cloudy_src.count}")
-    if sar_src.count != len(dataloader.S1_BANDS):
-        raise dataloader.DataError(f"{sar_src.name}: expected {len(dataloader.S1_BANDS)} Sentinel-1 bands "
+    if sar_src.count != len(bands.S1_BANDS):
+        raise files.DataError(f"{sar_src.name}: expected {len(bands.S1_BANDS)} Sentinel-1 bands "
                                    f"(VV, VH), found {sar_src.count}")
     problems = dataloader.grid_problems(sar_src, cloudy_src)
     if problems:
-        raise dataloader.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
+        raise files.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
                                    + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
 
 
@@ -594,12 +588,12 @@ def _fill(raw_db, fill_db):
 def _scene_output(path, cloudy_src):
     """The open output GeoTIFF of predict_scene: the input's size, CRS and transform, uint16, tiled, deflate."""
     height, width = cloudy_src.height, cloudy_src.width
-    profile = dict(driver="GTiff", height=height, width=width, count=len(dataloader.S2_BANDS), dtype="uint16",
+    profile = dict(driver="GTiff", height=height, width=width, count=len(bands.S2_BANDS), dtype="uint16",
                    crs=cloudy_src.crs, transform=cloudy_src.transform, compress="deflate", tiled=True,
                    blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
     # GDAL's block cache (default 5% of RAM) would grow with the scene; two rows of 256 px output blocks
     # (13 bands uint16) plus 32 MB for the input reads is all predict_scene ever revisits.
-    cache_mb = 32 + 2 * math.ceil(width / 256) * 256 * 256 * len(dataloader.S2_BANDS) * 2 // 2 ** 20
+    cache_mb = 32 + 2 * math.ceil(width / 256) * 256 * 256 * len(bands.S2_BANDS) * 2 // 2 ** 20
     with rasterio.Env(GDAL_CACHEMAX=cache_mb), warnings.catch_warnings():
         # An input without georeferencing gives an output without it, as it should.
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -630,10 +624,10 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
         th, tw = min(tile, height), min(tile, width)
         sar_fill = scene_sar_fill_db(sar_src)
         weight_tile = np.outer(feather(th, overlap), feather(tw, overlap))
-        acc = np.zeros((len(dataloader.S2_BANDS), th, width), dtype=np.float32)
+        acc = np.zeros((len(bands.S2_BANDS), th, width), dtype=np.float32)
         wsum = np.zeros((th, width), dtype=np.float32)
         top = 0  # scene row of acc[:, 0]
-        with dataloader.atomic_output(out_path, ".tif") as tmp, _scene_output(tmp, cloudy_src) as dst:
+        with files.atomic_output(out_path, ".tif") as tmp, _scene_output(tmp, cloudy_src) as dst:
             def flush(upto):
                 """Write finished scene rows [top, upto) and shift the strip up."""
                 nonlocal top
@@ -643,7 +637,7 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
                 if not (wsum[:k] > 0).all():  # cannot happen with tile_starts + feather; guard anyway
                     raise RuntimeError(f"rows {top}..{upto} of {cloudy_path} were not covered by any tile")
                 rows = torch.from_numpy(acc[:, :k] / wsum[:k])
-                dst.write(dataloader.denormalize_s2(dataloader.finish_s2(rows)), window=Window(0, top, width, k))
+                dst.write(bands.denormalize_s2(bands.finish_s2(rows)), window=Window(0, top, width, k))
                 acc[:, :th - k], wsum[:th - k] = acc[:, k:].copy(), wsum[k:].copy()
                 acc[:, th - k:], wsum[th - k:] = 0.0, 0.0
                 top = upto
@@ -653,9 +647,9 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
                 flush(y)
                 for b in range(0, len(xs), batch_sz):
                     chunk = xs[b:b + batch_sz]
-                    cloudy = np.stack([dataloader.normalize_s2(_read_s2(cloudy_src, (y, x, th, tw)))
+                    cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, (y, x, th, tw)))
                                        for x in chunk])
-                    sar = np.stack([dataloader.normalize_s1(_fill(dataloader.read_window(sar_src, (y, x, th, tw)),
+                    sar = np.stack([bands.normalize_s1(_fill(dataloader.read_window(sar_src, (y, x, th, tw)),
                                                                   sar_fill)) for x in chunk])
                     prediction, _ = forward(model, torch.from_numpy(cloudy).to(device),
                                             torch.from_numpy(sar).to(device), ctx)
@@ -696,7 +690,7 @@ def predict(args):
                                  f"--overlap {args.overlap}")
     check_predict_output(args)
     device, amp_dtype = resolve_device_and_amp(args)
-    model, ckpt = load_model(args.checkpoint, device)
+    model, ckpt = runtime.load_model(args.checkpoint, device)
     t0 = time.perf_counter()
     out = predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
                         batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype)
@@ -707,7 +701,7 @@ def predict(args):
 
 def main(argv=None):
     """Evaluate a list or predict a scene. Expected user errors (bad flags, data, checkpoint) are raised as
-    runtime.UsageError / dataloader.DataError / runtime.CheckpointError; run as a script, runtime.run_cli prints
+    runtime.UsageError / files.DataError / runtime.CheckpointError; run as a script, runtime.run_cli prints
     them as one line and exits 2."""
     args = build_parser().parse_args(argv)
     if args.batch_sz < 1:

@@ -32,15 +32,14 @@ from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+import bands
+import clouds
 import dataloader
+import files
 import losses
 import metrics
 import net_CR_CrossAttention
 import runtime
-# Re-exported: these lived here before runtime.py held them, and notebooks call them by this module's name.
-from runtime import (CheckpointError, UsageError, build_model_from_checkpoint,  # noqa: F401
-                     load_checkpoint, resolve_amp)
-from runtime import save_checkpoint as atomic_torch_save
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
 # The demo: 128 synthetic patches of 64 px, trained on 32 px crops (a quarter of the compute per sample) for at most
@@ -164,7 +163,7 @@ def _data_flags(p):
                    help="validation centre-crop size (None: --load_size, the whole patch)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random flips and 90-degree rotations of training crops")
-    g.add_argument("--cloud_detector", default="rule", choices=list(dataloader.CLOUD_DETECTORS),
+    g.add_argument("--cloud_detector", default="rule", choices=list(clouds.CLOUD_DETECTORS),
                    help="cloud score behind the cloud-focused and confidence losses (soft for rule and "
                         "s2cloudless_prob; s2cloudless: the literature's binary mask, best precomputed)")
     g.add_argument("--cloud_mask_dir", default=None,
@@ -302,12 +301,12 @@ def resolve_confidence_weights(args):
 def check_inputs(args):
     """Fail before the first step, with the file named, on anything that would fail later."""
     if not args.data_list_filepath or not args.input_data_folder:
-        raise UsageError("pass --data_list_filepath and --input_data_folder (or --demo for synthetic data)")
+        raise runtime.UsageError("pass --data_list_filepath and --input_data_folder (or --demo for synthetic data)")
     for flag in ("log_every", "batch_sz", "max_epochs"):
         if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+            raise runtime.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.time_limit is not None and args.time_limit <= 0:
-        raise UsageError(f"--time_limit is in hours and must be positive, got {args.time_limit}")
+        raise runtime.UsageError(f"--time_limit is in hours and must be positive, got {args.time_limit}")
     rows = dataloader.read_data_list(args.data_list_filepath)
     train_rows = dataloader.select_split(rows, "train", source=args.data_list_filepath)
     val_rows = dataloader.select_split(rows, "val", source=args.data_list_filepath)
@@ -316,7 +315,7 @@ def check_inputs(args):
         for t in rows:
             for rel in (t.s1, t.s2_cloudfree, t.s2_cloudy):
                 if not (root / rel).is_file():
-                    raise dataloader.DataError(f"{root / rel}: file listed in {args.data_list_filepath} not found")
+                    raise files.DataError(f"{root / rel}: file listed in {args.data_list_filepath} not found")
     return train_rows, val_rows
 
 
@@ -339,7 +338,7 @@ def prepare_run_dir(run):
         probe.unlink()
     except OSError as e:
         discard_run_dir(run)
-        raise UsageError(f"cannot write to --save_model_dir {run_dir}: {e}") from None
+        raise runtime.UsageError(f"cannot write to --save_model_dir {run_dir}: {e}") from None
 
 
 def discard_run_dir(run):
@@ -355,7 +354,7 @@ def discard_run_dir(run):
 def build_model(args, ckpt, resume_path, is_main):
     """The network to train: rebuilt from the checkpoint when resuming, else from the model flags."""
     if ckpt is not None:
-        model = build_model_from_checkpoint(ckpt, resume_path)
+        model = runtime.build_model_from_checkpoint(ckpt, resume_path)
         if is_main:
             print(f"resuming from {resume_path} (epoch {ckpt['epoch']} done, best PSNR {ckpt['best_psnr']:.3f})")
     else:
@@ -365,7 +364,7 @@ def build_model(args, ckpt, resume_path, is_main):
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     for flag in ("confidence_weight", "residual_weight"):
         if getattr(args, flag) > 0 and not getattr(model.config, "use_cloud_predictor", False):
-            raise UsageError(f"--{flag} {getattr(args, flag)} needs the cloud confidence map, which "
+            raise runtime.UsageError(f"--{flag} {getattr(args, flag)} needs the cloud confidence map, which "
                              f"{model.model_name} without the cloud predictor does not have; set it to 0")
     return model
 
@@ -390,7 +389,7 @@ def build_loaders(args, train_rows, val_rows, device, rank, world_size):
                               drop_last=len(train_set) >= args.batch_sz * world_size, **loader_kw)
     val_loader = DataLoader(val_share, batch_size=args.val_batch_sz or args.batch_sz, shuffle=False, **loader_kw)
     if len(train_loader) == 0:
-        raise dataloader.DataError(f"{args.data_list_filepath}: too few training samples for one batch per process")
+        raise files.DataError(f"{args.data_list_filepath}: too few training samples for one batch per process")
     return train_loader, val_loader, val_set
 
 
@@ -502,7 +501,7 @@ def setup(args, argv=()):
     if leak:
         print(leak, file=sys.stderr)
     resolve_confidence_weights(args)
-    run.amp_dtype, use_scaler = resolve_amp(args.amp, device)
+    run.amp_dtype, use_scaler = runtime.resolve_amp(args.amp, device)
     run.amp_text, amp_warning = runtime.describe_amp(args.amp, device)
     if amp_warning and rank == 0:
         print(amp_warning, file=sys.stderr)
@@ -511,7 +510,7 @@ def setup(args, argv=()):
     run.dir = Path(args.save_model_dir) / args.experiment_name
     resume_path = args.resume or (None if args.train_from_scratch else
                                   (run.dir / "last.pth" if (run.dir / "last.pth").is_file() else None))
-    ckpt = load_checkpoint(resume_path, map_location="cpu") if resume_path else None
+    ckpt = runtime.load_checkpoint(resume_path, map_location="cpu") if resume_path else None
     run.model = build_model(args, ckpt, resume_path, run.is_main).to(device)
     run.channels_last, run.layout_text = resolve_channels_last(args, run.model, run.ctx, device, world_size)
     if run.channels_last:
@@ -550,7 +549,7 @@ def setup_logging(run, resumed, val_set):
 
     args = run.args
     run.writer = SummaryWriter(log_dir=str(run.dir / "tensorboard"), purge_step=run.global_step or None)
-    runtime.write_text_atomic(run.dir / "args.json", json.dumps(vars(args), indent=2, default=str))
+    files.write_text_atomic(run.dir / "args.json", json.dumps(vars(args), indent=2, default=str))
     run.writer.add_text("notes", args.notes or "(none)", run.global_step)
     run.history = read_history(run.dir / "history.csv") if resumed else []
     n_params = sum(p.numel() for p in run.model.parameters())
@@ -566,7 +565,7 @@ def write_history(path, rows):
     w = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
     w.writeheader()
     w.writerows(rows)
-    runtime.write_text_atomic(path, buf.getvalue())
+    files.write_text_atomic(path, buf.getvalue())
 
 
 def read_history(path):
@@ -578,7 +577,7 @@ def read_history(path):
 
 def quicklook_grid(cloudy, prediction, target, confidence):
     """One row per sample: cloudy | prediction | target | confidence, RGB with the project's fixed stretch."""
-    panels = [dataloader.s2_to_rgb(cloudy), dataloader.s2_to_rgb(prediction), dataloader.s2_to_rgb(target)]
+    panels = [bands.s2_to_rgb(cloudy), bands.s2_to_rgb(prediction), bands.s2_to_rgb(target)]
     conf = confidence if confidence is not None else torch.zeros_like(cloudy[:, :1])
     panels.append(conf.clamp(0, 1).expand(-1, 3, -1, -1))
     rows = [torch.cat([p[i] for p in panels], dim=2) for i in range(cloudy.shape[0])]
@@ -594,7 +593,7 @@ def log_quicklooks(run):
         prediction, aux = run.model(batch["cloudy_data"], batch["SAR_data"], return_aux=True)
     run.model.train()
     confidence = None if aux["confidence"] is None else aux["confidence"].float().cpu()
-    grid = quicklook_grid(batch["cloudy_data"].cpu(), dataloader.finish_s2(prediction).cpu(),
+    grid = quicklook_grid(batch["cloudy_data"].cpu(), bands.finish_s2(prediction).cpu(),
                           batch["cloudfree_data"].cpu(), confidence)
     run.writer.add_image("val/quicklook_cloudy_prediction_target_confidence", grid, run.global_step)
 
@@ -654,7 +653,7 @@ def to_device(batch, device, channels_last=False):
     for key in BATCH_KEYS:
         t = batch[key]
         if t.dtype == torch.uint16:  # moved as int16, the same bits (values <= 10000): every backend converts int16
-            out[key] = t.view(torch.int16).to(device, non_blocking=True).float() * (1.0 / dataloader.S2_SCALE)
+            out[key] = t.view(torch.int16).to(device, non_blocking=True).float() * (1.0 / bands.S2_SCALE)
         else:
             out[key] = t.to(device, non_blocking=True)
     if channels_last:  # the model's convolutions want NHWC inputs when its weights are NHWC
@@ -816,7 +815,7 @@ def validate(run):
         b = to_device(batch, run.device)
         with run.ctx:
             prediction = run.model(b["cloudy_data"], b["SAR_data"])
-        scores = metrics.compute_metrics(dataloader.finish_s2(prediction), b["cloudfree_data"])
+        scores = metrics.compute_metrics(bands.finish_s2(prediction), b["cloudfree_data"])
         for i, name in enumerate(metrics.METRIC_NAMES):
             sums[i] += scores[name].double().sum()
         sums[-1] += b["cloudy_data"].shape[0]
@@ -920,9 +919,9 @@ def record_epoch(run, epoch, stats, val, improved):
             log_quicklooks(run)
     run.history.append(row)
     write_history(run.dir / "history.csv", run.history)
-    atomic_torch_save(checkpoint_state(run), run.dir / "last.pth")
+    runtime.save_checkpoint(checkpoint_state(run), run.dir / "last.pth")
     if improved:
-        atomic_torch_save(checkpoint_state(run), run.dir / "best.pth")
+        runtime.save_checkpoint(checkpoint_state(run), run.dir / "best.pth")
     w.flush()
     msg = f"epoch {epoch + 1}/{run.args.max_epochs}: loss {stats['loss']:.4f} | {stats['samples_per_s']:.1f} samples/s"
     if val is not None:
@@ -988,7 +987,7 @@ def finish(run):
     args = run.args
     stopped = run.stop_requested or run.stop_reason == "time limit"
     if stopped and run.is_main and run.stop_requested:  # an interrupted epoch is not counted: resuming re-runs it
-        atomic_torch_save(checkpoint_state(run), run.dir / "last.pth")
+        runtime.save_checkpoint(checkpoint_state(run), run.dir / "last.pth")
     if stopped and not (args.demo and run.stop_signal is None):
         if run.is_main:
             why = f"signal {run.stop_signal}" if run.stop_signal is not None else f"--time_limit {args.time_limit} h"

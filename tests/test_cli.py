@@ -32,6 +32,7 @@ def test_every_flag_has_help(name, parser):
     assert not missing, f"{name}: flags without help: {missing}"
 
 
+@pytest.mark.slow
 def test_loop_benchmark_times_the_training_loss_it_compares_with(tmp_path):
     """`benchmark.py loop` runs the design loss set end to end (its bare step must call the criterion the way
     train_step does: with the confidence target and the ungated prediction of the residual term) and ends with

@@ -12,9 +12,13 @@ import rasterio
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
+import bands
+import clouds
 import dataloader as D
+import files
 import metrics
 import net_CR_CrossAttention as net
+import runtime
 import synthetic
 import test_CR
 import train_CR_kaggle as train
@@ -45,8 +49,8 @@ def test_truth_explains_the_cloudy_image(synthetic_dataset):
     root, csv_path = synthetic_dataset
     cloudy_seen = 0
     for t in D.read_data_list(csv_path):
-        clear = D.normalize_s2(D.read_raster(root / t.s2_cloudfree, 13))
-        cloudy = D.normalize_s2(D.read_raster(root / t.s2_cloudy, 13))
+        clear = bands.normalize_s2(D.read_raster(root / t.s2_cloudfree, 13))
+        cloudy = bands.normalize_s2(D.read_raster(root / t.s2_cloudy, 13))
         opacity, shadow = D.read_raster(root / D.truth_path(t.s2_cloudy), 2)
         free = (opacity == 0) & (shadow == 0)
         if free.sum() > 100:
@@ -88,7 +92,7 @@ def test_a_partial_truth_set_is_an_error(synthetic_dataset, tmp_path):
     shutil.copytree(root, copy)
     triplets = D.read_data_list(copy / "data.csv")
     (copy / D.truth_path(triplets[3].s2_cloudy)).unlink()
-    with pytest.raises(D.DataError, match="cloud_truth"):
+    with pytest.raises(files.DataError, match="cloud_truth"):
         D.SEN12MSCRDataset(triplets, copy)
     for t in triplets:  # none at all: real data, no truth key
         (copy / D.truth_path(t.s2_cloudy)).unlink(missing_ok=True)
@@ -97,8 +101,8 @@ def test_a_partial_truth_set_is_an_error(synthetic_dataset, tmp_path):
 
 def test_land_cover_table_is_the_clustering_of_the_real_sample(real_sample_dir):
     t = D.read_data_list(real_sample_dir / "data.csv")[0]
-    clusters = synthetic.land_covers_from_sample(D.normalize_s2(D.read_raster(real_sample_dir / t.s2_cloudfree, 13)),
-                                                 D.read_raster(real_sample_dir / t.s1, 2), k=5)
+    s2 = bands.normalize_s2(D.read_raster(real_sample_dir / t.s2_cloudfree, 13))
+    clusters = synthetic.land_covers_from_sample(s2, D.read_raster(real_sample_dir / t.s1, 2), k=5)
     for (spectrum, backscatter, _), name in zip(clusters, ("real_1", "real_2", "real_3", "real_4", "real_5")):
         table_spectrum, table_backscatter = synthetic.LAND_COVERS[name]
         np.testing.assert_allclose(spectrum, table_spectrum, atol=0.0006)
@@ -107,6 +111,7 @@ def test_land_cover_table_is_the_clustering_of_the_real_sample(real_sample_dir):
 
 # ----------------------------------------------------------------------------------------------- precomputed masks
 
+@pytest.mark.slow
 def test_masks_cli_precomputes_resumes_and_feeds_the_dataset(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     out = tmp_path / "masks"
@@ -123,14 +128,14 @@ def test_masks_cli_precomputes_resumes_and_feeds_the_dataset(synthetic_dataset, 
     # the dataset reads them instead of running the detector: exactly the rule score of the whole raster
     ds = D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=out)
     for i in (0, 5):
-        whole = D.rule_cloud_score(D.normalize_s2(D.read_raster(root / triplets[i].s2_cloudy, 13)))
+        whole = clouds.rule_cloud_score(bands.normalize_s2(D.read_raster(root / triplets[i].s2_cloudy, 13)))
         np.testing.assert_array_equal(ds[i]["cloud_mask"][0].numpy(), whole)
     assert ds.cloud_detector == "rule"
     # a missing mask names the file and the command that makes it; another detector in the same folder is refused
     (out / triplets[2].s2_cloudy).unlink()
-    with pytest.raises(D.DataError, match="dataloader.py masks"):
+    with pytest.raises(files.DataError, match="dataloader.py masks"):
         D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=out)
-    with pytest.raises(D.DataError, match="rule masks"):
+    with pytest.raises(files.DataError, match="rule masks"):
         D.make_cloud_masks(triplets, root, out, "s2cloudless", progress=False)
 
 
@@ -275,6 +280,7 @@ def confidence_run(synthetic_dataset, tmp_path_factory):
     return save / "c" / "last.pth", results, summary
 
 
+@pytest.mark.slow
 def test_evaluation_scores_the_confidence_map(confidence_run, synthetic_dataset):
     import csv
     ckpt, results, summary = confidence_run
@@ -291,13 +297,13 @@ def test_evaluation_scores_the_confidence_map(confidence_run, synthetic_dataset)
     test_rows = D.select_split(D.read_data_list(csv_path), "test")
     sample = D.SEN12MSCRDataset(test_rows, root, augment=False)[0]
     row = next(r for r in rows if r["file_name"] == sample["file_name"])
-    model, _ = test_CR.load_model(ckpt, torch.device("cpu"))
+    model, _ = runtime.load_model(ckpt, torch.device("cpu"))
     with torch.no_grad():
         prediction, aux = model(sample["cloudy_data"][None], sample["SAR_data"][None], return_aux=True)
     saved = D.read_raster(results / "confidence" / sample["file_name"], 1)
     np.testing.assert_allclose(saved[0], aux["confidence"][0, 0].numpy(), atol=1e-5)
     clear = ~D.truth_mask(sample["cloud_truth"][None])
-    change = (D.finish_s2(prediction) - D.finish_s2(sample["cloudy_data"][None])).abs().mean(1, keepdim=True)
+    change = (bands.finish_s2(prediction) - bands.finish_s2(sample["cloudy_data"][None])).abs().mean(1, keepdim=True)
     assert math.isclose(float(row["model_clear_change"]), float(change[clear].mean()), rel_tol=1e-4)
     if clear.any() and not clear.all():
         auc = float(binary_auroc(aux["confidence"].flatten(), (~clear).flatten().long()))
@@ -307,6 +313,7 @@ def test_evaluation_scores_the_confidence_map(confidence_run, synthetic_dataset)
         assert out.crs == src.crs and out.dtypes == ("float32",)
 
 
+@pytest.mark.slow
 def test_models_without_confidence_report_none(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     assert train.main(["--data_list_filepath", str(csv_path), "--input_data_folder", str(root), "--save_model_dir",

@@ -18,7 +18,11 @@ import scipy.signal
 import torch
 from rasterio.transform import from_origin
 
+import bands
+import clouds
 import dataloader as D
+import files
+import splits
 from geotiff import write_geotiff
 
 
@@ -138,7 +142,7 @@ def test_header_optional_and_tab_separated(tmp_path):
 def test_malformed_row_names_file_and_line(tmp_path, bad_line, message):
     p = tmp_path / "data.csv"
     p.write_text("split,a,b,c,name\n1,a,b,c,x.tif\n" + bad_line + "\n")
-    with pytest.raises(D.DataError, match=message) as e:
+    with pytest.raises(files.DataError, match=message) as e:
         D.read_data_list(p)
     assert f"{p}:3" in str(e.value)
 
@@ -146,13 +150,13 @@ def test_malformed_row_names_file_and_line(tmp_path, bad_line, message):
 def test_empty_split_and_empty_list_are_clear_errors(tmp_path):
     p = tmp_path / "data.csv"
     p.write_text("1,a,b,c,x.tif\n")
-    with pytest.raises(D.DataError, match=r"no rows with split 3 \(test\)") as e:
+    with pytest.raises(files.DataError, match=r"no rows with split 3 \(test\)") as e:
         D.select_split(D.read_data_list(p), "test", source=p)
     assert str(p) in str(e.value)
-    with pytest.raises(D.DataError, match="empty"):
+    with pytest.raises(files.DataError, match="empty"):
         D.SEN12MSCRDataset([], tmp_path)
     (tmp_path / "blank.csv").write_text("split,a,b,c,name\n")
-    with pytest.raises(D.DataError, match="no data rows"):
+    with pytest.raises(files.DataError, match="no data rows"):
         D.read_data_list(tmp_path / "blank.csv")
 
 
@@ -182,7 +186,7 @@ def _corrupt(kind, root):
                                            ("band_count", "expected 13 bands, found 3"), ("size", "differs")])
 def test_bad_files_raise_data_error_naming_the_file(tmp_path, kind, message):
     t, bad = _corrupt(kind, tmp_path)
-    with pytest.raises(D.DataError, match=message) as e:
+    with pytest.raises(files.DataError, match=message) as e:
         D.SEN12MSCRDataset([t], tmp_path)[0]
     assert str(bad) in str(e.value)
     assert isinstance(e.value, ValueError)
@@ -206,7 +210,7 @@ def _triplet(root, s1=None, s1_crs="EPSG:32631", s1_transform=from_origin(500000
 ])
 def test_misaligned_s1_is_refused_naming_both_files(tmp_path, what, s1_georef):
     t = _triplet(tmp_path, **s1_georef)
-    with pytest.raises(D.DataError, match="not on the same grid") as e:
+    with pytest.raises(files.DataError, match="not on the same grid") as e:
         D.SEN12MSCRDataset([t], tmp_path)[0]
     message = str(e.value)
     assert what in message and str(tmp_path / t.s1) in message and str(tmp_path / t.s2_cloudy) in message
@@ -219,7 +223,7 @@ def test_misaligned_s1_is_refused_naming_both_files(tmp_path, what, s1_georef):
 def test_errors_from_dataloader_workers_keep_only_the_message(tmp_path):
     t = _triplet(tmp_path, s1_crs="EPSG:32650")
     loader = torch.utils.data.DataLoader(D.SEN12MSCRDataset([t], tmp_path), num_workers=1)
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(files.DataError) as e:
         next(iter(loader))
     assert str(e.value).startswith(f"{tmp_path / t.s1} and ") and "Traceback" not in str(e.value)
     assert "\n" not in str(e.value)
@@ -245,7 +249,7 @@ def test_rasters_without_georeferencing_load(tmp_path, synth):
     assert D.SEN12MSCRDataset([mixed], tmp_path / "mixed")[0]["SAR_data"].shape == (2, 32, 32)
     # Size is checked whatever the georeferencing.
     small = _triplet(tmp_path / "small", s1=np.zeros((2, 16, 32), np.float32), s1_crs=None, s2_crs=None)
-    with pytest.raises(D.DataError, match="size 16x32 differs from 32x32"):
+    with pytest.raises(files.DataError, match="size 16x32 differs from 32x32"):
         D.SEN12MSCRDataset([small], tmp_path / "small")[0]
 
 
@@ -256,9 +260,9 @@ def test_truncated_geotiff_error_keeps_gdals_reason(tmp_path):
     # rasterio itself says only "Read failed. See previous exception for details."; GDAL's reason is kept. It reads
     # "Missing data for block" through the memory-mapped reads of the dataset, "TIFFReadEncodedStrip() failed"
     # through plain reads.
-    with pytest.raises(D.DataError) as mapped:
+    with pytest.raises(files.DataError) as mapped:
         D.SEN12MSCRDataset([t], tmp_path)[0]
-    with rasterio.open(cloudy) as src, pytest.raises(D.DataError) as plain:
+    with rasterio.open(cloudy) as src, pytest.raises(files.DataError) as plain:
         D.read_window(src, None)
     for e, reason in ((mapped, "Missing data for block"), (plain, "TIFFReadEncodedStrip() failed")):
         message = str(e.value)
@@ -270,7 +274,7 @@ def test_s2_already_scaled_to_float_reflectance_is_refused(tmp_path):
     scaled = np.full((13, 32, 32), 0.12, np.float32)
     scaled[:, :4] = 1.3  # a bright cloud
     t = _triplet(tmp_path / "float01", s2=scaled)
-    with pytest.raises(D.DataError) as e:
+    with pytest.raises(files.DataError) as e:
         D.SEN12MSCRDataset([t], tmp_path / "float01")[0]
     message = str(e.value)
     assert str(tmp_path / "float01" / t.s2_cloudfree) in message
@@ -284,19 +288,19 @@ def test_s2_already_scaled_to_float_reflectance_is_refused(tmp_path):
 
 def test_normalisation_convention_and_nan_fill():
     s1 = np.array([[[-30.0, -25.0], [-12.5, np.nan]], [[-40.0, -32.5], [0.0, 5.0]]], np.float32)
-    out = D.normalize_s1(s1)
+    out = bands.normalize_s1(s1)
     expect_vv = [0.0, 0.0, 0.5]
     np.testing.assert_allclose(out[0].ravel()[:3], expect_vv)
     assert out[0, 1, 1] == pytest.approx(np.mean(expect_vv))  # NaN -> mean of the band's valid pixels
     np.testing.assert_allclose(out[1].ravel(), [0, 0, 1, 1])
     s2 = np.array([[[0, 5000], [12000, 10000]]] * 13, np.float32)
     s2[5, 0, 0] = np.nan
-    out = D.normalize_s2(s2)
+    out = bands.normalize_s2(s2)
     assert out.dtype == np.float32 and out.max() == 1.0
     assert out[5, 0, 0] == pytest.approx((0.5 + 1 + 1) / 3)
     assert out[0, 0, 1] == 0.5
-    np.testing.assert_array_equal(D.denormalize_s2(torch.from_numpy(out[:1])), [[[0, 5000], [10000, 10000]]])
-    allnan = D.normalize_s1(np.full((2, 2, 2), np.nan, np.float32))
+    np.testing.assert_array_equal(bands.denormalize_s2(torch.from_numpy(out[:1])), [[[0, 5000], [10000, 10000]]])
+    allnan = bands.normalize_s1(np.full((2, 2, 2), np.nan, np.float32))
     assert not np.isnan(allnan).any()
 
 
@@ -336,8 +340,8 @@ def test_crops_windows_and_georeference(synth, tmp_path):
     out = D.write_s2_geotiff(tmp_path / "pred.tif", centre["cloudy_data"], crs, transform)
     with rasterio.open(out) as src:
         assert src.dtypes[0] == "uint16" and src.count == 13 and src.crs == crs and src.transform == transform
-        np.testing.assert_array_equal(src.read(), D.denormalize_s2(centre["cloudy_data"]))
-    with pytest.raises(D.DataError, match="64x64 px, smaller than --crop_size 128; pass --crop_size 64 or less"):
+        np.testing.assert_array_equal(src.read(), bands.denormalize_s2(centre["cloudy_data"]))
+    with pytest.raises(files.DataError, match="64x64 px, smaller than --crop_size 128; pass --crop_size 64 or less"):
         D.SEN12MSCRDataset([t], root, crop_size=128)[0]
 
 
@@ -355,7 +359,7 @@ def test_load_size_beyond_the_raster_takes_the_whole_raster_with_one_warning(syn
     assert all(w[2:] == [32, 32] and 0 <= min(w[:2]) and max(w[:2]) <= 32 for w in windows[:4])
     assert windows[4:] == [[0, 0, 64, 64]] * 4
     # A crop that does not fit names the flag that set it, not load_size.
-    with pytest.raises(D.DataError, match="smaller than --val_crop_size 128; pass --val_crop_size 64") as e, \
+    with pytest.raises(files.DataError, match="smaller than --val_crop_size 128; pass --val_crop_size 64") as e, \
             pytest.warns(UserWarning, match="--load_size 256"):
         D.SEN12MSCRDataset(triplets[:1], root, crop_size=128, load_size=256, crop_flag="--val_crop_size")[0]
     assert "load_size" not in str(e.value)
@@ -435,9 +439,10 @@ def test_rule_detector_matches_the_original_algorithm(source, synth, request):
         root, triplets = synth
         images = [D.read_raster(root / t.s2_cloudy, 13) for t in triplets[:5]]  # clear, haze, partial, overcast
     for raw in images:
-        np.testing.assert_allclose(D.rule_cloud_score(D.normalize_s2(raw)), _original_cloud_score(raw), atol=2e-6)
-        np.testing.assert_array_equal(D.shadow_mask(D.normalize_s2(raw)), _original_shadow(raw))
-        cs = D.cloud_shadow_mask(D.normalize_s2(raw), 0.2)
+        np.testing.assert_allclose(clouds.rule_cloud_score(bands.normalize_s2(raw)), _original_cloud_score(raw),
+                                   atol=2e-6)
+        np.testing.assert_array_equal(clouds.shadow_mask(bands.normalize_s2(raw)), _original_shadow(raw))
+        cs = clouds.cloud_shadow_mask(bands.normalize_s2(raw), 0.2)
         assert set(np.unique(cs)) <= {-1, 0, 1}
         np.testing.assert_array_equal(cs == 1, _original_cloud_score(raw) >= 0.2)
 
@@ -457,6 +462,7 @@ def test_cloud_score_is_higher_on_cloudy_than_on_clear_synthetic_pixels(synth):
     assert (cloudy >= 0.2).float().mean() > 0.9 and (clear >= 0.2).float().mean() < 0.1
 
 
+@pytest.mark.slow
 def test_s2cloudless_options(synth):
     root, triplets = synth
     for detector in ("s2cloudless", "s2cloudless_prob"):
@@ -482,6 +488,7 @@ def _package_mask(raw):
     return _package_detector().get_cloud_masks(np.moveaxis(img / 10000, 0, -1)[None, ...])[0]
 
 
+@pytest.mark.slow
 def test_s2cloudless_mask_is_the_packages_get_cloud_masks_on_the_real_sample(real_sample_dir, tmp_path):
     t = D.read_data_list(real_sample_dir / "data.csv")[0]
     mask = _package_mask(D.read_raster(real_sample_dir / t.s2_cloudy, 13))
@@ -496,6 +503,7 @@ def test_s2cloudless_mask_is_the_packages_get_cloud_masks_on_the_real_sample(rea
     assert mask.mean() == 0 and 0.1 < (prob >= 0.2).mean() < 0.2
 
 
+@pytest.mark.slow
 def test_s2cloudless_mask_of_a_crop_is_the_whole_rasters_mask_cropped(synth):
     root, triplets = synth
     torch.manual_seed(0)
@@ -508,7 +516,8 @@ def test_s2cloudless_mask_of_a_crop_is_the_whole_rasters_mask_cropped(synth):
     assert 0 < np.mean([ds[i]["cloud_mask"].mean() for i in range(len(ds))]) < 1
 
 
-@pytest.mark.parametrize("detector", ["s2cloudless", "s2cloudless_prob", "rule"])
+@pytest.mark.parametrize("detector", [pytest.param("s2cloudless", marks=pytest.mark.slow),
+                                      pytest.param("s2cloudless_prob", marks=pytest.mark.slow), "rule"])
 def test_precomputed_masks_equal_the_detector_on_the_fly(synth, tmp_path, detector):
     root, triplets = synth
     triplets = triplets[:4]
@@ -533,9 +542,9 @@ def test_precomputed_masks_equal_the_detector_on_the_fly(synth, tmp_path, detect
 def test_masks_of_the_old_rounded_encoding_are_refused(synth, tmp_path):
     root, triplets = synth
     (tmp_path / D.MASKS_INFO).write_text(json.dumps({"detector": "s2cloudless", "encoding": "uint8 soft score x255"}))
-    with pytest.raises(D.DataError, match="rounding moves the threshold.*--detector s2cloudless_prob"):
+    with pytest.raises(files.DataError, match="rounding moves the threshold.*--detector s2cloudless_prob"):
         D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=tmp_path)
-    with pytest.raises(D.DataError, match="rounding moves the threshold"):
+    with pytest.raises(files.DataError, match="rounding moves the threshold"):
         D.make_cloud_masks(triplets, root, tmp_path, "s2cloudless", progress=False)
 
 
@@ -600,8 +609,8 @@ def test_scan_official_split_uses_the_published_scene_lists(synth, tmp_path, cap
     assert ("note: official test scenes not found under" in err and
             "ROIs1158_spring 123, 140, 31, 44; ROIs1868_summer 119, 73; ROIs1970_fall 139; ROIs2017_winter 108" in err)
     assert "ROIs2017_winter 107, 130, 84; ROIs1868_summer 19, 80, 127, 17; ROIs1158_spring 17" in err
-    n_test = sum(len(v) for v in D.OFFICIAL_TEST_SCENES.values())
-    n_val = sum(len(v) for v in D.OFFICIAL_VAL_SCENES.values())
+    n_test = sum(len(v) for v in splits.OFFICIAL_TEST_SCENES.values())
+    n_val = sum(len(v) for v in splits.OFFICIAL_VAL_SCENES.values())
     assert (n_test, n_val) == (10, 10)
 
 
@@ -693,7 +702,7 @@ def test_atomic_output_has_plain_file_permissions(tmp_path):
     import stat
     plain = tmp_path / "plain.txt"
     plain.write_text("x")
-    written = D.write_text_atomic(tmp_path / "atomic.txt", "x")
+    written = files.write_text_atomic(tmp_path / "atomic.txt", "x")
     assert stat.S_IMODE(os.stat(written).st_mode) == stat.S_IMODE(os.stat(plain).st_mode)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
@@ -708,6 +717,7 @@ def test_cli_help_shows_every_default():
                 assert f"(default: {action.default})" in text, (name, action.dest)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
     (["scan", "/no/such/folder", "--out", "x.csv"], "error: data root not found: /no/such/folder"),
     (["scan", "{tmp}", "--out", "x.csv"], "error: {tmp}: no complete SEN12MS-CR triplets found"),

@@ -20,7 +20,9 @@ import torch.nn as nn
 from PIL import Image
 from rasterio.transform import from_origin
 
+import bands
 import dataloader
+import files
 import metrics
 import runtime
 import synthetic
@@ -73,7 +75,7 @@ def _close(a, b, rel=1e-5, abs_=1e-6):
 
 def _read_prediction(path):
     with rasterio.open(path) as src:
-        return torch.from_numpy(src.read().astype(np.float32) / dataloader.S2_SCALE)[None]
+        return torch.from_numpy(src.read().astype(np.float32) / bands.S2_SCALE)[None]
 
 
 def test_every_flag_has_help():
@@ -81,6 +83,7 @@ def test_every_flag_has_help():
         assert action.help, f"flag {action.option_strings} has no help string"
 
 
+@pytest.mark.slow
 def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
     results, rows, _, samples = evaluated
     assert len(rows) == len(samples) == 4
@@ -106,6 +109,7 @@ def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
     assert min(covers) < 10 and max(covers) > 30
 
 
+@pytest.mark.slow
 def test_summary_means_and_cloud_cover_bins(evaluated):
     _, rows, summary, _ = evaluated
     assert summary["n_images"] == len(rows) and summary["split"] == "test"
@@ -128,6 +132,7 @@ def test_summary_means_and_cloud_cover_bins(evaluated):
             assert _close(b["mean"]["model"]["all"]["PSNR"], want)
 
 
+@pytest.mark.slow
 def test_summary_records_the_split_rule_the_leak_check_and_the_cloud_mask(evaluated, synthetic_dataset):
     _, _, summary, _ = evaluated
     csv_path = synthetic_dataset[1]
@@ -141,6 +146,7 @@ def test_summary_records_the_split_rule_the_leak_check_and_the_cloud_mask(evalua
                                      "computed": "on the fly"}
 
 
+@pytest.mark.slow
 def test_a_leaking_list_is_recorded_and_named(tiny_checkpoint, synthetic_dataset, tmp_path, capsys):
     root, csv_path = synthetic_dataset
     rows = dataloader.read_data_list(csv_path)
@@ -163,6 +169,7 @@ def test_a_leaking_list_is_recorded_and_named(tiny_checkpoint, synthetic_dataset
     assert mask["cloud_threshold"] is None  # the mask is binary: --cloud_threshold does not move it
 
 
+@pytest.mark.slow
 def test_geotiff_round_trip_keeps_georeferencing(evaluated):
     results, rows, _, samples = evaluated
     for row in rows:
@@ -192,6 +199,7 @@ def _enlarged(img, scale):
     return np.repeat(np.repeat(img.permute(1, 2, 0).numpy(), scale, axis=0), scale, axis=1)
 
 
+@pytest.mark.slow
 def test_png_quicklooks_use_the_fixed_stretch(evaluated):
     results, rows, _, samples = evaluated
     layout = test_CR.quicklook_layout(CROP, CROP)
@@ -201,8 +209,8 @@ def test_png_quicklooks_use_the_fixed_stretch(evaluated):
         assert png.shape == (*layout["size"], 3)
         s = samples[row["file_name"]]
         pred = _read_prediction(results / "geotiff" / (row["file_name"][:-4] + ".tif"))[0]
-        for k, img in ((0, dataloader.s2_to_rgb(s["cloudy_data"])), (2, dataloader.s2_to_rgb(pred)),
-                       (3, dataloader.s2_to_rgb(s["cloudfree_data"]))):
+        for k, img in ((0, bands.s2_to_rgb(s["cloudy_data"])), (2, bands.s2_to_rgb(pred)),
+                       (3, bands.s2_to_rgb(s["cloudfree_data"]))):
             panel = _panel(png, layout, k, CROP, CROP)
             assert np.abs(panel - _enlarged(img, 6)).max() <= 1 / 255 + 1e-6, k
 
@@ -223,7 +231,7 @@ def test_quicklook_labels_heat_map_and_colour_bar(tmp_path):
     heat = _panel(png, layout, 4, h, w)
     assert np.abs(heat - _enlarged(torch.from_numpy(cmap(confidence[0].numpy())[..., :3]).permute(2, 0, 1), 11)).max() \
         <= 1 / 255 + 1e-6
-    assert np.abs(_panel(png, layout, 1, h, w) - _enlarged(dataloader.sar_to_rgb(sar), 11)).max() <= 1 / 255 + 1e-6
+    assert np.abs(_panel(png, layout, 1, h, w) - _enlarged(bands.sar_to_rgb(sar), 11)).max() <= 1 / 255 + 1e-6
     # The colour bar runs from cmap(0) at the bottom to cmap(1) at the top.
     top, left, height, width = layout["colorbar"]
     bar = png[top + 2:top + height - 2, left + width // 2].astype(np.float32) / 255
@@ -238,6 +246,7 @@ def test_quicklook_labels_heat_map_and_colour_bar(tmp_path):
     assert not (tmp_path / "none.png").with_suffix(".png.tmp").exists()
 
 
+@pytest.mark.slow
 def test_real_sample_evaluates(real_sample_dir, tiny_checkpoint, tmp_path):
     summary = test_CR.evaluate(test_CR.build_parser().parse_args([
         "--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(real_sample_dir / "data.csv"),
@@ -273,14 +282,14 @@ def scene(tmp_path_factory):
     cloudy = reflectance * (1 - cloud) + synthetic.CLOUD_SPECTRUM[:, None, None] * cloud
     sar = backscatter.copy()
     sar[:, 5:9, 70:80] = np.nan
-    return _write(d / "s2_cloudy.tif", dataloader.denormalize_s2(cloudy)), _write(d / "s1.tif", sar)
+    return _write(d / "s2_cloudy.tif", bands.denormalize_s2(cloudy)), _write(d / "s1.tif", sar)
 
 
 def _whole_image_prediction(model, cloudy_path, sar_path):
-    cloudy = dataloader.normalize_s2(dataloader.read_raster(cloudy_path, 13))
-    sar = dataloader.normalize_s1(dataloader.read_raster(sar_path, 2))
+    cloudy = bands.normalize_s2(dataloader.read_raster(cloudy_path, 13))
+    sar = bands.normalize_s1(dataloader.read_raster(sar_path, 2))
     pred, _ = test_CR.forward(model, torch.from_numpy(cloudy)[None], torch.from_numpy(sar)[None], contextlib.nullcontext())
-    return dataloader.denormalize_s2(pred[0]).astype(np.float32)
+    return bands.denormalize_s2(pred[0]).astype(np.float32)
 
 
 class Pointwise(nn.Module):
@@ -325,6 +334,7 @@ def test_feather_weights_positive_and_tiles_cover_the_scene():
         assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))  # overlap at least `overlap`
 
 
+@pytest.mark.slow
 def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_path):
     out = tmp_path / "cloudfree.tif"
     assert test_CR.main(["--predict", "--checkpoint", str(tiny_checkpoint), "--cloudy", str(scene[0]),
@@ -335,9 +345,9 @@ def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_pat
         assert dst.crs == src.crs and dst.transform == src.transform
         tiled = dst.read().astype(np.float32)
     assert list(tmp_path.iterdir()) == [out]  # no temp file left behind
-    model, _ = test_CR.load_model(tiny_checkpoint, torch.device("cpu"))
+    model, _ = runtime.load_model(tiny_checkpoint, torch.device("cpu"))
     whole = _whole_image_prediction(model, *scene)
-    diff = np.abs(tiled - whole) / dataloader.S2_SCALE
+    diff = np.abs(tiled - whole) / bands.S2_SCALE
     # A 32 px tile gives the network less context than the whole scene, so outputs differ a little;
     # the design's residual is confidence-weighted and small, so the difference stays far below a visible step.
     # (measured: max 0.067, mean 0.0064 reflectance for this 1-epoch model on the measured land covers; it was
@@ -348,7 +358,7 @@ def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_pat
         """Mean excess of the column-to-column jump at tile edges over the single-pass image's jump there."""
         edges = sorted({s + d for s in test_CR.tile_starts(SCENE_W, 32, overlap)[1:] for d in (0, overlap)})
         jump = lambda a: np.abs(np.diff(a, axis=2))[:, :, [e - 1 for e in edges]]
-        return np.abs(jump(img) - jump(whole)).mean() / dataloader.S2_SCALE
+        return np.abs(jump(img) - jump(whole)).mean() / bands.S2_SCALE
 
     # No seam: feathered tiles jump at their edges as the single-pass prediction does (measured 0.0010), while
     # hard stitching of the same tiles (overlap 0) leaves a step eight times larger (measured 0.0081).
@@ -368,7 +378,7 @@ def test_mismatched_scene_inputs_name_both_files(scene, tmp_path):
         "bands": _write(tmp_path / "s1_bands.tif", sar[:1]),
     }
     for what, bad in cases.items():
-        with pytest.raises(dataloader.DataError) as e:
+        with pytest.raises(files.DataError) as e:
             test_CR.predict_scene(Pointwise(), cloudy_path, bad, tmp_path / "out.tif", tile=32, overlap=8,
                                   progress=False)
         assert str(bad) in str(e.value), what
@@ -377,12 +387,13 @@ def test_mismatched_scene_inputs_name_both_files(scene, tmp_path):
     assert not (tmp_path / "out.tif").exists()
     with pytest.raises(ValueError, match="overlap"):
         test_CR.predict_scene(Pointwise(), cloudy_path, sar_path, tmp_path / "o.tif", tile=32, overlap=32)
-    with pytest.raises(dataloader.DataError, match="missing.tif"):
+    with pytest.raises(files.DataError, match="missing.tif"):
         test_CR.predict_scene(Pointwise(), tmp_path / "missing.tif", sar_path, tmp_path / "o.tif")
 
 
 # ----------------------------------------------------------------------------- bad inputs
 
+@pytest.mark.slow
 def test_bad_checkpoints_name_the_file(tiny_checkpoint, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     common = ["--data_list_filepath", str(csv_path), "--input_data_folder", str(root), "--results_dir",
@@ -390,23 +401,24 @@ def test_bad_checkpoints_name_the_file(tiny_checkpoint, synthetic_dataset, tmp_p
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
     other_arch = tmp_path / "dsen2cr_label.pth"
-    ckpt = train.load_checkpoint(tiny_checkpoint)
+    ckpt = runtime.load_checkpoint(tiny_checkpoint)
     torch.save(dict(ckpt, model_name="DSen2CR", model_config={}), other_arch)  # CrossAttention weights
     not_ours = tmp_path / "state_dict_only.pth"
     torch.save(ckpt["model"], not_ours)
     for path in (tmp_path / "missing.pth", garbage, other_arch, not_ours):
-        with pytest.raises(train.CheckpointError, match=str(path.name)):
+        with pytest.raises(runtime.CheckpointError, match=str(path.name)):
             test_CR.main(["--checkpoint", str(path), *common])
     assert not (tmp_path / "r" / "metrics.csv").exists()
 
 
+@pytest.mark.slow
 def test_missing_arguments_are_named(tiny_checkpoint, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     with pytest.raises(runtime.UsageError, match="--data_list_filepath"):
         test_CR.main(["--checkpoint", str(tiny_checkpoint)])
     with pytest.raises(runtime.UsageError, match="--sar"):
         test_CR.main(["--predict", "--checkpoint", str(tiny_checkpoint), "--cloudy", "x.tif", "--out", "o.tif"])
-    with pytest.raises(dataloader.DataError, match="data.csv"):  # the synthetic list has no empty split; fake one
+    with pytest.raises(files.DataError, match="data.csv"):  # the synthetic list has no empty split; fake one
         bad_csv = tmp_path / "data.csv"
         bad_csv.write_text(open(csv_path).read().replace("\n3,", "\n1,"))
         test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(bad_csv),
@@ -443,6 +455,7 @@ def test_help_shows_every_default():
             assert f"(default: {action.default})" in text, action.dest
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra, message", [
     ([], "error: pass --data_list_filepath and --input_data_folder to evaluate a list"),
     (["--data_list_filepath", "{csv}", "--input_data_folder", "{root}", "--crop_size", "128", "--load_size", "64"],
@@ -462,6 +475,7 @@ def test_cli_user_errors_are_one_line_and_exit_2(extra, message, synthetic_datas
     assert _one_line_error(done).startswith(fill(message))
 
 
+@pytest.mark.slow
 def test_unwritable_results_folder_fails_before_any_work(synthetic_dataset, scene, tmp_path):
     root, csv_path = synthetic_dataset
     blocker = tmp_path / "a_file"
@@ -490,6 +504,7 @@ def _copy_with_s1(src_root, t, folder, **georef):
     return dataloader.Triplet(3, str(s1), str(src_root / t.s2_cloudfree), str(src_root / t.s2_cloudy))
 
 
+@pytest.mark.slow
 def test_misaligned_triplet_stops_evaluation_with_one_line_and_keeps_the_rows_so_far(tiny_checkpoint,
                                                                                      synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
@@ -519,6 +534,7 @@ def synthetic_256(tmp_path_factory):
     return root, dataloader.make_synthetic_dataset(root, n=3, size=256, seed=1)
 
 
+@pytest.mark.slow
 def test_protocols_full_and_glfcr(synthetic_256, tiny_checkpoint, tmp_path):
     root, csv_path = synthetic_256
     common = ["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(csv_path), "--input_data_folder",
@@ -544,6 +560,7 @@ def test_protocols_full_and_glfcr(synthetic_256, tiny_checkpoint, tmp_path):
             assert (out.height, out.width) == (side, side) and out.xy(0, 0) == src.xy(offset, offset)
 
 
+@pytest.mark.slow
 def test_save_first_bounds_the_saved_files_and_still_scores_every_image(tiny_checkpoint, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(csv_path),
@@ -559,6 +576,7 @@ def test_save_first_bounds_the_saved_files_and_still_scores_every_image(tiny_che
     assert _one_line_error(done).startswith("error: --save_first must be 0 or more, got -1")
 
 
+@pytest.mark.slow
 def test_is_use_cloudmask_follows_glfcr(tiny_checkpoint, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     parse = lambda *flags: test_CR.build_parser().parse_args(["--checkpoint", str(tiny_checkpoint), *flags])
@@ -573,6 +591,7 @@ def test_is_use_cloudmask_follows_glfcr(tiny_checkpoint, synthetic_dataset, tmp_
     assert summary["cloud_cover_bins"]["0-10"]["n"] == summary["n_images"]
 
 
+@pytest.mark.slow
 def test_rasters_without_georeferencing_evaluate_and_predict(tiny_checkpoint, synthetic_dataset, scene, tmp_path):
     root, csv_path = synthetic_dataset
     plain = []
@@ -601,6 +620,7 @@ def test_rasters_without_georeferencing_evaluate_and_predict(tiny_checkpoint, sy
         assert dst.crs is None and (dst.height, dst.width) == (SCENE_H, SCENE_W)
 
 
+@pytest.mark.slow
 def test_predict_never_overwrites_an_input_and_asks_before_replacing_an_output(scene, tiny_checkpoint, tmp_path):
     cloudy, sar = scene
     before = cloudy.read_bytes()
@@ -628,8 +648,8 @@ def test_predict_never_overwrites_an_input_and_asks_before_replacing_an_output(s
 
 def test_predict_refuses_s2_already_scaled_to_float_reflectance(scene, tmp_path):
     cloudy, sar = scene
-    scaled = _write(tmp_path / "s2_float01.tif", dataloader.read_raster(cloudy, 13) / dataloader.S2_SCALE)
-    with pytest.raises(dataloader.DataError, match=r"expected reflectance x10000 \(uint16") as e:
+    scaled = _write(tmp_path / "s2_float01.tif", dataloader.read_raster(cloudy, 13) / bands.S2_SCALE)
+    with pytest.raises(files.DataError, match=r"expected reflectance x10000 \(uint16") as e:
         test_CR.predict_scene(Pointwise(), scaled, sar, tmp_path / "out.tif", tile=32, overlap=8, progress=False)
     assert str(scaled) in str(e.value) and "gdal_translate" in str(e.value)
     assert not (tmp_path / "out.tif").exists()

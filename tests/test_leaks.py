@@ -138,6 +138,7 @@ def test_check_finds_overlapping_footprints_of_different_scenes(footprints, tmp_
     assert "no leak found" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:--vgg_weights random")
 def test_one_scene_in_two_splits_fails_check_strict_and_makes_training_warn_once(synthetic_dataset, tmp_path,
                                                                                 capsys):

@@ -20,6 +20,7 @@ def learn_set(tmp_path_factory):
     return root, csv_path
 
 
+@pytest.mark.slow
 def test_default_model_beats_identity_on_held_out_scenes(learn_set, tmp_path):
     root, csv_path = learn_set
     # The design's loss set minus the VGG terms (no pretrained VGG offline), default model, CPU default AMP.

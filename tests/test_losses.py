@@ -282,6 +282,7 @@ def _vgg_state_dict(arch, seed):
     return state
 
 
+@pytest.mark.slow
 def test_local_weights_file_loads_vgg19_and_vgg16(tmp_path):
     for arch, deepest in (("vgg19", 20), ("vgg16", 18)):
         state = _vgg_state_dict(arch, seed=2)

@@ -91,6 +91,7 @@ def _check_against_references(pred, target):
     return ours
 
 
+@pytest.mark.slow
 def test_real_sample_against_skimage_and_torchmetrics(real_pair):
     cloudy, cloudfree = real_pair
     ours = _check_against_references(cloudy, cloudfree)

@@ -1,13 +1,16 @@
-"""The house's rooms: what may import what, one source for shared defaults, old checkpoints, short functions."""
+"""The house's rooms: what may import what, names used from where they live, one source for shared defaults, old
+checkpoints, short functions."""
 import ast
+import importlib
+import re
 import subprocess
 import sys
+from functools import cache
 from pathlib import Path
 
 import pytest
 import torch
 
-import dataloader
 import losses
 import net_CR_CrossAttention as net
 import runtime
@@ -15,16 +18,23 @@ import test_CR
 import train_CR_kaggle
 
 ROOT = Path(__file__).resolve().parents[1]
-# Layers from the bottom up; a module may import project modules of lower layers only.
+# Layers from the bottom up; a module may import project modules of lower layers only, so modules of one layer do
+# not import each other: runtime.py does not import dataloader.py (loading a checkpoint needs no GeoTIFF stack).
 LAYERS = {
-    "bands": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
+    "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1,
-    "dataloader": 2,
-    "runtime": 3,
-    "test_CR": 4, "train_CR_kaggle": 4,
-    "benchmark": 5,
+    "dataloader": 2, "runtime": 2,
+    "test_CR": 3, "train_CR_kaggle": 3,
+    "benchmark": 4,
 }
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
+# The names GLF-CR's own code has, which its users' notebooks call as module.name (docs/data.md, docs/evaluation.md):
+# they stay defined in the module GLF-CR has them in. Every other name is used from the module that defines it.
+GLFCR_NAMES = {
+    "dataloader": ("get_train_val_test_filelists", "AlignedDataset"),
+    "metrics": ("PSNR", "SSIM", "SAM", "MAE", "RMSE"),
+}
+DOC_PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _project_imports(module):
@@ -62,11 +72,13 @@ def _modules_loaded_by(statement):
     return set(out.stdout.split())
 
 
+@pytest.mark.slow
 def test_losses_loads_no_geotiff_stack():
     loaded = _modules_loaded_by("import losses")
     assert not {"rasterio", "scipy", "dataloader"} & loaded
 
 
+@pytest.mark.slow
 def test_evaluation_loads_no_training_code():
     loaded = _modules_loaded_by("import test_CR")
     assert not {"train_CR_kaggle", "losses", "torchvision"} & loaded
@@ -109,16 +121,82 @@ def test_history_and_metric_names_have_one_source():
         f"val_{m}" for m in metrics.METRIC_NAMES]
 
 
-def test_moved_names_still_work_where_readme_documents_them():
-    for name in ("S2_BANDS", "RGB_BANDS", "normalize_s1", "normalize_s2", "denormalize_s2", "finish_s2",
-                 "s2_to_rgb", "sar_to_rgb", "rule_cloud_score", "shadow_mask", "cloud_shadow_mask",
-                 "s2cloudless_score", "CLOUD_DETECTORS", "make_synthetic_dataset", "atomic_output",
-                 "write_text_atomic", "get_train_val_test_filelists", "AlignedDataset", "SEN12MSCRDataset"):
-        assert hasattr(dataloader, name), name
-    for name in ("load_checkpoint", "build_model_from_checkpoint", "CheckpointError", "resolve_amp",
-                 "atomic_torch_save"):
-        assert hasattr(train_CR_kaggle, name), name
-    assert train_CR_kaggle.CheckpointError is runtime.CheckpointError
+@pytest.mark.parametrize("module", sorted(GLFCR_NAMES))
+def test_glf_cr_names_import_from_glf_cr_modules(module):
+    for name in GLFCR_NAMES[module]:
+        thing = getattr(importlib.import_module(module), name)  # what `from dataloader import AlignedDataset` gets
+        assert thing.__module__ == module, f"{module}.{name} is defined in {thing.__module__}"
+
+
+def _top_level_statements(body):
+    for node in body:
+        yield node
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                yield from _top_level_statements(getattr(node, field, []))
+
+
+@cache
+def _borrowed(module):
+    """Names a project module's top level binds only by importing them: reachable as module.name, defined elsewhere."""
+    defined, imported = set(), set()
+    for node in _top_level_statements(ast.parse((ROOT / f"{module}.py").read_text()).body):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            imported |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    return imported - defined
+
+
+def _misplaced(module, name):
+    """True unless `name` is defined in project module `module` (absent, or there only by an import)."""
+    return name in _borrowed(module) or not hasattr(importlib.import_module(module), name)
+
+
+def _module_names(tree):
+    """(module, name, where) for each name of a project module that code uses, however the module is imported."""
+    aliases = {a.asname or a.name: a.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+               for a in node.names if a.name in LAYERS}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in LAYERS:
+            yield from ((node.module, a.name, f"line {node.lineno}, import") for a in node.names)
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
+            yield aliases[node.value.id], node.attr, f"line {node.lineno}"
+        elif (isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "setattr" and len(node.args) > 1
+              and isinstance(node.args[0], ast.Name) and node.args[0].id in aliases
+              and isinstance(node.args[1], ast.Constant)):  # monkeypatch.setattr(module, "name", ...)
+            yield aliases[node.args[0].id], node.args[1].value, f"line {node.lineno}, setattr"
+
+
+def _misplaced_uses(tree):
+    return [f"{module}.{name} ({where})" for module, name, where in _module_names(tree) if _misplaced(module, name)]
+
+
+def test_code_uses_names_from_the_module_that_defines_them():
+    """No re-exports: `dataloader.normalize_s2` would work only while dataloader happens to import it."""
+    misplaced = {}
+    for path in [*ROOT.glob("*.py"), *(ROOT / "tests").glob("*.py")]:
+        uses = _misplaced_uses(ast.parse(path.read_text()))
+        if uses:
+            misplaced[str(path.relative_to(ROOT))] = uses
+    assert not misplaced, misplaced
+
+
+def test_docs_name_things_in_the_module_that_defines_them():
+    """Every `module.name` of README.md, BENCHMARKS.md and docs/*.md, in prose or a ```python block, is defined in
+    that module (`metrics.csv`, `test_CR.py` are files, not names)."""
+    wrong = []
+    for page in DOC_PAGES:
+        text = page.read_text()
+        for block in re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
+            wrong += [f"{page.name}: {use}" for use in _misplaced_uses(ast.parse(block))]
+        for module, name in re.findall(r"`([A-Za-z_]\w*)\.([A-Za-z_]\w*)(?![\w.])", text):
+            if module in LAYERS and name not in ("py", "csv") and _misplaced(module, name):
+                wrong.append(f"{page.name}: `{module}.{name}`")
+    assert not wrong, wrong
 
 
 def test_sar_input_is_part_of_the_model_config():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import files
 import runtime
 import train_CR_kaggle as train
 
@@ -45,16 +46,17 @@ def test_design_command_parses_unchanged():
     assert args.batch_sz == 6 and args.lr_scheduler == "plateau" and args.warmup_epochs == 2
 
 
+@pytest.mark.slow
 def test_full_design_flags_train_end_to_end(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     assert train.main(tiny(csv_path, root, tmp_path)) == 0
     run = tmp_path / "glf_cr_enhanced_v3"
     for name in ("last.pth", "best.pth", "history.csv", "args.json"):
         assert (run / name).is_file(), name
-    ckpt = train.load_checkpoint(run / "last.pth")
+    ckpt = runtime.load_checkpoint(run / "last.pth")
     assert ckpt["epoch"] == 1 and ckpt["model_name"] == "CrossAttention"
     assert ckpt["args"]["notes"].startswith("Enhanced")
-    model = train.build_model_from_checkpoint(ckpt)  # no architecture flags needed
+    model = runtime.build_model_from_checkpoint(ckpt)  # no architecture flags needed
     assert asdict(model.config) == ckpt["model_config"]
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert len(rows) == 1 and float(rows[0]["val_PSNR"]) > 0
@@ -71,34 +73,35 @@ def test_full_design_flags_train_end_to_end(synthetic_dataset, tmp_path):
     assert acc.Tags()["images"], "no quicklook image logged"
 
 
+@pytest.mark.slow
 def test_resume_continues_epoch_and_optimizer_state(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     assert train.main(tiny(csv_path, root, tmp_path, epochs=1)) == 0
     run = tmp_path / "glf_cr_enhanced_v3"
-    first = train.load_checkpoint(run / "last.pth")
+    first = runtime.load_checkpoint(run / "last.pth")
 
     # Resume (no --train_from_scratch) to epoch 2, and check the state it starts from is the saved one.
     args = [a for a in tiny(csv_path, root, tmp_path, epochs=2) if a != "--train_from_scratch"]
     seen = {}
-    real_load = train.load_checkpoint
+    real_load = runtime.load_checkpoint
 
     def spy(path, map_location="cpu"):
         seen["path"] = Path(path)
         return real_load(path, map_location)
 
-    train.load_checkpoint = spy
+    runtime.load_checkpoint = spy
     try:
         assert train.main(args) == 0
     finally:
-        train.load_checkpoint = real_load
+        runtime.load_checkpoint = real_load
     assert seen["path"] == run / "last.pth"
-    second = train.load_checkpoint(run / "last.pth")
+    second = runtime.load_checkpoint(run / "last.pth")
     assert second["epoch"] == 2 and second["global_step"] > first["global_step"]
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
 
     # The optimizer rebuilt from the checkpoint holds exactly the saved state.
-    model = train.build_model_from_checkpoint(first)
+    model = runtime.build_model_from_checkpoint(first)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=1e-5)
     opt.load_state_dict(first["optimizer"])
     restored = opt.state_dict()
@@ -108,6 +111,7 @@ def test_resume_continues_epoch_and_optimizer_state(synthetic_dataset, tmp_path)
     assert restored["param_groups"][0]["lr"] == first["optimizer"]["param_groups"][0]["lr"]
 
 
+@pytest.mark.slow
 def test_train_from_scratch_moves_old_run_aside(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     assert train.main(tiny(csv_path, root, tmp_path, "--max_epochs", "1")) == 0
@@ -120,7 +124,7 @@ def test_train_from_scratch_moves_old_run_aside(synthetic_dataset, tmp_path):
 
 def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     path = tmp_path / "last.pth"
-    train.atomic_torch_save({"model": {"w": torch.ones(3)}, "model_name": "x", "model_config": {}}, path)
+    runtime.save_checkpoint({"model": {"w": torch.ones(3)}, "model_name": "x", "model_config": {}}, path)
 
     def dies_half_way(obj, f, *a, **k):
         f.write(b"PK\x03\x04 half a zip")
@@ -128,22 +132,23 @@ def test_interrupted_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_half_way)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_torch_save({"model": {"w": torch.zeros(3)}}, path)
+        runtime.save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
     monkeypatch.undo()
-    assert torch.equal(train.load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert torch.equal(runtime.load_checkpoint(path)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pth"], "temp file left behind"
 
 
 def test_corrupt_checkpoint_gives_named_error(tmp_path):
     bad = tmp_path / "last.pth"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(train.CheckpointError, match="last.pth"):
-        train.load_checkpoint(bad)
+    with pytest.raises(runtime.CheckpointError, match="last.pth"):
+        runtime.load_checkpoint(bad)
     torch.save({"weights": 1}, bad)
-    with pytest.raises(train.CheckpointError, match="not a checkpoint"):
-        train.load_checkpoint(bad)
+    with pytest.raises(runtime.CheckpointError, match="not a checkpoint"):
+        runtime.load_checkpoint(bad)
 
 
+@pytest.mark.slow
 def test_bad_data_list_fails_before_training(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     broken = tmp_path / "broken.csv"
@@ -166,6 +171,7 @@ def test_bad_data_list_fails_before_training(synthetic_dataset, tmp_path):
         train.main(tiny(missing, root, tmp_path / "out2"))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_skips_then_aborts(synthetic_dataset, tmp_path, monkeypatch):
     import losses
     root, csv_path = synthetic_dataset
@@ -186,6 +192,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -200,10 +207,11 @@ def test_torchrun_two_processes_gloo(synthetic_dataset, tmp_path):
     assert files == ["args.json", "best.pth", "history.csv", "last.pth", "tensorboard"], files
     assert len(list((run / "tensorboard").iterdir())) == 1, "only rank 0 may write TensorBoard events"
     assert proc.stdout.count("done: best validation PSNR") == 1
-    ckpt = train.load_checkpoint(run / "last.pth")
+    ckpt = runtime.load_checkpoint(run / "last.pth")
     assert not any(k.startswith("module.") for k in ckpt["model"])
 
 
+@pytest.mark.slow
 def test_sigterm_saves_resumable_checkpoint(synthetic_dataset, tmp_path):
     import signal
     import time
@@ -221,14 +229,15 @@ def test_sigterm_saves_resumable_checkpoint(synthetic_dataset, tmp_path):
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, out[-2000:]
     assert "resumable checkpoint saved" in out
-    ckpt = train.load_checkpoint(last)
+    ckpt = runtime.load_checkpoint(last)
     assert 1 <= ckpt["epoch"] < 500
     assert not [p for p in last.parent.iterdir() if ".tmp" in p.name]
 
 
+@pytest.mark.slow
 def test_confidence_weight_needs_a_confidence_map(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
-    with pytest.raises(train.UsageError, match="confidence"):
+    with pytest.raises(runtime.UsageError, match="confidence"):
         train.main(tiny(csv_path, root, tmp_path, "--no-use_cloud_predictor", "--confidence_weight", "0.1"))
     assert not list(tmp_path.iterdir()), "a run that fails before its first step leaves no run folder"
 
@@ -263,6 +272,7 @@ def test_uint16_batches_normalised_on_the_device_equal_the_float_path(synthetic_
         dataloader.SEN12MSCRDataset(rows, root, s2_encoding="int8")
 
 
+@pytest.mark.slow
 def test_a_training_step_makes_no_host_read(synthetic_dataset, tmp_path, monkeypatch):
     """train_step leaves every figure on the device: any .item()/float()/bool()/tolist() in it would fail here."""
     root, csv_path = synthetic_dataset
@@ -285,6 +295,7 @@ def test_a_training_step_makes_no_host_read(synthetic_dataset, tmp_path, monkeyp
                                   "contrastive", "confidence", "residual"}
 
 
+@pytest.mark.slow
 def test_figures_are_read_every_log_every_steps(synthetic_dataset, tmp_path, monkeypatch):
     root, csv_path = synthetic_dataset
     run = _setup(csv_path, root, tmp_path, "--log_every", "2", "--batch_sz", "1", "--perceptual_weight", "0")
@@ -298,6 +309,7 @@ def test_figures_are_read_every_log_every_steps(synthetic_dataset, tmp_path, mon
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0
 
 
+@pytest.mark.slow
 def test_the_next_epochs_batches_are_requested_before_validation(synthetic_dataset, tmp_path, monkeypatch):
     """Creating the epoch's iterator sends the loader workers their first indices, so asking for it at the end of
     train_one_epoch lets them load while validation runs; the next epoch then uses that iterator."""
@@ -317,6 +329,7 @@ def test_the_next_epochs_batches_are_requested_before_validation(synthetic_datas
     assert run.global_step == 2 * steps and run.next_batches is None  # nothing asked for after the last epoch
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_leaves_the_weights_alone(synthetic_dataset, tmp_path, monkeypatch):
     import losses
     root, csv_path = synthetic_dataset
@@ -342,13 +355,14 @@ def test_a_non_finite_step_leaves_the_weights_alone(synthetic_dataset, tmp_path,
     assert steps == {1.0}, "the skipped step must not count in AdamW's bias correction"
 
 
+@pytest.mark.slow
 def test_grad_scaler_path_trains_on_cpu(synthetic_dataset, tmp_path, monkeypatch):
     """What --amp fp16 runs on a T4 (GradScaler: unscale, clip, scaled fused step, update), exercised on CPU with
     bf16 autocast, since CPU autocast has no fp16 here."""
     root, csv_path = synthetic_dataset
-    monkeypatch.setattr(train, "resolve_amp", lambda amp, device: (torch.bfloat16, True))
+    monkeypatch.setattr(runtime, "resolve_amp", lambda amp, device: (torch.bfloat16, True))
     assert train.main(tiny(csv_path, root, tmp_path, "--perceptual_weight", "0")) == 0
-    ckpt = train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
+    ckpt = runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
     assert ckpt["scaler"] and ckpt["scaler"]["scale"] > 0
     rows = list(csv.DictReader(open(tmp_path / "glf_cr_enhanced_v3" / "history.csv")))
     assert math.isfinite(float(rows[0]["train_loss"]))
@@ -359,14 +373,14 @@ def test_grad_scaler_path_trains_on_cpu(synthetic_dataset, tmp_path, monkeypatch
 def test_amp_auto_picks_bf16_or_fp16_with_a_scaler(monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert train.resolve_amp("auto", cuda) == (torch.bfloat16, False)  # Ampere and newer
+    assert runtime.resolve_amp("auto", cuda) == (torch.bfloat16, False)  # Ampere and newer
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert train.resolve_amp("auto", cuda) == (torch.float16, True)  # T4, P100: fp16 with a GradScaler
-    assert train.resolve_amp("fp16", cuda) == (torch.float16, True)
-    assert train.resolve_amp("auto", cpu) == runtime.resolve_amp("auto", cpu)  # by the CPU: tests/test_runtime.py
-    assert train.resolve_amp("off", cuda) == (None, False)
-    with pytest.raises(train.UsageError, match="fp16 needs a CUDA device"):
-        train.resolve_amp("fp16", cpu)
+    assert runtime.resolve_amp("auto", cuda) == (torch.float16, True)  # T4, P100: fp16 with a GradScaler
+    assert runtime.resolve_amp("fp16", cuda) == (torch.float16, True)
+    assert runtime.resolve_amp("auto", cpu) == runtime.resolve_amp("auto", cpu)  # by the CPU: tests/test_runtime.py
+    assert runtime.resolve_amp("off", cuda) == (None, False)
+    with pytest.raises(runtime.UsageError, match="fp16 needs a CUDA device"):
+        runtime.resolve_amp("fp16", cpu)
 
 
 def test_distributed_backend_is_nccl_on_gpus_and_gloo_on_cpu(monkeypatch):
@@ -377,6 +391,7 @@ def test_distributed_backend_is_nccl_on_gpus_and_gloo_on_cpu(monkeypatch):
     assert train.distributed_backend("auto") == "gloo"
 
 
+@pytest.mark.slow
 def test_compile_auto_is_on_for_cuda_and_off_on_cpu(synthetic_dataset, tmp_path, monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
@@ -409,6 +424,7 @@ def _history(run_dir):
     return [(int(r["epoch"]), float(r["lr"])) for r in csv.DictReader(open(run_dir / "history.csv"))]
 
 
+@pytest.mark.slow
 def test_time_limit_stop_then_resume_continues_the_schedule_exactly(synthetic_dataset, tmp_path, monkeypatch, capsys):
     root, csv_path = synthetic_dataset
     schedule = ["--lr_scheduler", "cosine", "--warmup_epochs", "1", "--early_stop_patience", "0", "--lr", "1e-3",
@@ -430,6 +446,7 @@ def test_time_limit_stop_then_resume_continues_the_schedule_exactly(synthetic_da
     assert [e for e, _ in uninterrupted] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_real_time_limit_stops_with_a_resumable_checkpoint(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -439,7 +456,7 @@ def test_a_real_time_limit_stops_with_a_resumable_checkpoint(synthetic_dataset, 
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "stopped by --time_limit 0.004 h after" in proc.stdout and "Resume with:" in proc.stdout
-    ckpt = train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
+    ckpt = runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
     assert ckpt["epoch"] < 500
 
 
@@ -458,6 +475,7 @@ def _one_error_line(proc):
     return proc.stderr
 
 
+@pytest.mark.slow
 def test_user_errors_print_one_line_and_exit_2(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     _one_error_line(_cli("--save_model_dir", str(tmp_path)))  # no data list
@@ -469,6 +487,7 @@ def test_user_errors_print_one_line_and_exit_2(synthetic_dataset, tmp_path):
     assert not list(tmp_path.iterdir()), "nothing may be left behind by runs that never started"
 
 
+@pytest.mark.slow
 def test_offline_imagenet_vgg_error_has_no_download_line(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     offline = {"TORCH_HOME": str(tmp_path / "torch_home"), "https_proxy": "http://127.0.0.1:9",
@@ -482,6 +501,7 @@ def test_offline_imagenet_vgg_error_has_no_download_line(synthetic_dataset, tmp_
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_help_shows_every_default():
     proc = _cli("--help")
     assert proc.returncode == 0
@@ -491,6 +511,7 @@ def test_help_shows_every_default():
             assert f"(default: {action.default})" in text, action.option_strings
 
 
+@pytest.mark.slow
 def test_redirected_output_gets_one_line_per_epoch_and_one_vgg_warning(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     proc = _cli(*tiny(csv_path, root, tmp_path, epochs=2), env={"PYTHONUNBUFFERED": "1"})
@@ -503,6 +524,7 @@ def test_redirected_output_gets_one_line_per_epoch_and_one_vgg_warning(synthetic
     assert (proc.stdout + proc.stderr).count("VGG has random weights") == 1
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(synthetic_dataset, tmp_path):
     import dataloader
     root, csv_path = synthetic_dataset
@@ -512,11 +534,11 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(synthetic_d
     rows = dataloader.read_data_list(csv_path)
     broken = [dataloader.Triplet(t.split, t.s1, t.s2_cloudfree, str(garbage)) if t.split == 1 else t for t in rows]
     broken_csv = dataloader.write_data_list(tmp_path / "broken.csv", broken)
-    with pytest.raises(dataloader.DataError, match="garbage.tif"):  # the first batch cannot be read
+    with pytest.raises(files.DataError, match="garbage.tif"):  # the first batch cannot be read
         train.main(tiny(broken_csv, root, tmp_path, "--perceptual_weight", "0"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.csv", "garbage.tif", "glf_cr_enhanced_v3"]
-    assert train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 1  # put back in place
-    with pytest.raises(dataloader.DataError, match="garbage.tif"):
+    assert runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 1  # put back in place
+    with pytest.raises(files.DataError, match="garbage.tif"):
         train.main(tiny(broken_csv, root, tmp_path / "fresh", "--perceptual_weight", "0"))
     assert not (tmp_path / "fresh").exists()
 
@@ -533,6 +555,7 @@ def test_the_demo_prints_an_evaluation_command_that_draws_quicklooks(tmp_path, c
         assert ("--save_png" in command and "--results_dir results/demo" in command) == demo
 
 
+@pytest.mark.slow
 def test_a_run_in_process_gives_back_the_signal_handlers_and_a_second_signal_reaches_them(
         synthetic_dataset, tmp_path, monkeypatch):
     """A notebook cell or a test calling main() must get its handlers back; a second SIGTERM during the stop
@@ -605,6 +628,7 @@ def test_the_layout_probe_changes_neither_weights_nor_the_random_stream():
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_running_a_finished_experiment_again_says_so_and_a_larger_max_epochs_continues(synthetic_dataset, tmp_path):
     """What re-running a notebook cell does: the same command twice, then with --max_epochs raised."""
     root, csv_path = synthetic_dataset
@@ -620,9 +644,10 @@ def test_running_a_finished_experiment_again_says_so_and_a_larger_max_epochs_con
     more = _cli(*flags, "--max_epochs", "2")
     assert more.returncode == 0, more.stderr[-2000:]
     assert "resuming from" in more.stdout and "epoch 2/2" in more.stdout and "epoch 1/2" not in more.stdout
-    assert train.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 2
+    assert runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_the_demo_ends_by_its_time_budget_with_the_evaluation_command(tmp_path, monkeypatch, capsys):
     """A slow CPU gets through fewer of the demo's epochs, not a longer demo."""
     monkeypatch.setattr(train, "DEMO_DIR", tmp_path / "demo_data")
