@@ -6,19 +6,64 @@ Variants are always measured side by side in one run and a ratio is printed, bec
 this runs on are shared and noisy.
 """
 import argparse
+import atexit
+import importlib.util
+import itertools
 import json
 import os
+import platform
+import resource
+import shlex
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
+import rasterio
+import rasterio.windows
+import scipy.ndimage
+import torch
+from rasterio.transform import from_origin
+from torch.utils.data import DataLoader, default_collate
+
+import bands
+import clouds
+import dataloader
+import files
+import metrics
+import net_CR_CrossAttention as net
+import runtime
+import test_CR
 
 SUBCOMMANDS = {}  # name -> (add_arguments(parser), run(args) -> dict of figures)
 HERE = Path(__file__).resolve().parent
+
+
+def _lazy_import(name):
+    """Module `name`, executed at its first attribute access (importlib.util.LazyLoader, the importlib docs' recipe)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec(name)
+    spec.loader = importlib.util.LazyLoader(spec.loader)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# Loaded at first use: scene_worker's fresh process reports the peak memory of whole-scene prediction, so it must hold
+# what `test_CR.py --predict` loads and no more. These add ~290 MB to a process that never uses them (torchvision
+# through losses, measured 165 MB; scipy.signal for the reference cloud score, 49 MB; torch's FLOP counter, 77 MB).
+losses = _lazy_import("losses")
+train = _lazy_import("train_CR_kaggle")
+scipy_signal = _lazy_import("scipy.signal")
+flop_counter = _lazy_import("torch.utils.flop_counter")
 
 
 def in_fresh_process(function, *args, timeout=None):
@@ -46,7 +91,6 @@ def peak_rss_mb():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
     except (OSError, StopIteration):
-        import resource
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: may include the parent
 
 
@@ -61,141 +105,104 @@ def main(argv=None):
     args = parser.parse_args(argv)
     figures = args._run(args)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(figures, f, indent=2)
+        files.write_text_atomic(args.json, json.dumps(figures, indent=2))
     return 0
 
+
+# ------------------------------------------------------------------------------ the training step, as training runs it
+# Every timed training step below is train_CR_kaggle.train_step on a batch already on the device: forward under the
+# run's autocast, the criterion, backward, gradient clipping, the optimizer step and the batch PSNR, as training
+# runs them.
+
+def _step_run(model, criterion, device, amp, channels_last, train_model=None):
+    """A train_CR_kaggle.Run holding what train_step reads, made from the parts setup() makes it from (the training
+    flags' defaults, runtime.resolve_amp, train_CR_kaggle.build_optimizer, a GradScaler for fp16) but without a data
+    list or a run folder: `loss` and `train` time the step on batches of their own. No learning-rate warm-up."""
+    args = train.build_parser().parse_args(["--amp", amp, "--warmup_epochs", "0"])
+    amp_dtype, use_scaler = runtime.resolve_amp(amp, device)
+    run = train.Run(args=args, argv=[], device=device, amp_dtype=amp_dtype, ctx=runtime.autocast(device, amp_dtype),
+                    channels_last=channels_last, criterion=criterion, model=model,
+                    train_model=model if train_model is None else train_model)
+    run.optimizer, run.scheduler = train.build_optimizer(args, model, device)
+    run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+    return run
+
+
+def _random_batch(n, size, device, channels_last):
+    """A training batch of random reflectances (cloudy brighter than cloud-free), put on the device by the
+    training's own train_CR_kaggle.to_device."""
+    batch = {"cloudy_data": torch.rand(n, 13, size, size) * 0.8, "cloudfree_data": torch.rand(n, 13, size, size) * 0.3,
+             "SAR_data": torch.rand(n, 2, size, size), "cloud_mask": torch.rand(n, 1, size, size)}
+    return train.to_device(batch, device, channels_last)
+
+
+def _synchronizer(device):
+    """A function that waits for the device's queued work (CUDA); on CPU the work is done when the call returns."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+# ------------------------------------------------------------------------------------------------------- loss cost
 
 def _add_loss_args(parser):
     parser.add_argument("--size", type=int, default=128, help="square crop size in pixels")
     parser.add_argument("--batch", type=int, default=2, help="training batch size of the timed step")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant (after 1 warm-up step)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--model", choices=("auto", "standin"), default="auto",
-                        help="auto: the default CrossAttention model; standin: a 3-layer CNN (the loss's cost alone)")
     parser.add_argument("--amp", choices=("bf16", "fp16", "off"), default="bf16",
-                        help="autocast of the model step and AMP dtype of VGG (bf16: the training script's CPU "
-                             "default; fp16 needs CUDA)")
+                        help="training --amp: autocast of the model step and AMP dtype of VGG (bf16: the training "
+                             "script's CPU default; fp16 needs CUDA)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--vgg_weights", default="random",
                         help="VGG weights for the VGG terms (random costs what ImageNet costs; with a weights file the "
                              "run also prints how far the AMP VGG's terms are from float32 VGG's)")
 
 
-def _standin_model():
-    """A 3-layer CNN with the model's forward signature: isolates the loss's cost from the network's."""
-    import torch
-    import torch.nn as nn
-
-    class StandIn(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(nn.Conv2d(15, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1),
-                                     nn.ReLU(), nn.Conv2d(64, 13, 3, padding=1))
-
-        def forward(self, optical, sar, return_aux=False):
-            pred = optical + self.net(torch.cat([optical, sar], 1))
-            return (pred, {"confidence": None, "residual": pred - optical}) if return_aux else pred
-
-    return StandIn()
-
-
-def _one_forward_vgg_loss(**options):
-    """The criterion's VGG terms as they were computed before: one float32 VGG forward of [pred, target, cloudy]
-    with gradient through all three (target and cloudy features detached only after it)."""
-    import torch
-    import torch.nn.functional as F
-
-    import losses
-
-    class OneForwardVGG(losses.CRLoss):
-        def _vgg_terms(self, pred, target, cloudy):
-            n = pred.shape[0]
-            feats = self.vgg(losses.rgb_for_vgg(torch.cat([pred, target, cloudy]), self.imagenet_mean,
-                                                self.imagenet_std))
-            perceptual = contrastive = pred.new_zeros(())
-            for w, f in zip(self.layer_weights, feats):
-                d_positive = F.l1_loss(f[:n], f[n:2 * n].detach())
-                perceptual = perceptual + w * d_positive
-                contrastive = contrastive + w * d_positive / (F.l1_loss(f[:n], f[2 * n:].detach()) + losses.EPS)
-            return perceptual, contrastive
-
-    return OneForwardVGG(**options)
-
-
 def _loss_variants(args, amp_dtype):
-    """Criteria to compare: L1 only, the pixel terms alone, and the design's full set: VGG as before (one float32
-    forward with gradient through all three images), in float32 with target/cloudy features without gradient, at
-    the AMP dtype (what training uses), and at the AMP dtype in channels-last (training's CPU default)."""
-    import warnings
-
-    import torch
-
-    import losses
-
-    design = dict(l1_weight=1.0, perceptual_weight=0.5, use_fft_loss=True, fft_weight=0.3, use_gradient_loss=True,
-                  gradient_weight=0.2, use_contrastive_loss=True, contrastive_weight=0.1,
-                  use_cloud_focused_loss=True, cloud_weight_factor=2.5, vgg_weights=args.vgg_weights)
+    """Criteria to compare, from losses.LOSS_PRESETS: L1 only, the design's pixel terms alone (design_no_vgg), and
+    the design's full set with VGG in float32, at the AMP dtype (what training uses), and at the AMP dtype in
+    channels-last (training's CPU default)."""
+    full = losses.loss_options("design", vgg_weights=args.vgg_weights)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # random VGG weights warn that the VGG terms then measure nothing
         torch.manual_seed(0)
         variants = {
-            "L1 only": losses.CRLoss(l1_weight=1.0, perceptual_weight=0.0, vgg_weights="random"),
-            "no VGG terms": losses.CRLoss(**dict(design, perceptual_weight=0.0, use_contrastive_loss=False)),
-            "full, as before": _one_forward_vgg_loss(**design),
-            "full, VGG fp32": losses.CRLoss(**design),
+            "L1 only": losses.CRLoss(**losses.loss_options("l1")),
+            "no VGG terms": losses.CRLoss(**losses.loss_options("design_no_vgg")),
+            "full, VGG fp32": losses.CRLoss(**full),
         }
         if amp_dtype is not None:
-            variants["full, VGG AMP"] = losses.CRLoss(vgg_dtype=amp_dtype, **design)
-            variants["full, VGG AMP, NHWC"] = losses.CRLoss(vgg_dtype=amp_dtype, **design).to(
+            variants["full, VGG AMP"] = losses.CRLoss(vgg_dtype=amp_dtype, **full)
+            variants["full, VGG AMP, NHWC"] = losses.CRLoss(vgg_dtype=amp_dtype, **full).to(
                 memory_format=torch.channels_last)
-    for name in ("full, as before", "full, VGG AMP", "full, VGG AMP, NHWC"):  # one set of VGG weights for all
+    for name in ("full, VGG AMP", "full, VGG AMP, NHWC"):  # one set of VGG weights for all
         if name in variants:
             variants[name].vgg.load_state_dict(variants["full, VGG fp32"].vgg.state_dict())
     return variants
 
 
 def bench_loss(args):
-    """Time the full criterion (design's flag set) adds to a training step vs L1 only, VGG fp32 vs AMP."""
-    import torch
-
-    import runtime
-
+    """Time the full criterion (design's loss preset) adds to a training step vs L1 only, VGG fp32 vs AMP."""
     if args.threads:  # 0: torch's default
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    if args.model == "auto":
-        import net_CR_CrossAttention
-        model, model_desc = net_CR_CrossAttention.create_model("CrossAttention"), "create_model('CrossAttention')"
-    else:
-        model, model_desc = _standin_model(), "stand-in 3-layer CNN (15->64->64->13)"
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[args.amp]
-    ctx = runtime.autocast(device, amp_dtype)
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    n, s = args.batch, args.size
-    cloudy, cloudfree = torch.rand(n, 13, s, s, device=device) * 0.8, torch.rand(n, 13, s, s, device=device) * 0.3
-    sar, cloud_mask = torch.rand(n, 2, s, s, device=device), torch.rand(n, 1, s, s, device=device)
-    cloudy_in, sar_in = cloudy, sar
-    variants = {name: c.to(device) for name, c in _loss_variants(args, amp_dtype).items()}
-    if device.type == "cpu":  # the training script's CPU default: channels-last model and inputs
+    model = net.create_model("CrossAttention").to(device)
+    channels_last = device.type == "cpu"  # the training script's CPU default: channels-last model and inputs
+    if channels_last:
         model.to(memory_format=torch.channels_last)
-        cloudy_in, sar_in = (t.contiguous(memory_format=torch.channels_last) for t in (cloudy, sar))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    run = _step_run(model, None, device, args.amp, channels_last)
+    variants = {name: c.to(device) for name, c in _loss_variants(args, run.amp_dtype).items()}
+    batch = _random_batch(args.batch, args.size, device, channels_last)
+    sync = _synchronizer(device)
 
     def step(criterion):
-        optimizer.zero_grad(set_to_none=True)
-        with ctx:
-            pred = model(cloudy_in, sar_in)
-        total, _ = criterion(pred, cloudfree, cloudy, cloud_mask=cloud_mask)
-        total.backward()
-        optimizer.step()
+        run.criterion = criterion
+        train.train_step(run, batch)
 
     def criterion_only(criterion):
         # the loss's own forward + backward, on a prediction that is a leaf tensor (no model in the timing)
-        pred = (cloudy * 0.5).requires_grad_(True)
-        total, _ = criterion(pred, cloudfree, cloudy, cloud_mask=cloud_mask)
+        pred = (batch["cloudy_data"] * 0.5).requires_grad_(True)
+        total, _ = criterion(pred, batch["cloudfree_data"], batch["cloudy_data"], cloud_mask=batch["cloud_mask"])
         total.backward()
 
     times = {name: [] for name in variants}
@@ -214,18 +221,17 @@ def bench_loss(args):
             sync()
             times[name].append(t1 - t0)
             loss_times[name].append(time.perf_counter() - t1)
-    return _report_loss(args, model_desc, variants, times, loss_times, cloudy, cloudfree)
+    return _report_loss(args, variants, times, loss_times, batch)
 
 
-def _report_loss(args, model_desc, variants, times, loss_times, cloudy, cloudfree):
+def _report_loss(args, variants, times, loss_times, batch):
     """Print the table and ratios; with two VGG precisions, also how far the AMP terms are from float32."""
-    import torch
-
     med = {name: statistics.median(t) for name, t in times.items()}
     loss_med = {name: statistics.median(t) for name, t in loss_times.items()}
     base = med["L1 only"]
-    print(f"model: {model_desc}; {args.batch}x{args.size}x{args.size}, {args.device}, amp {args.amp}, "
-          f"{args.threads} threads, median of {args.steps} steps")
+    model_desc = "create_model('CrossAttention')"
+    print(f"model: {model_desc}; train_CR_kaggle.train_step; {args.batch}x{args.size}x{args.size}, {args.device}, "
+          f"amp {args.amp}, {args.threads} threads, median of {args.steps} steps")
     print(f"{'criterion':<22}{'step s':>10}{'x L1 step':>11}{'loss fwd+bwd s':>16}")
     for name, t in med.items():
         print(f"{name:<22}{t:>10.3f}{t / base:>11.2f}{loss_med[name]:>16.3f}")
@@ -233,20 +239,18 @@ def _report_loss(args, model_desc, variants, times, loss_times, cloudy, cloudfre
                "device": args.device,
                "amp": args.amp, "steps": args.steps, "step_s": med, "loss_only_s": loss_med,
                "ratio_to_l1": {name: t / base for name, t in med.items()}}
-    print(f"target/cloudy VGG features without gradient: full-criterion step "
-          f"{med['full, as before'] / med['full, VGG fp32']:.2f}x faster, criterion alone "
-          f"{loss_med['full, as before'] / loss_med['full, VGG fp32']:.2f}x")
     if "full, VGG AMP" in variants:
         print(f"VGG under AMP: full-criterion step {med['full, VGG fp32'] / med['full, VGG AMP']:.2f}x faster, "
               f"criterion alone {loss_med['full, VGG fp32'] / loss_med['full, VGG AMP']:.2f}x")
+        cloudy, cloudfree = batch["cloudy_data"], batch["cloudfree_data"]
         pred = (0.5 * cloudy + 0.5 * cloudfree).clamp(0, 1)
         with torch.no_grad():
             exact = variants["full, VGG fp32"](pred, cloudfree, cloudy)[1]
             amp = variants["full, VGG AMP"](pred, cloudfree, cloudy)[1]
         figures["amp_relative_difference"] = {k: abs(amp[k].item() / exact[k].item() - 1) for k in
                                               ("perceptual", "contrastive")}
-        print("AMP VGG vs float32 VGG, relative difference of the terms (vgg_weights "
-              f"{args.vgg_weights}): " + ", ".join(f"{k} {v:.2e}" for k, v in figures["amp_relative_difference"].items()))
+        differences = ", ".join(f"{k} {v:.2e}" for k, v in figures["amp_relative_difference"].items())
+        print(f"AMP VGG vs float32 VGG, relative difference of the terms (vgg_weights {args.vgg_weights}): {differences}")
     return figures
 
 
@@ -257,14 +261,8 @@ SUBCOMMANDS["loss"] = (_add_loss_args, bench_loss)
 
 def _data_source(args):
     """(root, triplets): --csv/--root if given, else a synthetic tree of 256-px patches (real dtypes, layout)."""
-
-    import dataloader
-
     if args.csv:
-        return args.root or str(__import__("pathlib").Path(args.csv).parent), dataloader.read_data_list(args.csv)
-    import atexit
-    import shutil
-
+        return args.root or str(Path(args.csv).parent), dataloader.read_data_list(args.csv)
     tmp = tempfile.mkdtemp(prefix="bench_data_")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     csv_path = dataloader.make_synthetic_dataset(tmp, n=args.n, size=args.size, seed=0)
@@ -274,9 +272,6 @@ def _data_source(args):
 def _reference_cloud_score(img10000):
     """DSen2-CR's get_cloud_mask as published and called by GLF-CR: float64 ops on the full image, a 7x7 box by
     scipy.signal.convolve2d."""
-    import scipy.ndimage
-    import scipy.signal
-
     d = img10000 / 10000.0
     rescale = lambda x, lo, hi: (x - lo) / (hi - lo)
     score = np.ones(d.shape[1:]).astype("float32")
@@ -288,7 +283,7 @@ def _reference_cloud_score(img10000):
     tot[tot == 0] = 0.001
     score = np.minimum(score, rescale(sub / tot, 0.8, 0.6))
     score = scipy.ndimage.grey_closing(score, size=(5, 5))
-    score = scipy.signal.convolve2d(score, np.ones((7, 7)) / 49.0, mode="same")
+    score = scipy_signal.convolve2d(score, np.ones((7, 7)) / 49.0, mode="same")
     return np.clip(score, 0.00001, 1.0)
 
 
@@ -307,8 +302,6 @@ class _ReferenceGLFCRLoader:
 
     @staticmethod
     def _read(path):
-        import rasterio
-
         src = rasterio.open(path, "r", driver="GTiff")
         image = src.read()
         src.close()
@@ -316,7 +309,6 @@ class _ReferenceGLFCRLoader:
         return image
 
     def _normalise(self, image, kind):
-
         if kind == 1:
             for c in range(len(image)):
                 image[c] = np.clip(image[c], self.clip_min[0][c], self.clip_max[0][c])
@@ -329,9 +321,6 @@ class _ReferenceGLFCRLoader:
         return image
 
     def __getitem__(self, index):
-
-        import torch
-
         t = self.triplets[index]
         s1 = self._read(os.path.join(self.root, t.s1)).astype("float32")
         s2 = self._read(os.path.join(self.root, t.s2_cloudfree)).astype("float32")
@@ -360,11 +349,6 @@ def _add_data_args(parser):
 
 def bench_data(args):
     """Samples/s of the dataset __getitem__ loop vs a GLF-CR-style reference loader (with/without cloud mask)."""
-
-    import torch
-
-    import dataloader
-
     torch.set_num_threads(1)
     root, triplets = _data_source(args)
     variants = {
@@ -395,8 +379,6 @@ def bench_data(args):
                "speedup_rule_mask": rate["dataloader, rule mask"] / rate["reference, rule mask"]}
     print(f"speed-up: {figures['speedup_no_mask']:.2f}x without mask, {figures['speedup_rule_mask']:.2f}x with mask")
     if args.workers:
-        from torch.utils.data import DataLoader
-
         ds = variants["dataloader, rule mask"]
         figures["workers"] = {}
         for w in (int(v) for v in args.workers.split(",")):
@@ -428,10 +410,6 @@ def _add_clouds_args(parser):
 
 def _detector_agreement(scores, truths, threshold):
     """Pooled ROC AUC and IoU at the detector's threshold of soft scores against binary truth masks."""
-    import torch
-
-    import metrics
-
     score = torch.from_numpy(np.stack(scores))[:, None]
     label = torch.from_numpy(np.stack(truths))[:, None]
     pos, neg = metrics.auc_histograms(score, label)
@@ -442,10 +420,6 @@ def _detector_agreement(scores, truths, threshold):
 
 def bench_clouds(args):
     """Each detector's ms per patch and, on synthetic data, its agreement with the true cloud map."""
-    import bands
-    import clouds
-    import dataloader
-
     root, triplets = _data_source(args)
     images = [dataloader.read_raster(f"{root}/{t.s2_cloudy}", 13) for t in triplets]
     normed = [bands.normalize_s2(im) for im in images]
@@ -494,11 +468,6 @@ SUBCOMMANDS["clouds"] = (_add_clouds_args, bench_clouds)
 
 def scene_worker(ckpt, cloudy, sar, out, tile, overlap, batch, amp, threads):
     """Whole-scene prediction in a fresh process (in_fresh_process): seconds and peak memory of that alone."""
-    import torch
-
-    import runtime
-    import test_CR
-
     torch.set_num_threads(threads)
     model, _ = runtime.load_model(ckpt, torch.device("cpu"))
     amp_dtype = runtime.resolve_amp(amp, torch.device("cpu"))[0]
@@ -526,22 +495,13 @@ def _add_eval_args(parser):
 
 def bench_eval(args):
     """Evaluation images/s (test_CR.evaluate) and whole-scene prediction time and peak RSS on CPU."""
-
-    import rasterio
-    import torch
-    from rasterio.transform import from_origin
-
-    import dataloader
-    import net_CR_CrossAttention
-    import test_CR
-
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="bench_eval_") as tmp:
         tmp = Path(tmp)
         ckpt = args.checkpoint
         if ckpt is None:
             torch.manual_seed(0)
-            model = net_CR_CrossAttention.create_model("CrossAttention")
+            model = net.create_model("CrossAttention")
             ckpt = tmp / "random.pth"
             torch.save({"model": model.state_dict(), "model_name": "CrossAttention",
                         "model_config": __import__("dataclasses").asdict(model.config), "epoch": 0}, ckpt)
@@ -594,82 +554,64 @@ SUBCOMMANDS["eval"] = (_add_eval_args, bench_eval)
 
 
 # ------------------------------------------------------------------------------------------- model training step
-# Training-step throughput and peak memory of the model, every variant in a fresh process so its peak memory is
-# its own: on CPU the process's peak RSS minus its RSS just before the first training step (model, optimizer and
-# batch already built); on CUDA torch.cuda.max_memory_allocated. The baseline every ratio refers to is the naive
-# implementation: fp32, materialised ("reference") attention, channels-first, eager.
+# Training-step throughput and peak memory of the model: train_CR_kaggle.train_step with the L1 loss preset on random
+# inputs, every variant in a fresh process so its peak memory is its own: on CPU the process's peak RSS minus its RSS
+# just before the first training step (model, optimizer and batch already built); on CUDA
+# torch.cuda.max_memory_allocated. The baseline every ratio refers to is the naive implementation: fp32,
+# materialised ("reference") attention, channels-first, eager.
+PRECISION_AMP = {"fp32": "off", "bf16": "bf16", "fp16": "fp16"}  # --precision -> the training script's --amp
+
 
 def _rss_mb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
-def _train_flops_per_sample(model, cloudy, sar, target, ctx):
-    """FLOPs of one forward + backward (torch's FlopCounterMode), per sample."""
-    import torch.nn.functional as F
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+def _train_flops_per_sample(run, batch):
+    """FLOPs of one forward + backward of the model and its criterion (torch's FlopCounterMode), per sample: the
+    eager model, so that a compiled variant counts the same arithmetic."""
+    counter = flop_counter.FlopCounterMode(display=False)
     with counter:
-        with ctx:
-            loss = F.l1_loss(model(cloudy, sar), target)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / cloudy.shape[0]
+        with run.ctx:
+            prediction = run.model(batch["cloudy_data"], batch["SAR_data"])
+        run.criterion(prediction, batch["cloudfree_data"], batch["cloudy_data"])[0].backward()
+    run.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch["cloudy_data"].shape[0]
 
 
 def train_step_worker(cfg):
     """One variant of `benchmark.py train`, run by in_fresh_process: median step time and peak memory."""
-    import torch
-    import torch.nn.functional as F
-
-    import net_CR_CrossAttention as net
-    import runtime
-
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
     model_config = {} if cfg["model_name"] == "DSen2CR" else {"attention": cfg["attention"]}
     model = net.create_model(cfg["model_name"], **model_config).to(device)
-    n, s = cfg["batch"], cfg["size"]
-    cloudy, sar, target = (torch.rand(n, c, s, s, device=device) for c in (13, 2, 13))
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-        cloudy, sar = (t.contiguous(memory_format=torch.channels_last) for t in (cloudy, sar))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ctx = runtime.autocast(device, {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg["precision"]])
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg["precision"] == "fp16")
     # "on": inductor's default mode; "reduce-overhead": also CUDA graphs (replays the step's kernel launches)
     forward = model if cfg["compile"] == "off" else torch.compile(
         model, mode="reduce-overhead" if cfg["compile"] == "reduce-overhead" else "default")
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def step():
-        with ctx:
-            loss = F.l1_loss(forward(cloudy, sar), target)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+    criterion = losses.CRLoss(**losses.loss_options("l1")).to(device)
+    run = _step_run(model, criterion, device, PRECISION_AMP[cfg["precision"]], cfg["channels_last"], forward)
+    n = cfg["batch"]
+    batch = _random_batch(n, cfg["size"], device, cfg["channels_last"])
+    sync = _synchronizer(device)
 
     out = {}
     if device.type == "cuda":
-        out["flops_per_sample"] = _train_flops_per_sample(model, cloudy, sar, target, ctx)
+        out["flops_per_sample"] = _train_flops_per_sample(run, batch)
         torch.cuda.reset_peak_memory_stats()
     base_rss = _rss_mb()
     t0 = time.perf_counter()
     for _ in range(cfg["warmup"]):
-        step()
+        train.train_step(run, batch)
     sync()
     out["warmup_s"] = time.perf_counter() - t0
     times = []
     for _ in range(cfg["steps"]):
         t0 = time.perf_counter()
-        step()
+        train.train_step(run, batch)
         sync()
         times.append(time.perf_counter() - t0)
     median = sorted(times)[len(times) // 2]
@@ -699,7 +641,7 @@ def _add_train_args(parser):
                              "reduce-overhead adds CUDA graphs")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per variant (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocation, kernel choice)")
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu",
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when available)")
     parser.add_argument("--threads", type=int, nargs="+", default=[0],
                         help="torch CPU threads per variant (0: torch's default); several values compare them. "
@@ -710,16 +652,7 @@ def _add_train_args(parser):
     parser.add_argument("--timeout", type=int, default=900, help="seconds per variant before it is skipped")
 
 
-def _cuda_available():
-    try:
-        import torch
-        return torch.cuda.is_available()
-    except ImportError:
-        return False
-
-
 def _train_variants(args):
-    import itertools
     precisions = args.precision or (["fp32", "bf16", "fp16"] if args.device.startswith("cuda") else ["fp32", "bf16"])
     attentions = args.attention if args.model_name == "CrossAttention" else ["n/a"]
     batches = args.batch or [2 if s <= 128 else 1 for s in args.sizes]
@@ -748,7 +681,6 @@ def _run_train_variant(cfg, timeout):
 
 def bench_train(args):
     """Training-step samples/s and peak memory by precision, attention path, channels-last and compile."""
-    import platform
     rows = []
     for cfg, attention in _train_variants(args):
         result = _run_train_variant(cfg, args.timeout)
@@ -796,25 +728,18 @@ SUBCOMMANDS["train"] = (_add_train_args, bench_train)
 
 
 # ------------------------------------------------------------------------------- training loop vs its model step
-# The real training loop (train_CR_kaggle.setup, then train_one_epoch: data loading, host-to-device copies,
-# clipping, logging included) against the bare model step it is built around (forward, loss, backward, optimizer
-# step on one batch already on the device), with the same model, loss set, precision, batch and optimizer, in one
-# fresh process per loss set. The loop's first --warmup steps are not timed; one epoch holds all the steps, so
-# start-up and validation are not in the figure. Blocks of bare steps run between blocks of loop steps, so the
-# machine's load changes hit both alike.
-LOOP_LOSS_FLAGS = {
-    "l1": ["--perceptual_weight", "0"],
-    "design": ["--use_cloud_focused_loss", "--cloud_weight_factor", "2.5", "--perceptual_weight", "0.5",
-               "--use_fft_loss", "--fft_weight", "0.3", "--use_gradient_loss", "--gradient_weight", "0.2",
-               "--use_contrastive_loss", "--contrastive_weight", "0.1", "--vgg_weights", "random"],
-}
+# The real training loop (train_CR_kaggle.setup, then train_one_epoch: data loading, host-to-device copies, the
+# meter's reads, logging included) against the bare step it is built around: train_CR_kaggle.train_step on one
+# batch already on the device, with the same run (model, loss preset, precision, batch, optimizer), in one fresh
+# process per loss preset. The loop's first --warmup steps are not timed; one epoch holds all the steps, so start-up
+# and validation are not in the figure. Blocks of bare steps run between blocks of loop steps, so the machine's load
+# changes hit both alike. The VGG terms take random weights: ImageNet weights cannot be had offline, and they cost
+# the same.
 
 
 def _loop_data(out, n_unique, size, n_train):
     """A data list of n_train training rows (n_unique synthetic patches listed again and again, so a long epoch
     costs no more synthesis) and a small validation split. Returns the CSV path."""
-    import dataloader
-
     csv_path = dataloader.make_synthetic_dataset(Path(out) / "unique", n=n_unique, size=size, seed=0,
                                                  val_frac=0.2, test_frac=0.0)
     rows = dataloader.read_data_list(csv_path)
@@ -863,8 +788,6 @@ class _GpuBusy:
     `active` is set (during the loop's timed segments)."""
 
     def __init__(self, device):
-        import threading
-        import torch
         self.samples, self.stop, self.active, self.device = [], threading.Event(), threading.Event(), device
         try:
             torch.cuda.utilization(device)
@@ -873,7 +796,6 @@ class _GpuBusy:
         threading.Thread(target=self._poll, daemon=True).start()
 
     def _poll(self):
-        import torch
         while not self.stop.wait(0.1):
             if self.active.is_set():
                 self.samples.append(torch.cuda.utilization(self.device))
@@ -934,52 +856,28 @@ class _InterleavedLoader:
             self._close_segment(segment)
 
 
-def _device_batch(run, batch):
-    """One batch as the loop's step sees it: on the device, S2 in [0, 1], inputs channels-last if the model is."""
-    import torch
-
-    import train_CR_kaggle as train
-
-    out = {}
-    for key in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"):
-        t = batch[key]
-        if t.dtype == torch.uint16:  # uint16-encoded S2, moved as int16 like the training loop does
-            t = t.view(torch.int16).to(run.device).float() * (1.0 / 10000)
-        out[key] = t.to(run.device)
-    if run.channels_last:
-        for key in ("cloudy_data", "SAR_data"):
-            out[key] = out[key].contiguous(memory_format=torch.channels_last)
-    out["confidence_target"] = train.confidence_target(batch, run.device)
-    return out
+def _on_device(run, batch):
+    """A loader batch as train_step finds it once on the device: the inputs by train_CR_kaggle.to_device, the rest of
+    its tensors (the cloud labels train_step reads) moved as they are, so the timed steps copy nothing from the host."""
+    rest = {k: v.to(run.device) for k, v in batch.items() if torch.is_tensor(v) and k not in train.BATCH_KEYS}
+    return {**batch, **rest, **train.to_device(batch, run.device, run.channels_last)}
 
 
 def _bare_steps(run, batch, steps, sync):
-    """Seconds for `steps` bare model steps: forward, loss, backward, optimizer step; no data, no host reads."""
-    import train_CR_kaggle as train
-
-    cloudy, cloudfree, sar, mask = (batch[k] for k in ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
+    """Seconds for `steps` calls of train_CR_kaggle.train_step on one batch already on the device: the training step
+    with no data loading and no host reads. The run's step count is left as the loop had it (its warm-up, logs)."""
+    global_step = run.global_step
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        with run.ctx:
-            prediction, aux = run.train_model(cloudy, sar, return_aux=True)
-        total, _ = run.criterion(prediction, cloudfree, cloudy, cloud_mask=mask, confidence=aux.get("confidence"),
-                                 confidence_target=batch["confidence_target"], ungated=train.ungated_prediction(aux))
-        run.optimizer.zero_grad(set_to_none=True)
-        run.scaler.scale(total).backward()
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
+        train.train_step(run, batch)
     sync()
+    run.global_step = global_step
     return time.perf_counter() - t0
 
 
 def loop_worker(cfg):
-    """One loss set of `benchmark.py loop`, run by in_fresh_process: loop and bare-step samples/s, CPU/GPU busy."""
-    import torch
-    from torch.utils.data import default_collate
-
-    import train_CR_kaggle as train
-
+    """One loss preset of `benchmark.py loop`, run by in_fresh_process: loop and bare-step samples/s, CPU/GPU busy."""
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     with tempfile.TemporaryDirectory(prefix="bench_loop_") as tmp:
@@ -988,11 +886,11 @@ def loop_worker(cfg):
             "--save_model_dir", tmp, "--experiment_name", "loop", "--max_epochs", "1", "--warmup_epochs", "0",
             "--batch_sz", str(cfg["batch"]), "--load_size", str(cfg["size"]), "--crop_size", str(cfg["size"]),
             "--num_workers", str(cfg["workers"]), "--amp", cfg["amp"], "--device", cfg["device"],
-            "--num_quicklooks", "0", *LOOP_LOSS_FLAGS[cfg["loss"]], *cfg["train_flags"]])
+            "--num_quicklooks", "0", *losses.preset_flags(cfg["loss"], vgg_weights="random"), *cfg["train_flags"]])
         run = train.setup(args)
         cuda = run.device.type == "cuda"
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
-        batch = _device_batch(run, default_collate([run.train_loader.dataset[i] for i in range(cfg["batch"])]))
+        sync = _synchronizer(run.device)
+        batch = _on_device(run, default_collate([run.train_loader.dataset[i] for i in range(cfg["batch"])]))
         _bare_steps(run, batch, cfg["warmup"], sync)  # allocation, kernel choice, compilation
         gpu = _GpuBusy(run.device) if cuda else None
         run.train_loader = timed = _InterleavedLoader(run.train_loader, cfg["warmup"], cfg["block"],
@@ -1012,8 +910,9 @@ def loop_worker(cfg):
 
 
 def _add_loop_args(parser):
-    parser.add_argument("--loss", nargs="+", default=["l1", "design"], choices=list(LOOP_LOSS_FLAGS),
-                        help="loss sets: l1 (L1 only) and/or design (the design document's flags, random VGG)")
+    parser.add_argument("--loss", nargs="+", default=["l1", "design"], choices=list(losses.LOSS_PRESETS),
+                        help="loss presets of losses.py, each in its own process: l1 (L1 only) and design (the design "
+                             "document's loss set) are the cheapest and the dearest; VGG terms with random weights")
     parser.add_argument("--size", type=int, default=64, help="square training crop (the synthetic patch side)")
     parser.add_argument("--batch", type=int, default=4, help="training batch size")
     parser.add_argument("--steps", type=int, default=24, help="timed loop steps (bare steps: the same number)")
@@ -1035,9 +934,7 @@ def _add_loop_args(parser):
 
 
 def bench_loop(args):
-    """Steady-state samples/s of the real training loop vs its bare model step; last line `loop/step RATIO`."""
-    import shlex
-
+    """Steady-state samples/s of the real training loop vs its bare training step; last line `loop/step RATIO`."""
     results = {}
     with tempfile.TemporaryDirectory(prefix="bench_loop_data_") as tmp:
         csv_path = _loop_data(tmp, args.unique, args.size, (args.warmup + args.steps) * args.batch)
@@ -1052,11 +949,11 @@ def bench_loop(args):
           f"compiled={first['compiled']} {args.size} px batch {args.batch} workers {args.workers} threads "
           f"{args.threads or 'default'}; {first['loop_steps']} loop and {first['bare_steps']} bare steps timed in "
           f"blocks of {args.block}, after {args.warmup} warm-up {args.train_flags}".rstrip())
-    print(f"{'loss':<8}{'loop samples/s':>15}{'step samples/s':>15}{'loop/step':>10}{'run CPU cores':>14}"
+    print(f"{'loss':<14}{'loop samples/s':>15}{'step samples/s':>15}{'loop/step':>10}{'run CPU cores':>14}"
           f"{'machine busy':>13}{'GPU busy':>9}")
     for loss, r in results.items():
         gpu = "n/a" if r["gpu_busy"] is None else f"{r['gpu_busy']:.0%}"
-        print(f"{loss:<8}{r['loop_samples_per_s']:>15.2f}{r['step_samples_per_s']:>15.2f}{r['ratio']:>10.2f}"
+        print(f"{loss:<14}{r['loop_samples_per_s']:>15.2f}{r['step_samples_per_s']:>15.2f}{r['ratio']:>10.2f}"
               f"{r['run_cpu_cores']:>14.2f}{r['machine_busy']:>13.0%}{gpu:>9}")
     if {"l1", "design"} <= set(results):
         print(f"design-loss loop / L1 loop: "
@@ -1073,9 +970,10 @@ SUBCOMMANDS["loop"] = (_add_loop_args, bench_loop)
 # Does the model learn, and what does each part of the design buy? Trains every variant with the real
 # scripts (train_CR_kaggle.py, then test_CR.py on the test split) in fresh subprocesses on the synthetic
 # dataset, for several seeds, and reports test-split scores beside the identity baseline (cloudy input
-# taken as the prediction). The base loss set is the design's minus the two VGG terms, unless
-# --vgg_weights is given: pretrained VGG weights cannot be had offline, and random VGG features measure
-# nothing perceptual.
+# taken as the prediction). The base loss set is losses.LOSS_PRESETS["design_no_vgg"] (the design's minus the two
+# VGG terms), or "design" when --vgg_weights is given: pretrained VGG weights cannot be had offline, and random VGG
+# features measure nothing perceptual. A variant is training flags (LEARN_VARIANTS) plus, where it changes the loss
+# set, overrides of the base preset's options (LEARN_LOSS_OVERRIDES).
 LEARN_VARIANTS = {
     "full": [],
     # what each part added to the design document's network buys (BENCHMARKS.md, "Learning and ablations")
@@ -1089,11 +987,14 @@ LEARN_VARIANTS = {
     # the design's own parts
     "no_spectral_attention": ["--no-use_spectral_attention"],
     "no_cloud_predictor": ["--no-use_cloud_predictor"],  # plain residual; the map's loss terms go with it
-    "no_cloud_focused_loss": ["--no_cloud_focused_loss"],  # handled below: drops the design's flag
+    "no_cloud_focused_loss": [],  # plain L1 in place of the cloud-focused L1: LEARN_LOSS_OVERRIDES
     "no_sar": ["--sar_input", "zeros"],
     "no_cross_attn": ["--no-use_cross_attn"],
     "fp32": ["--amp", "off"],
     "DSen2CR": ["--model_name", "DSen2CR"],
+}
+LEARN_LOSS_OVERRIDES = {
+    "no_cloud_focused_loss": {"use_cloud_focused_loss": False},
 }
 
 
@@ -1115,22 +1016,26 @@ def _add_learn_args(parser):
     parser.add_argument("--extra", default="", help="extra training flags for every variant, e.g. '--lr 1e-3'")
 
 
+def _learn_loss_flags(variant, vgg_weights):
+    """Training flags of a variant's loss set: the design's preset (without its two VGG terms unless vgg_weights is
+    given), changed by the variant's LEARN_LOSS_OVERRIDES."""
+    overrides = dict(LEARN_LOSS_OVERRIDES.get(variant, {}))
+    if vgg_weights:
+        overrides["vgg_weights"] = vgg_weights
+    return losses.preset_flags("design" if vgg_weights else "design_no_vgg", **overrides)
+
+
 def _learn_run(variant, seed, args, csv_path, out):
     root = Path(csv_path).parent
     extra = list(LEARN_VARIANTS[variant])
-    loss_flags = ["--use_fft_loss", "--use_gradient_loss", "--use_cloud_focused_loss", "--cloud_weight_factor", "2.5"]
-    if "--no_cloud_focused_loss" in extra:
-        extra.remove("--no_cloud_focused_loss")
-        loss_flags.remove("--use_cloud_focused_loss")
-    vgg = (["--vgg_weights", args.vgg_weights, "--use_contrastive_loss"] if args.vgg_weights
-           else ["--perceptual_weight", "0"])
+    loss_flags = _learn_loss_flags(variant, args.vgg_weights)
     name = f"{variant}_s{seed}"
     train_cmd = [sys.executable, "train_CR_kaggle.py", "--data_list_filepath", str(csv_path), "--input_data_folder",
                  str(root), "--load_size", str(args.size), "--crop_size", str(args.size), "--max_epochs",
                  str(args.epochs), "--batch_sz", str(args.batch_sz), "--lr", str(args.lr), "--warmup_epochs", "1",
                  "--num_workers", "1", "--amp", args.amp, "--seed", str(seed), "--save_model_dir", str(out / "ckpt"),
                  "--experiment_name", name, "--train_from_scratch", "--num_quicklooks", "0",
-                 *loss_flags, *vgg, *extra, *args.extra.split()]
+                 *loss_flags, *extra, *args.extra.split()]
     t0 = time.time()
     subprocess.run(train_cmd, check=True, stdout=subprocess.DEVNULL)
     train_s = time.time() - t0
@@ -1146,7 +1051,6 @@ def _learn_run(variant, seed, args, csv_path, out):
 
 def bench_learn(args):
     """Train each design variant on synthetic data for a fixed budget, score the test split vs identity."""
-    import dataloader
     out = Path(args.out)
     csv_path = out / f"data_n{args.n}_s{args.size}_seed{args.data_seed}" / "data.csv"
     if not csv_path.is_file():

@@ -34,9 +34,9 @@ def test_every_flag_has_help(name, parser):
 
 @pytest.mark.slow
 def test_loop_benchmark_times_the_training_loss_it_compares_with(tmp_path):
-    """`benchmark.py loop` runs the design loss set end to end (its bare step must call the criterion the way
-    train_step does: with the confidence target and the ungated prediction of the residual term) and ends with
-    the `loop/step RATIO` line."""
+    """`benchmark.py loop` runs the design loss preset end to end (its bare step is train_step on a loader batch put on
+    the device beforehand, with the cloud labels the confidence term reads) and ends with the `loop/step RATIO`
+    line."""
     import subprocess
     import sys
     from pathlib import Path

@@ -1,0 +1,85 @@
+"""benchmark.py times the product: train_CR_kaggle.train_step on batches put on the device by its to_device, with the
+loss presets of losses.py; every learn variant is flags the training script accepts."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+
+import benchmark
+import losses
+import net_CR_CrossAttention as net
+import train_CR_kaggle
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _loss_options_of(flags):
+    """The loss options the training script builds its criterion from, given these flags (the confidence and
+    residual weights are resolved per model later, so they are left out)."""
+    args = train_CR_kaggle.build_parser().parse_args(flags)
+    return {name: getattr(args, name) for name in losses.LOSS_DEFAULTS if name not in losses.MAP_LOSS_DEFAULTS}
+
+
+@pytest.mark.parametrize("variant", list(benchmark.LEARN_VARIANTS))
+def test_every_learn_variant_is_flags_the_training_script_accepts(variant):
+    for vgg_weights in (None, "vgg19.pth"):
+        flags = benchmark._learn_loss_flags(variant, vgg_weights) + benchmark.LEARN_VARIANTS[variant]
+        train_CR_kaggle.build_parser().parse_args(flags)  # an unknown flag exits here
+
+
+def test_learn_loss_sets_are_the_design_presets():
+    full = _loss_options_of(benchmark._learn_loss_flags("full", None))
+    assert full == {k: v for k, v in losses.loss_options("design_no_vgg").items() if k in full}
+    assert full["use_cloud_focused_loss"] and full["use_fft_loss"] and full["use_gradient_loss"]
+    assert full["perceptual_weight"] == 0 and not full["use_contrastive_loss"]
+    plain_l1 = _loss_options_of(benchmark._learn_loss_flags("no_cloud_focused_loss", None))
+    assert plain_l1 == {**full, "use_cloud_focused_loss": False}
+    with_vgg = _loss_options_of(benchmark._learn_loss_flags("full", "vgg19.pth"))
+    assert with_vgg == {**{k: v for k, v in losses.loss_options("design").items() if k in full},
+                        "vgg_weights": "vgg19.pth"}
+
+
+def test_timed_steps_are_the_training_step():
+    """The bare step of `benchmark.py loop` (and the steps `loss` and `train` time) is train_CR_kaggle.train_step on
+    a batch already on the device; it trains the model and leaves the loop's step count alone."""
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
+    run = benchmark._step_run(model, losses.CRLoss(**losses.loss_options("l1")), device, "off", channels_last=False)
+    batch = benchmark._random_batch(2, 16, device, channels_last=False)
+    before = [p.detach().clone() for p in model.parameters()]
+    with mock.patch.object(train_CR_kaggle, "train_step", wraps=train_CR_kaggle.train_step) as step:
+        seconds = benchmark._bare_steps(run, batch, 2, lambda: None)
+    assert step.call_count == 2 and all(call.args == (run, batch) for call in step.call_args_list)
+    assert seconds > 0 and run.global_step == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def _run_benchmark(tmp_path, *argv):
+    out = tmp_path / "figures.json"
+    proc = subprocess.run([sys.executable, "benchmark.py", *argv, "--json", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, check=False, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]  # stderr's end says why, which check=True would not show
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_loss_benchmark_times_the_presets_in_the_training_step(tmp_path):
+    figures = _run_benchmark(tmp_path, "loss", "--size", "32", "--batch", "1", "--steps", "1", "--threads", "1")
+    assert list(figures["step_s"]) == ["L1 only", "no VGG terms", "full, VGG fp32", "full, VGG AMP",
+                                       "full, VGG AMP, NHWC"]
+    assert all(t > 0 for t in figures["step_s"].values())
+
+
+@pytest.mark.slow
+def test_train_benchmark_times_the_training_step_in_a_fresh_process(tmp_path):
+    figures = _run_benchmark(tmp_path, "train", "--device", "cpu", "--sizes", "32", "--batch", "1", "--precision",
+                             "bf16", "--attention", "fused", "--channels_last", "on", "--steps", "1", "--threads", "1")
+    (row,) = figures["rows"]
+    assert "skipped" not in row, row["skipped"]
+    assert row["samples_per_s"] > 0
