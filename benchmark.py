@@ -981,8 +981,7 @@ LEARN_VARIANTS = {
     "no_residual_loss": ["--residual_weight", "0"],
     "no_confidence_refinement": ["--no-use_confidence_refinement"],
     "no_sar_skips": ["--no-use_sar_skips"],
-    "design_v3": ["--confidence_weight", "0", "--residual_weight", "0", "--no-use_confidence_refinement",
-                  "--no-use_sar_skips"],  # the design document's network and losses, nothing added
+    "design": lambda: _design_flags(),  # the design document's network and losses, nothing added
     "with_date_correction": ["--use_date_correction"],
     # the design's own parts
     "no_spectral_attention": ["--no-use_spectral_attention"],
@@ -993,6 +992,15 @@ LEARN_VARIANTS = {
     "fp32": ["--amp", "off"],
     "DSen2CR": ["--model_name", "DSen2CR"],
 }
+
+
+def _design_flags():
+    """Every switch added since the design document at its older value, and the map's loss terms off (a function:
+    reading losses here would load it, and torchvision, into every worker process at import)."""
+    return ([f"--{'' if on else 'no-'}{switch}" for switch, on in net.design_switches().items()]
+            + [arg for name in losses.MAP_LOSS_DEFAULTS for arg in (f"--{name}", "0")])
+
+
 LEARN_LOSS_OVERRIDES = {
     "no_cloud_focused_loss": {"use_cloud_focused_loss": False},
 }
@@ -1000,7 +1008,7 @@ LEARN_LOSS_OVERRIDES = {
 
 def _add_learn_args(parser):
     parser.add_argument("--variants", default="full,no_confidence_loss,no_residual_loss,no_confidence_refinement,"
-                        "no_sar_skips,design_v3,no_cloud_predictor",
+                        "no_sar_skips,design,no_cloud_predictor",
                         help=f"comma-separated, from: {', '.join(LEARN_VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per variant")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs per run (the fixed budget)")
@@ -1027,7 +1035,8 @@ def _learn_loss_flags(variant, vgg_weights):
 
 def _learn_run(variant, seed, args, csv_path, out):
     root = Path(csv_path).parent
-    extra = list(LEARN_VARIANTS[variant])
+    flags = LEARN_VARIANTS[variant]
+    extra = flags() if callable(flags) else list(flags)
     loss_flags = _learn_loss_flags(variant, args.vgg_weights)
     name = f"{variant}_s{seed}"
     train_cmd = [sys.executable, "train_CR_kaggle.py", "--data_list_filepath", str(csv_path), "--input_data_folder",
