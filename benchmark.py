@@ -1001,6 +1001,11 @@ def _design_flags():
             + [arg for name in losses.MAP_LOSS_DEFAULTS for arg in (f"--{name}", "0")])
 
 
+def learn_variant_flags(variant):
+    flags = LEARN_VARIANTS[variant]
+    return flags() if callable(flags) else list(flags)
+
+
 LEARN_LOSS_OVERRIDES = {
     "no_cloud_focused_loss": {"use_cloud_focused_loss": False},
 }
@@ -1035,8 +1040,7 @@ def _learn_loss_flags(variant, vgg_weights):
 
 def _learn_run(variant, seed, args, csv_path, out):
     root = Path(csv_path).parent
-    flags = LEARN_VARIANTS[variant]
-    extra = flags() if callable(flags) else list(flags)
+    extra = learn_variant_flags(variant)
     loss_flags = _learn_loss_flags(variant, args.vgg_weights)
     name = f"{variant}_s{seed}"
     train_cmd = [sys.executable, "train_CR_kaggle.py", "--data_list_filepath", str(csv_path), "--input_data_folder",

@@ -28,7 +28,7 @@ def _loss_options_of(flags):
 @pytest.mark.parametrize("variant", list(benchmark.LEARN_VARIANTS))
 def test_every_learn_variant_is_flags_the_training_script_accepts(variant):
     for vgg_weights in (None, "vgg19.pth"):
-        flags = benchmark._learn_loss_flags(variant, vgg_weights) + benchmark.LEARN_VARIANTS[variant]
+        flags = benchmark._learn_loss_flags(variant, vgg_weights) + benchmark.learn_variant_flags(variant)
         train_CR_kaggle.build_parser().parse_args(flags)  # an unknown flag exits here
 
 
