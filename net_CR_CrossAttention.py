@@ -570,7 +570,7 @@ def _smoke_test():
     model = CloudRemovalCrossAttention().to(device)
     n_params = count_parameters(model)
     cfg = asdict(model.config)
-    tick = lambda on: "✓" if on else "✗"  # noqa: E731
+    tick = lambda on: "✓" if on else "✗"
     design = count_parameters(CloudRemovalCrossAttention(**design_switches()))
     print(f"Model parameters: {n_params / 1e6:.2f}M (the design's network: {design / 1e6:.2f}M, plus "
           f"{(n_params - design):,} for the parts measured worth adding)")

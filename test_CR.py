@@ -397,7 +397,7 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
 
 def format_confidence(summary):
     """Lines saying what the confidence map is worth as a cloud map, and how much clear pixels were changed."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
     lines = [f"clear pixels changed by the model: mean |prediction - cloudy| = {fmt(summary['clear_change']['model'])}"
              f" (identity: 0)"]
     c = summary["confidence"]

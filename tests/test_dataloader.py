@@ -16,6 +16,7 @@ import rasterio.errors
 import scipy.ndimage
 import scipy.signal
 import torch
+from geotiff import write_geotiff
 from rasterio.transform import from_origin
 
 import bands
@@ -23,8 +24,6 @@ import clouds
 import dataloader as D
 import files
 import splits
-from geotiff import write_geotiff
-
 
 # ----------------------------------------------------------------------------------------------- helpers
 

@@ -17,6 +17,7 @@ import rasterio
 import rasterio.errors
 import torch
 import torch.nn as nn
+from geotiff import write_geotiff
 from PIL import Image
 from rasterio.transform import from_origin
 
@@ -28,7 +29,6 @@ import runtime
 import synthetic
 import test_CR
 import train_CR_kaggle as train
-from geotiff import write_geotiff
 
 CROP = 48  # evaluation crop: the 64 px synthetic patches give a window offset of 8 px, so georef is non-trivial
 

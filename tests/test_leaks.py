@@ -2,13 +2,13 @@
 `dataloader.py check`, and the one-line warning of training."""
 import numpy as np
 import pytest
+from geotiff import write_geotiff
 from rasterio.transform import from_origin
 
 import dataloader as D
 import runtime
 import splits
 import train_CR_kaggle as train
-from geotiff import write_geotiff
 
 # The scenes the substring rule also puts in train (the published loaders' train entries "..._s1/s1_1", "s1_11",
 # "s1_7", "s1_6", "s1_8" are prefixes of their folder names).
