@@ -53,9 +53,8 @@ BATCH_KEYS = ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask")  # the 
 # Host reads of the step's figures (loss, terms, PSNR, gradient norm, the non-finite flag) happen every LOG_EVERY
 # steps: a read waits for the GPU to drain its queue; reading all of them every step cost 6-8 % on an H100.
 LOG_EVERY = 10
-# --compile auto: on for CUDA, where an H100 ran the bare model step 1.63x faster compiled (bf16, 256 px, batch 32:
-# 317.5 vs 195.3 samples/s, 13.8 instead of 24.4 GB) and the design-loss loop 1.36x; off on CPU, where it measured
-# slower (bf16 3.63 vs 4.13 samples/s after 83-101 s of compiling). BENCHMARKS.md, "Training loop" and "GPU".
+# --compile auto: on for CUDA, where the compiled step and loop measured faster; off on CPU, where they measured
+# slower after minutes of compiling (BENCHMARKS.md, "GPU" and "Model training step").
 COMPILE_AUTO = {"cuda": True, "cpu": False}
 # Triton, which writes torch.compile's GPU kernels, refuses GPUs below CUDA capability 7.0 (Kaggle's P100 is 6.0):
 # there auto stays eager rather than fail at the first step.
@@ -66,134 +65,48 @@ TIME_LIMIT_MARGIN = 1.25
 TIME_LIMIT_RESERVE_S = 60.0
 
 
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=dataloader.HelpFormatter)
-    for add_flags in (_model_flags, _optimisation_flags, _loss_flags, _data_flags, _run_flags):
-        add_flags(p)
-    return p
+# ----------------------------------------------------------------------------- the run, top down
 
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    run = setup(args, argv)
 
-def _model_flags(p):
-    g = p.add_argument_group("model (net_CR_CrossAttention.ModelConfig)")
-    g.add_argument("--model_name", default="CrossAttention", choices=["CrossAttention", "DSen2CR"],
-                   help="network to train: the GLF-CR CrossAttention v3 design, or the DSen2-CR baseline")
-    for f in net_CR_CrossAttention.flag_fields():  # one flag per switch of the model's config, help and default there
-        if f.type in (bool, "bool"):
-            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
-                           help=f.metadata["help"])
-        else:
-            g.add_argument(f"--{f.name}", default=f.default, choices=list(f.metadata["choices"]),
-                           help=f.metadata["help"])
+    def on_signal(signum, _frame):  # Ctrl-C or Kaggle's SIGTERM: finish the step, save, exit 130
+        run.stop_signal = signum
+        for s, h in old_handlers.items():  # a second signal (timeout, a scheduler) does what it did before: ends us
+            signal.signal(s, h)
 
-
-def _optimisation_flags(p):
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--max_epochs", type=int, default=30, help="number of epochs to train")
-    g.add_argument("--batch_sz", type=int, default=6, help="training batch size per process")
-    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW")
-    g.add_argument("--weight_decay", type=float, default=1e-5, help="AdamW weight decay")
-    g.add_argument("--lr_scheduler", default="plateau", choices=["plateau", "cosine", "step", "none"],
-                   help="schedule after warmup: plateau (on validation PSNR), cosine, step or none")
-    g.add_argument("--lr_patience", type=int, default=5,
-                   help="plateau: validations without PSNR gain before the LR is reduced")
-    g.add_argument("--lr_factor", type=float, default=0.5, help="plateau/step: factor the LR is multiplied by")
-    g.add_argument("--lr_step_size", type=int, default=10, help="step: epochs between LR reductions")
-    g.add_argument("--warmup_epochs", type=float, default=2,
-                   help="linear LR warmup from 0 over this many epochs, updated every iteration")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--early_stop_patience", type=int, default=10,
-                   help="stop after this many validations without a new best PSNR (0 = never)")
-    g.add_argument("--max_bad_steps", type=int, default=5,
-                   help="abort after this many consecutive steps with a non-finite loss (checked at each log read)")
-    g.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
-                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler (T4, P100); "
-                        "on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else off (float32), since "
-                        "emulated bf16 is several times slower than fp32")
-    g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
-                   help="channels-last memory format: auto = on CPU, time one step in each layout at start-up and "
-                        "keep the faster (the winner depends on the CPU, the precision and the crop size); off on "
-                        "CUDA, where it measured slower")
-    g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the model: auto = on for CUDA (an H100 ran the model step 1.63x and the "
-                        "design-loss loop 1.36x faster) where the GPU has compute capability 7.0 or more (Triton's "
-                        "floor; not a P100), off on CPU (measured slower); see BENCHMARKS.md. A bare --compile "
-                        "means on")
-    g.add_argument("--seed", type=int, default=0, help="random seed (each DDP rank adds its rank)")
-
-
-def _loss_flags(p):
-    d, m = losses.LOSS_DEFAULTS, losses.MAP_LOSS_DEFAULTS
-    g = p.add_argument_group("losses (see losses.py)")
-    g.add_argument("--l1_weight", type=float, default=d["l1_weight"], help="weight of the L1 (or cloud-focused L1) term")
-    g.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"],
-                   help="weight of the VGG perceptual term on RGB (0 = off)")
-    g.add_argument("--use_fft_loss", action="store_true", help="add the Fourier-domain L1 term")
-    g.add_argument("--fft_weight", type=float, default=d["fft_weight"], help="weight of the FFT term")
-    g.add_argument("--use_gradient_loss", action="store_true", help="add the image-gradient L1 term")
-    g.add_argument("--gradient_weight", type=float, default=d["gradient_weight"], help="weight of the gradient term")
-    g.add_argument("--use_contrastive_loss", action="store_true",
-                   help="add the AECR-Net contrastive term (VGG space: pull to target, push from cloudy)")
-    g.add_argument("--contrastive_weight", type=float, default=d["contrastive_weight"], help="weight of the contrastive term")
-    g.add_argument("--use_cloud_focused_loss", action="store_true",
-                   help="replace plain L1 by L1 weighted 1 + factor * cloud intensity")
-    g.add_argument("--cloud_weight_factor", type=float, default=d["cloud_weight_factor"],
-                   help="extra weight of fully cloudy pixels in the cloud-focused loss (2.5: the design document's "
-                        "training command; its usage example shows 2.0)")
-    g.add_argument("--confidence_weight", type=float, default=None,
-                   help=f"weight of the BCE that teaches the confidence map where clouds are (the true cloud map of "
-                        f"synthetic data, else the cloud mask); default {m['confidence_weight']} for a model with a "
-                        f"confidence map, 0 for one without (DSen2CR, --no-use_cloud_predictor)")
-    g.add_argument("--residual_weight", type=float, default=None,
-                   help=f"weight of an L1 on corrected + residual over every pixel, so the residual learns on clear "
-                        f"pixels too while the confidence map gates where it is applied; default "
-                        f"{m['residual_weight']} for a model with a confidence map, 0 for one without")
-    g.add_argument("--vgg_weights", default=d["vgg_weights"],
-                   help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
-                        "a local .pth path, or 'random' (offline smoke tests only)")
-
-
-def _data_flags(p):
-    g = p.add_argument_group("data")
-    g.add_argument("--data_list_filepath", default=None,
-                   help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column format)")
-    g.add_argument("--input_data_folder", default=None, help="root the CSV's folders are relative to")
-    g.add_argument("--load_size", type=int, default=256, help="size of the image region crops are taken from")
-    g.add_argument("--crop_size", type=int, default=128, help="training crop size (random crop + flips)")
-    g.add_argument("--val_crop_size", type=int, default=None,
-                   help="validation centre-crop size (None: --load_size, the whole patch)")
-    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
-                   help="random flips and 90-degree rotations of training crops")
-    g.add_argument("--cloud_detector", default="rule", choices=list(clouds.CLOUD_DETECTORS),
-                   help="cloud score behind the cloud-focused and confidence losses (soft for rule and "
-                        "s2cloudless_prob; s2cloudless: the literature's binary mask, best precomputed)")
-    g.add_argument("--cloud_mask_dir", default=None,
-                   help="read the cloud masks precomputed by `python dataloader.py masks` from this folder instead "
-                        "of running --cloud_detector on every sample")
-    g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes per training process")
-    g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (None: --batch_sz)")
-
-
-def _run_flags(p):
-    g = p.add_argument_group("run")
-    g.add_argument("--save_model_dir", default="./checkpoints", help="folder holding one subfolder per experiment")
-    g.add_argument("--experiment_name", default="glf_cr_enhanced_v3", help="name of this run's subfolder")
-    g.add_argument("--train_from_scratch", action="store_true",
-                   help="start fresh even if the experiment has a last.pth (the old run is moved aside, not deleted)")
-    g.add_argument("--resume", default=None, help="resume from this checkpoint file (None: the experiment's last.pth)")
-    g.add_argument("--notes", default="", help="free text stored in args.json and TensorBoard")
-    g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
-    g.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and at the last)")
-    g.add_argument("--num_quicklooks", type=int, default=4,
-                   help="fixed validation samples shown in TensorBoard (cloudy | prediction | target | confidence)")
-    g.add_argument("--log_every", type=int, default=LOG_EVERY,
-                   help="read the loss, its terms, PSNR and gradient norm from the device every N steps (TensorBoard "
-                        "points are means over them); each read waits for the GPU")
-    g.add_argument("--time_limit", type=float, default=None,
-                   help="hours this command may run (e.g. 11.5 in a 12-hour Kaggle session): stop after the last "
-                        "epoch that fits, with a resumable last.pth and the command that resumes (None: no limit)")
-    g.add_argument("--demo", action="store_true",
-                   help=f"train a short run on built-in synthetic data (no dataset needed): at most {DEMO_EPOCHS} "
-                        f"epochs within {DEMO_MINUTES:g} minutes (--time_limit overrides the budget)")
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    epoch_bar = tqdm(total=args.max_epochs, initial=run.start_epoch, desc="epochs", dynamic_ncols=True,
+                     disable=not run.show_bars)
+    try:
+        for epoch in range(run.start_epoch, args.max_epochs):
+            stats = train_one_epoch(run, epoch)
+            if run.stop_requested:
+                break
+            val = validate(run) if is_validation_epoch(args, epoch) else None
+            stop = end_of_epoch(run, epoch, stats, val)
+            epoch_bar.update(1)
+            epoch_bar.set_postfix_str(f"best PSNR {run.best_psnr:.2f} | {pace(run)}")
+            if stop:
+                break
+        epoch_bar.close()
+        return finish(run)
+    except BaseException:
+        if run.is_main and run.global_step == run.first_step:  # failed before its first step: leave no folder
+            if run.writer is not None:
+                run.writer.close()
+                run.writer = None
+            discard_run_dir(run)
+        raise
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        if run.writer is not None:
+            run.writer.close()
+        if run.world_size > 1:
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -554,8 +467,8 @@ def setup_logging(run, resumed, val_set):
     run.history = read_history(run.dir / "history.csv") if resumed else []
     n_params = sum(p.numel() for p in run.model.parameters())
     print(f"{run.model.model_name}: {n_params / 1e6:.2f}M parameters | device {run.device} x{run.world_size} | "
-          f"{run.amp_text} | {run.layout_text} | compile {'on' if run.compiled else 'off'} | {len(run.train_loader.dataset)} train "
-          f"/ {len(val_set)} val samples | run dir {run.dir}")
+          f"{run.amp_text} | {run.layout_text} | compile {'on' if run.compiled else 'off'} | "
+          f"{len(run.train_loader.dataset)} train / {len(val_set)} val samples | run dir {run.dir}")
 
 
 # ----------------------------------------------------------------------------- history and quicklooks
@@ -1009,46 +922,135 @@ def finish(run):
     return 0
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    run = setup(args, argv)
+# ----------------------------------------------------------------------------- command-line flags
 
-    def on_signal(signum, _frame):  # Ctrl-C or Kaggle's SIGTERM: finish the step, save, exit 130
-        run.stop_signal = signum
-        for s, h in old_handlers.items():  # a second signal (timeout, a scheduler) does what it did before: ends us
-            signal.signal(s, h)
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dataloader.HelpFormatter)
+    for add_flags in (_model_flags, _optimisation_flags, _loss_flags, _data_flags, _run_flags):
+        add_flags(p)
+    return p
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    epoch_bar = tqdm(total=args.max_epochs, initial=run.start_epoch, desc="epochs", dynamic_ncols=True,
-                     disable=not run.show_bars)
-    try:
-        for epoch in range(run.start_epoch, args.max_epochs):
-            stats = train_one_epoch(run, epoch)
-            if run.stop_requested:
-                break
-            val = validate(run) if is_validation_epoch(args, epoch) else None
-            stop = end_of_epoch(run, epoch, stats, val)
-            epoch_bar.update(1)
-            epoch_bar.set_postfix_str(f"best PSNR {run.best_psnr:.2f} | {pace(run)}")
-            if stop:
-                break
-        epoch_bar.close()
-        return finish(run)
-    except BaseException:
-        if run.is_main and run.global_step == run.first_step:  # failed before its first step: leave no folder
-            if run.writer is not None:
-                run.writer.close()
-                run.writer = None
-            discard_run_dir(run)
-        raise
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        if run.writer is not None:
-            run.writer.close()
-        if run.world_size > 1:
-            dist.destroy_process_group()
+
+def _model_flags(p):
+    g = p.add_argument_group("model (net_CR_CrossAttention.ModelConfig)")
+    g.add_argument("--model_name", default="CrossAttention", choices=["CrossAttention", "DSen2CR"],
+                   help="network to train: the GLF-CR CrossAttention v3 design, or the DSen2-CR baseline")
+    for f in net_CR_CrossAttention.flag_fields():  # one flag per switch of the model's config, help and default there
+        if f.type in (bool, "bool"):
+            g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                           help=f.metadata["help"])
+        else:
+            g.add_argument(f"--{f.name}", default=f.default, choices=list(f.metadata["choices"]),
+                           help=f.metadata["help"])
+
+
+def _optimisation_flags(p):
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--max_epochs", type=int, default=30, help="number of epochs to train")
+    g.add_argument("--batch_sz", type=int, default=6, help="training batch size per process")
+    g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW")
+    g.add_argument("--weight_decay", type=float, default=1e-5, help="AdamW weight decay")
+    g.add_argument("--lr_scheduler", default="plateau", choices=["plateau", "cosine", "step", "none"],
+                   help="schedule after warmup: plateau (on validation PSNR), cosine, step or none")
+    g.add_argument("--lr_patience", type=int, default=5,
+                   help="plateau: validations without PSNR gain before the LR is reduced")
+    g.add_argument("--lr_factor", type=float, default=0.5, help="plateau/step: factor the LR is multiplied by")
+    g.add_argument("--lr_step_size", type=int, default=10, help="step: epochs between LR reductions")
+    g.add_argument("--warmup_epochs", type=float, default=2,
+                   help="linear LR warmup from 0 over this many epochs, updated every iteration")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    g.add_argument("--early_stop_patience", type=int, default=10,
+                   help="stop after this many validations without a new best PSNR (0 = never)")
+    g.add_argument("--max_bad_steps", type=int, default=5,
+                   help="abort after this many consecutive steps with a non-finite loss (checked at each log read)")
+    g.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
+                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler (T4, P100); "
+                        "on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else off (float32), since "
+                        "emulated bf16 is several times slower than fp32")
+    g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
+                   help="channels-last memory format: auto = on CPU, time one step in each layout at start-up and "
+                        "keep the faster (the winner depends on the CPU, the precision and the crop size); off on "
+                        "CUDA, where it measured slower")
+    g.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile the model: auto = on for CUDA GPUs of compute capability 7.0 or more "
+                        "(Triton's floor; not a P100), where it measured faster, off on CPU, where it measured "
+                        "slower (BENCHMARKS.md). A bare --compile means on")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each DDP rank adds its rank)")
+
+
+def _loss_flags(p):
+    d, m = losses.LOSS_DEFAULTS, losses.MAP_LOSS_DEFAULTS
+    g = p.add_argument_group("losses (see losses.py)")
+    g.add_argument("--l1_weight", type=float, default=d["l1_weight"], help="weight of the L1 (or cloud-focused L1) term")
+    g.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"],
+                   help="weight of the VGG perceptual term on RGB (0 = off)")
+    g.add_argument("--use_fft_loss", action="store_true", help="add the Fourier-domain L1 term")
+    g.add_argument("--fft_weight", type=float, default=d["fft_weight"], help="weight of the FFT term")
+    g.add_argument("--use_gradient_loss", action="store_true", help="add the image-gradient L1 term")
+    g.add_argument("--gradient_weight", type=float, default=d["gradient_weight"], help="weight of the gradient term")
+    g.add_argument("--use_contrastive_loss", action="store_true",
+                   help="add the AECR-Net contrastive term (VGG space: pull to target, push from cloudy)")
+    g.add_argument("--contrastive_weight", type=float, default=d["contrastive_weight"], help="weight of the contrastive term")
+    g.add_argument("--use_cloud_focused_loss", action="store_true",
+                   help="replace plain L1 by L1 weighted 1 + factor * cloud intensity")
+    g.add_argument("--cloud_weight_factor", type=float, default=d["cloud_weight_factor"],
+                   help="extra weight of fully cloudy pixels in the cloud-focused loss (2.5: the design document's "
+                        "training command; its usage example shows 2.0)")
+    g.add_argument("--confidence_weight", type=float, default=None,
+                   help=f"weight of the BCE that teaches the confidence map where clouds are (the true cloud map of "
+                        f"synthetic data, else the cloud mask); default {m['confidence_weight']} for a model with a "
+                        f"confidence map, 0 for one without (DSen2CR, --no-use_cloud_predictor)")
+    g.add_argument("--residual_weight", type=float, default=None,
+                   help=f"weight of an L1 on corrected + residual over every pixel, so the residual learns on clear "
+                        f"pixels too while the confidence map gates where it is applied; default "
+                        f"{m['residual_weight']} for a model with a confidence map, 0 for one without")
+    g.add_argument("--vgg_weights", default=d["vgg_weights"],
+                   help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
+                        "a local .pth path, or 'random' (offline smoke tests only)")
+
+
+def _data_flags(p):
+    g = p.add_argument_group("data")
+    g.add_argument("--data_list_filepath", default=None,
+                   help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column format)")
+    g.add_argument("--input_data_folder", default=None, help="root the CSV's folders are relative to")
+    g.add_argument("--load_size", type=int, default=256, help="size of the image region crops are taken from")
+    g.add_argument("--crop_size", type=int, default=128, help="training crop size (random crop + flips)")
+    g.add_argument("--val_crop_size", type=int, default=None,
+                   help="validation centre-crop size (None: --load_size, the whole patch)")
+    g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random flips and 90-degree rotations of training crops")
+    g.add_argument("--cloud_detector", default="rule", choices=list(clouds.CLOUD_DETECTORS),
+                   help="cloud score behind the cloud-focused and confidence losses (soft for rule and "
+                        "s2cloudless_prob; s2cloudless: the literature's binary mask, best precomputed)")
+    g.add_argument("--cloud_mask_dir", default=None,
+                   help="read the cloud masks precomputed by `python dataloader.py masks` from this folder instead "
+                        "of running --cloud_detector on every sample")
+    g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes per training process")
+    g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (None: --batch_sz)")
+
+
+def _run_flags(p):
+    g = p.add_argument_group("run")
+    g.add_argument("--save_model_dir", default="./checkpoints", help="folder holding one subfolder per experiment")
+    g.add_argument("--experiment_name", default="glf_cr_enhanced_v3", help="name of this run's subfolder")
+    g.add_argument("--train_from_scratch", action="store_true",
+                   help="start fresh even if the experiment has a last.pth (the old run is moved aside, not deleted)")
+    g.add_argument("--resume", default=None, help="resume from this checkpoint file (None: the experiment's last.pth)")
+    g.add_argument("--notes", default="", help="free text stored in args.json and TensorBoard")
+    g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    g.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and at the last)")
+    g.add_argument("--num_quicklooks", type=int, default=4,
+                   help="fixed validation samples shown in TensorBoard (cloudy | prediction | target | confidence)")
+    g.add_argument("--log_every", type=int, default=LOG_EVERY,
+                   help="read the loss, its terms, PSNR and gradient norm from the device every N steps (TensorBoard "
+                        "points are means over them); each read waits for the GPU")
+    g.add_argument("--time_limit", type=float, default=None,
+                   help="hours this command may run (e.g. 11.5 in a 12-hour Kaggle session): stop after the last "
+                        "epoch that fits, with a resumable last.pth and the command that resumes (None: no limit)")
+    g.add_argument("--demo", action="store_true",
+                   help=f"train a short run on built-in synthetic data (no dataset needed): at most {DEMO_EPOCHS} "
+                        f"epochs within {DEMO_MINUTES:g} minutes (--time_limit overrides the budget)")
 
 
 if __name__ == "__main__":
