@@ -961,7 +961,8 @@ def _bare_steps(run, batch, steps, sync):
         with run.ctx:
             prediction, aux = run.train_model(cloudy, sar, return_aux=True)
         total, _ = run.criterion(prediction, cloudfree, cloudy, cloud_mask=mask, confidence=aux.get("confidence"),
-                                 confidence_target=batch["confidence_target"], ungated=train.ungated_prediction(aux))
+                                 confidence_target=batch["confidence_target"], ungated=train.ungated_prediction(aux),
+                                 log_variance=aux.get("log_variance"))
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(total).backward()
         run.scaler.step(run.optimizer)

@@ -18,6 +18,7 @@ Also the field's baseline DSen2CR (Meraner et al., ISPRS 2020) with the same for
 create_model(model_name, **config) building either from a checkpoint's stored config.
 This module imports nothing of the project (torch only).
 """
+import math
 import time
 
 import torch
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 
 __all__ = [
     "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion",
-    "SpeckleAwareGate", "CloudConfidencePredictor", "CloudRemovalCrossAttention", "DSen2CR",
-    "create_model", "MODELS", "SAR_INPUTS", "ADDED_SWITCHES",
+    "SpeckleAwareGate", "CloudConfidencePredictor", "UncertaintyHead", "CloudRemovalCrossAttention", "DSen2CR",
+    "Ensemble", "create_model", "MODELS", "SAR_INPUTS", "ADDED_SWITCHES",
 ]
 
 GN_GROUPS = 8
@@ -36,7 +37,13 @@ SAR_INPUTS = ("on", "zeros")  # "zeros": the radar ablation, an all-zero SAR ima
 # Switches added after the design's first version, with the value that rebuilds a network saved before each
 # existed (a checkpoint's config lacks the key): runtime.model_config_of fills them in.
 ADDED_SWITCHES = {"use_date_correction": False, "use_sar_skips": False, "use_confidence_refinement": False,
-                  "detach_confidence_input": False}
+                  "detach_confidence_input": False, "use_uncertainty_head": False}
+# The uncertainty head's log-variance is clamped to these: a standard deviation from one step of the products' uint16
+# x10000 grid (1e-4 reflectance) to the whole reflectance range (1).
+LOG_VARIANCE_MIN, LOG_VARIANCE_MAX = 2 * math.log(1e-4), 0.0
+# An untrained head's std everywhere: about the cloudy input's own RMSE (26.8 dB PSNR, i.e. 0.046, on the synthetic
+# test split of BENCHMARKS.md), so the first steps neither explode nor vanish in the NLL.
+UNCERTAINTY_INIT_STD = 0.05
 
 
 def _gn(channels):
@@ -301,6 +308,29 @@ class ConfidenceRefinement(nn.Module):
         return self.net(decoder_features)
 
 
+class UncertaintyHead(nn.Module):
+    """Per-pixel, per-band log-variance of the prediction (the aleatoric part of its uncertainty), from the decoder's
+    full-resolution features (64 channels at H x W), clamped to [LOG_VARIANCE_MIN, LOG_VARIANCE_MAX].
+
+    The model passes it detached features, and losses.nll_loss detaches the prediction: the head learns from the NLL
+    term alone and the reconstruction is trained as without it (the NLL's 1/variance weighting of the error would
+    otherwise turn the mean's training away from the pixels it finds hard, i.e. from clouds: Seitzer et al., ICLR
+    2022). Computed in float32 with autocast off: exp(-log_variance) reaches e^18, beyond fp16's range, and bf16's
+    8-bit mantissa would round a log-variance of -15 by 0.06. The last layer starts at zero weights and a bias of
+    log(UNCERTAINTY_INIT_STD^2): an untrained head predicts that std everywhere.
+    """
+
+    def __init__(self, channels=64, bands=13, hidden=32):
+        super().__init__()
+        self.net = nn.Sequential(_conv_gn_act(channels, hidden), nn.Conv2d(hidden, bands, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, 2 * math.log(UNCERTAINTY_INIT_STD))
+
+    def forward(self, features):
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.net(features.float()).clamp(LOG_VARIANCE_MIN, LOG_VARIANCE_MAX)
+
+
 def _pad_to_multiple(x, multiple):
     """Pad bottom/right so H and W are multiples of `multiple`; reflect where the size allows it."""
     h, w = x.shape[-2:]
@@ -333,6 +363,9 @@ class CloudRemovalCrossAttention(nn.Module):
                  confidence map (--confidence_weight) trains the confidence head only and does not pull the shared
                  encoders and decoder away from reconstruction; the reconstruction loss still reaches the head
                  through confidence * residual.
+      use_uncertainty_head: UncertaintyHead predicts a per-pixel, per-band log-variance of the prediction, returned
+                 as aux["log_variance"] (off: None); trained by the NLL term (--nll_weight). The prediction is the same
+                 with it or without: it reads detached features and is built last, after every other part's weights.
     """
 
     model_name = "CrossAttention"
@@ -341,7 +374,8 @@ class CloudRemovalCrossAttention(nn.Module):
     def __init__(self, in_optical=13, in_sar=2, use_spectral_attention=True, use_cross_attn=True,
                  use_cloud_predictor=True, attention="fused", widths=(64, 128, 256), encoder_blocks=(1, 1, 1),
                  decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0, sar_input="on", use_date_correction=False,
-                 use_sar_skips=True, use_confidence_refinement=True, detach_confidence_input=False):
+                 use_sar_skips=True, use_confidence_refinement=True, detach_confidence_input=False,
+                 use_uncertainty_head=False):
         super().__init__()
         widths, encoder_blocks, decoder_blocks = tuple(widths), tuple(encoder_blocks), tuple(decoder_blocks)
         if len(widths) != 3 or len(encoder_blocks) != 3 or len(decoder_blocks) != 2:
@@ -355,7 +389,7 @@ class CloudRemovalCrossAttention(nn.Module):
                            decoder_blocks=decoder_blocks, heads=heads, ffn_ratio=ffn_ratio, sar_input=sar_input,
                            use_date_correction=use_date_correction, use_sar_skips=use_sar_skips,
                            use_confidence_refinement=use_confidence_refinement,
-                           detach_confidence_input=detach_confidence_input)
+                           detach_confidence_input=detach_confidence_input, use_uncertainty_head=use_uncertainty_head)
         self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, sar_input
         dim = widths[2]
         self.optical_encoder = OpticalEncoder(in_optical, widths, encoder_blocks)
@@ -379,11 +413,14 @@ class CloudRemovalCrossAttention(nn.Module):
         with torch.no_grad():
             self.head.weight.mul_(0.1)
             self.head.bias.zero_()
+        # last: every other part draws the same initial weights with the head as without it
+        self.uncertainty_head = UncertaintyHead(widths[0], in_optical) if use_uncertainty_head else None
 
     def forward(self, optical, sar, return_aux=False):
         """optical (N,13,H,W) cloudy image, sar (N,2,H,W) -> prediction (N,13,H,W) float32.
 
-        With return_aux=True returns (prediction, {"confidence": (N,1,H,W) or None, "residual": (N,13,H,W)}).
+        With return_aux=True returns (prediction, {"confidence": (N,1,H,W) or None, "residual": (N,13,H,W),
+        "corrected": (N,13,H,W), "log_variance": (N,13,H,W) float32 or None}).
         """
         _check_inputs(optical, sar, self.in_optical, self.in_sar)
         if self.sar_input == "zeros":
@@ -401,6 +438,9 @@ class CloudRemovalCrossAttention(nn.Module):
         else:
             x = self.up1(self.up2(refined, o2), o1)
         residual = self.head(x)[..., :h, :w]
+        log_variance = None  # only where asked for: validation's plain forward skips the head
+        if return_aux and self.uncertainty_head is not None:
+            log_variance = self.uncertainty_head(x.detach())[..., :h, :w]
 
         confidence = None
         if self.cloud_predictor is not None:
@@ -427,7 +467,8 @@ class CloudRemovalCrossAttention(nn.Module):
             else:
                 prediction = base + residual
         if return_aux:
-            return prediction, {"confidence": confidence, "residual": residual, "corrected": base}
+            return prediction, {"confidence": confidence, "residual": residual, "corrected": base,
+                                "log_variance": log_variance}
         return prediction
 
 
@@ -476,8 +517,46 @@ class DSen2CR(nn.Module):
             residual = residual.float()
             prediction = optical.float() + residual
         if return_aux:
-            return prediction, {"confidence": None, "residual": residual}
+            return prediction, {"confidence": None, "residual": residual, "log_variance": None}
         return prediction
+
+
+class Ensemble(nn.Module):
+    """Several trained networks as one: the mean of their predictions, and the parts of its uncertainty.
+
+    forward(optical, sar, return_aux=True) -> (mean prediction, aux) with aux["log_variance"] the log of the members'
+    mean predicted variance (the aleatoric part; None unless every member has an uncertainty head),
+    aux["epistemic_variance"] the variance of the members' predictions around their mean (their spread), and
+    aux["confidence"] the mean confidence map (None unless every member has one). The predictive variance of the
+    mixture is the sum of the two parts (Lakshminarayanan et al., NeurIPS 2017; UnCRtainTS's
+    model/ensemble_reconstruct.py combines its members the same way).
+    """
+
+    model_name = "Ensemble"
+
+    def __init__(self, members):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.config = {"members": [dict(m.config) for m in members],
+                       "sar_input": ",".join(sorted({m.config.get("sar_input", "on") for m in members}))}
+
+    def forward(self, optical, sar, return_aux=False):
+        outputs = [m(optical, sar, return_aux=True) for m in self.members]
+        with torch.autocast(device_type=optical.device.type, enabled=False):
+            predictions = torch.stack([p.float() for p, _ in outputs])
+            prediction = predictions.mean(0)
+            if not return_aux:
+                return prediction
+            aux = {"epistemic_variance": predictions.var(0, unbiased=False), "members": len(outputs)}
+            for key in ("confidence", "log_variance"):
+                parts = [a.get(key) for _, a in outputs]
+                aux[key] = None if any(p is None for p in parts) else torch.stack([p.float() for p in parts])
+            aux["confidence"] = None if aux["confidence"] is None else aux["confidence"].mean(0)
+            if aux["log_variance"] is not None:  # log of the mean variance, without leaving log space
+                aux["log_variance"] = torch.logsumexp(aux["log_variance"], 0) - math.log(len(outputs))
+        return prediction, aux
 
 
 MODELS = {"CrossAttention": CloudRemovalCrossAttention, "DSen2CR": DSen2CR}
@@ -523,6 +602,7 @@ def _smoke_test():
     print(f"  - Full-resolution confidence refinement: {tick(cfg['use_confidence_refinement'])}")
     print(f"  - SAR skip connections to the decoder: {tick(cfg['use_sar_skips'])}")
     print(f"  - Date (radiometric) correction: {tick(cfg['use_date_correction'])}")
+    print(f"  - Uncertainty head (per-band log-variance): {tick(cfg['use_uncertainty_head'])}")
     for name, count in parameter_breakdown(model).items():
         print(f"      {name:32s} {count:>10,d}")
 

@@ -90,6 +90,9 @@ def _model_flags(p):
     g.add_argument("--detach_confidence_input", action=argparse.BooleanOptionalAction, default=False,
                    help="the confidence head reads detached features: --confidence_weight trains the head only, "
                         "not the shared encoders and decoder")
+    g.add_argument("--use_uncertainty_head", action=argparse.BooleanOptionalAction, default=False,
+                   help="predict a per-pixel, per-band log-variance beside the prediction (its uncertainty), trained "
+                        "by the NLL term; off by default, see docs/uncertainty.md for the measurements behind that")
     g.add_argument("--attention", default="fused", choices=["fused", "reference"],
                    help="attention kernel: fused scaled_dot_product_attention, or the explicit reference")
     g.add_argument("--sar_input", default="on", choices=list(net_CR_CrossAttention.SAR_INPUTS),
@@ -156,6 +159,14 @@ def _loss_flags(p):
                    help=f"weight of an L1 on corrected + residual over every pixel, so the residual learns on clear "
                         f"pixels too while the confidence map gates where it is applied; default "
                         f"{m['residual_weight']} for a model with a confidence map, 0 for one without")
+    h = losses.HEAD_LOSS_DEFAULTS
+    g.add_argument("--nll_weight", type=float, default=None,
+                   help=f"weight of the negative log-likelihood that trains the uncertainty head (the network's "
+                        f"training is left to the other terms); default {h['nll_weight']} for a model with the head, "
+                        f"0 for one without")
+    g.add_argument("--nll_distribution", default=d["nll_distribution"], choices=list(losses.NLL_DISTRIBUTIONS),
+                   help="error distribution of the NLL term: laplace (the one the L1 terms assume) or gaussian "
+                        "(UnCRtainTS's); the default is the one measured better calibrated, docs/uncertainty.md")
     g.add_argument("--vgg_weights", default=d["vgg_weights"],
                    help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
                         "a local .pth path, or 'random' (offline smoke tests only)")
@@ -262,6 +273,14 @@ def resolve_confidence_weights(args):
     return args.confidence_weight, args.residual_weight
 
 
+def resolve_nll_weight(args):
+    """--nll_weight defaults to losses.HEAD_LOSS_DEFAULTS where the model has an uncertainty head, else to 0."""
+    if args.nll_weight is None:
+        has_head = args.model_name == "CrossAttention" and args.use_uncertainty_head
+        args.nll_weight = losses.HEAD_LOSS_DEFAULTS["nll_weight"] if has_head else losses.LOSS_DEFAULTS["nll_weight"]
+    return args.nll_weight
+
+
 def check_inputs(args):
     """Fail before the first step, with the file named, on anything that would fail later."""
     if not args.data_list_filepath or not args.input_data_folder:
@@ -328,13 +347,27 @@ def build_model(args, ckpt, resume_path, is_main):
                           use_cloud_predictor=args.use_cloud_predictor, attention=args.attention,
                           use_date_correction=args.use_date_correction, use_sar_skips=args.use_sar_skips,
                           use_confidence_refinement=args.use_confidence_refinement,
-                          detach_confidence_input=args.detach_confidence_input)
+                          detach_confidence_input=args.detach_confidence_input,
+                          use_uncertainty_head=args.use_uncertainty_head)
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     for flag in ("confidence_weight", "residual_weight"):
         if getattr(args, flag) > 0 and not model.config.get("use_cloud_predictor", False):
             raise UsageError(f"--{flag} {getattr(args, flag)} needs the cloud confidence map, which "
                              f"{model.model_name} without the cloud predictor does not have; set it to 0")
+    check_nll_weight(args, model)
     return model
+
+
+def check_nll_weight(args, model):
+    """The NLL term and the uncertainty head go together: the term needs the head's output, and under DDP a head
+    without the term would hold parameters that get no gradient."""
+    has_head = model.config.get("use_uncertainty_head", False)
+    if args.nll_weight > 0 and not has_head:
+        raise UsageError(f"--nll_weight {args.nll_weight} needs the uncertainty head, which this {model.model_name} "
+                         f"does not have; train with --use_uncertainty_head or set --nll_weight 0")
+    if has_head and args.nll_weight <= 0:
+        raise UsageError("the model has an uncertainty head but --nll_weight is 0, so the head would not learn; "
+                         "pass --nll_weight > 0 (or --no-use_uncertainty_head)")
 
 
 def build_loaders(args, train_rows, val_rows, device, rank, world_size):
@@ -413,6 +446,7 @@ def setup(args, argv=()):
             vars(args).update(holder[0])
     train_rows, val_rows = check_inputs(args)
     resolve_confidence_weights(args)
+    resolve_nll_weight(args)
     run.amp_dtype, use_scaler = resolve_amp(args.amp, device)
     run.amp_text, amp_warning = runtime.describe_amp(args.amp, device)
     if amp_warning and rank == 0:
@@ -627,7 +661,8 @@ def train_step(run, batch):
     labels = confidence_target(batch, run.device) if "confidence" in uses else None
     total, terms = run.criterion(prediction, b["cloudfree_data"], b["cloudy_data"], cloud_mask=b["cloud_mask"],
                                  confidence=aux.get("confidence"), confidence_target=labels,
-                                 ungated=ungated_prediction(aux) if "residual" in uses else None)
+                                 ungated=ungated_prediction(aux) if "residual" in uses else None,
+                                 log_variance=aux.get("log_variance") if "nll" in uses else None)
     skipped = (~torch.isfinite(total.detach())).float()
     if run.world_size > 1:  # all ranks skip together, so their weights stay identical
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
