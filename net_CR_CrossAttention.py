@@ -365,7 +365,7 @@ class CloudRemovalCrossAttention(nn.Module):
                  through confidence * residual.
       use_uncertainty_head: UncertaintyHead predicts a per-pixel, per-band log-variance of the prediction, returned
                  as aux["log_variance"] (off: None); trained by the NLL term (--nll_weight). The prediction is the same
-                 with it or without: it reads detached features and is built last, after every other part's weights.
+                 with it or without: it reads detached features and is built last, from a fork of the random stream.
     """
 
     model_name = "CrossAttention"
@@ -413,8 +413,13 @@ class CloudRemovalCrossAttention(nn.Module):
         with torch.no_grad():
             self.head.weight.mul_(0.1)
             self.head.bias.zero_()
-        # last: every other part draws the same initial weights with the head as without it
-        self.uncertainty_head = UncertaintyHead(widths[0], in_optical) if use_uncertainty_head else None
+        # Last, and from a fork of the random stream: every other part and every later draw (the training data's
+        # order) get the same numbers with the head as without it, so the two networks train alike but for what the
+        # head itself changes.
+        self.uncertainty_head = None
+        if use_uncertainty_head:
+            with torch.random.fork_rng(devices=[]):
+                self.uncertainty_head = UncertaintyHead(widths[0], in_optical)
 
     def forward(self, optical, sar, return_aux=False):
         """optical (N,13,H,W) cloudy image, sar (N,2,H,W) -> prediction (N,13,H,W) float32.

@@ -545,3 +545,12 @@ def test_predict_asks_before_replacing_the_uncertainty_output(scene, tmp_path):
         test_CR.check_predict_output(args)
     args.overwrite = True
     assert test_CR.check_predict_output(args) == out
+
+
+def test_the_head_leaves_the_random_stream_alone():
+    """Built from a fork of the random stream: the draws after the network (e.g. the training data's order) are those
+    of the network without the head, so a run with the head trains the same network on the same batches."""
+    _model()
+    after_plain = torch.rand(3)
+    _model(use_uncertainty_head=True)
+    assert torch.equal(torch.rand(3), after_plain)
