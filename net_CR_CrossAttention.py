@@ -608,7 +608,10 @@ def _smoke_test():
     print(f"  - SAR skip connections to the decoder: {tick(cfg['use_sar_skips'])}")
     print(f"  - Date (radiometric) correction: {tick(cfg['use_date_correction'])}")
     print(f"  - Uncertainty head (per-band log-variance): {tick(cfg['use_uncertainty_head'])}")
-    for name, count in parameter_breakdown(model).items():
+    parts = parameter_breakdown(model)
+    if model.uncertainty_head is None:  # what --use_uncertainty_head would add
+        parts["uncertainty_head (off)"] = count_parameters(UncertaintyHead(cfg["widths"][0], cfg["in_optical"]))
+    for name, count in parts.items():
         print(f"      {name:32s} {count:>10,d}")
 
     size, batch = 128, 2
@@ -617,6 +620,7 @@ def _smoke_test():
     prediction, aux = model(optical, sar, return_aux=True)
     assert prediction.shape == optical.shape and prediction.dtype == torch.float32
     assert aux["confidence"].shape == (batch, 1, size, size)
+    assert aux["log_variance"] is None or aux["log_variance"].shape == optical.shape
     print(f"Output shape: {tuple(prediction.shape)} == input {tuple(optical.shape)}: OK; "
           f"confidence {tuple(aux['confidence'].shape)}")
 

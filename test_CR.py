@@ -295,9 +295,12 @@ def save_calibration_plot(path, uncertainty):
     uncertainty), per region, marker area by the bin's share of pixels, on log axes with the diagonal of a perfect
     calibration drawn. Returns the path."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     fig = Figure(figsize=(5.5, 5), dpi=QUICKLOOK_DPI)
     ax = fig.add_subplot()
+    ax.set_xscale("log")
+    ax.set_yscale("log")
     points = []
     for region, colour in CALIBRATION_COLOURS.items():
         figures = uncertainty["regions"].get(region)
@@ -313,8 +316,10 @@ def save_calibration_plot(path, uncertainty):
         ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="perfect calibration")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):  # 1-2-5 ticks in plain numbers: a decade or less is shown, often
+        axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("predicted uncertainty of the bin (root mean variance)")
     ax.set_ylabel("RMSE of the bin")
     ax.set_title(f"calibration over pixels, {uncertainty['source']}", fontsize=9)
