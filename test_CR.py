@@ -171,7 +171,8 @@ def forward_all(model, cloudy, sar, ctx):
     aleatoric = None if log_variance is None else log_variance.float().exp()
     epistemic = None if epistemic is None else epistemic.float()
     parts = [v for v in (aleatoric, epistemic) if v is not None]
-    return {"prediction": dataloader.finish_s2(prediction), "confidence": None if confidence is None else confidence.float(),
+    return {"prediction": dataloader.finish_s2(prediction),
+            "confidence": None if confidence is None else confidence.float(),
             "aleatoric": aleatoric, "epistemic": epistemic, "variance": sum(parts) if parts else None}
 
 
@@ -430,7 +431,8 @@ def _finite(value):
 
 def _drops(removed, rmse):
     """{percent removed: % by which the RMSE fell} at metrics.SPARSIFICATION_REPORTED, from a sparsification curve."""
-    return {f"{round(f * 100)}": 100.0 * (1.0 - rmse[removed.index(f)] / rmse[0]) for f in metrics.SPARSIFICATION_REPORTED}
+    return {f"{round(f * 100)}": 100.0 * (1.0 - rmse[removed.index(f)] / rmse[0])
+            for f in metrics.SPARSIFICATION_REPORTED}
 
 
 def _uncertainty_region(px, per_image, region):
@@ -444,10 +446,13 @@ def _uncertainty_region(px, per_image, region):
     images = [(row[f"unc_var{suffix}"], row[column("model", region, "RMSE")], row[f"unc_std{suffix}"])
               for row in per_image]
     images = np.array([t for t in images if not any(math.isnan(v) for v in t)]).reshape(-1, 3)
-    by_image = metrics.uce_auce(images[:, 0], images[:, 1]) if len(images) else None
-    image_constant = metrics.uce_auce(np.full(len(images), images[:, 2].mean() ** 2), images[:, 1]) if len(images) else None
+    by_image = image_constant = None
+    if len(images):
+        by_image = metrics.uce_auce(images[:, 0], images[:, 1])
+        image_constant = metrics.uce_auce(np.full(len(images), images[:, 2].mean() ** 2), images[:, 1])
     curve = metrics.sparsification(px["std"], px["se"])
-    return {"n_pixels": int(px["std"].size), "mean_std": float(px["std"].mean()), "rmse": float(np.sqrt(px["se"].mean())),
+    return {"n_pixels": int(px["std"].size), "mean_std": float(px["std"].mean()),
+            "rmse": float(np.sqrt(px["se"].mean())),
             "spearman": _finite(metrics.spearman(px["std"], px["ae"])),
             "uce_pixels": pixels["uce"], "auce_pixels": pixels["auce"], "uce_pixels_constant": constant["uce"],
             "uce_images": by_image and by_image["uce"], "auce_images": _finite(by_image and by_image["auce"]),
@@ -464,7 +469,8 @@ def summarise_uncertainty(per_image, pooled, source):
         return None
     px = {k: np.concatenate([p[k] for p in pooled["pixels"]]) for k in pooled["pixels"][0]}
     selections = {"all": np.ones_like(px["cloudy"]), "cloudy": px["cloudy"], "clear": ~px["cloudy"]}
-    regions = {r: _uncertainty_region({k: v[sel] for k, v in px.items()}, per_image, r) for r, sel in selections.items()}
+    regions = {r: _uncertainty_region({k: v[sel] for k, v in px.items()}, per_image, r)
+               for r, sel in selections.items()}
     mean_std = {r: None if regions[r] is None else regions[r]["mean_std"] for r in REGIONS}
     ratio = None if None in (mean_std["cloudy"], mean_std["clear"]) else mean_std["cloudy"] / mean_std["clear"]
     return {"source": source, "unit": "standard deviation of reflectance (0-1 scale)",
@@ -844,7 +850,8 @@ def _scene_output(path, cloudy_src, dtype="uint16", descriptions=None):
                    blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
     # GDAL's block cache (default 5% of RAM) would grow with the scene; two rows of 256 px output blocks
     # (13 bands) plus 32 MB for the input reads is all predict_scene ever revisits.
-    cache_mb = 32 + 2 * math.ceil(width / 256) * 256 * 256 * len(dataloader.S2_BANDS) * np.dtype(dtype).itemsize // 2 ** 20
+    block_row = math.ceil(width / 256) * 256 * 256 * len(dataloader.S2_BANDS) * np.dtype(dtype).itemsize
+    cache_mb = 32 + 2 * block_row // 2 ** 20
     with rasterio.Env(GDAL_CACHEMAX=cache_mb), warnings.catch_warnings():
         # An input without georeferencing gives an output without it, as it should.
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -967,7 +974,8 @@ def check_predict_output(args):
                                           if args.save_uncertainty else []):
         for given_flag in ("cloudy", "sar"):
             given = Path(getattr(args, given_flag))
-            if path.resolve() == given.resolve() or (path.exists() and given.exists() and os.path.samefile(path, given)):
+            same = path.exists() and given.exists() and os.path.samefile(path, given)
+            if path.resolve() == given.resolve() or same:
                 raise runtime.UsageError(f"{flag} {path} is the --{given_flag} input: writing there would destroy it; "
                                          f"choose another --out")
         if path.is_dir():
