@@ -464,6 +464,7 @@ def setup(args, argv=()):
         run.criterion.to(memory_format=torch.channels_last)  # its VGG, fed channels-last inputs
     run.train_loader, run.val_loader, val_set = build_loaders(args, train_rows, val_rows, device, rank, world_size)
     run.optimizer, run.scheduler = build_optimizer(args, run.model, device)
+    run.clip_groups = clip_groups(run.model)
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     if ckpt is not None:
         restore(run, ckpt)
@@ -616,12 +617,13 @@ def optimizer_step(run, skip):
     gradient norm is not finite; under fp16 the GradScaler hands it its own inf/NaN check the same way."""
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     clip = run.args.grad_clip if run.args.grad_clip > 0 else math.inf
-    run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip, foreach=True)
+    network, *head = (torch.nn.utils.clip_grad_norm_(group, clip, foreach=True) for group in run.clip_groups)
+    run.grad_norm = network  # the network's, as without a head: the figure TensorBoard shows
     if run.scaler.is_enabled():
         run.scaler.step(run.optimizer)
         run.scaler.update()
         return
-    found_inf = torch.maximum(skip, (~torch.isfinite(run.grad_norm)).float())
+    found_inf = torch.maximum(skip, (~torch.isfinite(torch.stack([network, *head]).sum())).float())
     if not run.optimizer.param_groups[0].get("fused"):  # no device-side skip: read the flag
         if not found_inf.item():
             run.optimizer.step()
@@ -629,6 +631,16 @@ def optimizer_step(run, skip):
     run.optimizer.found_inf = found_inf
     run.optimizer.step()
     del run.optimizer.found_inf
+
+
+def clip_groups(model):
+    """The parameter lists whose gradients --grad_clip clips each on its own: the network's, then the uncertainty
+    head's where there is one. The head learns from the NLL term alone; clipped together, its gradient would change
+    the factor the network's gradient is clipped by, and so how the network trains (docs/uncertainty.md: apart,
+    the network trains bit for bit as without the head)."""
+    head = [p for name, p in model.named_parameters() if name.startswith("uncertainty_head.")]
+    in_head = {id(p) for p in head}
+    return [[p for p in model.parameters() if id(p) not in in_head]] + ([head] if head else [])
 
 
 def ungated_prediction(aux):

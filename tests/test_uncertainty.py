@@ -559,3 +559,27 @@ def test_the_head_leaves_the_random_stream_alone():
     after_plain = torch.rand(3)
     _model(use_uncertainty_head=True)
     assert torch.equal(torch.rand(3), after_plain)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_the_network_trains_bit_for_bit_as_without_the_head(synthetic_dataset, tmp_path, amp):
+    """The head takes nothing from the network: detached features, a detached prediction in its loss, a forked random
+    stream at construction, and a gradient clipped apart from the network's. So the network's weights after training
+    are those of the same run without the head, bit for bit (CPU, eager): the head costs no PSNR by construction."""
+    import train_CR_kaggle as train
+    root, csv_path = synthetic_dataset
+    weights = {}
+    for name, extra in (("plain", ()), ("head", ("--use_uncertainty_head",))):
+        assert train.main(_tiny_args(csv_path, root, tmp_path / name, "--amp", amp, "--grad_clip", "0.1", *extra,
+                                     epochs=2)) == 0
+        weights[name] = train.load_checkpoint(tmp_path / name / "glf_cr_enhanced_v3" / "last.pth")["model"]
+    network = [k for k in weights["head"] if not k.startswith("uncertainty_head.")]
+    assert sorted(network) == sorted(weights["plain"]) and len(network) < len(weights["head"])
+    assert all(torch.equal(weights["plain"][k], weights["head"][k]) for k in network)
+    # what the measured runs had: one clip norm for both, which lets the head's gradient move the network
+    torch.manual_seed(0)
+    model = _model(use_uncertainty_head=True)
+    groups = train.clip_groups(model)
+    assert len(groups) == 2 and groups[1] == list(model.uncertainty_head.parameters())
+    assert len(train.clip_groups(_model())) == 1
