@@ -92,9 +92,10 @@ class VGGWeightsError(RuntimeError):
 # overall), and the residual term lets the gated residual learn on clear pixels too (+1.3 dB overall, +1.9 dB on
 # cloudy pixels); three seeds each, the default model with and without each term.
 MAP_LOSS_DEFAULTS = {"confidence_weight": 0.5, "residual_weight": 0.5}
-# The training default for a model with an uncertainty head. The head reads detached features and the NLL a detached
-# prediction, so AdamW moves the head alike whatever this weight is; what the weight sets is how much of the
-# --grad_clip norm the head's gradient takes from the network's.
+# The training default for a model with an uncertainty head (the weight docs/uncertainty.md's measurements used). The
+# term reaches the head alone and training clips the head's gradient apart from the network's, so the weight moves
+# nothing else; AdamW's step hardly depends on a gradient's scale, so it mostly sets whether --grad_clip bites on
+# the head's gradient.
 HEAD_LOSS_DEFAULTS = {"nll_weight": 0.1}
 
 
