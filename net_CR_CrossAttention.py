@@ -315,9 +315,9 @@ class UncertaintyHead(nn.Module):
     The model passes it detached features, and losses.nll_loss detaches the prediction: the head learns from the NLL
     term alone and the reconstruction is trained as without it (the NLL's 1/variance weighting of the error would
     otherwise turn the mean's training away from the pixels it finds hard, i.e. from clouds: Seitzer et al., ICLR
-    2022). Computed in float32 with autocast off: exp(-log_variance) reaches e^18, beyond fp16's range, and bf16's
-    8-bit mantissa would round a log-variance of -15 by 0.06. The last layer starts at zero weights and a bias of
-    log(UNCERTAINTY_INIT_STD^2): an untrained head predicts that std everywhere.
+    2022). Computed in float32 with autocast off: exp(-log_variance) reaches e^18, beyond fp16's range, and bf16
+    resolves a log-variance near -15 only in steps of 0.0625 (6 % of the variance). The last layer starts at zero
+    weights and a bias of log(UNCERTAINTY_INIT_STD^2): an untrained head predicts that std everywhere.
     """
 
     def __init__(self, channels=64, bands=13, hidden=32):
