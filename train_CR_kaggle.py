@@ -166,7 +166,7 @@ def _loss_flags(p):
                         f"0 for one without")
     g.add_argument("--nll_distribution", default=d["nll_distribution"], choices=list(losses.NLL_DISTRIBUTIONS),
                    help="error distribution of the NLL term: laplace (the one the L1 terms assume) or gaussian "
-                        "(UnCRtainTS's); the default is the one measured better calibrated, docs/uncertainty.md")
+                        "(UnCRtainTS's); laplace ranked the error better where both were measured (docs/uncertainty.md)")
     g.add_argument("--vgg_weights", default=d["vgg_weights"],
                    help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
                         "a local .pth path, or 'random' (offline smoke tests only)")
