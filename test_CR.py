@@ -12,6 +12,9 @@ Protocols (what is scored): --protocol full scores whole 256 x 256 patches (UnCR
 Whole-scene prediction (any raster size; overlapping tiles blended with feathered weights):
     python test_CR.py --predict --checkpoint best.pth --cloudy S2.tif --sar S1.tif --out cloudfree.tif
 
+Predicted uncertainty (a model with the uncertainty head, or several checkpoints as an ensemble) is scored beside
+the prediction and written with --save_uncertainty (docs/uncertainty.md).
+
 Clamping rule (applied identically when scoring, saving GeoTIFFs and drawing PNGs): the network output is
 clamped to [0, 1] (a reflectance cannot be negative, and the dataset's encoding tops out at 10000) and then
 rounded to the uint16 x10000 grid of the dataset, i.e. exactly the values the saved GeoTIFF holds. The
