@@ -124,6 +124,7 @@ def _step_run(model, criterion, device, amp, channels_last, train_model=None):
                     channels_last=channels_last, criterion=criterion, model=model,
                     train_model=model if train_model is None else train_model)
     run.optimizer, run.scheduler = train.build_optimizer(args, model, device)
+    run.clip_groups = train.clip_groups(model)
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     return run
 
@@ -991,6 +992,9 @@ LEARN_VARIANTS = {
     "no_cross_attn": ["--no-use_cross_attn"],
     "fp32": ["--amp", "off"],
     "DSen2CR": ["--model_name", "DSen2CR"],
+    # the default with the uncertainty head, trained by each NLL (docs/uncertainty.md)
+    "uncertainty_gaussian": ["--use_uncertainty_head", "--nll_distribution", "gaussian"],
+    "uncertainty_laplace": ["--use_uncertainty_head", "--nll_distribution", "laplace"],
 }
 
 
@@ -1027,6 +1031,8 @@ def _add_learn_args(parser):
                         help="VGG weights path: adds the design's perceptual and contrastive terms")
     parser.add_argument("--out", default="runs/learn", help="folder for data, checkpoints and results")
     parser.add_argument("--extra", default="", help="extra training flags for every variant, e.g. '--lr 1e-3'")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="also score each variant's seeds as one ensemble (test_CR.py with all their checkpoints)")
 
 
 def _learn_loss_flags(variant, vgg_weights):
@@ -1052,14 +1058,30 @@ def _learn_run(variant, seed, args, csv_path, out):
     t0 = time.time()
     subprocess.run(train_cmd, check=True, stdout=subprocess.DEVNULL)
     train_s = time.time() - t0
-    results = out / "results" / name
-    subprocess.run([sys.executable, "test_CR.py", "--checkpoint", str(out / "ckpt" / name / "best.pth"),
-                    "--data_list_filepath", str(csv_path), "--input_data_folder", str(root), "--split", "test",
+    return {"variant": variant, "seed": seed, "train_s": train_s,
+            **_learn_scores([out / "ckpt" / name / "best.pth"], csv_path, out / "results" / name)}
+
+
+def _learn_scores(checkpoints, csv_path, results):
+    """test_CR.py on the test split (several checkpoints: their ensemble); the figures a learn row reads."""
+    subprocess.run([sys.executable, "test_CR.py", "--checkpoint", *map(str, checkpoints), "--data_list_filepath",
+                    str(csv_path), "--input_data_folder", str(Path(csv_path).parent), "--split", "test",
                     "--results_dir", str(results)], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((results / "summary.json").read_text())
-    return {"variant": variant, "seed": seed, "train_s": train_s, "model": summary["mean"]["model"],
-            "identity": summary["mean"]["identity"], "n_test": summary["n_images"],
-            "confidence": summary.get("confidence"), "clear_change": summary["clear_change"]["model"]}
+    u = summary.get("uncertainty")
+    figures = None if u is None else {
+        "cloudy_clear_ratio": u["cloudy_clear_ratio"], "aleatoric_std": u["aleatoric_std"],
+        "epistemic_std": u["epistemic_std"],
+        **{f"{key}_{region}": r[key] for region, r in u["regions"].items() if r is not None
+           for key in ("spearman", "uce_pixels", "uce_pixels_constant", "uce_images", "uce_images_constant",
+                       "sparsification_area", "mean_std")},
+        **{f"rmse_drop_{pct}_{region}": r["rmse_drop_pct"][pct] for region, r in u["regions"].items()
+           if r is not None for pct in r["rmse_drop_pct"]},
+        **{f"oracle_drop_{pct}_{region}": r["oracle_rmse_drop_pct"][pct] for region, r in u["regions"].items()
+           if r is not None for pct in r["oracle_rmse_drop_pct"]}}
+    return {"model": summary["mean"]["model"], "identity": summary["mean"]["identity"], "n_test": summary["n_images"],
+            "confidence": summary.get("confidence"), "clear_change": summary["clear_change"]["model"],
+            "uncertainty": figures}
 
 
 def bench_learn(args):
@@ -1081,6 +1103,16 @@ def bench_learn(args):
                   f"(identity {run['identity']['all']['PSNR']:.2f}) in {run['train_s']:.0f} s", flush=True)
 
     table = [_learn_row(variant, [r for r in runs if r["variant"] == variant]) for variant in variants]
+    if args.ensemble:
+        for variant in variants:
+            members = [r for r in runs if r["variant"] == variant]
+            if len(members) > 1:
+                names = [f"{variant}_s{r['seed']}" for r in members]
+                run = {"variant": f"{variant} (ensemble)", "seed": "+".join(str(r["seed"]) for r in members),
+                       "train_s": 0.0, **_learn_scores([out / "ckpt" / n / "best.pth" for n in names], csv_path,
+                                                        out / "results" / f"{variant}_ensemble")}
+                runs.append(run)
+                table.append(_learn_row(run["variant"], [run]))
     _print_learn_table(table, runs[0]["identity"], f"{runs[0]['n_test']} test patches of {args.size} px, "
                        f"{args.epochs} epochs each")
     return {"runs": runs, "table": table, "identity": runs[0]["identity"],
@@ -1096,6 +1128,14 @@ LEARN_COLUMNS = (
     ("conf_AUC_truth", lambda r: (r["confidence"] or {}).get("auc_truth_pooled")),
     ("conf_clear", lambda r: (r["confidence"] or {}).get("mean_clear")),
     ("clear_change", lambda r: r["clear_change"]),
+    # the predicted uncertainty (None for a model without one): docs/uncertainty.md
+    ("unc_spearman", lambda r: (r.get("uncertainty") or {}).get("spearman_all")),
+    ("unc_drop10_pct", lambda r: (r.get("uncertainty") or {}).get("rmse_drop_10_all")),
+    ("unc_UCE_px", lambda r: (r.get("uncertainty") or {}).get("uce_pixels_all")),
+    # the constant baseline's UCE: the same over pixels as over images when the images are of one size
+    ("unc_UCE_const", lambda r: (r.get("uncertainty") or {}).get("uce_pixels_constant_all")),
+    ("unc_UCE_img", lambda r: (r.get("uncertainty") or {}).get("uce_images_all")),
+    ("unc_cloudy_clear", lambda r: (r.get("uncertainty") or {}).get("cloudy_clear_ratio")),
 )
 
 
@@ -1113,17 +1153,70 @@ def _learn_row(variant, runs):
 
 
 def _print_learn_table(table, identity, what):
-    print(f"\n{'variant':<24}" + "".join(f"{key:>18}" for key, _ in LEARN_COLUMNS) + f"{'train s':>9}")
+    """The learn table; columns no row has a figure for (e.g. the uncertainty's, without a head) are left out."""
+    keys = [key for key, _ in LEARN_COLUMNS if any(row[key] is not None for row in table)]
+    print(f"\n{'variant':<32}" + "".join(f"{key:>18}" for key in keys) + f"{'train s':>9}")
     for row in table:
-        cells = "".join(f"{'-':>18}" if row[k] is None else f"{row[k][0]:>10.3f} ± {row[k][1]:<5.3f}"
-                        for k, _ in LEARN_COLUMNS)
-        print(f"{row['variant']:<24}{cells}{row['train_s']:>9.0f}")
-    print(f"{'identity (cloudy input)':<24}{identity['all']['PSNR']:>10.3f}{'':8}{identity['cloudy']['PSNR']:>10.3f}"
-          f"{'':8}{identity['all']['SSIM']:>10.3f}{'':8}{identity['all']['SAM']:>10.3f}{'':44}{0.0:>10.3f}")
+        cells = "".join(f"{'-':>18}" if row[k] is None else f"{row[k][0]:>10.3f} ± {row[k][1]:<5.3f}" for k in keys)
+        print(f"{row['variant']:<32}{cells}{row['train_s']:>9.0f}")
+    known = {"PSNR": identity["all"]["PSNR"], "PSNR_cloudy": identity["cloudy"]["PSNR"],
+             "SSIM": identity["all"]["SSIM"], "SAM": identity["all"]["SAM"], "clear_change": 0.0}
+    print(f"{'identity (cloudy input)':<32}" + "".join(f"{known[k]:>10.3f}{'':8}" if k in known else f"{'-':>18}"
+                                                      for k in keys))
     print(f"mean ± sample std over seeds; {what}")
 
 
 SUBCOMMANDS["learn"] = (_add_learn_args, bench_learn)
+
+
+# ----------------------------------------------------------------------------------------- uncertainty: sparsification
+# How far can a head's own stds go? The RMSE fall when the most uncertain pixels are removed, for the model's real
+# errors and for errors drawn from the distributions the head predicts (what a perfectly calibrated head with the
+# same stds would give): if both fall alike, the limit is the spread of the stds, not their calibration.
+
+def _add_sparsify_args(parser):
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint with the uncertainty head")
+    parser.add_argument("--data_list_filepath", required=True, help="CSV list of the data set")
+    parser.add_argument("--split", default="test", help="rows of the list to use")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn errors")
+
+
+def bench_sparsify(args):
+    """Sparsification of a head's stds: the model's errors against errors drawn from the predicted Laplace."""
+    import contextlib
+
+    import torch
+
+    import dataloader
+    import metrics
+    import runtime
+    import test_CR
+    model, _ = runtime.load_model(args.checkpoint, torch.device("cpu"))
+    rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split)
+    dataset = dataloader.SEN12MSCRDataset(rows, str(Path(args.data_list_filepath).parent), augment=False)
+    rng, std, se, drawn = np.random.default_rng(args.seed), [], [], []
+    for sample in (dataset[i] for i in range(len(dataset))):
+        out = test_CR.forward_all(model, sample["cloudy_data"][None], sample["SAR_data"][None], contextlib.nullcontext())
+        band_std = out["variance"][0].sqrt().numpy()
+        error = (out["prediction"][0] - sample["cloudfree_data"]).numpy()
+        std.append(band_std.mean(0).ravel())
+        se.append((error ** 2).mean(0).ravel())
+        drawn.append((rng.laplace(0.0, band_std / np.sqrt(2.0)) ** 2).mean(0).ravel())  # Laplace scale = std / sqrt 2
+    std = np.concatenate(std)
+    figures = {"std_percentiles_50_90_99": np.percentile(std, [50, 90, 99]).tolist()}
+    for name, squared in (("model", np.concatenate(se)), ("drawn_laplace", np.concatenate(drawn))):
+        curve = metrics.sparsification(std, squared)
+        at = curve["removed"].index(0.10)
+        figures[name] = {"fall_10_pct": 100 * (1 - curve["rmse"][at] / curve["rmse"][0]),
+                         "oracle_fall_10_pct": 100 * (1 - curve["oracle_rmse"][at] / curve["oracle_rmse"][0]),
+                         "spearman": metrics.spearman(std, np.sqrt(squared))}
+        print(f"{name:<14} RMSE fall with the 10 % most uncertain pixels removed {figures[name]['fall_10_pct']:.1f} % "
+              f"(oracle {figures[name]['oracle_fall_10_pct']:.1f} %), Spearman {figures[name]['spearman']:.3f}")
+    print(f"std percentiles 50 / 90 / 99: {' / '.join(f'{v:.4f}' for v in figures['std_percentiles_50_90_99'])}")
+    return figures
+
+
+SUBCOMMANDS["sparsify"] = (_add_sparsify_args, bench_sparsify)
 
 
 if __name__ == "__main__":

@@ -285,11 +285,12 @@ def truth_mask(cloud_truth):
 
 
 def write_float_geotiff(path, image, crs, transform, description=None):
-    """Write a (C,H,W) or (H,W) float map (e.g. a confidence map) as float32 GeoTIFF, atomically."""
+    """Write a (C,H,W) or (H,W) float map (e.g. a confidence map) as float32 GeoTIFF, atomically; description: one
+    text for every band, or a sequence of one per band."""
     data = np.asarray(image.detach().float().cpu() if torch.is_tensor(image) else image, dtype=np.float32)
     data = data[None] if data.ndim == 2 else data
-    return _write_geotiff(path, data, crs, transform, descriptions=[description] * len(data) if description else None,
-                          compress="deflate")
+    descriptions = [description] * len(data) if isinstance(description, str) else description
+    return _write_geotiff(path, data, crs, transform, descriptions=descriptions, compress="deflate")
 
 
 def write_s2_geotiff(path, reflectance01, crs, transform):

@@ -1,5 +1,6 @@
 """Training losses for SAR-optical cloud removal: L1 (or cloud-focused L1), perceptual, FFT, gradient,
-AECR-Net contrastive regularisation and an optional confidence-map supervision term.
+AECR-Net contrastive regularisation, optional confidence-map and residual terms, and the negative log-likelihood
+that trains the uncertainty head (docs/uncertainty.md).
 
     criterion = build_criterion(args)                     # args: the training script's argparse namespace
     total, terms = criterion(pred, target, cloudy, cloud_mask=cloud_mask, confidence=confidence)
@@ -15,6 +16,7 @@ go through VGG together without gradient, the prediction with gradient. The L1, 
 gradient terms all read one difference image (pred - target): the FFT and finite differences are linear,
 so FFT(pred) - FFT(target) = FFT(pred - target) and one transform does.
 """
+import math
 import os
 import socket
 import urllib.request
@@ -73,8 +75,12 @@ LOSS_DEFAULTS = {
     # them on for a model that has one, with MAP_LOSS_DEFAULTS.
     "confidence_weight": 0.0,
     "residual_weight": 0.0,
+    # The NLL term needs the model's uncertainty head: off here, on for a model with one (HEAD_LOSS_DEFAULTS).
+    "nll_weight": 0.0,
+    "nll_distribution": "laplace",
     "vgg_weights": "imagenet",
 }
+NLL_DISTRIBUTIONS = ("gaussian", "laplace")
 
 
 # Named loss sets, each spelled out once: the demo, benchmark.py and the tests take them from here.
@@ -126,6 +132,13 @@ class VGGWeightsError(RuntimeError):
 # overall), and the residual term lets the gated residual learn on clear pixels too (+1.3 dB overall, +1.9 dB on
 # cloudy pixels); three seeds each, the default model with and without each term.
 MAP_LOSS_DEFAULTS = {"confidence_weight": 0.5, "residual_weight": 0.5}
+# The training default for a model with an uncertainty head (the weight docs/uncertainty.md's measurements used). The
+# term reaches the head alone and training clips the head's gradient apart from the network's, so the weight moves
+# nothing else; AdamW's step hardly depends on a gradient's scale, so it mostly sets whether --grad_clip bites on
+# the head's gradient.
+HEAD_LOSS_DEFAULTS = {"nll_weight": 0.1}
+# The terms whose training default depends on the model (its flag defaults to None until the model is known).
+PER_MODEL_DEFAULTS = {**MAP_LOSS_DEFAULTS, **HEAD_LOSS_DEFAULTS}
 
 
 def _fp32(x):
@@ -338,14 +351,34 @@ def confidence_loss(confidence, target, cloud_mask=None, cloudy=None, labels=Non
         return F.binary_cross_entropy(confidence.clamp(EPS, 1.0 - EPS), labels)
 
 
+def nll_loss(pred, target, log_variance, distribution="laplace"):
+    """Mean negative log-likelihood (nats per pixel and band) of target under a per-pixel, per-band distribution
+    centred on the detached prediction, with the predicted variance exp(log_variance):
+      gaussian: 0.5 (log 2 pi + s + e^2 exp(-s))                       (UnCRtainTS's GNLL)
+      laplace:  log(2b) + |e| / b, scale b = sqrt(exp(s) / 2)           (the distribution an L1 fit assumes)
+    e = target - pred, s = log_variance. The prediction is detached: its training is left to the other terms (see
+    net_CR_CrossAttention.UncertaintyHead), so this term only teaches the head how wrong the prediction is. Float32
+    with autocast off: exp(-s) reaches e^18."""
+    if distribution not in NLL_DISTRIBUTIONS:
+        raise ValueError(f"nll distribution must be one of {NLL_DISTRIBUTIONS}, got {distribution!r}")
+    with torch.autocast(pred.device.type, enabled=False):
+        error = target.float() - pred.detach().float()
+        s = log_variance.float()
+        if distribution == "gaussian":
+            return 0.5 * (math.log(2 * math.pi) + s + error.square() * torch.exp(-s)).mean()
+        log_b = 0.5 * (s - math.log(2.0))
+        return (math.log(2.0) + log_b + error.abs() * torch.exp(-log_b)).mean()
+
+
 class CRLoss(nn.Module):
     """Weighted sum of the enabled terms. A term is enabled when its flag is on and its weight > 0.
 
-    forward(pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None, ungated=None)
-    -> (total, terms): confidence_target (N,1,H,W) labels the confidence term (default: the soft cloud intensity);
-    ungated is the prediction with the confidence at 1 everywhere, which the residual term scores. terms maps each
-    enabled term's name ("l1" or "cloud_focused", "perceptual", "fft", "gradient", "contrastive",
-    "confidence", "residual") to its weighted, detached value. The cloud-focused loss REPLACES plain L1 and is
+    forward(pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None, ungated=None,
+    log_variance=None) -> (total, terms): confidence_target (N,1,H,W) labels the confidence term (default: the soft
+    cloud intensity); ungated is the prediction with the confidence at 1 everywhere, which the residual term scores;
+    log_variance (N,13,H,W) is the uncertainty head's output, which the NLL term scores. terms maps each enabled
+    term's name ("l1" or "cloud_focused", "perceptual", "fft", "gradient", "contrastive", "confidence", "residual",
+    "nll") to its weighted, detached value. The cloud-focused loss REPLACES plain L1 and is
     weighted by l1_weight (it equals plain L1 when there are no clouds, so adding both would double-count).
     vgg_dtype: torch.bfloat16 / torch.float16 runs the VGG layers up to relu4_1 under autocast (the training
     script passes its AMP dtype; the loss matches float32 VGG to the tolerance tests/test_losses.py states), None
@@ -369,10 +402,14 @@ class CRLoss(nn.Module):
             "contrastive": (o["use_contrastive_loss"], o["contrastive_weight"]),
             "confidence": (True, o["confidence_weight"]),
             "residual": (True, o["residual_weight"]),
+            "nll": (True, o["nll_weight"]),
         }
         self.weights = {name: float(w) for name, (on, w) in switched.items() if on and w > 0}
         if not self.weights:
             raise ValueError("every loss term is disabled (all weights 0): nothing to train on")
+        if o["nll_distribution"] not in NLL_DISTRIBUTIONS:
+            raise ValueError(f"nll_distribution must be one of {NLL_DISTRIBUTIONS}, got {o['nll_distribution']!r}")
+        self.nll_distribution = o["nll_distribution"]
         self.cloud_focused = CloudFocusedLoss(o["cloud_weight_factor"]) if o["use_cloud_focused_loss"] else None
         self.layer_weights = tuple(VGG_LAYER_WEIGHTS[name] for name in vgg_layers)
         uses_vgg = "perceptual" in self.weights or "contrastive" in self.weights
@@ -411,7 +448,8 @@ class CRLoss(nn.Module):
                 contrastive = contrastive + w * d_positive / (d_negative + EPS)
         return perceptual, contrastive
 
-    def forward(self, pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None, ungated=None):
+    def forward(self, pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None, ungated=None,
+                log_variance=None):
         if pred.shape != target.shape or pred.shape != cloudy.shape:
             raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and cloudy "
                              f"{tuple(cloudy.shape)} must have the same shape")
@@ -446,6 +484,11 @@ class CRLoss(nn.Module):
                 # L1 of the prediction the residual would give with the confidence at 1 everywhere: the residual
                 # learns on every pixel, while the confidence decides where it is applied.
                 raw["residual"] = (ungated.float() - target).abs().mean()
+            if "nll" in self.weights:
+                if log_variance is None:
+                    raise ValueError("nll_weight > 0 but the model returned no log-variance (a model without the "
+                                     "uncertainty head): set --nll_weight 0 or train with --use_uncertainty_head")
+                raw["nll"] = nll_loss(pred, target, log_variance, self.nll_distribution)
             weighted = {name: self.weights[name] * value for name, value in raw.items()}
             total = sum(weighted.values())
         return total, {name: value.detach() for name, value in weighted.items()}

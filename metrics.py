@@ -55,6 +55,10 @@ thresholded first (pass `threshold=` to masked_metrics, or compare yourself); no
 Confidence maps: roc_auc and iou score the model's confidence map (or any soft cloud score) against a binary
 cloud mask per image; auc_histograms / auc_from_histograms give the AUC pooled over a whole data set.
 
+Predicted uncertainty (docs/uncertainty.md): uce_auce (UnCRtainTS's calibration error), spearman (rank correlation
+of uncertainty and error) and sparsification (the error left after removing the most uncertain samples, beside the
+oracle's) take 1-D numpy arrays of per-sample values.
+
 Batch means. GLF-CR's PSNR pools the squared error of the whole batch before taking the log; ours is
 the mean of the per-image PSNRs, the quantity a per-image evaluation averages (UnCRtainTS does the
 same). For a batch of one, which is how GLF-CR's test script runs (--batch_sz 1), the two are identical.
@@ -62,6 +66,7 @@ GLF-CR's SSIM returns a 0-d tensor (its test script calls .item() on it); so doe
 """
 from contextlib import nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -303,6 +308,83 @@ def auc_from_histograms(positives, negatives):
     return float(((positives * (below + negatives / 2)).sum()) / (n_pos * n_neg))
 
 
+# ---------------------------------------------------------------------------- a predicted uncertainty against the error
+# Samples (pixels or images) carry a predicted variance (or standard deviation) and an error; these functions say
+# how well the first ranks and matches the second. Plain 1-D numpy arrays in, floats and lists out.
+UCE_PERCENT = 5  # UnCRtainTS's bin width: 100 // 5 = 20 bins
+SPARSIFICATION_STEPS = tuple(k / 100 for k in range(0, 100, 5))  # removed fractions 0, 0.05, ..., 0.95
+SPARSIFICATION_REPORTED = (0.05, 0.10, 0.25, 0.50)  # the fractions summary tables quote
+
+
+def uce_auce(variance, errors, percent=UCE_PERCENT):
+    """Uncertainty calibration error (UCE) and its unweighted mean (AUCE) as UnCRtainTS computes them
+    (PatrickTUM/UnCRtainTS, model/train_reconstruct.py, compute_uce_auce with l2=True, the form it reports):
+    100 // percent bins of equal width in predicted variance between its minimum and maximum (np.digitize on the
+    upper edges of linspace(min, max, n_bins), so the last bin holds the samples at the maximum only); per bin the
+    root mean variance RMV = sqrt(mean(variance)) and the root mean square of `errors`; UCE = sum over bins of
+    (fraction of samples in the bin) x |RMS error - RMV|, AUCE = the mean of |RMS error - RMV| over non-empty bins.
+    Pass per-sample RMSEs as `errors` and a bin's RMS error is the bin's RMSE.
+
+    One difference, on purpose: when every variance is the same, UnCRtainTS's torch.histogram of the bin indices puts
+    all the weight into bin 10 while the samples sit in bin 19, so its UCE is 0 for any constant uncertainty; here
+    the weight stays with the samples and UCE = |RMSE - sqrt(variance)|. Otherwise the two agree (the test
+    reproduces UnCRtainTS's formula). Returns {"uce", "auce", "bin_rmv", "bin_rmse", "bin_weight"} (lists per bin,
+    NaN for an empty one)."""
+    variance, errors = np.asarray(variance, np.float64).ravel(), np.asarray(errors, np.float64).ravel()
+    if variance.shape != errors.shape or variance.size == 0:
+        raise ValueError(f"uce_auce needs as many variances as errors, at least one: got {variance.size} and "
+                         f"{errors.size}")
+    n_bins = 100 // percent
+    index = np.digitize(variance, bins=np.linspace(variance.min(), variance.max(), num=n_bins)[1:])
+    counts = np.bincount(index, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):  # an empty bin is NaN, as in UnCRtainTS
+        bin_rmv = np.sqrt(np.bincount(index, variance, n_bins) / counts)
+        bin_rmse = np.sqrt(np.bincount(index, errors ** 2, n_bins) / counts)
+    gap, weight = np.abs(bin_rmse - bin_rmv), counts / variance.size
+    return {"uce": float(np.nansum(weight * gap)), "auce": float(np.nanmean(gap)), "bin_rmv": bin_rmv.tolist(),
+            "bin_rmse": bin_rmse.tolist(), "bin_weight": weight.tolist()}
+
+
+def spearman(uncertainty, abs_error):
+    """Spearman's rank correlation between a predicted uncertainty and the absolute error over samples
+    (scipy.stats.spearmanr); NaN for fewer than two samples or a constant input."""
+    from scipy.stats import spearmanr  # scipy only where this is asked for
+
+    uncertainty, abs_error = np.asarray(uncertainty).ravel(), np.asarray(abs_error).ravel()
+    if uncertainty.size < 2 or np.ptp(uncertainty) == 0 or np.ptp(abs_error) == 0:
+        return float("nan")
+    return float(spearmanr(uncertainty, abs_error).statistic)
+
+
+def _rmse_after_removing(squared_error, order, fractions):
+    """RMSE of the samples left after removing the first round(f x n) of `order`, for each fraction f."""
+    kept_first = np.cumsum(squared_error[order][::-1])  # sums over the last k samples of the order, k = 1..n
+    n = squared_error.size
+    keep = np.array([n - round(f * n) for f in fractions])
+    return np.sqrt(kept_first[keep - 1] / keep)
+
+
+def sparsification(uncertainty, squared_error, fractions=SPARSIFICATION_STEPS):
+    """The sparsification curve: the RMSE left after removing the fractions of samples with the highest predicted
+    uncertainty, beside the oracle's (removing the largest errors first, the best any uncertainty can do), and the
+    area between the two curves, each divided by the RMSE of all samples, over the removed fractions (0 = the
+    oracle's ranking; trapezoidal rule). squared_error: one value per sample (a pixel's mean over bands). Returns
+    {"removed", "rmse", "oracle_rmse", "area_between"}."""
+    uncertainty = np.asarray(uncertainty, np.float64).ravel()
+    squared_error = np.asarray(squared_error, np.float64).ravel()
+    fractions = np.asarray(fractions, np.float64)
+    if uncertainty.shape != squared_error.shape or uncertainty.size == 0 or fractions.min() < 0 or fractions.max() >= 1:
+        raise ValueError("sparsification needs one uncertainty per squared error, at least one, and fractions in "
+                         "[0, 1)")
+    model = _rmse_after_removing(squared_error, np.argsort(-uncertainty, kind="stable"), fractions)
+    oracle = _rmse_after_removing(squared_error, np.argsort(-squared_error, kind="stable"), fractions)
+    full = np.sqrt(squared_error.mean())
+    gap = (model - oracle) / full if full > 0 else np.zeros_like(model)
+    area = float(np.sum((gap[1:] + gap[:-1]) / 2 * np.diff(fractions))) if fractions.size > 1 else 0.0
+    return {"removed": fractions.tolist(), "rmse": model.tolist(), "oracle_rmse": oracle.tolist(),
+            "area_between": area}
+
+
 def _batch_mean(values):
     """Mean over the batch as a Python float, skipping images whose mask selected nothing (NaN)."""
     return float(torch.nanmean(values).item())
@@ -341,5 +423,5 @@ def RMSE(img1, img2, mask=None):
 __all__ = [
     "PSNR_CAP", "METRIC_NAMES", "psnr", "ssim", "sam", "mae", "rmse", "ssim_map", "sam_map",
     "gaussian_window", "compute_metrics", "masked_metrics", "PSNR", "SSIM", "SAM", "MAE", "RMSE",
-    "roc_auc", "iou", "auc_histograms", "auc_from_histograms",
+    "roc_auc", "iou", "auc_histograms", "auc_from_histograms", "uce_auce", "spearman", "sparsification",
 ]

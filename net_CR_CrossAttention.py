@@ -18,6 +18,7 @@ Also the field's baseline DSen2CR (Meraner et al., ISPRS 2020) with the same for
 create_model(model_name, **config) building either from a checkpoint's stored config.
 This module imports nothing of the project (torch only).
 """
+import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -27,13 +28,19 @@ import torch.nn.functional as F
 
 __all__ = [
     "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion",
-    "SpeckleAwareGate", "CloudConfidencePredictor", "CloudRemovalCrossAttention", "DSen2CR",
-    "create_model", "MODELS", "SAR_INPUTS", "ModelConfig", "DSen2CRConfig",
+    "SpeckleAwareGate", "CloudConfidencePredictor", "UncertaintyHead", "CloudRemovalCrossAttention", "DSen2CR",
+    "Ensemble", "create_model", "MODELS", "SAR_INPUTS", "ModelConfig", "DSen2CRConfig",
 ]
 
 GN_GROUPS = 8
 ATTENTION_PATHS = ("fused", "reference")
 SAR_INPUTS = ("on", "zeros")  # "zeros": the radar ablation, an all-zero SAR image whatever the data holds
+# The uncertainty head's log-variance is clamped to these: a standard deviation from one step of the products' uint16
+# x10000 grid (1e-4 reflectance) to the whole reflectance range (1).
+LOG_VARIANCE_MIN, LOG_VARIANCE_MAX = 2 * math.log(1e-4), 0.0
+# An untrained head's std everywhere: about the cloudy input's own RMSE (26.8 dB PSNR, i.e. 0.046, on the synthetic
+# test split of BENCHMARKS.md), so the first steps neither explode nor vanish in the NLL.
+UNCERTAINTY_INIT_STD = 0.05
 
 
 def _switch(default, help, older=None):
@@ -62,6 +69,10 @@ class ModelConfig:
     detach_confidence_input: bool = _switch(
         False, "the confidence head reads detached features: --confidence_weight trains the head only, not the "
                "shared encoders and decoder", older=False)
+    use_uncertainty_head: bool = _switch(
+        False, "predict a per-pixel, per-band log-variance of the prediction (aux['log_variance']), trained by the "
+               "NLL term (--nll_weight); it reads detached features, so the prediction is the same with it or "
+               "without", older=False)
     attention: str = field(default="fused", metadata={
         "choices": ATTENTION_PATHS,
         "help": "attention kernel: fused scaled_dot_product_attention, or the explicit reference (same function)"})
@@ -379,6 +390,29 @@ class ConfidenceRefinement(nn.Module):
         return self.net(decoder_features)
 
 
+class UncertaintyHead(nn.Module):
+    """Per-pixel, per-band log-variance of the prediction (the aleatoric part of its uncertainty), from the decoder's
+    full-resolution features (64 channels at H x W), clamped to [LOG_VARIANCE_MIN, LOG_VARIANCE_MAX].
+
+    The model passes it detached features, and losses.nll_loss detaches the prediction: the head learns from the NLL
+    term alone and the reconstruction is trained as without it (the NLL's 1/variance weighting of the error would
+    otherwise turn the mean's training away from the pixels it finds hard, i.e. from clouds: Seitzer et al., ICLR
+    2022). Computed in float32 with autocast off: exp(-log_variance) reaches e^18, beyond fp16's range, and bf16
+    resolves a log-variance near -15 only in steps of 0.0625 (6 % of the variance). The last layer starts at zero
+    weights and a bias of log(UNCERTAINTY_INIT_STD^2): an untrained head predicts that std everywhere.
+    """
+
+    def __init__(self, channels=64, bands=13, hidden=32):
+        super().__init__()
+        self.net = nn.Sequential(_conv_gn_act(channels, hidden), nn.Conv2d(hidden, bands, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.constant_(self.net[-1].bias, 2 * math.log(UNCERTAINTY_INIT_STD))
+
+    def forward(self, features):
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.net(features.float()).clamp(LOG_VARIANCE_MIN, LOG_VARIANCE_MAX)
+
+
 def _pad_to_multiple(x, multiple):
     """Pad bottom/right so H and W are multiples of `multiple`; reflect where the size allows it."""
     h, w = x.shape[-2:]
@@ -426,11 +460,19 @@ class CloudRemovalCrossAttention(nn.Module):
         with torch.no_grad():
             self.head.weight.mul_(0.1)
             self.head.bias.zero_()
+        # Last, and from a fork of the random stream: every other part and every later draw (the training data's
+        # order) get the same numbers with the head as without it, so the two networks train alike but for what the
+        # head itself changes.
+        self.uncertainty_head = None
+        if c.use_uncertainty_head:
+            with torch.random.fork_rng(devices=[]):
+                self.uncertainty_head = UncertaintyHead(widths[0], in_optical)
 
     def forward(self, optical, sar, return_aux=False):
         """optical (N,13,H,W) cloudy image, sar (N,2,H,W) -> prediction (N,13,H,W) float32.
 
-        With return_aux=True returns (prediction, {"confidence": (N,1,H,W) or None, "residual": (N,13,H,W)}).
+        With return_aux=True returns (prediction, {"confidence": (N,1,H,W) or None, "residual": (N,13,H,W),
+        "corrected": (N,13,H,W), "log_variance": (N,13,H,W) float32 or None}).
         """
         _check_inputs(optical, sar, self.in_optical, self.in_sar)
         if self.sar_input == "zeros":
@@ -448,6 +490,9 @@ class CloudRemovalCrossAttention(nn.Module):
         else:
             x = self.up1(self.up2(refined, o2), o1)
         residual = self.head(x)[..., :h, :w]
+        log_variance = None  # only where asked for: validation's plain forward skips the head
+        if return_aux and self.uncertainty_head is not None:
+            log_variance = self.uncertainty_head(x.detach())[..., :h, :w]
 
         confidence = None
         if self.cloud_predictor is not None:
@@ -474,7 +519,8 @@ class CloudRemovalCrossAttention(nn.Module):
             else:
                 prediction = base + residual
         if return_aux:
-            return prediction, {"confidence": confidence, "residual": residual, "corrected": base}
+            return prediction, {"confidence": confidence, "residual": residual, "corrected": base,
+                                "log_variance": log_variance}
         return prediction
 
 
@@ -534,8 +580,46 @@ class DSen2CR(nn.Module):
             residual = residual.float()
             prediction = optical.float() + residual
         if return_aux:
-            return prediction, {"confidence": None, "residual": residual}
+            return prediction, {"confidence": None, "residual": residual, "log_variance": None}
         return prediction
+
+
+class Ensemble(nn.Module):
+    """Several trained networks as one: the mean of their predictions, and the parts of its uncertainty.
+
+    forward(optical, sar, return_aux=True) -> (mean prediction, aux) with aux["log_variance"] the log of the members'
+    mean predicted variance (the aleatoric part; None unless every member has an uncertainty head),
+    aux["epistemic_variance"] the variance of the members' predictions around their mean (their spread), and
+    aux["confidence"] the mean confidence map (None unless every member has one). The predictive variance of the
+    mixture is the sum of the two parts (Lakshminarayanan et al., NeurIPS 2017; UnCRtainTS's
+    model/ensemble_reconstruct.py combines its members the same way).
+    """
+
+    model_name = "Ensemble"
+
+    def __init__(self, members):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.sar_input = ",".join(sorted({m.sar_input for m in members}))
+        self.config = {"members": [asdict(m.config) for m in members], "sar_input": self.sar_input}
+
+    def forward(self, optical, sar, return_aux=False):
+        outputs = [m(optical, sar, return_aux=True) for m in self.members]
+        with torch.autocast(device_type=optical.device.type, enabled=False):
+            predictions = torch.stack([p.float() for p, _ in outputs])
+            prediction = predictions.mean(0)
+            if not return_aux:
+                return prediction
+            aux = {"epistemic_variance": predictions.var(0, unbiased=False), "members": len(outputs)}
+            for key in ("confidence", "log_variance"):
+                parts = [a.get(key) for _, a in outputs]
+                aux[key] = None if any(p is None for p in parts) else torch.stack([p.float() for p in parts])
+            aux["confidence"] = None if aux["confidence"] is None else aux["confidence"].mean(0)
+            if aux["log_variance"] is not None:  # log of the mean variance, without leaving log space
+                aux["log_variance"] = torch.logsumexp(aux["log_variance"], 0) - math.log(len(outputs))
+        return prediction, aux
 
 
 MODELS = {"CrossAttention": CloudRemovalCrossAttention, "DSen2CR": DSen2CR}
@@ -581,7 +665,11 @@ def _smoke_test():
     print(f"  - Full-resolution confidence refinement: {tick(cfg['use_confidence_refinement'])}")
     print(f"  - SAR skip connections to the decoder: {tick(cfg['use_sar_skips'])}")
     print(f"  - Date (radiometric) correction: {tick(cfg['use_date_correction'])}")
-    for name, count in parameter_breakdown(model).items():
+    print(f"  - Uncertainty head (per-band log-variance): {tick(cfg['use_uncertainty_head'])}")
+    parts = parameter_breakdown(model)
+    if model.uncertainty_head is None:  # what --use_uncertainty_head would add
+        parts["uncertainty_head (off)"] = count_parameters(UncertaintyHead(cfg["widths"][0], cfg["in_optical"]))
+    for name, count in parts.items():
         print(f"      {name:32s} {count:>10,d}")
 
     size, batch = 128, 2
@@ -590,6 +678,7 @@ def _smoke_test():
     prediction, aux = model(optical, sar, return_aux=True)
     assert prediction.shape == optical.shape and prediction.dtype == torch.float32
     assert aux["confidence"].shape == (batch, 1, size, size)
+    assert aux["log_variance"] is None or aux["log_variance"].shape == optical.shape
     print(f"Output shape: {tuple(prediction.shape)} == input {tuple(optical.shape)}: OK; "
           f"confidence {tuple(aux['confidence'].shape)}")
 

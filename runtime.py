@@ -157,3 +157,13 @@ def load_model(path, device):
     ckpt = load_checkpoint(path, map_location="cpu")
     model = build_model_from_checkpoint(ckpt, path)
     return model.to(device).eval(), ckpt
+
+
+def load_models(paths, device):
+    """One checkpoint: (its model, its checkpoint dict), as load_model. Several: (net_CR_CrossAttention.Ensemble of
+    their models, [checkpoint dicts]): the mean prediction and the members' spread (docs/uncertainty.md)."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if len(paths) == 1:
+        return load_model(paths[0], device)
+    loaded = [load_model(path, device) for path in paths]
+    return net_CR_CrossAttention.Ensemble([m for m, _ in loaded]).eval(), [c for _, c in loaded]

@@ -211,6 +211,14 @@ def resolve_confidence_weights(args):
     return args.confidence_weight, args.residual_weight
 
 
+def resolve_nll_weight(args):
+    """--nll_weight defaults to losses.HEAD_LOSS_DEFAULTS where the model has an uncertainty head, else to 0."""
+    if args.nll_weight is None:
+        has_head = args.model_name == "CrossAttention" and args.use_uncertainty_head
+        args.nll_weight = losses.HEAD_LOSS_DEFAULTS["nll_weight"] if has_head else losses.LOSS_DEFAULTS["nll_weight"]
+    return args.nll_weight
+
+
 def check_inputs(args):
     """Fail before the first step, with the file named, on anything that would fail later."""
     if not args.data_list_filepath or not args.input_data_folder:
@@ -279,7 +287,20 @@ def build_model(args, ckpt, resume_path, is_main):
         if getattr(args, flag) > 0 and not getattr(model.config, "use_cloud_predictor", False):
             raise runtime.UsageError(f"--{flag} {getattr(args, flag)} needs the cloud confidence map, which "
                              f"{model.model_name} without the cloud predictor does not have; set it to 0")
+    check_nll_weight(args, model)
     return model
+
+
+def check_nll_weight(args, model):
+    """The NLL term and the uncertainty head go together: the term needs the head's output, and under DDP a head
+    without the term would hold parameters that get no gradient."""
+    has_head = getattr(model.config, "use_uncertainty_head", False)
+    if args.nll_weight > 0 and not has_head:
+        raise runtime.UsageError(f"--nll_weight {args.nll_weight} needs the uncertainty head, which this {model.model_name} "
+                         f"does not have; train with --use_uncertainty_head or set --nll_weight 0")
+    if has_head and args.nll_weight <= 0:
+        raise runtime.UsageError("the model has an uncertainty head but --nll_weight is 0, so the head would not learn; "
+                         "pass --nll_weight > 0 (or --no-use_uncertainty_head)")
 
 
 def build_loaders(args, train_rows, val_rows, device, rank, world_size):
@@ -359,6 +380,7 @@ class Run:
     model: object = None
     train_model: object = None   # what the step calls: the model, compiled and/or DDP-wrapped
     optimizer: object = None
+    clip_groups: list = field(default_factory=list)  # parameter lists --grad_clip clips each on its own
     scheduler: object = None
     scaler: object = None
     train_loader: object = None
@@ -414,6 +436,7 @@ def setup(args, argv=()):
     if leak:
         print(leak, file=sys.stderr)
     resolve_confidence_weights(args)
+    resolve_nll_weight(args)
     run.amp_dtype, use_scaler = runtime.resolve_amp(args.amp, device)
     run.amp_text, amp_warning = runtime.describe_amp(args.amp, device)
     if amp_warning and rank == 0:
@@ -431,6 +454,7 @@ def setup(args, argv=()):
         run.criterion.to(memory_format=torch.channels_last)  # its VGG, fed channels-last inputs
     run.train_loader, run.val_loader, val_set = build_loaders(args, train_rows, val_rows, device, rank, world_size)
     run.optimizer, run.scheduler = build_optimizer(args, run.model, device)
+    run.clip_groups = clip_groups(run.model)
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     if ckpt is not None:
         restore(run, ckpt)
@@ -580,12 +604,13 @@ def optimizer_step(run, skip):
     gradient norm is not finite; under fp16 the GradScaler hands it its own inf/NaN check the same way."""
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     clip = run.args.grad_clip if run.args.grad_clip > 0 else math.inf
-    run.grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip, foreach=True)
+    network, *head = (torch.nn.utils.clip_grad_norm_(group, clip, foreach=True) for group in run.clip_groups)
+    run.grad_norm = network  # the network's, as without a head: the figure TensorBoard shows
     if run.scaler.is_enabled():
         run.scaler.step(run.optimizer)
         run.scaler.update()
         return
-    found_inf = torch.maximum(skip, (~torch.isfinite(run.grad_norm)).float())
+    found_inf = torch.maximum(skip, (~torch.isfinite(torch.stack([network, *head]).sum())).float())
     if not run.optimizer.param_groups[0].get("fused"):  # no device-side skip: read the flag
         if not found_inf.item():
             run.optimizer.step()
@@ -593,6 +618,16 @@ def optimizer_step(run, skip):
     run.optimizer.found_inf = found_inf
     run.optimizer.step()
     del run.optimizer.found_inf
+
+
+def clip_groups(model):
+    """The parameter lists whose gradients --grad_clip clips each on its own: the network's, then the uncertainty
+    head's where there is one. The head learns from the NLL term alone; clipped together, its gradient would change
+    the factor the network's gradient is clipped by, and so how the network trains (docs/uncertainty.md: apart,
+    the network trains bit for bit as without the head)."""
+    head = [p for name, p in model.named_parameters() if name.startswith("uncertainty_head.")]
+    in_head = {id(p) for p in head}
+    return [[p for p in model.parameters() if id(p) not in in_head]] + ([head] if head else [])
 
 
 def ungated_prediction(aux):
@@ -625,7 +660,8 @@ def train_step(run, batch):
     labels = confidence_target(batch, run.device) if "confidence" in uses else None
     total, terms = run.criterion(prediction, b["cloudfree_data"], b["cloudy_data"], cloud_mask=b["cloud_mask"],
                                  confidence=aux.get("confidence"), confidence_target=labels,
-                                 ungated=ungated_prediction(aux) if "residual" in uses else None)
+                                 ungated=ungated_prediction(aux) if "residual" in uses else None,
+                                 log_variance=aux.get("log_variance") if "nll" in uses else None)
     skipped = (~torch.isfinite(total.detach())).float()
     if run.world_size > 1:  # all ranks skip together, so their weights stay identical
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
@@ -1007,6 +1043,14 @@ def _loss_flags(p):
     g.add_argument("--vgg_weights", default=d["vgg_weights"],
                    help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
                         "a local .pth path, or 'random' (offline smoke tests only)")
+    h = losses.HEAD_LOSS_DEFAULTS
+    g.add_argument("--nll_weight", type=float, default=None,
+                   help=f"weight of the negative log-likelihood that trains the uncertainty head (the network's "
+                        f"training is left to the other terms); default {h['nll_weight']} for a model with the head, "
+                        f"0 for one without")
+    g.add_argument("--nll_distribution", default=d["nll_distribution"], choices=list(losses.NLL_DISTRIBUTIONS),
+                   help="error distribution of the NLL term: laplace (the one the L1 terms assume) or gaussian "
+                        "(UnCRtainTS's); laplace ranked the error better where both were measured (docs/uncertainty.md)")
 
 
 def _data_flags(p):

@@ -22,7 +22,7 @@ def _loss_options_of(flags):
     """The loss options the training script builds its criterion from, given these flags (the confidence and
     residual weights are resolved per model later, so they are left out)."""
     args = train_CR_kaggle.build_parser().parse_args(flags)
-    return {name: getattr(args, name) for name in losses.LOSS_DEFAULTS if name not in losses.MAP_LOSS_DEFAULTS}
+    return {name: getattr(args, name) for name in losses.LOSS_DEFAULTS if name not in losses.PER_MODEL_DEFAULTS}
 
 
 @pytest.mark.parametrize("variant", list(benchmark.LEARN_VARIANTS))

@@ -315,7 +315,7 @@ def test_loss_presets_give_their_options_and_the_flags_that_reproduce_them():
         args = train.build_parser().parse_args(["--demo", *losses.preset_flags(preset)])
         parsed = {k: getattr(args, k) for k in losses.LOSS_DEFAULTS if getattr(args, k) is not None}
         assert parsed == {k: v for k, v in losses.loss_options(preset).items() if k in parsed}, preset
-        assert set(losses.LOSS_DEFAULTS) - set(parsed) == set(losses.MAP_LOSS_DEFAULTS)  # resolved per model
+        assert set(losses.LOSS_DEFAULTS) - set(parsed) == set(losses.PER_MODEL_DEFAULTS)  # resolved per model
     design = losses.loss_options("design")
     assert design["use_cloud_focused_loss"] and design["cloud_weight_factor"] == 2.5 and design["fft_weight"] == 0.3
     offline = losses.loss_options("design_no_vgg")

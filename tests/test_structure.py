@@ -100,6 +100,9 @@ def test_loss_defaults_have_one_source():
     # resolved per model: the table's values, or 0 without a confidence map
     assert args.confidence_weight is None and args.residual_weight is None
     assert train_CR_kaggle.resolve_confidence_weights(args) == tuple(losses.MAP_LOSS_DEFAULTS.values())
+    assert args.nll_weight is None and train_CR_kaggle.resolve_nll_weight(args) == losses.LOSS_DEFAULTS["nll_weight"]
+    headed = train_CR_kaggle.build_parser().parse_args(["--use_uncertainty_head"])
+    assert train_CR_kaggle.resolve_nll_weight(headed) == losses.HEAD_LOSS_DEFAULTS["nll_weight"]
     parser_defaults = vars(args)
     for name, value in {**losses.LOSS_DEFAULTS, **losses.MAP_LOSS_DEFAULTS}.items():
         assert parser_defaults[name] == value, name
