@@ -636,7 +636,7 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
 
 def format_confidence(summary):
     """Lines saying what the confidence map is worth as a cloud map, and how much clear pixels were changed."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"
     lines = [f"clear pixels changed by the model: mean |prediction - cloudy| = {fmt(summary['clear_change']['model'])}"
              f" (identity: 0)"]
     c = summary["confidence"]
@@ -652,7 +652,7 @@ def format_confidence(summary):
 
 def format_uncertainty(u):
     """Lines saying how the predicted uncertainty ranks and matches the error, per region."""
-    fmt = lambda v, spec=".4f": "-" if v is None else format(v, spec)  # noqa: E731
+    fmt = lambda v, spec=".4f": "-" if v is None else format(v, spec)
     lines = [f"predicted uncertainty: {u['source']}; std of reflectance, {u['pixels_sampled']} pixels pooled "
              f"(at most {u['pixels_per_image_cap']} per image)",
              f"mean std: all {fmt(u['mean_std']['all'])}, cloudy {fmt(u['mean_std']['cloudy'])}, clear "
@@ -907,7 +907,7 @@ class BlendedStrip:
 
 def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx):
     """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host."""
-    window = lambda x: (y, x, *size)  # noqa: E731
+    window = lambda x: (y, x, *size)
     cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x))) for x in xs])
     sar = np.stack([bands.normalize_s1(_fill(dataloader.read_window(sar_src, window(x)), sar_fill)) for x in xs])
     out = forward_all(model, torch.from_numpy(cloudy).to(device), torch.from_numpy(sar).to(device), ctx)

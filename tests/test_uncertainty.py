@@ -32,11 +32,11 @@ def _model(seed=0, **config):
 def uncrtaints_compute_uce_auce(var, errors, n_samples, percent=5):
     """PatrickTUM/UnCRtainTS, model/train_reconstruct.py, compute_uce_auce(l2=True) line for line in numpy, its plot
     left out; torch.Tensor(list) is float32 there, so it is here."""
-    binarize = lambda arg, n_bins, floor=0, ceil=1: np.digitize(  # noqa: E731
+    binarize = lambda arg, n_bins, floor=0, ceil=1: np.digitize(
         arg, bins=np.linspace(floor, ceil, num=n_bins)[1:])
     n_bins = 100 // percent
     var, errors = np.asarray(var, np.float32), np.asarray(errors, np.float32)
-    metric = lambda arg: np.sqrt(np.mean(arg ** 2))  # noqa: E731
+    metric = lambda arg: np.sqrt(np.mean(arg ** 2))
     var_idx = binarize(var, n_bins, floor=var.min(), ceil=var.max()).astype(np.float32)
     bk_var, bk_err = np.empty(n_bins), np.empty(n_bins)
     for bin_idx in range(n_bins):
@@ -532,7 +532,7 @@ def test_predict_writes_the_uncertainty_without_seams(scene, head_checkpoints, t
         """Mean excess of the column-to-column jump at tile edges over the single-pass image's jump there (as the
         prediction's seam test in tests/test_eval.py measures it)."""
         edges = sorted({s + d for s in test_CR.tile_starts(SCENE_W, 32, overlap)[1:] for d in (0, overlap)})
-        jump = lambda a: np.abs(np.diff(a, axis=2))[:, :, [e - 1 for e in edges]]  # noqa: E731
+        jump = lambda a: np.abs(np.diff(a, axis=2))[:, :, [e - 1 for e in edges]]
         return np.abs(jump(img) - jump(whole)).mean()
 
     test_CR.predict_scene(model, *scene, tmp_path / "hard.tif", tile=32, overlap=0, progress=False,
