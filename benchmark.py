@@ -208,7 +208,7 @@ def bench_loss(args):
 
     times = {name: [] for name in variants}
     loss_times = {name: [] for name in variants}
-    for name, criterion in variants.items():
+    for _name, criterion in variants.items():
         step(criterion)  # warm-up
         criterion_only(criterion)
     for _ in range(args.steps):  # interleaved, so machine noise hits all variants alike
@@ -251,7 +251,8 @@ def _report_loss(args, variants, times, loss_times, batch):
         figures["amp_relative_difference"] = {k: abs(amp[k].item() / exact[k].item() - 1) for k in
                                               ("perceptual", "contrastive")}
         differences = ", ".join(f"{k} {v:.2e}" for k, v in figures["amp_relative_difference"].items())
-        print(f"AMP VGG vs float32 VGG, relative difference of the terms (vgg_weights {args.vgg_weights}): {differences}")
+        print(f"AMP VGG vs float32 VGG, relative difference of the terms (vgg_weights {args.vgg_weights}): "
+              f"{differences}")
     return figures
 
 
@@ -1141,7 +1142,8 @@ LEARN_COLUMNS = (
 
 def _learn_row(variant, runs):
     """Mean and sample std over seeds of every LEARN_COLUMNS figure (None where a variant has no such figure)."""
-    row = {"variant": variant, "seeds": [r["seed"] for r in runs], "train_s": float(np.mean([r["train_s"] for r in runs]))}
+    row = {"variant": variant, "seeds": [r["seed"] for r in runs],
+           "train_s": float(np.mean([r["train_s"] for r in runs]))}
     for key, get in LEARN_COLUMNS:
         values = [get(r) for r in runs]
         if any(v is None for v in values):
@@ -1196,7 +1198,8 @@ def bench_sparsify(args):
     dataset = dataloader.SEN12MSCRDataset(rows, str(Path(args.data_list_filepath).parent), augment=False)
     rng, std, se, drawn = np.random.default_rng(args.seed), [], [], []
     for sample in (dataset[i] for i in range(len(dataset))):
-        out = test_CR.forward_all(model, sample["cloudy_data"][None], sample["SAR_data"][None], contextlib.nullcontext())
+        out = test_CR.forward_all(model, sample["cloudy_data"][None], sample["SAR_data"][None],
+                                  contextlib.nullcontext())
         band_std = out["variance"][0].sqrt().numpy()
         error = (out["prediction"][0] - sample["cloudfree_data"]).numpy()
         std.append(band_std.mean(0).ravel())

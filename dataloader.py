@@ -954,7 +954,8 @@ def build_parser():
                         "official rules report official scenes they do not find")
     p.add_argument("--val_frac", type=fraction, default=0.1, help="--split random: fraction of scenes for validation")
     p.add_argument("--test_frac", type=fraction, default=0.1, help="--split random: fraction of scenes for test")
-    p.add_argument("--seed", type=int, default=0, help="--split random: seed of the scene shuffle (same seed, same split)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--split random: seed of the scene shuffle (same seed, same split)")
     p.set_defaults(func=_cmd_scan)
     p = sub.add_parser("check", help="report scenes and footprints that two splits of a data list share (a leak)",
                        formatter_class=HelpFormatter)

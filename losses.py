@@ -186,7 +186,8 @@ def _file_state_dict(path):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise VGGWeightsError(f"--vgg_weights {path}: cannot read a torch state_dict ({type(exc).__name__}: {exc})") from exc
+        raise VGGWeightsError(f"--vgg_weights {path}: cannot read a torch state_dict "
+                              f"({type(exc).__name__}: {exc})") from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -233,7 +234,7 @@ class VGGFeatures(nn.Module):
         elif weights == "random":
             msg = ("--vgg_weights random: VGG has random weights, so the perceptual and contrastive losses "
                    "do not measure perceptual similarity; use only for offline smoke tests")
-            warnings.warn(msg)  # once: a print beside it said the same thing twice
+            warnings.warn(msg, stacklevel=2)  # once: a print beside it said the same thing twice
             state, arch = None, "vgg19"
         elif os.path.isfile(weights):
             state = _file_state_dict(weights)
@@ -287,7 +288,8 @@ def cloud_intensity(target, cloud_mask=None, cloudy=None):
     max-normalised |cloudy - target| averaged over bands (a cloud is where the input differs from truth)."""
     if cloud_mask is not None:
         if cloud_mask.dim() != 4 or cloud_mask.shape[1] != 1 or cloud_mask.shape[-2:] != target.shape[-2:]:
-            raise ValueError(f"cloud_mask must be (N,1,{target.shape[-2]},{target.shape[-1]}), got {tuple(cloud_mask.shape)}")
+            raise ValueError(f"cloud_mask must be (N,1,{target.shape[-2]},{target.shape[-1]}), "
+                             f"got {tuple(cloud_mask.shape)}")
         return cloud_mask.float().clamp(0.0, 1.0)
     if cloudy is None:
         raise ValueError("cloud intensity needs cloud_mask or cloudy (neither was given)")
@@ -474,7 +476,8 @@ class CRLoss(nn.Module):
             if "confidence" in self.weights:
                 if confidence is None:
                     raise ValueError("confidence_weight > 0 but the model returned no confidence map "
-                                     "(DSen2CR, or CrossAttention without its cloud predictor): set --confidence_weight 0")
+                                     "(DSen2CR, or CrossAttention without its cloud predictor): "
+                                     "set --confidence_weight 0")
                 raw["confidence"] = confidence_loss(confidence, target, _fp32(cloud_mask), cloudy,
                                                     labels=confidence_target)
             if "residual" in self.weights:

@@ -496,7 +496,8 @@ class CloudRemovalCrossAttention(nn.Module):
 
         confidence = None
         if self.cloud_predictor is not None:
-            bottleneck, decoded = (refined.detach(), x.detach()) if self.config.detach_confidence_input else (refined, x)
+            bottleneck, decoded = ((refined.detach(), x.detach()) if self.config.detach_confidence_input
+                                   else (refined, x))
             if self.confidence_refinement is None:  # the design: the predictor's map, upsampled
                 confidence = F.interpolate(self.cloud_predictor(bottleneck), size=optical_p.shape[-2:],
                                            mode="bilinear", align_corners=False)

@@ -105,7 +105,7 @@ def overlapping_footprints(items):
     skipped. Returns {(split a, split b): sorted [(index of the split-a item, index of the split-b item)]}.
     Boxes are hashed into a grid of cells as large as the largest box, so each is compared with its neighbours only."""
     groups = defaultdict(list)
-    for i, (split, crs, box, pixel) in enumerate(items):
+    for i, (_split, crs, _box, _pixel) in enumerate(items):
         if crs is not None:
             groups[crs].append(i)
     found = set()

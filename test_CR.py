@@ -81,7 +81,8 @@ def build_parser():
                         "the CPU has native bf16, else float32 (the training script's rule); off = float32")
     p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
     g = p.add_argument_group("evaluation on a data list")
-    g.add_argument("--data_list_filepath", default=None, help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column)")
+    g.add_argument("--data_list_filepath", default=None,
+                   help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column)")
     g.add_argument("--input_data_folder", default=None, help="root the CSV's folders are relative to")
     g.add_argument("--split", default="test", choices=["train", "val", "test"], help="rows of the list to evaluate")
     g.add_argument("--results_dir", default="results",
@@ -106,7 +107,8 @@ def build_parser():
                    help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold), "
                         "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
     g.add_argument("--cloud_mask_dir", default=None,
-                   help="read the masks precomputed by `python dataloader.py masks` instead of running --cloud_detector")
+                   help="read the masks precomputed by `python dataloader.py masks` "
+                        "instead of running --cloud_detector")
     g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes")
     g.add_argument("--save_geotiff", action="store_true",
                    help="write each prediction as a 13-band uint16 x10000 GeoTIFF with the input crop's CRS and "
@@ -190,7 +192,8 @@ def uncertainty_source(model):
     """What the model's uncertainty is made of, in words, or None when it predicts none."""
     members = getattr(model, "members", None)
     if members is not None:
-        parts = "aleatoric + epistemic" if all(getattr(m.config, "use_uncertainty_head", False) for m in members) else "epistemic"
+        parts = ("aleatoric + epistemic" if all(getattr(m.config, "use_uncertainty_head", False) for m in members)
+                 else "epistemic")
         return f"ensemble of {len(members)}: {parts} (members' spread)"
     return "aleatoric (uncertainty head)" if getattr(model.config, "use_uncertainty_head", False) else None
 

@@ -296,11 +296,13 @@ def check_nll_weight(args, model):
     without the term would hold parameters that get no gradient."""
     has_head = getattr(model.config, "use_uncertainty_head", False)
     if args.nll_weight > 0 and not has_head:
-        raise runtime.UsageError(f"--nll_weight {args.nll_weight} needs the uncertainty head, which this {model.model_name} "
-                         f"does not have; train with --use_uncertainty_head or set --nll_weight 0")
+        raise runtime.UsageError(f"--nll_weight {args.nll_weight} needs the uncertainty head, "
+                                 f"which this {model.model_name} "
+                                 f"does not have; train with --use_uncertainty_head or set --nll_weight 0")
     if has_head and args.nll_weight <= 0:
-        raise runtime.UsageError("the model has an uncertainty head but --nll_weight is 0, so the head would not learn; "
-                         "pass --nll_weight > 0 (or --no-use_uncertainty_head)")
+        raise runtime.UsageError("the model has an uncertainty head but --nll_weight is 0, "
+                                 "so the head would not learn; "
+                                 "pass --nll_weight > 0 (or --no-use_uncertainty_head)")
 
 
 def build_loaders(args, train_rows, val_rows, device, rank, world_size):
@@ -694,7 +696,7 @@ def check_non_finite(run, interval):
     so all of them stop here together)."""
     if interval["skipped"]:
         warnings.warn(f"non-finite loss at {interval['skipped']} of the last {interval['taken'] + interval['skipped']} "
-                      f"steps (up to step {run.global_step}): those steps were skipped")
+                      f"steps (up to step {run.global_step}): those steps were skipped", stacklevel=2)
     if interval["worst_streak"] >= run.args.max_bad_steps:
         terms = {k: float(v) for k, v in run.last_terms.items()}
         raise FloatingPointError(f"{interval['worst_streak']} consecutive non-finite losses (last terms: {terms}); "
@@ -1017,7 +1019,8 @@ def _optimisation_flags(p):
 def _loss_flags(p):
     d, m = losses.LOSS_DEFAULTS, losses.MAP_LOSS_DEFAULTS
     g = p.add_argument_group("losses (see losses.py)")
-    g.add_argument("--l1_weight", type=float, default=d["l1_weight"], help="weight of the L1 (or cloud-focused L1) term")
+    g.add_argument("--l1_weight", type=float, default=d["l1_weight"],
+                   help="weight of the L1 (or cloud-focused L1) term")
     g.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"],
                    help="weight of the VGG perceptual term on RGB (0 = off)")
     g.add_argument("--use_fft_loss", action="store_true", help="add the Fourier-domain L1 term")
@@ -1026,7 +1029,8 @@ def _loss_flags(p):
     g.add_argument("--gradient_weight", type=float, default=d["gradient_weight"], help="weight of the gradient term")
     g.add_argument("--use_contrastive_loss", action="store_true",
                    help="add the AECR-Net contrastive term (VGG space: pull to target, push from cloudy)")
-    g.add_argument("--contrastive_weight", type=float, default=d["contrastive_weight"], help="weight of the contrastive term")
+    g.add_argument("--contrastive_weight", type=float, default=d["contrastive_weight"],
+                   help="weight of the contrastive term")
     g.add_argument("--use_cloud_focused_loss", action="store_true",
                    help="replace plain L1 by L1 weighted 1 + factor * cloud intensity")
     g.add_argument("--cloud_weight_factor", type=float, default=d["cloud_weight_factor"],
@@ -1050,7 +1054,8 @@ def _loss_flags(p):
                         f"0 for one without")
     g.add_argument("--nll_distribution", default=d["nll_distribution"], choices=list(losses.NLL_DISTRIBUTIONS),
                    help="error distribution of the NLL term: laplace (the one the L1 terms assume) or gaussian "
-                        "(UnCRtainTS's); laplace ranked the error better where both were measured (docs/uncertainty.md)")
+                        "(UnCRtainTS's); laplace ranked the error better where both were measured "
+                        "(docs/uncertainty.md)")
 
 
 def _data_flags(p):

@@ -221,7 +221,8 @@ def test_confidence_refinement_starts_at_the_design_map_and_sharpens_at_full_res
                                                        if k.startswith("confidence_refinement")}})
     cloudy, sar = torch.rand(1, 13, 16, 16), torch.rand(1, 2, 16, 16)
     with torch.no_grad():
-        a, b = design(cloudy, sar, return_aux=True)[1]["confidence"], refined(cloudy, sar, return_aux=True)[1]["confidence"]
+        a, b = (design(cloudy, sar, return_aux=True)[1]["confidence"],
+                refined(cloudy, sar, return_aux=True)[1]["confidence"])
         # zero-initialised: the predictor's map, upsampled as logits instead of probabilities
         padded = net._pad_to_multiple(cloudy, 4).shape[-2:]
         logits = torch.nn.functional.interpolate(

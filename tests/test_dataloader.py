@@ -277,7 +277,8 @@ def test_s2_already_scaled_to_float_reflectance_is_refused(tmp_path):
         D.SEN12MSCRDataset([t], tmp_path / "float01")[0]
     message = str(e.value)
     assert str(tmp_path / "float01" / t.s2_cloudfree) in message
-    assert "expected reflectance x10000 (uint16" in message and "gdal_translate -ot UInt16 -scale 0 1 0 10000" in message
+    assert ("expected reflectance x10000 (uint16" in message
+            and "gdal_translate -ot UInt16 -scale 0 1 0 10000" in message)
     # Float files holding the x10000 encoding are fine (some tools write float32).
     ok = _triplet(tmp_path / "float10000", s2=scaled * 10000)
     assert D.SEN12MSCRDataset([ok], tmp_path / "float10000")[0]["cloudy_data"].max() == pytest.approx(1.0)
@@ -553,7 +554,7 @@ def test_scan_matches_nested_layout_reports_orphans_and_splits_by_scene(synth, t
     root, triplets = synth
     nested = tmp_path / "kaggle"
     for t in triplets:
-        for mod, rel in zip(("s1", "s2", "s2_cloudy"), (t.s1, t.s2_cloudfree, t.s2_cloudy)):
+        for _mod, rel in zip(("s1", "s2", "s2_cloudy"), (t.s1, t.s2_cloudfree, t.s2_cloudy)):
             top = Path(rel).parts[0]
             dst = nested / top / top / top / Path(rel).relative_to(top)
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -731,7 +732,8 @@ def test_cli_user_errors_print_one_line_and_exit_2(tmp_path, argv, message):
 
 def test_cli_bad_flags_are_argparse_errors(tmp_path, capsys):
     for argv, message in ((["--test_frac", "1.5"], "argument --test_frac: 1.5 is not in [0, 1)"),
-                          (["--val_frac", "0.5", "--test_frac", "0.5"], "--val_frac 0.5 + --test_frac 0.5 must be below 1")):
+                          (["--val_frac", "0.5", "--test_frac", "0.5"],
+                           "--val_frac 0.5 + --test_frac 0.5 must be below 1")):
         with pytest.raises(SystemExit) as e:
             D.main(["scan", str(tmp_path), "--out", str(tmp_path / "x.csv"), *argv])
         assert e.value.code == 2 and message in capsys.readouterr().err

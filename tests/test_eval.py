@@ -288,7 +288,8 @@ def scene(tmp_path_factory):
 def _whole_image_prediction(model, cloudy_path, sar_path):
     cloudy = bands.normalize_s2(dataloader.read_raster(cloudy_path, 13))
     sar = bands.normalize_s1(dataloader.read_raster(sar_path, 2))
-    pred, _ = test_CR.forward(model, torch.from_numpy(cloudy)[None], torch.from_numpy(sar)[None], contextlib.nullcontext())
+    pred, _ = test_CR.forward(model, torch.from_numpy(cloudy)[None], torch.from_numpy(sar)[None],
+                              contextlib.nullcontext())
     return bands.denormalize_s2(pred[0]).astype(np.float32)
 
 
@@ -470,7 +471,8 @@ def test_help_shows_every_default():
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(extra, message, synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
-    fill = lambda text: text.replace("{csv}", str(csv_path)).replace("{root}", str(root)).replace("{tmp}", str(tmp_path))
+    fill = lambda text: (text.replace("{csv}", str(csv_path)).replace("{root}", str(root))
+                         .replace("{tmp}", str(tmp_path)))
     done = _cli("--checkpoint", tmp_path / "unused.pth", *map(fill, extra))
     assert _one_line_error(done).startswith(fill(message))
 
@@ -500,7 +502,8 @@ def _copy_with_s1(src_root, t, folder, **georef):
     with rasterio.open(src_root / t.s1) as src:
         data, crs, transform = src.read(), src.crs, src.transform
     folder.mkdir(parents=True, exist_ok=True)
-    s1 = _write(folder / Path(t.s1).name, data, crs=georef.get("crs", crs), transform=georef.get("transform", transform))
+    s1 = _write(folder / Path(t.s1).name, data, crs=georef.get("crs", crs),
+                transform=georef.get("transform", transform))
     return dataloader.Triplet(3, str(s1), str(src_root / t.s2_cloudfree), str(src_root / t.s2_cloudy))
 
 

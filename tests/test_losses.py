@@ -130,7 +130,8 @@ def test_criterion_reports_exactly_the_enabled_terms():
         (dict(use_contrastive_loss=False, confidence_weight=0.0), {"l1", "perceptual", "fft", "gradient"}),
         (dict(use_cloud_focused_loss=True, use_gradient_loss=False), {"cloud_focused", "perceptual", "fft",
                                                                      "contrastive", "confidence"}),
-        (dict(fft_weight=0.0, gradient_weight=0.0, perceptual_weight=0.0, contrastive_weight=0.0), {"l1", "confidence"}),
+        (dict(fft_weight=0.0, gradient_weight=0.0, perceptual_weight=0.0, contrastive_weight=0.0),
+         {"l1", "confidence"}),
     ]
     pred = torch.rand_like(target)
     for kw, expected in cases:
@@ -161,7 +162,7 @@ def test_vgg_sees_each_image_once_per_step_with_gradient_only_for_the_prediction
     assert not crit.vgg.training and not any(p.requires_grad for p in crit.vgg.parameters())
     calls = []
     crit.vgg.features[0].register_forward_hook(lambda m, i, o: calls.append((i[0].shape[0], o.requires_grad)))
-    for step in range(3):
+    for _step in range(3):
         crit(torch.rand_like(target).requires_grad_(True), target, cloudy, cloud_mask=mask, confidence=mask)
     # per step: [target, cloudy] in one forward without gradient, then the prediction with it
     assert calls == [(2 * 2, False), (2, True)] * 3

@@ -159,7 +159,7 @@ def test_bad_data_list_fails_before_training(synthetic_dataset, tmp_path):
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.pth"))
 
     no_val = tmp_path / "no_val.csv"
-    no_val.write_text("\n".join(l for l in lines if not l.startswith("2,")) + "\n")
+    no_val.write_text("\n".join(line for line in lines if not line.startswith("2,")) + "\n")
     with pytest.raises(ValueError, match=r"no_val\.csv.*split 2"):
         train.main(tiny(no_val, root, tmp_path / "out"))
 
