@@ -61,83 +61,22 @@ PROTOCOLS = {"full": (None, None), "glfcr": (256, 128)}
 PARTIAL_CSV = "metrics.partial.csv"
 
 
-def parse_bool(text):
-    """argparse type for GLF-CR's boolean flags: true/false, 1/0, yes/no (any case)."""
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
-    if value is None:
-        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
-    return value
+# ----------------------------------------------------------------------------- what a run does
 
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=dataloader.HelpFormatter)
-    p.add_argument("--checkpoint", required=True, nargs="+",
-                   help="checkpoint written by train_CR_kaggle.py (last.pth or best.pth); the network is rebuilt "
-                        "from it, no architecture flags needed. Several: an ensemble, scored on the mean of their "
-                        "predictions, with their spread as the epistemic part of the uncertainty")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
-    p.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
-                   help="autocast for inference: auto = bf16 on GPUs that support it, else fp16; on CPU bf16 where "
-                        "the CPU has native bf16, else float32 (the training script's rule); off = float32")
-    p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
-    g = p.add_argument_group("evaluation on a data list")
-    g.add_argument("--data_list_filepath", default=None,
-                   help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column)")
-    g.add_argument("--input_data_folder", default=None, help="root the CSV's folders are relative to")
-    g.add_argument("--split", default="test", choices=["train", "val", "test"], help="rows of the list to evaluate")
-    g.add_argument("--results_dir", default="results",
-                   help="where metrics.csv, summary.json, geotiff/ and png/ are written (checked before any work)")
-    g.add_argument("--protocol", default="full", choices=list(PROTOCOLS),
-                   help="full: score whole patches (UnCRtainTS, EMRDM, ECRformer); glfcr: the centred 128 px crop "
-                        "of GLF-CR's test script (--load_size 256 --crop_size 128)")
-    g.add_argument("--load_size", type=int, default=None,
-                   help="GLF-CR's flag: side of the centred region the crop is taken from (None: from --protocol; "
-                        "larger than the patch: the whole patch)")
-    g.add_argument("--crop_size", type=int, default=None,
-                   help="GLF-CR's flag: score a centred crop of this side (None: from --protocol, i.e. the whole "
-                        "patch for full, 128 for glfcr)")
-    g.add_argument("--cloud_detector", default="rule", choices=list(clouds.CLOUD_DETECTORS),
-                   help="cloud mask behind the cloudy/clear scores and the cloud-cover bins: rule (GLF-CR's), "
-                        "s2cloudless (the binary mask UnCRtainTS computes), s2cloudless_prob (its raw probability, "
-                        "thresholded at --cloud_threshold) or none")
-    g.add_argument("--is_use_cloudmask", type=parse_bool, nargs="?", const=True, default=None,
-                   help="GLF-CR's flag: False = no cloud mask (--cloud_detector none: the cloudy/clear scores are "
-                        "empty); True = use the --cloud_detector mask; None: follow --cloud_detector")
-    g.add_argument("--cloud_threshold", type=float, default=0.2,
-                   help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold), "
-                        "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
-    g.add_argument("--cloud_mask_dir", default=None,
-                   help="read the masks precomputed by `python dataloader.py masks` "
-                        "instead of running --cloud_detector")
-    g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes")
-    g.add_argument("--save_geotiff", action="store_true",
-                   help="write each prediction as a 13-band uint16 x10000 GeoTIFF with the input crop's CRS and "
-                        "transform (results_dir/geotiff/NAME.tif)")
-    g.add_argument("--save_confidence", action="store_true",
-                   help="write the model's confidence map (0 clear .. 1 cloudy) as a float32 GeoTIFF with the crop's "
-                        "CRS and transform (results_dir/confidence/NAME.tif): a cloud-probability product")
-    g.add_argument("--save_png", action="store_true",
-                   help="write labelled quicklooks cloudy | SAR | prediction | target | confidence heat map with "
-                        "its colour bar (and the predicted uncertainty with its own, where the model has one), RGB "
-                        "with one fixed stretch (results_dir/png/NAME.png)")
-    g.add_argument("--save_first", type=int, default=None,
-                   help="write the --save_geotiff/--save_png/--save_confidence/--save_uncertainty files of the first N "
-                        "images only, so the results folder stays small on a large test split (e.g. Kaggle's 20 GB "
-                        "output); every image is still scored (None: all)")
-    p.add_argument("--save_uncertainty", action="store_true",
-                   help="write the predicted standard deviation of each of the 13 bands (reflectance, 0-1 scale) as a "
-                        "float32 GeoTIFF with the prediction's CRS and transform: results_dir/uncertainty/NAME.tif, "
-                        "or with --predict OUT_uncertainty.tif beside --out. Needs a model with the uncertainty head "
-                        "or several checkpoints")
-    g = p.add_argument_group("whole-scene prediction")
-    g.add_argument("--predict", action="store_true", help="predict one whole scene instead of evaluating a list")
-    g.add_argument("--cloudy", default=None, help="--predict: cloudy Sentinel-2 GeoTIFF (13 bands, reflectance x10000)")
-    g.add_argument("--sar", default=None, help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid")
-    g.add_argument("--out", default=None, help="--predict: output GeoTIFF (13 bands, uint16 x10000); never an input")
-    g.add_argument("--overwrite", action="store_true", help="--predict: replace --out if it exists")
-    g.add_argument("--tile", type=int, default=256, help="--predict: tile side in pixels")
-    g.add_argument("--overlap", type=int, default=32, help="--predict: overlap of neighbouring tiles in pixels")
-    return p
+def main(argv=None):
+    """Evaluate a list or predict a scene. Expected user errors (bad flags, data, checkpoint) are raised as
+    runtime.UsageError / files.DataError / runtime.CheckpointError; run as a script, runtime.run_cli prints
+    them as one line and exits 2."""
+    args = build_parser().parse_args(argv)
+    if args.batch_sz < 1:
+        raise runtime.UsageError(f"--batch_sz must be at least 1, got {args.batch_sz}")
+    if args.save_first is not None and args.save_first < 0:
+        raise runtime.UsageError(f"--save_first must be 0 or more, got {args.save_first}")
+    if args.predict:
+        predict(args)
+    else:
+        evaluate(args)
+    return 0
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -1028,20 +967,85 @@ def predict(args):
     return out
 
 
-def main(argv=None):
-    """Evaluate a list or predict a scene. Expected user errors (bad flags, data, checkpoint) are raised as
-    runtime.UsageError / files.DataError / runtime.CheckpointError; run as a script, runtime.run_cli prints
-    them as one line and exits 2."""
-    args = build_parser().parse_args(argv)
-    if args.batch_sz < 1:
-        raise runtime.UsageError(f"--batch_sz must be at least 1, got {args.batch_sz}")
-    if args.save_first is not None and args.save_first < 0:
-        raise runtime.UsageError(f"--save_first must be 0 or more, got {args.save_first}")
-    if args.predict:
-        predict(args)
-    else:
-        evaluate(args)
-    return 0
+# ----------------------------------------------------------------------------- command-line flags
+
+def parse_bool(text):
+    """argparse type for GLF-CR's boolean flags: true/false, 1/0, yes/no (any case)."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+    return value
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=dataloader.HelpFormatter)
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="checkpoint written by train_CR_kaggle.py (last.pth or best.pth); the network is rebuilt "
+                        "from it, no architecture flags needed. Several: an ensemble, scored on the mean of their "
+                        "predictions, with their spread as the epistemic part of the uncertainty")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
+    p.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
+                   help="autocast for inference: auto = bf16 on GPUs that support it, else fp16; on CPU bf16 where "
+                        "the CPU has native bf16, else float32 (the training script's rule); off = float32")
+    p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
+    g = p.add_argument_group("evaluation on a data list")
+    g.add_argument("--data_list_filepath", default=None,
+                   help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column)")
+    g.add_argument("--input_data_folder", default=None, help="root the CSV's folders are relative to")
+    g.add_argument("--split", default="test", choices=["train", "val", "test"], help="rows of the list to evaluate")
+    g.add_argument("--results_dir", default="results",
+                   help="where metrics.csv, summary.json, geotiff/ and png/ are written (checked before any work)")
+    g.add_argument("--protocol", default="full", choices=list(PROTOCOLS),
+                   help="full: score whole patches (UnCRtainTS, EMRDM, ECRformer); glfcr: the centred 128 px crop "
+                        "of GLF-CR's test script (--load_size 256 --crop_size 128)")
+    g.add_argument("--load_size", type=int, default=None,
+                   help="GLF-CR's flag: side of the centred region the crop is taken from (None: from --protocol; "
+                        "larger than the patch: the whole patch)")
+    g.add_argument("--crop_size", type=int, default=None,
+                   help="GLF-CR's flag: score a centred crop of this side (None: from --protocol, i.e. the whole "
+                        "patch for full, 128 for glfcr)")
+    g.add_argument("--cloud_detector", default="rule", choices=list(clouds.CLOUD_DETECTORS),
+                   help="cloud mask behind the cloudy/clear scores and the cloud-cover bins: rule (GLF-CR's), "
+                        "s2cloudless (the binary mask UnCRtainTS computes), s2cloudless_prob (its raw probability, "
+                        "thresholded at --cloud_threshold) or none")
+    g.add_argument("--is_use_cloudmask", type=parse_bool, nargs="?", const=True, default=None,
+                   help="GLF-CR's flag: False = no cloud mask (--cloud_detector none: the cloudy/clear scores are "
+                        "empty); True = use the --cloud_detector mask; None: follow --cloud_detector")
+    g.add_argument("--cloud_threshold", type=float, default=0.2,
+                   help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold), "
+                        "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
+    g.add_argument("--cloud_mask_dir", default=None,
+                   help="read the masks precomputed by `python dataloader.py masks` "
+                        "instead of running --cloud_detector")
+    g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes")
+    g.add_argument("--save_geotiff", action="store_true",
+                   help="write each prediction as a 13-band uint16 x10000 GeoTIFF with the input crop's CRS and "
+                        "transform (results_dir/geotiff/NAME.tif)")
+    g.add_argument("--save_confidence", action="store_true",
+                   help="write the model's confidence map (0 clear .. 1 cloudy) as a float32 GeoTIFF with the crop's "
+                        "CRS and transform (results_dir/confidence/NAME.tif): a cloud-probability product")
+    g.add_argument("--save_png", action="store_true",
+                   help="write labelled quicklooks cloudy | SAR | prediction | target | confidence heat map with "
+                        "its colour bar (and the predicted uncertainty with its own, where the model has one), RGB "
+                        "with one fixed stretch (results_dir/png/NAME.png)")
+    g.add_argument("--save_first", type=int, default=None,
+                   help="write the --save_geotiff/--save_png/--save_confidence/--save_uncertainty files of the first N "
+                        "images only, so the results folder stays small on a large test split (e.g. Kaggle's 20 GB "
+                        "output); every image is still scored (None: all)")
+    p.add_argument("--save_uncertainty", action="store_true",
+                   help="write the predicted standard deviation of each of the 13 bands (reflectance, 0-1 scale) as a "
+                        "float32 GeoTIFF with the prediction's CRS and transform: results_dir/uncertainty/NAME.tif, "
+                        "or with --predict OUT_uncertainty.tif beside --out. Needs a model with the uncertainty head "
+                        "or several checkpoints")
+    g = p.add_argument_group("whole-scene prediction")
+    g.add_argument("--predict", action="store_true", help="predict one whole scene instead of evaluating a list")
+    g.add_argument("--cloudy", default=None, help="--predict: cloudy Sentinel-2 GeoTIFF (13 bands, reflectance x10000)")
+    g.add_argument("--sar", default=None, help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid")
+    g.add_argument("--out", default=None, help="--predict: output GeoTIFF (13 bands, uint16 x10000); never an input")
+    g.add_argument("--overwrite", action="store_true", help="--predict: replace --out if it exists")
+    g.add_argument("--tile", type=int, default=256, help="--predict: tile side in pixels")
+    g.add_argument("--overlap", type=int, default=32, help="--predict: overlap of neighbouring tiles in pixels")
+    return p
 
 
 if __name__ == "__main__":
