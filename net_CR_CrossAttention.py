@@ -1,6 +1,6 @@
 """GLF-CR Enhanced v3: SAR-optical cloud removal with cross-attention fusion and cloud-aware residual.
 
-    python net_CR_CrossAttention.py      # smoke test: parameter count, shapes, forward/backward time
+    python net_CR_CrossAttention.py      # smoke test: parameter count, MACs, shapes, forward/backward time
 
 The network (design document "GLF-CR Enhanced Architecture v3.0"):
 
@@ -23,11 +23,13 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = [
     "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion",
     "SpeckleAwareGate", "CloudConfidencePredictor", "CloudRemovalCrossAttention", "DSen2CR",
-    "create_model", "MODELS", "SAR_INPUTS", "ADDED_SWITCHES",
+    "create_model", "MODELS", "SAR_INPUTS", "ADDED_SWITCHES", "count_macs",
 ]
 
 GN_GROUPS = 8
@@ -506,6 +508,25 @@ def parameter_breakdown(model):
     return parts
 
 
+def count_macs(model, size=256):
+    """Multiply-accumulates of one forward pass of one size x size sample in eval mode (torch's FlopCounterMode,
+    MACs = FLOPs / 2), the unit the field's papers report as "GFLOPs". Runs on fake tensors: shapes only, no
+    arithmetic, so it takes about a second for any network. FlopCounterMode has no formula for the CPU's fused
+    attention kernel; it is counted as the two matmuls it does, so "fused" and "reference" count the same."""
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={
+        cpu_sdpa: lambda query, key, value, *args, **kwargs: sdpa_flop_count(query, key, value)})
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), counter:
+            model(torch.empty(1, model.in_optical, size, size, device=device),
+                  torch.empty(1, model.in_sar, size, size, device=device))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
 def _smoke_test():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -513,9 +534,12 @@ def _smoke_test():
     n_params = count_parameters(model)
     cfg = model.config
     tick = lambda on: "✓" if on else "✗"  # noqa: E731
-    design = count_parameters(CloudRemovalCrossAttention(**ADDED_SWITCHES))
-    print(f"Model parameters: {n_params / 1e6:.2f}M (the design's network: {design / 1e6:.2f}M, plus "
-          f"{(n_params - design):,} for the parts measured worth adding)")
+    design = CloudRemovalCrossAttention(**ADDED_SWITCHES)
+    n_design = count_parameters(design)
+    print(f"Model parameters: {n_params / 1e6:.2f}M (the design's network: {n_design / 1e6:.2f}M, plus "
+          f"{(n_params - n_design):,} for the parts measured worth adding)")
+    print(f"MACs per 256 px forward: {count_macs(model) / 1e9:.1f} G (the design's network: "
+          f"{count_macs(design) / 1e9:.1f} G; DSen2-CR: {count_macs(DSen2CR()) / 1e9:,.0f} G)")
     print("Architecture: Cloud-Aware Weighted Residual Learning")
     print(f"  - Spectral Attention for SAR: {tick(cfg['use_spectral_attention'])}")
     print(f"  - Cloud Confidence Predictor: {tick(cfg['use_cloud_predictor'])}")
