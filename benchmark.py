@@ -1094,22 +1094,41 @@ LEARN_VARIANTS = {
 }
 
 
+# The data settings of `learn`. 128 px: a quarter as many patches as 64 px, so a run trains on the same pixels,
+# and batch 1, so a step sees the same pixels and a run takes about as many steps (96 against 112).
+LEARN_SETTINGS = {"64": dict(n=80, size=64, batch_sz=4, out="runs/learn"),
+                  "128": dict(n=20, size=128, batch_sz=1, out="runs/learn128")}
+
+
 def _add_learn_args(parser):
     parser.add_argument("--variants", default="full,no_confidence_loss,no_residual_loss,no_confidence_refinement,"
                         "no_sar_skips,design_v3,no_cloud_predictor",
                         help=f"comma-separated, from: {', '.join(LEARN_VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per variant")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs per run (the fixed budget)")
-    parser.add_argument("--n", type=int, default=80, help="synthetic patches (split by scene into train/val/test)")
-    parser.add_argument("--size", type=int, default=64, help="synthetic patch size in pixels (trained uncropped)")
+    parser.add_argument("--setting", choices=list(LEARN_SETTINGS), default="64",
+                        help="data setting: '64' = 80 patches of 64 px, batch 4; '128' = 20 patches of 128 px, "
+                             "batch 1 (the same pixels per run and per step, 4x the context per patch, so a "
+                             "receptive-field advantage shows); --n, --size, --batch_sz override its values")
+    parser.add_argument("--n", type=int, default=None, help="synthetic patches (split by scene into train/val/test)")
+    parser.add_argument("--size", type=int, default=None, help="synthetic patch size in pixels (trained uncropped)")
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset")
-    parser.add_argument("--batch_sz", type=int, default=4, help="training batch size")
+    parser.add_argument("--batch_sz", type=int, default=None, help="training batch size")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     parser.add_argument("--amp", default="bf16", help="precision of every variant except 'fp32'")
     parser.add_argument("--vgg_weights", default=None,
                         help="VGG weights path: adds the design's perceptual and contrastive terms")
-    parser.add_argument("--out", default="runs/learn", help="folder for data, checkpoints and results")
+    parser.add_argument("--out", default=None, help="folder for data, checkpoints and results "
+                        "(default runs/learn, or runs/learn128 for --setting 128: run names do not hold the size)")
     parser.add_argument("--extra", default="", help="extra training flags for every variant, e.g. '--lr 1e-3'")
+
+
+def resolve_learn_setting(args):
+    """args with --n, --size, --batch_sz and --out taken from --setting where not given."""
+    for key, value in LEARN_SETTINGS[args.setting].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def _learn_run(variant, seed, args, csv_path, out):
@@ -1144,6 +1163,7 @@ def _learn_run(variant, seed, args, csv_path, out):
 def bench_learn(args):
     """Train each design variant on synthetic data for a fixed budget, score the test split vs identity."""
     import dataloader
+    args = resolve_learn_setting(args)
     out = Path(args.out)
     csv_path = out / f"data_n{args.n}_s{args.size}_seed{args.data_seed}" / "data.csv"
     if not csv_path.is_file():
