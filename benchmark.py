@@ -628,7 +628,8 @@ def train_step_worker(cfg):
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
     model_config = {} if cfg["model_name"] == "DSen2CR" else {"attention": cfg["attention"]}
-    model = net.create_model(cfg["model_name"], **model_config).to(device)
+    model = net.create_model(cfg["model_name"], **model_config, **cfg["model_config"]).to(device)
+    gmacs_256 = net.count_macs(model) / 1e9
     n, s = cfg["batch"], cfg["size"]
     cloudy, sar, target = (torch.rand(n, c, s, s, device=device) for c in (13, 2, 13))
     if cfg["channels_last"]:
@@ -653,7 +654,7 @@ def train_step_worker(cfg):
         scaler.step(optimizer)
         scaler.update()
 
-    out = {}
+    out = {"gmacs_256": gmacs_256}
     if device.type == "cuda":
         out["flops_per_sample"] = _train_flops_per_sample(model, cloudy, sar, target, ctx)
         torch.cuda.reset_peak_memory_stats()
@@ -682,6 +683,10 @@ def train_step_worker(cfg):
 def _add_train_args(parser):
     parser.add_argument("--model_name", choices=("CrossAttention", "DSen2CR"), default="CrossAttention",
                         help="network to time")
+    parser.add_argument("--model_configs", nargs="+", type=_json_object, default=[{}],
+                        help="constructor arguments of each network compared, as JSON objects, e.g. "
+                             "'{}' '{\"full_res_blocks\": 2}' (default: one, the default network); "
+                             "'x cfg1' is samples/s over the first one's at the same settings")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="square input sizes")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
                         help="batch per size (one value for all, or one per size); default 2 at <=128 px, else 1")
@@ -707,6 +712,16 @@ def _add_train_args(parser):
     parser.add_argument("--timeout", type=int, default=900, help="seconds per variant before it is skipped")
 
 
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
 def _cuda_available():
     try:
         import torch
@@ -724,9 +739,10 @@ def _train_variants(args):
         batches = batches * len(args.sizes)
     if len(batches) != len(args.sizes):
         raise SystemExit("--batch takes one value or one per --sizes entry")
-    for (size, batch), threads, precision, attention, cl, comp in itertools.product(
-            zip(args.sizes, batches), args.threads, precisions, attentions, args.channels_last, args.compile):
-        yield dict(model_name=args.model_name, size=size, batch=batch, precision=precision,
+    for (size, batch), threads, precision, attention, cl, comp, config in itertools.product(
+            zip(args.sizes, batches), args.threads, precisions, attentions, args.channels_last, args.compile,
+            args.model_configs):
+        yield dict(model_name=args.model_name, model_config=config, size=size, batch=batch, precision=precision,
                    attention="reference" if attention == "n/a" else attention, channels_last=cl == "on",
                    compile=comp, device=args.device, steps=args.steps, warmup=args.warmup,
                    threads=threads, peak_tflops=args.peak_tflops), attention
@@ -744,49 +760,68 @@ def _run_train_variant(cfg, timeout):
 
 
 def bench_train(args):
-    """Training-step samples/s and peak memory by precision, attention path, channels-last and compile."""
-    import platform
+    """Training-step samples/s and peak memory by network, precision, attention path, channels-last and compile."""
     rows = []
     for cfg, attention in _train_variants(args):
         result = _run_train_variant(cfg, args.timeout)
         row = dict(size=cfg["size"], batch=cfg["batch"], threads=cfg["threads"], precision=cfg["precision"],
-                   attention=attention,
-                   channels_last=cfg["channels_last"], compile=cfg["compile"], **result)
+                   attention=attention, channels_last=cfg["channels_last"], compile=cfg["compile"],
+                   config=args.model_configs.index(cfg["model_config"]) + 1, model_config=cfg["model_config"],
+                   **result)
         rows.append(row)
         label = (f"{row['size']}px b{row['batch']} t{row['threads']} {row['precision']} {attention} "
-                 f"cl={'on' if row['channels_last'] else 'off'} compile={row['compile']}")
+                 f"cl={'on' if row['channels_last'] else 'off'} compile={row['compile']} cfg{row['config']}")
         print(f"  done {label}: " + (row.get("skipped") or f"{row['samples_per_s']:.2f} samples/s"), flush=True)
-    # Ratios against the naive implementation at the same size: fp32, reference attention, channels-first, eager.
-    for row in rows:
+    _add_train_ratios(rows)
+    _print_train_table(args, rows)
+    return {"model_name": args.model_name, "device": args.device, "rows": rows}
+
+
+def _add_train_ratios(rows):
+    """x speed / x mem against the naive implementation of the same network at the same size and threads (fp32,
+    reference attention, channels-first, eager); x cfg1 against the first network at the same settings."""
+    settings = ("size", "batch", "threads", "precision", "attention", "channels_last", "compile")
+    for row in (r for r in rows if "skipped" not in r):
         base = next((r for r in rows if r["size"] == row["size"] and r["threads"] == row["threads"]
-                     and r["precision"] == "fp32"
+                     and r["config"] == row["config"] and r["precision"] == "fp32"
                      and r["attention"] in ("reference", "n/a") and not r["channels_last"] and r["compile"] == "off"
                      and "skipped" not in r), None)
-        if base and "skipped" not in row:
+        if base:
             row["speed_vs_naive"] = row["samples_per_s"] / base["samples_per_s"]
             row["mem_vs_naive"] = row["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else None
+        first = next((r for r in rows if r["config"] == 1 and "skipped" not in r
+                      and all(r[k] == row[k] for k in settings)), None)
+        if first:
+            row["speed_vs_config1"] = row["samples_per_s"] / first["samples_per_s"]
+
+
+def _print_train_table(args, rows):
+    import platform
     mem_label = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS-base MiB"
     print(f"\nbenchmark.py train  model={args.model_name} device={args.device} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs) steps={args.steps}")
-    header = (f"{'size':>5} {'b':>2} {'thr':>3} {'prec':>5} {'attention':>9} {'cl':>3} {'comp':>4} {'samples/s':>9} "
-              f"{'step s':>7} {mem_label:>17} {'x speed':>7} {'x mem':>6}")
+    header = (f"{'cfg':>3} {'size':>5} {'b':>2} {'thr':>3} {'prec':>5} {'attention':>9} {'cl':>3} {'comp':>4} "
+              f"{'samples/s':>9} {'step s':>7} {mem_label:>17} {'x speed':>7} {'x mem':>6} {'x cfg1':>6} "
+              f"{'GMACs/256px':>11}")
     if args.device.startswith("cuda"):
         header += f" {'GFLOP/sample':>12} {'MFU':>6}"
     print(header)
     for r in rows:
-        head = (f"{r['size']:>5} {r['batch']:>2} {r['threads'] or 'def':>3} {r['precision']:>5} {r['attention']:>9} "
-                f"{'on' if r['channels_last'] else 'off':>3} {r['compile'][:4]:>4} ")
+        head = (f"{r['config']:>3} {r['size']:>5} {r['batch']:>2} {r['threads'] or 'def':>3} {r['precision']:>5} "
+                f"{r['attention']:>9} {'on' if r['channels_last'] else 'off':>3} {r['compile'][:4]:>4} ")
         if "skipped" in r:
             print(head + "skipped: " + r["skipped"])
             continue
         line = (head + f"{r['samples_per_s']:>9.3f} {r['step_s']:>7.3f} {r['peak_mem_mb']:>17.0f} "
-                f"{r.get('speed_vs_naive', float('nan')):>7.2f} {r.get('mem_vs_naive') or float('nan'):>6.2f}")
+                f"{r.get('speed_vs_naive', float('nan')):>7.2f} {r.get('mem_vs_naive') or float('nan'):>6.2f} "
+                f"{r.get('speed_vs_config1', float('nan')):>6.2f} {r['gmacs_256']:>11.1f}")
         if args.device.startswith("cuda"):
             line += f" {r['flops_per_sample'] / 1e9:>12.1f} {r.get('mfu', float('nan')):>6.1%}"
         print(line)
+    for i, config in enumerate(args.model_configs, 1):
+        print(f"cfg{i}: {args.model_name} {json.dumps(config)}")
     print("x speed / x mem: samples/s and peak memory relative to fp32 + reference attention + channels-first "
-          "+ eager at the same size and threads (the naive implementation).")
-    return {"model_name": args.model_name, "device": args.device, "rows": rows}
+          "+ eager at the same size and threads (the naive implementation); x cfg1: samples/s relative to cfg1.")
 
 
 SUBCOMMANDS["train"] = (_add_train_args, bench_train)
@@ -1091,6 +1126,10 @@ LEARN_VARIANTS = {
     "no_cross_attn": ["--no-use_cross_attn"],
     "fp32": ["--amp", "off"],
     "DSen2CR": ["--model_name", "DSen2CR"],
+    # full-resolution reconstruction candidates (BENCHMARKS.md, "Full-resolution reconstruction")
+    "naf8": ["--full_res_blocks", "8"],
+    "affine": ["--affine_residual"],
+    "naf8_affine": ["--full_res_blocks", "8", "--affine_residual"],
 }
 
 
