@@ -1128,8 +1128,9 @@ LEARN_VARIANTS = {
     "DSen2CR": ["--model_name", "DSen2CR"],
     # full-resolution reconstruction candidates (BENCHMARKS.md, "Full-resolution reconstruction")
     "naf8": ["--full_res_blocks", "8"],
+    "naf8_open": ["--full_res_blocks", "8"],  # the same, after the branch scales start at 1 (commit log)
     "affine": ["--affine_residual"],
-    "naf8_affine": ["--full_res_blocks", "8", "--affine_residual"],
+    "naf8_open_affine": ["--full_res_blocks", "8", "--affine_residual"],
 }
 
 

@@ -262,7 +262,9 @@ class NAFBlock(nn.Module):
     x + beta * conv(SCA(SimpleGate(dwconv3x3(conv1x1(LN(x)))))), then y + gamma * conv(SimpleGate(conv(LN(y)))).
     SimpleGate multiplies the two halves of the channels: a product of features, which is what undoing a cloud
     takes (clear = (cloudy - cloud light) / transmission), with no activation function. SCA is a channel
-    attention reduced to a global pool and a 1x1. beta and gamma start at zero: an untrained block is the identity.
+    attention reduced to a global pool and a 1x1. beta and gamma (per-channel branch scales) start at 1, not at
+    NAFNet's 0: Adam moves a parameter by about the LR per step, so from 0 they would still be under 0.06 after the
+    112 steps of `benchmark.py learn` and the blocks would stay shut (BENCHMARKS.md, "Full-resolution path").
     Per pixel 6 C^2 + 18 C MACs (25.7K at C = 64), 0.7 of one 3x3 convolution of the same width.
     """
 
@@ -275,8 +277,8 @@ class NAFBlock(nn.Module):
         self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(wide // 2, wide // 2, 1))
         self.project = nn.Conv2d(wide // 2, channels, 1)
         self.ffn_in, self.ffn_out = nn.Conv2d(channels, wide, 1), nn.Conv2d(wide // 2, channels, 1)
-        self.beta = nn.Parameter(torch.zeros(1, channels, 1, 1))
-        self.gamma = nn.Parameter(torch.zeros(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.gamma = nn.Parameter(torch.ones(1, channels, 1, 1))
 
     @staticmethod
     def _gate(x):
