@@ -664,13 +664,17 @@ def train_step_worker(cfg):
         step()
     sync()
     out["warmup_s"] = time.perf_counter() - t0
-    times = []
+    times, cpu_times = [], []
     for _ in range(cfg["steps"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     median = sorted(times)[len(times) // 2]
+    # CPU seconds the process spent in a step: on a shared machine, unlike wall time, not inflated by the time
+    # the process waits for a core (cache and memory-bandwidth contention still count)
+    out["step_cpu_s"] = statistics.median(cpu_times)
     out.update(step_s=median, samples_per_s=n / median, step_times=times, peak_rss_mb=peak_rss_mb(),
                base_rss_mb=base_rss, peak_mem_mb=peak_rss_mb() - base_rss)
     if device.type == "cuda":
@@ -685,7 +689,7 @@ def _add_train_args(parser):
                         help="network to time")
     parser.add_argument("--model_configs", nargs="+", type=_json_object, default=[{}],
                         help="constructor arguments of each network compared, as JSON objects, e.g. "
-                             "'{}' '{\"full_res_blocks\": 2}' (default: one, the default network); "
+                             "'{}' '{\"affine_residual\": false}' (default: one, the default network); "
                              "'x cfg1' is samples/s over the first one's at the same settings")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="square input sizes")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
@@ -793,6 +797,7 @@ def _add_train_ratios(rows):
                       and all(r[k] == row[k] for k in settings)), None)
         if first:
             row["speed_vs_config1"] = row["samples_per_s"] / first["samples_per_s"]
+            row["cpu_vs_config1"] = row["step_cpu_s"] / first["step_cpu_s"]
 
 
 def _print_train_table(args, rows):
@@ -801,8 +806,8 @@ def _print_train_table(args, rows):
     print(f"\nbenchmark.py train  model={args.model_name} device={args.device} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs) steps={args.steps}")
     header = (f"{'cfg':>3} {'size':>5} {'b':>2} {'thr':>3} {'prec':>5} {'attention':>9} {'cl':>3} {'comp':>4} "
-              f"{'samples/s':>9} {'step s':>7} {mem_label:>17} {'x speed':>7} {'x mem':>6} {'x cfg1':>6} "
-              f"{'GMACs/256px':>11}")
+              f"{'samples/s':>9} {'step s':>7} {'cpu s':>7} {mem_label:>17} {'x speed':>7} {'x mem':>6} "
+              f"{'x cfg1':>6} {'cpu/cfg1':>8} {'GMACs/256px':>11}")
     if args.device.startswith("cuda"):
         header += f" {'GFLOP/sample':>12} {'MFU':>6}"
     print(header)
@@ -812,16 +817,19 @@ def _print_train_table(args, rows):
         if "skipped" in r:
             print(head + "skipped: " + r["skipped"])
             continue
-        line = (head + f"{r['samples_per_s']:>9.3f} {r['step_s']:>7.3f} {r['peak_mem_mb']:>17.0f} "
-                f"{r.get('speed_vs_naive', float('nan')):>7.2f} {r.get('mem_vs_naive') or float('nan'):>6.2f} "
-                f"{r.get('speed_vs_config1', float('nan')):>6.2f} {r['gmacs_256']:>11.1f}")
+        line = (head + f"{r['samples_per_s']:>9.3f} {r['step_s']:>7.3f} {r['step_cpu_s']:>7.3f} "
+                f"{r['peak_mem_mb']:>17.0f} {r.get('speed_vs_naive', float('nan')):>7.2f} "
+                f"{r.get('mem_vs_naive') or float('nan'):>6.2f} {r.get('speed_vs_config1', float('nan')):>6.2f} "
+                f"{r.get('cpu_vs_config1', float('nan')):>8.2f} {r['gmacs_256']:>11.1f}")
         if args.device.startswith("cuda"):
             line += f" {r['flops_per_sample'] / 1e9:>12.1f} {r.get('mfu', float('nan')):>6.1%}"
         print(line)
     for i, config in enumerate(args.model_configs, 1):
         print(f"cfg{i}: {args.model_name} {json.dumps(config)}")
     print("x speed / x mem: samples/s and peak memory relative to fp32 + reference attention + channels-first "
-          "+ eager at the same size and threads (the naive implementation); x cfg1: samples/s relative to cfg1.")
+          "+ eager at the same size and threads (the naive implementation); x cfg1: samples/s relative to cfg1; "
+          "cpu s: the process's CPU seconds per step (median; less sensitive than wall time to a busy machine); "
+          "cpu/cfg1: that relative to cfg1.")
 
 
 SUBCOMMANDS["train"] = (_add_train_args, bench_train)
@@ -1115,8 +1123,9 @@ LEARN_VARIANTS = {
     "no_residual_loss": ["--residual_weight", "0"],
     "no_confidence_refinement": ["--no-use_confidence_refinement"],
     "no_sar_skips": ["--no-use_sar_skips"],
+    "no_affine_residual": ["--no-affine_residual"],  # the default before the affine residual head
     "design_v3": ["--confidence_weight", "0", "--residual_weight", "0", "--no-use_confidence_refinement",
-                  "--no-use_sar_skips"],  # the design document's network and losses, nothing added
+                  "--no-use_sar_skips", "--no-affine_residual"],  # the design document's network and losses
     "with_date_correction": ["--use_date_correction"],
     # the design's own parts
     "no_spectral_attention": ["--no-use_spectral_attention"],
@@ -1126,11 +1135,6 @@ LEARN_VARIANTS = {
     "no_cross_attn": ["--no-use_cross_attn"],
     "fp32": ["--amp", "off"],
     "DSen2CR": ["--model_name", "DSen2CR"],
-    # full-resolution reconstruction candidates (BENCHMARKS.md, "Full-resolution reconstruction")
-    "naf8": ["--full_res_blocks", "8"],
-    "naf8_open": ["--full_res_blocks", "8"],  # the same, after the branch scales start at 1 (commit log)
-    "affine": ["--affine_residual"],
-    "naf8_open_affine": ["--full_res_blocks", "8", "--affine_residual"],
 }
 
 
@@ -1142,7 +1146,7 @@ LEARN_SETTINGS = {"64": dict(n=80, size=64, batch_sz=4, out="runs/learn"),
 
 def _add_learn_args(parser):
     parser.add_argument("--variants", default="full,no_confidence_loss,no_residual_loss,no_confidence_refinement,"
-                        "no_sar_skips,design_v3,no_cloud_predictor",
+                        "no_sar_skips,no_affine_residual,design_v3,no_cloud_predictor",
                         help=f"comma-separated, from: {', '.join(LEARN_VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per variant")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs per run (the fixed budget)")

@@ -10,7 +10,8 @@ The network (design document "GLF-CR Enhanced Architecture v3.0"):
     fused   = CrossAttentionFusion(queries=o3, keys/values=s3)        pre-norm transformer block + 1x1
     gated   = fused * SpeckleAwareGate(o3, s3)                         spatial x channel sigmoid gates
     refined = Refinement(gated, o3)
-    residual   = Decoder(refined, skips o2, o1)                        13 bands, full resolution
+    residual   = Decoder(refined, skips o2+s2, o1+s1)                  13 bands, full resolution: a per-pixel
+                 offset + gain * cloudy (affine_residual) or the head's output alone
     confidence = CloudConfidencePredictor(refined) upsampled to H,W    0 clear ... 1 cloudy
     output  = cloudy + confidence * residual                           added in fp32
 
@@ -38,7 +39,7 @@ SAR_INPUTS = ("on", "zeros")  # "zeros": the radar ablation, an all-zero SAR ima
 # Switches added after the design's first version, with the value that rebuilds a network saved before each
 # existed (a checkpoint's config lacks the key): runtime.model_config_of fills them in.
 ADDED_SWITCHES = {"use_date_correction": False, "use_sar_skips": False, "use_confidence_refinement": False,
-                  "detach_confidence_input": False, "full_res_blocks": 0, "affine_residual": False}
+                  "detach_confidence_input": False, "affine_residual": False}
 
 
 def _gn(channels):
@@ -245,52 +246,6 @@ class _UpStage(nn.Module):
         return self.blocks(x)
 
 
-class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of each pixel (NAFNet's and ConvNeXt's); the permute is free in channels-last."""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.norm = nn.LayerNorm(channels)
-
-    def forward(self, x):
-        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-class NAFBlock(nn.Module):
-    """NAFNet's block (Chen et al., ECCV 2022), the cheap full-resolution block of image restoration.
-
-    x + beta * conv(SCA(SimpleGate(dwconv3x3(conv1x1(LN(x)))))), then y + gamma * conv(SimpleGate(conv(LN(y)))).
-    SimpleGate multiplies the two halves of the channels: a product of features, which is what undoing a cloud
-    takes (clear = (cloudy - cloud light) / transmission), with no activation function. SCA is a channel
-    attention reduced to a global pool and a 1x1. beta and gamma (per-channel branch scales) start at 1, not at
-    NAFNet's 0: Adam moves a parameter by about the LR per step, so from 0 they would still be under 0.06 after the
-    112 steps of `benchmark.py learn` and the blocks would stay shut (BENCHMARKS.md, "Full-resolution path").
-    Per pixel 6 C^2 + 18 C MACs (25.7K at C = 64), 0.7 of one 3x3 convolution of the same width.
-    """
-
-    def __init__(self, channels, expand=2):
-        super().__init__()
-        wide = channels * expand
-        self.norm1, self.norm2 = LayerNorm2d(channels), LayerNorm2d(channels)
-        self.expand = nn.Conv2d(channels, wide, 1)
-        self.depthwise = nn.Conv2d(wide, wide, 3, padding=1, groups=wide)
-        self.sca = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(wide // 2, wide // 2, 1))
-        self.project = nn.Conv2d(wide // 2, channels, 1)
-        self.ffn_in, self.ffn_out = nn.Conv2d(channels, wide, 1), nn.Conv2d(wide // 2, channels, 1)
-        self.beta = nn.Parameter(torch.ones(1, channels, 1, 1))
-        self.gamma = nn.Parameter(torch.ones(1, channels, 1, 1))
-
-    @staticmethod
-    def _gate(x):
-        a, b = x.chunk(2, dim=1)
-        return a * b
-
-    def forward(self, x):
-        y = self._gate(self.depthwise(self.expand(self.norm1(x))))
-        x = x + self.beta * self.project(y * self.sca(y))
-        return x + self.gamma * self.ffn_out(self._gate(self.ffn_in(self.norm2(x))))
-
-
 class DateCorrection(nn.Module):
     """A per-image, per-band radiometric correction applied to every pixel: corrected = gain * cloudy + offset.
 
@@ -377,13 +332,12 @@ class CloudRemovalCrossAttention(nn.Module):
                  full-resolution radar detail reaches the pixels under thick cloud (off: optical skips only).
       use_confidence_refinement: ConfidenceRefinement sharpens the confidence map at full resolution (only with
                  use_cloud_predictor: without a confidence map it is recorded as off).
-      full_res_blocks: NAFBlocks at full resolution on the decoder's last stage (which has merged the upsampled
-                 fused features with the optical and SAR skips), before the residual head and the confidence
-                 refinement: depth where the output's detail is made (0: none, the design).
       affine_residual: the head predicts a per-pixel, per-band offset and gain, residual = offset + gain * cloudy
-                 (in fp32): the atmospheric scattering model (cloudy = clear * transmission + cloud light) says
-                 clear = cloudy / transmission - cloud light / transmission, affine in the input with smooth
-                 coefficients, as AOD-Net writes dehazing (off: residual = head(features)).
+                 (in fp32). A cloud's physics (cloudy = clear * transmission + cloud light, shadow a second factor)
+                 makes clear = cloudy / transmission - cloud light / transmission: affine in the input, with
+                 coefficients that vary slowly in space, so the head need not rebuild the input's detail, only
+                 scale and shift it (AOD-Net, Li et al. ICCV 2017, writes dehazing the same way). Off:
+                 residual = head(features), the design's.
       detach_confidence_input: the confidence predictor (and refinement) read detached features, so a loss on the
                  confidence map (--confidence_weight) trains the confidence head only and does not pull the shared
                  encoders and decoder away from reconstruction; the reconstruction loss still reaches the head
@@ -397,7 +351,7 @@ class CloudRemovalCrossAttention(nn.Module):
                  use_cloud_predictor=True, attention="fused", widths=(64, 128, 256), encoder_blocks=(1, 1, 1),
                  decoder_blocks=(0, 0), heads=8, ffn_ratio=2.0, sar_input="on", use_date_correction=False,
                  use_sar_skips=True, use_confidence_refinement=True, detach_confidence_input=False,
-                 full_res_blocks=0, affine_residual=False):
+                 affine_residual=True):
         super().__init__()
         widths, encoder_blocks, decoder_blocks = tuple(widths), tuple(encoder_blocks), tuple(decoder_blocks)
         if len(widths) != 3 or len(encoder_blocks) != 3 or len(decoder_blocks) != 2:
@@ -411,8 +365,7 @@ class CloudRemovalCrossAttention(nn.Module):
                            decoder_blocks=decoder_blocks, heads=heads, ffn_ratio=ffn_ratio, sar_input=sar_input,
                            use_date_correction=use_date_correction, use_sar_skips=use_sar_skips,
                            use_confidence_refinement=use_confidence_refinement,
-                           detach_confidence_input=detach_confidence_input, full_res_blocks=full_res_blocks,
-                           affine_residual=affine_residual)
+                           detach_confidence_input=detach_confidence_input, affine_residual=affine_residual)
         self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, sar_input
         dim = widths[2]
         self.optical_encoder = OpticalEncoder(in_optical, widths, encoder_blocks)
@@ -424,7 +377,6 @@ class CloudRemovalCrossAttention(nn.Module):
         skips = 2 if use_sar_skips else 1
         self.up2 = _UpStage(widths[2], widths[1], decoder_blocks[0], skips)
         self.up1 = _UpStage(widths[1], widths[0], decoder_blocks[1], skips)
-        self.full_res = nn.Sequential(*[NAFBlock(widths[0]) for _ in range(full_res_blocks)])
         # affine: (offset, gain) per band and pixel, residual = offset + gain * cloudy
         self.head = nn.Conv2d(widths[0], in_optical * (2 if affine_residual else 1), 3, padding=1)
         self.cloud_predictor = CloudConfidencePredictor(dim) if use_cloud_predictor else None
@@ -460,7 +412,6 @@ class CloudRemovalCrossAttention(nn.Module):
             x = self.up1(self.up2(refined, o2, s2), o1, s1)
         else:
             x = self.up1(self.up2(refined, o2), o1)
-        x = self.full_res(x)
         if self.config["affine_residual"]:  # in fp32: the gain multiplies the input, the offset nearly cancels it
             with torch.autocast(device_type=optical.device.type, enabled=False):
                 offset, gain = self.head(x.float())[..., :h, :w].chunk(2, dim=1)
@@ -610,6 +561,7 @@ def _smoke_test():
     print(f"  - Adaptive Residual Weighting: {tick(cfg['use_cloud_predictor'])}")
     print(f"  - Full-resolution confidence refinement: {tick(cfg['use_confidence_refinement'])}")
     print(f"  - SAR skip connections to the decoder: {tick(cfg['use_sar_skips'])}")
+    print(f"  - Affine residual (offset + gain x cloudy): {tick(cfg['affine_residual'])}")
     print(f"  - Date (radiometric) correction: {tick(cfg['use_date_correction'])}")
     for name, count in parameter_breakdown(model).items():
         print(f"      {name:32s} {count:>10,d}")

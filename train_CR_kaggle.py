@@ -87,11 +87,9 @@ def _model_flags(p):
                    help="feed the SAR encoder's full- and half-resolution features to the decoder too")
     g.add_argument("--use_confidence_refinement", action=argparse.BooleanOptionalAction, default=True,
                    help="sharpen the cloud confidence map at full resolution from the decoder's features")
-    g.add_argument("--full_res_blocks", type=int, default=0,
-                   help="NAFNet blocks at full resolution in the decoder's last stage, before the residual head "
-                        "(0: none, as the design)")
-    g.add_argument("--affine_residual", action=argparse.BooleanOptionalAction, default=False,
-                   help="the residual head predicts a per-pixel offset and gain: residual = offset + gain * cloudy")
+    g.add_argument("--affine_residual", action=argparse.BooleanOptionalAction, default=True,
+                   help="the residual head predicts a per-pixel, per-band offset and gain: residual = offset + gain * "
+                        "cloudy, the form of a cloud's physics (--no-affine_residual: residual = head(features))")
     g.add_argument("--detach_confidence_input", action=argparse.BooleanOptionalAction, default=False,
                    help="the confidence head reads detached features: --confidence_weight trains the head only, "
                         "not the shared encoders and decoder")
@@ -334,7 +332,7 @@ def build_model(args, ckpt, resume_path, is_main):
                           use_date_correction=args.use_date_correction, use_sar_skips=args.use_sar_skips,
                           use_confidence_refinement=args.use_confidence_refinement,
                           detach_confidence_input=args.detach_confidence_input,
-                          full_res_blocks=args.full_res_blocks, affine_residual=args.affine_residual)
+                          affine_residual=args.affine_residual)
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     for flag in ("confidence_weight", "residual_weight"):
         if getattr(args, flag) > 0 and not model.config.get("use_cloud_predictor", False):
