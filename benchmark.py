@@ -7,6 +7,7 @@ this runs on are shared and noisy.
 """
 import argparse
 import atexit
+import contextlib
 import importlib.util
 import itertools
 import json
@@ -588,7 +589,8 @@ def train_step_worker(cfg):
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
     model_config = {} if cfg["model_name"] == "DSen2CR" else {"attention": cfg["attention"]}
-    model = net.create_model(cfg["model_name"], **model_config).to(device)
+    model = net.create_model(cfg["model_name"], **model_config, **cfg["model_config"]).to(device)
+    gmacs_256 = net.count_macs(model) / 1e9
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     # "on": inductor's default mode; "reduce-overhead": also CUDA graphs (replays the step's kernel launches)
@@ -600,7 +602,7 @@ def train_step_worker(cfg):
     batch = _random_batch(n, cfg["size"], device, cfg["channels_last"])
     sync = _synchronizer(device)
 
-    out = {}
+    out = {"gmacs_256": gmacs_256}
     if device.type == "cuda":
         out["flops_per_sample"] = _train_flops_per_sample(run, batch)
         torch.cuda.reset_peak_memory_stats()
@@ -610,13 +612,17 @@ def train_step_worker(cfg):
         train.train_step(run, batch)
     sync()
     out["warmup_s"] = time.perf_counter() - t0
-    times = []
+    times, cpu_times = [], []
     for _ in range(cfg["steps"]):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         train.train_step(run, batch)
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     median = sorted(times)[len(times) // 2]
+    # CPU seconds the process spent in a step: on a shared machine, unlike wall time, not inflated by the time
+    # the process waits for a core (cache and memory-bandwidth contention still count)
+    out["step_cpu_s"] = statistics.median(cpu_times)
     out.update(step_s=median, samples_per_s=n / median, step_times=times, peak_rss_mb=peak_rss_mb(),
                base_rss_mb=base_rss, peak_mem_mb=peak_rss_mb() - base_rss)
     if device.type == "cuda":
@@ -629,6 +635,10 @@ def train_step_worker(cfg):
 def _add_train_args(parser):
     parser.add_argument("--model_name", choices=("CrossAttention", "DSen2CR"), default="CrossAttention",
                         help="network to time")
+    parser.add_argument("--model_configs", nargs="+", type=_json_object, default=[{}],
+                        help="constructor arguments of each network compared, as JSON objects, e.g. "
+                             "'{}' '{\"affine_residual\": false}' (default: one, the default network); "
+                             "'x cfg1' is samples/s over the first one's at the same settings")
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256], help="square input sizes")
     parser.add_argument("--batch", type=int, nargs="+", default=None,
                         help="batch per size (one value for all, or one per size); default 2 at <=128 px, else 1")
@@ -654,6 +664,16 @@ def _add_train_args(parser):
     parser.add_argument("--timeout", type=int, default=900, help="seconds per variant before it is skipped")
 
 
+def _json_object(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {text!r} ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
 def _train_variants(args):
     precisions = args.precision or (["fp32", "bf16", "fp16"] if args.device.startswith("cuda") else ["fp32", "bf16"])
     attentions = args.attention if args.model_name == "CrossAttention" else ["n/a"]
@@ -662,9 +682,10 @@ def _train_variants(args):
         batches = batches * len(args.sizes)
     if len(batches) != len(args.sizes):
         raise SystemExit("--batch takes one value or one per --sizes entry")
-    for (size, batch), threads, precision, attention, cl, comp in itertools.product(
-            zip(args.sizes, batches), args.threads, precisions, attentions, args.channels_last, args.compile):
-        yield dict(model_name=args.model_name, size=size, batch=batch, precision=precision,
+    for (size, batch), threads, precision, attention, cl, comp, config in itertools.product(
+            zip(args.sizes, batches), args.threads, precisions, attentions, args.channels_last, args.compile,
+            args.model_configs):
+        yield dict(model_name=args.model_name, model_config=config, size=size, batch=batch, precision=precision,
                    attention="reference" if attention == "n/a" else attention, channels_last=cl == "on",
                    compile=comp, device=args.device, steps=args.steps, warmup=args.warmup,
                    threads=threads, peak_tflops=args.peak_tflops), attention
@@ -682,48 +703,71 @@ def _run_train_variant(cfg, timeout):
 
 
 def bench_train(args):
-    """Training-step samples/s and peak memory by precision, attention path, channels-last and compile."""
+    """Training-step samples/s and peak memory by network, precision, attention path, channels-last and compile."""
     rows = []
     for cfg, attention in _train_variants(args):
         result = _run_train_variant(cfg, args.timeout)
         row = dict(size=cfg["size"], batch=cfg["batch"], threads=cfg["threads"], precision=cfg["precision"],
-                   attention=attention,
-                   channels_last=cfg["channels_last"], compile=cfg["compile"], **result)
+                   attention=attention, channels_last=cfg["channels_last"], compile=cfg["compile"],
+                   config=args.model_configs.index(cfg["model_config"]) + 1, model_config=cfg["model_config"],
+                   **result)
         rows.append(row)
         label = (f"{row['size']}px b{row['batch']} t{row['threads']} {row['precision']} {attention} "
-                 f"cl={'on' if row['channels_last'] else 'off'} compile={row['compile']}")
+                 f"cl={'on' if row['channels_last'] else 'off'} compile={row['compile']} cfg{row['config']}")
         print(f"  done {label}: " + (row.get("skipped") or f"{row['samples_per_s']:.2f} samples/s"), flush=True)
-    # Ratios against the naive implementation at the same size: fp32, reference attention, channels-first, eager.
-    for row in rows:
+    _add_train_ratios(rows)
+    _print_train_table(args, rows)
+    return {"model_name": args.model_name, "device": args.device, "rows": rows}
+
+
+def _add_train_ratios(rows):
+    """x speed / x mem against the naive implementation of the same network at the same size and threads (fp32,
+    reference attention, channels-first, eager); x cfg1 against the first network at the same settings."""
+    settings = ("size", "batch", "threads", "precision", "attention", "channels_last", "compile")
+    for row in (r for r in rows if "skipped" not in r):
         base = next((r for r in rows if r["size"] == row["size"] and r["threads"] == row["threads"]
-                     and r["precision"] == "fp32"
+                     and r["config"] == row["config"] and r["precision"] == "fp32"
                      and r["attention"] in ("reference", "n/a") and not r["channels_last"] and r["compile"] == "off"
                      and "skipped" not in r), None)
-        if base and "skipped" not in row:
+        if base:
             row["speed_vs_naive"] = row["samples_per_s"] / base["samples_per_s"]
             row["mem_vs_naive"] = row["peak_mem_mb"] / base["peak_mem_mb"] if base["peak_mem_mb"] > 0 else None
+        first = next((r for r in rows if r["config"] == 1 and "skipped" not in r
+                      and all(r[k] == row[k] for k in settings)), None)
+        if first:
+            row["speed_vs_config1"] = row["samples_per_s"] / first["samples_per_s"]
+            row["cpu_vs_config1"] = row["step_cpu_s"] / first["step_cpu_s"]
+
+
+def _print_train_table(args, rows):
     mem_label = "peak GPU MiB" if args.device.startswith("cuda") else "peak RSS-base MiB"
     print(f"\nbenchmark.py train  model={args.model_name} device={args.device} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} CPUs) steps={args.steps}")
-    header = (f"{'size':>5} {'b':>2} {'thr':>3} {'prec':>5} {'attention':>9} {'cl':>3} {'comp':>4} {'samples/s':>9} "
-              f"{'step s':>7} {mem_label:>17} {'x speed':>7} {'x mem':>6}")
+    header = (f"{'cfg':>3} {'size':>5} {'b':>2} {'thr':>3} {'prec':>5} {'attention':>9} {'cl':>3} {'comp':>4} "
+              f"{'samples/s':>9} {'step s':>7} {'cpu s':>7} {mem_label:>17} {'x speed':>7} {'x mem':>6} "
+              f"{'x cfg1':>6} {'cpu/cfg1':>8} {'GMACs/256px':>11}")
     if args.device.startswith("cuda"):
         header += f" {'GFLOP/sample':>12} {'MFU':>6}"
     print(header)
     for r in rows:
-        head = (f"{r['size']:>5} {r['batch']:>2} {r['threads'] or 'def':>3} {r['precision']:>5} {r['attention']:>9} "
-                f"{'on' if r['channels_last'] else 'off':>3} {r['compile'][:4]:>4} ")
+        head = (f"{r['config']:>3} {r['size']:>5} {r['batch']:>2} {r['threads'] or 'def':>3} {r['precision']:>5} "
+                f"{r['attention']:>9} {'on' if r['channels_last'] else 'off':>3} {r['compile'][:4]:>4} ")
         if "skipped" in r:
             print(head + "skipped: " + r["skipped"])
             continue
-        line = (head + f"{r['samples_per_s']:>9.3f} {r['step_s']:>7.3f} {r['peak_mem_mb']:>17.0f} "
-                f"{r.get('speed_vs_naive', float('nan')):>7.2f} {r.get('mem_vs_naive') or float('nan'):>6.2f}")
+        line = (head + f"{r['samples_per_s']:>9.3f} {r['step_s']:>7.3f} {r['step_cpu_s']:>7.3f} "
+                f"{r['peak_mem_mb']:>17.0f} {r.get('speed_vs_naive', float('nan')):>7.2f} "
+                f"{r.get('mem_vs_naive') or float('nan'):>6.2f} {r.get('speed_vs_config1', float('nan')):>6.2f} "
+                f"{r.get('cpu_vs_config1', float('nan')):>8.2f} {r['gmacs_256']:>11.1f}")
         if args.device.startswith("cuda"):
             line += f" {r['flops_per_sample'] / 1e9:>12.1f} {r.get('mfu', float('nan')):>6.1%}"
         print(line)
+    for i, config in enumerate(args.model_configs, 1):
+        print(f"cfg{i}: {args.model_name} {json.dumps(config)}")
     print("x speed / x mem: samples/s and peak memory relative to fp32 + reference attention + channels-first "
-          "+ eager at the same size and threads (the naive implementation).")
-    return {"model_name": args.model_name, "device": args.device, "rows": rows}
+          "+ eager at the same size and threads (the naive implementation); x cfg1: samples/s relative to cfg1; "
+          "cpu s: the process's CPU seconds per step (median; less sensitive than wall time to a busy machine); "
+          "cpu/cfg1: that relative to cfg1.")
 
 
 SUBCOMMANDS["train"] = (_add_train_args, bench_train)
@@ -983,6 +1027,7 @@ LEARN_VARIANTS = {
     "no_residual_loss": ["--residual_weight", "0"],
     "no_confidence_refinement": ["--no-use_confidence_refinement"],
     "no_sar_skips": ["--no-use_sar_skips"],
+    "no_affine_residual": ["--no-affine_residual"],  # the default before the affine residual head
     "design": lambda: _design_flags(),  # the design document's network and losses, nothing added
     "with_date_correction": ["--use_date_correction"],
     # the design's own parts
@@ -1016,21 +1061,32 @@ LEARN_LOSS_OVERRIDES = {
 }
 
 
+# The data settings of `learn`. 128 px: a quarter as many patches as 64 px, so a run trains on the same pixels,
+# and batch 1, so a step sees the same pixels and a run takes about as many steps (96 against 112).
+LEARN_SETTINGS = {"64": dict(n=80, size=64, batch_sz=4, out="runs/learn"),
+                  "128": dict(n=20, size=128, batch_sz=1, out="runs/learn128")}
+
+
 def _add_learn_args(parser):
     parser.add_argument("--variants", default="full,no_confidence_loss,no_residual_loss,no_confidence_refinement,"
-                        "no_sar_skips,design,no_cloud_predictor",
+                        "no_sar_skips,no_affine_residual,design,no_cloud_predictor",
                         help=f"comma-separated, from: {', '.join(LEARN_VARIANTS)}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per variant")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs per run (the fixed budget)")
-    parser.add_argument("--n", type=int, default=80, help="synthetic patches (split by scene into train/val/test)")
-    parser.add_argument("--size", type=int, default=64, help="synthetic patch size in pixels (trained uncropped)")
+    parser.add_argument("--setting", choices=list(LEARN_SETTINGS), default="64",
+                        help="data setting: '64' = 80 patches of 64 px, batch 4; '128' = 20 patches of 128 px, "
+                             "batch 1 (the same pixels per run and per step, 4x the context per patch, so a "
+                             "receptive-field advantage shows); --n, --size, --batch_sz override its values")
+    parser.add_argument("--n", type=int, default=None, help="synthetic patches (split by scene into train/val/test)")
+    parser.add_argument("--size", type=int, default=None, help="synthetic patch size in pixels (trained uncropped)")
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset")
-    parser.add_argument("--batch_sz", type=int, default=4, help="training batch size")
+    parser.add_argument("--batch_sz", type=int, default=None, help="training batch size")
     parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
     parser.add_argument("--amp", default="bf16", help="precision of every variant except 'fp32'")
     parser.add_argument("--vgg_weights", default=None,
                         help="VGG weights path: adds the design's perceptual and contrastive terms")
-    parser.add_argument("--out", default="runs/learn", help="folder for data, checkpoints and results")
+    parser.add_argument("--out", default=None, help="folder for data, checkpoints and results "
+                        "(default runs/learn, or runs/learn128 for --setting 128: run names do not hold the size)")
     parser.add_argument("--extra", default="", help="extra training flags for every variant, e.g. '--lr 1e-3'")
     parser.add_argument("--ensemble", action="store_true",
                         help="also score each variant's seeds as one ensemble (test_CR.py with all their checkpoints)")
@@ -1043,6 +1099,14 @@ def _learn_loss_flags(variant, vgg_weights):
     if vgg_weights:
         overrides["vgg_weights"] = vgg_weights
     return losses.preset_flags("design" if vgg_weights else "design_no_vgg", **overrides)
+
+
+def resolve_learn_setting(args):
+    """args with --n, --size, --batch_sz and --out taken from --setting where not given."""
+    for key, value in LEARN_SETTINGS[args.setting].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
 
 
 def _learn_run(variant, seed, args, csv_path, out):
@@ -1087,6 +1151,7 @@ def _learn_scores(checkpoints, csv_path, results):
 
 def bench_learn(args):
     """Train each design variant on synthetic data for a fixed budget, score the test split vs identity."""
+    args = resolve_learn_setting(args)
     out = Path(args.out)
     csv_path = out / f"data_n{args.n}_s{args.size}_seed{args.data_seed}" / "data.csv"
     if not csv_path.is_file():
@@ -1185,14 +1250,6 @@ def _add_sparsify_args(parser):
 
 def bench_sparsify(args):
     """Sparsification of a head's stds: the model's errors against errors drawn from the predicted Laplace."""
-    import contextlib
-
-    import torch
-
-    import dataloader
-    import metrics
-    import runtime
-    import test_CR
     model, _ = runtime.load_model(args.checkpoint, torch.device("cpu"))
     rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split)
     dataset = dataloader.SEN12MSCRDataset(rows, str(Path(args.data_list_filepath).parent), augment=False)

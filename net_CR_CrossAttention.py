@@ -1,6 +1,6 @@
 """GLF-CR Enhanced v3: SAR-optical cloud removal with cross-attention fusion and cloud-aware residual.
 
-    python net_CR_CrossAttention.py      # smoke test: parameter count, shapes, forward/backward time
+    python net_CR_CrossAttention.py      # smoke test: parameter count, MACs, shapes, forward/backward time
 
 The network (design document "GLF-CR Enhanced Architecture v3.0"):
 
@@ -10,7 +10,8 @@ The network (design document "GLF-CR Enhanced Architecture v3.0"):
     fused   = CrossAttentionFusion(queries=o3, keys/values=s3)        pre-norm transformer block + 1x1
     gated   = fused * SpeckleAwareGate(o3, s3)                         spatial x channel sigmoid gates
     refined = Refinement(gated, o3)
-    residual   = Decoder(refined, skips o2, o1)                        13 bands, full resolution
+    residual   = Decoder(refined, skips o2+s2, o1+s1)                  13 bands, full resolution: a per-pixel
+                 offset + gain * cloudy (affine_residual) or the head's output alone
     confidence = CloudConfidencePredictor(refined) upsampled to H,W    0 clear ... 1 cloudy
     output  = cloudy + confidence * residual                           added in fp32
 
@@ -25,11 +26,14 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = [
     "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion",
     "SpeckleAwareGate", "CloudConfidencePredictor", "UncertaintyHead", "CloudRemovalCrossAttention", "DSen2CR",
     "Ensemble", "create_model", "MODELS", "SAR_INPUTS", "ModelConfig", "DSen2CRConfig",
+    "count_macs",
 ]
 
 GN_GROUPS = 8
@@ -69,6 +73,12 @@ class ModelConfig:
     detach_confidence_input: bool = _switch(
         False, "the confidence head reads detached features: --confidence_weight trains the head only, not the "
                "shared encoders and decoder", older=False)
+    affine_residual: bool = _switch(
+        True, "the decoder's head predicts a per-pixel, per-band offset and gain, residual = offset + gain * cloudy "
+              "(in fp32): under a cloud, clear = cloudy / transmission - cloud light / transmission is affine in the "
+              "input with slowly varying coefficients (AOD-Net writes dehazing the same way), so the head scales "
+              "and shifts the input's detail instead of rebuilding it (--no-affine_residual: residual = head output)",
+        older=False)
     use_uncertainty_head: bool = _switch(
         False, "predict a per-pixel, per-band log-variance of the prediction (aux['log_variance']), trained by the "
                "NLL term (--nll_weight); it reads detached features, so the prediction is the same with it or "
@@ -451,7 +461,8 @@ class CloudRemovalCrossAttention(nn.Module):
         skips = 2 if c.use_sar_skips else 1
         self.up2 = _UpStage(widths[2], widths[1], c.decoder_blocks[0], skips)
         self.up1 = _UpStage(widths[1], widths[0], c.decoder_blocks[1], skips)
-        self.head = nn.Conv2d(widths[0], in_optical, 3, padding=1)
+        # affine: (offset, gain) per band and pixel, residual = offset + gain * cloudy
+        self.head = nn.Conv2d(widths[0], in_optical * (2 if c.affine_residual else 1), 3, padding=1)
         self.cloud_predictor = CloudConfidencePredictor(dim) if c.use_cloud_predictor else None
         self.date_correction = DateCorrection(dim, in_optical) if c.use_date_correction else None
         self.confidence_refinement = ConfidenceRefinement(widths[0]) if c.use_confidence_refinement else None
@@ -460,6 +471,7 @@ class CloudRemovalCrossAttention(nn.Module):
         with torch.no_grad():
             self.head.weight.mul_(0.1)
             self.head.bias.zero_()
+            self.head.weight[in_optical:].zero_()  # the gains, where there are any: 0, the plain residual
         # Last, and from a fork of the random stream: every other part and every later draw (the training data's
         # order) get the same numbers with the head as without it, so the two networks train alike but for what the
         # head itself changes.
@@ -489,7 +501,12 @@ class CloudRemovalCrossAttention(nn.Module):
             x = self.up1(self.up2(refined, o2, s2), o1, s1)
         else:
             x = self.up1(self.up2(refined, o2), o1)
-        residual = self.head(x)[..., :h, :w]
+        if self.config.affine_residual:  # in fp32: the gain multiplies the input, the offset nearly cancels it
+            with torch.autocast(device_type=optical.device.type, enabled=False):
+                offset, gain = self.head(x.float())[..., :h, :w].chunk(2, dim=1)
+                residual = offset + gain * optical.float()
+        else:
+            residual = self.head(x)[..., :h, :w]
         log_variance = None  # only where asked for: validation's plain forward skips the head
         if return_aux and self.uncertainty_head is not None:
             log_variance = self.uncertainty_head(x.detach())[..., :h, :w]
@@ -649,6 +666,25 @@ def parameter_breakdown(model):
     return parts
 
 
+def count_macs(model, size=256):
+    """Multiply-accumulates of one forward pass of one size x size sample in eval mode (torch's FlopCounterMode,
+    MACs = FLOPs / 2), the unit the field's papers report as "GFLOPs". Runs on fake tensors: shapes only, no
+    arithmetic, so it takes about a second for any network. FlopCounterMode has no formula for the CPU's fused
+    attention kernel; it is counted as the two matmuls it does, so "fused" and "reference" count the same."""
+    cpu_sdpa = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={
+        cpu_sdpa: lambda query, key, value, *args, **kwargs: sdpa_flop_count(query, key, value)})
+    was_training, device = model.training, next(model.parameters()).device
+    model.eval()
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), counter:
+            model(torch.empty(1, model.in_optical, size, size, device=device),
+                  torch.empty(1, model.in_sar, size, size, device=device))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
 def _smoke_test():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
@@ -656,15 +692,19 @@ def _smoke_test():
     n_params = count_parameters(model)
     cfg = asdict(model.config)
     tick = lambda on: "✓" if on else "✗"
-    design = count_parameters(CloudRemovalCrossAttention(**design_switches()))
-    print(f"Model parameters: {n_params / 1e6:.2f}M (the design's network: {design / 1e6:.2f}M, plus "
-          f"{(n_params - design):,} for the parts measured worth adding)")
+    design = CloudRemovalCrossAttention(**design_switches())
+    n_design = count_parameters(design)
+    print(f"Model parameters: {n_params / 1e6:.2f}M (the design's network: {n_design / 1e6:.2f}M, plus "
+          f"{(n_params - n_design):,} for the parts measured worth adding)")
+    print(f"MACs per 256 px forward: {count_macs(model) / 1e9:.1f} G (the design's network: "
+          f"{count_macs(design) / 1e9:.1f} G; DSen2-CR: {count_macs(DSen2CR()) / 1e9:,.0f} G)")
     print("Architecture: Cloud-Aware Weighted Residual Learning")
     print(f"  - Spectral Attention for SAR: {tick(cfg['use_spectral_attention'])}")
     print(f"  - Cloud Confidence Predictor: {tick(cfg['use_cloud_predictor'])}")
     print(f"  - Adaptive Residual Weighting: {tick(cfg['use_cloud_predictor'])}")
     print(f"  - Full-resolution confidence refinement: {tick(cfg['use_confidence_refinement'])}")
     print(f"  - SAR skip connections to the decoder: {tick(cfg['use_sar_skips'])}")
+    print(f"  - Affine residual (offset + gain x cloudy): {tick(cfg['affine_residual'])}")
     print(f"  - Date (radiometric) correction: {tick(cfg['use_date_correction'])}")
     print(f"  - Uncertainty head (per-band log-variance): {tick(cfg['use_uncertainty_head'])}")
     parts = parameter_breakdown(model)

@@ -48,3 +48,25 @@ def test_loop_benchmark_times_the_training_loss_it_compares_with(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("loop/step ") and float(last.split()[1]) > 0, last
+
+
+def _learn_args(*argv):
+    p = argparse.ArgumentParser()
+    benchmark._add_learn_args(p)
+    return benchmark.resolve_learn_setting(p.parse_args(argv))
+
+
+@pytest.mark.parametrize("setting", list(benchmark.LEARN_SETTINGS))
+def test_learn_settings_give_train_val_and_test_scenes_of_the_same_pixels(setting, tmp_path):
+    args = _learn_args("--setting", setting)
+    csv_path = dataloader.make_synthetic_dataset(tmp_path, n=args.n, size=args.size, seed=args.data_seed)
+    counts = [sum(t.split == split for t in dataloader.read_data_list(csv_path)) for split in (1, 2, 3)]
+    assert all(counts), counts
+    # as many pixels per run and per step as the 64 px setting, so the two compare at about equal cost
+    assert args.n * args.size ** 2 == 80 * 64 ** 2 and args.batch_sz * args.size ** 2 == 4 * 64 ** 2
+
+
+def test_learn_flags_override_the_setting():
+    args = _learn_args("--setting", "128", "--n", "24", "--out", "elsewhere")
+    assert (args.n, args.size, args.batch_sz, args.out) == (24, 128, 1, "elsewhere")
+    assert _learn_args().out != _learn_args("--setting", "128").out  # run names do not hold the size

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import net_CR_CrossAttention as net
+import runtime
 from net_CR_CrossAttention import (
     CloudRemovalCrossAttention,
     DSen2CR,
@@ -42,13 +43,14 @@ def test_parameter_budget_matches_design(model):
     assert abs(total - DESIGN_TOTAL) <= DESIGN_TOLERANCE, total
     assert count_parameters(design.sar_encoder.spectral_attention) <= 100
     assert abs(count_parameters(design.cloud_predictor) - 0.37e6) <= 0.01e6
-    # the default adds what BENCHMARKS.md measured worth it: SAR skips and the confidence refinement
-    parts = net.parameter_breakdown(model)
+    # the default adds what BENCHMARKS.md measured worth it: SAR skips, the confidence refinement, the affine head
+    parts, design_parts = net.parameter_breakdown(model), net.parameter_breakdown(design)
     top_level = {k: v for k, v in parts.items() if "." not in k}
     assert sum(top_level.values()) == count_parameters(model)
-    sar_skips = (parts["up2"] + parts["up1"]) - (net.parameter_breakdown(design)["up2"]
-                                                 + net.parameter_breakdown(design)["up1"])
-    assert count_parameters(model) == total + sar_skips + parts["confidence_refinement"]
+    sar_skips = (parts["up2"] + parts["up1"]) - (design_parts["up2"] + design_parts["up1"])
+    gains = parts["head"] - design_parts["head"]
+    assert gains == 13 * (64 * 9 + 1)  # a second 3x3 head of 13 bands: the gains
+    assert count_parameters(model) == total + sar_skips + parts["confidence_refinement"] + gains
 
 
 @pytest.mark.parametrize("n,h,w", [(1, 32, 32), (2, 37, 45), (1, 64, 50), (1, 33, 63), (1, 3, 5), (1, 1, 2)])
@@ -102,7 +104,8 @@ def test_reference_path_differs_from_a_broken_attention():
     assert (before - after).abs().max() > 1e-5
 
 
-@pytest.mark.parametrize("config", [{}, {"use_cross_attn": False}, {"use_cloud_predictor": False}])
+@pytest.mark.parametrize("config", [{}, {"use_cross_attn": False}, {"use_cloud_predictor": False},
+                                    {"affine_residual": False}])
 def test_every_parameter_gets_a_gradient(config):
     m = _model(**config)
     with torch.no_grad():  # zero-initialised last layers pass no gradient to their inner layers until trained
@@ -168,7 +171,8 @@ def test_cross_attention_switch_uses_concat_fusion():
         assert concat(optical, sar).shape == optical.shape
 
 
-@pytest.mark.parametrize("config", [{}, net.design_switches()], ids=["default", "design"])
+@pytest.mark.parametrize("config", [{}, {"affine_residual": False}, net.design_switches()],
+                         ids=["default", "plain_head", "design"])
 def test_zero_confidence_passes_the_input_through_exactly(config):
     m = _model(**config)
     # logits of -1e4: sigmoid gives exactly 0, on the design's path and through the refinement alike
@@ -258,3 +262,70 @@ def test_dsen2cr_baseline():
     with torch.device("meta"):
         default = DSen2CR()
     assert count_parameters(default) == _dsen2cr_count(13, 2, 256, 16) == 18_947_341
+
+
+def test_macs_of_a_small_known_network_by_hand():
+    # DSen2CR is convolutions only, so its MACs are H*W * sum(cout * cin * k*k) and grow with the pixel count.
+    m = DSen2CR(feature_sizes=8, num_layers=2)
+    per_pixel = 8 * 15 * 9 + 2 * 2 * (8 * 8 * 9) + 13 * 8 * 9
+    assert net.count_macs(m, size=32) == 32 * 32 * per_pixel
+    assert net.count_macs(m, size=64) == 4 * net.count_macs(m, size=32)
+    assert m.training  # counted in eval mode, then put back
+
+
+def test_macs_count_the_fused_attention_as_the_reference_does():
+    # FlopCounterMode knows no formula for the CPU's fused attention kernel: without the one count_macs adds,
+    # the fused path would count 2 * tokens^2 * dim fewer MACs than the materialised softmax(QK^T)V.
+    small = dict(widths=(8, 16, 32), heads=4)
+    fused = net.count_macs(_model(attention="fused", **small), size=32)
+    reference = net.count_macs(_model(attention="reference", **small), size=32)
+    assert fused == reference
+    concat = net.count_macs(_model(use_cross_attn=False, **small), size=32)
+    assert fused != concat
+
+
+def _capture_head(m):
+    seen = {}
+    m.head.register_forward_hook(lambda module, args, out: seen.update(out=out))
+    return seen
+
+
+def test_affine_residual_is_offset_plus_gain_times_the_input_in_fp32():
+    m = _model(affine_residual=True)
+    with torch.no_grad():
+        m.head.weight.normal_(0, 0.05)  # untrained, the gains are 0: give them a value
+    seen = _capture_head(m)
+    optical, sar = _inputs(2, 33, 41)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        prediction, aux = m(optical, sar, return_aux=True)
+    assert seen["out"].dtype == torch.float32  # the head runs in fp32 even under autocast
+    offset, gain = seen["out"][..., :33, :41].chunk(2, dim=1)
+    assert gain.abs().max() > 0
+    torch.testing.assert_close(aux["residual"], offset + gain * optical, rtol=0, atol=0)
+    torch.testing.assert_close(prediction, optical + aux["confidence"] * aux["residual"], rtol=0, atol=0)
+
+
+def test_a_checkpoint_from_before_the_affine_residual_loads_with_the_plain_head():
+    # its config has no "affine_residual" key: runtime.model_config_of fills in the field's older value (off)
+    old = _model(affine_residual=False).eval()
+    config = {k: v for k, v in asdict(old.config).items() if k != "affine_residual"}
+    ckpt = {"model_name": "CrossAttention", "model_config": config, "model": old.state_dict(), "args": {}}
+    with pytest.raises(RuntimeError, match="head.weight"):  # today's default cannot hold those weights
+        net.create_model("CrossAttention", **config).load_state_dict(ckpt["model"])
+    rebuilt = runtime.build_model_from_checkpoint(ckpt).eval()
+    assert rebuilt.config.affine_residual is False
+    optical, sar = _inputs(1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(optical, sar), old(optical, sar))
+
+
+def test_affine_residual_starts_as_the_plain_head():
+    # zero gains at initialisation: the same offsets give the plain network's output
+    affine, plain = _model(affine_residual=True), _model(affine_residual=False)
+    assert count_parameters(affine) - count_parameters(plain) == 13 * (64 * 9 + 1)
+    state = affine.state_dict()
+    state["head.weight"], state["head.bias"] = state["head.weight"][:13], state["head.bias"][:13]
+    plain.load_state_dict(state)
+    optical, sar = _inputs(1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(affine(optical, sar), plain(optical, sar), rtol=1e-5, atol=1e-6)
