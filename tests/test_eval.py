@@ -361,12 +361,14 @@ def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_pat
         jump = lambda a: np.abs(np.diff(a, axis=2))[:, :, [e - 1 for e in edges]]
         return np.abs(jump(img) - jump(whole)).mean() / bands.S2_SCALE
 
-    # No seam: feathered tiles jump at their edges as the single-pass prediction does (measured 0.0010), while
-    # hard stitching of the same tiles (overlap 0) leaves a step eight times larger (measured 0.0081).
+    # No seam: feathered tiles jump at their edges as the single-pass prediction does, while hard stitching of the
+    # same tiles (overlap 0) leaves a step several times larger (measured 0.0010 against 0.0081 with the plain
+    # residual head; 0.0021 against 0.0149 with the affine head, the default since, whose 1-epoch model leans more
+    # on each tile's context: the bound follows it, the ratio is what tells blending from stitching).
     hard = test_CR.predict_scene(model, *scene, tmp_path / "hard.tif", tile=32, overlap=0, progress=False)
     with rasterio.open(hard) as dst:
         stitched = dst.read().astype(np.float32)
-    assert seam(tiled, 8) < 0.002 and seam(tiled, 8) < seam(stitched, 0) / 3, (seam(tiled, 8), seam(stitched, 0))
+    assert seam(tiled, 8) < 0.004 and seam(tiled, 8) < seam(stitched, 0) / 3, (seam(tiled, 8), seam(stitched, 0))
 
 
 def test_mismatched_scene_inputs_name_both_files(scene, tmp_path):

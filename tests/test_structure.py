@@ -2,6 +2,7 @@
 checkpoints, short functions."""
 import ast
 import importlib
+import json
 import re
 import subprocess
 import sys
@@ -185,6 +186,13 @@ def test_code_uses_names_from_the_module_that_defines_them():
         uses = _misplaced_uses(ast.parse(path.read_text()))
         if uses:
             misplaced[str(path.relative_to(ROOT))] = uses
+    for notebook in (ROOT / "notebooks").glob("*.ipynb"):  # its code cells call the modules as a user's would
+        cells = json.loads(notebook.read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        code = "\n".join(line for line in code.splitlines() if not line.lstrip().startswith(("!", "%")))
+        uses = _misplaced_uses(ast.parse(code))
+        if uses:
+            misplaced[str(notebook.relative_to(ROOT))] = uses
     assert not misplaced, misplaced
 
 
