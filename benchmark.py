@@ -23,6 +23,7 @@ import tempfile
 import threading
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -507,7 +508,7 @@ def bench_eval(args):
             model = net.create_model("CrossAttention")
             ckpt = tmp / "random.pth"
             torch.save({"model": model.state_dict(), "model_name": "CrossAttention",
-                        "model_config": __import__("dataclasses").asdict(model.config), "epoch": 0}, ckpt)
+                        "model_config": asdict(model.config), "epoch": 0}, ckpt)
         csv_path = dataloader.make_synthetic_dataset(tmp / "data", n=args.n, size=args.size, seed=0,
                                                      val_frac=0.0, test_frac=0.0)
         # Evaluate every patch: the synthetic list puts them all in split 1 (train) with these fractions.

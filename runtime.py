@@ -99,8 +99,8 @@ def describe_amp(amp, device):
         chosen, why = amp, f"--amp {amp}"
     warning = None
     if chosen == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warning = ("warning: --amp bf16 on a CPU without native bf16 (torch emulates it): a training step is several "
-                   "times slower than fp32 here (BENCHMARKS.md, 'Model training step'); --amp auto picks fp32")
+        warning = ("warning: --amp bf16 on a CPU without native bf16 (torch emulates it): the network runs several "
+                   "times slower than in fp32 here (BENCHMARKS.md, 'Model training step'); --amp auto picks fp32")
     return f"amp {chosen} ({why})", warning
 
 

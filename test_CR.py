@@ -87,7 +87,7 @@ def resolve_device_and_amp(args):
     device = runtime.resolve_device(args.device)
     amp_warning = runtime.describe_amp(args.amp, device)[1]
     if amp_warning:
-        print(amp_warning.replace("training step", "forward pass"), file=sys.stderr)
+        print(amp_warning, file=sys.stderr)
     return device, runtime.resolve_amp(args.amp, device)[0]
 
 

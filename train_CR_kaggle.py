@@ -201,21 +201,26 @@ def prepare_demo(args):
     args.notes = args.notes or "demo run on synthetic data"
 
 
+def _per_model_default(args, defaults, model_has_it):
+    """Loss weights left at None by their flags take `defaults` where the model has the part they need, else the
+    value that switches them off (losses.LOSS_DEFAULTS)."""
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value if model_has_it else losses.LOSS_DEFAULTS[name])
+
+
 def resolve_confidence_weights(args):
     """--confidence_weight and --residual_weight default to losses.MAP_LOSS_DEFAULTS where the model has a
     confidence map, else to 0 (the terms need one)."""
-    has_map = args.model_name == "CrossAttention" and args.use_cloud_predictor
-    for name, value in losses.MAP_LOSS_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value if has_map else losses.LOSS_DEFAULTS[name])
+    _per_model_default(args, losses.MAP_LOSS_DEFAULTS,
+                       args.model_name == "CrossAttention" and args.use_cloud_predictor)
     return args.confidence_weight, args.residual_weight
 
 
 def resolve_nll_weight(args):
     """--nll_weight defaults to losses.HEAD_LOSS_DEFAULTS where the model has an uncertainty head, else to 0."""
-    if args.nll_weight is None:
-        has_head = args.model_name == "CrossAttention" and args.use_uncertainty_head
-        args.nll_weight = losses.HEAD_LOSS_DEFAULTS["nll_weight"] if has_head else losses.LOSS_DEFAULTS["nll_weight"]
+    _per_model_default(args, losses.HEAD_LOSS_DEFAULTS,
+                       args.model_name == "CrossAttention" and args.use_uncertainty_head)
     return args.nll_weight
 
 
