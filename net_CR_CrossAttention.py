@@ -79,6 +79,10 @@ class ModelConfig:
               "input with slowly varying coefficients (AOD-Net writes dehazing the same way), so the head scales "
               "and shifts the input's detail instead of rebuilding it (--no-affine_residual: residual = head output)",
         older=False)
+    input_skip: bool = _switch(
+        False, "the decoder's full-resolution stage also reads the cloudy image and the SAR image as they are: the "
+               "encoders' group norms take away each patch's brightness level, which says how thick a haze is",
+        older=False)
     use_uncertainty_head: bool = _switch(
         False, "predict a per-pixel, per-band log-variance of the prediction (aux['log_variance']), trained by the "
                "NLL term (--nll_weight); it reads detached features, so the prediction is the same with it or "
@@ -330,10 +334,10 @@ class Refinement(nn.Module):
 class _UpStage(nn.Module):
     """x2 bilinear upsampling, 1x1 channel reduction, concatenation with the encoder skip(s), 3x3 conv."""
 
-    def __init__(self, cin, cout, blocks=0, skips=1):
+    def __init__(self, cin, cout, blocks=0, skips=1, extra=0):
         super().__init__()
         self.reduce = nn.Conv2d(cin, cout, 1)
-        self.merge = _conv_gn_act((1 + skips) * cout, cout)
+        self.merge = _conv_gn_act((1 + skips) * cout + extra, cout)
         self.blocks = nn.Sequential(*[ResBlock(cout) for _ in range(blocks)])
 
     def forward(self, x, *skips):
@@ -460,7 +464,8 @@ class CloudRemovalCrossAttention(nn.Module):
         self.refine = Refinement(dim)
         skips = 2 if c.use_sar_skips else 1
         self.up2 = _UpStage(widths[2], widths[1], c.decoder_blocks[0], skips)
-        self.up1 = _UpStage(widths[1], widths[0], c.decoder_blocks[1], skips)
+        self.up1 = _UpStage(widths[1], widths[0], c.decoder_blocks[1], skips,
+                            extra=in_optical + in_sar if c.input_skip else 0)
         # affine: (offset, gain) per band and pixel, residual = offset + gain * cloudy
         self.head = nn.Conv2d(widths[0], in_optical * (2 if c.affine_residual else 1), 3, padding=1)
         self.cloud_predictor = CloudConfidencePredictor(dim) if c.use_cloud_predictor else None
@@ -497,10 +502,10 @@ class CloudRemovalCrossAttention(nn.Module):
         s1, s2, s3 = self.sar_encoder(sar_p)
         fused = self.fusion(o3, s3) * self.gate(o3, s3)
         refined = self.refine(fused, o3)
-        if self.config.use_sar_skips:
-            x = self.up1(self.up2(refined, o2, s2), o1, s1)
-        else:
-            x = self.up1(self.up2(refined, o2), o1)
+        full_res = [o1, s1] if self.config.use_sar_skips else [o1]
+        if self.config.input_skip:
+            full_res += [optical_p, sar_p]
+        x = self.up1(self.up2(refined, o2, *([s2] if self.config.use_sar_skips else [])), *full_res)
         if self.config.affine_residual:  # in fp32: the gain multiplies the input, the offset nearly cancels it
             with torch.autocast(device_type=optical.device.type, enabled=False):
                 offset, gain = self.head(x.float())[..., :h, :w].chunk(2, dim=1)
