@@ -79,6 +79,10 @@ class ModelConfig:
               "input with slowly varying coefficients (AOD-Net writes dehazing the same way), so the head scales "
               "and shifts the input's detail instead of rebuilding it (--no-affine_residual: residual = head output)",
         older=False)
+    bottleneck_blocks: int = _switch(
+        0, "residual blocks (256 channels) after the refinement at 1/4 resolution, read by the decoder and the cloud "
+           "predictor: a cloud's transmission varies slowly in space, so the compute that estimates it is cheapest "
+           "there (4.7 GMACs per block at 256 px)", older=0)
     input_skip: bool = _switch(
         False, "the decoder's full-resolution stage also reads the cloudy image and the SAR image as they are: the "
                "encoders' group norms take away each patch's brightness level, which says how thick a haze is",
@@ -462,6 +466,7 @@ class CloudRemovalCrossAttention(nn.Module):
                        else ConcatFusion(dim))
         self.gate = SpeckleAwareGate(dim)
         self.refine = Refinement(dim)
+        self.bottleneck = nn.Sequential(*[ResBlock(dim) for _ in range(c.bottleneck_blocks)])
         skips = 2 if c.use_sar_skips else 1
         self.up2 = _UpStage(widths[2], widths[1], c.decoder_blocks[0], skips)
         self.up1 = _UpStage(widths[1], widths[0], c.decoder_blocks[1], skips,
@@ -501,7 +506,7 @@ class CloudRemovalCrossAttention(nn.Module):
         o1, o2, o3 = self.optical_encoder(optical_p)
         s1, s2, s3 = self.sar_encoder(sar_p)
         fused = self.fusion(o3, s3) * self.gate(o3, s3)
-        refined = self.refine(fused, o3)
+        refined = self.bottleneck(self.refine(fused, o3))
         full_res = [o1, s1] if self.config.use_sar_skips else [o1]
         if self.config.input_skip:
             full_res += [optical_p, sar_p]
