@@ -1088,7 +1088,8 @@ def _add_learn_args(parser):
                         help="VGG weights path: adds the design's perceptual and contrastive terms")
     parser.add_argument("--out", default=None, help="folder for data, checkpoints and results "
                         "(default runs/learn, or runs/learn128 for --setting 128: run names do not hold the size)")
-    parser.add_argument("--extra", default="", help="extra training flags for every variant, e.g. '--lr 1e-3'")
+    parser.add_argument("--extra", default="", help="extra training flags for every variant, e.g. '--lr 1e-3'; a "
+                        "single flag as --extra=--use_date_correction (argparse takes a lone '--flag' for an option)")
     parser.add_argument("--ensemble", action="store_true",
                         help="also score each variant's seeds as one ensemble (test_CR.py with all their checkpoints)")
 
@@ -1147,7 +1148,7 @@ def _learn_scores(checkpoints, csv_path, results):
            if r is not None for pct in r["oracle_rmse_drop_pct"]}}
     return {"model": summary["mean"]["model"], "identity": summary["mean"]["identity"], "n_test": summary["n_images"],
             "confidence": summary.get("confidence"), "clear_change": summary["clear_change"]["model"],
-            "uncertainty": figures}
+            "uncertainty": figures, "truth_bins": summary.get("truth_bins")}
 
 
 def bench_learn(args):
@@ -1182,6 +1183,7 @@ def bench_learn(args):
                 table.append(_learn_row(run["variant"], [run]))
     _print_learn_table(table, runs[0]["identity"], f"{runs[0]['n_test']} test patches of {args.size} px, "
                        f"{args.epochs} epochs each")
+    _print_truth_bins(table, runs)
     return {"runs": runs, "table": table, "identity": runs[0]["identity"],
             "settings": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
 
@@ -1207,9 +1209,14 @@ LEARN_COLUMNS = (
 
 
 def _learn_row(variant, runs):
-    """Mean and sample std over seeds of every LEARN_COLUMNS figure (None where a variant has no such figure)."""
+    """Mean and sample std over seeds of every LEARN_COLUMNS figure (None where a variant has no such figure), and
+    the mean over seeds of each true-cloud bin's PSNR (test_CR.py's "truth_bins")."""
     row = {"variant": variant, "seeds": [r["seed"] for r in runs],
            "train_s": float(np.mean([r["train_s"] for r in runs]))}
+    bins = [r["truth_bins"] for r in runs if r.get("truth_bins")]
+    row["truth_bins"] = None if len(bins) < len(runs) else {
+        name: None if any(b[name]["PSNR_model"] is None for b in bins)
+        else float(np.mean([b[name]["PSNR_model"] for b in bins])) for name in bins[0]}
     for key, get in LEARN_COLUMNS:
         values = [get(r) for r in runs]
         if any(v is None for v in values):
@@ -1232,6 +1239,22 @@ def _print_learn_table(table, identity, what):
     print(f"{'identity (cloudy input)':<32}" + "".join(f"{known[k]:>10.3f}{'':8}" if k in known else f"{'-':>18}"
                                                       for k in keys))
     print(f"mean ± sample std over seeds; {what}")
+
+
+def _print_truth_bins(table, runs):
+    """PSNR by true cloud per variant (means over seeds), beside the identity's: where each variant's error lies."""
+    rows = [row for row in table if row["truth_bins"]]
+    if not rows:
+        return
+    names = list(rows[0]["truth_bins"])
+    identity = runs[0]["truth_bins"]
+    print(f"\nPSNR by true cloud, dB (squared error pooled over each bin's pixels; means over seeds)\n{'variant':<32}"
+          + "".join(f"{name:>20}" for name in names))
+    fmt = lambda v: f"{'-':>20}" if v is None else f"{v:>20.2f}"
+    for row in rows:
+        print(f"{row['variant']:<32}" + "".join(fmt(row["truth_bins"][name]) for name in names))
+    print(f"{'identity (cloudy input)':<32}" + "".join(fmt(identity[name]["PSNR_identity"]) for name in names))
+    print(f"{'pixels':<32}" + "".join(f"{identity[name]['pixels']:>20}" for name in names))
 
 
 SUBCOMMANDS["learn"] = (_add_learn_args, bench_learn)

@@ -38,6 +38,7 @@ import rasterio
 import rasterio.errors
 import torch
 from rasterio.windows import Window
+from scipy import ndimage
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -55,6 +56,12 @@ REGIONS = ("all", "cloudy", "clear")
 PREDICTORS = ("model", "identity")  # identity: the cloudy input itself taken as the prediction
 # Cloud-cover bins in percent of cloudy pixels: [lo, hi), the last one closed at 100.
 COVER_BINS = ((0, 10), (10, 30), (30, 60), (60, 100))
+# Where the data has true cloud maps (synthetic sets, dataloader.truth_path), pixels are also scored by their true
+# cloud: PSNR of the squared error pooled over a bin's pixels and bands, so a reader sees whether the error lies under
+# thin cloud that lets the ground through or under opaque cloud, at a cloud's edge or deep inside. Opacity bins are
+# (lo, hi]; "clear" has neither cloud nor shadow above dataloader.TRUTH_THRESHOLD.
+OPACITY_BINS = ((0.05, 0.3), (0.3, 0.7), (0.7, 0.9), (0.9, 1.0))
+EDGE_PX = 4  # "at the edge": a cloudy pixel at most this far (Euclidean, px) from a pixel outside the cloud
 # (load_size, crop_size) of each protocol; None = the whole patch. glfcr: GLF-CR's test_CR.py defaults.
 PROTOCOLS = {"full": (None, None), "glfcr": (256, 128)}
 # Rows are appended here batch by batch; metrics.csv replaces it (atomically) when the run completes.
@@ -518,6 +525,56 @@ def write_results(results, per_image, summary):
     (results / PARTIAL_CSV).unlink(missing_ok=True)
 
 
+def truth_bin_masks(cloud_truth):
+    """(N,2,H,W) true opacity and shadow -> {bin name: bool (N,H,W)}. A bin may be empty; the bins overlap only
+    where a name says so (the opacity bins and the two edge bins each split the cloudy pixels)."""
+    opacity, shadow = cloud_truth[:, 0], cloud_truth[:, 1]
+    cloud = opacity > dataloader.TRUTH_THRESHOLD
+    masks = {"clear": ~cloud & (shadow <= dataloader.TRUTH_THRESHOLD),
+             "shadow, no cloud": ~cloud & (shadow > dataloader.TRUTH_THRESHOLD)}
+    masks.update({f"opacity {lo}-{hi}": (opacity > lo) & (opacity <= hi) for lo, hi in OPACITY_BINS})
+    # A patch's border is not a cloud's edge: a patch without clear pixels has all of its cloud "inside".
+    distance = torch.from_numpy(np.stack([ndimage.distance_transform_edt(c) if (~c).any() else np.full(c.shape, np.inf)
+                                          for c in cloud.cpu().numpy()])).to(cloud.device)
+    masks[f"cloud, edge {EDGE_PX} px"] = cloud & (distance <= EDGE_PX)
+    masks["cloud, inside"] = cloud & (distance > EDGE_PX)
+    return masks
+
+
+def accumulate_truth_bins(pooled, cloud_truth, predictions, target):
+    """Add a batch's squared error per true-cloud bin, per predictor, to pooled["truth_bins"]."""
+    sums = pooled.setdefault("truth_bins", {})
+    errors = {name: ((p - target) ** 2).sum(dim=1) for name, p in predictions.items()}  # (N,H,W), summed over bands
+    for name, mask in truth_bin_masks(cloud_truth).items():
+        entry = sums.setdefault(name, {"pixels": 0, "values": 0, **{p: 0.0 for p in predictions}})
+        entry["pixels"] += int(mask.sum())
+        entry["values"] += int(mask.sum()) * target.shape[1]
+        for predictor, error in errors.items():
+            entry[predictor] += float(error[mask].double().sum())
+
+
+def summarise_truth_bins(pooled):
+    """{bin: {"pixels", "PSNR_model", "PSNR_identity"}} from the pooled squared errors (PSNR None for an empty bin,
+    capped like metrics.psnr); None without true cloud maps."""
+    if "truth_bins" not in pooled:
+        return None
+    out = {}
+    for name, entry in pooled["truth_bins"].items():
+        n = entry["values"]
+        psnr = {p: None if n == 0 else min(metrics.PSNR_CAP, -10 * math.log10(max(entry[p] / n, 1e-30)))
+                for p in PREDICTORS}
+        out[name] = {"pixels": entry["pixels"], **{f"PSNR_{p}": v for p, v in psnr.items()}}
+    return out
+
+
+def format_truth_bins(bins):
+    fmt = lambda v: f"{'-':>9}" if v is None else f"{v:>9.2f}"
+    lines = [f"PSNR by true cloud (squared error pooled over each bin's pixels)\n{'pixels':<26}{'n':>8}{'model':>9}"
+             f"{'identity':>9}"]
+    lines += [f"{name:<26}{b['pixels']:>8}{fmt(b['PSNR_model'])}{fmt(b['PSNR_identity'])}" for name, b in bins.items()]
+    return "\n".join(lines)
+
+
 def accumulate_histograms(pooled, confidence, mask, true_mask):
     """Add a batch's confidence histograms (against the mask, and the truth if any) to the data set's."""
     for key, labels in (("auc_mask", mask), ("auc_truth", true_mask)):
@@ -570,6 +627,7 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
         "mean": summarise(per_image), "cloud_cover_bins": bins,
         "confidence": summarise_confidence(per_image, pooled),
+        "truth_bins": summarise_truth_bins(pooled),
         "uncertainty": summarise_uncertainty(per_image, pooled, uncertainty_source(model)),
         "clear_change": {"model": _nanmean([row["model_clear_change"] for row in per_image]), "identity": 0.0},
         "images_per_s": len(per_image) / seconds, "model_images_per_s": len(per_image) / max(t_model, 1e-9),
@@ -687,6 +745,9 @@ def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index
     conf_cols = confidence_scores(confidence, prediction, identity, mask, true_mask)
     if confidence is not None:
         accumulate_histograms(pooled, confidence, mask, true_mask)
+    if "cloud_truth" in batch:
+        accumulate_truth_bins(pooled, batch["cloud_truth"].to(device), {"model": prediction, "identity": identity},
+                              target)
     if out["variance"] is not None:  # a fixed seed: the same pixels are drawn on every run
         generator = pooled.setdefault("generator", torch.Generator().manual_seed(0))
         pooled.setdefault("pixels", []).append(sample_pixels(out, target, mask, generator))
@@ -725,6 +786,8 @@ def evaluate(args):
           f"{runtime.describe_amp(args.amp, device)[0]}")
     print(format_table(summary["mean"], summary["cloud_cover_bins"]))
     print(format_confidence(summary))
+    if summary["truth_bins"] is not None:
+        print(format_truth_bins(summary["truth_bins"]))
     if summary["uncertainty"] is not None:
         print(format_uncertainty(summary["uncertainty"]))
     print(f"{summary['images_per_s']:.2f} images/s; per-image scores in {results / 'metrics.csv'}, "

@@ -83,3 +83,21 @@ def test_train_benchmark_times_the_training_step_in_a_fresh_process(tmp_path):
     (row,) = figures["rows"]
     assert "skipped" not in row, row["skipped"]
     assert row["samples_per_s"] > 0
+
+
+def test_learn_rows_average_each_true_cloud_bin_over_seeds(capsys):
+    def run(seed, clear, thin):
+        figures = {"all": {"PSNR": 30.0, "SSIM": 0.9, "SAM": 5.0}, "cloudy": {"PSNR": 25.0}}
+        return {"seed": seed, "train_s": 10.0, "model": figures, "identity": figures, "confidence": None,
+                "clear_change": 0.0, "truth_bins": {
+                    "clear": {"pixels": 100, "PSNR_model": clear, "PSNR_identity": 50.0},
+                    "opacity 0.05-0.3": {"pixels": 0 if thin is None else 7, "PSNR_model": thin,
+                                         "PSNR_identity": thin and 20.0}}}
+    row = benchmark._learn_row("full", [run(0, 40.0, 30.0), run(1, 42.0, 32.0)])
+    assert row["truth_bins"] == {"clear": 41.0, "opacity 0.05-0.3": 31.0}
+    assert benchmark._learn_row("full", [run(0, 40.0, None)])["truth_bins"]["opacity 0.05-0.3"] is None
+    # a run without true cloud maps (real data): no bins for the variant
+    assert benchmark._learn_row("full", [{**run(0, 40.0, 30.0), "truth_bins": None}])["truth_bins"] is None
+    benchmark._print_truth_bins([row], [run(0, 40.0, 30.0)])
+    out = capsys.readouterr().out
+    assert "41.00" in out and "31.00" in out and "50.00" in out and "PSNR by true cloud" in out

@@ -345,3 +345,46 @@ def test_residual_term_trains_the_ungated_residual_on_every_pixel():
     _, aux = model(torch.rand(1, 13, 16, 16), torch.rand(1, 2, 16, 16), return_aux=True)
     assert torch.allclose(train.ungated_prediction(aux), aux["corrected"] + aux["residual"])
     assert train.ungated_prediction({"confidence": None, "residual": aux["residual"]}) is None
+
+
+def test_truth_bins_split_pixels_by_true_opacity_and_distance_from_the_cloud_edge():
+    truth = torch.zeros(2, 2, 12, 12)
+    truth[0, 0, :, 6:] = 0.95            # image 0: opaque cloud over the right half, columns 6-11
+    truth[0, 0, :, 5] = 0.5              # a 0.3-0.7 column at its edge
+    truth[0, 1, 0, 0] = 0.2              # one shadowed clear pixel
+    truth[1, 0] = 0.2                    # image 1: thin cloud everywhere, no clear pixel
+    masks = test_CR.truth_bin_masks(truth)
+    assert masks["clear"][0].sum() == 12 * 5 - 1 and masks["shadow, no cloud"][0, 0, 0]
+    assert masks["opacity 0.05-0.3"][1].all() and masks["opacity 0.9-1.0"][0].sum() == 12 * 6
+    assert masks["opacity 0.3-0.7"][0].sum() == 12
+    # column 5 is 1 px from clear column 4, column 9 is 5 px away: edge <= 4 px holds columns 5-8
+    edge, inside = masks[f"cloud, edge {test_CR.EDGE_PX} px"], masks["cloud, inside"]
+    assert edge[0, :, 5:9].all() and not edge[0, :, 9:].any() and inside[0, :, 9:].all()
+    # a patch without clear pixels has no visible edge: all of its cloud is inside
+    assert inside[1].all() and not edge[1].any()
+    for name in ("opacity 0.05-0.3", "opacity 0.3-0.7", "opacity 0.7-0.9", "opacity 0.9-1.0"):
+        assert not (masks[name] & masks["clear"]).any()
+    assert test_CR.summarise_truth_bins({}) is None
+
+
+@pytest.mark.slow
+def test_evaluation_scores_pixels_by_their_true_cloud(confidence_run, synthetic_dataset):
+    _, _, summary = confidence_run
+    bins = summary["truth_bins"]
+    root, csv_path = synthetic_dataset
+    dataset = D.SEN12MSCRDataset(D.select_split(D.read_data_list(csv_path), "test"), root, augment=False)
+    samples = [dataset[i] for i in range(len(dataset))]
+    truth = torch.stack([s["cloud_truth"] for s in samples])
+    cloudy = bands.finish_s2(torch.stack([s["cloudy_data"] for s in samples]))
+    target = torch.stack([s["cloudfree_data"] for s in samples])
+    masks = test_CR.truth_bin_masks(truth)
+    assert sum(bins[name]["pixels"] for name in ("clear", "shadow, no cloud", *(
+        f"opacity {lo}-{hi}" for lo, hi in test_CR.OPACITY_BINS))) == truth[:, 0].numel()
+    for name, mask in masks.items():
+        assert bins[name]["pixels"] == int(mask.sum())
+        if mask.any():  # the identity's PSNR by hand: squared error pooled over the bin's pixels and bands
+            mse = float(((cloudy - target) ** 2).permute(1, 0, 2, 3)[:, mask].double().mean())
+            assert math.isclose(bins[name]["PSNR_identity"], -10 * math.log10(mse), abs_tol=1e-6)
+            assert bins[name]["PSNR_model"] is not None
+        else:
+            assert bins[name]["PSNR_identity"] is None
