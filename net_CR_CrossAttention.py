@@ -45,9 +45,6 @@ LOG_VARIANCE_MIN, LOG_VARIANCE_MAX = 2 * math.log(1e-4), 0.0
 # An untrained head's std everywhere: about the cloudy input's own RMSE (26.8 dB PSNR, i.e. 0.046, on the synthetic
 # test split of BENCHMARKS.md), so the first steps neither explode nor vanish in the NLL.
 UNCERTAINTY_INIT_STD = 0.05
-# optical_depth: the largest optical depth the head may predict, transmission e^-4.6 = 1 %, a gain of 99: beyond it the
-# ground's signal is under the products' 1e-4 quantisation step times a few, and the gain would amplify noise.
-OPTICAL_DEPTH_MAX = math.log(100.0)
 
 
 def _switch(default, help, older=None):
@@ -81,19 +78,6 @@ class ModelConfig:
               "(in fp32): under a cloud, clear = cloudy / transmission - cloud light / transmission is affine in the "
               "input with slowly varying coefficients (AOD-Net writes dehazing the same way), so the head scales "
               "and shifts the input's detail instead of rebuilding it (--no-affine_residual: residual = head output)",
-        older=False)
-    optical_depth: bool = _switch(
-        False, "with affine_residual: the head predicts per pixel and band an optical depth tau, the cloud's light "
-               "L = sigmoid(.) and an offset, residual = (exp(tau) - 1) * (cloudy - L) + offset: Beer-Lambert's "
-               "clear = cloudy + (1 / transmission - 1) * (cloudy - L), whose gain reaches 1 / transmission - 1 "
-               "(19 at transmission 0.05) from an output of order 1 (tau = 3)", older=False)
-    bottleneck_blocks: int = _switch(
-        0, "residual blocks (256 channels) after the refinement at 1/4 resolution, read by the decoder and the cloud "
-           "predictor: a cloud's transmission varies slowly in space, so the compute that estimates it is cheapest "
-           "there (4.7 GMACs per block at 256 px)", older=0)
-    input_skip: bool = _switch(
-        False, "the decoder's full-resolution stage also reads the cloudy image and the SAR image as they are: the "
-               "encoders' group norms take away each patch's brightness level, which says how thick a haze is",
         older=False)
     use_uncertainty_head: bool = _switch(
         False, "predict a per-pixel, per-band log-variance of the prediction (aux['log_variance']), trained by the "
@@ -346,10 +330,10 @@ class Refinement(nn.Module):
 class _UpStage(nn.Module):
     """x2 bilinear upsampling, 1x1 channel reduction, concatenation with the encoder skip(s), 3x3 conv."""
 
-    def __init__(self, cin, cout, blocks=0, skips=1, extra=0):
+    def __init__(self, cin, cout, blocks=0, skips=1):
         super().__init__()
         self.reduce = nn.Conv2d(cin, cout, 1)
-        self.merge = _conv_gn_act((1 + skips) * cout + extra, cout)
+        self.merge = _conv_gn_act((1 + skips) * cout, cout)
         self.blocks = nn.Sequential(*[ResBlock(cout) for _ in range(blocks)])
 
     def forward(self, x, *skips):
@@ -474,14 +458,11 @@ class CloudRemovalCrossAttention(nn.Module):
                        else ConcatFusion(dim))
         self.gate = SpeckleAwareGate(dim)
         self.refine = Refinement(dim)
-        self.bottleneck = nn.Sequential(*[ResBlock(dim) for _ in range(c.bottleneck_blocks)])
         skips = 2 if c.use_sar_skips else 1
         self.up2 = _UpStage(widths[2], widths[1], c.decoder_blocks[0], skips)
-        self.up1 = _UpStage(widths[1], widths[0], c.decoder_blocks[1], skips,
-                            extra=in_optical + in_sar if c.input_skip else 0)
+        self.up1 = _UpStage(widths[1], widths[0], c.decoder_blocks[1], skips)
         # affine: (offset, gain) per band and pixel, residual = offset + gain * cloudy
-        self.head = nn.Conv2d(widths[0], in_optical * (1 + c.affine_residual + (c.affine_residual and c.optical_depth)),
-                              3, padding=1)
+        self.head = nn.Conv2d(widths[0], in_optical * (2 if c.affine_residual else 1), 3, padding=1)
         self.cloud_predictor = CloudConfidencePredictor(dim) if c.use_cloud_predictor else None
         self.date_correction = DateCorrection(dim, in_optical) if c.use_date_correction else None
         self.confidence_refinement = ConfidenceRefinement(widths[0]) if c.use_confidence_refinement else None
@@ -490,7 +471,7 @@ class CloudRemovalCrossAttention(nn.Module):
         with torch.no_grad():
             self.head.weight.mul_(0.1)
             self.head.bias.zero_()
-            self.head.weight[in_optical:].zero_()  # the gains (or depths and lights), where there are any: 0
+            self.head.weight[in_optical:].zero_()  # the gains, where there are any: 0, the plain residual
         # Last, and from a fork of the random stream: every other part and every later draw (the training data's
         # order) get the same numbers with the head as without it, so the two networks train alike but for what the
         # head itself changes.
@@ -515,20 +496,15 @@ class CloudRemovalCrossAttention(nn.Module):
         o1, o2, o3 = self.optical_encoder(optical_p)
         s1, s2, s3 = self.sar_encoder(sar_p)
         fused = self.fusion(o3, s3) * self.gate(o3, s3)
-        refined = self.bottleneck(self.refine(fused, o3))
-        full_res = [o1, s1] if self.config.use_sar_skips else [o1]
-        if self.config.input_skip:
-            full_res += [optical_p, sar_p]
-        x = self.up1(self.up2(refined, o2, *([s2] if self.config.use_sar_skips else [])), *full_res)
+        refined = self.refine(fused, o3)
+        if self.config.use_sar_skips:
+            x = self.up1(self.up2(refined, o2, s2), o1, s1)
+        else:
+            x = self.up1(self.up2(refined, o2), o1)
         if self.config.affine_residual:  # in fp32: the gain multiplies the input, the offset nearly cancels it
             with torch.autocast(device_type=optical.device.type, enabled=False):
-                if self.config.optical_depth:
-                    offset, depth, light = self.head(x.float())[..., :h, :w].chunk(3, dim=1)
-                    gain = torch.expm1(depth.clamp(max=OPTICAL_DEPTH_MAX))
-                    residual = offset + gain * (optical.float() - torch.sigmoid(light))
-                else:
-                    offset, gain = self.head(x.float())[..., :h, :w].chunk(2, dim=1)
-                    residual = offset + gain * optical.float()
+                offset, gain = self.head(x.float())[..., :h, :w].chunk(2, dim=1)
+                residual = offset + gain * optical.float()
         else:
             residual = self.head(x)[..., :h, :w]
         log_variance = None  # only where asked for: validation's plain forward skips the head

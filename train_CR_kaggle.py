@@ -982,8 +982,6 @@ def _model_flags(p):
         if f.type in (bool, "bool"):
             g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
                            help=f.metadata["help"])
-        elif f.type in (int, "int"):
-            g.add_argument(f"--{f.name}", type=int, default=f.default, help=f.metadata["help"])
         else:
             g.add_argument(f"--{f.name}", default=f.default, choices=list(f.metadata["choices"]),
                            help=f.metadata["help"])
