@@ -79,10 +79,6 @@ class ModelConfig:
               "input with slowly varying coefficients (AOD-Net writes dehazing the same way), so the head scales "
               "and shifts the input's detail instead of rebuilding it (--no-affine_residual: residual = head output)",
         older=False)
-    early_fusion: bool = _switch(
-        False, "the optical encoder reads the SAR image too (15 input channels): optical and radar meet at full "
-               "resolution from the first layer, as in DSen2-CR, besides the cross-attention at 1/4",
-        older=False)
     use_uncertainty_head: bool = _switch(
         False, "predict a per-pixel, per-band log-variance of the prediction (aux['log_variance']), trained by the "
                "NLL term (--nll_weight); it reads detached features, so the prediction is the same with it or "
@@ -456,7 +452,7 @@ class CloudRemovalCrossAttention(nn.Module):
         in_optical, in_sar, widths, encoder_blocks = c.in_optical, c.in_sar, c.widths, c.encoder_blocks
         self.in_optical, self.in_sar, self.sar_input = in_optical, in_sar, c.sar_input
         dim = widths[2]
-        self.optical_encoder = OpticalEncoder(in_optical + (in_sar if c.early_fusion else 0), widths, encoder_blocks)
+        self.optical_encoder = OpticalEncoder(in_optical, widths, encoder_blocks)
         self.sar_encoder = SAREncoder(in_sar, widths, encoder_blocks, c.use_spectral_attention)
         self.fusion = (CrossAttentionFusion(dim, c.heads, c.ffn_ratio, c.attention) if c.use_cross_attn
                        else ConcatFusion(dim))
@@ -497,8 +493,7 @@ class CloudRemovalCrossAttention(nn.Module):
         optical_p = _pad_to_multiple(optical, self.DOWNSAMPLE)
         sar_p = _pad_to_multiple(sar, self.DOWNSAMPLE)
 
-        o1, o2, o3 = self.optical_encoder(torch.cat([optical_p, sar_p], dim=1) if self.config.early_fusion
-                                          else optical_p)
+        o1, o2, o3 = self.optical_encoder(optical_p)
         s1, s2, s3 = self.sar_encoder(sar_p)
         fused = self.fusion(o3, s3) * self.gate(o3, s3)
         refined = self.refine(fused, o3)
