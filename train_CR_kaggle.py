@@ -159,15 +159,19 @@ def step_seconds(model, ctx, size, channels_last, repeats=2):
     return min(times[1:])
 
 
-def resolve_channels_last(args, model, ctx, device, world_size):
+def resolve_channels_last(args, model, ctx, device, world_size, resumed=None):
     """(use channels-last, text for the header line). auto on CPU times one step in each layout at the training
     crop size and keeps the faster: which wins depends on the CPU, the precision and the input size, in both
     directions (BENCHMARKS.md, "Model training step"). Off on CUDA, where it measured slower. Under DDP every
-    rank takes rank 0's measurement."""
+    rank takes rank 0's measurement. resumed: the layout the checkpoint being resumed trained in (None: none
+    recorded), which auto keeps: under bf16 the layout changes the arithmetic, and where the two layouts time alike
+    a fresh probe could pick either, so a resumed run would no longer continue the one it resumes."""
     if args.channels_last != "auto":
         return args.channels_last == "on", f"channels-last {args.channels_last} (--channels_last)"
     if device.type != "cpu":
         return False, "channels-last off (auto on a GPU)"
+    if resumed is not None:
+        return bool(resumed), f"channels-last {'on' if resumed else 'off'} (auto: the layout of the run resumed)"
     with torch.random.fork_rng(devices=[]):  # the probe's random inputs leave the run's random stream alone
         first, last = (step_seconds(model, ctx, args.crop_size, cl) for cl in (False, True))
     choice = torch.tensor([float(last < first)])
@@ -455,7 +459,8 @@ def setup(args, argv=()):
                                   (run.dir / "last.pth" if (run.dir / "last.pth").is_file() else None))
     ckpt = runtime.load_checkpoint(resume_path, map_location="cpu") if resume_path else None
     run.model = build_model(args, ckpt, resume_path, run.is_main).to(device)
-    run.channels_last, run.layout_text = resolve_channels_last(args, run.model, run.ctx, device, world_size)
+    run.channels_last, run.layout_text = resolve_channels_last(args, run.model, run.ctx, device, world_size,
+                                                               None if ckpt is None else ckpt.get("channels_last"))
     if run.channels_last:
         run.model.to(memory_format=torch.channels_last)
         run.criterion.to(memory_format=torch.channels_last)  # its VGG, fed channels-last inputs
@@ -841,7 +846,8 @@ def checkpoint_state(run):
             "model_config": asdict(run.model.config), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict() if run.scheduler else None, "scaler": run.scaler.state_dict(),
             "epoch": run.epochs_done, "best_psnr": run.best_psnr, "early_stop_counter": run.early_stop_counter,
-            "global_step": run.global_step, "args": vars(run.args)}
+            "global_step": run.global_step, "args": vars(run.args),
+            "channels_last": run.channels_last}  # the layout trained in, which --channels_last auto chose
 
 
 def update_schedule(run, val):

@@ -1,5 +1,6 @@
 """benchmark.py times the product: train_CR_kaggle.train_step on batches put on the device by its to_device, with the
 loss presets of losses.py; every learn variant is flags the training script accepts."""
+import argparse
 import json
 import os
 import subprocess
@@ -30,6 +31,19 @@ def test_every_learn_variant_is_flags_the_training_script_accepts(variant):
     for vgg_weights in (None, "vgg19.pth"):
         flags = benchmark._learn_loss_flags(variant, vgg_weights) + benchmark.learn_variant_flags(variant)
         train_CR_kaggle.build_parser().parse_args(flags)  # an unknown flag exits here
+
+
+def test_learn_runs_train_in_one_fixed_memory_layout():
+    """Under bf16 the layout changes the arithmetic; a learn run must not leave it to --channels_last auto's timing."""
+    parser = argparse.ArgumentParser()
+    benchmark._add_learn_args(parser)
+    args = benchmark.resolve_learn_setting(parser.parse_args([]))
+    parsed = train_CR_kaggle.build_parser().parse_args(
+        benchmark.learn_train_flags("full", 0, args, Path("data/data.csv"), Path("out")))
+    assert parsed.channels_last == "on" and parsed.seed == 0 and parsed.crop_size == args.size
+    args.extra = "--channels_last off"  # --extra still wins
+    assert train_CR_kaggle.build_parser().parse_args(
+        benchmark.learn_train_flags("full", 0, args, Path("data/data.csv"), Path("out"))).channels_last == "off"
 
 
 def test_learn_loss_sets_are_the_design_presets():

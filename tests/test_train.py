@@ -74,11 +74,14 @@ def test_full_design_flags_train_end_to_end(synthetic_dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_continues_epoch_and_optimizer_state(synthetic_dataset, tmp_path):
+def test_resume_continues_epoch_and_optimizer_state(synthetic_dataset, tmp_path, monkeypatch):
     root, csv_path = synthetic_dataset
     assert train.main(tiny(csv_path, root, tmp_path, epochs=1)) == 0
     run = tmp_path / "glf_cr_enhanced_v3"
     first = runtime.load_checkpoint(run / "last.pth")
+    assert first["channels_last"] in (True, False)  # the layout --channels_last auto chose, recorded
+    # the resumed run keeps that layout without timing the two again
+    monkeypatch.setattr(train, "step_seconds", lambda *a, **k: pytest.fail("the resumed run probed the layouts"))
 
     # Resume (no --train_from_scratch) to epoch 2, and check the state it starts from is the saved one.
     args = [a for a in tiny(csv_path, root, tmp_path, epochs=2) if a != "--train_from_scratch"]
@@ -97,6 +100,7 @@ def test_resume_continues_epoch_and_optimizer_state(synthetic_dataset, tmp_path)
     assert seen["path"] == run / "last.pth"
     second = runtime.load_checkpoint(run / "last.pth")
     assert second["epoch"] == 2 and second["global_step"] > first["global_step"]
+    assert second["channels_last"] == first["channels_last"]
     rows = list(csv.DictReader(open(run / "history.csv")))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
 
@@ -611,6 +615,23 @@ def test_channels_last_auto_keeps_the_layout_that_ran_faster(monkeypatch, channe
     for choice in ("on", "off"):
         args.channels_last = choice
         assert train.resolve_channels_last(args, model, None, torch.device("cpu"), 1)[0] is (choice == "on")
+
+
+def test_channels_last_auto_keeps_the_layout_of_the_run_it_resumes(monkeypatch):
+    from types import SimpleNamespace
+
+    import net_CR_CrossAttention as net
+    model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
+
+    def no_probe(*a, **k):
+        raise AssertionError("a resumed run with a recorded layout must not time the layouts again")
+    monkeypatch.setattr(train, "step_seconds", no_probe)
+    args = SimpleNamespace(channels_last="auto", crop_size=32)
+    for recorded in (True, False):
+        on, text = train.resolve_channels_last(args, model, None, torch.device("cpu"), 1, resumed=recorded)
+        assert on is recorded and "the run resumed" in text
+    args.channels_last = "off"  # an explicit flag still wins
+    assert train.resolve_channels_last(args, model, None, torch.device("cpu"), 1, resumed=True)[0] is False
 
 
 def test_the_layout_probe_changes_neither_weights_nor_the_random_stream():
