@@ -544,11 +544,10 @@ def truth_bin_masks(cloud_truth):
 def accumulate_truth_bins(pooled, cloud_truth, predictions, target):
     """Add a batch's squared error per true-cloud bin, per predictor, to pooled["truth_bins"]."""
     sums = pooled.setdefault("truth_bins", {})
-    errors = {name: ((p - target) ** 2).sum(dim=1) for name, p in predictions.items()}  # (N,H,W), summed over bands
+    errors = {name: ((p - target) ** 2).mean(dim=1) for name, p in predictions.items()}  # (N,H,W), mean over bands
     for name, mask in truth_bin_masks(cloud_truth).items():
-        entry = sums.setdefault(name, {"pixels": 0, "values": 0, **{p: 0.0 for p in predictions}})
+        entry = sums.setdefault(name, {"pixels": 0, **{p: 0.0 for p in predictions}})
         entry["pixels"] += int(mask.sum())
-        entry["values"] += int(mask.sum()) * target.shape[1]
         for predictor, error in errors.items():
             entry[predictor] += float(error[mask].double().sum())
 
@@ -560,7 +559,7 @@ def summarise_truth_bins(pooled):
         return None
     out = {}
     for name, entry in pooled["truth_bins"].items():
-        n = entry["values"]
+        n = entry["pixels"]  # every pixel has every band: the mean of the per-pixel band means is the pooled MSE
         psnr = {p: None if n == 0 else min(metrics.PSNR_CAP, -10 * math.log10(max(entry[p] / n, 1e-30)))
                 for p in PREDICTORS}
         out[name] = {"pixels": entry["pixels"], **{f"PSNR_{p}": v for p, v in psnr.items()}}

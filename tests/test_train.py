@@ -196,15 +196,20 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def torchrun_two_processes(train_flags):
+    """train_CR_kaggle.py under `torchrun --nproc_per_node=2` on this machine (gloo on CPU); the finished process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(ROOT / "train_CR_kaggle.py"), *train_flags]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(ROOT / "train_CR_kaggle.py"),
-           *tiny(csv_path, root, tmp_path, "--device", "cpu", "--perceptual_weight", "0")]
-    cmd.remove("--use_contrastive_loss")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    flags = tiny(csv_path, root, tmp_path, "--device", "cpu", "--perceptual_weight", "0")
+    flags.remove("--use_contrastive_loss")
+    proc = torchrun_two_processes(flags)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "glf_cr_enhanced_v3"
     files = sorted(p.name for p in run.iterdir())

@@ -433,18 +433,10 @@ def test_the_nll_term_and_the_head_go_together(synthetic_dataset, tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_the_head(synthetic_dataset, tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    from test_train import ROOT, _free_port
+    from test_train import torchrun_two_processes
 
     root, csv_path = synthetic_dataset
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", str(ROOT / "train_CR_kaggle.py"),
-           *_tiny_args(csv_path, root, tmp_path, "--device", "cpu", "--use_uncertainty_head")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = torchrun_two_processes(_tiny_args(csv_path, root, tmp_path, "--device", "cpu", "--use_uncertainty_head"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = runtime.load_checkpoint(tmp_path / "glf_cr_enhanced_v3" / "last.pth")
     assert ckpt["model_config"]["use_uncertainty_head"]
