@@ -55,7 +55,8 @@ thresholded first (pass `threshold=` to masked_metrics, or compare yourself); no
 Confidence maps: roc_auc and iou score the model's confidence map (or any soft cloud score) against a binary
 cloud mask per image; auc_histograms / auc_from_histograms give the AUC pooled over a whole data set.
 
-Predicted uncertainty (docs/uncertainty.md): uce_auce (UnCRtainTS's calibration error), spearman (rank correlation
+Predicted uncertainty (docs/uncertainty.md): uce_auce (UnCRtainTS's binning, the project's errors), constant_uncertainty
+(its baseline), uce_auce_uncrtaints (UnCRtainTS's released figures exactly), spearman (rank correlation
 of uncertainty and error) and sparsification (the error left after removing the most uncertain samples, beside the
 oracle's) take 1-D numpy arrays of per-sample values.
 
@@ -345,6 +346,42 @@ def uce_auce(variance, errors, percent=UCE_PERCENT):
             "bin_rmse": bin_rmse.tolist(), "bin_weight": weight.tolist()}
 
 
+def constant_uncertainty(variance):
+    """The constant-uncertainty baseline of a predicted variance: every sample gets the mean variance, so its root mean
+    variance is the predicted one overall (a head whose errors follow its variances scores about 0 UCE against it; the
+    square of the mean std would be smaller by Jensen's inequality and score the calibrated head's std spread)."""
+    variance = np.asarray(variance, np.float64)
+    return np.full_like(variance, variance.mean())
+
+
+def uce_auce_uncrtaints(image_variance, image_error, percent=UCE_PERCENT):
+    """UCE and AUCE exactly as UnCRtainTS's released code computes the figures of its tables (PatrickTUM/UnCRtainTS,
+    model/train_reconstruct.py, compute_uce_auce with l2=True, on the per-image values of model/src/learning/
+    metrics.py img_metrics): one sample per image, `image_variance` its mean predicted variance (over bands and
+    pixels) and `image_error` its mean SIGNED error (target - prediction over bands and pixels, so errors of opposite
+    sign cancel); float32 torch as there; 100 // percent bins of equal width between the smallest and largest
+    variance; per bin sqrt(mean variance) against the root mean square of the signed errors; bin weights from
+    torch.histogram of the bin indices over their own range, so a constant variance puts its weight into an empty
+    bin and scores UCE 0. Use it to put a figure beside UnCRtainTS's table; `uce_auce` with per-image RMSEs is the
+    project's (docs/uncertainty.md says which to use when). Returns {"uce", "auce"}."""
+    var, errors = torch.tensor(np.asarray(image_variance, np.float64).ravel(), dtype=torch.float32), torch.tensor(
+        np.asarray(image_error, np.float64).ravel(), dtype=torch.float32)
+    if var.shape != errors.shape or var.numel() == 0:
+        raise ValueError(f"uce_auce_uncrtaints needs one mean error per mean variance, at least one: got "
+                         f"{var.numel()} and {errors.numel()}")
+    n_bins = 100 // percent
+    # np.linspace and np.digitize of the float32 values, as their torch arguments are converted there
+    edges = np.linspace(var.min().numpy(), var.max().numpy(), num=n_bins)[1:]
+    var_idx = torch.Tensor(np.digitize(var.numpy(), bins=edges))
+    bk_var, bk_err = torch.empty(n_bins), torch.empty(n_bins)
+    for bin_idx in range(n_bins):  # an empty bin is NaN (the mean of nothing), skipped by the nan-sums below
+        bk_var[bin_idx] = torch.sqrt(torch.mean(var[var_idx == bin_idx].sqrt() ** 2))
+        bk_err[bin_idx] = torch.sqrt(torch.mean(errors[var_idx == bin_idx] ** 2))
+    calib_err = torch.abs(bk_err - bk_var)
+    bk_weight = torch.histogram(var_idx, n_bins)[0] / var.numel()
+    return {"uce": float(torch.nansum(bk_weight * calib_err)), "auce": float(torch.nanmean(calib_err))}
+
+
 def spearman(uncertainty, abs_error):
     """Spearman's rank correlation between a predicted uncertainty and the absolute error over samples
     (scipy.stats.spearmanr); NaN for fewer than two samples or a constant input."""
@@ -354,6 +391,13 @@ def spearman(uncertainty, abs_error):
     if uncertainty.size < 2 or np.ptp(uncertainty) == 0 or np.ptp(abs_error) == 0:
         return float("nan")
     return float(spearmanr(uncertainty, abs_error).statistic)
+
+
+def _tie_means(values, key):
+    """`values` with each group of equal `key` replaced by the group's mean: the expectation over every order of the
+    ties."""
+    _, group, counts = np.unique(key, return_inverse=True, return_counts=True)
+    return (np.bincount(group, values) / counts)[group]
 
 
 def _rmse_after_removing(squared_error, order, fractions):
@@ -368,15 +412,18 @@ def sparsification(uncertainty, squared_error, fractions=SPARSIFICATION_STEPS):
     """The sparsification curve: the RMSE left after removing the fractions of samples with the highest predicted
     uncertainty, beside the oracle's (removing the largest errors first, the best any uncertainty can do), and the
     area between the two curves, each divided by the RMSE of all samples, over the removed fractions (0 = the
-    oracle's ranking; trapezoidal rule). squared_error: one value per sample (a pixel's mean over bands). Returns
-    {"removed", "rmse", "oracle_rmse", "area_between"}."""
+    oracle's ranking; trapezoidal rule). squared_error: one value per sample (a pixel's mean over bands). Samples of
+    equal uncertainty are removed in no particular order: their squared errors are averaged, which gives the
+    expectation over every order of the ties (a constant uncertainty removes average samples: a flat curve), never
+    the order the samples came in. Returns {"removed", "rmse", "oracle_rmse", "area_between"}."""
     uncertainty = np.asarray(uncertainty, np.float64).ravel()
     squared_error = np.asarray(squared_error, np.float64).ravel()
     fractions = np.asarray(fractions, np.float64)
     if uncertainty.shape != squared_error.shape or uncertainty.size == 0 or fractions.min() < 0 or fractions.max() >= 1:
         raise ValueError("sparsification needs one uncertainty per squared error, at least one, and fractions in "
                          "[0, 1)")
-    model = _rmse_after_removing(squared_error, np.argsort(-uncertainty, kind="stable"), fractions)
+    model = _rmse_after_removing(_tie_means(squared_error, uncertainty), np.argsort(-uncertainty, kind="stable"),
+                                 fractions)
     oracle = _rmse_after_removing(squared_error, np.argsort(-squared_error, kind="stable"), fractions)
     full = np.sqrt(squared_error.mean())
     gap = (model - oracle) / full if full > 0 else np.zeros_like(model)
@@ -423,5 +470,6 @@ def RMSE(img1, img2, mask=None):
 __all__ = [
     "PSNR_CAP", "METRIC_NAMES", "psnr", "ssim", "sam", "mae", "rmse", "ssim_map", "sam_map",
     "gaussian_window", "compute_metrics", "masked_metrics", "PSNR", "SSIM", "SAM", "MAE", "RMSE",
-    "roc_auc", "iou", "auc_histograms", "auc_from_histograms", "uce_auce", "spearman", "sparsification",
+    "roc_auc", "iou", "auc_histograms", "auc_from_histograms", "uce_auce", "constant_uncertainty",
+    "uce_auce_uncrtaints", "spearman", "sparsification",
 ]

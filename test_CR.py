@@ -321,9 +321,10 @@ def column(predictor, region, metric):
 CONFIDENCE_COLUMNS = ("conf_auc_mask", "conf_iou_mask", "conf_auc_truth", "conf_iou_truth", "conf_mean_clear",
                       "model_clear_change")
 # The predicted uncertainty per image: the mean standard deviation (over bands and the region's pixels), the mean
-# variance (UCE's per-image input), and the means of the aleatoric and epistemic parts' standard deviations.
+# variance (UCE's per-image input), the means of the aleatoric and epistemic parts' standard deviations, and the
+# image's mean signed error (target - prediction over bands and pixels: UnCRtainTS's per-image error, its UCE's input).
 UNCERTAINTY_COLUMNS = tuple(f"unc_{q}{'' if r == 'all' else '_' + r}" for q in ("std", "var") for r in REGIONS) + (
-    "unc_aleatoric_std", "unc_epistemic_std")
+    "unc_aleatoric_std", "unc_epistemic_std", "unc_mean_error")
 CSV_COLUMNS = (["file_name", "cloud_cover"] + [column(p, r, m) for r in REGIONS for m in METRIC_NAMES
                                                for p in PREDICTORS] + list(CONFIDENCE_COLUMNS)
                + list(UNCERTAINTY_COLUMNS))
@@ -347,7 +348,7 @@ def _region_means(values, cloudy):
     return {"all": values.mean(dim=(1, 2, 3)), "cloudy": mean(cloudy.float()), "clear": mean(1.0 - cloudy.float())}
 
 
-def uncertainty_scores(out, cloudy):
+def uncertainty_scores(out, cloudy, target):
     """{UNCERTAINTY_COLUMNS name: (N,) tensor} of a batch's forward_all output; NaN where there is no such part."""
     n = out["prediction"].shape[0]
     nan = torch.full((n,), float("nan"))
@@ -359,6 +360,7 @@ def uncertainty_scores(out, cloudy):
             cols[f"unc_{quantity}{'' if region == 'all' else '_' + region}"] = mean
     for part in ("aleatoric", "epistemic"):
         cols[f"unc_{part}_std"] = nan if out[part] is None else out[part].sqrt().mean(dim=(1, 2, 3))
+    cols["unc_mean_error"] = (target - out["prediction"]).mean(dim=(1, 2, 3))
     return {k: v.cpu().float() for k, v in cols.items()}
 
 
@@ -390,19 +392,25 @@ def _drops(removed, rmse):
 
 def _uncertainty_region(px, per_image, region):
     """The pooled figures of one region: Spearman, UCE/AUCE over pixels and over images (each beside the constant-
-    uncertainty baseline's), the sparsification curve with its drops at the reported fractions; None without pixels."""
+    uncertainty baseline's: the mean variance), the sparsification curve with its drops at the reported fractions,
+    and for the whole images ("all") UCE/AUCE as UnCRtainTS's released code computes them; None without pixels."""
     if px["std"].size < 2:
         return None
     suffix = "" if region == "all" else "_" + region
     pixels = metrics.uce_auce(px["var"], np.sqrt(px["se"]))
-    constant = metrics.uce_auce(np.full_like(px["var"], px["std"].mean() ** 2), np.sqrt(px["se"]))
+    constant = metrics.uce_auce(metrics.constant_uncertainty(px["var"]), np.sqrt(px["se"]))
     images = [(row[f"unc_var{suffix}"], row[column("model", region, "RMSE")], row[f"unc_std{suffix}"])
               for row in per_image]
     images = np.array([t for t in images if not any(math.isnan(v) for v in t)]).reshape(-1, 3)
     by_image = image_constant = None
     if len(images):
         by_image = metrics.uce_auce(images[:, 0], images[:, 1])
-        image_constant = metrics.uce_auce(np.full(len(images), images[:, 2].mean() ** 2), images[:, 1])
+        image_constant = metrics.uce_auce(metrics.constant_uncertainty(images[:, 0]), images[:, 1])
+    theirs = None
+    if region == "all":  # UnCRtainTS's samples are whole images: their mean variance and mean signed error
+        signed = np.array([(row["unc_var"], row["unc_mean_error"]) for row in per_image]).reshape(-1, 2)
+        signed = signed[~np.isnan(signed).any(axis=1)]
+        theirs = metrics.uce_auce_uncrtaints(signed[:, 0], signed[:, 1]) if len(signed) else None
     curve = metrics.sparsification(px["std"], px["se"])
     return {"n_pixels": int(px["std"].size), "mean_std": float(px["std"].mean()),
             "rmse": float(np.sqrt(px["se"].mean())),
@@ -410,6 +418,7 @@ def _uncertainty_region(px, per_image, region):
             "uce_pixels": pixels["uce"], "auce_pixels": pixels["auce"], "uce_pixels_constant": constant["uce"],
             "uce_images": by_image and by_image["uce"], "auce_images": _finite(by_image and by_image["auce"]),
             "uce_images_constant": image_constant and image_constant["uce"],
+            "uce_uncrtaints": theirs and _finite(theirs["uce"]), "auce_uncrtaints": theirs and _finite(theirs["auce"]),
             "rmse_drop_pct": _drops(curve["removed"], curve["rmse"]),
             "oracle_rmse_drop_pct": _drops(curve["removed"], curve["oracle_rmse"]),
             "sparsification_area": curve["area_between"], "sparsification": curve,
@@ -669,6 +678,10 @@ def format_uncertainty(u):
         lines.append(f"{region:<8}{fmt(r['spearman'], '.3f'):>9}{fmt(r['uce_pixels']):>9}"
                      f"{fmt(r['uce_pixels_constant']):>9}{fmt(r['uce_images']):>9}{fmt(r['uce_images_constant']):>9}"
                      f"{r['sparsification_area']:>7.3f}   {drops} % ({oracle} %)")
+    theirs = u["regions"]["all"] and u["regions"]["all"].get("uce_uncrtaints")
+    if theirs is not None:
+        lines.append(f"UnCRtainTS's UCE / AUCE (their released code: whole images, mean signed error), to compare with "
+                     f"their tables: {fmt(theirs)} / {fmt(u['regions']['all']['auce_uncrtaints'])}")
     return "\n".join(lines)
 
 
@@ -751,7 +764,7 @@ def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index
         generator = pooled.setdefault("generator", torch.Generator().manual_seed(0))
         pooled.setdefault("pixels", []).append(sample_pixels(out, target, mask, generator))
     save_outputs(args, results, batch, cloudy, sar, out, target, first_index)
-    return image_rows(batch, scores, cover, {**conf_cols, **uncertainty_scores(out, mask)}), seconds
+    return image_rows(batch, scores, cover, {**conf_cols, **uncertainty_scores(out, mask, target)}), seconds
 
 
 def evaluate(args):

@@ -87,7 +87,84 @@ def test_constant_uncertainty_keeps_its_calibration_error():
         metrics.uce_auce([1.0, 2.0], [1.0])
 
 
+def _calibrated_head(n=200_000, seed=0):
+    """Per-pixel variances spread like a head's (gamma) and errors drawn from exactly those variances."""
+    rng = np.random.default_rng(seed)
+    variance = rng.gamma(2.0, 0.01, size=n) ** 2
+    return variance, np.sqrt(variance) * rng.standard_normal(n)
+
+
+def test_a_calibrated_head_scores_about_zero_against_the_constant_baseline():
+    variance, errors = _calibrated_head()
+    baseline = metrics.constant_uncertainty(variance)
+    assert np.all(baseline == variance.mean())
+    constant = metrics.uce_auce(baseline, np.abs(errors))["uce"]
+    head = metrics.uce_auce(variance, np.abs(errors))["uce"]
+    # the square of the mean std (the former baseline) is below the mean variance: it scored the std's spread
+    squared_mean_std = metrics.uce_auce(np.full_like(variance, np.sqrt(variance).mean() ** 2), np.abs(errors))["uce"]
+    assert constant < 2e-4 and head < 2e-3, (constant, head)
+    assert squared_mean_std > 20 * constant and squared_mean_std > 2e-3
+
+
+def test_uncrtaints_uce_by_hand_and_as_their_code_does():
+    # per image: mean variance and mean SIGNED error; two bins (percent 50): variances 1 and 4, then 9
+    out = metrics.uce_auce_uncrtaints([1.0, 4.0, 9.0], [1.0, -3.0, 5.0], percent=50)
+    gap0 = math.sqrt((1 + 9) / 2) - math.sqrt((1 + 4) / 2)  # RMS error - root mean variance of the first bin
+    assert out["uce"] == pytest.approx(2 / 3 * gap0 + 1 / 3 * 2.0, rel=1e-6)
+    assert out["auce"] == pytest.approx((gap0 + 2.0) / 2, rel=1e-6)
+    # their histogram of the bin indices: a constant variance puts the weight into an empty bin, UCE 0
+    assert metrics.uce_auce_uncrtaints(np.full(4, 0.04), [0.1, -0.3, 0.2, 0.0])["uce"] == 0.0
+    rng = np.random.default_rng(3)
+    variance = rng.gamma(2.0, 0.01, size=300) ** 2
+    signed = np.sqrt(variance) * rng.standard_normal(300) * 0.3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        uce, auce = uncrtaints_compute_uce_auce(variance, signed, len(variance))
+    theirs = metrics.uce_auce_uncrtaints(variance, signed)
+    assert theirs["uce"] == pytest.approx(uce, rel=1e-5) and theirs["auce"] == pytest.approx(auce, rel=1e-5)
+    with pytest.raises(ValueError, match="one mean error per mean variance"):
+        metrics.uce_auce_uncrtaints([1.0, 2.0], [1.0])
+
+
+def test_evaluation_reports_uncrtaints_uce_from_the_mean_signed_error():
+    import test_CR
+    target = torch.rand(2, 13, 8, 8, generator=torch.Generator().manual_seed(0))
+    prediction = target + torch.linspace(-0.02, 0.03, 2 * 13 * 64).reshape(2, 13, 8, 8)
+    variance = torch.full_like(target, 4e-4)
+    variance[1] *= 2
+    out = {"prediction": prediction, "variance": variance, "aleatoric": variance, "epistemic": None}
+    cloudy = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
+    cloudy[:, :, :4] = True
+    cols = test_CR.uncertainty_scores(out, cloudy, target)
+    assert set(cols) == set(test_CR.UNCERTAINTY_COLUMNS)
+    assert cols["unc_mean_error"] == pytest.approx((target - prediction).mean(dim=(1, 2, 3)).numpy(), abs=1e-7)
+    rows = [{k: float(v[i]) for k, v in cols.items()} | {test_CR.column("model", r, "RMSE"): 0.02
+                                                            for r in test_CR.REGIONS} for i in range(2)]
+    px = test_CR.sample_pixels(out, target, cloudy, torch.Generator().manual_seed(0))
+    region = test_CR._uncertainty_region(px, rows, "all")
+    want = metrics.uce_auce_uncrtaints(cols["unc_var"].numpy(), cols["unc_mean_error"].numpy())
+    assert region["uce_uncrtaints"] == pytest.approx(want["uce"]) and region["auce_uncrtaints"] == pytest.approx(
+        want["auce"])
+    assert region["uce_pixels_constant"] == pytest.approx(abs(np.sqrt(px["se"].mean()) - np.sqrt(px["var"].mean())),
+                                                          rel=1e-6)
+    assert test_CR._uncertainty_region(px, rows, "cloudy")["uce_uncrtaints"] is None  # theirs: whole images only
+
+
 # ----------------------------------------------------------------------------- Spearman and sparsification
+
+def test_sparsification_averages_ties():
+    # the two samples of uncertainty 1 tie: removing half removes the first and one of them, either with chance 1/2
+    out = metrics.sparsification([2.0, 1.0, 1.0, 0.0], [4.0, 0.0, 8.0, 1.0], fractions=(0.0, 0.25, 0.5))
+    assert out["rmse"] == pytest.approx([math.sqrt(13 / 4), math.sqrt(9 / 3), math.sqrt((4 + 1) / 2)])
+    # a constant uncertainty removes average samples whatever the samples' order: a flat curve
+    rng = np.random.default_rng(0)
+    se = np.sort(rng.exponential(size=1000))  # sorted: image order would look like a perfect (or worst) ranking
+    flat = metrics.sparsification(np.ones(1000), se)
+    assert flat["rmse"] == pytest.approx([math.sqrt(se.mean())] * len(flat["rmse"]))
+    shuffled = metrics.sparsification(np.ones(1000), rng.permutation(se))
+    assert shuffled["area_between"] == pytest.approx(flat["area_between"])
+    assert metrics.sparsification(np.ones(1000), se[::-1])["area_between"] == pytest.approx(flat["area_between"])
+
 
 def test_sparsification_by_hand():
     out = metrics.sparsification([4.0, 3.0, 2.0, 1.0], [1.0, 16.0, 4.0, 0.0], fractions=(0.0, 0.25, 0.5))
@@ -314,8 +391,8 @@ def test_evaluation_scores_the_saved_uncertainty_products(head_checkpoints, synt
         assert r["sparsification_area"] == pytest.approx(curve["area_between"], abs=1e-3)
         assert r["rmse_drop_pct"]["10"] == pytest.approx(100 * (1 - curve["rmse"][2] / curve["rmse"][0]), abs=0.1)
         assert r["mean_std"] == pytest.approx(px["std"][sel].mean(), rel=1e-4)
-        assert r["uce_pixels_constant"] == pytest.approx(abs(np.sqrt(px["se"][sel].mean()) - px["std"][sel].mean()),
-                                                         rel=1e-3)
+        assert r["uce_pixels_constant"] == pytest.approx(abs(np.sqrt(px["se"][sel].mean())
+                                                             - np.sqrt(px["var"][sel].mean())), rel=1e-3)
     assert u["cloudy_clear_ratio"] == pytest.approx(u["mean_std"]["cloudy"] / u["mean_std"]["clear"])
     assert (tmp_path / "calibration.png").is_file() and u["calibration_plot"] == str(tmp_path / "calibration.png")
     # the per-image columns: UCE over images reads them with the model's RMSE
@@ -323,6 +400,9 @@ def test_evaluation_scores_the_saved_uncertainty_products(head_checkpoints, synt
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     by_image = metrics.uce_auce([float(r["unc_var"]) for r in rows], [float(r["model_RMSE"]) for r in rows])
     assert u["regions"]["all"]["uce_images"] == pytest.approx(by_image["uce"], rel=1e-6)
+    theirs = metrics.uce_auce_uncrtaints([float(r["unc_var"]) for r in rows],
+                                         [float(r["unc_mean_error"]) for r in rows])
+    assert u["regions"]["all"]["uce_uncrtaints"] == pytest.approx(theirs["uce"], rel=1e-5)
     # the quicklook has the sixth panel: the band-mean std on its fixed colour scale
     from matplotlib import colormaps
     from PIL import Image
