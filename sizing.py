@@ -13,7 +13,7 @@ bytes. The count runs on fake CPU tensors: torch's autograd engine will not run 
 without a GPU ("hasPrimaryContext expects a valid device index"), and one count on every machine is what
 BENCHMARKS.md checks against a measured GPU. CPU autocast keeps group_norm, layer_norm and a few more in 16 bits
 where CUDA autocast runs them in float32 (torch.amp's op lists), so the count applies CUDA's float32 list itself
-(CudaAutocastPolicy); without it the count came to 0.61x the H100's measured peak, with it 1.01x (BENCHMARKS.md,
+(CudaAutocastPolicy); without it the count came to 0.60x the H100's measured peak, with it 1.00x (BENCHMARKS.md,
 "GPU memory"). Not counted: cuDNN's workspaces, the allocator's fragmentation (reserved beyond allocated), the CUDA
 context (300-500 MiB, outside torch's figures and already gone from torch.cuda.mem_get_info's free memory), DDP's
 gradient buckets (one more copy of the gradients, 25 MB for this network); the margin below covers them. Compiled
@@ -21,6 +21,7 @@ steps need less (the H100's compiled step measured 0.57x its eager one): the cou
 
 Imports the model and the losses only (training and benchmark.py import this, never the other way).
 """
+import contextlib
 import math
 import warnings
 import weakref
@@ -144,10 +145,11 @@ def _train_step(model, criterion, optimizer, n, size, amp_dtype):
     optimizer.step()
 
 
-def _peaks(model_name, model_config, loss_args, n, crop, val_size, amp_dtype):
+def _peaks(model_name, model_config, loss_args, n, crop, val_size, amp_dtype, cuda_autocast):
     """(training peak, validation peak) in bytes at batch n. Two steps: AdamW makes its moments in the first, so the
     second holds everything a step in the middle of training holds."""
-    with FakeTensorMode(), LiveMemory() as memory, CudaAutocastPolicy():
+    policy = CudaAutocastPolicy() if cuda_autocast else contextlib.nullcontext()
+    with FakeTensorMode(), LiveMemory() as memory, policy:
         model, criterion, optimizer = _build(model_name, model_config, loss_args, amp_dtype)
         for _ in range(2):
             _train_step(model, criterion, optimizer, n, crop, amp_dtype)
@@ -159,11 +161,13 @@ def _peaks(model_name, model_config, loss_args, n, crop, val_size, amp_dtype):
         return train_peak, memory.peak
 
 
-def footprint(model_name, model_config, loss_args, crop, val_size, amp_dtype):
+def footprint(model_name, model_config, loss_args, crop, val_size, amp_dtype, cuda_autocast=True):
     """Footprint of training `model_name(**model_config)` with the loss flags in `loss_args` (an argparse namespace,
     or losses.loss_options as a SimpleNamespace) at `crop` px, validating at `val_size` px, under autocast at
-    amp_dtype (None: float32). Counted at batch 1 and 2; takes seconds per batch size at 256 px."""
-    (t1, v1), (t2, v2) = (_peaks(model_name, model_config, loss_args, n, crop, val_size, amp_dtype) for n in (1, 2))
+    amp_dtype (None: float32). Counted at batch 1 and 2; takes seconds per batch size at 256 px. cuda_autocast=False
+    leaves CPU autocast's op lists as they are (what the count would be without CudaAutocastPolicy)."""
+    (t1, v1), (t2, v2) = (_peaks(model_name, model_config, loss_args, n, crop, val_size, amp_dtype, cuda_autocast)
+                          for n in (1, 2))
     return Footprint(train_fixed=2 * t1 - t2, train_per_sample=t2 - t1, val_fixed=2 * v1 - v2,
                      val_per_sample=v2 - v1, crop=crop, val_size=val_size, precision=precision_name(amp_dtype))
 

@@ -1120,7 +1120,7 @@ def dry_run_device(device):
     model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                   if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
     return [("device", f"cpu: {model or platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       f"{torch.get_num_threads()} torch threads"),
+                       f"{torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() > 1 else ''}"),
             ("compute capability", f"CPU capability {torch.backends.cpu.get_cpu_capability()} (torch)")]
 
 

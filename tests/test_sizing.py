@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from test_train import tiny, torchrun_two_processes
 
+import losses
 import net_CR_CrossAttention
 import runtime
 import sizing
@@ -97,7 +98,7 @@ def test_batch_sz_auto_on_a_gpu_takes_the_largest_batch_that_fits(monkeypatch):
     batch, text = train.resolve_batch(cuda_run(monkeypatch, just_enough), n_train=100)
     assert batch == 9
     assert text.startswith("batch 9 (auto: ") and "on Tesla T4" in text and "at 32 px fp16, 15 % margin" in text
-    assert train.resolve_batch(cuda_run(monkeypatch, just_enough - 2 * need.train_per_sample), 100)[0] == 8
+    assert train.resolve_batch(cuda_run(monkeypatch, just_enough - 2), 100)[0] == 8  # one byte short
     assert train.resolve_batch(cuda_run(monkeypatch, just_enough), n_train=5)[0] == 5  # no larger than the data
     with pytest.raises(runtime.UsageError, match="not even one sample fits"):
         train.resolve_batch(cuda_run(monkeypatch, need.bytes_for(1) / 2), 100)
@@ -155,3 +156,34 @@ def test_dry_run_under_torchrun_prints_one_plan(synthetic_dataset, tmp_path):
     assert proc.stdout.count("dry run: nothing written") == 1
     assert plan_of(proc.stdout)["batch"] == "batch 2 (--batch_sz) per process, 2 processes"
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, None])
+def test_the_count_matches_this_gpu(dtype):
+    """On a GPU: the count of a step of the default network with the design's losses (random VGG) against
+    torch.cuda.max_memory_allocated of the same step, batch 4 at 128 px; within 15 % (the margin)."""
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("bf16 is emulated below compute capability 8.0")
+    args = train.build_parser().parse_args(losses.preset_flags("design") + ["--vgg_weights", "random"])
+    train.resolve_confidence_weights(args)
+    train.resolve_nll_weight(args)
+    need = sizing.footprint("CrossAttention", {}, args, 128, 128, dtype)
+    device = torch.device("cuda")
+    model = net_CR_CrossAttention.create_model().to(device)
+    criterion = losses.build_criterion(args, vgg_dtype=dtype).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    cloudy, target, sar = (torch.rand(4, c, 128, 128, device=device) for c in (13, 13, 2))
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):
+        with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
+            prediction, aux = model(cloudy, sar, return_aux=True)
+        total, _ = criterion(prediction, target, cloudy, cloud_mask=cloudy[:, :1], confidence=aux["confidence"],
+                             confidence_target=cloudy[:, :1], ungated=aux["corrected"] + aux["residual"])
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+    measured = torch.cuda.max_memory_allocated()  # the inputs are in both
+    counted = need.train_fixed + 4 * need.train_per_sample
+    assert abs(counted / measured - 1) < sizing.BATCH_MARGIN, (counted / 2**20, measured / 2**20)
