@@ -164,7 +164,7 @@ def resolve_batch(run, n_train):
     counts its own GPU and all take the smallest, since every rank must take the same number of steps."""
     args, device = run.args, run.device
     if args.batch_sz != "auto":
-        return args.batch_sz, f"batch {args.batch_sz} (--batch_sz)"
+        return args.batch_sz, f"batch {args.batch_sz} ({'the demo' if args.demo else '--batch_sz'})"
     if device.type != "cuda":
         return DESIGN_BATCH, f"batch {DESIGN_BATCH} (auto: the design's batch on {device.type}, where memory is " \
                              f"not the limit)"

@@ -92,6 +92,12 @@ def cuda_run(monkeypatch, free_bytes, *flags):
 
 @pytest.mark.slow
 def test_batch_sz_auto_on_a_gpu_takes_the_largest_batch_that_fits(monkeypatch):
+    counted = {}
+    count = sizing.footprint  # the real count, made once: every run below has the same network, losses and sizes
+
+    def count_once(*args):
+        return counted.setdefault("need", count(*args))
+    monkeypatch.setattr(sizing, "footprint", count_once)
     probe = cuda_run(monkeypatch, 0)
     need = sizing.footprint("CrossAttention", {}, probe.args, 32, 32, torch.float16)
     just_enough = need.bytes_for(9) / (1 - sizing.BATCH_MARGIN) + 1
