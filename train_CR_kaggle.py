@@ -14,6 +14,7 @@ import io
 import json
 import math
 import os
+import platform
 import shlex
 import shutil
 import signal
@@ -40,6 +41,7 @@ import losses
 import metrics
 import net_CR_CrossAttention
 import runtime
+import sizing
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
 # The demo: 128 synthetic patches of 64 px, trained on 32 px crops (a quarter of the compute per sample) for at most
@@ -63,6 +65,9 @@ TRITON_MIN_CAPABILITY = (7, 0)
 # epoch, stop (like SIGTERM: a resumable last.pth) when less than RESERVE of the limit is left.
 TIME_LIMIT_MARGIN = 1.25
 TIME_LIMIT_RESERVE_S = 60.0
+DESIGN_BATCH = 6  # the design's --batch_sz, and what --batch_sz auto takes where memory is not the limit (CPU)
+# --dry_run times this many training steps after this many untimed ones (workers starting, kernels chosen, compiling)
+DRY_RUN_WARMUP, DRY_RUN_TIMED = 2, 3
 
 
 # ----------------------------------------------------------------------------- the run, top down
@@ -71,6 +76,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     run = setup(args, argv)
+    if args.dry_run:
+        return dry_run(run)
 
     def on_signal(signum, _frame):  # Ctrl-C or Kaggle's SIGTERM: finish the step, save, exit 130
         run.stop_signal = signum
@@ -139,6 +146,45 @@ def resolve_compile(choice, device):
     if device.type == "cuda" and torch.cuda.get_device_capability(device) < TRITON_MIN_CAPABILITY:
         return False
     return COMPILE_AUTO.get(device.type, False)
+
+
+def batch_size_arg(text):
+    """--batch_sz: a positive number, or 'auto' (resolve_batch)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number or 'auto': {text!r}") from None
+
+
+def resolve_batch(run, n_train):
+    """(batch per process, text for the header). --batch_sz auto on a GPU: the largest batch whose counted training
+    and validation peaks (sizing.footprint) fit this process's GPU with sizing.BATCH_MARGIN left; under DDP each rank
+    counts its own GPU and all take the smallest, since every rank must take the same number of steps."""
+    args, device = run.args, run.device
+    if args.batch_sz != "auto":
+        return args.batch_sz, f"batch {args.batch_sz} ({'the demo' if args.demo else '--batch_sz'})"
+    if device.type != "cuda":
+        return DESIGN_BATCH, f"batch {DESIGN_BATCH} (auto: the design's batch on {device.type}, where memory is " \
+                             f"not the limit)"
+    model, val_size = run.model, args.val_crop_size or args.load_size
+    run.footprint = need = sizing.footprint(model.model_name, asdict(model.config), args, args.crop_size, val_size,
+                                            run.amp_dtype)
+    free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)  # what this process holds is counted
+    batch = sizing.largest_batch(need, free, val_batch=args.val_batch_sz, limit=max(1, n_train // run.world_size))
+    if batch is None:
+        raise runtime.UsageError(f"--batch_sz auto: not even one sample fits {free / 2**30:.1f} GiB free on "
+                                 f"{torch.cuda.get_device_name(device)} (a step needs {need.bytes_for(1) / 2**30:.1f} "
+                                 f"GiB); lower --crop_size or --val_crop_size, or use --amp fp16/bf16")
+    if run.world_size > 1:
+        smallest = torch.tensor([batch], device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        batch = int(smallest.item())
+    return batch, (f"batch {batch} (auto: {free / 2**30:.1f} GiB free on {torch.cuda.get_device_name(device)}, "
+                   f"{need.train_fixed / 2**30:.1f} GiB fixed + {need.train_per_sample / 2**30:.2f} GiB per sample at "
+                   f"{args.crop_size} px {need.precision}, {sizing.BATCH_MARGIN * 100:.0f} % margin"
+                   + (f", the smallest over {run.world_size} ranks)" if run.world_size > 1 else ")"))
 
 
 def step_seconds(model, ctx, size, channels_last, repeats=2):
@@ -233,7 +279,7 @@ def check_inputs(args):
     if not args.data_list_filepath or not args.input_data_folder:
         raise runtime.UsageError("pass --data_list_filepath and --input_data_folder (or --demo for synthetic data)")
     for flag in ("log_every", "batch_sz", "max_epochs"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) != "auto" and getattr(args, flag) < 1:
             raise runtime.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.time_limit is not None and args.time_limit <= 0:
         raise runtime.UsageError(f"--time_limit is in hours and must be positive, got {args.time_limit}")
@@ -384,6 +430,8 @@ class Run:
     dir: Path | None = None
     amp_dtype: torch.dtype | None = None
     amp_text: str = ""           # the header's precision and why
+    batch_text: str = ""         # the header's batch and why (--batch_sz auto says what it counted)
+    footprint: object = None     # sizing.Footprint of this run, where --batch_sz auto counted it
     layout_text: str = ""        # the header's memory layout and why
     channels_last: bool = False
     ctx: object = None           # the one autocast context: training, validation, quicklooks
@@ -464,6 +512,7 @@ def setup(args, argv=()):
     if run.channels_last:
         run.model.to(memory_format=torch.channels_last)
         run.criterion.to(memory_format=torch.channels_last)  # its VGG, fed channels-last inputs
+    args.batch_sz, run.batch_text = resolve_batch(run, len(train_rows))  # the number args.json and checkpoints keep
     run.train_loader, run.val_loader, val_set = build_loaders(args, train_rows, val_rows, device, rank, world_size)
     run.optimizer, run.scheduler = build_optimizer(args, run.model, device)
     run.clip_groups = clip_groups(run.model)
@@ -478,7 +527,7 @@ def setup(args, argv=()):
         run.train_model = DDP(run.train_model, device_ids=[device.index] if device.type == "cuda" else None)
     run.meter = StepMeter(["loss", "psnr", "grad_norm"] + list(run.criterion.weights), device)
     run.show_bars = run.is_main and (sys.stderr.isatty() or "ipykernel" in sys.modules)  # a terminal or a notebook
-    if run.is_main:
+    if run.is_main and not args.dry_run:  # a dry run writes nothing
         run.quicklook_batch = read_quicklooks(val_set, args.num_quicklooks)  # reads files: before the folder exists
         prepare_run_dir(run)
         setup_logging(run, ckpt is not None, val_set)
@@ -503,7 +552,7 @@ def setup_logging(run, resumed, val_set):
     run.history = read_history(run.dir / "history.csv") if resumed else []
     n_params = sum(p.numel() for p in run.model.parameters())
     print(f"{run.model.model_name}: {n_params / 1e6:.2f}M parameters | device {run.device} x{run.world_size} | "
-          f"{run.amp_text} | {run.layout_text} | compile {'on' if run.compiled else 'off'} | "
+          f"{run.amp_text} | {run.batch_text} | {run.layout_text} | compile {'on' if run.compiled else 'off'} | "
           f"{len(run.train_loader.dataset)} train / {len(val_set)} val samples | run dir {run.dir}")
 
 
@@ -971,6 +1020,152 @@ def finish(run):
     return 0
 
 
+# ----------------------------------------------------------------------------- --dry_run
+
+def dry_run(run):
+    """--dry_run: set-up as the run would do it (no run folder, checkpoint or TensorBoard), DRY_RUN_TIMED training
+    steps and a few validation batches timed on the real loaders, then the plan, printed by rank 0. Returns 0."""
+    try:
+        setup_s = time.monotonic() - run.started
+        warmup_s, step_s = time_steps(run)
+        val_s = validation_seconds_per_sample(run)
+        if run.is_main:
+            print("dry run: nothing written; the plan for these flags")
+            for name, value in dry_run_plan(run, setup_s + warmup_s - DRY_RUN_WARMUP * step_s, step_s, val_s):
+                print(f"  {name}: {value}")
+        return 0
+    finally:
+        if run.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(run):
+    """(seconds of the DRY_RUN_WARMUP untimed steps, seconds per step of the DRY_RUN_TIMED after them), on batches
+    from the training loader (its workers, reads and copies included), as train_one_epoch takes them."""
+    def batches():
+        while True:  # a list shorter than the steps: start it again
+            yield from run.train_loader
+    source, t0 = batches(), time.perf_counter()
+    run.model.train()
+    for i in range(DRY_RUN_WARMUP + DRY_RUN_TIMED):
+        if i == DRY_RUN_WARMUP:
+            _synchronize(run.device)
+            warmup_s, t0 = time.perf_counter() - t0, time.perf_counter()
+        train_step(run, next(source))
+    _synchronize(run.device)
+    return warmup_s, (time.perf_counter() - t0) / DRY_RUN_TIMED
+
+
+@torch.no_grad()
+def validation_seconds_per_sample(run, timed_batches=2):
+    """Seconds per validation sample, as validate() spends them: the batches after the first (which starts the
+    workers); the first itself when there is only one."""
+    run.model.eval()
+    seen, t0 = 0, time.perf_counter()
+    for i, batch in enumerate(run.val_loader):
+        if i == 1:
+            _synchronize(run.device)
+            seen, t0 = 0, time.perf_counter()
+        b = to_device(batch, run.device)
+        with run.ctx:
+            prediction = run.model(b["cloudy_data"], b["SAR_data"])
+        metrics.compute_metrics(bands.finish_s2(prediction), b["cloudfree_data"])
+        seen += b["cloudy_data"].shape[0]
+        if i == timed_batches:
+            break
+    _synchronize(run.device)
+    run.model.train()
+    return (time.perf_counter() - t0) / max(seen, 1)
+
+
+def dry_run_plan(run, start_s, step_s, val_s):
+    """[(field, text)] of the plan: the machine, the choices made, speed, memory, MFU, epoch time, time limit."""
+    args, device = run.args, run.device
+    samples_per_s = args.batch_sz / step_s  # per process
+    flops = 3 * 2 * net_CR_CrossAttention.count_macs(run.model, args.crop_size)  # backward ~ 2 x forward
+    train_s = len(run.train_loader) * step_s
+    val_epoch_s = val_s * len(run.val_loader.dataset) / args.val_every
+    n_params = sum(p.numel() for p in run.model.parameters())
+    return [*dry_run_device(device), ("model", f"{run.model.model_name}, {n_params / 1e6:.2f}M parameters"),
+            ("data", f"{len(run.train_loader.dataset)} training / {len(run.val_loader.dataset)} validation samples "
+                     f"per process"),
+            ("precision", run.amp_text), ("compile", f"{'on' if run.compiled else 'off'} (--compile {args.compile})"),
+            ("layout", run.layout_text),
+            ("batch", f"{run.batch_text} per process, {run.world_size} process{'es' if run.world_size > 1 else ''}"),
+            ("speed", f"{samples_per_s * run.world_size:.2f} samples/s ({DRY_RUN_TIMED} steps of {step_s:.3f} s "
+                      f"timed after {DRY_RUN_WARMUP}, on the training data at {args.crop_size} px)"),
+            ("peak memory", dry_run_memory(run)),
+            ("FLOPs", f"{flops / 1e9:.1f} GFLOP per sample for forward + backward (3 x the forward's "
+                      f"{flops / 6e9:.1f} GMAC x 2, net_CR_CrossAttention.count_macs; the network only, VGG and "
+                      f"the other loss terms not counted)"),
+            ("MFU", dry_run_mfu(run, flops * samples_per_s)),
+            ("epoch", f"{format_duration(train_s + val_epoch_s)}: {len(run.train_loader)} steps of "
+                      f"{args.batch_sz * run.world_size} samples ({format_duration(train_s)}) + validation of "
+                      f"{len(run.val_loader.dataset)} samples per process every {args.val_every} epoch(s) "
+                      f"({format_duration(val_s * len(run.val_loader.dataset))})"),
+            ("time limit", dry_run_epochs(run, start_s, train_s + val_epoch_s))]
+
+
+def dry_run_device(device):
+    """[(device, ...), (compute capability, ...)]: the card, or the CPU's model and torch's capability for it."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return [("device", f"{device}: {torch.cuda.get_device_name(device)}"),
+                ("compute capability", f"{major}.{minor}")]
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), None) if Path("/proc/cpuinfo").is_file() else None
+    return [("device", f"cpu: {model or platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"{torch.get_num_threads()} torch thread{'s' if torch.get_num_threads() > 1 else ''}"),
+            ("compute capability", f"CPU capability {torch.backends.cpu.get_cpu_capability()} (torch)")]
+
+
+def dry_run_memory(run):
+    """Measured peak (CUDA: torch.cuda.max_memory_allocated; CPU: the process's peak resident memory, VmHWM) and the
+    fake-tensor count of a GPU step at this batch (sizing.footprint)."""
+    args, model = run.args, run.model
+    need = run.footprint or sizing.footprint(model.model_name, asdict(model.config), args, args.crop_size,
+                                             args.val_crop_size or args.load_size, run.amp_dtype)
+    at_batch = need.bytes_for(args.batch_sz, args.val_batch_sz)
+    counted = (f"counted for a GPU (sizing.py, eager, {need.precision}): {at_batch / 2**20:,.0f} MiB = "
+               f"{need.train_fixed / 2**20:,.0f} fixed + "
+               f"{need.train_per_sample / 2**20:,.1f} per sample at {args.crop_size} px")
+    if run.device.type == "cuda":
+        measured = torch.cuda.max_memory_allocated(run.device) / 2**20
+        return f"{measured:,.0f} MiB measured (torch.cuda.max_memory_allocated); {counted}"
+    with open("/proc/self/status") as f:
+        hwm = next((int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:")), float("nan"))
+    return f"{hwm:,.0f} MiB peak resident memory of this process (CPU, measured); {counted}"
+
+
+def dry_run_mfu(run, flops_per_s):
+    """Model FLOP utilisation against the card's dense peak at the run's precision (sizing.GPU_PEAK_TFLOPS)."""
+    if run.device.type != "cuda":
+        return "no peak table for CPUs"
+    precision = sizing.precision_name(run.amp_dtype)
+    peak, source = sizing.peak_tflops(torch.cuda.get_device_name(run.device), precision)
+    if peak is None:
+        return f"no peak figure ({source})"
+    return f"{flops_per_s / (peak * 1e12):.1%} of {peak:g} TFLOP/s dense {precision} ({source})"
+
+
+def dry_run_epochs(run, start_s, epoch_s):
+    """How many of the epochs left fit --time_limit, by the loop's own rule (next_epoch_fits), after the set-up and
+    the first steps' extra time (compiling, the workers' start) that a run spends once."""
+    args, left = run.args, run.args.max_epochs - run.start_epoch
+    if args.time_limit is None:
+        return f"no --time_limit; the {left} epochs left take about {format_duration(left * epoch_s)}"
+    seconds, epochs = args.time_limit * 3600 - start_s, []
+    while len(epochs) < left and next_epoch_fits(seconds, epochs, time_limit_reserve(run)):
+        epochs.append(epoch_s)
+        seconds -= epoch_s
+    return f"{len(epochs)} of the {left} epochs left fit --time_limit {args.time_limit:g} h"
+
+
 # ----------------------------------------------------------------------------- command-line flags
 
 def build_parser():
@@ -996,7 +1191,11 @@ def _model_flags(p):
 def _optimisation_flags(p):
     g = p.add_argument_group("optimisation")
     g.add_argument("--max_epochs", type=int, default=30, help="number of epochs to train")
-    g.add_argument("--batch_sz", type=int, default=6, help="training batch size per process")
+    g.add_argument("--batch_sz", type=batch_size_arg, default=DESIGN_BATCH,
+                   help="training batch size per process, or 'auto': on a GPU the largest batch whose training step "
+                        f"and validation fit the card's free memory with a margin of {sizing.BATCH_MARGIN * 100:.0f} "
+                        f"%% (counted without running it: sizing.py; under DDP the smallest over the ranks), on CPU "
+                        f"the design's {DESIGN_BATCH}")
     g.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW")
     g.add_argument("--weight_decay", type=float, default=1e-5, help="AdamW weight decay")
     g.add_argument("--lr_scheduler", default="plateau", choices=["plateau", "cosine", "step", "none"],
@@ -1108,6 +1307,11 @@ def _run_flags(p):
     g.add_argument("--time_limit", type=float, default=None,
                    help="hours this command may run (e.g. 11.5 in a 12-hour Kaggle session): stop after the last "
                         "epoch that fits, with a resumable last.pth and the command that resumes (None: no limit)")
+    g.add_argument("--dry_run", action="store_true",
+                   help=f"build everything these flags ask for, time {DRY_RUN_TIMED} training steps (after "
+                        f"{DRY_RUN_WARMUP} untimed) on the training data, print the plan (device, precision, batch, "
+                        f"samples/s, peak memory, MFU, epoch time, epochs that fit --time_limit) and exit; writes no "
+                        f"run folder, checkpoint or TensorBoard file (--demo still builds its cached data set)")
     g.add_argument("--demo", action="store_true",
                    help=f"train a short run on built-in synthetic data (no dataset needed): at most {DEMO_EPOCHS} "
                         f"epochs within {DEMO_MINUTES:g} minutes (--time_limit overrides the budget)")

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1,
-    "dataloader": 2, "runtime": 2,
+    "dataloader": 2, "runtime": 2, "sizing": 2,
     "test_CR": 3, "train_CR_kaggle": 3,
     "benchmark": 4,
 }
