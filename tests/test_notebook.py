@@ -156,7 +156,8 @@ def test_notebook_runs_end_to_end_and_a_later_session_resumes(kernel_name, tmp_p
         said = text_of(cell_running(cells, "N_GPUS = "))
         assert "no GPU: this notebook will train on the CPU" in said and "a short run of 1 of 3 epochs" in said
         assert "training without the perceptual and contrastive terms" in said
-        assert "--dry_run" in text_of(cell_running(cells, "def train_command")), "the plan is shown first"
+        plan = text_of(cell_running(cells, "def train_command"))
+        assert "--dry_run" in plan and "nothing written" in plan, "the plan is shown before training"
         assert (run / "best.pth").is_file() and (run / "last.pth").is_file()
         assert [int(r["epoch"]) for r in history(run)] == [1]
         summary = json.loads((first / RESULTS / "summary.json").read_text())
