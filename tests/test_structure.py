@@ -2,6 +2,7 @@
 checkpoints, short functions."""
 import ast
 import importlib
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -66,6 +67,82 @@ def test_only_the_benchmark_imports_the_training_script():
         if module != "benchmark":
             assert "train_CR_kaggle" not in imports, module
 
+
+# requirements.txt holds what the product imports (the modules and the notebook), requirements-dev.txt adds what the
+# tests import and the tools run by name. Import names map to packages through the installed distributions' own
+# metadata (skimage -> scikit-image, PIL -> pillow); these are the imports that need another package too.
+NEEDS_PACKAGE = {"torch.utils.tensorboard": "tensorboard"}  # torch's SummaryWriter writes with tensorboard
+PROVIDED_BY_JUPYTER = {"IPython"}  # the notebook's display(): part of every Jupyter kernel, not a requirement
+TOOLS_RUN_BY_NAME = {"ruff", "ipykernel"}  # .ci/run's lint; the kernel tests/test_notebook.py starts
+LOCAL_NAMES = {p.stem for p in [*ROOT.glob("*.py"), *(ROOT / "tests").glob("*.py")]}
+
+
+def _package(name):
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _imported_packages(sources):
+    """{package: [where]} for the third-party imports of (name, code) pairs."""
+    distributions = importlib.metadata.packages_distributions()
+    found = {}
+    for where, code in sources:
+        for node in ast.walk(ast.parse(code)):
+            if isinstance(node, ast.Import):
+                modules = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.split(".")[0]
+                if top in sys.stdlib_module_names or top in LOCAL_NAMES or top in PROVIDED_BY_JUPYTER:
+                    continue
+                assert top in distributions, f"{where} imports {top}, which no installed package provides"
+                packages = [*distributions[top], *[p for m, p in NEEDS_PACKAGE.items() if module.startswith(m)]]
+                for package in packages:
+                    found.setdefault(_package(package), []).append(where)
+    return found
+
+
+def _requirements(path):
+    """Package names in a requirements file, with those of the files it includes (-r)."""
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            names |= _requirements(path.parent / line[3:].strip())
+        elif line:
+            names.add(_package(re.split(r"[<>=!~\[; ]", line)[0]))
+    return names
+
+
+def _product_sources():
+    notebook = json.loads((ROOT / "notebooks" / "kaggle.ipynb").read_text())
+    cells = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+    return [(p.name, p.read_text()) for p in sorted(ROOT.glob("*.py"))] + [("notebooks/kaggle.ipynb", "\n".join(cells))]
+
+
+def test_requirements_hold_what_the_product_imports_and_no_more():
+    runtime_packages = _requirements(ROOT / "requirements.txt")
+    imported = _imported_packages(_product_sources())
+    assert set(imported) <= runtime_packages, {p: w for p, w in imported.items() if p not in runtime_packages}
+    unused = runtime_packages - set(imported)
+    assert not unused, f"requirements.txt lists {unused}, which no product module imports (tools: requirements-dev.txt)"
+
+
+def test_dev_requirements_add_what_the_tests_import_and_the_tools():
+    runtime_packages, dev = _requirements(ROOT / "requirements.txt"), _requirements(ROOT / "requirements-dev.txt")
+    imported = _imported_packages((f"tests/{p.name}", p.read_text()) for p in sorted((ROOT / "tests").glob("*.py")))
+    assert set(imported) <= dev, {p: w[:3] for p, w in imported.items() if p not in dev}
+    assert dev - runtime_packages == (set(imported) - runtime_packages) | TOOLS_RUN_BY_NAME
+
+
+def test_the_requirement_check_sees_renamed_and_indirect_packages():
+    found = _imported_packages([("a.py", "import skimage.metrics\nfrom PIL import Image\nimport os\nimport bands\n"
+                                          "from torch.utils.tensorboard import SummaryWriter")])
+    assert set(found) == {"scikit-image", "pillow", "torch", "tensorboard"}
+    with pytest.raises(AssertionError, match="no installed package provides"):
+        _imported_packages([("a.py", "import glfcr_not_a_package")])
 
 def _modules_loaded_by(statement):
     code = f"import sys; {statement}; print(' '.join(sorted(sys.modules)))"
