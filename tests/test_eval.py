@@ -499,6 +499,52 @@ def test_unwritable_results_folder_fails_before_any_work(synthetic_dataset, scen
                           "--input_data_folder", str(root), "--results_dir", str(locked)])
 
 
+def test_a_wrong_list_and_a_wrong_checkpoint_are_reported_together_and_leave_no_folder(synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    results = tmp_path / "runs" / "results"
+    base = ["--checkpoint", str(tmp_path / "missing.pth"), "--input_data_folder", str(root), "--results_dir",
+            str(results), "--device", "cpu"]
+    with pytest.raises(files.DataError) as e:
+        test_CR.main(base + ["--data_list_filepath", str(tmp_path / "nope.csv")])
+    assert str(e.value) == (f"data list not found: {tmp_path / 'nope.csv'}; also: checkpoint not found: "
+                            f"{tmp_path / 'missing.pth'}")
+    assert not (tmp_path / "runs").exists()  # the results folder is checked, then removed until the inputs are good
+    # A listed file of the evaluated split that is no raster is found before the checkpoint is loaded
+    data = tmp_path / "data"
+    rows = dataloader.read_data_list(csv_path)
+    broken = next(t for t in rows if t.split == 3).s1
+    for t in rows:
+        for rel in (t.s1, t.s2_cloudfree, t.s2_cloudy):
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data / rel).write_bytes((root / rel).read_bytes() if rel != broken else b"")
+    base[base.index("--input_data_folder") + 1] = str(data)
+    with pytest.raises(files.DataError) as e:
+        test_CR.main(base + ["--data_list_filepath", str(csv_path)])
+    assert str(e.value) == (f"cannot open {data / broken} as a raster: the file is empty (0 bytes) (download the "
+                            f"file again); also: checkpoint not found: {tmp_path / 'missing.pth'}")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_split_not_evaluated_that_cannot_be_read_is_named_not_checked(tiny_checkpoint, synthetic_dataset, tmp_path,
+                                                                        capsys):
+    root, csv_path = synthetic_dataset
+    rows = dataloader.read_data_list(csv_path)
+    train_only = tmp_path / "list.csv"  # a train row whose files are not there (evaluated elsewhere than trained)
+    dataloader.write_data_list(train_only, rows + [dataloader.Triplet(1, "gone/s1.tif", "gone/s2.tif",
+                                                                      "gone/cloudy.tif")])
+    results = tmp_path / "r"
+    test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(train_only),
+                  "--input_data_folder", str(root), "--results_dir", str(results), "--amp", "off",
+                  "--num_workers", "0", "--device", "cpu", "--crop_size", str(CROP)])
+    err = capsys.readouterr().err
+    assert (f"warning: leak check of {train_only} incomplete, train-val, train-test footprints not checked: 1 "
+            f"triplet(s) of the train split not read (first: file not found: {root / 'gone/s1.tif'}) (recorded in "
+            f"summary.json)") in err
+    check = json.loads((results / "summary.json").read_text())["leak_check"]
+    assert check["not_checked"] == ["train-val", "train-test"] and check["unread"].startswith("1 triplet(s) of the")
+
+
 def _copy_with_s1(src_root, t, folder, **georef):
     """Absolute-path triplet: t's S2 files, and its S1 rewritten under folder with the given crs/transform."""
     with rasterio.open(src_root / t.s1) as src:
