@@ -439,6 +439,10 @@ def read_masks_info(mask_dir):
     """The masks.json of a mask folder (detector, settings, encoding); DataError for a folder without one or one made
     with the old uint8 x255 encoding."""
     info = Path(mask_dir) / MASKS_INFO
+    if not info.is_file() and (Path(mask_dir) / MASKS_PARTIAL).is_file():
+        detector = json.loads((Path(mask_dir) / MASKS_PARTIAL).read_text())["detector"]
+        raise DataError(f"{mask_dir}: unfinished {detector} masks (no {MASKS_INFO}); finish them with `python "
+                        f"dataloader.py masks ... --detector {detector} --out {mask_dir}` (it resumes)")
     if not info.is_file():
         raise DataError(f"{mask_dir}: no {MASKS_INFO}; make the masks with `python dataloader.py masks ... --out "
                         f"{mask_dir}`")

@@ -645,7 +645,7 @@ def test_masks_that_fail_part_way_keep_their_work_but_do_not_mark_the_folder_fin
     assert err.startswith(f"error: cannot read {truncated}: ") and "(1 of 4 masks not made; the 3 made are kept" in err
     assert not (out / D.MASKS_INFO).exists() and (out / D.MASKS_PARTIAL).is_file()
     assert sum(1 for t in triplets if (out / t.s2_cloudy).is_file()) == 3
-    with pytest.raises(files.DataError, match="no masks.json"):  # not a finished mask folder
+    with pytest.raises(files.DataError, match="unfinished rule masks .no masks.json.; finish them"):
         D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=out)
     with pytest.raises(files.DataError, match="holds unfinished rule masks; finish them with --detector rule"):
         D.make_cloud_masks(triplets, root, out, "s2cloudless_prob", progress=False)
