@@ -696,9 +696,10 @@ def build_parser():
 
 
 def _smoke_test(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: CUDA is not available on this machine; use --device cpu")
+        parser.error("--device cuda: CUDA is not available on this machine; use --device cpu")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.manual_seed(0)
     model = CloudRemovalCrossAttention().to(device)
