@@ -556,22 +556,33 @@ def _copy_with_s1(src_root, t, folder, **georef):
 
 
 @pytest.mark.slow
-def test_misaligned_triplet_stops_evaluation_with_one_line_and_keeps_the_rows_so_far(tiny_checkpoint,
-                                                                                     synthetic_dataset, tmp_path):
+def test_a_file_that_fails_mid_evaluation_stops_it_with_one_line_and_keeps_the_rows_so_far(tiny_checkpoint,
+                                                                                         synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     test_rows = dataloader.select_split(dataloader.read_data_list(csv_path), "test")
     good = dataloader.Triplet(3, *(str(root / p) for p in (test_rows[0].s1, test_rows[0].s2_cloudfree,
                                                            test_rows[0].s2_cloudy)))
-    bad = _copy_with_s1(root, test_rows[1], tmp_path / "bad", crs="EPSG:32650")
-    listed = dataloader.write_data_list(tmp_path / "data.csv", [good, bad])
+    misaligned = _copy_with_s1(root, test_rows[1], tmp_path / "bad", crs="EPSG:32650")
     results = tmp_path / "results"
-    # Workers load the data (the error crosses a process boundary) and the batch of one makes the good image
-    # complete before the bad one is read.
-    done = _cli("--checkpoint", tiny_checkpoint, "--data_list_filepath", listed, "--input_data_folder", "/",
-                "--results_dir", results, "--batch_sz", "1", "--num_workers", "1", "--amp", "off", "--device", "cpu")
-    error = _one_line_error(done)
-    assert error.startswith(f"error: {bad.s1} and {bad.s2_cloudy} are not on the same grid: CRS EPSG:32650 vs "
-                            f"EPSG:32631"), error
+    run = lambda listed: _cli("--checkpoint", tiny_checkpoint, "--data_list_filepath", listed, "--input_data_folder",
+                              "/", "--results_dir", results, "--batch_sz", "1", "--num_workers", "1", "--amp", "off",
+                              "--device", "cpu")
+    # A misaligned triplet shows in the headers: found before any work, no results folder made.
+    error = _one_line_error(run(dataloader.write_data_list(tmp_path / "misaligned.csv", [good, misaligned])))
+    assert error.startswith(f"error: {misaligned.s1} and {misaligned.s2_cloudy} are not on the same grid: CRS "
+                            f"EPSG:32650 vs EPSG:32631"), error
+    assert not results.exists()
+    # A truncated download's header reads and its pixels do not: found when its batch is read. Workers load the
+    # data (the error crosses a process boundary) and the batch of one makes the good image complete first.
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(Path(root / test_rows[1].s2_cloudfree).read_bytes())
+    with open(truncated, "r+b") as f:
+        f.truncate(truncated.stat().st_size // 2)
+    bad = dataloader.Triplet(3, str(root / test_rows[1].s1), str(truncated), str(root / test_rows[1].s2_cloudy))
+    error = _one_line_error(run(dataloader.write_data_list(tmp_path / "only_bad.csv", [bad])))
+    assert error.startswith(f"error: cannot read {truncated}: ") and not results.exists()  # no row: nothing kept
+    error = _one_line_error(run(dataloader.write_data_list(tmp_path / "data.csv", [good, bad])))
+    assert error.startswith(f"error: cannot read {truncated}: "), error
     # The long-evaluation rule: rows are written as they are scored, so the finished image is kept.
     partial = list(csv.DictReader(open(results / test_CR.PARTIAL_CSV)))
     assert [r["file_name"] for r in partial] == [Path(good.s2_cloudy).name]
