@@ -21,9 +21,10 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,7 @@ import splits
 import synthetic
 from bands import S1_BANDS, S2_BANDS, denormalize_s2, normalize_s1, normalize_s2
 from clouds import BINARY_DETECTORS, CLOUD_DETECTORS, cloud_score, detector_margin, detector_settings
-from files import DataError, atomic_output, write_text_atomic
+from files import DataError, atomic_output, outermost_new_folder, write_text_atomic
 from splits import OFFICIAL_TEST_SCENES, OFFICIAL_VAL_SCENES, SPLIT_IDS, SPLIT_NAMES
 
 KAGGLE_HEADER = ("split", "s1_folder", "s2_folder", "s2_cloudy_folder", "s2_filename", "s1_filename",
@@ -62,6 +63,17 @@ class Triplet:
         return Path(self.s2_cloudy).stem
 
 
+# The list formats read, for the one error that names what a file is when it is none of them.
+LIST_FORMATS = ("GLF-CR 5 columns (split, s1_folder, s2_folder, s2_cloudy_folder, file name) or Kaggle 7 columns "
+                "(split, s1_folder, s2_folder, s2_cloudy_folder, s2_filename, s1_filename, s2_cloudy_filename); "
+                "comma, tab or semicolon separated, header row and pandas index column optional")
+SPLIT_WORDS = {"train": 1, "val": 2, "validation": 2, "test": 3}  # some lists spell the split out
+# What a file that is not a text list is, from its first bytes: a data list passed where something else was meant.
+_NOT_TEXT = ((b"PK\x03\x04", "a ZIP archive or Excel workbook (save it as CSV)"), (b"\x1f\x8b", "a gzip archive"),
+             (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"\x80", "a Python pickle"),
+             (b"\x93NUMPY", "a NumPy array"), (b"\x89HDF", "an HDF5 file"), (b"%PDF", "a PDF document"))
+
+
 def _row_to_triplet(row, where):
     """A 5-column GLF-CR or 7-column Kaggle row -> Triplet; `where` ("file:line") goes into errors."""
     row = [c.strip() for c in row]
@@ -74,6 +86,7 @@ def _row_to_triplet(row, where):
             os.path.join(cloudy_dir, cloudy_name)
     else:
         raise DataError(f"{where}: expected 5 columns (GLF-CR) or 7 columns (Kaggle), got {len(row)}: {row}")
+    split = str(SPLIT_WORDS.get(split.lower(), split))
     if split not in ("1", "2", "3"):
         raise DataError(f"{where}: split must be 1 (train), 2 (val) or 3 (test), got {split!r}")
     if not all(row[1:]):
@@ -81,28 +94,76 @@ def _row_to_triplet(row, where):
     return Triplet(int(split), s1, s2, cloudy)
 
 
-def read_data_list(csv_path):
-    """Read a GLF-CR 5-column or Kaggle 7-column list (comma or tab separated, header row optional)."""
-    csv_path = Path(csv_path)
+def _list_text(csv_path):
+    """The text of a list file (a UTF-8 byte-order mark dropped, any line ending); DataError naming what the file is
+    when it is not a text list at all."""
+    if csv_path.is_dir():
+        raise DataError(f"data list {csv_path} is a folder; pass the CSV file (to list a folder of GeoTIFFs: python "
+                        f"dataloader.py scan {csv_path} --out data.csv)")
     if not csv_path.is_file():
         raise DataError(f"data list not found: {csv_path}")
-    with open(csv_path, newline="") as f:
-        text = f.read()
-    first = next((line for line in text.splitlines() if line.strip()), "")
-    delimiter = "\t" if "\t" in first and "," not in first else ","  # some GLF-CR forks write TSV
-    triplets, first_row = [], True
-    for lineno, row in enumerate(csv.reader(text.splitlines(), delimiter=delimiter), start=1):
-        if not row or not "".join(row).strip():
-            continue
-        if first_row:
-            first_row = False
-            # Only the first non-blank line may be a header: words, no split id, no file name.
-            if not row[0].strip().isdigit() and not any(c.strip().lower().endswith(".tif") for c in row):
-                continue
-        triplets.append(_row_to_triplet(row, f"{csv_path}:{lineno}"))
+    raw = csv_path.read_bytes()
+    seen = next((what for magic, what in _NOT_TEXT if raw.startswith(magic)), None)
+    if seen is None and b"\x00" in raw[:4096]:
+        seen = "a binary file"
+    try:
+        text = None if seen else raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        try:  # Excel on Windows saves "CSV" in the locale's code page
+            text = raw.decode("cp1252")
+        except UnicodeDecodeError:
+            seen = "a binary file"
+    head = (text or "").lstrip().lower()
+    if head.startswith(("<!doctype html", "<html", "<?xml")):
+        seen = "an HTML or XML page (a download that returned a web page?)"
+    elif head.startswith(("{", "[")):
+        seen = "a JSON file"
+    if seen:
+        raise DataError(f"data list {csv_path} is {seen}, not a list; read: {LIST_FORMATS}")
+    return text
+
+
+def _list_delimiter(first_line):
+    """The separator of a list from its first line: comma, else tab, else semicolon (Excel in many locales)."""
+    return next((d for d in (",", "\t", ";") if d in first_line), ",")
+
+
+def read_data_list(csv_path):
+    """Read a GLF-CR 5-column or Kaggle 7-column list (comma, tab or semicolon separated; header row, pandas' index
+    column, a byte-order mark and CRLF line ends allowed; split 1/2/3 or train/val/test). A file in another format is
+    one DataError saying what it looks like and which formats are read."""
+    csv_path = Path(csv_path)
+    lines = _list_text(csv_path).splitlines()
+    first = next((line for line in lines if line.strip()), "")
+    rows = [(lineno, row) for lineno, row in enumerate(csv.reader(lines, delimiter=_list_delimiter(first)), start=1)
+            if row and "".join(row).strip()]
+    index_column = False
+    # Only the first non-blank line may be a header: words, no split id, no file name.
+    if rows and not _is_split(rows[0][1][0]) and not any(c.strip().lower().endswith((".tif", ".tiff"))
+                                                         for c in rows[0][1]):
+        header = [c.strip() for c in rows.pop(0)[1]]
+        # pandas' to_csv without index=False writes an unnamed first column of row numbers
+        index_column = len(header) in (6, 8) and header[0] in ("", "Unnamed: 0", "index")
+    if rows and all(len(row) == 1 for _, row in rows):
+        lineno, row = rows[0]
+        raise DataError(f"{csv_path}:{lineno}: one name per line ({row[0].strip()!r}), like a split file of patch "
+                        f"or scene names: a data list needs each triplet's split and three files; write one with "
+                        f"python dataloader.py scan ROOT --out data.csv. Read: {LIST_FORMATS}")
+    triplets = []
+    for lineno, row in rows:
+        where = f"{csv_path}:{lineno}"
+        if len(row) not in (5, 7) and not index_column:
+            raise DataError(f"{where}: expected 5 columns (GLF-CR) or 7 columns (Kaggle), got {len(row)}: "
+                            f"{[c.strip() for c in row]}; read: {LIST_FORMATS}")
+        triplets.append(_row_to_triplet(row[1:] if index_column else row, where))
     if not triplets:
         raise DataError(f"{csv_path}: no data rows")
     return triplets
+
+
+def _is_split(cell):
+    cell = cell.strip().lower()
+    return cell.isdigit() or cell in SPLIT_WORDS
 
 
 def select_split(triplets, split, source="data list"):
@@ -149,6 +210,8 @@ def open_raster(path):
     """rasterio.open with errors that name the file (DataError). A raster without georeferencing (derived
     SEN12MS-CR copies often lose it) opens without rasterio's NotGeoreferencedWarning: it is a supported case."""
     path = str(path)
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder, not a GeoTIFF file (check the list's folder and file columns)")
     if not os.path.isfile(path):
         raise DataError(f"file not found: {path}")
     try:
@@ -156,7 +219,23 @@ def open_raster(path):
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             return rasterio.open(path)
     except rasterio.errors.RasterioError as e:
-        raise DataError(f"cannot open {path} as a raster: {gdal_cause(e)}") from None
+        seen = _not_a_raster(path)
+        raise DataError(f"cannot open {path} as a raster: {seen or gdal_cause(e)}"
+                        + (" (download the file again)" if seen else "")) from None
+
+
+def _not_a_raster(path):
+    """What a file that GDAL cannot open is, where its bytes say it plainly (empty, a web page), else None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        return e.strerror or str(e)
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml", b"{")):
+        return "the file is a web page or JSON text, not a GeoTIFF"
+    return None
 
 
 def gdal_cause(error):
@@ -228,6 +307,31 @@ def check_triplet(s1, s2_cloudfree, s2_cloudy):
             raise DataError(f"{src.name} and {s2_cloudy.name} are not on the same grid: {'; '.join(problems)} "
                             f"(the three files of a triplet must cover the same pixels: check this row of the "
                             f"data list, or resample the file onto the cloudy Sentinel-2 grid)")
+
+
+def check_listed_files(triplets, root, source="data list", cloudy_only=False, progress=False):
+    """Before any work: open the header of every listed file (no pixels) and check each triplet (check_triplet; the
+    cloudy image's band count alone with cloudy_only). One DataError naming the first problem and how many triplets
+    of `source` have one, so a run never stops on a bad file after hours."""
+    from tqdm.auto import tqdm
+
+    root = data_root(root)
+    problems = []
+    with rasterio.Env(**GDAL_READ_OPTIONS):
+        for t in tqdm(triplets, desc="checking files", disable=not progress, dynamic_ncols=True):
+            try:
+                with contextlib.ExitStack() as stack:
+                    paths = (t.s2_cloudy,) if cloudy_only else (t.s1, t.s2_cloudfree, t.s2_cloudy)
+                    srcs = [stack.enter_context(open_raster(root / rel)) for rel in paths]
+                    if cloudy_only:
+                        _check_bands(srcs[0], len(S2_BANDS))
+                    else:
+                        check_triplet(*srcs)
+            except DataError as e:
+                problems.append(str(e))
+    if problems:
+        raise DataError(problems[0] + (f" ({len(problems)} of the {len(triplets)} triplets of {source} have a "
+                                       f"problem; this is the first)" if len(problems) > 1 else ""))
 
 
 # Sentinel-2 reflectance already divided by 10000 peaks near 1 (bright clouds ~1.5); x10000 data peaks in the
@@ -310,7 +414,8 @@ def write_s2_geotiff(path, reflectance01, crs, transform):
 MASK_ENCODINGS = {"binary": "uint8 binary mask (0 clear, 1 cloudy)", "soft": "float32 cloud score"}
 LEGACY_MASK_ENCODING = "uint8 soft score x255"
 MASK_DETECTORS = tuple(d for d in CLOUD_DETECTORS if d != "none")
-MASKS_INFO = "masks.json"  # in a mask folder: which detector made its masks
+MASKS_INFO = "masks.json"  # in a finished mask folder: which detector made its masks
+MASKS_PARTIAL = "masks.partial.json"  # in an unfinished one: the detector of the masks made so far
 
 
 def truth_available(root, triplets):
@@ -334,6 +439,10 @@ def read_masks_info(mask_dir):
     """The masks.json of a mask folder (detector, settings, encoding); DataError for a folder without one or one made
     with the old uint8 x255 encoding."""
     info = Path(mask_dir) / MASKS_INFO
+    if not info.is_file() and (Path(mask_dir) / MASKS_PARTIAL).is_file():
+        detector = json.loads((Path(mask_dir) / MASKS_PARTIAL).read_text())["detector"]
+        raise DataError(f"{mask_dir}: unfinished {detector} masks (no {MASKS_INFO}); finish them with `python "
+                        f"dataloader.py masks ... --detector {detector} --out {mask_dir}` (it resumes)")
     if not info.is_file():
         raise DataError(f"{mask_dir}: no {MASKS_INFO}; make the masks with `python dataloader.py masks ... --out "
                         f"{mask_dir}`")
@@ -381,8 +490,12 @@ def write_cloud_mask(cloudy_path, out_path, detector):
 
 
 def _mask_worker(job):
-    write_cloud_mask(*job)
-    return job[1]
+    """One mask; a bad input comes back as its message (the other masks go on), anything else is a bug."""
+    try:
+        write_cloud_mask(*job)
+    except DataError as e:
+        return job[1], str(e)
+    return job[1], None
 
 
 def _init_mask_worker():
@@ -393,7 +506,11 @@ def _init_mask_worker():
 
 def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=True):
     """Compute each triplet's cloud mask once into out_dir (mirroring the cloudy images' relative paths), on all
-    cores, skipping masks already there (resumable; each file written atomically). Returns (made, skipped)."""
+    cores, skipping masks already there (resumable; each file written atomically). Every cloudy header is checked
+    first; masks.json, which tells readers the folder is finished and which detector made it, is written (atomically)
+    only when every mask is there. Meanwhile MASKS_PARTIAL names the detector of the masks made so far, so a resumed
+    run cannot mix detectors; a run that made no mask leaves nothing behind. A bad input is one DataError after the
+    other masks are made. Returns (made, skipped)."""
     import multiprocessing
 
     from tqdm.auto import tqdm
@@ -401,24 +518,46 @@ def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=T
     if detector not in MASK_DETECTORS:
         raise ValueError(f"detector must be one of {MASK_DETECTORS}, got {detector!r}")
     out_dir = Path(out_dir)
-    info = out_dir / MASKS_INFO
+    info, partial = out_dir / MASKS_INFO, out_dir / MASKS_PARTIAL
     if info.is_file() and read_masks_info(out_dir)["detector"] != detector:
         raise DataError(f"{out_dir} holds {read_masks_info(out_dir)['detector']} masks; use another --out for "
                         f"{detector}")
+    if partial.is_file() and json.loads(partial.read_text())["detector"] != detector:
+        other = json.loads(partial.read_text())["detector"]
+        raise DataError(f"{out_dir} holds unfinished {other} masks; finish them with --detector {other}, or use "
+                        f"another --out for {detector}")
+    check_listed_files(triplets, root, "the data list", cloudy_only=True)
     kind = "binary" if detector in BINARY_DETECTORS else "soft"
-    write_text_atomic(info, json.dumps({"detector": detector, "settings": detector_settings(detector, None),
-                                        "encoding": MASK_ENCODINGS[kind]}, indent=2))
+    meta = json.dumps({"detector": detector, "settings": detector_settings(detector, None),
+                       "encoding": MASK_ENCODINGS[kind]}, indent=2)
     jobs = [(Path(root) / t.s2_cloudy, out_dir / t.s2_cloudy, detector) for t in triplets
             if not (out_dir / t.s2_cloudy).is_file()]
-    if not jobs:
-        return 0, len(triplets)
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-    # spawn: fresh workers, no OpenMP state forked from this process
-    with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_mask_worker) as pool:
-        done = pool.imap_unordered(_mask_worker, jobs, chunksize=4)
-        for _ in tqdm(done, total=len(jobs), desc=f"{detector} masks", disable=not progress, dynamic_ncols=True):
-            pass
-    return len(jobs), len(triplets) - len(jobs)
+    made_dir, had_partial, made, failed = outermost_new_folder(out_dir), partial.is_file(), 0, []
+    try:
+        if jobs:
+            write_text_atomic(partial, meta)
+            workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+            # spawn: fresh workers, no OpenMP state forked from this process
+            with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_mask_worker) as pool:
+                done = pool.imap_unordered(_mask_worker, jobs, chunksize=4)
+                for _path, problem in tqdm(done, total=len(jobs), desc=f"{detector} masks", disable=not progress,
+                                           dynamic_ncols=True):
+                    made += problem is None
+                    if problem:
+                        failed.append(problem)
+        if failed:
+            raise DataError(f"{failed[0]} ({len(failed)} of {len(jobs)} masks not made"
+                            + (f"; the {made} made are kept: fix the file and run the same command again, it "
+                               f"resumes)" if made else ")"))
+    except BaseException:
+        if not made and not had_partial:  # nothing to resume: leave the folder as it was
+            partial.unlink(missing_ok=True)
+            if made_dir is not None:
+                shutil.rmtree(made_dir, ignore_errors=True)
+        raise
+    write_text_atomic(info, meta)
+    partial.unlink(missing_ok=True)
+    return made, len(triplets) - len(jobs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -600,24 +739,36 @@ class AlignedDataset(SEN12MSCRDataset):
 # Scanning a downloaded copy (official layout, any nesting depth)
 
 _FILE_RE = re.compile(r"^(ROIs\d+_[a-z]+)_(s1|s2|s2_cloudy)_(\d+)_p(\d+)\.tif$", re.IGNORECASE)
+# GLF-CR's layout: one folder per modality side by side, the same file name in each (ROIs2017_winter_112_p797.tif).
+_GLFCR_NAME_RE = re.compile(r"^(ROIs\d+_[a-z]+)_(\d+)_p(\d+)\.tif$", re.IGNORECASE)
+GLFCR_FOLDERS = {"s1": "s1", "s2": "s2", "s2_cloudfree": "s2", "s2_cloudy": "s2_cloudy"}
+LAYOUTS_READ = ("the official layout at any depth, Kaggle's nesting included (ROIs2017_winter_s1/s1_112/"
+                "ROIs2017_winter_s1_112_p797.tif with its _s2_ and _s2_cloudy_ partners), and GLF-CR's (folders s1/, "
+                "s2_cloudfree/ or s2/, and s2_cloudy/ side by side holding the same file names)")
 
 
-def scan_layout(root):
-    """Find triplets under `root` (official names, any folder depth). Returns (triplets with split 0,
-    list of unpartnered relative paths). Triplets are matched by (region-season, scene, patch)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"data root not found: {root}")
-    found = {}
+def scan_folder(root):
+    """Find triplets under `root` in either layout of LAYOUTS_READ. Returns (triplets with split 0, relative paths
+    of files whose partners are missing, relative paths of .tif files that fit neither layout). Official names are
+    matched by (region-season, scene, patch) at any depth, GLF-CR's by folder and file name."""
+    root = data_root(root, "data root")
+    found, unrecognised = {}, []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
+        folder = os.path.basename(dirpath).lower()
         for fn in sorted(filenames):
-            m = _FILE_RE.match(fn)
-            if not m:
+            if not fn.lower().endswith((".tif", ".tiff")):
                 continue
-            key = (m.group(1), int(m.group(3)), int(m.group(4)))
             rel = os.path.relpath(os.path.join(dirpath, fn), root)
-            found.setdefault(key, {}).setdefault(m.group(2).lower(), rel)  # first copy wins (sorted walk)
+            m = _FILE_RE.match(fn)
+            if m:
+                key, mod = ("official", m.group(1), int(m.group(3)), int(m.group(4))), m.group(2).lower()
+            elif folder in GLFCR_FOLDERS and dirpath != str(root):
+                key, mod = ("glfcr", os.path.dirname(os.path.dirname(rel)), fn), GLFCR_FOLDERS[folder]
+            else:
+                unrecognised.append(rel)
+                continue
+            found.setdefault(key, {}).setdefault(mod, rel)  # first copy wins (sorted walk)
     triplets, unpartnered = [], []
     for key in sorted(found):
         mods = found[key]
@@ -625,13 +776,30 @@ def scan_layout(root):
             triplets.append(Triplet(0, mods["s1"], mods["s2"], mods["s2_cloudy"]))
         else:
             unpartnered.extend(sorted(mods.values()))
-    return triplets, unpartnered
+    return triplets, unpartnered, unrecognised
+
+
+def scan_layout(root):
+    """Find triplets under `root` (scan_folder). Returns (triplets with split 0, list of unpartnered relative
+    paths)."""
+    return scan_folder(root)[:2]
+
+
+def _named_patch(path):
+    """(region-season, scene, patch) from an official or a GLF-CR file name, else None."""
+    name = os.path.basename(path)
+    m = _FILE_RE.match(name)
+    if m:
+        return m.group(1), int(m.group(3)), int(m.group(4))
+    m = _GLFCR_NAME_RE.match(name)
+    return (m.group(1), int(m.group(2)), int(m.group(3))) if m else None
 
 
 def scene_of(triplet):
-    """(region-season, scene number) of a triplet named in the official way, else its cloudy file's folder."""
-    m = _FILE_RE.match(os.path.basename(triplet.s2_cloudy))
-    return (m.group(1), int(m.group(3))) if m else (os.path.dirname(triplet.s2_cloudy), 0)
+    """(region-season, scene number) of a triplet named in the official (or GLF-CR's) way, else its cloudy file's
+    folder."""
+    named = _named_patch(triplet.s2_cloudy)
+    return named[:2] if named else (os.path.dirname(triplet.s2_cloudy), 0)
 
 
 def split_by_scene(triplets, val_frac=0.1, test_frac=0.1, seed=0):
@@ -653,8 +821,8 @@ def split_by_scene(triplets, val_frac=0.1, test_frac=0.1, seed=0):
 
 def official_patch(triplet):
     """((region-season, scene), patch) of a triplet named in the official way, else None."""
-    m = _FILE_RE.match(os.path.basename(triplet.s2_cloudy))
-    return ((m.group(1), int(m.group(3))), int(m.group(4))) if m else None
+    named = _named_patch(triplet.s2_cloudy)
+    return (named[:2], named[2]) if named else None
 
 
 def split_official(triplets):
@@ -713,6 +881,20 @@ class LeakReport:
     overlaps: object
     footprints: str
     split_rule: str
+    unread: list = field(default_factory=list)  # (split, message naming the file) of triplets not read
+
+    def not_checked(self, pairs=splits.SPLIT_PAIRS):
+        """The pairs of splits whose footprint check is incomplete: a file of one of the two could not be read."""
+        bad = {split for split, _ in self.unread}
+        return [pair for pair in pairs if bad & set(pair)]
+
+    def unread_text(self, splits_wanted=(1, 2, 3)):
+        """'N triplet(s) of the test split not read (first: MESSAGE)', or "" when every one was read."""
+        unread = [(split, message) for split, message in self.unread if split in splits_wanted]
+        if not unread:
+            return ""
+        names = "/".join(SPLIT_NAMES[s] for s in sorted({split for split, _ in unread}))
+        return f"{len(unread)} triplet(s) of the {names} split not read (first: {unread[0][1]})"
 
     def leaks(self, pairs=splits.SPLIT_PAIRS):
         return any(p in self.shared or (self.overlaps and p in self.overlaps) for p in pairs)
@@ -735,37 +917,54 @@ class LeakReport:
             "overlapping_patches": None if self.overlaps is None else self.overlaps.get((a, b), (0, None))[0]}
             for a, b in splits.SPLIT_PAIRS}
         return {"data_list": self.source, "leak": self.leaks(), "pairs": pairs, "footprints": self.footprints,
-                "split_rule": self.split_rule}
+                "split_rule": self.split_rule,
+                "not_checked": [f"{SPLIT_NAMES[a]}-{SPLIT_NAMES[b]}" for a, b in self.not_checked()],
+                "unread": self.unread_text() or None}
+
+
+def data_root(root, flag="--input_data_folder"):
+    """The data root as a Path; DataError naming the flag when it is not a folder (rather than one "file not found"
+    per listed file)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{flag} {root}: " + ("is a file, not a folder" if root.exists() else "no such folder"))
+    return root
 
 
 def read_footprints(triplets, root, progress=False):
-    """(crs, (left, bottom, right, top), pixel size) of each triplet's cloudy image, from its header only; crs None
-    for a raster without georeferencing; None for a file that is missing or cannot be opened (a list may name
-    splits that are not downloaded: the check compares what is there). The three files of a triplet share a grid
+    """(boxes, unread): boxes[i] is (crs, (left, bottom, right, top), pixel size) of triplet i's cloudy image, from
+    its header only, crs None for a raster without georeferencing, None where one of the triplet's three files is
+    missing or cannot be opened; unread lists (index, message naming the file) of those. Every file is opened (headers
+    only), so a report says "not checked" for what it could not read. The three files of a triplet share a grid
     (check_triplet)."""
     from tqdm.auto import tqdm
 
-    out = []
+    boxes, unread = [], []
     with rasterio.Env(**GDAL_READ_OPTIONS):
-        for t in tqdm(triplets, desc="footprints", disable=not progress, dynamic_ncols=True):
+        for i, t in enumerate(tqdm(triplets, desc="headers", disable=not progress, dynamic_ncols=True)):
             try:
+                for rel in (t.s1, t.s2_cloudfree):
+                    open_raster(Path(root) / rel).close()
                 with open_raster(Path(root) / t.s2_cloudy) as src:
                     georeferenced = src.crs is not None and not src.transform.is_identity
-                    out.append((src.crs.to_string() if georeferenced else None, tuple(src.bounds),
-                                min(abs(src.transform.a), abs(src.transform.e))))
-            except DataError:
-                out.append(None)
-    return out
+                    boxes.append((src.crs.to_string() if georeferenced else None, tuple(src.bounds),
+                                  min(abs(src.transform.a), abs(src.transform.e))))
+            except DataError as e:
+                boxes.append(None)
+                unread.append((i, str(e)))
+    return boxes, unread
 
 
 def check_leaks(triplets, root=None, source="data list", progress=False):
     """The leak check: scenes shared by two splits (scene_of: official names, else the cloudy file's folder) and,
     with `root`, footprints of patches of two splits that overlap (same CRS, bounds overlapping by at least half a
-    pixel; headers only, no pixels). Returns a LeakReport."""
+    pixel; headers only, no pixels). Returns a LeakReport; its `unread` names the files it could not read."""
     shared = splits.shared_scenes((t.split, scene_of(t)) for t in triplets)
-    overlaps, footprints = None, "not read (no data root given)"
+    overlaps, footprints, unread = None, "not read (no data root given)", []
     if root is not None:
-        boxes = read_footprints(triplets, root, progress)
+        data_root(root)
+        boxes, problems = read_footprints(triplets, root, progress)
+        unread = [(triplets[i].split, message) for i, message in problems]
         found = splits.overlapping_footprints([(t.split, *(box or (None, None, None))) for t, box in
                                                zip(triplets, boxes)])
         overlaps = {pair: (len({j for _, j in ij}), (triplets[ij[0][0]].s2_cloudy, triplets[ij[0][1]].s2_cloudy))
@@ -774,10 +973,11 @@ def check_leaks(triplets, root=None, source="data list", progress=False):
         n_geo = sum(box is not None and box[0] is not None for box in boxes)
         footprints = f"{n_read} headers read, {n_geo} georeferenced" + (
             f", {n_read - n_geo} without georeferencing (not compared)" if n_geo < n_read else "") + (
-            f", {len(boxes) - n_read} listed file(s) missing or unreadable (not compared)"
+            f", {len(boxes) - n_read} triplet(s) with a listed file missing or unreadable (not checked)"
             if n_read < len(boxes) else "")
     return LeakReport(source, {name: sum(t.split == i for t in triplets) for name, i in SPLIT_IDS.items()},
-                      len({scene_of(t) for t in triplets}), shared, overlaps, footprints, _split_rule(triplets, shared))
+                      len({scene_of(t) for t in triplets}), shared, overlaps, footprints, _split_rule(triplets, shared),
+                      unread)
 
 
 def _split_rule(triplets, shared):
@@ -802,12 +1002,19 @@ def startup_leak_check(csv_path, root):
 
 
 def leak_warning(report, pairs, root):
-    """One line naming what leaks between `pairs` of splits, or None when nothing does."""
+    """A line naming what leaks between `pairs` of splits, and one naming the pairs whose footprints could not all be
+    read ("not checked"); None when nothing leaks and everything was read."""
+    lines = []
     texts = [report.pair_text(pair) for pair in pairs if report.leaks([pair])]
-    if not texts:
-        return None
-    return (f"warning: {report.source} leaks: {'; '.join(texts)}; scores on those splits are inflated (details: "
-            f"python dataloader.py check {report.source} --input_data_folder {root})")
+    if texts:
+        lines.append(f"warning: {report.source} leaks: {'; '.join(texts)}; scores on those splits are inflated "
+                     f"(details: python dataloader.py check {report.source} --input_data_folder {root})")
+    unchecked = report.not_checked(pairs)
+    if unchecked:
+        names = ", ".join(f"{SPLIT_NAMES[a]}-{SPLIT_NAMES[b]}" for a, b in unchecked)
+        lines.append(f"warning: leak check of {report.source} incomplete, {names} footprints not checked: "
+                     f"{report.unread_text(sorted({s for pair in unchecked for s in pair}))}")
+    return "\n".join(lines) or None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -846,12 +1053,22 @@ def _cmd_synth(args):
     return 0
 
 
+SCAN_LINES_SHOWN = 20  # "not a SEN12MS-CR file name" lines printed before a count of the rest
+
+
 def _cmd_scan(args):
-    triplets, unpartnered = scan_layout(args.root)
+    triplets, unpartnered, unrecognised = scan_folder(args.root)
     for rel in unpartnered:
         print(f"no partner: {rel}", file=sys.stderr)
+    for rel in unrecognised[:SCAN_LINES_SHOWN]:
+        print(f"not a SEN12MS-CR file name: {rel}", file=sys.stderr)
+    if len(unrecognised) > SCAN_LINES_SHOWN:
+        print(f"... and {len(unrecognised) - SCAN_LINES_SHOWN} more files not named the SEN12MS-CR way",
+              file=sys.stderr)
     if not triplets:
-        raise DataError(f"{args.root}: no complete SEN12MS-CR triplets found")
+        n = len(unpartnered) + len(unrecognised)
+        raise DataError(f"{args.root}: no complete SEN12MS-CR triplets found among {n} .tif file(s); scan reads "
+                        f"{LAYOUTS_READ}")
     if args.split == "random":
         triplets = split_by_scene(triplets, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
     else:
@@ -893,15 +1110,23 @@ def _cmd_check(args):
     counts = ", ".join(f"{name} {n}" for name, n in report.counts.items())
     print(f"{args.data_list}: {len(triplets)} rows ({counts}) in {report.n_scenes} scenes; split rule: "
           f"{report.split_rule}")
+    unchecked = report.not_checked()
     for pair in splits.SPLIT_PAIRS:
         name = f"{SPLIT_NAMES[pair[0]]}-{SPLIT_NAMES[pair[1]]}"
-        print(f"{name}: {report.pair_text(pair) or 'no shared scene, no overlapping footprint'}")
+        clean = ("no shared scene, footprints NOT CHECKED (files not read)" if pair in unchecked else
+                 "no shared scene, no overlapping footprint")
+        print(f"{name}: {report.pair_text(pair) or clean}")
     print(f"footprints: {report.footprints}")
+    if report.leaks():
+        print("LEAK: patches of one place are in two splits; scores on the later split are inflated"
+              + ("" if args.strict or report.unread else " (--strict makes this exit 1)"))
+    if report.unread:  # a check that could not read its inputs cannot pass, with or without --strict
+        print(f"NOT CHECKED: {report.unread_text()}; fetch those files again or list only what is there "
+              f"(python dataloader.py scan ROOT --out data.csv)")
+        return 2
     if not report.leaks():
         print("no leak found")
         return 0
-    print("LEAK: patches of one place are in two splits; scores on the later split are inflated"
-          + ("" if args.strict else " (--strict makes this exit 1)"))
     return 1 if args.strict else 0
 
 

@@ -48,6 +48,15 @@ def atomic_output(path, suffix=".tmp"):
             os.unlink(tmp)
 
 
+def outermost_new_folder(folder):
+    """The outermost folder of `folder`'s path that does not exist yet (what mkdir(parents=True) would create), or
+    None when it exists: what a run that fails before its first output removes again, so it leaves nothing behind."""
+    folder, made = Path(folder), None
+    while not folder.exists():
+        made, folder = folder, folder.parent
+    return made
+
+
 def write_text_atomic(path, text):
     """Write a text file atomically (see atomic_output)."""
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:

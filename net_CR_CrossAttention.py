@@ -1,6 +1,7 @@
 """GLF-CR Enhanced v3: SAR-optical cloud removal with cross-attention fusion and cloud-aware residual.
 
     python net_CR_CrossAttention.py      # smoke test: parameter count, MACs, shapes, forward/backward time
+    python net_CR_CrossAttention.py --device cpu
 
 The network (design document "GLF-CR Enhanced Architecture v3.0"):
 
@@ -19,6 +20,7 @@ Also the field's baseline DSen2CR (Meraner et al., ISPRS 2020) with the same for
 create_model(model_name, **config) building either from a checkpoint's stored config.
 This module imports nothing of the project (torch only).
 """
+import argparse
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -685,8 +687,20 @@ def count_macs(model, size=256):
     return counter.get_total_flops() // 2
 
 
-def _smoke_test():
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def build_parser():
+    """The smoke test's flags (--help answers without building a network)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="where the forward/backward pass is timed: auto = CUDA when available, else CPU")
+    return parser
+
+
+def _smoke_test(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine; use --device cpu")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.manual_seed(0)
     model = CloudRemovalCrossAttention().to(device)
     n_params = count_parameters(model)

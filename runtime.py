@@ -37,6 +37,24 @@ class UsageError(Exception):
 USER_ERRORS = (DataError, CheckpointError, UsageError)
 
 
+def check_together(*checks):
+    """Run every check (a callable) and return their results; when user errors (USER_ERRORS) occur, raise one error
+    of the first one's kind whose message names them all ("A; also: B"), so a wrong data list and a wrong
+    checkpoint are reported in one go, whichever is checked first."""
+    results, errors = [], []
+    for check in checks:
+        try:
+            results.append(check())
+        except USER_ERRORS as e:
+            results.append(None)
+            errors.append(e)
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        raise type(errors[0])("; also: ".join(str(e) for e in errors)) from None
+    return results
+
+
 def run_cli(main, argv=None, user_errors=()):
     """Run a script's main(argv). An expected user error (bad data, checkpoint or flags; plus the script's own
     `user_errors`) prints one line `error: ...` to stderr and returns 2, no traceback; anything else keeps its

@@ -27,6 +27,7 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -99,9 +100,11 @@ def resolve_device_and_amp(args):
 
 
 def ensure_writable_dir(folder, what):
-    """Create `folder` and prove it takes a file, before any work: an unwritable results folder used to fail
-    only after every image was scored, losing the run."""
+    """Prove that `folder` can be created and takes a file, before any work, and leave nothing behind: an unwritable
+    results folder used to fail only after every image was scored, and a run that fails at the start must not leave
+    an empty folder. The caller creates the folder once every input has been checked."""
     folder = Path(folder)
+    made = files.outermost_new_folder(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -109,6 +112,9 @@ def ensure_writable_dir(folder, what):
     except OSError as e:
         raise runtime.UsageError(f"cannot write to {what} {folder}: {e.strerror or e}; "
                                  f"choose a folder you can write to") from None
+    finally:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
     return folder
 
 
@@ -714,26 +720,42 @@ def resolve_eval_flags(args):
 
 
 def setup_evaluation(args):
-    """Everything before the first image, in the order that fails fastest: flags, results folder, device,
-    checkpoint, data list. Returns (results, device, amp_dtype, model, ckpt, loader)."""
+    """Everything before the first image, inputs first: flags and device; then the results folder (checked, not yet
+    created), the data list with the header of every file of the split, and the checkpoint, reported together when
+    several are wrong; the leak check; only then the results folder is created. Returns (results, made, device,
+    amp_dtype, model, ckpt, loader, leaks); made: the outermost folder this run created (None: it existed)."""
     resolve_eval_flags(args)
-    results = ensure_writable_dir(args.results_dir, "--results_dir")
-    for sub, wanted in (("geotiff", args.save_geotiff), ("png", args.save_png), ("confidence", args.save_confidence),
-                        ("uncertainty", args.save_uncertainty)):
-        if wanted:
-            ensure_writable_dir(results / sub, "--results_dir")
     device, amp_dtype = resolve_device_and_amp(args)
-    model, ckpt = runtime.load_models(args.checkpoint, device)
+    results = Path(args.results_dir)
+    folders = [results] + [results / sub for sub, wanted in (
+        ("geotiff", args.save_geotiff), ("png", args.save_png), ("confidence", args.save_confidence),
+        ("uncertainty", args.save_uncertainty)) if wanted]
+
+    def read_rows():
+        rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
+                                       source=str(args.data_list_filepath))
+        dataloader.check_listed_files(rows, args.input_data_folder,
+                                      f"the {args.split} split of {args.data_list_filepath}")
+        return rows
+
+    _, rows, (model, ckpt) = runtime.check_together(
+        lambda: [ensure_writable_dir(folder, "--results_dir") for folder in folders], read_rows,
+        lambda: runtime.load_models(args.checkpoint, device))
     check_uncertainty_wanted(args, model)
-    rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
-                                   source=str(args.data_list_filepath))
     dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
                                           load_size=args.load_size, augment=False,
                                           cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold,
                                           cloud_mask_dir=args.cloud_mask_dir)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    return results, device, amp_dtype, model, ckpt, loader
+    leaks = dataloader.startup_leak_check(args.data_list_filepath, args.input_data_folder)
+    warning = dataloader.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
+    if warning:
+        print(warning + " (recorded in summary.json)", file=sys.stderr)
+    made = files.outermost_new_folder(results)
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    return results, made, device, amp_dtype, model, ckpt, loader, leaks
 
 
 def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index=0):
@@ -770,23 +792,26 @@ def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index
 def evaluate(args):
     """Score every image of the split; write metrics.csv and summary.json (and GeoTIFF/PNG outputs). Rows are
     also appended to metrics.partial.csv as they are scored, so a run that stops part-way keeps them."""
-    results, device, amp_dtype, model, ckpt, loader = setup_evaluation(args)
-    leaks = dataloader.startup_leak_check(args.data_list_filepath, args.input_data_folder)
-    warning = dataloader.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
-    if warning:
-        print(warning + " (recorded in summary.json)", file=sys.stderr)
+    results, made, device, amp_dtype, model, ckpt, loader, leaks = setup_evaluation(args)
     ctx = runtime.autocast(device, amp_dtype)
     per_image, t_model, t0 = [], 0.0, time.perf_counter()
     pooled = {}  # summed confidence histograms and sampled pixels, for the figures pooled over the whole split
-    with open(results / PARTIAL_CSV, "w", newline="") as partial:
-        partial_rows = csv.DictWriter(partial, fieldnames=CSV_COLUMNS)
-        partial_rows.writeheader()
-        for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
-            rows, seconds = evaluate_batch(args, results, model, ctx, device, batch, pooled, len(per_image))
-            t_model += seconds
-            per_image += rows
-            partial_rows.writerows(csv_row(row) for row in rows)
-            partial.flush()
+    try:
+        with open(results / PARTIAL_CSV, "w", newline="") as partial:
+            partial_rows = csv.DictWriter(partial, fieldnames=CSV_COLUMNS)
+            partial_rows.writeheader()
+            for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
+                rows, seconds = evaluate_batch(args, results, model, ctx, device, batch, pooled, len(per_image))
+                t_model += seconds
+                per_image += rows
+                partial_rows.writerows(csv_row(row) for row in rows)
+                partial.flush()
+    except BaseException:
+        if not per_image:  # stopped before the first image was scored: nothing to keep
+            (results / PARTIAL_CSV).unlink(missing_ok=True)
+            if made is not None:
+                shutil.rmtree(made, ignore_errors=True)
+        raise
     summary = summarise_run(args, ckpt, model, device, amp_dtype, per_image, time.perf_counter() - t0, t_model,
                             pooled, leaks)
     if summary["uncertainty"] is not None:
@@ -1029,7 +1054,12 @@ def predict(args):
                                  f"--overlap {args.overlap}")
     check_predict_output(args)
     device, amp_dtype = resolve_device_and_amp(args)
-    model, ckpt = runtime.load_models(args.checkpoint, device)
+
+    def check_scene():
+        with dataloader.open_raster(args.cloudy) as cloudy_src, dataloader.open_raster(args.sar) as sar_src:
+            check_scene_pair(cloudy_src, sar_src)
+
+    _, (model, ckpt) = runtime.check_together(check_scene, lambda: runtime.load_models(args.checkpoint, device))
     check_uncertainty_wanted(args, model)
     uncertainty = uncertainty_output_path(args.out) if args.save_uncertainty else None
     t0 = time.perf_counter()

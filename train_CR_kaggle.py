@@ -286,12 +286,28 @@ def check_inputs(args):
     rows = dataloader.read_data_list(args.data_list_filepath)
     train_rows = dataloader.select_split(rows, "train", source=args.data_list_filepath)
     val_rows = dataloader.select_split(rows, "val", source=args.data_list_filepath)
-    root = Path(args.input_data_folder)
+    root = dataloader.data_root(args.input_data_folder)
+    if len(train_rows) + len(val_rows) <= dataloader.AUTO_FOOTPRINT_LIMIT:  # headers: about 1 ms a file
+        dataloader.check_listed_files(train_rows + val_rows, root, f"the train and val splits of "
+                                                                   f"{args.data_list_filepath}")
+        return train_rows, val_rows
     for rows in (train_rows, val_rows):
         for t in rows:
             for rel in (t.s1, t.s2_cloudfree, t.s2_cloudy):
                 if not (root / rel).is_file():
                     raise files.DataError(f"{root / rel}: file listed in {args.data_list_filepath} not found")
+    return train_rows, val_rows
+
+
+def check_data(args, is_main):
+    """check_inputs, then (rank 0) the leak check's warnings: a place in train and in val or test inflates their
+    scores, and pairs whose files could not all be read are named as not checked."""
+    train_rows, val_rows = check_inputs(args)
+    leak = is_main and dataloader.leak_warning(
+        dataloader.startup_leak_check(args.data_list_filepath, args.input_data_folder), ((1, 2), (1, 3)),
+        args.input_data_folder)
+    if leak:
+        print(leak, file=sys.stderr)
     return train_rows, val_rows
 
 
@@ -488,12 +504,13 @@ def setup(args, argv=()):
             holder = [vars(args)]
             dist.broadcast_object_list(holder, src=0)
             vars(args).update(holder[0])
-    train_rows, val_rows = check_inputs(args)
-    leak = run.is_main and dataloader.leak_warning(  # a place in train and in val or test inflates their scores
-        dataloader.startup_leak_check(args.data_list_filepath, args.input_data_folder), ((1, 2), (1, 3)),
-        args.input_data_folder)
-    if leak:
-        print(leak, file=sys.stderr)
+    run.dir = Path(args.save_model_dir) / args.experiment_name
+    resume_path = args.resume or (None if args.train_from_scratch else
+                                  (run.dir / "last.pth" if (run.dir / "last.pth").is_file() else None))
+    # the data list and its files, and the checkpoint to resume: both reported when both are wrong
+    (train_rows, val_rows), ckpt = runtime.check_together(
+        lambda: check_data(args, run.is_main),
+        lambda: runtime.load_checkpoint(resume_path, map_location="cpu") if resume_path else None)
     resolve_confidence_weights(args)
     resolve_nll_weight(args)
     run.amp_dtype, use_scaler = runtime.resolve_amp(args.amp, device)
@@ -502,10 +519,6 @@ def setup(args, argv=()):
         print(amp_warning, file=sys.stderr)
     run.ctx = runtime.autocast(device, run.amp_dtype)  # the one autocast context: training, validation, quicklooks
     run.criterion = losses.build_criterion(args, vgg_dtype=run.amp_dtype).to(device)  # fails here without VGG weights
-    run.dir = Path(args.save_model_dir) / args.experiment_name
-    resume_path = args.resume or (None if args.train_from_scratch else
-                                  (run.dir / "last.pth" if (run.dir / "last.pth").is_file() else None))
-    ckpt = runtime.load_checkpoint(resume_path, map_location="cpu") if resume_path else None
     run.model = build_model(args, ckpt, resume_path, run.is_main).to(device)
     run.channels_last, run.layout_text = resolve_channels_last(args, run.model, run.ctx, device, world_size,
                                                                None if ckpt is None else ckpt.get("channels_last"))

@@ -5,13 +5,14 @@ import pytest
 
 import benchmark
 import dataloader
+import net_CR_CrossAttention
 import test_CR
 import train_CR_kaggle
 
 
 def _parsers():
     top = [("train_CR_kaggle", train_CR_kaggle.build_parser()), ("test_CR", test_CR.build_parser()),
-           ("dataloader", dataloader.build_parser())]
+           ("dataloader", dataloader.build_parser()), ("net_CR_CrossAttention", net_CR_CrossAttention.build_parser())]
     bench = argparse.ArgumentParser()
     sub = bench.add_subparsers()
     for name, (add_arguments, _run) in benchmark.SUBCOMMANDS.items():
@@ -30,6 +31,36 @@ def test_every_flag_has_help(name, parser):
     missing = [a.option_strings or a.dest for a in parser._actions
                if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
     assert not missing, f"{name}: flags without help: {missing}"
+
+
+HELP_COMMANDS = [(net_CR_CrossAttention._smoke_test, []), (train_CR_kaggle.main, []), (test_CR.main, []),
+                 (dataloader.main, []), *((dataloader.main, [name]) for name in ("synth", "scan", "check", "masks")),
+                 (benchmark.main, []), *((benchmark.main, [name]) for name in benchmark.SUBCOMMANDS)]
+
+
+@pytest.mark.parametrize("main, argv", HELP_COMMANDS, ids=lambda v: v.__module__ if callable(v) else " ".join(v))
+def test_help_answers_and_does_nothing_else(main, argv, tmp_path, monkeypatch, capsys):
+    """--help prints the usage and exits 0 without running anything (the smoke test used to run on it) and without
+    writing a file, run from an empty folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith("usage: ") and "Model parameters" not in out
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_model_script_help_does_not_run_the_smoke_test(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "net_CR_CrossAttention.py"
+    proc = subprocess.run([sys.executable, str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: net_CR_CrossAttention.py"), proc.stderr[-2000:]
+    assert "Model parameters" not in proc.stdout and list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -157,6 +158,66 @@ def test_empty_split_and_empty_list_are_clear_errors(tmp_path):
     (tmp_path / "blank.csv").write_text("split,a,b,c,name\n")
     with pytest.raises(files.DataError, match="no data rows"):
         D.read_data_list(tmp_path / "blank.csv")
+
+
+_FIVE = [D.Triplet(1, "a/x.tif", "b/x.tif", "c/x.tif"), D.Triplet(3, "a/y.tif", "b/y.tif", "c/y.tif")]
+
+
+@pytest.mark.parametrize("name, data", [
+    ("excel_bom_crlf.csv", "\ufeff1,a,b,c,x.tif\r\n3,a,b,c,y.tif\r\n".encode()),  # Excel's "CSV UTF-8"
+    ("header_bom.csv", "\ufeffsplit,s1,s2,s2_cloudy,name\n1,a,b,c,x.tif\n3,a,b,c,y.tif\n".encode()),
+    ("semicolon.csv", b"1;a;b;c;x.tif\n3;a;b;c;y.tif\n"),  # Excel where the decimal mark is a comma
+    ("pandas_index.csv", b",split,s1,s2,s2_cloudy,name\n0,1,a,b,c,x.tif\n1,3,a,b,c,y.tif\n"),  # to_csv() as is
+    ("words.tsv", b"train\ta\tb\tc\tx.tif\ntest\ta\tb\tc\ty.tif\n"),
+])
+def test_list_formats_users_save_are_read_as_what_they_are(tmp_path, name, data):
+    (tmp_path / name).write_bytes(data)
+    assert D.read_data_list(tmp_path / name) == _FIVE  # a BOM used to turn the first row into a dropped header
+
+
+@pytest.mark.parametrize("data, seen", [
+    (b"PK\x03\x04rest of an xlsx", "is a ZIP archive or Excel workbook (save it as CSV)"),
+    (b"\x1f\x8b\x08gzip", "is a gzip archive"),
+    (b"II*\x00tiff", "is a TIFF image"),
+    (b"<!DOCTYPE html><html><body>Sign in</body></html>",
+     "is an HTML or XML page (a download that returned a web page?)"),
+    (b'{"train": ["ROIs1158_spring_s1/s1_1"]}', "is a JSON file"),
+])
+def test_a_file_that_is_no_list_is_named_with_the_formats_read(tmp_path, data, seen):
+    p = tmp_path / "data.csv"
+    p.write_bytes(data)
+    with pytest.raises(files.DataError) as e:
+        D.read_data_list(p)
+    assert str(e.value).startswith(f"data list {p} {seen}, not a list; read: GLF-CR 5 columns")
+
+
+def test_a_plain_list_of_names_and_a_folder_are_named(tmp_path):
+    names = tmp_path / "test.txt"  # a split file of patch names, as SEN12MS and many forks keep them
+    names.write_text("ROIs1158_spring_s1_1_p30.tif\nROIs1158_spring_s1_1_p31.tif\n")
+    with pytest.raises(files.DataError, match=rf"{names}:1: one name per line .*dataloader.py scan ROOT .*"
+                                              rf"Read: GLF-CR 5 columns"):
+        D.read_data_list(names)
+    with pytest.raises(files.DataError, match=rf"data list {tmp_path} is a folder; .*scan {tmp_path} --out"):
+        D.read_data_list(tmp_path)
+    four = tmp_path / "four.csv"
+    four.write_text("1,a/x.tif,b/x.tif,c/x.tif\n")
+    with pytest.raises(files.DataError, match=rf"{four}:1: expected 5 columns .* got 4: .*; read: GLF-CR"):
+        D.read_data_list(four)
+
+
+@pytest.mark.parametrize("kind, cause", [("folder", "is a folder, not a GeoTIFF file"),
+                                         ("empty", "the file is empty (0 bytes)"),
+                                         ("html", "the file is a web page or JSON text, not a GeoTIFF")])
+def test_a_listed_file_that_is_no_raster_names_its_cause(tmp_path, kind, cause):
+    bad = tmp_path / "cloudy" / "p.tif"
+    bad.parent.mkdir()
+    if kind == "folder":
+        bad.mkdir()
+    else:
+        bad.write_bytes(b"" if kind == "empty" else b"<html><body>404 Not Found</body></html>")
+    with pytest.raises(files.DataError, match=re.escape(cause)) as e:
+        D.open_raster(bad)
+    assert str(bad) in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------- bad files
@@ -548,6 +609,51 @@ def test_masks_of_the_old_rounded_encoding_are_refused(synth, tmp_path):
         D.make_cloud_masks(triplets, root, tmp_path, "s2cloudless", progress=False)
 
 
+def _copy_list(synth, tmp_path, n):
+    """The first n triplets of the synthetic tree copied under tmp_path/data (files to break freely)."""
+    root, triplets = synth
+    for t in triplets[:n]:
+        for rel in (t.s1, t.s2_cloudfree, t.s2_cloudy):
+            (tmp_path / "data" / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(root / rel, tmp_path / "data" / rel)
+    return tmp_path / "data", triplets[:n]
+
+
+def test_masks_with_a_bad_input_leave_nothing_behind(synth, tmp_path):
+    root, triplets = _copy_list(synth, tmp_path, 4)
+    (root / triplets[2].s2_cloudy).write_text("<html>expired link</html>")
+    out = tmp_path / "new" / "masks"
+    with pytest.raises(files.DataError, match=rf"{re.escape(str(root / triplets[2].s2_cloudy))} as a raster"):
+        D.make_cloud_masks(triplets, root, out, "rule", progress=False)
+    assert not (tmp_path / "new").exists()  # headers are checked before anything is written
+    # the folder is not locked to the detector of the failed run
+    shutil.copy(synth[0] / triplets[2].s2_cloudy, root / triplets[2].s2_cloudy)
+    assert D.make_cloud_masks(triplets, root, out, "s2cloudless_prob", workers=1, progress=False) == (4, 0)
+    assert json.loads((out / D.MASKS_INFO).read_text())["detector"] == "s2cloudless_prob"
+
+
+def test_masks_that_fail_part_way_keep_their_work_but_do_not_mark_the_folder_finished(synth, tmp_path, capsys):
+    root, triplets = _copy_list(synth, tmp_path, 4)
+    truncated = root / triplets[1].s2_cloudy  # the header reads, the pixels do not: found only while computing
+    with open(truncated, "r+b") as f:
+        f.truncate(os.path.getsize(truncated) // 2)
+    out = tmp_path / "masks"
+    argv = ["masks", "--data_list_filepath", str(D.write_data_list(tmp_path / "l.csv", triplets)),
+            "--input_data_folder", str(root), "--out", str(out), "--detector", "rule", "--workers", "1"]
+    assert D.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: cannot read {truncated}: ") and "(1 of 4 masks not made; the 3 made are kept" in err
+    assert not (out / D.MASKS_INFO).exists() and (out / D.MASKS_PARTIAL).is_file()
+    assert sum(1 for t in triplets if (out / t.s2_cloudy).is_file()) == 3
+    with pytest.raises(files.DataError, match="unfinished rule masks .no masks.json.; finish them"):
+        D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=out)
+    with pytest.raises(files.DataError, match="holds unfinished rule masks; finish them with --detector rule"):
+        D.make_cloud_masks(triplets, root, out, "s2cloudless_prob", progress=False)
+    shutil.copy(synth[0] / triplets[1].s2_cloudy, truncated)
+    assert D.main(argv) == 0 and "(1 made, 3 already there)" in capsys.readouterr().out
+    assert (out / D.MASKS_INFO).is_file() and not (out / D.MASKS_PARTIAL).exists()
+
+
 # ----------------------------------------------------------------------------------------------- scan and split
 
 def test_scan_matches_nested_layout_reports_orphans_and_splits_by_scene(synth, tmp_path, capsys):
@@ -583,9 +689,26 @@ def test_scan_reports_files_without_partner(synth, tmp_path, capsys):
     for rel in (t.s1, t.s2_cloudfree):  # cloudy image missing
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(root / rel, tmp_path / rel)
+    (tmp_path / "notes").mkdir()
+    shutil.copy(root / t.s1, tmp_path / "notes" / "my_scene.tif")
     assert D.main(["scan", str(tmp_path), "--out", str(tmp_path / "x.csv")]) == 2  # no complete triplet
     err = capsys.readouterr().err
-    assert f"no partner: {t.s1}" in err and "no complete SEN12MS-CR triplets" in err
+    assert f"no partner: {t.s1}" in err and f"no partner: {t.s2_cloudfree}" in err
+    assert f"not a SEN12MS-CR file name: {Path('notes', 'my_scene.tif')}" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tmp_path}: no complete SEN12MS-CR triplets found among 3 .tif file(s); scan "
+                           f"reads the official layout") and "GLF-CR's (folders s1/, s2_cloudfree/ or s2/" in last
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_scan_reads_glfcr_layout_like_the_real_sample(real_sample_dir, tmp_path, capsys):
+    out = tmp_path / "scanned.csv"
+    assert D.main(["scan", str(real_sample_dir), "--out", str(out)]) == 0
+    assert "no partner" not in capsys.readouterr().err
+    [t] = D.read_data_list(out)
+    [listed] = D.read_data_list(real_sample_dir / "data.csv")  # the GLF-CR list shipped with it: the same files
+    assert (t.s1, t.s2_cloudfree, t.s2_cloudy) == (listed.s1, listed.s2_cloudfree, listed.s2_cloudy)
+    assert D.scene_of(t) == ("ROIs2017_winter", 112) and D.official_patch(t) == (("ROIs2017_winter", 112), 797)
 
 
 def test_scan_official_split_uses_the_published_scene_lists(synth, tmp_path, capsys):
@@ -719,8 +842,13 @@ def test_cli_help_shows_every_default():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("argv, message", [
-    (["scan", "/no/such/folder", "--out", "x.csv"], "error: data root not found: /no/such/folder"),
-    (["scan", "{tmp}", "--out", "x.csv"], "error: {tmp}: no complete SEN12MS-CR triplets found"),
+    (["scan", "/no/such/folder", "--out", "x.csv"], "error: data root /no/such/folder: no such folder"),
+    (["scan", "{tmp}", "--out", "x.csv"], "error: {tmp}: no complete SEN12MS-CR triplets found among 0 .tif file(s); "
+                                          "scan reads " + D.LAYOUTS_READ),
+    (["check", "{tmp}/x.csv", "--input_data_folder", "{tmp}"], "error: data list not found: {tmp}/x.csv"),
+    (["check", "{tmp}", "--input_data_folder", "{tmp}"], "error: data list {tmp} is a folder; pass the CSV file (to "
+                                                         "list a folder of GeoTIFFs: python dataloader.py scan {tmp} "
+                                                         "--out data.csv)"),
 ])
 def test_cli_user_errors_print_one_line_and_exit_2(tmp_path, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]

@@ -499,6 +499,52 @@ def test_unwritable_results_folder_fails_before_any_work(synthetic_dataset, scen
                           "--input_data_folder", str(root), "--results_dir", str(locked)])
 
 
+def test_a_wrong_list_and_a_wrong_checkpoint_are_reported_together_and_leave_no_folder(synthetic_dataset, tmp_path):
+    root, csv_path = synthetic_dataset
+    results = tmp_path / "runs" / "results"
+    base = ["--checkpoint", str(tmp_path / "missing.pth"), "--input_data_folder", str(root), "--results_dir",
+            str(results), "--device", "cpu"]
+    with pytest.raises(files.DataError) as e:
+        test_CR.main(base + ["--data_list_filepath", str(tmp_path / "nope.csv")])
+    assert str(e.value) == (f"data list not found: {tmp_path / 'nope.csv'}; also: checkpoint not found: "
+                            f"{tmp_path / 'missing.pth'}")
+    assert not (tmp_path / "runs").exists()  # the results folder is checked, then removed until the inputs are good
+    # A listed file of the evaluated split that is no raster is found before the checkpoint is loaded
+    data = tmp_path / "data"
+    rows = dataloader.read_data_list(csv_path)
+    broken = next(t for t in rows if t.split == 3).s1
+    for t in rows:
+        for rel in (t.s1, t.s2_cloudfree, t.s2_cloudy):
+            (data / rel).parent.mkdir(parents=True, exist_ok=True)
+            (data / rel).write_bytes((root / rel).read_bytes() if rel != broken else b"")
+    base[base.index("--input_data_folder") + 1] = str(data)
+    with pytest.raises(files.DataError) as e:
+        test_CR.main(base + ["--data_list_filepath", str(csv_path)])
+    assert str(e.value) == (f"cannot open {data / broken} as a raster: the file is empty (0 bytes) (download the "
+                            f"file again); also: checkpoint not found: {tmp_path / 'missing.pth'}")
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_split_not_evaluated_that_cannot_be_read_is_named_not_checked(tiny_checkpoint, synthetic_dataset, tmp_path,
+                                                                        capsys):
+    root, csv_path = synthetic_dataset
+    rows = dataloader.read_data_list(csv_path)
+    train_only = tmp_path / "list.csv"  # a train row whose files are not there (evaluated elsewhere than trained)
+    dataloader.write_data_list(train_only, rows + [dataloader.Triplet(1, "gone/s1.tif", "gone/s2.tif",
+                                                                      "gone/cloudy.tif")])
+    results = tmp_path / "r"
+    test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(train_only),
+                  "--input_data_folder", str(root), "--results_dir", str(results), "--amp", "off",
+                  "--num_workers", "0", "--device", "cpu", "--crop_size", str(CROP)])
+    err = capsys.readouterr().err
+    assert (f"warning: leak check of {train_only} incomplete, train-val, train-test footprints not checked: 1 "
+            f"triplet(s) of the train split not read (first: file not found: {root / 'gone/s1.tif'}) (recorded in "
+            f"summary.json)") in err
+    check = json.loads((results / "summary.json").read_text())["leak_check"]
+    assert check["not_checked"] == ["train-val", "train-test"] and check["unread"].startswith("1 triplet(s) of the")
+
+
 def _copy_with_s1(src_root, t, folder, **georef):
     """Absolute-path triplet: t's S2 files, and its S1 rewritten under folder with the given crs/transform."""
     with rasterio.open(src_root / t.s1) as src:
@@ -510,22 +556,33 @@ def _copy_with_s1(src_root, t, folder, **georef):
 
 
 @pytest.mark.slow
-def test_misaligned_triplet_stops_evaluation_with_one_line_and_keeps_the_rows_so_far(tiny_checkpoint,
-                                                                                     synthetic_dataset, tmp_path):
+def test_a_file_that_fails_mid_evaluation_stops_it_with_one_line_and_keeps_the_rows_so_far(tiny_checkpoint,
+                                                                                         synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     test_rows = dataloader.select_split(dataloader.read_data_list(csv_path), "test")
     good = dataloader.Triplet(3, *(str(root / p) for p in (test_rows[0].s1, test_rows[0].s2_cloudfree,
                                                            test_rows[0].s2_cloudy)))
-    bad = _copy_with_s1(root, test_rows[1], tmp_path / "bad", crs="EPSG:32650")
-    listed = dataloader.write_data_list(tmp_path / "data.csv", [good, bad])
+    misaligned = _copy_with_s1(root, test_rows[1], tmp_path / "bad", crs="EPSG:32650")
     results = tmp_path / "results"
-    # Workers load the data (the error crosses a process boundary) and the batch of one makes the good image
-    # complete before the bad one is read.
-    done = _cli("--checkpoint", tiny_checkpoint, "--data_list_filepath", listed, "--input_data_folder", "/",
-                "--results_dir", results, "--batch_sz", "1", "--num_workers", "1", "--amp", "off", "--device", "cpu")
-    error = _one_line_error(done)
-    assert error.startswith(f"error: {bad.s1} and {bad.s2_cloudy} are not on the same grid: CRS EPSG:32650 vs "
-                            f"EPSG:32631"), error
+    run = lambda listed: _cli("--checkpoint", tiny_checkpoint, "--data_list_filepath", listed, "--input_data_folder",
+                              "/", "--results_dir", results, "--batch_sz", "1", "--num_workers", "1", "--amp", "off",
+                              "--device", "cpu")
+    # A misaligned triplet shows in the headers: found before any work, no results folder made.
+    error = _one_line_error(run(dataloader.write_data_list(tmp_path / "misaligned.csv", [good, misaligned])))
+    assert error.startswith(f"error: {misaligned.s1} and {misaligned.s2_cloudy} are not on the same grid: CRS "
+                            f"EPSG:32650 vs EPSG:32631"), error
+    assert not results.exists()
+    # A truncated download's header reads and its pixels do not: found when its batch is read. Workers load the
+    # data (the error crosses a process boundary) and the batch of one makes the good image complete first.
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(Path(root / test_rows[1].s2_cloudfree).read_bytes())
+    with open(truncated, "r+b") as f:
+        f.truncate(truncated.stat().st_size // 2)
+    bad = dataloader.Triplet(3, str(root / test_rows[1].s1), str(truncated), str(root / test_rows[1].s2_cloudy))
+    error = _one_line_error(run(dataloader.write_data_list(tmp_path / "only_bad.csv", [bad])))
+    assert error.startswith(f"error: cannot read {truncated}: ") and not results.exists()  # no row: nothing kept
+    error = _one_line_error(run(dataloader.write_data_list(tmp_path / "data.csv", [good, bad])))
+    assert error.startswith(f"error: cannot read {truncated}: "), error
     # The long-evaluation rule: rows are written as they are scored, so the finished image is kept.
     partial = list(csv.DictReader(open(results / test_CR.PARTIAL_CSV)))
     assert [r["file_name"] for r in partial] == [Path(good.s2_cloudy).name]

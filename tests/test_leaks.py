@@ -1,11 +1,14 @@
 """splits.py and the leak check: the published split's two readings, scenes and footprints shared by splits,
 `dataloader.py check`, and the one-line warning of training."""
+import shutil
+
 import numpy as np
 import pytest
 from geotiff import write_geotiff
 from rasterio.transform import from_origin
 
 import dataloader as D
+import files
 import runtime
 import splits
 import train_CR_kaggle as train
@@ -94,11 +97,12 @@ def _patch(root, name, crs, x, y, size=8, pixel=10.0):
 
 
 def _list(path, rows):
-    """Kaggle 7-column list of (split, cloudy path); S1 and cloud-free paths are not read by the check."""
+    """Kaggle 7-column list of (split, cloudy path); its S1 and cloud-free columns name the cloudy file too (the check
+    opens every listed file's header and reads the footprint from the cloudy one)."""
     lines = ["split,s1_folder,s2_folder,s2_cloudy_folder,s2_filename,s1_filename,s2_cloudy_filename"]
     for split, rel in rows:
         folder, name = rel.rsplit("/", 1)
-        lines.append(f"{split},s1,s2,{folder},{name},{name},{name}")
+        lines.append(f"{split},{folder},{folder},{folder},{name},{name},{name}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -125,13 +129,19 @@ def test_check_finds_overlapping_footprints_of_different_scenes(footprints, tmp_
     assert report.shared == {}  # six scenes, one per patch
     assert report.overlaps == {(1, 3): (1, (rel["A"], rel["B"]))}  # C only touches A; D is in another CRS
     assert report.footprints == ("5 headers read, 4 georeferenced, 1 without georeferencing (not compared), "
-                                 "1 listed file(s) missing or unreadable (not compared)")
+                                 "1 triplet(s) with a listed file missing or unreadable (not checked)")
     assert report.leaks() and report.leaks([(1, 3)]) and not report.leaks([(1, 2), (2, 3)])
+    assert report.not_checked() == [(1, 3), (2, 3)]  # the missing file is a test patch
     argv = ["check", str(leaky), "--input_data_folder", str(root)]
-    assert D.main(argv) == 0 and D.main(argv + ["--strict"]) == 1
+    assert D.main(argv) == 2 and D.main(argv + ["--strict"]) == 2  # a file not read: the check cannot pass
     out = capsys.readouterr().out
     assert f"train-test: 1 test patch overlap train patches (e.g. {rel['B']} and {rel['A']})" in out
     assert "train-val: no shared scene, no overlapping footprint" in out and "LEAK" in out
+    assert "val-test: no shared scene, footprints NOT CHECKED (files not read)" in out
+    assert f"NOT CHECKED: 1 triplet(s) of the test split not read (first: file not found: {root / missing})" in out
+    found = _list(tmp_path / "found.csv", [(1, rel["A"]), (3, rel["B"]), (2, rel["C"]), (2, rel["D"]), (3, rel["E"])])
+    assert D.main(["check", str(found), "--input_data_folder", str(root)]) == 0
+    assert D.main(["check", str(found), "--input_data_folder", str(root), "--strict"]) == 1
 
     clean = _list(tmp_path / "clean.csv", [(1, rel["A"]), (2, rel["C"]), (3, rel["D"])])
     assert D.main(["check", str(clean), "--input_data_folder", str(root), "--strict"]) == 0
@@ -167,3 +177,61 @@ def test_one_scene_in_two_splits_fails_check_strict_and_makes_training_warn_once
     assert len(warned) == 1 and warned[0].startswith(f"warning: {leaky} leaks: train and test share 1 scene")
     assert "test patches overlap train patches" in warned[0]  # the same patches: their footprints coincide
     assert start(csv_path) == []
+
+
+@pytest.mark.parametrize("strict", [[], ["--strict"]])
+@pytest.mark.parametrize("broken", ["no_root", "html", "empty", "folder", "missing_s1"])
+def test_a_check_that_could_not_read_its_files_fails_and_never_says_no_leak(footprints, tmp_path, capsys, broken,
+                                                                           strict):
+    root, rel = footprints
+    clean = _list(tmp_path / "clean.csv", [(1, rel["A"]), (2, rel["C"]), (3, rel["D"])])
+    assert D.main(["check", str(clean), "--input_data_folder", str(root), *strict]) == 0
+    assert capsys.readouterr().out.endswith("no leak found\n")
+    bad = root / rel["D"]
+    if broken == "no_root":
+        root = tmp_path / "nonexistent"
+    elif broken == "folder":
+        bad.unlink()
+        bad.mkdir()
+    elif broken == "missing_s1":  # the check opens every listed file, not only the cloudy image
+        clean.write_text(clean.read_text().replace(f"3,{rel['D'].rsplit('/', 1)[0]},", "3,s1_gone,"))
+    else:
+        bad.write_bytes(b"" if broken == "empty" else b"<!DOCTYPE html><html>Access denied</html>")
+    assert D.main(["check", str(clean), "--input_data_folder", str(root), *strict]) == 2
+    captured = capsys.readouterr()
+    assert "no leak found" not in captured.out
+    if broken == "no_root":
+        assert captured.err.strip() == f"error: --input_data_folder {root}: no such folder"
+    else:
+        cause = {"html": "web page", "empty": "empty (0 bytes)", "folder": "is a folder", "missing_s1": "not found"}
+        assert "NOT CHECKED: 1 triplet(s) of the test split not read (first: " in captured.out
+        assert cause[broken] in captured.out.splitlines()[-1]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:--vgg_weights random")
+def test_training_start_checks_list_and_checkpoint_together_and_names_unchecked_pairs(synthetic_dataset, tmp_path,
+                                                                                      capsys):
+    root, csv_path = synthetic_dataset
+    rows = D.read_data_list(csv_path)
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    runs = tmp_path / "runs"
+    argv = ["--data_list_filepath", str(csv_path), "--input_data_folder", str(data), "--save_model_dir", str(runs),
+            "--resume", str(tmp_path / "none.pth"), "--vgg_weights", "random", "--device", "cpu"]
+    val_file = data / next(t for t in rows if t.split == 2).s2_cloudfree
+    val_file.write_text("<html>quota exceeded</html>")  # a file training reads: refused with the checkpoint
+    with pytest.raises(files.DataError) as e:
+        train.main(argv)
+    assert str(e.value).startswith(f"cannot open {val_file} as a raster: the file is a web page")
+    assert str(e.value).endswith(f"; also: checkpoint not found: {tmp_path / 'none.pth'}")
+    assert not runs.exists()
+    shutil.copy(root / val_file.relative_to(data), val_file)
+    test_file = data / next(t for t in rows if t.split == 3).s2_cloudy
+    test_file.unlink()  # a split training does not read: its leak check is named as not done
+    with pytest.raises(runtime.CheckpointError):
+        train.main(argv)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "leak check" in line]
+    assert warned == [f"warning: leak check of {csv_path} incomplete, train-test footprints not checked: 1 "
+                      f"triplet(s) of the test split not read (first: file not found: {test_file})"]
+    assert not runs.exists()

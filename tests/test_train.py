@@ -489,8 +489,8 @@ def test_user_errors_print_one_line_and_exit_2(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     _one_error_line(_cli("--save_model_dir", str(tmp_path)))  # no data list
     _one_error_line(_cli(*tiny(csv_path, root, tmp_path, "--amp", "fp16", "--device", "cpu")))
-    err = _one_error_line(_cli(*tiny(csv_path, tmp_path / "elsewhere", tmp_path)))  # DataError: files not found
-    assert "not found" in err
+    err = _one_error_line(_cli(*tiny(csv_path, tmp_path / "elsewhere", tmp_path)))  # DataError: no data folder
+    assert f"error: --input_data_folder {tmp_path / 'elsewhere'}: no such folder" in err
     err = _one_error_line(_cli(*tiny(csv_path, root, tmp_path, "--vgg_weights", str(tmp_path / "vgg.pth"))))
     assert "hint: pass --vgg_weights PATH" in err
     assert not list(tmp_path.iterdir()), "nothing may be left behind by runs that never started"
