@@ -1049,7 +1049,8 @@ def _design_flags():
     """Every switch added since the design document at its older value, and the map's loss terms off (a function:
     reading losses here would load it, and torchvision, into every worker process at import)."""
     return ([f"--{'' if on else 'no-'}{switch}" for switch, on in net.design_switches().items()]
-            + [arg for name in losses.MAP_LOSS_DEFAULTS for arg in (f"--{name}", "0")])
+            + [arg for t in losses.LOSS_TERMS if t.needs == "use_cloud_predictor"
+               for arg in (f"--{t.name}_weight", "0")])
 
 
 def learn_variant_flags(variant):
