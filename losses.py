@@ -523,7 +523,7 @@ def check_model(config, model, model_name):
         weight, has = config.weights[term.name], has_part(model, term.needs)
         if weight > 0 and not has:
             raise ValueError(f"--{term.name}_weight {weight:g} needs {term.part}, which this {model_name} does not "
-                             f"have (`{term.needs}` off); train with --{term.needs} or set --{term.name}_weight 0")
+                             f"have (a CrossAttention model has it with --{term.needs}); set --{term.name}_weight 0")
         if term.part_needs_it and has and weight <= 0:
             raise ValueError(f"the model has {term.part} but --{term.name}_weight is 0, so it would not learn; pass "
                              f"--{term.name}_weight > 0 (or --no-{term.needs})")

@@ -1013,8 +1013,8 @@ def _loss_flags(p):
                        help=f"weight of the {term.name} term, {term.help} (0 = off); default {term.default_text}")
         if term.alias:
             g.add_argument(f"--{term.alias}", action="store_true", default=argparse.SUPPRESS,
-                           help=f"the design document's switch: turn the {term.name} term on "
-                                f"(--{term.name}_weight > 0 alone does too)")
+                           help=f"the design document's switch, off by default: turn the {term.name} term on, at "
+                                f"--{term.name}_weight if given (which alone turns it on too)")
         for name, option in term.options.items():
             g.add_argument(f"--{name}", type=type(option.default), default=argparse.SUPPRESS,
                            choices=option.choices, help=f"{option.help}; default {option.default}")
