@@ -411,7 +411,8 @@ class Run:
 
 
 def setup(args, argv=()):
-    """Everything a run needs, in the order that fails early: device, data list, losses, model, data, optimiser,
+    """Everything a run needs, in the order that fails early: device, data list, model, losses (their defaults
+    depend on the model, a resumed run's on its checkpoint), data, optimiser,
     then (only then) the run folder and logging."""
     device, rank, world_size = setup_distributed(args.device)
     run = Run(args=args, argv=list(argv), device=device, rank=rank, world_size=world_size)
