@@ -801,13 +801,9 @@ def _add_memory_args(parser):
                         help="the CUDA context's share of the card, not in torch's figures (300-500 MiB typically)")
 
 
-def _training_args(network, loss):
-    """The training script's flags for the loss preset, resolved per network as training resolves them."""
-    args = train.build_parser().parse_args(losses.preset_flags(loss))
-    vars(args).update(NETWORKS[network])
-    train.resolve_confidence_weights(args)
-    train.resolve_nll_weight(args)
-    return args
+def _training_args(loss):
+    """The training script's flags for the loss preset (sizing resolves them for each network, as training does)."""
+    return train.build_parser().parse_args(losses.preset_flags(loss))
 
 
 def _h100_check():
@@ -815,7 +811,7 @@ def _h100_check():
     lists (sizing.CudaAutocastPolicy): {"counted_mib", "cpu_lists_mib", "eager_mib", "compiled_mib"}."""
     counted = {}
     for key, cuda_autocast in (("counted_mib", True), ("cpu_lists_mib", False)):
-        need = sizing.footprint("CrossAttention", {}, _training_args("default", "l1"), 256, 256, torch.bfloat16,
+        need = sizing.footprint("CrossAttention", {}, _training_args("l1"), 256, 256, torch.bfloat16,
                                 cuda_autocast=cuda_autocast)
         counted[key] = (need.train_fixed + 32 * need.train_per_sample) / 2**20
     return {**counted, **{f"{k}_mib": v for k, v in MEASURED_H100.items()}}
@@ -826,7 +822,7 @@ def bench_memory(args):
     gpus = {name: float(mib) for name, mib in (g.split("=") for g in args.gpus)}
     rows = []
     for network, crop, precision in itertools.product(args.networks, args.crops, args.precision):
-        need = sizing.footprint("CrossAttention", NETWORKS[network], _training_args(network, args.loss), crop,
+        need = sizing.footprint("CrossAttention", NETWORKS[network], _training_args(args.loss), crop,
                                 args.val_size, PRECISIONS[precision])
         free = {name: (mib - args.context_mib) * 2**20 for name, mib in gpus.items()}
         rows.append(dict(network=network, crop=crop, precision=precision, fixed_mib=need.train_fixed / 2**20,
@@ -1131,7 +1127,8 @@ def _design_flags():
     """Every switch added since the design document at its older value, and the map's loss terms off (a function:
     reading losses here would load it, and torchvision, into every worker process at import)."""
     return ([f"--{'' if on else 'no-'}{switch}" for switch, on in net.design_switches().items()]
-            + [arg for name in losses.MAP_LOSS_DEFAULTS for arg in (f"--{name}", "0")])
+            + [arg for t in losses.LOSS_TERMS if t.needs == "use_cloud_predictor"
+               for arg in (f"--{t.name}_weight", "0")])
 
 
 def learn_variant_flags(variant):

@@ -2,8 +2,12 @@
 AECR-Net contrastive regularisation, optional confidence-map and residual terms, and the negative log-likelihood
 that trains the uncertainty head (docs/uncertainty.md).
 
-    criterion = build_criterion(args)                     # args: the training script's argparse namespace
-    total, terms = criterion(pred, target, cloudy, cloud_mask=cloud_mask, confidence=confidence)
+    criterion = CRLoss(resolve(given_flags(args), model.config))   # or CRLoss(fft_weight=0.3, ...)
+    total, terms = criterion(pred, target, cloudy, cloud_mask=cloud_mask, aux=aux)   # aux: the model's outputs
+
+The terms are declared once, in LOSS_TERMS (a LossTerm each: name, default weight, the model part it needs, the
+model outputs it reads, its function); the training flags, the resolved LossConfig a checkpoint stores and
+docs/losses.md's table are made from it.
 
 Every term is computed in float32 with autocast disabled, whatever precision the model ran in: the
 FFT, the divisions of the contrastive and cloud-focused terms and binary cross-entropy are not safe in
@@ -16,11 +20,14 @@ go through VGG together without gradient, the prediction with gradient. The L1, 
 gradient terms all read one difference image (pred - target): the FFT and finite differences are linear,
 so FFT(pred) - FFT(target) = FFT(pred - target) and one transform does.
 """
+import functools
 import math
 import os
 import socket
 import urllib.request
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -57,88 +64,16 @@ VGG_WEIGHTS_HINT = ("hint: pass --vgg_weights PATH to a torchvision vgg19 or vgg
                     "vgg19-dcbb9e9d.pth copied from an online machine), or --vgg_weights random for offline smoke "
                     "tests only (the perceptual and contrastive terms are then meaningless)")
 
-# The one table of loss defaults: CRLoss, build_criterion and the training script's flags all read it.
-LOSS_DEFAULTS = {
-    "l1_weight": 1.0,
-    "perceptual_weight": 0.5,
-    "use_fft_loss": False,
-    "fft_weight": 0.3,
-    "use_gradient_loss": False,
-    "gradient_weight": 0.2,
-    "use_contrastive_loss": False,
-    "contrastive_weight": 0.1,
-    "use_cloud_focused_loss": False,
-    # 2.5 as in the design document's training command (its "Usage" example shows 2.0); the ablation table in
-    # BENCHMARKS.md was measured with 2.5.
-    "cloud_weight_factor": 2.5,
-    # Terms that need the model's confidence map: off here (a criterion cannot know the model); training turns
-    # them on for a model that has one, with MAP_LOSS_DEFAULTS.
-    "confidence_weight": 0.0,
-    "residual_weight": 0.0,
-    # The NLL term needs the model's uncertainty head: off here, on for a model with one (HEAD_LOSS_DEFAULTS).
-    "nll_weight": 0.0,
-    "nll_distribution": "laplace",
-    "vgg_weights": "imagenet",
-}
+# Defaults of the terms' options (LOSS_TERMS below holds them; CloudFocusedLoss needs its own before the table).
+# 2.5 as in the design document's training command (its "Usage" example shows 2.0); the ablation table in
+# BENCHMARKS.md was measured with 2.5.
+CLOUD_WEIGHT_FACTOR = 2.5
 NLL_DISTRIBUTIONS = ("gaussian", "laplace")
-
-
-# Named loss sets, each spelled out once: the demo, benchmark.py and the tests take them from here.
-LOSS_PRESETS = {
-    "default": {},  # LOSS_DEFAULTS as they stand: L1 + perceptual (+ MAP_LOSS_DEFAULTS for a model with a map)
-    "l1": {"perceptual_weight": 0.0},
-    # the design document's training command
-    "design": {"l1_weight": 1.0, "perceptual_weight": 0.5, "use_fft_loss": True, "fft_weight": 0.3,
-               "use_gradient_loss": True, "gradient_weight": 0.2, "use_contrastive_loss": True,
-               "contrastive_weight": 0.1, "use_cloud_focused_loss": True, "cloud_weight_factor": 2.5},
-}
-# The design's set without its two VGG terms, for runs where pretrained VGG weights cannot be had (random VGG
-# features measure nothing perceptual): the demo offline, the learning benchmark, the tests.
-LOSS_PRESETS["design_no_vgg"] = {**LOSS_PRESETS["design"], "perceptual_weight": 0.0, "use_contrastive_loss": False}
-
-
-def loss_options(preset, **overrides):
-    """Every CRLoss option: LOSS_DEFAULTS, then the named preset, then `overrides`."""
-    if preset not in LOSS_PRESETS:
-        raise ValueError(f"unknown loss preset {preset!r}; known: {sorted(LOSS_PRESETS)}")
-    unknown = sorted(set(overrides) - set(LOSS_DEFAULTS))
-    if unknown:
-        raise TypeError(f"unknown loss options {unknown}; known: {sorted(LOSS_DEFAULTS)}")
-    return {**LOSS_DEFAULTS, **LOSS_PRESETS[preset], **overrides}
-
-
-def preset_flags(preset, **overrides):
-    """The training script's command-line flags that give loss_options(preset, **overrides): every option that
-    differs from its default, as --use_X for switches and --name value for the rest."""
-    flags = []
-    for name, value in loss_options(preset, **overrides).items():
-        if value == LOSS_DEFAULTS[name]:
-            continue
-        if isinstance(value, bool):
-            if not value:  # every switch defaults to off, so an "off" always equals its default
-                raise ValueError(f"{name}=False cannot be written as a flag")
-            flags.append(f"--{name}")
-        else:
-            flags += [f"--{name}", str(value)]
-    return flags
+VGG_WEIGHTS_DEFAULT = "imagenet"  # where the VGG terms' weights come from: a CRLoss argument, not part of the losses
 
 
 class VGGWeightsError(RuntimeError):
     """The VGG weights asked for cannot be had (offline without a cached copy, unreadable or foreign file)."""
-
-
-# The cloud-aware residual (BENCHMARKS.md, "Learning and ablations"), the training defaults for a model with a
-# confidence map: supervising the map makes it a cloud map (ROC AUC against the true clouds 0.91 -> 0.99, +1.5 dB
-# overall), and the residual term lets the gated residual learn on clear pixels too (+1.3 dB overall, +1.9 dB on
-# cloudy pixels); three seeds each, the default model with and without each term.
-MAP_LOSS_DEFAULTS = {"confidence_weight": 0.5, "residual_weight": 0.5}
-# The training default for a model with an uncertainty head (the weight docs/uncertainty.md's measurements used). The
-# term reaches the head alone and training clips the head's gradient apart from the network's, so the weight moves
-# nothing else; AdamW's step hardly depends on a gradient's scale, so it mostly sets whether --grad_clip bites on
-# the head's gradient.
-HEAD_LOSS_DEFAULTS = {"nll_weight": 0.1}
-# The terms whose training default depends on the model (its flag defaults to None until the model is known).
-PER_MODEL_DEFAULTS = {**MAP_LOSS_DEFAULTS, **HEAD_LOSS_DEFAULTS}
 
 
 def _fp32(x):
@@ -304,7 +239,7 @@ class CloudFocusedLoss(nn.Module):
     only redistributes emphasis towards clouds inside each image; images count equally in the batch.
     """
 
-    def __init__(self, cloud_weight_factor=LOSS_DEFAULTS["cloud_weight_factor"]):
+    def __init__(self, cloud_weight_factor=CLOUD_WEIGHT_FACTOR):
         super().__init__()
         if cloud_weight_factor < 0:
             raise ValueError(f"cloud_weight_factor must be >= 0, got {cloud_weight_factor}")
@@ -372,50 +307,302 @@ def nll_loss(pred, target, log_variance, distribution="laplace"):
         return (math.log(2.0) + log_b + error.abs() * torch.exp(-log_b)).mean()
 
 
-class CRLoss(nn.Module):
-    """Weighted sum of the enabled terms. A term is enabled when its flag is on and its weight > 0.
+# ----------------------------------------------------------------------------- the declared loss configuration
 
-    forward(pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None, ungated=None,
-    log_variance=None) -> (total, terms): confidence_target (N,1,H,W) labels the confidence term (default: the soft
-    cloud intensity); ungated is the prediction with the confidence at 1 everywhere, which the residual term scores;
-    log_variance (N,13,H,W) is the uncertainty head's output, which the NLL term scores. terms maps each enabled
-    term's name ("l1" or "cloud_focused", "perceptual", "fft", "gradient", "contrastive", "confidence", "residual",
-    "nll") to its weighted, detached value. The cloud-focused loss REPLACES plain L1 and is
-    weighted by l1_weight (it equals plain L1 when there are no clouds, so adding both would double-count).
-    vgg_dtype: torch.bfloat16 / torch.float16 runs the VGG layers up to relu4_1 under autocast (the training
-    script passes its AMP dtype; the loss matches float32 VGG to the tolerance tests/test_losses.py states), None
-    keeps them in float32.
-    """
+class LossInputs:
+    """What the terms of one step read, in float32: the images, their difference, the labels, the model's outputs
+    (aux: name -> tensor) and the VGG distances, computed once for the two terms that share them."""
 
-    def __init__(self, vgg_layers=tuple(VGG_LAYER_WEIGHTS), vgg_dtype=None, **options):
-        super().__init__()
-        unknown = sorted(set(options) - set(LOSS_DEFAULTS))
+    def __init__(self, criterion, pred, target, cloudy, cloud_mask, confidence_target, aux):
+        self.criterion, self.pred, self.target, self.cloudy = criterion, pred, target, cloudy
+        self.diff = pred - target  # every pixel-space term reads this one image
+        self.cloud_mask, self.confidence_target, self.aux = _fp32(cloud_mask), confidence_target, aux
+        self.options = criterion.config.options
+
+    @functools.cached_property
+    def vgg_distances(self):
+        """(perceptual, contrastive) from one VGG pass over target (and cloudy) without gradient, one over pred."""
+        return self.criterion._vgg_terms(self.pred, self.target, self.cloudy)
+
+
+def _cloud_focused_term(x):
+    return CloudFocusedLoss(x.options["cloud_weight_factor"]).from_error(x.diff.abs(), x.target, x.cloud_mask,
+                                                                         x.cloudy)
+
+
+def _confidence_term(x):
+    return confidence_loss(x.aux["confidence"], x.target, x.cloud_mask, x.cloudy, labels=x.confidence_target)
+
+
+def _residual_term(x):
+    # L1 of the prediction the residual would give with the confidence at 1 everywhere: the residual learns on every
+    # pixel, while the confidence decides where it is applied.
+    return ((x.aux["corrected"] + x.aux["residual"]).float() - x.target).abs().mean()
+
+
+def _nll_term(x):
+    return nll_loss(x.pred, x.target, x.aux["log_variance"], x.options["nll_distribution"])
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting of one term that is not its weight (a training flag of its own)."""
+    default: object
+    help: str
+    choices: tuple | None = None
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One term of the training loss: everything CRLoss, the training flags, checkpoints and docs/losses.md know of
+    it. The term is on when its weight is > 0; its flag is --<name>_weight, and its key in CRLoss's terms (and
+    TensorBoard's train/loss_<name>) is its name."""
+    name: str
+    weight: float  # its default weight, and the weight its alias switches it on at
+    help: str
+    loss: Callable  # loss(LossInputs) -> 0-d float32 tensor, unweighted
+    on: bool = True  # on by default (False: only when asked for, by its weight flag or its alias)
+    # The ModelConfig switch of the model part the term reads (None: any model): the default weight where the model
+    # has that part, 0 where not; a weight > 0 without the part is an error.
+    needs: str | None = None
+    part: str = ""  # that part in words, for messages and the docs
+    reads: tuple = ()  # the model's outputs (keys of its aux dict) the term reads
+    alias: str | None = None  # the design document's switch --use_X: turns the term on at `weight`
+    replaces: str | None = None  # the term this one replaces: on, it takes that term's weight and that term is off
+    part_needs_it: bool = False  # the part learns from this term alone: the part with the weight at 0 is an error
+    vgg: bool = False  # reads the frozen VGG's features
+    options: dict = field(default_factory=dict)  # {flag name: Option}
+
+    @property
+    def default_text(self):
+        """The default in words (the flag's help and docs/losses.md's table)."""
+        if self.needs:
+            return f"{self.weight:g} for a model with {self.part} (`{self.needs}`), else 0"
+        if self.on:
+            return f"{self.weight:g}"
+        if not self.alias:
+            return "0 (off)"
+        at = f"`--{self.replaces}_weight`'s value, and `{self.replaces}` off" if self.replaces else f"{self.weight:g}"
+        return f"0 (off); `--{self.alias}` turns it on at {at}"
+
+
+# The one declaration of the loss terms, in the order they are summed. A new term is one entry here (and its
+# function above); the flags, CRLoss, checkpoints and docs/losses.md's table follow from it.
+LOSS_TERMS = (
+    LossTerm("l1", 1.0, "mean absolute error to the cloud-free target", lambda x: x.diff.abs().mean()),
+    LossTerm("cloud_focused", 1.0, "L1 with per-pixel weight 1 + cloud_weight_factor * cloud intensity, divided per "
+             "image by the mean weight (no clouds: exactly L1); replaces l1, which would count clear pixels twice",
+             _cloud_focused_term, on=False, alias="use_cloud_focused_loss", replaces="l1",
+             options={"cloud_weight_factor": Option(CLOUD_WEIGHT_FACTOR, "extra weight of fully cloudy pixels in the "
+                                                    "cloud-focused L1 (2.5: the design document's training command; "
+                                                    "its usage example shows 2.0)")}),
+    LossTerm("perceptual", 0.5, "L1 between VGG19 features of the RGB bands", lambda x: x.vgg_distances[0],
+             vgg=True),
+    LossTerm("contrastive", 0.1, "AECR-Net's contrastive term in VGG space: pull towards the target, push away "
+             "from the cloudy input", lambda x: x.vgg_distances[1], on=False, alias="use_contrastive_loss", vgg=True),
+    LossTerm("fft", 0.3, "L1 between the real and imaginary parts of the 2-D FFTs", lambda x: fft_l1(x.diff),
+             on=False, alias="use_fft_loss"),
+    LossTerm("gradient", 0.2, "L1 between the horizontal and vertical image gradients", lambda x: gradient_l1(x.diff),
+             on=False, alias="use_gradient_loss"),
+    # The cloud-aware residual's two terms (BENCHMARKS.md, "Learning and ablations"): supervising the map makes it a
+    # cloud map (ROC AUC against the true clouds 0.91 -> 0.99, +1.5 dB overall), and the residual term lets the gated
+    # residual learn on clear pixels too (+1.3 dB overall, +1.9 dB on cloudy pixels); three seeds each.
+    LossTerm("confidence", 0.5, "BCE that teaches the confidence map where clouds are (the true cloud map of "
+             "synthetic data, else the cloud mask)", _confidence_term, needs="use_cloud_predictor",
+             part="the cloud confidence map", reads=("confidence",)),
+    LossTerm("residual", 0.5, "L1 of corrected + residual (the prediction with the confidence at 1) on every pixel, "
+             "so the residual learns on clear pixels too", _residual_term, needs="use_cloud_predictor",
+             part="the cloud confidence map", reads=("corrected", "residual")),
+    # The weight docs/uncertainty.md's measurements used. The term reaches the head alone and training clips the
+    # head's gradient apart from the network's, so the weight moves nothing else; AdamW's step hardly depends on a
+    # gradient's scale, so it mostly sets whether --grad_clip bites on the head's gradient.
+    LossTerm("nll", 0.1, "negative log-likelihood of the target under the uncertainty head's per-pixel variance "
+             "(the prediction is detached: it trains the head only)", _nll_term, needs="use_uncertainty_head",
+             part="the uncertainty head", reads=("log_variance",), part_needs_it=True,
+             options={"nll_distribution": Option("laplace", "error distribution of the NLL term: laplace (the one "
+                                                 "the L1 terms assume) or gaussian (UnCRtainTS's); laplace ranked the "
+                                                 "error better where both were measured (docs/uncertainty.md)",
+                                                 NLL_DISTRIBUTIONS)}),
+)
+TERMS = {term.name: term for term in LOSS_TERMS}
+OPTIONS = {name: option for term in LOSS_TERMS for name, option in term.options.items()}
+# What a loss configuration is resolved from (training flags, CRLoss keywords): weights, aliases, options.
+GIVEN_NAMES = ([f"{t.name}_weight" for t in LOSS_TERMS] + [t.alias for t in LOSS_TERMS if t.alias] + list(OPTIONS))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The resolved losses of a run: every term's weight (0 = off) and the terms' options. CRLoss is built from it
+    and a checkpoint stores it (as a dict, "loss_config"), so a resumed run keeps its losses."""
+    weights: dict
+    options: dict
+
+    def __post_init__(self):
+        unknown = sorted(set(self.weights) - set(TERMS)) + sorted(set(self.options) - set(OPTIONS))
         if unknown:
-            raise TypeError(f"unknown loss options {unknown}; known: {sorted(LOSS_DEFAULTS)}")
-        o = {**LOSS_DEFAULTS, **options}
-        negative = {k: v for k, v in o.items() if k.endswith("_weight") and v < 0}
+            raise TypeError(f"unknown loss terms or options {unknown}; known: {list(TERMS)}, {list(OPTIONS)}")
+        negative = {f"{name}_weight": w for name, w in self.weights.items() if w < 0}
         if negative:
             raise ValueError(f"loss weights must be >= 0, got {negative}")
-        switched = {  # term -> (its switch, its weight); the cloud-focused L1 replaces plain L1
-            "cloud_focused" if o["use_cloud_focused_loss"] else "l1": (True, o["l1_weight"]),
-            "perceptual": (True, o["perceptual_weight"]),
-            "fft": (o["use_fft_loss"], o["fft_weight"]),
-            "gradient": (o["use_gradient_loss"], o["gradient_weight"]),
-            "contrastive": (o["use_contrastive_loss"], o["contrastive_weight"]),
-            "confidence": (True, o["confidence_weight"]),
-            "residual": (True, o["residual_weight"]),
-            "nll": (True, o["nll_weight"]),
-        }
-        self.weights = {name: float(w) for name, (on, w) in switched.items() if on and w > 0}
+        for name, value in self.options.items():
+            if OPTIONS[name].choices and value not in OPTIONS[name].choices:
+                raise ValueError(f"{name} must be one of {OPTIONS[name].choices}, got {value!r}")
+        if self.options.get("cloud_weight_factor", 0) < 0:
+            raise ValueError(f"cloud_weight_factor must be >= 0, got {self.options['cloud_weight_factor']}")
+
+    @property
+    def enabled(self):
+        """{term: weight} of the terms that are on, in LOSS_TERMS's order."""
+        return {name: float(self.weights[name]) for name in TERMS if self.weights.get(name, 0) > 0}
+
+    def flat(self):
+        """{flag dest: value}: --<term>_weight for every term and every option."""
+        return {**{f"{name}_weight": float(w) for name, w in self.weights.items()}, **self.options}
+
+    @classmethod
+    def from_stored(cls, stored):
+        """From a checkpoint's dict: a term added after it was written was not trained with (0), an option takes
+        its default."""
+        return cls({name: stored["weights"].get(name, 0.0) for name in TERMS},
+                   {name: stored["options"].get(name, o.default) for name, o in OPTIONS.items()})
+
+
+def has_part(model, switch):
+    """Whether a model config (ModelConfig, DSen2CRConfig, a dict of its fields; None: no model) has the part that
+    the switch turns on; switch None: any model."""
+    if switch is None:
+        return True
+    if model is None:
+        return False
+    return bool(model.get(switch, False) if isinstance(model, dict) else getattr(model, switch, False))
+
+
+def _apply_given(term, given, weights):
+    """The term's weight after the given flags: --<name>_weight wins; its alias switches it on at its default
+    weight (a replacing term at the replaced term's weight) unless it is on already; alias=False (a keyword) is off."""
+    explicit, switch = given.get(f"{term.name}_weight"), given.get(term.alias) if term.alias else None
+    if switch is False:
+        return 0.0
+    if explicit is not None:
+        return float(explicit)
+    if switch and weights[term.name] == 0:
+        return weights[term.replaces] if term.replaces else term.weight
+    return weights[term.name]
+
+
+def resolve(given=None, model=None, stored=None):
+    """The LossConfig of: `stored` (a resumed run's) or else every term's default for `model` (its config; None: a
+    bare criterion, whose model-dependent terms are off), changed by `given` ({name in GIVEN_NAMES: value}, None or
+    absent = not given). A replacing term that is on turns the term it replaces off."""
+    given = {name: value for name, value in (given or {}).items() if value is not None}
+    unknown = sorted(set(given) - set(GIVEN_NAMES))
+    if unknown:
+        raise TypeError(f"unknown loss options {unknown}; known: {GIVEN_NAMES}")
+    if stored is None:
+        weights = {t.name: t.weight if t.on and has_part(model, t.needs) else 0.0 for t in LOSS_TERMS}
+        options = {name: option.default for name, option in OPTIONS.items()}
+    else:
+        weights, options = dict(stored.weights), dict(stored.options)
+    for term in LOSS_TERMS:
+        weights[term.name] = _apply_given(term, given, weights)
+        if term.replaces and weights[term.name] > 0:
+            weights[term.replaces] = 0.0
+    options.update({name: given[name] for name in OPTIONS if name in given})
+    return LossConfig(weights, options)
+
+
+def given_flags(namespace):
+    """{name: value} of the loss flags in an argparse namespace (a flag not given is absent or None)."""
+    return {name: getattr(namespace, name, None) for name in GIVEN_NAMES}
+
+
+def check_model(config, model, model_name):
+    """ValueError where the terms and the model's parts do not go together: a term on without the part it reads,
+    or a part that learns from a term alone with that term off (under DDP its parameters would get no gradient)."""
+    for term in LOSS_TERMS:
+        weight, has = config.weights[term.name], has_part(model, term.needs)
+        if weight > 0 and not has:
+            raise ValueError(f"--{term.name}_weight {weight:g} needs {term.part}, which this {model_name} does not "
+                             f"have (a CrossAttention model has it with --{term.needs}); set --{term.name}_weight 0")
+        if term.part_needs_it and has and weight <= 0:
+            raise ValueError(f"the model has {term.part} but --{term.name}_weight is 0, so it would not learn; pass "
+                             f"--{term.name}_weight > 0 (or --no-{term.needs})")
+
+
+def terms_markdown():
+    """docs/losses.md's table of terms, made from LOSS_TERMS (tests/test_losses.py holds the docs to it)."""
+    rows = ["| term (key in `terms`) | flags | default weight | reads from the model | what it is |",
+            "| --- | --- | --- | --- | --- |"]
+    for t in LOSS_TERMS:
+        flags = [f"--{t.name}_weight", *([f"--{t.alias}"] if t.alias else []), *(f"--{o}" for o in t.options)]
+        reads = ", ".join(f"`{key}`" for key in t.reads) or "-"
+        rows.append(f"| `{t.name}` | {', '.join(f'`{f}`' for f in flags)} | {t.default_text} | {reads} | {t.help} |")
+    return "\n".join(rows)
+
+
+# Named loss sets, each spelled out once: the demo, benchmark.py and the tests take them from here. Spelled as
+# CRLoss keywords (the training flags: weights, the design document's --use_X aliases, options).
+LOSS_PRESETS = {
+    "default": {},  # every term at its default: L1 + perceptual (+ the model-dependent terms for a model with the part)
+    "l1": {"perceptual_weight": 0.0},
+    # the design document's training command
+    "design": {"l1_weight": 1.0, "perceptual_weight": 0.5, "use_fft_loss": True, "fft_weight": 0.3,
+               "use_gradient_loss": True, "gradient_weight": 0.2, "use_contrastive_loss": True,
+               "contrastive_weight": 0.1, "use_cloud_focused_loss": True, "cloud_weight_factor": 2.5},
+}
+# The design's set without its two VGG terms, for runs where pretrained VGG weights cannot be had (random VGG
+# features measure nothing perceptual): the demo offline, the learning benchmark, the tests.
+LOSS_PRESETS["design_no_vgg"] = {**LOSS_PRESETS["design"], "perceptual_weight": 0.0, "use_contrastive_loss": False}
+
+
+def loss_options(preset, **overrides):
+    """CRLoss keywords: the named preset, then `overrides` (loss flags, or vgg_weights)."""
+    if preset not in LOSS_PRESETS:
+        raise ValueError(f"unknown loss preset {preset!r}; known: {sorted(LOSS_PRESETS)}")
+    unknown = sorted(set(overrides) - set(GIVEN_NAMES) - {"vgg_weights"})
+    if unknown:
+        raise TypeError(f"unknown loss options {unknown}; known: {GIVEN_NAMES + ['vgg_weights']}")
+    return {**LOSS_PRESETS[preset], **overrides}
+
+
+def preset_flags(preset, **overrides):
+    """The training script's flags that give loss_options(preset, **overrides): --<term>_weight and --<option> for
+    every value that differs from the defaults (--vgg_weights where given)."""
+    options = loss_options(preset, **overrides)
+    vgg_weights = options.pop("vgg_weights", VGG_WEIGHTS_DEFAULT)
+    wanted, defaults = resolve(options).flat(), resolve().flat()
+    flags = [arg for name, value in wanted.items() if value != defaults[name] for arg in (f"--{name}", str(value))]
+    return flags + (["--vgg_weights", str(vgg_weights)] if vgg_weights != VGG_WEIGHTS_DEFAULT else [])
+
+
+class CRLoss(nn.Module):
+    """Weighted sum of the terms of a LossConfig that are on (weight > 0), in LOSS_TERMS's order.
+
+    CRLoss(config) or CRLoss(**options), options as for resolve(): e.g. CRLoss(perceptual_weight=0, fft_weight=0.3);
+    a bare criterion knows no model, so the terms that need a model part (confidence, residual, nll) are off unless
+    given. forward(pred, target, cloudy, cloud_mask=None, confidence_target=None, aux=None) -> (total, terms):
+    confidence_target (N,1,H,W) labels the confidence term (default: the soft cloud intensity); aux holds the model's
+    outputs that the terms read (`reads` lists them: confidence, corrected, residual, log_variance); terms maps each
+    enabled term's name to its weighted, detached value. vgg_weights: where the VGG terms' weights come from
+    (VGGFeatures); vgg_dtype: torch.bfloat16 / torch.float16 runs the VGG layers up to relu4_1 under autocast (the
+    training script passes its AMP dtype; the loss matches float32 VGG to the tolerance tests/test_losses.py
+    states), None keeps them in float32.
+    """
+
+    def __init__(self, config=None, vgg_layers=tuple(VGG_LAYER_WEIGHTS), vgg_dtype=None,
+                 vgg_weights=VGG_WEIGHTS_DEFAULT, **options):
+        super().__init__()
+        if config is not None and options:
+            raise TypeError(f"pass a LossConfig or loss options, not both (got {sorted(options)})")
+        self.config = resolve(options) if config is None else config
+        self.weights = self.config.enabled
         if not self.weights:
             raise ValueError("every loss term is disabled (all weights 0): nothing to train on")
-        if o["nll_distribution"] not in NLL_DISTRIBUTIONS:
-            raise ValueError(f"nll_distribution must be one of {NLL_DISTRIBUTIONS}, got {o['nll_distribution']!r}")
-        self.nll_distribution = o["nll_distribution"]
-        self.cloud_focused = CloudFocusedLoss(o["cloud_weight_factor"]) if o["use_cloud_focused_loss"] else None
+        self.terms = [TERMS[name] for name in self.weights]
+        self.reads = tuple(dict.fromkeys(key for term in self.terms for key in term.reads))
         self.layer_weights = tuple(VGG_LAYER_WEIGHTS[name] for name in vgg_layers)
-        uses_vgg = "perceptual" in self.weights or "contrastive" in self.weights
-        self.vgg = VGGFeatures(o["vgg_weights"], vgg_layers) if uses_vgg else None
+        uses_vgg = any(term.vgg for term in self.terms)
+        self.vgg = VGGFeatures(vgg_weights, vgg_layers) if uses_vgg else None
         self.vgg_dtype = vgg_dtype
         # Built once and moved with the module (.to(device)), not rebuilt on every call.
         self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
@@ -450,55 +637,29 @@ class CRLoss(nn.Module):
                 contrastive = contrastive + w * d_positive / (d_negative + EPS)
         return perceptual, contrastive
 
-    def forward(self, pred, target, cloudy, cloud_mask=None, confidence=None, confidence_target=None, ungated=None,
-                log_variance=None):
+    def forward(self, pred, target, cloudy, cloud_mask=None, confidence_target=None, aux=None):
         if pred.shape != target.shape or pred.shape != cloudy.shape:
             raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and cloudy "
                              f"{tuple(cloudy.shape)} must have the same shape")
         with torch.autocast(pred.device.type, enabled=False):
-            pred, target, cloudy = pred.float(), target.float(), cloudy.float()
-            diff = pred - target  # every pixel-space term reads this one image
-            raw = {}
-            if "l1" in self.weights:
-                raw["l1"] = diff.abs().mean()
-            if "cloud_focused" in self.weights:
-                raw["cloud_focused"] = self.cloud_focused.from_error(diff.abs(), target, _fp32(cloud_mask), cloudy)
-            if self.vgg is not None:
-                perceptual, contrastive = self._vgg_terms(pred, target, cloudy)
-                if "perceptual" in self.weights:
-                    raw["perceptual"] = perceptual
-                if "contrastive" in self.weights:
-                    raw["contrastive"] = contrastive
-            if "fft" in self.weights:
-                raw["fft"] = fft_l1(diff)
-            if "gradient" in self.weights:
-                raw["gradient"] = gradient_l1(diff)
-            if "confidence" in self.weights:
-                if confidence is None:
-                    raise ValueError("confidence_weight > 0 but the model returned no confidence map "
-                                     "(DSen2CR, or CrossAttention without its cloud predictor): "
-                                     "set --confidence_weight 0")
-                raw["confidence"] = confidence_loss(confidence, target, _fp32(cloud_mask), cloudy,
-                                                    labels=confidence_target)
-            if "residual" in self.weights:
-                if ungated is None:
-                    raise ValueError("residual_weight > 0 but the model returned no residual (DSen2CR, or "
-                                     "CrossAttention without its cloud predictor): set --residual_weight 0")
-                # L1 of the prediction the residual would give with the confidence at 1 everywhere: the residual
-                # learns on every pixel, while the confidence decides where it is applied.
-                raw["residual"] = (ungated.float() - target).abs().mean()
-            if "nll" in self.weights:
-                if log_variance is None:
-                    raise ValueError("nll_weight > 0 but the model returned no log-variance (a model without the "
-                                     "uncertainty head): set --nll_weight 0 or train with --use_uncertainty_head")
-                raw["nll"] = nll_loss(pred, target, log_variance, self.nll_distribution)
-            weighted = {name: self.weights[name] * value for name, value in raw.items()}
+            x = LossInputs(self, pred.float(), target.float(), cloudy.float(), cloud_mask, confidence_target,
+                           aux or {})
+            weighted = {term.name: self.weights[term.name] * self._term(term, x) for term in self.terms}
             total = sum(weighted.values())
         return total, {name: value.detach() for name, value in weighted.items()}
 
+    @staticmethod
+    def _term(term, x):
+        missing = [key for key in term.reads if x.aux.get(key) is None]
+        if missing:
+            raise ValueError(f"{term.name}_weight > 0 but the model returned no {', '.join(missing)} output (the "
+                             f"term needs {term.part}): set --{term.name}_weight 0")
+        return term.loss(x)
 
-def build_criterion(args, vgg_dtype=None):
-    """CRLoss from the training script's argparse namespace (missing attributes take LOSS_DEFAULTS); vgg_dtype: the
-    precision of the VGG convolutions (training passes its autocast dtype; None = float32)."""
-    opts = {name: getattr(args, name, default) for name, default in LOSS_DEFAULTS.items()}
-    return CRLoss(vgg_dtype=vgg_dtype, **opts)
+
+def build_criterion(args, vgg_dtype=None, model=None):
+    """CRLoss from the training script's argparse namespace (flags not given take their defaults for `model`, a
+    model config; None: the model-dependent terms are off); vgg_dtype: the precision of the VGG convolutions
+    (training passes its autocast dtype; None = float32)."""
+    return CRLoss(resolve(given_flags(args), model), vgg_dtype=vgg_dtype,
+                  vgg_weights=getattr(args, "vgg_weights", VGG_WEIGHTS_DEFAULT))

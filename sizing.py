@@ -118,12 +118,13 @@ def precision_name(amp_dtype):
 
 
 def _build(model_name, model_config, loss_args, amp_dtype):
-    """Model, criterion (random VGG: the same shapes and bytes as ImageNet's) and AdamW, inside the fake mode."""
+    """Model, criterion (random VGG: the same shapes and bytes as ImageNet's; the loss flags resolved for this model
+    as training resolves them) and AdamW, inside the fake mode."""
     model = net_CR_CrossAttention.create_model(model_name, **model_config)
     with warnings.catch_warnings():  # the random-VGG warning is for training runs, not for a count
         warnings.simplefilter("ignore")
         criterion = losses.build_criterion(SimpleNamespace(**{**vars(loss_args), "vgg_weights": "random"}),
-                                           vgg_dtype=amp_dtype)
+                                           vgg_dtype=amp_dtype, model=model.config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     return model, criterion, optimizer
 
@@ -134,11 +135,9 @@ def _train_step(model, criterion, optimizer, n, size, amp_dtype):
     sar, mask = torch.empty(n, 2, size, size), torch.empty(n, 1, size, size)
     with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         prediction, aux = model(cloudy, sar, return_aux=True)
-    uses = criterion.weights
-    total, _ = criterion(prediction, target, cloudy, cloud_mask=mask, confidence=aux.get("confidence"),
-                         confidence_target=mask if "confidence" in uses else None,
-                         ungated=aux.get("corrected", 0.0) + aux["residual"] if "residual" in uses else None,
-                         log_variance=aux.get("log_variance") if "nll" in uses else None)
+    total, _ = criterion(prediction, target, cloudy, cloud_mask=mask,
+                         confidence_target=mask if "confidence" in criterion.weights else None,
+                         aux={key: aux.get(key) for key in criterion.reads})
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)

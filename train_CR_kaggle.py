@@ -251,27 +251,30 @@ def prepare_demo(args):
     args.notes = args.notes or "demo run on synthetic data"
 
 
-def _per_model_default(args, defaults, model_has_it):
-    """Loss weights left at None by their flags take `defaults` where the model has the part they need, else the
-    value that switches them off (losses.LOSS_DEFAULTS)."""
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value if model_has_it else losses.LOSS_DEFAULTS[name])
+def stored_loss_config(ckpt):
+    """The losses a checkpoint's run trained with: its "loss_config", or for a checkpoint written before that was
+    stored, the loss flags of its args read as they meant then (a --use_X switch off turned its term off, whatever
+    its weight); None when it holds neither."""
+    if "loss_config" in ckpt:
+        return losses.LossConfig.from_stored(ckpt["loss_config"])
+    flags = {name: value for name, value in ckpt.get("args", {}).items() if name in losses.GIVEN_NAMES}
+    return losses.resolve(flags, ckpt.get("model_config")) if flags else None
 
 
-def resolve_confidence_weights(args):
-    """--confidence_weight and --residual_weight default to losses.MAP_LOSS_DEFAULTS where the model has a
-    confidence map, else to 0 (the terms need one)."""
-    _per_model_default(args, losses.MAP_LOSS_DEFAULTS,
-                       args.model_name == "CrossAttention" and args.use_cloud_predictor)
-    return args.confidence_weight, args.residual_weight
-
-
-def resolve_nll_weight(args):
-    """--nll_weight defaults to losses.HEAD_LOSS_DEFAULTS where the model has an uncertainty head, else to 0."""
-    _per_model_default(args, losses.HEAD_LOSS_DEFAULTS,
-                       args.model_name == "CrossAttention" and args.use_uncertainty_head)
-    return args.nll_weight
+def resolve_losses(args, model, ckpt=None, is_main=True):
+    """The run's losses: a resumed run's own (stored in its checkpoint), else every term's default for this model
+    (the terms that need a model part on where the model has it); the loss flags given change either. Checked
+    against the model, and written into args (args.json and the checkpoint's args show the weights used)."""
+    stored = None if ckpt is None else stored_loss_config(ckpt)
+    config = losses.resolve(losses.given_flags(args), model.config, stored)
+    try:
+        losses.check_model(config, model.config, model.model_name)
+    except ValueError as e:
+        raise runtime.UsageError(str(e)) from None
+    if is_main and stored is not None and config != stored:
+        print(f"losses changed by flags: {stored.enabled} in the checkpoint, {config.enabled} now")
+    vars(args).update(config.flat())
+    return config
 
 
 def check_inputs(args):
@@ -354,26 +357,7 @@ def build_model(args, ckpt, resume_path, is_main):
             "sar_input"]  # DSen2-CR has one switch of its own
         config = {name: getattr(args, name) for name in names}
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
-    for flag in ("confidence_weight", "residual_weight"):
-        if getattr(args, flag) > 0 and not getattr(model.config, "use_cloud_predictor", False):
-            raise runtime.UsageError(f"--{flag} {getattr(args, flag)} needs the cloud confidence map, which "
-                             f"{model.model_name} without the cloud predictor does not have; set it to 0")
-    check_nll_weight(args, model)
     return model
-
-
-def check_nll_weight(args, model):
-    """The NLL term and the uncertainty head go together: the term needs the head's output, and under DDP a head
-    without the term would hold parameters that get no gradient."""
-    has_head = getattr(model.config, "use_uncertainty_head", False)
-    if args.nll_weight > 0 and not has_head:
-        raise runtime.UsageError(f"--nll_weight {args.nll_weight} needs the uncertainty head, "
-                                 f"which this {model.model_name} "
-                                 f"does not have; train with --use_uncertainty_head or set --nll_weight 0")
-    if has_head and args.nll_weight <= 0:
-        raise runtime.UsageError("the model has an uncertainty head but --nll_weight is 0, "
-                                 "so the head would not learn; "
-                                 "pass --nll_weight > 0 (or --no-use_uncertainty_head)")
 
 
 def build_loaders(args, train_rows, val_rows, device, rank, world_size):
@@ -491,7 +475,8 @@ class Run:
 
 
 def setup(args, argv=()):
-    """Everything a run needs, in the order that fails early: device, data list, losses, model, data, optimiser,
+    """Everything a run needs, in the order that fails early: device, data list, model, losses (their defaults
+    depend on the model, a resumed run's on its checkpoint), data, optimiser,
     then (only then) the run folder and logging."""
     device, rank, world_size = setup_distributed(args.device)
     run = Run(args=args, argv=list(argv), device=device, rank=rank, world_size=world_size)
@@ -511,15 +496,14 @@ def setup(args, argv=()):
     (train_rows, val_rows), ckpt = runtime.check_together(
         lambda: check_data(args, run.is_main),
         lambda: runtime.load_checkpoint(resume_path, map_location="cpu") if resume_path else None)
-    resolve_confidence_weights(args)
-    resolve_nll_weight(args)
     run.amp_dtype, use_scaler = runtime.resolve_amp(args.amp, device)
     run.amp_text, amp_warning = runtime.describe_amp(args.amp, device)
     if amp_warning and rank == 0:
         print(amp_warning, file=sys.stderr)
     run.ctx = runtime.autocast(device, run.amp_dtype)  # the one autocast context: training, validation, quicklooks
-    run.criterion = losses.build_criterion(args, vgg_dtype=run.amp_dtype).to(device)  # fails here without VGG weights
     run.model = build_model(args, ckpt, resume_path, run.is_main).to(device)
+    run.criterion = losses.CRLoss(resolve_losses(args, run.model, ckpt, run.is_main), vgg_dtype=run.amp_dtype,
+                                  vgg_weights=args.vgg_weights).to(device)  # fails here without VGG weights
     run.channels_last, run.layout_text = resolve_channels_last(args, run.model, run.ctx, device, world_size,
                                                                None if ckpt is None else ckpt.get("channels_last"))
     if run.channels_last:
@@ -704,13 +688,6 @@ def clip_groups(model):
     return [[p for p in model.parameters() if id(p) not in in_head]] + ([head] if head else [])
 
 
-def ungated_prediction(aux):
-    """corrected + residual: what the model would predict with confidence 1 everywhere (None without a gate)."""
-    if aux.get("confidence") is None:
-        return None
-    return aux.get("corrected", 0.0) + aux["residual"]
-
-
 def confidence_target(batch, device):
     """What the confidence map should be: the true cloud map where the data has one (synthetic sets), else the
     detector's binary mask (score >= threshold)."""
@@ -730,12 +707,9 @@ def train_step(run, batch):
     b = to_device(batch, run.device, run.channels_last)
     with run.ctx:
         prediction, aux = run.train_model(b["cloudy_data"], b["SAR_data"], return_aux=True)
-    uses = run.criterion.weights  # the map's labels and the ungated prediction only where a term reads them
-    labels = confidence_target(batch, run.device) if "confidence" in uses else None
+    labels = confidence_target(batch, run.device) if "confidence" in run.criterion.weights else None
     total, terms = run.criterion(prediction, b["cloudfree_data"], b["cloudy_data"], cloud_mask=b["cloud_mask"],
-                                 confidence=aux.get("confidence"), confidence_target=labels,
-                                 ungated=ungated_prediction(aux) if "residual" in uses else None,
-                                 log_variance=aux.get("log_variance") if "nll" in uses else None)
+                                 confidence_target=labels, aux={key: aux.get(key) for key in run.criterion.reads})
     skipped = (~torch.isfinite(total.detach())).float()
     if run.world_size > 1:  # all ranks skip together, so their weights stay identical
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)
@@ -909,6 +883,7 @@ def checkpoint_state(run):
             "scheduler": run.scheduler.state_dict() if run.scheduler else None, "scaler": run.scaler.state_dict(),
             "epoch": run.epochs_done, "best_psnr": run.best_psnr, "early_stop_counter": run.early_stop_counter,
             "global_step": run.global_step, "args": vars(run.args),
+            "loss_config": asdict(run.criterion.config),  # a resumed run keeps its losses
             "channels_last": run.channels_last}  # the layout trained in, which --channels_last auto chose
 
 
@@ -1240,45 +1215,25 @@ def _optimisation_flags(p):
 
 
 def _loss_flags(p):
-    d, m = losses.LOSS_DEFAULTS, losses.MAP_LOSS_DEFAULTS
-    g = p.add_argument_group("losses (see losses.py)")
-    g.add_argument("--l1_weight", type=float, default=d["l1_weight"],
-                   help="weight of the L1 (or cloud-focused L1) term")
-    g.add_argument("--perceptual_weight", type=float, default=d["perceptual_weight"],
-                   help="weight of the VGG perceptual term on RGB (0 = off)")
-    g.add_argument("--use_fft_loss", action="store_true", help="add the Fourier-domain L1 term")
-    g.add_argument("--fft_weight", type=float, default=d["fft_weight"], help="weight of the FFT term")
-    g.add_argument("--use_gradient_loss", action="store_true", help="add the image-gradient L1 term")
-    g.add_argument("--gradient_weight", type=float, default=d["gradient_weight"], help="weight of the gradient term")
-    g.add_argument("--use_contrastive_loss", action="store_true",
-                   help="add the AECR-Net contrastive term (VGG space: pull to target, push from cloudy)")
-    g.add_argument("--contrastive_weight", type=float, default=d["contrastive_weight"],
-                   help="weight of the contrastive term")
-    g.add_argument("--use_cloud_focused_loss", action="store_true",
-                   help="replace plain L1 by L1 weighted 1 + factor * cloud intensity")
-    g.add_argument("--cloud_weight_factor", type=float, default=d["cloud_weight_factor"],
-                   help="extra weight of fully cloudy pixels in the cloud-focused loss (2.5: the design document's "
-                        "training command; its usage example shows 2.0)")
-    g.add_argument("--confidence_weight", type=float, default=None,
-                   help=f"weight of the BCE that teaches the confidence map where clouds are (the true cloud map of "
-                        f"synthetic data, else the cloud mask); default {m['confidence_weight']} for a model with a "
-                        f"confidence map, 0 for one without (DSen2CR, --no-use_cloud_predictor)")
-    g.add_argument("--residual_weight", type=float, default=None,
-                   help=f"weight of an L1 on corrected + residual over every pixel, so the residual learns on clear "
-                        f"pixels too while the confidence map gates where it is applied; default "
-                        f"{m['residual_weight']} for a model with a confidence map, 0 for one without")
-    g.add_argument("--vgg_weights", default=d["vgg_weights"],
+    """One --<term>_weight per term of losses.LOSS_TERMS (a term is on when its weight is > 0), the design document's
+    --use_X switches as aliases, and the terms' options. Not given, a flag is absent from the namespace (SUPPRESS):
+    a resumed run keeps its checkpoint's value, a new one the term's default for its model (losses.resolve)."""
+    g = p.add_argument_group("losses (losses.LOSS_TERMS; docs/losses.md)",
+                             "A term is on when its weight is > 0. A resumed run keeps its checkpoint's losses; the "
+                             "flags given change the terms they name.")
+    for term in losses.LOSS_TERMS:
+        g.add_argument(f"--{term.name}_weight", type=float, default=argparse.SUPPRESS,
+                       help=f"weight of the {term.name} term, {term.help} (0 = off); default {term.default_text}")
+        if term.alias:
+            g.add_argument(f"--{term.alias}", action="store_true", default=argparse.SUPPRESS,
+                           help=f"the design document's switch, off by default: turn the {term.name} term on, at "
+                                f"--{term.name}_weight if given (which alone turns it on too)")
+        for name, option in term.options.items():
+            g.add_argument(f"--{name}", type=type(option.default), default=argparse.SUPPRESS,
+                           choices=option.choices, help=f"{option.help}; default {option.default}")
+    g.add_argument("--vgg_weights", default=losses.VGG_WEIGHTS_DEFAULT,
                    help="VGG weights for perceptual/contrastive terms: 'imagenet' (torchvision, torch cache), "
                         "a local .pth path, or 'random' (offline smoke tests only)")
-    h = losses.HEAD_LOSS_DEFAULTS
-    g.add_argument("--nll_weight", type=float, default=None,
-                   help=f"weight of the negative log-likelihood that trains the uncertainty head (the network's "
-                        f"training is left to the other terms); default {h['nll_weight']} for a model with the head, "
-                        f"0 for one without")
-    g.add_argument("--nll_distribution", default=d["nll_distribution"], choices=list(losses.NLL_DISTRIBUTIONS),
-                   help="error distribution of the NLL term: laplace (the one the L1 terms assume) or gaussian "
-                        "(UnCRtainTS's); laplace ranked the error better where both were measured "
-                        "(docs/uncertainty.md)")
 
 
 def _data_flags(p):

@@ -19,11 +19,10 @@ import train_CR_kaggle
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _loss_options_of(flags):
-    """The loss options the training script builds its criterion from, given these flags (the confidence and
-    residual weights are resolved per model later, so they are left out)."""
+def _losses_of(flags):
+    """The losses the training script builds its criterion from, given these flags, for the default model."""
     args = train_CR_kaggle.build_parser().parse_args(flags)
-    return {name: getattr(args, name) for name in losses.LOSS_DEFAULTS if name not in losses.PER_MODEL_DEFAULTS}
+    return losses.resolve(losses.given_flags(args), net.ModelConfig()), args.vgg_weights
 
 
 @pytest.mark.parametrize("variant", list(benchmark.LEARN_VARIANTS))
@@ -47,15 +46,15 @@ def test_learn_runs_train_in_one_fixed_memory_layout():
 
 
 def test_learn_loss_sets_are_the_design_presets():
-    full = _loss_options_of(benchmark._learn_loss_flags("full", None))
-    assert full == {k: v for k, v in losses.loss_options("design_no_vgg").items() if k in full}
-    assert full["use_cloud_focused_loss"] and full["use_fft_loss"] and full["use_gradient_loss"]
-    assert full["perceptual_weight"] == 0 and not full["use_contrastive_loss"]
-    plain_l1 = _loss_options_of(benchmark._learn_loss_flags("no_cloud_focused_loss", None))
-    assert plain_l1 == {**full, "use_cloud_focused_loss": False}
-    with_vgg = _loss_options_of(benchmark._learn_loss_flags("full", "vgg19.pth"))
-    assert with_vgg == {**{k: v for k, v in losses.loss_options("design").items() if k in full},
-                        "vgg_weights": "vgg19.pth"}
+    full, _ = _losses_of(benchmark._learn_loss_flags("full", None))
+    assert full == losses.resolve(losses.loss_options("design_no_vgg"), net.ModelConfig())
+    assert full.enabled == {"cloud_focused": 1.0, "fft": 0.3, "gradient": 0.2, "confidence": 0.5, "residual": 0.5}
+    plain_l1, _ = _losses_of(benchmark._learn_loss_flags("no_cloud_focused_loss", None))
+    assert plain_l1.weights == {**full.weights, "cloud_focused": 0.0, "l1": 1.0}
+    with_vgg, vgg_weights = _losses_of(benchmark._learn_loss_flags("full", "vgg19.pth"))
+    assert with_vgg == losses.resolve(losses.loss_options("design"), net.ModelConfig()) and vgg_weights == "vgg19.pth"
+    design, _ = _losses_of(benchmark._learn_loss_flags("design", None) + benchmark.learn_variant_flags("design"))
+    assert design.weights["confidence"] == design.weights["residual"] == 0  # the design's losses, nothing added
 
 
 def test_timed_steps_are_the_training_step():

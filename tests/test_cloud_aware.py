@@ -334,17 +334,18 @@ def test_residual_term_trains_the_ungated_residual_on_every_pixel():
     target = torch.rand(2, 13, 8, 8)
     cloudy = target + 0.2
     crit = losses.CRLoss(perceptual_weight=0, residual_weight=0.5)
-    exact, terms = crit(target, target, cloudy, ungated=target)
+    assert crit.reads == ("corrected", "residual")  # the ungated prediction corrected + residual, whatever the map
+    exact, terms = crit(target, target, cloudy, aux={"corrected": cloudy, "residual": target - cloudy})
     assert float(terms["residual"]) == 0.0 and float(exact) == 0.0
-    off, terms = crit(target, target, cloudy, ungated=target + 0.1)
+    off, terms = crit(target, target, cloudy, aux={"corrected": cloudy, "residual": target - cloudy + 0.1})
     assert math.isclose(float(terms["residual"]), 0.5 * 0.1, rel_tol=1e-4)
     with pytest.raises(ValueError, match="residual_weight"):
         crit(target, target, cloudy)  # a model without a gate has no ungated prediction
-    # what training passes: corrected + residual, whatever the confidence
-    model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
-    _, aux = model(torch.rand(1, 13, 16, 16), torch.rand(1, 2, 16, 16), return_aux=True)
-    assert torch.allclose(train.ungated_prediction(aux), aux["corrected"] + aux["residual"])
-    assert train.ungated_prediction({"confidence": None, "residual": aux["residual"]}) is None
+    # DSen2CR returns a residual but no corrected input: the term cannot be had from it
+    _, aux = net.create_model("DSen2CR", feature_sizes=8, num_layers=1)(
+        torch.rand(1, 13, 8, 8), torch.rand(1, 2, 8, 8), return_aux=True)
+    with pytest.raises(ValueError, match="no corrected"):
+        crit(aux["residual"], target[:1], cloudy[:1], aux=aux)
 
 
 def test_truth_bins_split_pixels_by_true_opacity_and_distance_from_the_cloud_edge():

@@ -174,23 +174,16 @@ def test_no_product_function_is_longer_than_80_lines():
 
 
 def test_loss_defaults_have_one_source():
+    # the loss flags hold no defaults of their own: not given, they are absent and the terms' table decides
     args = train_CR_kaggle.build_parser().parse_args([])
-    # resolved per model: the table's values, or 0 without a confidence map
-    assert args.confidence_weight is None and args.residual_weight is None
-    assert train_CR_kaggle.resolve_confidence_weights(args) == tuple(losses.MAP_LOSS_DEFAULTS.values())
-    assert args.nll_weight is None and train_CR_kaggle.resolve_nll_weight(args) == losses.LOSS_DEFAULTS["nll_weight"]
-    headed = train_CR_kaggle.build_parser().parse_args(["--use_uncertainty_head"])
-    assert train_CR_kaggle.resolve_nll_weight(headed) == losses.HEAD_LOSS_DEFAULTS["nll_weight"]
-    parser_defaults = vars(args)
-    for name, value in {**losses.LOSS_DEFAULTS, **losses.MAP_LOSS_DEFAULTS}.items():
-        assert parser_defaults[name] == value, name
+    assert not set(losses.GIVEN_NAMES) & set(vars(args))
+    assert losses.resolve(losses.given_flags(args), net.ModelConfig()).weights == {
+        t.name: t.weight if t.on and losses.has_part(net.ModelConfig(), t.needs) else 0.0 for t in losses.LOSS_TERMS}
     assert losses.CRLoss(perceptual_weight=0).weights == {"l1": 1.0}  # a bare criterion needs no confidence map
-    dsen2cr = train_CR_kaggle.build_parser().parse_args(["--model_name", "DSen2CR"])
-    assert train_CR_kaggle.resolve_confidence_weights(dsen2cr) == (0.0, 0.0)
-    assert losses.LOSS_DEFAULTS["cloud_weight_factor"] == 2.5  # the design document's training command
+    assert losses.OPTIONS["cloud_weight_factor"].default == 2.5  # the design document's training command
     assert losses.CloudFocusedLoss().cloud_weight_factor == 2.5
     crit = losses.CRLoss(use_cloud_focused_loss=True, perceptual_weight=0)
-    assert crit.cloud_focused.cloud_weight_factor == 2.5
+    assert crit.config.options["cloud_weight_factor"] == 2.5 and crit.weights == {"cloud_focused": 1.0}
     with pytest.raises(TypeError, match="unknown loss options"):
         losses.CRLoss(cloud_weigth_factor=3)
 
@@ -320,3 +313,20 @@ def test_one_autocast_context_is_reusable():
             assert torch.is_autocast_enabled("cpu")
         assert not torch.is_autocast_enabled("cpu")
     assert isinstance(runtime.autocast(torch.device("cpu"), None), type(__import__("contextlib").nullcontext()))
+
+
+def test_docs_switch_table_is_model_configs_flags():
+    """docs/model.md's switch table has one row per ModelConfig field that is a training flag, with its default."""
+    text = (ROOT / "docs" / "model.md").read_text()
+    table = text[text.index("| switch | default |"):]
+    rows = {}
+    for line in table.splitlines()[2:]:
+        if not line.startswith("| `"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = cells[1]
+    fields = {f.name: f.default for f in net.flag_fields()}
+    assert set(rows) == set(fields), f"docs/model.md's switch table lacks {set(fields) - set(rows)}, " \
+                                     f"has extra {set(rows) - set(fields)}"
+    for name, default in fields.items():
+        assert rows[name] == (f'`"{default}"`' if isinstance(default, str) else str(default)), name

@@ -282,7 +282,7 @@ def test_criterion_adds_the_nll_term_beside_the_others():
     pred, target, cloudy = (torch.rand(2, 13, 16, 16, generator=g) for _ in range(3))
     s = torch.full((2, 13, 16, 16), -5.0)
     crit = losses.CRLoss(perceptual_weight=0, use_fft_loss=True, nll_weight=0.1, nll_distribution="gaussian")
-    total, terms = crit(pred, target, cloudy, log_variance=s)
+    total, terms = crit(pred, target, cloudy, aux={"log_variance": s})
     assert set(terms) == {"l1", "fft", "nll"}
     assert float(terms["nll"]) == pytest.approx(0.1 * float(losses.nll_loss(pred, target, s, "gaussian")))
     assert float(total) == pytest.approx(sum(float(v) for v in terms.values()), rel=1e-6)
@@ -504,11 +504,10 @@ def test_the_nll_term_and_the_head_go_together(synthetic_dataset, tmp_path):
     with pytest.raises(runtime.UsageError, match="would not learn"):
         train.main(_tiny_args(csv_path, root, tmp_path, "--use_uncertainty_head", "--nll_weight", "0"))
     assert not list(tmp_path.iterdir()), "a run that fails before its first step leaves no run folder"
-    args = train.build_parser().parse_args(["--use_uncertainty_head"])
-    assert train.resolve_nll_weight(args) == losses.HEAD_LOSS_DEFAULTS["nll_weight"]
-    assert train.resolve_nll_weight(train.build_parser().parse_args([])) == 0.0
-    dsen2cr = train.build_parser().parse_args(["--model_name", "DSen2CR", "--use_uncertainty_head"])
-    assert train.resolve_nll_weight(dsen2cr) == 0.0  # DSen2CR has no head
+    nll = losses.TERMS["nll"]
+    assert losses.resolve(model=net.ModelConfig(use_uncertainty_head=True)).weights["nll"] == nll.weight == 0.1
+    assert losses.resolve(model=net.ModelConfig()).weights["nll"] == 0.0
+    assert losses.resolve(model=net.DSen2CRConfig()).weights["nll"] == 0.0  # DSen2CR has no head
 
 
 @pytest.mark.slow
