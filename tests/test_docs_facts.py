@@ -154,8 +154,23 @@ def parsers():
             *subcommands(parser_of("dataloader.py")).values()]
 
 
+def _declared_weight(term):
+    return term.weight if term.on else 0.0
+
+
 def defaults_of(flag):
-    return [p._option_string_actions[flag].default for p in parsers() if flag in p._option_string_actions]
+    """The parsers' defaults of `flag`; a loss flag's parser default is "not given" (argparse.SUPPRESS), so its
+    default is the one losses.py declares (the weight for the model that has the term's part)."""
+    import argparse
+
+    import losses
+
+    found = [p._option_string_actions[flag].default for p in parsers() if flag in p._option_string_actions]
+    name = flag[2:]
+    declared = ([losses.OPTIONS[name].default] if name in losses.OPTIONS else
+                [_declared_weight(losses.TERMS[name[:-len("_weight")]])] if name.endswith("_weight")
+                and name[:-len("_weight")] in losses.TERMS else [])
+    return [d for d in found if d is not argparse.SUPPRESS] + (declared if argparse.SUPPRESS in found else [])
 
 
 def same_value(stated, default):

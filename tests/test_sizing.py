@@ -18,10 +18,7 @@ MEASURED_H100_EAGER_MIB = 24419  # BENCHMARKS.md, "GPU": default network, L1, bf
 
 def l1_args():
     """The training flags of the H100 row's loss set: L1 alone (benchmark.py train's `l1` preset)."""
-    args = train.build_parser().parse_args(["--perceptual_weight", "0", "--confidence_weight", "0",
-                                            "--residual_weight", "0"])
-    train.resolve_nll_weight(args)
-    return args
+    return train.build_parser().parse_args(losses.preset_flags("l1"))
 
 
 def test_the_count_runs_group_norm_in_float32_as_cuda_autocast_does():
@@ -83,10 +80,9 @@ def cuda_run(monkeypatch, free_bytes, *flags):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     args = train.build_parser().parse_args(["--batch_sz", "auto", "--crop_size", "32", "--load_size", "32",
                                             "--perceptual_weight", "0", *flags])
-    train.resolve_confidence_weights(args)
-    train.resolve_nll_weight(args)
     run = train.Run(args=args, argv=[], device=torch.device("cuda"), amp_dtype=torch.float16)
     run.model = net_CR_CrossAttention.create_model()
+    train.resolve_losses(args, run.model)
     return run
 
 
@@ -173,20 +169,18 @@ def test_the_count_matches_this_gpu(dtype):
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] < 8:
         pytest.skip("bf16 is emulated below compute capability 8.0")
     args = train.build_parser().parse_args(losses.preset_flags("design") + ["--vgg_weights", "random"])
-    train.resolve_confidence_weights(args)
-    train.resolve_nll_weight(args)
     need = sizing.footprint("CrossAttention", {}, args, 128, 128, dtype)
     device = torch.device("cuda")
     model = net_CR_CrossAttention.create_model().to(device)
-    criterion = losses.build_criterion(args, vgg_dtype=dtype).to(device)
+    criterion = losses.build_criterion(args, vgg_dtype=dtype, model=model.config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     cloudy, target, sar = (torch.rand(4, c, 128, 128, device=device) for c in (13, 13, 2))
     torch.cuda.reset_peak_memory_stats()
     for _ in range(2):
         with torch.autocast("cuda", dtype=dtype or torch.float16, enabled=dtype is not None):
             prediction, aux = model(cloudy, sar, return_aux=True)
-        total, _ = criterion(prediction, target, cloudy, cloud_mask=cloudy[:, :1], confidence=aux["confidence"],
-                             confidence_target=cloudy[:, :1], ungated=aux["corrected"] + aux["residual"])
+        total, _ = criterion(prediction, target, cloudy, cloud_mask=cloudy[:, :1], confidence_target=cloudy[:, :1],
+                             aux={key: aux.get(key) for key in criterion.reads})
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
