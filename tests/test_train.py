@@ -379,19 +379,6 @@ def test_grad_scaler_path_trains_on_cpu(synthetic_dataset, tmp_path, monkeypatch
 
 # ----------------------------------------------------------------------------- device choices (mocked CUDA)
 
-def test_amp_auto_picks_bf16_or_fp16_with_a_scaler(monkeypatch):
-    cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert runtime.resolve_amp("auto", cuda) == (torch.bfloat16, False)  # Ampere and newer
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert runtime.resolve_amp("auto", cuda) == (torch.float16, True)  # T4, P100: fp16 with a GradScaler
-    assert runtime.resolve_amp("fp16", cuda) == (torch.float16, True)
-    assert runtime.resolve_amp("auto", cpu) == runtime.resolve_amp("auto", cpu)  # by the CPU: tests/test_runtime.py
-    assert runtime.resolve_amp("off", cuda) == (None, False)
-    with pytest.raises(runtime.UsageError, match="fp16 needs a CUDA device"):
-        runtime.resolve_amp("fp16", cpu)
-
-
 def test_distributed_backend_is_nccl_on_gpus_and_gloo_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert train.distributed_backend("auto") == "nccl" and train.distributed_backend("cuda") == "nccl"
