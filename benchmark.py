@@ -1037,6 +1037,7 @@ LEARN_VARIANTS = {
     "no_sar": ["--sar_input", "zeros"],
     "no_cross_attn": ["--no-use_cross_attn"],
     "fp32": ["--amp", "off"],
+    "fp16": ["--amp", "fp16"],  # a T4's precision (fp16 autocast, GradScaler); on a CPU its convolutions are slow
     "DSen2CR": ["--model_name", "DSen2CR"],
     # the default with the uncertainty head, trained by each NLL (docs/uncertainty.md)
     "uncertainty_gaussian": ["--use_uncertainty_head", "--nll_distribution", "gaussian"],
