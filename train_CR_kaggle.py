@@ -1017,8 +1017,8 @@ def _optimisation_flags(p):
                         ">= 8.0: A100, A10, L4, H100), else fp16 with a GradScaler (T4, V100, P100), never emulated "
                         "bf16; on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else off (float32), "
                         "since emulated bf16 is several times slower than fp32. fp16 also runs on CPU, to test the "
-                        "T4's path: its convolutions take ATen's slow reference kernels there, about 15-20x slower "
-                        "than fp32")
+                        "T4's path: its convolutions take ATen's slow reference kernels there, about 13x the CPU "
+                        "time of fp32 per step")
     g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
                    help="channels-last memory format: auto = on CPU, time one step in each layout at start-up and "
                         "keep the faster (the winner depends on the CPU, the precision and the crop size); off on "
