@@ -84,11 +84,12 @@ def cuda_card(device):
     return props.name, f"{props.major}.{props.minor}"
 
 
-def cuda_has_native_bf16():
-    """Whether the current CUDA device computes bf16 in hardware: torch's own query with its emulation answer off
-    (compute capability 8.0 or more: A100, A10, L4, H100, H200). Its default, including_emulation=True, says yes
-    wherever a bf16 tensor can be made, which is every CUDA card, and a T4 or P100 then runs bf16 in fp32 units."""
-    return torch.cuda.is_bf16_supported(including_emulation=False)
+def cuda_has_native_bf16(device):
+    """Whether a CUDA device computes bf16 in hardware: what torch.cuda.is_bf16_supported(including_emulation=False)
+    checks (ROCm, or compute capability 8.0 or more: A100, A10, L4, H100, H200), asked of `device` rather than of
+    the current device. torch's default, including_emulation=True, says yes wherever a bf16 tensor can be made,
+    which is every CUDA card, and a T4 or P100 then runs bf16 in fp32 units."""
+    return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
 
 
 def auto_amp(device):
@@ -97,7 +98,7 @@ def auto_amp(device):
     ("off")."""
     if device.type == "cuda":
         name, capability = cuda_card(device)
-        if cuda_has_native_bf16():
+        if cuda_has_native_bf16(device):
             return "bf16", f"{name}, compute capability {capability}: native bf16"
         return "fp16", f"{name}, compute capability {capability}: no bf16 units, fp16 tensor cores; GradScaler on"
     if device.type == "cpu":
@@ -121,7 +122,7 @@ def amp_warning(chosen, device):
     if chosen == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
         return ("warning: --amp bf16 on a CPU without native bf16 (torch emulates it): the network runs several "
                 "times slower than in fp32 here (BENCHMARKS.md, 'Model training step'); --amp auto picks fp32")
-    if chosen == "bf16" and device.type == "cuda" and not cuda_has_native_bf16():
+    if chosen == "bf16" and device.type == "cuda" and not cuda_has_native_bf16(device):
         name, capability = cuda_card(device)
         return (f"warning: --amp bf16 on {name} (compute capability {capability}, no bf16 units: torch emulates "
                 f"it): slow; --amp auto picks fp16 with a GradScaler")

@@ -91,6 +91,7 @@ def test_auto_amp_on_cuda_is_bf16_only_where_the_card_has_bf16_units(monkeypatch
     cuda = torch.device("cuda")
     assert torch.cuda.get_device_capability(cuda) == tuple(CARDS[card][1:3])  # torch reads the patched card
     assert torch.cuda.is_bf16_supported()  # what the emulation answer says on every card: the old defect
+    assert runtime.cuda_has_native_bf16(cuda) is torch.cuda.is_bf16_supported(including_emulation=False)
     text, warning = runtime.describe_amp("auto", cuda)
     assert warning is None
     if card in NATIVE_BF16:
