@@ -180,7 +180,7 @@ def test_confidence_bce_at_a_certain_map():
 
 def test_fft_loss_at_256_px():
     """The FFT term in fp32 and orthonormal: an unnormalised transform of a 256 px difference of 1 has a DC term of
-    65,536, past fp16's maximum (CPU's FFT takes no fp16 at all; CUDA autocast runs FFTs in fp32)."""
+    65,536, past fp16's maximum (CPU's FFT takes no fp16 at all; CPU autocast runs FFTs in fp32)."""
     diff = torch.ones(1, 13, 256, 256).half()
     same_in_fp16_autocast(losses.fft_l1, diff)
     assert torch.fft.rfft2(diff.float()).abs().max() > FP16_MAX
