@@ -87,39 +87,77 @@ def cpu_has_native_bf16():
                                                                          "_is_amx_tile_supported"))
 
 
+# fp16 on a CPU: without AVX512-FP16 or AMX-FP16 (this EPYC, most CPUs) oneDNN does not take fp16 convolutions and
+# ATen runs its reference im2col kernels instead (aten::_slow_conv2d_*, over 90 % of an fp16 step's time). Measured on
+# the 2-core AMD EPYC (capability AVX512, native bf16, no fp16 units), 1 thread, the default network at 64 px,
+# batch 4, channels-last: 17.0 CPU seconds a step in fp16 against 1.26 in fp32 and 0.78 in bf16 (BENCHMARKS.md,
+# "Model training step").
+CPU_FP16_COST = ("fp16 convolutions run ATen's slow reference kernels on a CPU (no oneDNN fp16 path): a training "
+                 "step takes about 13x the CPU time of fp32 (BENCHMARKS.md, 'Model training step')")
+
+
+def cuda_card(device):
+    """(name, 'major.minor') of a CUDA device, from torch's device properties."""
+    props = torch.cuda.get_device_properties(device)
+    return props.name, f"{props.major}.{props.minor}"
+
+
+def cuda_has_native_bf16(device):
+    """Whether a CUDA device computes bf16 in hardware: what torch.cuda.is_bf16_supported(including_emulation=False)
+    checks (ROCm, or compute capability 8.0 or more: A100, A10, L4, H100, H200), asked of `device` rather than of
+    the current device. torch's default, including_emulation=True, says yes wherever a bf16 tensor can be made,
+    which is every CUDA card, and a T4 or P100 then runs bf16 in fp32 units."""
+    return bool(torch.version.hip) or torch.cuda.get_device_properties(device).major >= 8
+
+
 def auto_amp(device):
-    """(what --amp auto means on this device, why): bf16 on GPUs that have it, fp16 on older GPUs (T4, P100),
-    bf16 on CPUs with native bf16, fp32 ("off") on other CPUs."""
+    """(what --amp auto means on this device, why): on CUDA bf16 where the card has bf16 units, fp16 with a
+    GradScaler below (T4, V100, P100), never emulated bf16; on CPU bf16 where the CPU has native bf16, else fp32
+    ("off")."""
     if device.type == "cuda":
-        return ("bf16", "GPU with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "GPU without bf16")
+        name, capability = cuda_card(device)
+        if cuda_has_native_bf16(device):
+            return "bf16", f"{name}, compute capability {capability}: native bf16"
+        return "fp16", f"{name}, compute capability {capability}: no bf16 units, fp16 tensor cores; GradScaler on"
     if device.type == "cpu":
         return ("bf16", "CPU with native bf16") if cpu_has_native_bf16() else ("off", "CPU without native bf16")
     return "off", f"{device.type} device"
 
 
 def resolve_amp(amp, device):
-    """(autocast dtype or None, whether fp16 needs a GradScaler) for --amp auto|bf16|fp16|off (auto: auto_amp)."""
+    """(autocast dtype or None, whether fp16 needs a GradScaler) for --amp auto|bf16|fp16|off (auto: auto_amp).
+    fp16 runs on CPU too (torch has fp16 autocast and a GradScaler there): slowly, but it is how a machine
+    without a GPU exercises a T4's path."""
     if amp == "auto":
         amp = auto_amp(device)[0]
     if amp == "off":
         return None, False
-    if amp == "fp16" and device.type != "cuda":
-        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on CPU")
     return (torch.float16, True) if amp == "fp16" else (torch.bfloat16, False)
 
 
+def amp_warning(chosen, device):
+    """One line saying what a forced precision costs where the hardware lacks it (None where it is fine)."""
+    if chosen == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        return ("warning: --amp bf16 on a CPU without native bf16 (torch emulates it): the network runs several "
+                "times slower than in fp32 here (BENCHMARKS.md, 'Model training step'); --amp auto picks fp32")
+    if chosen == "bf16" and device.type == "cuda" and not cuda_has_native_bf16(device):
+        name, capability = cuda_card(device)
+        return (f"warning: --amp bf16 on {name} (compute capability {capability}, no bf16 units: torch emulates "
+                f"it): slow; --amp auto picks fp16 with a GradScaler")
+    if chosen == "fp16" and device.type == "cpu":
+        return f"warning: --amp fp16 on CPU: {CPU_FP16_COST}; use it to test the fp16 path, --amp auto to train"
+    return None
+
+
 def describe_amp(amp, device):
-    """The precision a run uses and why, for its header line: 'amp off (CPU without native bf16)', 'amp bf16 (--amp
-    bf16)'. Plus, when bf16 was forced on a CPU that emulates it, a warning line saying what it costs (else None)."""
+    """The precision a run uses and why, for its header line: 'amp off (CPU without native bf16)', 'amp fp16 (Tesla
+    T4, compute capability 7.5: no bf16 units, fp16 tensor cores; GradScaler on)', 'amp bf16 (--amp bf16)'. Plus
+    a warning line where a forced precision is emulated or slow on this hardware (else None)."""
     if amp == "auto":
         chosen, why = auto_amp(device)
     else:
         chosen, why = amp, f"--amp {amp}"
-    warning = None
-    if chosen == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        warning = ("warning: --amp bf16 on a CPU without native bf16 (torch emulates it): the network runs several "
-                   "times slower than in fp32 here (BENCHMARKS.md, 'Model training step'); --amp auto picks fp32")
-    return f"amp {chosen} ({why})", warning
+    return f"amp {chosen} ({why})", amp_warning(chosen, device)
 
 
 def autocast(device, dtype):

@@ -1090,8 +1090,9 @@ def build_parser():
                         "predictions, with their spread as the epistemic part of the uncertainty")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
-                   help="autocast for inference: auto = bf16 on GPUs that support it, else fp16; on CPU bf16 where "
-                        "the CPU has native bf16, else float32 (the training script's rule); off = float32")
+                   help="autocast for inference: auto = bf16 on GPUs with bf16 units (compute capability >= 8.0), "
+                        "else fp16; on CPU bf16 where the CPU has native bf16, else float32 (the training script's "
+                        "rule); off = float32")
     p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
     g = p.add_argument_group("evaluation on a data list")
     g.add_argument("--data_list_filepath", default=None,

@@ -1200,9 +1200,12 @@ def _optimisation_flags(p):
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="abort after this many consecutive steps with a non-finite loss (checked at each log read)")
     g.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
-                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler (T4, P100); "
-                        "on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else off (float32), since "
-                        "emulated bf16 is several times slower than fp32")
+                   help="mixed precision: auto = on CUDA bf16 where the card has bf16 units (compute capability "
+                        ">= 8.0: A100, A10, L4, H100), else fp16 with a GradScaler (T4, V100, P100), never emulated "
+                        "bf16; on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else off (float32), "
+                        "since emulated bf16 is several times slower than fp32. fp16 also runs on CPU, to test the "
+                        "T4's path: its convolutions take ATen's slow reference kernels there, about 13x the CPU "
+                        "time of fp32 per step")
     g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
                    help="channels-last memory format: auto = on CPU, time one step in each layout at start-up and "
                         "keep the faster (the winner depends on the CPU, the precision and the crop size); off on "
