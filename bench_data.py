@@ -143,25 +143,30 @@ def bench_data(args):
                "speedup_rule_mask": rate["dataloader, rule mask"] / rate["reference, rule mask"]}
     print(f"speed-up: {figures['speedup_no_mask']:.2f}x without mask, {figures['speedup_rule_mask']:.2f}x with mask")
     if args.workers:
-        ds = variants["dataloader, rule mask"]
-        figures["workers"] = {}
-        for w in (int(v) for v in args.workers.split(",")):
-            loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=w)
-            total = args.samples * 4
-            n, t0, t_first, n_first = 0, time.perf_counter(), None, 0
-            while n < total:
-                for batch in loader:
-                    n += len(batch["file_name"])
-                    if t_first is None:  # worker start-up ends with the first batch
-                        t_first, n_first = time.perf_counter(), n
-                    if n >= total:
-                        break
-            t_end = time.perf_counter()
-            steady = (n - n_first) / (t_end - t_first)
-            figures["workers"][w] = {"steady_samples_per_s": steady, "first_batch_s": t_first - t0}
-            print(f"DataLoader num_workers={w}, batch {args.batch}: {steady:.1f} samples/s after the first batch "
-                  f"(first batch after {t_first - t0:.2f} s)")
+        figures["workers"] = _time_workers(args, variants["dataloader, rule mask"])
     return figures
+
+
+def _time_workers(args, ds):
+    """Steady samples/s and first-batch seconds of a DataLoader over `ds` for each --workers count."""
+    workers = {}
+    for w in (int(v) for v in args.workers.split(",")):
+        loader = DataLoader(ds, batch_size=args.batch, shuffle=True, num_workers=w)
+        total = args.samples * 4
+        n, t0, t_first, n_first = 0, time.perf_counter(), None, 0
+        while n < total:
+            for batch in loader:
+                n += len(batch["file_name"])
+                if t_first is None:  # worker start-up ends with the first batch
+                    t_first, n_first = time.perf_counter(), n
+                if n >= total:
+                    break
+        t_end = time.perf_counter()
+        steady = (n - n_first) / (t_end - t_first)
+        workers[w] = {"steady_samples_per_s": steady, "first_batch_s": t_first - t0}
+        print(f"DataLoader num_workers={w}, batch {args.batch}: {steady:.1f} samples/s after the first batch "
+              f"(first batch after {t_first - t0:.2f} s)")
+    return workers
 
 
 def _add_clouds_args(parser):
