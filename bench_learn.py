@@ -45,8 +45,7 @@ LEARN_VARIANTS = {
 
 
 def _design_flags():
-    """Every switch added since the design document at its older value, and the map's loss terms off (a function:
-    reading losses here would load it, and torchvision, into every worker process at import)."""
+    """Every switch added since the design document at its older value, and the map's loss terms off."""
     return ([f"--{'' if on else 'no-'}{switch}" for switch, on in net.design_switches().items()]
             + [arg for t in losses.LOSS_TERMS if t.needs == "use_cloud_predictor"
                for arg in (f"--{t.name}_weight", "0")])
