@@ -19,7 +19,8 @@ context (300-500 MiB, outside torch's figures and already gone from torch.cuda.m
 gradient buckets (one more copy of the gradients, 25 MB for this network); the margin below covers them. Compiled
 steps need less (the H100's compiled step measured 0.57x its eager one): the count is the eager step, an upper bound.
 
-Imports the model and the losses only (training and benchmark.py import this, never the other way).
+Imports the model and the losses only (training and the memory benchmark, bench_memory.py, import this, never the
+other way).
 """
 import contextlib
 import math

@@ -11,7 +11,9 @@ from unittest import mock
 import pytest
 import torch
 
-import benchmark
+import bench_learn
+import bench_loop
+import bench_step
 import losses
 import net_CR_CrossAttention as net
 import train_CR_kaggle
@@ -25,35 +27,35 @@ def _losses_of(flags):
     return losses.resolve(losses.given_flags(args), net.ModelConfig()), args.vgg_weights
 
 
-@pytest.mark.parametrize("variant", list(benchmark.LEARN_VARIANTS))
+@pytest.mark.parametrize("variant", list(bench_learn.LEARN_VARIANTS))
 def test_every_learn_variant_is_flags_the_training_script_accepts(variant):
     for vgg_weights in (None, "vgg19.pth"):
-        flags = benchmark._learn_loss_flags(variant, vgg_weights) + benchmark.learn_variant_flags(variant)
+        flags = bench_learn._learn_loss_flags(variant, vgg_weights) + bench_learn.learn_variant_flags(variant)
         train_CR_kaggle.build_parser().parse_args(flags)  # an unknown flag exits here
 
 
 def test_learn_runs_train_in_one_fixed_memory_layout():
     """Under bf16 the layout changes the arithmetic; a learn run must not leave it to --channels_last auto's timing."""
     parser = argparse.ArgumentParser()
-    benchmark._add_learn_args(parser)
-    args = benchmark.resolve_learn_setting(parser.parse_args([]))
+    bench_learn._add_learn_args(parser)
+    args = bench_learn.resolve_learn_setting(parser.parse_args([]))
     parsed = train_CR_kaggle.build_parser().parse_args(
-        benchmark.learn_train_flags("full", 0, args, Path("data/data.csv"), Path("out")))
+        bench_learn.learn_train_flags("full", 0, args, Path("data/data.csv"), Path("out")))
     assert parsed.channels_last == "on" and parsed.seed == 0 and parsed.crop_size == args.size
     args.extra = "--channels_last off"  # --extra still wins
     assert train_CR_kaggle.build_parser().parse_args(
-        benchmark.learn_train_flags("full", 0, args, Path("data/data.csv"), Path("out"))).channels_last == "off"
+        bench_learn.learn_train_flags("full", 0, args, Path("data/data.csv"), Path("out"))).channels_last == "off"
 
 
 def test_learn_loss_sets_are_the_design_presets():
-    full, _ = _losses_of(benchmark._learn_loss_flags("full", None))
+    full, _ = _losses_of(bench_learn._learn_loss_flags("full", None))
     assert full == losses.resolve(losses.loss_options("design_no_vgg"), net.ModelConfig())
     assert full.enabled == {"cloud_focused": 1.0, "fft": 0.3, "gradient": 0.2, "confidence": 0.5, "residual": 0.5}
-    plain_l1, _ = _losses_of(benchmark._learn_loss_flags("no_cloud_focused_loss", None))
+    plain_l1, _ = _losses_of(bench_learn._learn_loss_flags("no_cloud_focused_loss", None))
     assert plain_l1.weights == {**full.weights, "cloud_focused": 0.0, "l1": 1.0}
-    with_vgg, vgg_weights = _losses_of(benchmark._learn_loss_flags("full", "vgg19.pth"))
+    with_vgg, vgg_weights = _losses_of(bench_learn._learn_loss_flags("full", "vgg19.pth"))
     assert with_vgg == losses.resolve(losses.loss_options("design"), net.ModelConfig()) and vgg_weights == "vgg19.pth"
-    design, _ = _losses_of(benchmark._learn_loss_flags("design", None) + benchmark.learn_variant_flags("design"))
+    design, _ = _losses_of(bench_learn._learn_loss_flags("design", None) + bench_learn.learn_variant_flags("design"))
     assert design.weights["confidence"] == design.weights["residual"] == 0  # the design's losses, nothing added
 
 
@@ -63,11 +65,11 @@ def test_timed_steps_are_the_training_step():
     torch.manual_seed(0)
     device = torch.device("cpu")
     model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
-    run = benchmark._step_run(model, losses.CRLoss(**losses.loss_options("l1")), device, "off", channels_last=False)
-    batch = benchmark._random_batch(2, 16, device, channels_last=False)
+    run = bench_step.step_run(model, losses.CRLoss(**losses.loss_options("l1")), device, "off", channels_last=False)
+    batch = bench_step.random_batch(2, 16, device, channels_last=False)
     before = [p.detach().clone() for p in model.parameters()]
     with mock.patch.object(train_CR_kaggle, "train_step", wraps=train_CR_kaggle.train_step) as step:
-        seconds = benchmark._bare_steps(run, batch, 2, lambda: None)
+        seconds = bench_loop._bare_steps(run, batch, 2, lambda: None)
     assert step.call_count == 2 and all(call.args == (run, batch) for call in step.call_args_list)
     assert seconds > 0 and run.global_step == 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
@@ -108,11 +110,11 @@ def test_learn_rows_average_each_true_cloud_bin_over_seeds(capsys):
                     "clear": {"pixels": 100, "PSNR_model": clear, "PSNR_identity": 50.0},
                     "opacity 0.05-0.3": {"pixels": 0 if thin is None else 7, "PSNR_model": thin,
                                          "PSNR_identity": thin and 20.0}}}
-    row = benchmark._learn_row("full", [run(0, 40.0, 30.0), run(1, 42.0, 32.0)])
+    row = bench_learn._learn_row("full", [run(0, 40.0, 30.0), run(1, 42.0, 32.0)])
     assert row["truth_bins"] == {"clear": 41.0, "opacity 0.05-0.3": 31.0}
-    assert benchmark._learn_row("full", [run(0, 40.0, None)])["truth_bins"]["opacity 0.05-0.3"] is None
+    assert bench_learn._learn_row("full", [run(0, 40.0, None)])["truth_bins"]["opacity 0.05-0.3"] is None
     # a run without true cloud maps (real data): no bins for the variant
-    assert benchmark._learn_row("full", [{**run(0, 40.0, 30.0), "truth_bins": None}])["truth_bins"] is None
-    benchmark._print_truth_bins([row], [run(0, 40.0, 30.0)])
+    assert bench_learn._learn_row("full", [{**run(0, 40.0, 30.0), "truth_bins": None}])["truth_bins"] is None
+    bench_learn._print_truth_bins([row], [run(0, 40.0, 30.0)])
     out = capsys.readouterr().out
     assert "41.00" in out and "31.00" in out and "50.00" in out and "PSNR by true cloud" in out

@@ -1,21 +1,26 @@
 """Every command-line flag of every script explains itself in --help."""
 import argparse
+import importlib
+from pathlib import Path
 
 import pytest
 
+import bench_learn
 import benchmark
 import dataloader
 import net_CR_CrossAttention
 import test_CR
 import train_CR_kaggle
 
+ROOT = Path(__file__).resolve().parents[1]
 
 def _parsers():
     top = [("train_CR_kaggle", train_CR_kaggle.build_parser()), ("test_CR", test_CR.build_parser()),
            ("dataloader", dataloader.build_parser()), ("net_CR_CrossAttention", net_CR_CrossAttention.build_parser())]
     bench = argparse.ArgumentParser()
     sub = bench.add_subparsers()
-    for name, (add_arguments, _run) in benchmark.SUBCOMMANDS.items():
+    for name in benchmark.SUBCOMMANDS:
+        add_arguments, _run = benchmark.subcommand(name)
         p = sub.add_parser(name)
         add_arguments(p)
         top.append((f"benchmark {name}", p))
@@ -36,6 +41,14 @@ def test_every_flag_has_help(name, parser):
 HELP_COMMANDS = [(net_CR_CrossAttention._smoke_test, []), (train_CR_kaggle.main, []), (test_CR.main, []),
                  (dataloader.main, []), *((dataloader.main, [name]) for name in ("synth", "scan", "check", "masks")),
                  (benchmark.main, []), *((benchmark.main, [name]) for name in benchmark.SUBCOMMANDS)]
+
+
+def test_each_subcommand_lives_in_the_module_benchmark_names():
+    """benchmark.SUBCOMMANDS (name -> module, imported when the subcommand runs) and the modules' COMMANDS agree."""
+    modules = set(benchmark.SUBCOMMANDS.values())
+    held = {name: module for module in modules for name in importlib.import_module(module).COMMANDS}
+    assert held == benchmark.SUBCOMMANDS
+    assert {p.stem for p in ROOT.glob("bench_*.py")} >= modules
 
 
 @pytest.mark.parametrize("main, argv", HELP_COMMANDS, ids=lambda v: v.__module__ if callable(v) else " ".join(v))
@@ -83,11 +96,11 @@ def test_loop_benchmark_times_the_training_loss_it_compares_with(tmp_path):
 
 def _learn_args(*argv):
     p = argparse.ArgumentParser()
-    benchmark._add_learn_args(p)
-    return benchmark.resolve_learn_setting(p.parse_args(argv))
+    bench_learn._add_learn_args(p)
+    return bench_learn.resolve_learn_setting(p.parse_args(argv))
 
 
-@pytest.mark.parametrize("setting", list(benchmark.LEARN_SETTINGS))
+@pytest.mark.parametrize("setting", list(bench_learn.LEARN_SETTINGS))
 def test_learn_settings_give_train_val_and_test_scenes_of_the_same_pixels(setting, tmp_path):
     args = _learn_args("--setting", setting)
     csv_path = dataloader.make_synthetic_dataset(tmp_path, n=args.n, size=args.size, seed=args.data_seed)

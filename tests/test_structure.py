@@ -27,8 +27,13 @@ LAYERS = {
     "losses": 1, "clouds": 1,
     "dataloader": 2, "runtime": 2, "sizing": 2,
     "test_CR": 3, "train_CR_kaggle": 3,
-    "benchmark": 4,
+    # the benchmark: what its subcommands share, the subcommands, the entry point that imports them by name
+    "bench_process": 4, "bench_step": 4,
+    "bench_loss": 5, "bench_data": 5, "bench_eval": 5, "bench_train": 5, "bench_memory": 5, "bench_loop": 5,
+    "bench_learn": 5, "bench_sparsify": 5,
+    "benchmark": 6,
 }
+BENCHMARK_LAYER = LAYERS["bench_process"]
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
 # The names GLF-CR's own code has, which its users' notebooks call as module.name (docs/data.md, docs/evaluation.md):
 # they stay defined in the module GLF-CR has them in. Every other name is used from the module that defines it.
@@ -64,7 +69,7 @@ def test_only_the_benchmark_imports_the_training_script():
     for module in LAYERS:
         imports = _project_imports(module)
         assert "benchmark" not in imports, module
-        if module != "benchmark":
+        if LAYERS[module] < BENCHMARK_LAYER:
             assert "train_CR_kaggle" not in imports, module
 
 
@@ -160,6 +165,15 @@ def test_losses_loads_no_geotiff_stack():
 def test_evaluation_loads_no_training_code():
     loaded = _modules_loaded_by("import test_CR")
     assert not {"train_CR_kaggle", "losses", "torchvision"} & loaded
+
+
+@pytest.mark.slow
+def test_the_scene_benchmark_worker_loads_what_evaluation_loads():
+    """`benchmark.py eval` reports the peak memory of whole-scene prediction from a fresh process that imports the
+    worker's module only (bench_process.in_fresh_process): it must load what `test_CR.py --predict` loads and no more
+    (no training script, no losses and their torchvision, no FLOP counter); small standard-library modules aside."""
+    extra = _modules_loaded_by("import bench_eval") - _modules_loaded_by("import test_CR")
+    assert {m for m in extra if m.split(".")[0] not in sys.stdlib_module_names} == {"bench_eval", "bench_process"}
 
 
 def test_no_product_function_is_longer_than_80_lines():
