@@ -38,6 +38,7 @@ import bands
 import clouds
 import dataloader
 import files
+import inference
 import metrics
 import net_CR_CrossAttention as net
 import runtime
@@ -478,7 +479,7 @@ def scene_worker(ckpt, cloudy, sar, out, tile, overlap, batch, amp, threads):
     amp_dtype = runtime.resolve_amp(amp, torch.device("cpu"))[0]
     rss_model = peak_rss_mb()
     t0 = time.perf_counter()
-    test_CR.predict_scene(model, cloudy, sar, out, tile=tile, overlap=overlap, batch_sz=batch, amp_dtype=amp_dtype,
+    inference.predict_scene(model, cloudy, sar, out, tile=tile, overlap=overlap, batch_sz=batch, amp_dtype=amp_dtype,
                           progress=False)
     return {"seconds": time.perf_counter() - t0, "rss_after_model_mb": rss_model, "peak_rss_mb": peak_rss_mb()}
 
@@ -535,7 +536,7 @@ def bench_eval(args):
                     s1.write(rng.uniform(-30, 0, (2, h, side)).astype(np.float32), window=win)
             r = in_fresh_process(scene_worker, str(ckpt), str(cloudy), str(sar), str(tmp / f"out_{side}.tif"),
                                  args.tile, args.overlap, args.batch, args.amp, args.threads)
-            n_tiles = len(test_CR.tile_starts(side, args.tile, args.overlap)) ** 2
+            n_tiles = len(inference.tile_starts(side, args.tile, args.overlap)) ** 2
             r.update(tiles=n_tiles, megapixels_per_s=side * side / 1e6 / r["seconds"],
                      full_scene_fp32_accumulator_mb=(13 + 1) * side * side * 4 / 2 ** 20)
             figures["scenes"][side] = r
@@ -1363,7 +1364,7 @@ def bench_sparsify(args):
     dataset = dataloader.SEN12MSCRDataset(rows, str(Path(args.data_list_filepath).parent), augment=False)
     rng, std, se, drawn = np.random.default_rng(args.seed), [], [], []
     for sample in (dataset[i] for i in range(len(dataset))):
-        out = test_CR.forward_all(model, sample["cloudy_data"][None], sample["SAR_data"][None],
+        out = inference.forward_all(model, sample["cloudy_data"][None], sample["SAR_data"][None],
                                   contextlib.nullcontext())
         band_std = out["variance"][0].sqrt().numpy()
         error = (out["prediction"][0] - sample["cloudfree_data"]).numpy()

@@ -21,7 +21,6 @@ rounded to the uint16 x10000 grid of the dataset, i.e. exactly the values the sa
 scores therefore describe the delivered product; the rounding moves a PSNR of 30 dB by < 1e-4 dB.
 """
 import argparse
-import contextlib
 import csv
 import io
 import json
@@ -31,14 +30,10 @@ import shutil
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
-import rasterio
-import rasterio.errors
 import torch
-from rasterio.windows import Window
 from scipy import ndimage
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -47,7 +42,9 @@ import bands
 import clouds
 import dataloader
 import files
+import inference
 import metrics
+import quicklooks
 import runtime
 import splits
 
@@ -118,28 +115,6 @@ def ensure_writable_dir(folder, what):
     return folder
 
 
-@torch.no_grad()
-def forward_all(model, cloudy, sar, ctx):
-    """Everything a forward pass gives, float32: {"prediction" (finished), "confidence" (or None), the variances
-    (N,13,H,W) "aleatoric" (the uncertainty head's), "epistemic" (an ensemble's spread) and "variance" (their sum,
-    the predictive variance), each None where the model has no such part}. ctx: the run's autocast context."""
-    with ctx:
-        prediction, aux = model(cloudy, sar, return_aux=True)
-    log_variance, epistemic, confidence = (aux.get(k) for k in ("log_variance", "epistemic_variance", "confidence"))
-    aleatoric = None if log_variance is None else log_variance.float().exp()
-    epistemic = None if epistemic is None else epistemic.float()
-    parts = [v for v in (aleatoric, epistemic) if v is not None]
-    return {"prediction": bands.finish_s2(prediction),
-            "confidence": None if confidence is None else confidence.float(),
-            "aleatoric": aleatoric, "epistemic": epistemic, "variance": sum(parts) if parts else None}
-
-
-def forward(model, cloudy, sar, ctx):
-    """(finished prediction, confidence or None) in float32; ctx is the run's autocast context (runtime.autocast)."""
-    out = forward_all(model, cloudy, sar, ctx)
-    return out["prediction"], out["confidence"]
-
-
 def uncertainty_source(model):
     """What the model's uncertainty is made of, in words, or None when it predicts none."""
     members = getattr(model, "members", None)
@@ -156,138 +131,6 @@ def check_uncertainty_wanted(args, model):
         raise runtime.UsageError(f"--save_uncertainty: {args.checkpoint[0]} has no uncertainty head, so it predicts "
                                  f"no uncertainty; pass a checkpoint trained with --use_uncertainty_head, or several "
                                  f"checkpoints (an ensemble)")
-
-
-# ----------------------------------------------------------------------------- quicklooks and the calibration plot
-
-QUICKLOOK_PANELS = ("cloudy input", "SAR (VV, VH, mean)", "prediction", "target (cloud-free)", "cloud confidence")
-UNCERTAINTY_PANEL = "uncertainty (std, band mean)"  # a sixth panel, for models that predict an uncertainty
-QUICKLOOK_MIN_SIDE = 256  # smaller patches are enlarged by a whole factor (nearest neighbour) to at least this
-QUICKLOOK_CMAP = "magma"  # perceptually uniform, dark = clear, bright = cloudy
-UNCERTAINTY_CMAP = "viridis"  # another map than the confidence's, so the two panels are not read as one quantity
-# One fixed colour scale for the std in every quicklook (like the RGB stretch): 0 .. 0.05 reflectance, about the RMSE
-# of a cloudy input (26.8 dB on the synthetic test split is 0.046), so clear pixels stay dark and clouds light up.
-QUICKLOOK_STD_MAX = 0.05
-QUICKLOOK_DPI = 100
-_QL_MARGIN, _QL_GAP, _QL_TOP, _QL_BAR = 12, 12, 56, 88  # px: border, between panels, title + labels, colour bar
-
-
-def quicklook_layout(height, width, uncertainty=False):
-    """Pixel layout of the quicklook of an (height, width) image: {"scale", "size": (H, W) of the PNG,
-    "panels": [(top, left)] per QUICKLOOK_PANELS entry (and UNCERTAINTY_PANEL with uncertainty=True),
-    "colorbar": (top, left, height, width) of the confidence's colour bar, "colorbars": every colour bar}. Panel k
-    holds the image enlarged `scale` times: PNG rows top..top+scale*height, columns left..left+scale*width."""
-    scale = max(1, math.ceil(QUICKLOOK_MIN_SIDE / max(height, width)))
-    ph, pw = height * scale, width * scale
-    lefts = [_QL_MARGIN + k * (pw + _QL_GAP) for k in range(len(QUICKLOOK_PANELS))]
-    bars = [lefts[-1] + pw + _QL_GAP]
-    if uncertainty:  # after the confidence's colour bar: the std panel and its own bar
-        lefts.append(bars[0] + _QL_BAR)
-        bars.append(lefts[-1] + pw + _QL_GAP)
-    colorbars = [(_QL_TOP, left, ph, 14) for left in bars]
-    return {"scale": scale, "size": (_QL_TOP + ph + _QL_MARGIN, bars[-1] + _QL_BAR),
-            "panels": [(_QL_TOP, left) for left in lefts], "colorbar": colorbars[0], "colorbars": colorbars}
-
-
-def _quicklook_images(cloudy, sar, prediction, target, confidence, uncertainty):
-    """(H,W,3) float arrays of the quicklook's panels, in QUICKLOOK_PANELS order (then the uncertainty's)."""
-    from matplotlib import colormaps
-
-    images = [bands.s2_to_rgb(cloudy), bands.sar_to_rgb(sar), bands.s2_to_rgb(prediction),
-              bands.s2_to_rgb(target)]
-    images = [img.float().cpu().permute(1, 2, 0).numpy() for img in images]
-    images.append(np.full_like(images[0], 0.85) if confidence is None
-                  else colormaps[QUICKLOOK_CMAP](confidence[0].float().clamp(0, 1).cpu().numpy())[..., :3])
-    if uncertainty is not None:
-        std = (uncertainty[0].float().cpu().numpy() / QUICKLOOK_STD_MAX).clip(0, 1)
-        images.append(colormaps[UNCERTAINTY_CMAP](std)[..., :3])
-    return images
-
-
-def _colour_bar(fig, at, box, cmap, ticks, labels):
-    """A vertical colour bar in the PNG pixel box (top, left, height, width), values 0..1 of cmap."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    top, left, height, width = box
-    x, y = at(top + height, left)
-    cax = fig.add_axes((x, y, width / fig.bbox.width, height / fig.bbox.height))
-    fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps[cmap]), cax=cax, ticks=ticks)
-    cax.set_yticklabels(labels, fontsize=8)
-
-
-def save_quicklook(path, cloudy, sar, prediction, target, confidence, title="", uncertainty=None):
-    """One labelled PNG row cloudy | SAR | prediction | target | confidence (| uncertainty); (C,H,W) tensors in [0,1].
-    RGB panels use the fixed stretch of bands.s2_to_rgb (reflectance 0-0.3) unresampled but for a whole-number
-    enlargement, so panels compare across images; confidence is a heat map with its colour bar (0 clear .. 1
-    cloudy); uncertainty, a (1,H,W) standard deviation, another with its own (0 .. QUICKLOOK_STD_MAX)."""
-    from matplotlib.figure import Figure  # matplotlib only where a PNG is asked for
-
-    layout = quicklook_layout(*cloudy.shape[-2:], uncertainty=uncertainty is not None)
-    (fig_h, fig_w), scale = layout["size"], layout["scale"]
-    images = _quicklook_images(cloudy, sar, prediction, target, confidence, uncertainty)
-    fig = Figure(figsize=(fig_w / QUICKLOOK_DPI, fig_h / QUICKLOOK_DPI), dpi=QUICKLOOK_DPI, facecolor="white")
-    at = lambda top, left: (left / fig_w, 1 - top / fig_h)  # PNG pixel -> figure fraction
-    fig.text(*at(6, _QL_MARGIN), f"{title}   RGB = B4, B3, B2, reflectance 0-0.3", va="top", fontsize=10)
-    for (top, left), label, img in zip(layout["panels"], QUICKLOOK_PANELS + (UNCERTAINTY_PANEL,), images):
-        big = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
-        fig.figimage(big, xo=left, yo=fig_h - top - big.shape[0], origin="upper")
-        fig.text(*at(top - 5, left), label, va="bottom", fontsize=10, weight="bold")
-    top, left, height, width = layout["colorbar"]
-    if confidence is None:
-        x, y = at(top + height / 2, layout["panels"][4][1] + 8)
-        fig.text(x, y, "no confidence map:\nthis model predicts none", va="center", fontsize=9)
-    else:
-        _colour_bar(fig, at, layout["colorbar"], QUICKLOOK_CMAP, [0, 0.5, 1], ["0 clear", "0.5", "1 cloudy"])
-    if uncertainty is not None:
-        _colour_bar(fig, at, layout["colorbars"][1], UNCERTAINTY_CMAP, [0, 0.5, 1],
-                    ["0", f"{QUICKLOOK_STD_MAX / 2:g}", f">= {QUICKLOOK_STD_MAX:g}"])
-    with files.atomic_output(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=QUICKLOOK_DPI)
-
-
-CALIBRATION_COLOURS = {"all": "black", "cloudy": "tab:blue", "clear": "tab:orange"}
-
-
-def save_calibration_plot(path, uncertainty):
-    """PNG of the calibration over pixels: each UCE bin's RMSE against its root mean variance (the predicted
-    uncertainty), per region, marker area by the bin's share of pixels, on log axes with the diagonal of a perfect
-    calibration drawn. Returns the path."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
-
-    fig = Figure(figsize=(5.5, 5), dpi=QUICKLOOK_DPI)
-    ax = fig.add_subplot()
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    points = []
-    for region, colour in CALIBRATION_COLOURS.items():
-        figures = uncertainty["regions"].get(region)
-        if figures is None:
-            continue
-        bins = figures["pixel_bins"]
-        kept = [(x, y, w) for x, y, w in zip(bins["rmv"], bins["rmse"], bins["weight"]) if x and y]
-        points += kept
-        ax.scatter([x for x, _, _ in kept], [y for _, y, _ in kept], s=[8 + 400 * w for _, _, w in kept],
-                   color=colour, alpha=0.6, label=f"{region}: UCE {figures['uce_pixels']:.4f}")
-    if points:
-        lo, hi = min(min(x, y) for x, y, _ in points) / 1.5, max(max(x, y) for x, y, _ in points) * 1.5
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="perfect calibration")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-    for axis in (ax.xaxis, ax.yaxis):  # 1-2-5 ticks in plain numbers: a decade or less is shown, often
-        axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        axis.set_major_formatter(FormatStrFormatter("%g"))
-        axis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("predicted uncertainty of the bin (root mean variance)")
-    ax.set_ylabel("RMSE of the bin")
-    ax.set_title(f"calibration over pixels, {uncertainty['source']}", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    with files.atomic_output(path, ".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -342,10 +185,6 @@ UNCERTAINTY_PIXELS_PER_IMAGE = 4096
 
 # ----------------------------------------------------------------------------- predicted uncertainty
 
-UNCERTAINTY_BAND_DESCRIPTIONS = tuple(f"{band} predicted standard deviation (reflectance, 0-1)"
-                                      for band in bands.S2_BANDS)
-
-
 def _region_means(values, cloudy):
     """{"all", "cloudy", "clear"}: (N,) means of values (N,C,H,W) over the bands and the region's pixels (NaN where an
     image has none); cloudy: the (N,1,H,W) bool mask in use."""
@@ -355,7 +194,8 @@ def _region_means(values, cloudy):
 
 
 def uncertainty_scores(out, cloudy, target):
-    """{UNCERTAINTY_COLUMNS name: (N,) tensor} of a batch's forward_all output; NaN where there is no such part."""
+    """{UNCERTAINTY_COLUMNS name: (N,) tensor} of a batch's inference.forward_all output; NaN where there is no such
+    part."""
     n = out["prediction"].shape[0]
     nan = torch.full((n,), float("nan"))
     if out["variance"] is None:
@@ -501,7 +341,8 @@ def image_rows(batch, scores, cover, confidence_cols):
 
 def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
     """--save_geotiff / --save_confidence / --save_uncertainty / --save_png for each image of a batch (out: the batch's
-    forward_all output; its first image is image first_index of the split), up to --save_first images in all."""
+    inference.forward_all output; its first image is image first_index of the split), up to --save_first images in
+    all."""
     prediction, confidence = out["prediction"], out["confidence"]
     std = None if out["variance"] is None else out["variance"].sqrt().cpu()
     for i, name in enumerate(batch["file_name"]):
@@ -517,11 +358,12 @@ def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
                                            description="cloud confidence (0 clear .. 1 cloudy)")
         if args.save_uncertainty:  # setup_evaluation made sure the model predicts one
             dataloader.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
-                                           description=UNCERTAINTY_BAND_DESCRIPTIONS)
+                                           description=inference.UNCERTAINTY_BAND_DESCRIPTIONS)
         if args.save_png:
-            save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(), prediction[i].cpu(),
-                           target[i].cpu(), None if confidence is None else confidence[i].cpu(), title=stem,
-                           uncertainty=None if std is None else std[i].mean(0, keepdim=True))
+            quicklooks.save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(),
+                                      prediction[i].cpu(), target[i].cpu(),
+                                      None if confidence is None else confidence[i].cpu(), title=stem,
+                                      uncertainty=None if std is None else std[i].mean(0, keepdim=True))
 
 
 def csv_row(row):
@@ -764,7 +606,7 @@ def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index
     cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
                                        ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
     t0 = time.perf_counter()
-    out = forward_all(model, cloudy, sar, ctx)
+    out = inference.forward_all(model, cloudy, sar, ctx)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -815,7 +657,7 @@ def evaluate(args):
     summary = summarise_run(args, ckpt, model, device, amp_dtype, per_image, time.perf_counter() - t0, t_model,
                             pooled, leaks)
     if summary["uncertainty"] is not None:
-        summary["uncertainty"]["calibration_plot"] = str(save_calibration_plot(results / "calibration.png",
+        summary["uncertainty"]["calibration_plot"] = str(quicklooks.save_calibration_plot(results / "calibration.png",
                                                                                summary["uncertainty"]))
     write_results(results, per_image, summary)
     print(f"{summary['model_name']} from {' '.join(map(str, args.checkpoint))} on {len(per_image)} {args.split} images "
@@ -833,190 +675,6 @@ def evaluate(args):
 
 
 # ----------------------------------------------------------------------------- whole-scene prediction
-
-def tile_starts(length, tile, overlap):
-    """Start offsets of tiles of side min(tile, length) covering [0, length); the last one ends at the edge."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
-
-
-def feather(n, overlap):
-    """1-D blending weight of a tile of n pixels: a linear ramp over `overlap` pixels at each end, 1 inside.
-    Strictly positive (the outermost pixel weighs 0.5/overlap), so scene borders, covered by one tile
-    only, still get that tile's value after normalisation."""
-    i = np.arange(n, dtype=np.float32)
-    if overlap <= 0:
-        return np.ones(n, dtype=np.float32)
-    return np.minimum(1.0, np.minimum(i + 0.5, n - i - 0.5) / overlap).astype(np.float32)
-
-
-def scene_sar_fill_db(sar_src, strip=256):
-    """Per-band dB value that normalize_s1 maps to the scene mean of the normalised finite pixels.
-
-    The dataset fills an S1 NaN with the band mean of the image it reads; filling per tile would make the value
-    depend on the tiling (visible as a seam through a NaN hole). One strip-wise pass over the two SAR bands
-    finds the scene mean instead; it is written into each tile's NaN pixels before normalize_s1."""
-    sums = np.zeros(len(bands.S1_BANDS), np.float64)
-    counts = np.zeros(len(bands.S1_BANDS), np.int64)
-    for y in range(0, sar_src.height, strip):
-        raw = dataloader.read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
-        valid = ~np.isnan(raw)
-        normed = bands.normalize_s1(raw)  # only NaN pixels are changed by the fill: valid ones are exact
-        sums += np.where(valid, normed, 0).sum(axis=(1, 2), dtype=np.float64)
-        counts += valid.sum(axis=(1, 2))
-    means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)  # all-NaN band -> 0, as dataloader
-    return bands.s1_db_of(means)
-
-
-def check_scene_pair(cloudy_src, sar_src):
-    """S1 and S2 must share size, and CRS and transform where both files carry one (dataloader.grid_problems, the
-    rule of the dataset's triplets); the error names both files."""
-    if cloudy_src.count != len(bands.S2_BANDS):
-        raise files.DataError(f"{cloudy_src.name}: expected {len(bands.S2_BANDS)} Sentinel-2 bands, "
-                                   f"found {cloudy_src.count}")
-    if sar_src.count != len(bands.S1_BANDS):
-        raise files.DataError(f"{sar_src.name}: expected {len(bands.S1_BANDS)} Sentinel-1 bands "
-                                   f"(VV, VH), found {sar_src.count}")
-    problems = dataloader.grid_problems(sar_src, cloudy_src)
-    if problems:
-        raise files.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
-                                   + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
-
-
-def _read_s2(src, window):
-    raw = dataloader.read_window(src, window)
-    dataloader.check_s2_encoding(raw, src.name)  # float [0, 1] reflectance would give a black scene
-    return raw
-
-
-def _fill(raw_db, fill_db):
-    nan = np.isnan(raw_db)
-    if nan.any():
-        raw_db[nan] = np.broadcast_to(fill_db[:, None, None], raw_db.shape)[nan]
-    return raw_db
-
-
-@contextlib.contextmanager
-def _scene_output(path, cloudy_src, dtype="uint16", descriptions=None):
-    """An open output GeoTIFF of predict_scene: the input's size, CRS and transform, 13 bands, tiled, deflate."""
-    height, width = cloudy_src.height, cloudy_src.width
-    profile = dict(driver="GTiff", height=height, width=width, count=len(bands.S2_BANDS), dtype=dtype,
-                   crs=cloudy_src.crs, transform=cloudy_src.transform, compress="deflate", tiled=True,
-                   blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
-    # GDAL's block cache (default 5% of RAM) would grow with the scene; two rows of 256 px output blocks
-    # (13 bands) plus 32 MB for the input reads is all predict_scene ever revisits.
-    block_row = math.ceil(width / 256) * 256 * 256 * len(bands.S2_BANDS) * np.dtype(dtype).itemsize
-    cache_mb = 32 + 2 * block_row // 2 ** 20
-    with rasterio.Env(GDAL_CACHEMAX=cache_mb), warnings.catch_warnings():
-        # An input without georeferencing gives an output without it, as it should.
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path, "w", **profile) as dst:
-            for band, text in enumerate(descriptions or (), start=1):
-                dst.set_band_description(band, text)
-            yield dst
-
-
-class BlendedStrip:
-    """The rows of a whole-scene output that tiles still add to: feather-weighted sums of `bands` bands and the sum of
-    the weights, for the `height` scene rows from `top` on (one row of tiles)."""
-
-    def __init__(self, bands, height, width):
-        self.acc = np.zeros((bands, height, width), dtype=np.float32)
-        self.wsum = np.zeros((height, width), dtype=np.float32)
-        self.top = 0  # scene row of acc[:, 0]
-
-    def add(self, y, x, values, weight):
-        """Add a tile's (bands, h, w) values at scene row y, column x, weighted by the (h, w) weight."""
-        rows, cols = slice(y - self.top, y - self.top + weight.shape[0]), slice(x, x + weight.shape[1])
-        self.acc[:, rows, cols] += values * weight
-        self.wsum[rows, cols] += weight
-
-    def take(self, upto, what="scene"):
-        """The finished scene rows [top, upto) as their weighted means, (bands, rows, width); the strip moves past
-        them. No tile will add to them again: tiles arrive in row order."""
-        k, height = upto - self.top, self.wsum.shape[0]
-        if not (self.wsum[:k] > 0).all():  # cannot happen with tile_starts + feather; guard anyway
-            raise RuntimeError(f"rows {self.top}..{upto} of {what} were not covered by any tile")
-        rows = self.acc[:, :k] / self.wsum[:k]
-        self.acc[:, :height - k], self.wsum[:height - k] = self.acc[:, k:].copy(), self.wsum[k:].copy()
-        self.acc[:, height - k:], self.wsum[height - k:] = 0.0, 0.0
-        self.top = upto
-        return rows
-
-
-def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx):
-    """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host."""
-    window = lambda x: (y, x, *size)
-    cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x))) for x in xs])
-    sar = np.stack([bands.normalize_s1(_fill(dataloader.read_window(sar_src, window(x)), sar_fill)) for x in xs])
-    out = forward_all(model, torch.from_numpy(cloudy).to(device), torch.from_numpy(sar).to(device), ctx)
-    return {k: None if v is None else v.cpu().numpy() for k, v in out.items()}
-
-
-def _write_rows(outputs, strips, upto, what):
-    """Write the finished rows of each output: the prediction finished to uint16 x10000 (the rounding happens once,
-    here, after blending the clamped float predictions), the blended variance as its square root, float32."""
-    for name, strip in strips.items():
-        top = strip.top
-        if upto <= top:
-            continue
-        rows = strip.take(upto, what)
-        if name == "prediction":
-            rows = bands.denormalize_s2(bands.finish_s2(torch.from_numpy(rows)))
-        else:
-            rows = np.sqrt(rows).astype(np.float32)
-        outputs[name].write(rows, window=Window(0, top, rows.shape[-1], upto - top))
-
-
-@torch.no_grad()
-def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, batch_sz=4, device="cpu",
-                  amp_dtype=None, progress=True, uncertainty_path=None):
-    """Cloud-free prediction of a whole scene, written as a uint16 x10000 GeoTIFF with the input's grid; with
-    uncertainty_path, the predicted standard deviation of each band beside it (float32, same grid).
-
-    Tiles of `tile` px overlapping by `overlap` px are blended with separable feathered weights (the uncertainty as
-    a variance, with the same weights). Memory is one strip of tiles per output: the weighted sum and weights of
-    the rows the current tile row covers (13 x tile x width float32); rows no later tile touches are finished,
-    written with a windowed write, and dropped. Input tiles are read with rasterio windows and normalised tile by
-    tile; an S1 NaN gets the band mean of the whole scene (scene_sar_fill_db), as a whole-image pass would give it."""
-    if tile < 8 or not 0 <= overlap < tile:
-        raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-    device, out_path = torch.device(device), Path(out_path)
-    ctx = runtime.autocast(device, amp_dtype)
-    model.eval()
-    with dataloader.open_raster(cloudy_path) as cloudy_src, dataloader.open_raster(sar_path) as sar_src, \
-            contextlib.ExitStack() as stack:
-        check_scene_pair(cloudy_src, sar_src)
-        height, width = cloudy_src.height, cloudy_src.width
-        ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-        size = (min(tile, height), min(tile, width))
-        sar_fill = scene_sar_fill_db(sar_src)
-        weight = np.outer(feather(size[0], overlap), feather(size[1], overlap))
-        products = {"prediction": (out_path, "uint16", None), "variance": (uncertainty_path, "float32",
-                                                                         UNCERTAINTY_BAND_DESCRIPTIONS)}
-        outputs = {name: stack.enter_context(_scene_output(stack.enter_context(files.atomic_output(path, ".tif")),
-                                                           cloudy_src, dtype, text))
-                   for name, (path, dtype, text) in products.items() if path is not None}
-        strips = {name: BlendedStrip(len(bands.S2_BANDS), size[0], width) for name in outputs}
-        bar = tqdm(total=len(ys) * len(xs), desc="tiles", disable=not progress, dynamic_ncols=True)
-        for y in ys:
-            _write_rows(outputs, strips, y, cloudy_path)
-            for b in range(0, len(xs), batch_sz):
-                chunk = xs[b:b + batch_sz]
-                out = _scene_tiles(model, cloudy_src, sar_src, y, chunk, size, sar_fill, device, ctx)
-                if "variance" in strips and out["variance"] is None:
-                    raise ValueError("an uncertainty output was asked for, but the model predicts no uncertainty")
-                for i, x in enumerate(chunk):
-                    for name, strip in strips.items():
-                        strip.add(y, x, out[name][i], weight)
-                bar.update(len(chunk))
-        bar.close()
-        _write_rows(outputs, strips, height, cloudy_path)
-    return out_path
-
 
 def uncertainty_output_path(out):
     """Where --predict --save_uncertainty writes the standard deviation: beside --out, OUT_uncertainty.tif."""
@@ -1057,13 +715,13 @@ def predict(args):
 
     def check_scene():
         with dataloader.open_raster(args.cloudy) as cloudy_src, dataloader.open_raster(args.sar) as sar_src:
-            check_scene_pair(cloudy_src, sar_src)
+            inference.check_scene_pair(cloudy_src, sar_src)
 
     _, (model, ckpt) = runtime.check_together(check_scene, lambda: runtime.load_models(args.checkpoint, device))
     check_uncertainty_wanted(args, model)
     uncertainty = uncertainty_output_path(args.out) if args.save_uncertainty else None
     t0 = time.perf_counter()
-    out = predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
+    out = inference.predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
                         batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype, uncertainty_path=uncertainty)
     what = describe_checkpoints(args.checkpoint, ckpt)
     print(f"wrote {out}{f' and {uncertainty}' if uncertainty else ''} ({time.perf_counter() - t0:.1f} s; "

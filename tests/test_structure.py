@@ -26,8 +26,9 @@ LAYERS = {
     "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1,
     "dataloader": 2, "runtime": 2, "sizing": 2,
-    "test_CR": 3, "train_CR_kaggle": 3,
-    "benchmark": 4,
+    "inference": 3, "quicklooks": 3,
+    "test_CR": 4, "train_CR_kaggle": 4,
+    "benchmark": 5,
 }
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
 # The names GLF-CR's own code has, which its users' notebooks call as module.name (docs/data.md, docs/evaluation.md):
