@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -271,11 +272,12 @@ def _uncertainty_region(px, per_image, region):
             "pixel_bins": {k: [_finite(v) for v in pixels[f"bin_{k}"]] for k in ("rmv", "rmse", "weight")}}
 
 
-def summarise_uncertainty(per_image, pooled, source):
+def summarise_uncertainty(totals, source):
     """The uncertainty block of summary.json; None for a model that predicts no uncertainty."""
-    if source is None or not pooled.get("pixels"):
+    if source is None or not totals.pixels:
         return None
-    px = {k: np.concatenate([p[k] for p in pooled["pixels"]]) for k in pooled["pixels"][0]}
+    per_image = totals.rows
+    px = {k: np.concatenate([p[k] for p in totals.pixels]) for k in totals.pixels[0]}
     selections = {"all": np.ones_like(px["cloudy"]), "cloudy": px["cloudy"], "clear": ~px["cloudy"]}
     regions = {r: _uncertainty_region({k: v[sel] for k, v in px.items()}, per_image, r)
                for r, sel in selections.items()}
@@ -398,24 +400,55 @@ def truth_bin_masks(cloud_truth):
     return masks
 
 
-def accumulate_truth_bins(pooled, cloud_truth, predictions, target):
-    """Add a batch's squared error per true-cloud bin, per predictor, to pooled["truth_bins"]."""
-    sums = pooled.setdefault("truth_bins", {})
-    errors = {name: ((p - target) ** 2).mean(dim=1) for name, p in predictions.items()}  # (N,H,W), mean over bands
-    for name, mask in truth_bin_masks(cloud_truth).items():
-        entry = sums.setdefault(name, {"pixels": 0, **{p: 0.0 for p in predictions}})
-        entry["pixels"] += int(mask.sum())
-        for predictor, error in errors.items():
-            entry[predictor] += float(error[mask].double().sum())
+@dataclass
+class Totals:
+    """What an evaluation adds up over the split, batch by batch: the CSV rows, the seconds spent in the model, and
+    what the figures pooled over the whole split are made of: the confidence's histograms against the mask in use
+    and the true cloud map (metrics.auc_histograms; None until a model with a confidence map has scored an image),
+    the squared error per true-cloud bin ({bin: {"pixels", "model", "identity"}}; None without true cloud maps), and
+    a sample of pixels' predicted uncertainty (sample_pixels; empty for a model that predicts none)."""
+    rows: list[dict] = field(default_factory=list)
+    model_seconds: float = 0.0
+    auc_mask: tuple | None = None
+    auc_truth: tuple | None = None
+    truth_bins: dict[str, dict] | None = None
+    pixels: list[dict[str, np.ndarray]] = field(default_factory=list)
+    # A fixed seed: the same pixels are drawn on every run.
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def add_histograms(self, confidence, mask, true_mask):
+        """Add a batch's confidence histograms (against the mask, and the truth if any) to the data set's."""
+        for key, labels in (("auc_mask", mask), ("auc_truth", true_mask)):
+            if labels is not None:
+                counts = metrics.auc_histograms(confidence, labels)
+                total = getattr(self, key)
+                setattr(self, key, counts if total is None else tuple(a + b for a, b in zip(total, counts)))
+
+    def add_truth_bins(self, cloud_truth, predictions, target):
+        """Add a batch's squared error per true-cloud bin, per predictor ({name: prediction}), to truth_bins."""
+        if self.truth_bins is None:
+            self.truth_bins = {}
+        errors = {name: ((p - target) ** 2).mean(dim=1) for name, p in predictions.items()}  # (N,H,W), band mean
+        for name, mask in truth_bin_masks(cloud_truth).items():
+            if name not in self.truth_bins:
+                self.truth_bins[name] = {"pixels": 0, **{p: 0.0 for p in predictions}}
+            entry = self.truth_bins[name]
+            entry["pixels"] += int(mask.sum())
+            for predictor, error in errors.items():
+                entry[predictor] += float(error[mask].double().sum())
+
+    def add_pixels(self, out, target, mask):
+        """Add a sample of a batch's pixels (sample_pixels) for the pooled uncertainty figures."""
+        self.pixels.append(sample_pixels(out, target, mask, self.generator))
 
 
-def summarise_truth_bins(pooled):
+def summarise_truth_bins(totals):
     """{bin: {"pixels", "PSNR_model", "PSNR_identity"}} from the pooled squared errors (PSNR None for an empty bin,
     capped like metrics.psnr); None without true cloud maps."""
-    if "truth_bins" not in pooled:
+    if totals.truth_bins is None:
         return None
     out = {}
-    for name, entry in pooled["truth_bins"].items():
+    for name, entry in totals.truth_bins.items():
         n = entry["pixels"]  # every pixel has every band: the mean of the per-pixel band means is the pooled MSE
         psnr = {p: None if n == 0 else min(metrics.PSNR_CAP, -10 * math.log10(max(entry[p] / n, 1e-30)))
                 for p in PREDICTORS}
@@ -431,23 +464,16 @@ def format_truth_bins(bins):
     return "\n".join(lines)
 
 
-def accumulate_histograms(pooled, confidence, mask, true_mask):
-    """Add a batch's confidence histograms (against the mask, and the truth if any) to the data set's."""
-    for key, labels in (("auc_mask", mask), ("auc_truth", true_mask)):
-        if labels is not None:
-            counts = metrics.auc_histograms(confidence, labels)
-            pooled[key] = counts if key not in pooled else tuple(a + b for a, b in zip(pooled[key], counts))
-
-
-def summarise_confidence(per_image, pooled):
+def summarise_confidence(totals):
     """Means over images (NaN skipped: an image with one class has no AUC) and the AUC pooled over all pixels;
     None for a model without a confidence map (nothing was pooled)."""
-    if "auc_mask" not in pooled:
+    if totals.auc_mask is None:
         return None
-    out = {name[len("conf_"):]: _nanmean([row[name] for row in per_image])
+    out = {name[len("conf_"):]: _nanmean([row[name] for row in totals.rows])
            for name in CONFIDENCE_COLUMNS if name.startswith("conf_")}
     for key in ("auc_mask", "auc_truth"):
-        out[f"{key}_pooled"] = metrics.auc_from_histograms(*pooled[key]) if key in pooled else None
+        counts = getattr(totals, key)
+        out[f"{key}_pooled"] = None if counts is None else metrics.auc_from_histograms(*counts)
     return out
 
 
@@ -459,14 +485,17 @@ def describe_checkpoints(paths, ckpts):
             + "/".join(sorted({c["model_name"] for c in ckpts})), "epoch": [c.get("epoch") for c in ckpts]}
 
 
-def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_model, pooled, leaks):
+def summarise_run(args, run, totals, seconds):
+    """summary.json's figures of an evaluation: what was run (args, the Evaluation `run`) and what it added up
+    (`totals`) in `seconds` end to end."""
+    per_image = totals.rows
     bins = {}
     for lo, hi in COVER_BINS:
         name = f"{lo}-{hi}"
         members = [row for row in per_image if cover_bin(row["cloud_cover"]) == name]
         bins[name] = {"n": len(members), "mean": summarise(members)}
     return {
-        **describe_checkpoints(args.checkpoint, ckpt),
+        **describe_checkpoints(args.checkpoint, run.ckpt),
         "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
         # What was scored: "full" (whole patches), "glfcr" (centred 128 of 256) or "custom" (other sizes).
         "protocol": args.protocol, "load_size": args.load_size, "crop_size": args.crop_size,
@@ -476,17 +505,18 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
         # The binary mask behind the cloudy/clear scores and bins, and the list's split rule and leak check: what a
         # reader needs to tell whether two runs' figures compare.
         "cloud_mask": dataloader.describe_cloud_mask(args.cloud_detector, args.cloud_threshold, args.cloud_mask_dir),
-        "split_rule": leaks.split_rule, "leak_check": leaks.to_json(),
-        "device": str(device), "amp": runtime.amp_name(amp_dtype),
+        "split_rule": run.leaks.split_rule, "leak_check": run.leaks.to_json(),
+        "device": str(run.device), "amp": runtime.amp_name(run.amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
-        "sar_input": model.sar_input,
+        "sar_input": run.model.sar_input,
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
         "mean": summarise(per_image), "cloud_cover_bins": bins,
-        "confidence": summarise_confidence(per_image, pooled),
-        "truth_bins": summarise_truth_bins(pooled),
-        "uncertainty": summarise_uncertainty(per_image, pooled, uncertainty_source(model)),
+        "confidence": summarise_confidence(totals),
+        "truth_bins": summarise_truth_bins(totals),
+        "uncertainty": summarise_uncertainty(totals, uncertainty_source(run.model)),
         "clear_change": {"model": _nanmean([row["model_clear_change"] for row in per_image]), "identity": 0.0},
-        "images_per_s": len(per_image) / seconds, "model_images_per_s": len(per_image) / max(t_model, 1e-9),
+        "images_per_s": len(per_image) / seconds,
+        "model_images_per_s": len(per_image) / max(totals.model_seconds, 1e-9),
     }
 
 
@@ -561,11 +591,23 @@ def resolve_eval_flags(args):
     return args
 
 
+@dataclass
+class Evaluation:
+    """What setup_evaluation prepares for an evaluation run."""
+    results: Path  # the results folder, created
+    made: Path | None  # the outermost folder this run created (None: it existed)
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype; None: float32
+    model: torch.nn.Module  # the network, or the ensemble of several checkpoints
+    ckpt: dict | list[dict]  # the checkpoint, or the ensemble's checkpoints
+    loader: DataLoader
+    leaks: dataloader.LeakReport
+
+
 def setup_evaluation(args):
     """Everything before the first image, inputs first: flags and device; then the results folder (checked, not yet
     created), the data list with the header of every file of the split, and the checkpoint, reported together when
-    several are wrong; the leak check; only then the results folder is created. Returns (results, made, device,
-    amp_dtype, model, ckpt, loader, leaks); made: the outermost folder this run created (None: it existed)."""
+    several are wrong; the leak check; only then the results folder is created. Returns an Evaluation."""
     resolve_eval_flags(args)
     device, amp_dtype = resolve_device_and_amp(args)
     results = Path(args.results_dir)
@@ -597,16 +639,19 @@ def setup_evaluation(args):
     made = files.outermost_new_folder(results)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    return results, made, device, amp_dtype, model, ckpt, loader, leaks
+    return Evaluation(results=results, made=made, device=device, amp_dtype=amp_dtype, model=model, ckpt=ckpt,
+                      loader=loader, leaks=leaks)
 
 
-def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index=0):
-    """Predict, score and save one batch (its first image is image first_index of the split); adds its confidence
-    histograms and a sample of its pixels' uncertainty to `pooled`. Returns (CSV rows, seconds spent in the model)."""
+def evaluate_batch(args, run, ctx, batch, totals):
+    """Predict, score and save one batch of the Evaluation `run` (its first image is image len(totals.rows) of the
+    split); adds its CSV rows, the seconds spent in the model, its confidence histograms, its squared error per
+    true-cloud bin and a sample of its pixels' uncertainty to `totals`. Returns the batch's CSV rows."""
+    device, first_index = run.device, len(totals.rows)
     cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
                                        ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
     t0 = time.perf_counter()
-    out = inference.forward_all(model, cloudy, sar, ctx)
+    out = inference.forward_all(run.model, cloudy, sar, ctx)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
@@ -620,47 +665,46 @@ def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index
     true_mask = dataloader.truth_mask(batch["cloud_truth"].to(device)) if "cloud_truth" in batch else None
     conf_cols = confidence_scores(confidence, prediction, identity, mask, true_mask)
     if confidence is not None:
-        accumulate_histograms(pooled, confidence, mask, true_mask)
+        totals.add_histograms(confidence, mask, true_mask)
     if "cloud_truth" in batch:
-        accumulate_truth_bins(pooled, batch["cloud_truth"].to(device), {"model": prediction, "identity": identity},
-                              target)
-    if out["variance"] is not None:  # a fixed seed: the same pixels are drawn on every run
-        generator = pooled.setdefault("generator", torch.Generator().manual_seed(0))
-        pooled.setdefault("pixels", []).append(sample_pixels(out, target, mask, generator))
-    save_outputs(args, results, batch, cloudy, sar, out, target, first_index)
-    return image_rows(batch, scores, cover, {**conf_cols, **uncertainty_scores(out, mask, target)}), seconds
+        totals.add_truth_bins(batch["cloud_truth"].to(device), {"model": prediction, "identity": identity}, target)
+    if out["variance"] is not None:
+        totals.add_pixels(out, target, mask)
+    save_outputs(args, run.results, batch, cloudy, sar, out, target, first_index)
+    rows = image_rows(batch, scores, cover, {**conf_cols, **uncertainty_scores(out, mask, target)})
+    totals.rows += rows
+    totals.model_seconds += seconds
+    return rows
 
 
 def evaluate(args):
     """Score every image of the split; write metrics.csv and summary.json (and GeoTIFF/PNG outputs). Rows are
     also appended to metrics.partial.csv as they are scored, so a run that stops part-way keeps them."""
-    results, made, device, amp_dtype, model, ckpt, loader, leaks = setup_evaluation(args)
-    ctx = runtime.autocast(device, amp_dtype)
-    per_image, t_model, t0 = [], 0.0, time.perf_counter()
-    pooled = {}  # summed confidence histograms and sampled pixels, for the figures pooled over the whole split
+    run = setup_evaluation(args)
+    results, device = run.results, run.device
+    ctx = runtime.autocast(device, run.amp_dtype)
+    totals, t0 = Totals(), time.perf_counter()
     try:
         with open(results / PARTIAL_CSV, "w", newline="") as partial:
             partial_rows = csv.DictWriter(partial, fieldnames=CSV_COLUMNS)
             partial_rows.writeheader()
-            for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
-                rows, seconds = evaluate_batch(args, results, model, ctx, device, batch, pooled, len(per_image))
-                t_model += seconds
-                per_image += rows
+            for batch in tqdm(run.loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
+                rows = evaluate_batch(args, run, ctx, batch, totals)
                 partial_rows.writerows(csv_row(row) for row in rows)
                 partial.flush()
     except BaseException:
-        if not per_image:  # stopped before the first image was scored: nothing to keep
+        if not totals.rows:  # stopped before the first image was scored: nothing to keep
             (results / PARTIAL_CSV).unlink(missing_ok=True)
-            if made is not None:
-                shutil.rmtree(made, ignore_errors=True)
+            if run.made is not None:
+                shutil.rmtree(run.made, ignore_errors=True)
         raise
-    summary = summarise_run(args, ckpt, model, device, amp_dtype, per_image, time.perf_counter() - t0, t_model,
-                            pooled, leaks)
+    summary = summarise_run(args, run, totals, time.perf_counter() - t0)
     if summary["uncertainty"] is not None:
         summary["uncertainty"]["calibration_plot"] = str(quicklooks.save_calibration_plot(results / "calibration.png",
-                                                                               summary["uncertainty"]))
-    write_results(results, per_image, summary)
-    print(f"{summary['model_name']} from {' '.join(map(str, args.checkpoint))} on {len(per_image)} {args.split} images "
+                                                                                          summary["uncertainty"]))
+    write_results(results, totals.rows, summary)
+    print(f"{summary['model_name']} from {' '.join(map(str, args.checkpoint))} on {len(totals.rows)} {args.split} "
+          f"images "
           f"({args.data_list_filepath}); protocol {args.protocol}, device {device}, "
           f"{runtime.describe_amp(args.amp, device)[0]}")
     print(format_table(summary["mean"], summary["cloud_cover_bins"]))

@@ -365,7 +365,7 @@ def test_truth_bins_split_pixels_by_true_opacity_and_distance_from_the_cloud_edg
     assert inside[1].all() and not edge[1].any()
     for name in ("opacity 0.05-0.3", "opacity 0.3-0.7", "opacity 0.7-0.9", "opacity 0.9-1.0"):
         assert not (masks[name] & masks["clear"]).any()
-    assert test_CR.summarise_truth_bins({}) is None
+    assert test_CR.summarise_truth_bins(test_CR.Totals()) is None
 
 
 @pytest.mark.slow
