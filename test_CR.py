@@ -24,18 +24,15 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -44,23 +41,11 @@ import clouds
 import dataloader
 import files
 import inference
-import metrics
 import quicklooks
 import runtime
+import scoring
 import splits
 
-METRIC_NAMES = metrics.METRIC_NAMES
-# Whole-image score, then inside clouds and in clear pixels (metrics.masked_metrics halves).
-REGIONS = ("all", "cloudy", "clear")
-PREDICTORS = ("model", "identity")  # identity: the cloudy input itself taken as the prediction
-# Cloud-cover bins in percent of cloudy pixels: [lo, hi), the last one closed at 100.
-COVER_BINS = ((0, 10), (10, 30), (30, 60), (60, 100))
-# Where the data has true cloud maps (synthetic sets, dataloader.truth_path), pixels are also scored by their true
-# cloud: PSNR of the squared error pooled over a bin's pixels and bands, so a reader sees whether the error lies under
-# thin cloud that lets the ground through or under opaque cloud, at a cloud's edge or deep inside. Opacity bins are
-# (lo, hi]; "clear" has neither cloud nor shadow above dataloader.TRUTH_THRESHOLD.
-OPACITY_BINS = ((0.05, 0.3), (0.3, 0.7), (0.7, 0.9), (0.9, 1.0))
-EDGE_PX = 4  # "at the edge": a cloudy pixel at most this far (Euclidean, px) from a pixel outside the cloud
 # (load_size, crop_size) of each protocol; None = the whole patch. glfcr: GLF-CR's test_CR.py defaults.
 PROTOCOLS = {"full": (None, None), "glfcr": (256, 128)}
 # Rows are appended here batch by batch; metrics.csv replaces it (atomically) when the run completes.
@@ -136,185 +121,13 @@ def check_uncertainty_wanted(args, model):
 
 # ----------------------------------------------------------------------------- evaluation
 
-def score_batch(prediction, target, cloud_mask, threshold):
-    """{region: {metric: (N,) tensor}} for one predictor, via metrics.py only."""
-    halves = metrics.masked_metrics(prediction, target, cloud_mask, threshold=threshold)
-    return {"all": metrics.compute_metrics(prediction, target), "cloudy": halves["cloudy"], "clear": halves["clear"]}
-
-
-def confidence_scores(confidence, prediction, cloudy, mask, true_mask=None):
-    """{CONFIDENCE_COLUMNS name: (N,) tensor} of a batch; mask: the binary cloud mask in use, true_mask: the true
-    one where the data has it. Clear pixels are those of the true map where it exists, else those of the mask."""
-    clear = ~(mask if true_mask is None else true_mask)
-    n = prediction.shape[0]
-    nan = torch.full((n,), float("nan"))
-    change = (prediction - cloudy).abs().mean(dim=1, keepdim=True)  # mean over bands, then over clear pixels
-    out = {"model_clear_change": ((change * clear).sum(dim=(1, 2, 3)) / clear.sum(dim=(1, 2, 3))).cpu()}
-    if confidence is None:  # DSen2CR, or no cloud predictor: nothing to score
-        return {**out, **{k: nan for k in CONFIDENCE_COLUMNS if k != "model_clear_change"}}
-    out["conf_mean_clear"] = ((confidence * clear).sum(dim=(1, 2, 3)) / clear.sum(dim=(1, 2, 3))).cpu()
-    out["conf_auc_mask"], out["conf_iou_mask"] = metrics.roc_auc(confidence, mask), metrics.iou(confidence >= 0.5, mask)
-    if true_mask is None:
-        out["conf_auc_truth"] = out["conf_iou_truth"] = nan
-    else:
-        out["conf_auc_truth"] = metrics.roc_auc(confidence, true_mask)
-        out["conf_iou_truth"] = metrics.iou(confidence >= 0.5, true_mask)
-    return {k: v.cpu().float() for k, v in out.items()}
-
-
-def column(predictor, region, metric):
-    return f"{predictor}_{metric}" if region == "all" else f"{predictor}_{region}_{metric}"
-
-
-# The confidence map scored as a cloud detector (against the mask in use, and the true cloud map where the data has
-# one), its mean on clear pixels, and how much the model changed clear pixels (the identity changes nothing).
-CONFIDENCE_COLUMNS = ("conf_auc_mask", "conf_iou_mask", "conf_auc_truth", "conf_iou_truth", "conf_mean_clear",
-                      "model_clear_change")
-# The predicted uncertainty per image: the mean standard deviation (over bands and the region's pixels), the mean
-# variance (UCE's per-image input), the means of the aleatoric and epistemic parts' standard deviations, and the
-# image's mean signed error (target - prediction over bands and pixels: UnCRtainTS's per-image error, its UCE's input).
-UNCERTAINTY_COLUMNS = tuple(f"unc_{q}{'' if r == 'all' else '_' + r}" for q in ("std", "var") for r in REGIONS) + (
-    "unc_aleatoric_std", "unc_epistemic_std", "unc_mean_error")
-CSV_COLUMNS = (["file_name", "cloud_cover"] + [column(p, r, m) for r in REGIONS for m in METRIC_NAMES
-                                               for p in PREDICTORS] + list(CONFIDENCE_COLUMNS)
-               + list(UNCERTAINTY_COLUMNS))
-# Pixels per image kept for the pooled uncertainty figures (Spearman, pixel UCE, sparsification): a random subset
-# where an image has more, so memory stays bounded on the whole test split (7,899 images of 256 px would be 518 M
-# pixels); 64 px patches are kept whole.
-UNCERTAINTY_PIXELS_PER_IMAGE = 4096
-
-
-# ----------------------------------------------------------------------------- predicted uncertainty
-
-def _region_means(values, cloudy):
-    """{"all", "cloudy", "clear"}: (N,) means of values (N,C,H,W) over the bands and the region's pixels (NaN where an
-    image has none); cloudy: the (N,1,H,W) bool mask in use."""
-    def mean(selected):
-        return (values * selected).sum(dim=(1, 2, 3)) / (selected.sum(dim=(1, 2, 3)) * values.shape[1])
-    return {"all": values.mean(dim=(1, 2, 3)), "cloudy": mean(cloudy.float()), "clear": mean(1.0 - cloudy.float())}
-
-
-def uncertainty_scores(out, cloudy, target):
-    """{UNCERTAINTY_COLUMNS name: (N,) tensor} of a batch's inference.forward_all output; NaN where there is no such
-    part."""
-    n = out["prediction"].shape[0]
-    nan = torch.full((n,), float("nan"))
-    if out["variance"] is None:
-        return dict.fromkeys(UNCERTAINTY_COLUMNS, nan)
-    cols = {}
-    for quantity, values in (("std", out["variance"].sqrt()), ("var", out["variance"])):
-        for region, mean in _region_means(values, cloudy).items():
-            cols[f"unc_{quantity}{'' if region == 'all' else '_' + region}"] = mean
-    for part in ("aleatoric", "epistemic"):
-        cols[f"unc_{part}_std"] = nan if out[part] is None else out[part].sqrt().mean(dim=(1, 2, 3))
-    cols["unc_mean_error"] = (target - out["prediction"]).mean(dim=(1, 2, 3))
-    return {k: v.cpu().float() for k, v in cols.items()}
-
-
-def sample_pixels(out, target, cloudy, generator, cap=UNCERTAINTY_PIXELS_PER_IMAGE):
-    """Per-pixel figures of up to `cap` random pixels of each image (every pixel where it has no more), as 1-D numpy
-    arrays: "std" and "var" (the means over bands of the predicted standard deviation and variance), "se" and "ae"
-    (of the squared and absolute error of the finished prediction) and "cloudy" (the mask in use)."""
-    error = out["prediction"] - target
-    flat = {"std": out["variance"].sqrt().mean(1), "var": out["variance"].mean(1), "se": error.square().mean(1),
-            "ae": error.abs().mean(1), "cloudy": cloudy[:, 0]}
-    flat = {k: v.flatten(1) for k, v in flat.items()}
-    n, pixels = flat["std"].shape
-    if pixels > cap:
-        picks = torch.stack([torch.randperm(pixels, generator=generator)[:cap] for _ in range(n)])
-        flat = {k: v.gather(1, picks.to(v.device)) for k, v in flat.items()}
-    return {k: v.flatten().cpu().numpy() for k, v in flat.items()}
-
-
-def _finite(value):
-    """JSON-safe: NaN (no such samples) -> None."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
-def _drops(removed, rmse):
-    """{percent removed: % by which the RMSE fell} at metrics.SPARSIFICATION_REPORTED, from a sparsification curve."""
-    return {f"{round(f * 100)}": 100.0 * (1.0 - rmse[removed.index(f)] / rmse[0])
-            for f in metrics.SPARSIFICATION_REPORTED}
-
-
-def _uncertainty_region(px, per_image, region):
-    """The pooled figures of one region: Spearman, UCE/AUCE over pixels and over images (each beside the constant-
-    uncertainty baseline's: the mean variance), the sparsification curve with its drops at the reported fractions,
-    and for the whole images ("all") UCE/AUCE as UnCRtainTS's released code computes them; None without pixels."""
-    if px["std"].size < 2:
-        return None
-    suffix = "" if region == "all" else "_" + region
-    pixels = metrics.uce_auce(px["var"], np.sqrt(px["se"]))
-    constant = metrics.uce_auce(metrics.constant_uncertainty(px["var"]), np.sqrt(px["se"]))
-    images = [(row[f"unc_var{suffix}"], row[column("model", region, "RMSE")], row[f"unc_std{suffix}"])
-              for row in per_image]
-    images = np.array([t for t in images if not any(math.isnan(v) for v in t)]).reshape(-1, 3)
-    by_image = image_constant = None
-    if len(images):
-        by_image = metrics.uce_auce(images[:, 0], images[:, 1])
-        image_constant = metrics.uce_auce(metrics.constant_uncertainty(images[:, 0]), images[:, 1])
-    theirs = None
-    if region == "all":  # UnCRtainTS's samples are whole images: their mean variance and mean signed error
-        signed = np.array([(row["unc_var"], row["unc_mean_error"]) for row in per_image]).reshape(-1, 2)
-        signed = signed[~np.isnan(signed).any(axis=1)]
-        theirs = metrics.uce_auce_uncrtaints(signed[:, 0], signed[:, 1]) if len(signed) else None
-    curve = metrics.sparsification(px["std"], px["se"])
-    return {"n_pixels": int(px["std"].size), "mean_std": float(px["std"].mean()),
-            "rmse": float(np.sqrt(px["se"].mean())),
-            "spearman": _finite(metrics.spearman(px["std"], px["ae"])),
-            "uce_pixels": pixels["uce"], "auce_pixels": pixels["auce"], "uce_pixels_constant": constant["uce"],
-            "uce_images": by_image and by_image["uce"], "auce_images": _finite(by_image and by_image["auce"]),
-            "uce_images_constant": image_constant and image_constant["uce"],
-            "uce_uncrtaints": theirs and _finite(theirs["uce"]), "auce_uncrtaints": theirs and _finite(theirs["auce"]),
-            "rmse_drop_pct": _drops(curve["removed"], curve["rmse"]),
-            "oracle_rmse_drop_pct": _drops(curve["removed"], curve["oracle_rmse"]),
-            "sparsification_area": curve["area_between"], "sparsification": curve,
-            "pixel_bins": {k: [_finite(v) for v in pixels[f"bin_{k}"]] for k in ("rmv", "rmse", "weight")}}
-
-
-def summarise_uncertainty(totals, source):
-    """The uncertainty block of summary.json; None for a model that predicts no uncertainty."""
-    if source is None or not totals.pixels:
-        return None
-    per_image = totals.rows
-    px = {k: np.concatenate([p[k] for p in totals.pixels]) for k in totals.pixels[0]}
-    selections = {"all": np.ones_like(px["cloudy"]), "cloudy": px["cloudy"], "clear": ~px["cloudy"]}
-    regions = {r: _uncertainty_region({k: v[sel] for k, v in px.items()}, per_image, r)
-               for r, sel in selections.items()}
-    mean_std = {r: None if regions[r] is None else regions[r]["mean_std"] for r in REGIONS}
-    ratio = None if None in (mean_std["cloudy"], mean_std["clear"]) else mean_std["cloudy"] / mean_std["clear"]
-    return {"source": source, "unit": "standard deviation of reflectance (0-1 scale)",
-            "pixels_sampled": int(px["std"].size), "pixels_per_image_cap": UNCERTAINTY_PIXELS_PER_IMAGE,
-            "mean_std": mean_std, "cloudy_clear_ratio": ratio,
-            "aleatoric_std": _nanmean([row["unc_aleatoric_std"] for row in per_image]),
-            "epistemic_std": _nanmean([row["unc_epistemic_std"] for row in per_image]), "regions": regions}
-
-
-def cover_bin(cover_percent):
-    for lo, hi in COVER_BINS:
-        if lo <= cover_percent < hi or (hi == 100 and cover_percent == 100):
-            return f"{lo}-{hi}"
-    raise ValueError(f"cloud cover {cover_percent} outside [0, 100]")
-
-
-def _nanmean(values):
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else None  # None -> JSON null: no image had such pixels
-
-
-def summarise(rows):
-    """Means per predictor and region over rows (NaN, i.e. no such pixels in an image, skipped)."""
-    return {p: {r: {m: _nanmean([row[column(p, r, m)] for row in rows]) for m in METRIC_NAMES} for r in REGIONS}
-            for p in PREDICTORS}
-
-
 def format_table(summary, bins):
     out = io.StringIO()
     header = f"{'region':<8}{'metric':<7}{'model':>10}{'identity':>10}{'gain':>10}"
     out.write(header + "\n" + "-" * len(header) + "\n")
     fmt = lambda v: f"{v:>10.4f}" if v is not None else f"{'-':>10}"
-    for r in REGIONS:
-        for m in METRIC_NAMES:
+    for r in scoring.REGIONS:
+        for m in scoring.METRIC_NAMES:
             a, b = summary["model"][r][m], summary["identity"][r][m]
             gain = None if a is None or b is None else a - b
             out.write(f"{r:<8}{m:<7}{fmt(a)}{fmt(b)}{fmt(gain)}\n")
@@ -325,20 +138,6 @@ def format_table(summary, bins):
         out.write(f"{name:<8}{b['n']:>4}  {fmt(s['model']['all']['PSNR'])}  {fmt(s['identity']['all']['PSNR'])}"
                   f"  {fmt(s['model']['all']['SSIM'])}  {fmt(s['identity']['all']['SSIM'])}\n")
     return out.getvalue()
-
-
-def image_rows(batch, scores, cover, confidence_cols):
-    """One CSV row per image of a scored batch."""
-    rows = []
-    for i, name in enumerate(batch["file_name"]):
-        row = {"file_name": name, "cloud_cover": float(cover[i])}
-        for p in PREDICTORS:
-            for r in REGIONS:
-                for m in METRIC_NAMES:
-                    row[column(p, r, m)] = float(scores[p][r][m][i])
-        row.update({k: float(v[i]) for k, v in confidence_cols.items()})
-        rows.append(row)
-    return rows
 
 
 def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
@@ -376,84 +175,12 @@ def csv_row(row):
 def write_results(results, per_image, summary):
     """metrics.csv and summary.json, atomically; then the partial CSV of the run is no longer needed."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=scoring.CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(csv_row(row) for row in per_image)
     files.write_text_atomic(results / "metrics.csv", buf.getvalue())
     files.write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
     (results / PARTIAL_CSV).unlink(missing_ok=True)
-
-
-def truth_bin_masks(cloud_truth):
-    """(N,2,H,W) true opacity and shadow -> {bin name: bool (N,H,W)}. A bin may be empty; the bins overlap only
-    where a name says so (the opacity bins and the two edge bins each split the cloudy pixels)."""
-    opacity, shadow = cloud_truth[:, 0], cloud_truth[:, 1]
-    cloud = opacity > dataloader.TRUTH_THRESHOLD
-    masks = {"clear": ~cloud & (shadow <= dataloader.TRUTH_THRESHOLD),
-             "shadow, no cloud": ~cloud & (shadow > dataloader.TRUTH_THRESHOLD)}
-    masks.update({f"opacity {lo}-{hi}": (opacity > lo) & (opacity <= hi) for lo, hi in OPACITY_BINS})
-    # A patch's border is not a cloud's edge: a patch without clear pixels has all of its cloud "inside".
-    distance = torch.from_numpy(np.stack([ndimage.distance_transform_edt(c) if (~c).any() else np.full(c.shape, np.inf)
-                                          for c in cloud.cpu().numpy()])).to(cloud.device)
-    masks[f"cloud, edge {EDGE_PX} px"] = cloud & (distance <= EDGE_PX)
-    masks["cloud, inside"] = cloud & (distance > EDGE_PX)
-    return masks
-
-
-@dataclass
-class Totals:
-    """What an evaluation adds up over the split, batch by batch: the CSV rows, the seconds spent in the model, and
-    what the figures pooled over the whole split are made of: the confidence's histograms against the mask in use
-    and the true cloud map (metrics.auc_histograms; None until a model with a confidence map has scored an image),
-    the squared error per true-cloud bin ({bin: {"pixels", "model", "identity"}}; None without true cloud maps), and
-    a sample of pixels' predicted uncertainty (sample_pixels; empty for a model that predicts none)."""
-    rows: list[dict] = field(default_factory=list)
-    model_seconds: float = 0.0
-    auc_mask: tuple | None = None
-    auc_truth: tuple | None = None
-    truth_bins: dict[str, dict] | None = None
-    pixels: list[dict[str, np.ndarray]] = field(default_factory=list)
-    # A fixed seed: the same pixels are drawn on every run.
-    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
-
-    def add_histograms(self, confidence, mask, true_mask):
-        """Add a batch's confidence histograms (against the mask, and the truth if any) to the data set's."""
-        for key, labels in (("auc_mask", mask), ("auc_truth", true_mask)):
-            if labels is not None:
-                counts = metrics.auc_histograms(confidence, labels)
-                total = getattr(self, key)
-                setattr(self, key, counts if total is None else tuple(a + b for a, b in zip(total, counts)))
-
-    def add_truth_bins(self, cloud_truth, predictions, target):
-        """Add a batch's squared error per true-cloud bin, per predictor ({name: prediction}), to truth_bins."""
-        if self.truth_bins is None:
-            self.truth_bins = {}
-        errors = {name: ((p - target) ** 2).mean(dim=1) for name, p in predictions.items()}  # (N,H,W), band mean
-        for name, mask in truth_bin_masks(cloud_truth).items():
-            if name not in self.truth_bins:
-                self.truth_bins[name] = {"pixels": 0, **{p: 0.0 for p in predictions}}
-            entry = self.truth_bins[name]
-            entry["pixels"] += int(mask.sum())
-            for predictor, error in errors.items():
-                entry[predictor] += float(error[mask].double().sum())
-
-    def add_pixels(self, out, target, mask):
-        """Add a sample of a batch's pixels (sample_pixels) for the pooled uncertainty figures."""
-        self.pixels.append(sample_pixels(out, target, mask, self.generator))
-
-
-def summarise_truth_bins(totals):
-    """{bin: {"pixels", "PSNR_model", "PSNR_identity"}} from the pooled squared errors (PSNR None for an empty bin,
-    capped like metrics.psnr); None without true cloud maps."""
-    if totals.truth_bins is None:
-        return None
-    out = {}
-    for name, entry in totals.truth_bins.items():
-        n = entry["pixels"]  # every pixel has every band: the mean of the per-pixel band means is the pooled MSE
-        psnr = {p: None if n == 0 else min(metrics.PSNR_CAP, -10 * math.log10(max(entry[p] / n, 1e-30)))
-                for p in PREDICTORS}
-        out[name] = {"pixels": entry["pixels"], **{f"PSNR_{p}": v for p, v in psnr.items()}}
-    return out
 
 
 def format_truth_bins(bins):
@@ -462,19 +189,6 @@ def format_truth_bins(bins):
              f"{'identity':>9}"]
     lines += [f"{name:<26}{b['pixels']:>8}{fmt(b['PSNR_model'])}{fmt(b['PSNR_identity'])}" for name, b in bins.items()]
     return "\n".join(lines)
-
-
-def summarise_confidence(totals):
-    """Means over images (NaN skipped: an image with one class has no AUC) and the AUC pooled over all pixels;
-    None for a model without a confidence map (nothing was pooled)."""
-    if totals.auc_mask is None:
-        return None
-    out = {name[len("conf_"):]: _nanmean([row[name] for row in totals.rows])
-           for name in CONFIDENCE_COLUMNS if name.startswith("conf_")}
-    for key in ("auc_mask", "auc_truth"):
-        counts = getattr(totals, key)
-        out[f"{key}_pooled"] = None if counts is None else metrics.auc_from_histograms(*counts)
-    return out
 
 
 def describe_checkpoints(paths, ckpts):
@@ -490,10 +204,10 @@ def summarise_run(args, run, totals, seconds):
     (`totals`) in `seconds` end to end."""
     per_image = totals.rows
     bins = {}
-    for lo, hi in COVER_BINS:
+    for lo, hi in scoring.COVER_BINS:
         name = f"{lo}-{hi}"
-        members = [row for row in per_image if cover_bin(row["cloud_cover"]) == name]
-        bins[name] = {"n": len(members), "mean": summarise(members)}
+        members = [row for row in per_image if scoring.cover_bin(row["cloud_cover"]) == name]
+        bins[name] = {"n": len(members), "mean": scoring.summarise(members)}
     return {
         **describe_checkpoints(args.checkpoint, run.ckpt),
         "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
@@ -510,11 +224,11 @@ def summarise_run(args, run, totals, seconds):
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
         "sar_input": run.model.sar_input,
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
-        "mean": summarise(per_image), "cloud_cover_bins": bins,
-        "confidence": summarise_confidence(totals),
-        "truth_bins": summarise_truth_bins(totals),
-        "uncertainty": summarise_uncertainty(totals, uncertainty_source(run.model)),
-        "clear_change": {"model": _nanmean([row["model_clear_change"] for row in per_image]), "identity": 0.0},
+        "mean": scoring.summarise(per_image), "cloud_cover_bins": bins,
+        "confidence": scoring.summarise_confidence(totals),
+        "truth_bins": scoring.summarise_truth_bins(totals),
+        "uncertainty": scoring.summarise_uncertainty(totals, uncertainty_source(run.model)),
+        "clear_change": {"model": scoring.nanmean([row["model_clear_change"] for row in per_image]), "identity": 0.0},
         "images_per_s": len(per_image) / seconds,
         "model_images_per_s": len(per_image) / max(totals.model_seconds, 1e-9),
     }
@@ -546,7 +260,7 @@ def format_uncertainty(u):
              f"{fmt(u['aleatoric_std'])}, epistemic {fmt(u['epistemic_std'])}",
              f"{'region':<8}{'Spearman':>9}{'UCE px':>9}{'(const)':>9}{'UCE img':>9}{'(const)':>9}{'area':>7}"
              f"   RMSE change after removing the 5/10/25/50 % most uncertain pixels (the oracle's)"]
-    for region in REGIONS:
+    for region in scoring.REGIONS:
         r = u["regions"][region]
         if r is None:
             lines.append(f"{region:<8}  no pixels")
@@ -657,13 +371,13 @@ def evaluate_batch(args, run, ctx, batch, totals):
     seconds = time.perf_counter() - t0
     prediction, confidence = out["prediction"], out["confidence"]
     identity = bands.finish_s2(cloudy)
-    scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
-              "identity": score_batch(identity, target, cloud_mask, args.cloud_threshold)}
+    scores = {"model": scoring.score_batch(prediction, target, cloud_mask, args.cloud_threshold),
+              "identity": scoring.score_batch(identity, target, cloud_mask, args.cloud_threshold)}
     # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
     mask = cloud_mask >= args.cloud_threshold
     cover = mask.float().mean(dim=(1, 2, 3)) * 100.0
     true_mask = dataloader.truth_mask(batch["cloud_truth"].to(device)) if "cloud_truth" in batch else None
-    conf_cols = confidence_scores(confidence, prediction, identity, mask, true_mask)
+    conf_cols = scoring.confidence_scores(confidence, prediction, identity, mask, true_mask)
     if confidence is not None:
         totals.add_histograms(confidence, mask, true_mask)
     if "cloud_truth" in batch:
@@ -671,7 +385,7 @@ def evaluate_batch(args, run, ctx, batch, totals):
     if out["variance"] is not None:
         totals.add_pixels(out, target, mask)
     save_outputs(args, run.results, batch, cloudy, sar, out, target, first_index)
-    rows = image_rows(batch, scores, cover, {**conf_cols, **uncertainty_scores(out, mask, target)})
+    rows = scoring.image_rows(batch, scores, cover, {**conf_cols, **scoring.uncertainty_scores(out, mask, target)})
     totals.rows += rows
     totals.model_seconds += seconds
     return rows
@@ -683,10 +397,10 @@ def evaluate(args):
     run = setup_evaluation(args)
     results, device = run.results, run.device
     ctx = runtime.autocast(device, run.amp_dtype)
-    totals, t0 = Totals(), time.perf_counter()
+    totals, t0 = scoring.Totals(), time.perf_counter()
     try:
         with open(results / PARTIAL_CSV, "w", newline="") as partial:
-            partial_rows = csv.DictWriter(partial, fieldnames=CSV_COLUMNS)
+            partial_rows = csv.DictWriter(partial, fieldnames=scoring.CSV_COLUMNS)
             partial_rows.writeheader()
             for batch in tqdm(run.loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
                 rows = evaluate_batch(args, run, ctx, batch, totals)

@@ -28,6 +28,7 @@ import inference
 import metrics
 import quicklooks
 import runtime
+import scoring
 import synthetic
 import test_CR
 import train_CR_kaggle as train
@@ -89,7 +90,7 @@ def test_every_flag_has_help():
 def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
     results, rows, _, samples = evaluated
     assert len(rows) == len(samples) == 4
-    assert list(rows[0]) == test_CR.CSV_COLUMNS
+    assert list(rows[0]) == scoring.CSV_COLUMNS
     for row in rows:
         s = samples[row["file_name"]]
         target, mask = s["cloudfree_data"][None], s["cloud_mask"][None]
@@ -99,9 +100,9 @@ def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
         for who, pred in preds.items():
             halves = metrics.masked_metrics(pred, target, mask, threshold=0.2)
             expected = {"all": metrics.compute_metrics(pred, target), **halves}
-            for region in test_CR.REGIONS:
+            for region in scoring.REGIONS:
                 for m in metrics.METRIC_NAMES:
-                    got = float(row[test_CR.column(who, region, m)])
+                    got = float(row[scoring.column(who, region, m)])
                     want = float(expected[region][m][0])
                     assert _close(got, want), (row["file_name"], who, region, m, got, want)
         cover = float((mask >= 0.2).float().mean()) * 100
@@ -115,10 +116,10 @@ def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
 def test_summary_means_and_cloud_cover_bins(evaluated):
     _, rows, summary, _ = evaluated
     assert summary["n_images"] == len(rows) and summary["split"] == "test"
-    for who in test_CR.PREDICTORS:
-        for region in test_CR.REGIONS:
+    for who in scoring.PREDICTORS:
+        for region in scoring.REGIONS:
             for m in metrics.METRIC_NAMES:
-                values = [float(r[test_CR.column(who, region, m)]) for r in rows]
+                values = [float(r[scoring.column(who, region, m)]) for r in rows]
                 finite = [v for v in values if not math.isnan(v)]
                 want = float(np.mean(finite)) if finite else None
                 assert _close(summary["mean"][who][region][m], want), (who, region, m)

@@ -16,6 +16,7 @@ import torch
 import losses
 import net_CR_CrossAttention as net
 import runtime
+import scoring
 import test_CR
 import train_CR_kaggle
 
@@ -26,7 +27,7 @@ LAYERS = {
     "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1,
     "dataloader": 2, "runtime": 2, "sizing": 2,
-    "inference": 3, "quicklooks": 3,
+    "inference": 3, "quicklooks": 3, "scoring": 3,
     "test_CR": 4, "train_CR_kaggle": 4,
     "benchmark": 5,
 }
@@ -191,7 +192,7 @@ def test_loss_defaults_have_one_source():
 
 def test_history_and_metric_names_have_one_source():
     import metrics
-    assert test_CR.METRIC_NAMES == metrics.METRIC_NAMES
+    assert scoring.METRIC_NAMES == metrics.METRIC_NAMES
     assert [f for f in train_CR_kaggle.HISTORY_FIELDS if f.startswith("val_")] == [
         f"val_{m}" for m in metrics.METRIC_NAMES]
 

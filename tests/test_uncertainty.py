@@ -127,7 +127,7 @@ def test_uncrtaints_uce_by_hand_and_as_their_code_does():
 
 
 def test_evaluation_reports_uncrtaints_uce_from_the_mean_signed_error():
-    import test_CR
+    import scoring
     target = torch.rand(2, 13, 8, 8, generator=torch.Generator().manual_seed(0))
     prediction = target + torch.linspace(-0.02, 0.03, 2 * 13 * 64).reshape(2, 13, 8, 8)
     variance = torch.full_like(target, 4e-4)
@@ -135,19 +135,19 @@ def test_evaluation_reports_uncrtaints_uce_from_the_mean_signed_error():
     out = {"prediction": prediction, "variance": variance, "aleatoric": variance, "epistemic": None}
     cloudy = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     cloudy[:, :, :4] = True
-    cols = test_CR.uncertainty_scores(out, cloudy, target)
-    assert set(cols) == set(test_CR.UNCERTAINTY_COLUMNS)
+    cols = scoring.uncertainty_scores(out, cloudy, target)
+    assert set(cols) == set(scoring.UNCERTAINTY_COLUMNS)
     assert cols["unc_mean_error"] == pytest.approx((target - prediction).mean(dim=(1, 2, 3)).numpy(), abs=1e-7)
-    rows = [{k: float(v[i]) for k, v in cols.items()} | {test_CR.column("model", r, "RMSE"): 0.02
-                                                            for r in test_CR.REGIONS} for i in range(2)]
-    px = test_CR.sample_pixels(out, target, cloudy, torch.Generator().manual_seed(0))
-    region = test_CR._uncertainty_region(px, rows, "all")
+    rows = [{k: float(v[i]) for k, v in cols.items()} | {scoring.column("model", r, "RMSE"): 0.02
+                                                            for r in scoring.REGIONS} for i in range(2)]
+    px = scoring.sample_pixels(out, target, cloudy, torch.Generator().manual_seed(0))
+    region = scoring._uncertainty_region(px, rows, "all")
     want = metrics.uce_auce_uncrtaints(cols["unc_var"].numpy(), cols["unc_mean_error"].numpy())
     assert region["uce_uncrtaints"] == pytest.approx(want["uce"]) and region["auce_uncrtaints"] == pytest.approx(
         want["auce"])
     assert region["uce_pixels_constant"] == pytest.approx(abs(np.sqrt(px["se"].mean()) - np.sqrt(px["var"].mean())),
                                                           rel=1e-6)
-    assert test_CR._uncertainty_region(px, rows, "cloudy")["uce_uncrtaints"] is None  # theirs: whole images only
+    assert scoring._uncertainty_region(px, rows, "cloudy")["uce_uncrtaints"] is None  # theirs: whole images only
 
 
 # ----------------------------------------------------------------------------- Spearman and sparsification
