@@ -199,7 +199,7 @@ def describe_checkpoints(paths, ckpts):
             + "/".join(sorted({c["model_name"] for c in ckpts})), "epoch": [c.get("epoch") for c in ckpts]}
 
 
-def summarise_run(args, run, totals, seconds):
+def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.Totals, seconds: float) -> dict:
     """summary.json's figures of an evaluation: what was run (args, the Evaluation `run`) and what it added up
     (`totals`) in `seconds` end to end."""
     per_image = totals.rows
@@ -318,7 +318,7 @@ class Evaluation:
     leaks: dataloader.LeakReport
 
 
-def setup_evaluation(args):
+def setup_evaluation(args: argparse.Namespace) -> Evaluation:
     """Everything before the first image, inputs first: flags and device; then the results folder (checked, not yet
     created), the data list with the header of every file of the split, and the checkpoint, reported together when
     several are wrong; the leak check; only then the results folder is created. Returns an Evaluation."""
@@ -357,7 +357,7 @@ def setup_evaluation(args):
                       loader=loader, leaks=leaks)
 
 
-def evaluate_batch(args, run, ctx, batch, totals):
+def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, totals: scoring.Totals) -> list[dict]:
     """Predict, score and save one batch of the Evaluation `run` (its first image is image len(totals.rows) of the
     split); adds its CSV rows, the seconds spent in the model, its confidence histograms, its squared error per
     true-cloud bin and a sample of its pixels' uncertainty to `totals`. Returns the batch's CSV rows."""
