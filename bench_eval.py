@@ -12,6 +12,7 @@ from rasterio.transform import from_origin
 
 import bench_process
 import dataloader
+import inference
 import net_CR_CrossAttention as net
 import runtime
 import test_CR
@@ -25,7 +26,7 @@ def scene_worker(ckpt, cloudy, sar, out, tile, overlap, batch, amp, threads):
     amp_dtype = runtime.resolve_amp(amp, torch.device("cpu"))[0]
     rss_model = bench_process.peak_rss_mb()
     t0 = time.perf_counter()
-    test_CR.predict_scene(model, cloudy, sar, out, tile=tile, overlap=overlap, batch_sz=batch, amp_dtype=amp_dtype,
+    inference.predict_scene(model, cloudy, sar, out, tile=tile, overlap=overlap, batch_sz=batch, amp_dtype=amp_dtype,
                           progress=False)
     return {"seconds": time.perf_counter() - t0, "rss_after_model_mb": rss_model,
             "peak_rss_mb": bench_process.peak_rss_mb()}
@@ -84,7 +85,7 @@ def bench_eval(args):
             r = bench_process.in_fresh_process(scene_worker, str(ckpt), str(cloudy), str(sar),
                                                str(tmp / f"out_{side}.tif"), args.tile, args.overlap, args.batch,
                                                args.amp, args.threads)
-            n_tiles = len(test_CR.tile_starts(side, args.tile, args.overlap)) ** 2
+            n_tiles = len(inference.tile_starts(side, args.tile, args.overlap)) ** 2
             r.update(tiles=n_tiles, megapixels_per_s=side * side / 1e6 / r["seconds"],
                      full_scene_fp32_accumulator_mb=(13 + 1) * side * side * 4 / 2 ** 20)
             figures["scenes"][side] = r

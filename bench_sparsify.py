@@ -7,9 +7,9 @@ import numpy as np
 import torch
 
 import dataloader
+import inference
 import metrics
 import runtime
-import test_CR
 
 # ----------------------------------------------------------------------------------------- uncertainty: sparsification
 # How far can a head's own stds go? The RMSE fall when the most uncertain pixels are removed, for the model's real
@@ -30,7 +30,7 @@ def bench_sparsify(args):
     dataset = dataloader.SEN12MSCRDataset(rows, str(Path(args.data_list_filepath).parent), augment=False)
     rng, std, se, drawn = np.random.default_rng(args.seed), [], [], []
     for sample in (dataset[i] for i in range(len(dataset))):
-        out = test_CR.forward_all(model, sample["cloudy_data"][None], sample["SAR_data"][None],
+        out = inference.forward_all(model, sample["cloudy_data"][None], sample["SAR_data"][None],
                                   contextlib.nullcontext())
         band_std = out["variance"][0].sqrt().numpy()
         error = (out["prediction"][0] - sample["cloudfree_data"]).numpy()

@@ -21,25 +21,18 @@ rounded to the uint16 x10000 grid of the dataset, i.e. exactly the values the sa
 scores therefore describe the delivered product; the rounding moves a PSNR of 30 dB by < 1e-4 dB.
 """
 import argparse
-import contextlib
 import csv
 import io
 import json
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import rasterio
-import rasterio.errors
 import torch
-from rasterio.windows import Window
-from scipy import ndimage
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -47,22 +40,12 @@ import bands
 import clouds
 import dataloader
 import files
-import metrics
+import inference
+import quicklooks
 import runtime
+import scoring
 import splits
 
-METRIC_NAMES = metrics.METRIC_NAMES
-# Whole-image score, then inside clouds and in clear pixels (metrics.masked_metrics halves).
-REGIONS = ("all", "cloudy", "clear")
-PREDICTORS = ("model", "identity")  # identity: the cloudy input itself taken as the prediction
-# Cloud-cover bins in percent of cloudy pixels: [lo, hi), the last one closed at 100.
-COVER_BINS = ((0, 10), (10, 30), (30, 60), (60, 100))
-# Where the data has true cloud maps (synthetic sets, dataloader.truth_path), pixels are also scored by their true
-# cloud: PSNR of the squared error pooled over a bin's pixels and bands, so a reader sees whether the error lies under
-# thin cloud that lets the ground through or under opaque cloud, at a cloud's edge or deep inside. Opacity bins are
-# (lo, hi]; "clear" has neither cloud nor shadow above dataloader.TRUTH_THRESHOLD.
-OPACITY_BINS = ((0.05, 0.3), (0.3, 0.7), (0.7, 0.9), (0.9, 1.0))
-EDGE_PX = 4  # "at the edge": a cloudy pixel at most this far (Euclidean, px) from a pixel outside the cloud
 # (load_size, crop_size) of each protocol; None = the whole patch. glfcr: GLF-CR's test_CR.py defaults.
 PROTOCOLS = {"full": (None, None), "glfcr": (256, 128)}
 # Rows are appended here batch by batch; metrics.csv replaces it (atomically) when the run completes.
@@ -118,28 +101,6 @@ def ensure_writable_dir(folder, what):
     return folder
 
 
-@torch.no_grad()
-def forward_all(model, cloudy, sar, ctx):
-    """Everything a forward pass gives, float32: {"prediction" (finished), "confidence" (or None), the variances
-    (N,13,H,W) "aleatoric" (the uncertainty head's), "epistemic" (an ensemble's spread) and "variance" (their sum,
-    the predictive variance), each None where the model has no such part}. ctx: the run's autocast context."""
-    with ctx:
-        prediction, aux = model(cloudy, sar, return_aux=True)
-    log_variance, epistemic, confidence = (aux.get(k) for k in ("log_variance", "epistemic_variance", "confidence"))
-    aleatoric = None if log_variance is None else log_variance.float().exp()
-    epistemic = None if epistemic is None else epistemic.float()
-    parts = [v for v in (aleatoric, epistemic) if v is not None]
-    return {"prediction": bands.finish_s2(prediction),
-            "confidence": None if confidence is None else confidence.float(),
-            "aleatoric": aleatoric, "epistemic": epistemic, "variance": sum(parts) if parts else None}
-
-
-def forward(model, cloudy, sar, ctx):
-    """(finished prediction, confidence or None) in float32; ctx is the run's autocast context (runtime.autocast)."""
-    out = forward_all(model, cloudy, sar, ctx)
-    return out["prediction"], out["confidence"]
-
-
 def uncertainty_source(model):
     """What the model's uncertainty is made of, in words, or None when it predicts none."""
     members = getattr(model, "members", None)
@@ -158,321 +119,15 @@ def check_uncertainty_wanted(args, model):
                                  f"checkpoints (an ensemble)")
 
 
-# ----------------------------------------------------------------------------- quicklooks and the calibration plot
-
-QUICKLOOK_PANELS = ("cloudy input", "SAR (VV, VH, mean)", "prediction", "target (cloud-free)", "cloud confidence")
-UNCERTAINTY_PANEL = "uncertainty (std, band mean)"  # a sixth panel, for models that predict an uncertainty
-QUICKLOOK_MIN_SIDE = 256  # smaller patches are enlarged by a whole factor (nearest neighbour) to at least this
-QUICKLOOK_CMAP = "magma"  # perceptually uniform, dark = clear, bright = cloudy
-UNCERTAINTY_CMAP = "viridis"  # another map than the confidence's, so the two panels are not read as one quantity
-# One fixed colour scale for the std in every quicklook (like the RGB stretch): 0 .. 0.05 reflectance, about the RMSE
-# of a cloudy input (26.8 dB on the synthetic test split is 0.046), so clear pixels stay dark and clouds light up.
-QUICKLOOK_STD_MAX = 0.05
-QUICKLOOK_DPI = 100
-_QL_MARGIN, _QL_GAP, _QL_TOP, _QL_BAR = 12, 12, 56, 88  # px: border, between panels, title + labels, colour bar
-
-
-def quicklook_layout(height, width, uncertainty=False):
-    """Pixel layout of the quicklook of an (height, width) image: {"scale", "size": (H, W) of the PNG,
-    "panels": [(top, left)] per QUICKLOOK_PANELS entry (and UNCERTAINTY_PANEL with uncertainty=True),
-    "colorbar": (top, left, height, width) of the confidence's colour bar, "colorbars": every colour bar}. Panel k
-    holds the image enlarged `scale` times: PNG rows top..top+scale*height, columns left..left+scale*width."""
-    scale = max(1, math.ceil(QUICKLOOK_MIN_SIDE / max(height, width)))
-    ph, pw = height * scale, width * scale
-    lefts = [_QL_MARGIN + k * (pw + _QL_GAP) for k in range(len(QUICKLOOK_PANELS))]
-    bars = [lefts[-1] + pw + _QL_GAP]
-    if uncertainty:  # after the confidence's colour bar: the std panel and its own bar
-        lefts.append(bars[0] + _QL_BAR)
-        bars.append(lefts[-1] + pw + _QL_GAP)
-    colorbars = [(_QL_TOP, left, ph, 14) for left in bars]
-    return {"scale": scale, "size": (_QL_TOP + ph + _QL_MARGIN, bars[-1] + _QL_BAR),
-            "panels": [(_QL_TOP, left) for left in lefts], "colorbar": colorbars[0], "colorbars": colorbars}
-
-
-def _quicklook_images(cloudy, sar, prediction, target, confidence, uncertainty):
-    """(H,W,3) float arrays of the quicklook's panels, in QUICKLOOK_PANELS order (then the uncertainty's)."""
-    from matplotlib import colormaps
-
-    images = [bands.s2_to_rgb(cloudy), bands.sar_to_rgb(sar), bands.s2_to_rgb(prediction),
-              bands.s2_to_rgb(target)]
-    images = [img.float().cpu().permute(1, 2, 0).numpy() for img in images]
-    images.append(np.full_like(images[0], 0.85) if confidence is None
-                  else colormaps[QUICKLOOK_CMAP](confidence[0].float().clamp(0, 1).cpu().numpy())[..., :3])
-    if uncertainty is not None:
-        std = (uncertainty[0].float().cpu().numpy() / QUICKLOOK_STD_MAX).clip(0, 1)
-        images.append(colormaps[UNCERTAINTY_CMAP](std)[..., :3])
-    return images
-
-
-def _colour_bar(fig, at, box, cmap, ticks, labels):
-    """A vertical colour bar in the PNG pixel box (top, left, height, width), values 0..1 of cmap."""
-    from matplotlib import colormaps
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-
-    top, left, height, width = box
-    x, y = at(top + height, left)
-    cax = fig.add_axes((x, y, width / fig.bbox.width, height / fig.bbox.height))
-    fig.colorbar(ScalarMappable(Normalize(0, 1), colormaps[cmap]), cax=cax, ticks=ticks)
-    cax.set_yticklabels(labels, fontsize=8)
-
-
-def save_quicklook(path, cloudy, sar, prediction, target, confidence, title="", uncertainty=None):
-    """One labelled PNG row cloudy | SAR | prediction | target | confidence (| uncertainty); (C,H,W) tensors in [0,1].
-    RGB panels use the fixed stretch of bands.s2_to_rgb (reflectance 0-0.3) unresampled but for a whole-number
-    enlargement, so panels compare across images; confidence is a heat map with its colour bar (0 clear .. 1
-    cloudy); uncertainty, a (1,H,W) standard deviation, another with its own (0 .. QUICKLOOK_STD_MAX)."""
-    from matplotlib.figure import Figure  # matplotlib only where a PNG is asked for
-
-    layout = quicklook_layout(*cloudy.shape[-2:], uncertainty=uncertainty is not None)
-    (fig_h, fig_w), scale = layout["size"], layout["scale"]
-    images = _quicklook_images(cloudy, sar, prediction, target, confidence, uncertainty)
-    fig = Figure(figsize=(fig_w / QUICKLOOK_DPI, fig_h / QUICKLOOK_DPI), dpi=QUICKLOOK_DPI, facecolor="white")
-    at = lambda top, left: (left / fig_w, 1 - top / fig_h)  # PNG pixel -> figure fraction
-    fig.text(*at(6, _QL_MARGIN), f"{title}   RGB = B4, B3, B2, reflectance 0-0.3", va="top", fontsize=10)
-    for (top, left), label, img in zip(layout["panels"], QUICKLOOK_PANELS + (UNCERTAINTY_PANEL,), images):
-        big = np.repeat(np.repeat(img, scale, axis=0), scale, axis=1)
-        fig.figimage(big, xo=left, yo=fig_h - top - big.shape[0], origin="upper")
-        fig.text(*at(top - 5, left), label, va="bottom", fontsize=10, weight="bold")
-    top, left, height, width = layout["colorbar"]
-    if confidence is None:
-        x, y = at(top + height / 2, layout["panels"][4][1] + 8)
-        fig.text(x, y, "no confidence map:\nthis model predicts none", va="center", fontsize=9)
-    else:
-        _colour_bar(fig, at, layout["colorbar"], QUICKLOOK_CMAP, [0, 0.5, 1], ["0 clear", "0.5", "1 cloudy"])
-    if uncertainty is not None:
-        _colour_bar(fig, at, layout["colorbars"][1], UNCERTAINTY_CMAP, [0, 0.5, 1],
-                    ["0", f"{QUICKLOOK_STD_MAX / 2:g}", f">= {QUICKLOOK_STD_MAX:g}"])
-    with files.atomic_output(path, ".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=QUICKLOOK_DPI)
-
-
-CALIBRATION_COLOURS = {"all": "black", "cloudy": "tab:blue", "clear": "tab:orange"}
-
-
-def save_calibration_plot(path, uncertainty):
-    """PNG of the calibration over pixels: each UCE bin's RMSE against its root mean variance (the predicted
-    uncertainty), per region, marker area by the bin's share of pixels, on log axes with the diagonal of a perfect
-    calibration drawn. Returns the path."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
-
-    fig = Figure(figsize=(5.5, 5), dpi=QUICKLOOK_DPI)
-    ax = fig.add_subplot()
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    points = []
-    for region, colour in CALIBRATION_COLOURS.items():
-        figures = uncertainty["regions"].get(region)
-        if figures is None:
-            continue
-        bins = figures["pixel_bins"]
-        kept = [(x, y, w) for x, y, w in zip(bins["rmv"], bins["rmse"], bins["weight"]) if x and y]
-        points += kept
-        ax.scatter([x for x, _, _ in kept], [y for _, y, _ in kept], s=[8 + 400 * w for _, _, w in kept],
-                   color=colour, alpha=0.6, label=f"{region}: UCE {figures['uce_pixels']:.4f}")
-    if points:
-        lo, hi = min(min(x, y) for x, y, _ in points) / 1.5, max(max(x, y) for x, y, _ in points) * 1.5
-        ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="perfect calibration")
-        ax.set_xlim(lo, hi)
-        ax.set_ylim(lo, hi)
-    for axis in (ax.xaxis, ax.yaxis):  # 1-2-5 ticks in plain numbers: a decade or less is shown, often
-        axis.set_major_locator(LogLocator(subs=(1, 2, 5)))
-        axis.set_major_formatter(FormatStrFormatter("%g"))
-        axis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("predicted uncertainty of the bin (root mean variance)")
-    ax.set_ylabel("RMSE of the bin")
-    ax.set_title(f"calibration over pixels, {uncertainty['source']}", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    with files.atomic_output(path, ".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return Path(path)
-
-
 # ----------------------------------------------------------------------------- evaluation
-
-def score_batch(prediction, target, cloud_mask, threshold):
-    """{region: {metric: (N,) tensor}} for one predictor, via metrics.py only."""
-    halves = metrics.masked_metrics(prediction, target, cloud_mask, threshold=threshold)
-    return {"all": metrics.compute_metrics(prediction, target), "cloudy": halves["cloudy"], "clear": halves["clear"]}
-
-
-def confidence_scores(confidence, prediction, cloudy, mask, true_mask=None):
-    """{CONFIDENCE_COLUMNS name: (N,) tensor} of a batch; mask: the binary cloud mask in use, true_mask: the true
-    one where the data has it. Clear pixels are those of the true map where it exists, else those of the mask."""
-    clear = ~(mask if true_mask is None else true_mask)
-    n = prediction.shape[0]
-    nan = torch.full((n,), float("nan"))
-    change = (prediction - cloudy).abs().mean(dim=1, keepdim=True)  # mean over bands, then over clear pixels
-    out = {"model_clear_change": ((change * clear).sum(dim=(1, 2, 3)) / clear.sum(dim=(1, 2, 3))).cpu()}
-    if confidence is None:  # DSen2CR, or no cloud predictor: nothing to score
-        return {**out, **{k: nan for k in CONFIDENCE_COLUMNS if k != "model_clear_change"}}
-    out["conf_mean_clear"] = ((confidence * clear).sum(dim=(1, 2, 3)) / clear.sum(dim=(1, 2, 3))).cpu()
-    out["conf_auc_mask"], out["conf_iou_mask"] = metrics.roc_auc(confidence, mask), metrics.iou(confidence >= 0.5, mask)
-    if true_mask is None:
-        out["conf_auc_truth"] = out["conf_iou_truth"] = nan
-    else:
-        out["conf_auc_truth"] = metrics.roc_auc(confidence, true_mask)
-        out["conf_iou_truth"] = metrics.iou(confidence >= 0.5, true_mask)
-    return {k: v.cpu().float() for k, v in out.items()}
-
-
-def column(predictor, region, metric):
-    return f"{predictor}_{metric}" if region == "all" else f"{predictor}_{region}_{metric}"
-
-
-# The confidence map scored as a cloud detector (against the mask in use, and the true cloud map where the data has
-# one), its mean on clear pixels, and how much the model changed clear pixels (the identity changes nothing).
-CONFIDENCE_COLUMNS = ("conf_auc_mask", "conf_iou_mask", "conf_auc_truth", "conf_iou_truth", "conf_mean_clear",
-                      "model_clear_change")
-# The predicted uncertainty per image: the mean standard deviation (over bands and the region's pixels), the mean
-# variance (UCE's per-image input), the means of the aleatoric and epistemic parts' standard deviations, and the
-# image's mean signed error (target - prediction over bands and pixels: UnCRtainTS's per-image error, its UCE's input).
-UNCERTAINTY_COLUMNS = tuple(f"unc_{q}{'' if r == 'all' else '_' + r}" for q in ("std", "var") for r in REGIONS) + (
-    "unc_aleatoric_std", "unc_epistemic_std", "unc_mean_error")
-CSV_COLUMNS = (["file_name", "cloud_cover"] + [column(p, r, m) for r in REGIONS for m in METRIC_NAMES
-                                               for p in PREDICTORS] + list(CONFIDENCE_COLUMNS)
-               + list(UNCERTAINTY_COLUMNS))
-# Pixels per image kept for the pooled uncertainty figures (Spearman, pixel UCE, sparsification): a random subset
-# where an image has more, so memory stays bounded on the whole test split (7,899 images of 256 px would be 518 M
-# pixels); 64 px patches are kept whole.
-UNCERTAINTY_PIXELS_PER_IMAGE = 4096
-
-
-# ----------------------------------------------------------------------------- predicted uncertainty
-
-UNCERTAINTY_BAND_DESCRIPTIONS = tuple(f"{band} predicted standard deviation (reflectance, 0-1)"
-                                      for band in bands.S2_BANDS)
-
-
-def _region_means(values, cloudy):
-    """{"all", "cloudy", "clear"}: (N,) means of values (N,C,H,W) over the bands and the region's pixels (NaN where an
-    image has none); cloudy: the (N,1,H,W) bool mask in use."""
-    def mean(selected):
-        return (values * selected).sum(dim=(1, 2, 3)) / (selected.sum(dim=(1, 2, 3)) * values.shape[1])
-    return {"all": values.mean(dim=(1, 2, 3)), "cloudy": mean(cloudy.float()), "clear": mean(1.0 - cloudy.float())}
-
-
-def uncertainty_scores(out, cloudy, target):
-    """{UNCERTAINTY_COLUMNS name: (N,) tensor} of a batch's forward_all output; NaN where there is no such part."""
-    n = out["prediction"].shape[0]
-    nan = torch.full((n,), float("nan"))
-    if out["variance"] is None:
-        return dict.fromkeys(UNCERTAINTY_COLUMNS, nan)
-    cols = {}
-    for quantity, values in (("std", out["variance"].sqrt()), ("var", out["variance"])):
-        for region, mean in _region_means(values, cloudy).items():
-            cols[f"unc_{quantity}{'' if region == 'all' else '_' + region}"] = mean
-    for part in ("aleatoric", "epistemic"):
-        cols[f"unc_{part}_std"] = nan if out[part] is None else out[part].sqrt().mean(dim=(1, 2, 3))
-    cols["unc_mean_error"] = (target - out["prediction"]).mean(dim=(1, 2, 3))
-    return {k: v.cpu().float() for k, v in cols.items()}
-
-
-def sample_pixels(out, target, cloudy, generator, cap=UNCERTAINTY_PIXELS_PER_IMAGE):
-    """Per-pixel figures of up to `cap` random pixels of each image (every pixel where it has no more), as 1-D numpy
-    arrays: "std" and "var" (the means over bands of the predicted standard deviation and variance), "se" and "ae"
-    (of the squared and absolute error of the finished prediction) and "cloudy" (the mask in use)."""
-    error = out["prediction"] - target
-    flat = {"std": out["variance"].sqrt().mean(1), "var": out["variance"].mean(1), "se": error.square().mean(1),
-            "ae": error.abs().mean(1), "cloudy": cloudy[:, 0]}
-    flat = {k: v.flatten(1) for k, v in flat.items()}
-    n, pixels = flat["std"].shape
-    if pixels > cap:
-        picks = torch.stack([torch.randperm(pixels, generator=generator)[:cap] for _ in range(n)])
-        flat = {k: v.gather(1, picks.to(v.device)) for k, v in flat.items()}
-    return {k: v.flatten().cpu().numpy() for k, v in flat.items()}
-
-
-def _finite(value):
-    """JSON-safe: NaN (no such samples) -> None."""
-    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
-
-
-def _drops(removed, rmse):
-    """{percent removed: % by which the RMSE fell} at metrics.SPARSIFICATION_REPORTED, from a sparsification curve."""
-    return {f"{round(f * 100)}": 100.0 * (1.0 - rmse[removed.index(f)] / rmse[0])
-            for f in metrics.SPARSIFICATION_REPORTED}
-
-
-def _uncertainty_region(px, per_image, region):
-    """The pooled figures of one region: Spearman, UCE/AUCE over pixels and over images (each beside the constant-
-    uncertainty baseline's: the mean variance), the sparsification curve with its drops at the reported fractions,
-    and for the whole images ("all") UCE/AUCE as UnCRtainTS's released code computes them; None without pixels."""
-    if px["std"].size < 2:
-        return None
-    suffix = "" if region == "all" else "_" + region
-    pixels = metrics.uce_auce(px["var"], np.sqrt(px["se"]))
-    constant = metrics.uce_auce(metrics.constant_uncertainty(px["var"]), np.sqrt(px["se"]))
-    images = [(row[f"unc_var{suffix}"], row[column("model", region, "RMSE")], row[f"unc_std{suffix}"])
-              for row in per_image]
-    images = np.array([t for t in images if not any(math.isnan(v) for v in t)]).reshape(-1, 3)
-    by_image = image_constant = None
-    if len(images):
-        by_image = metrics.uce_auce(images[:, 0], images[:, 1])
-        image_constant = metrics.uce_auce(metrics.constant_uncertainty(images[:, 0]), images[:, 1])
-    theirs = None
-    if region == "all":  # UnCRtainTS's samples are whole images: their mean variance and mean signed error
-        signed = np.array([(row["unc_var"], row["unc_mean_error"]) for row in per_image]).reshape(-1, 2)
-        signed = signed[~np.isnan(signed).any(axis=1)]
-        theirs = metrics.uce_auce_uncrtaints(signed[:, 0], signed[:, 1]) if len(signed) else None
-    curve = metrics.sparsification(px["std"], px["se"])
-    return {"n_pixels": int(px["std"].size), "mean_std": float(px["std"].mean()),
-            "rmse": float(np.sqrt(px["se"].mean())),
-            "spearman": _finite(metrics.spearman(px["std"], px["ae"])),
-            "uce_pixels": pixels["uce"], "auce_pixels": pixels["auce"], "uce_pixels_constant": constant["uce"],
-            "uce_images": by_image and by_image["uce"], "auce_images": _finite(by_image and by_image["auce"]),
-            "uce_images_constant": image_constant and image_constant["uce"],
-            "uce_uncrtaints": theirs and _finite(theirs["uce"]), "auce_uncrtaints": theirs and _finite(theirs["auce"]),
-            "rmse_drop_pct": _drops(curve["removed"], curve["rmse"]),
-            "oracle_rmse_drop_pct": _drops(curve["removed"], curve["oracle_rmse"]),
-            "sparsification_area": curve["area_between"], "sparsification": curve,
-            "pixel_bins": {k: [_finite(v) for v in pixels[f"bin_{k}"]] for k in ("rmv", "rmse", "weight")}}
-
-
-def summarise_uncertainty(per_image, pooled, source):
-    """The uncertainty block of summary.json; None for a model that predicts no uncertainty."""
-    if source is None or not pooled.get("pixels"):
-        return None
-    px = {k: np.concatenate([p[k] for p in pooled["pixels"]]) for k in pooled["pixels"][0]}
-    selections = {"all": np.ones_like(px["cloudy"]), "cloudy": px["cloudy"], "clear": ~px["cloudy"]}
-    regions = {r: _uncertainty_region({k: v[sel] for k, v in px.items()}, per_image, r)
-               for r, sel in selections.items()}
-    mean_std = {r: None if regions[r] is None else regions[r]["mean_std"] for r in REGIONS}
-    ratio = None if None in (mean_std["cloudy"], mean_std["clear"]) else mean_std["cloudy"] / mean_std["clear"]
-    return {"source": source, "unit": "standard deviation of reflectance (0-1 scale)",
-            "pixels_sampled": int(px["std"].size), "pixels_per_image_cap": UNCERTAINTY_PIXELS_PER_IMAGE,
-            "mean_std": mean_std, "cloudy_clear_ratio": ratio,
-            "aleatoric_std": _nanmean([row["unc_aleatoric_std"] for row in per_image]),
-            "epistemic_std": _nanmean([row["unc_epistemic_std"] for row in per_image]), "regions": regions}
-
-
-def cover_bin(cover_percent):
-    for lo, hi in COVER_BINS:
-        if lo <= cover_percent < hi or (hi == 100 and cover_percent == 100):
-            return f"{lo}-{hi}"
-    raise ValueError(f"cloud cover {cover_percent} outside [0, 100]")
-
-
-def _nanmean(values):
-    values = [v for v in values if not math.isnan(v)]
-    return float(np.mean(values)) if values else None  # None -> JSON null: no image had such pixels
-
-
-def summarise(rows):
-    """Means per predictor and region over rows (NaN, i.e. no such pixels in an image, skipped)."""
-    return {p: {r: {m: _nanmean([row[column(p, r, m)] for row in rows]) for m in METRIC_NAMES} for r in REGIONS}
-            for p in PREDICTORS}
-
 
 def format_table(summary, bins):
     out = io.StringIO()
     header = f"{'region':<8}{'metric':<7}{'model':>10}{'identity':>10}{'gain':>10}"
     out.write(header + "\n" + "-" * len(header) + "\n")
     fmt = lambda v: f"{v:>10.4f}" if v is not None else f"{'-':>10}"
-    for r in REGIONS:
-        for m in METRIC_NAMES:
+    for r in scoring.REGIONS:
+        for m in scoring.METRIC_NAMES:
             a, b = summary["model"][r][m], summary["identity"][r][m]
             gain = None if a is None or b is None else a - b
             out.write(f"{r:<8}{m:<7}{fmt(a)}{fmt(b)}{fmt(gain)}\n")
@@ -485,23 +140,10 @@ def format_table(summary, bins):
     return out.getvalue()
 
 
-def image_rows(batch, scores, cover, confidence_cols):
-    """One CSV row per image of a scored batch."""
-    rows = []
-    for i, name in enumerate(batch["file_name"]):
-        row = {"file_name": name, "cloud_cover": float(cover[i])}
-        for p in PREDICTORS:
-            for r in REGIONS:
-                for m in METRIC_NAMES:
-                    row[column(p, r, m)] = float(scores[p][r][m][i])
-        row.update({k: float(v[i]) for k, v in confidence_cols.items()})
-        rows.append(row)
-    return rows
-
-
 def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
     """--save_geotiff / --save_confidence / --save_uncertainty / --save_png for each image of a batch (out: the batch's
-    forward_all output; its first image is image first_index of the split), up to --save_first images in all."""
+    inference.forward_all output; its first image is image first_index of the split), up to --save_first images in
+    all."""
     prediction, confidence = out["prediction"], out["confidence"]
     std = None if out["variance"] is None else out["variance"].sqrt().cpu()
     for i, name in enumerate(batch["file_name"]):
@@ -517,11 +159,12 @@ def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
                                            description="cloud confidence (0 clear .. 1 cloudy)")
         if args.save_uncertainty:  # setup_evaluation made sure the model predicts one
             dataloader.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
-                                           description=UNCERTAINTY_BAND_DESCRIPTIONS)
+                                           description=inference.UNCERTAINTY_BAND_DESCRIPTIONS)
         if args.save_png:
-            save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(), prediction[i].cpu(),
-                           target[i].cpu(), None if confidence is None else confidence[i].cpu(), title=stem,
-                           uncertainty=None if std is None else std[i].mean(0, keepdim=True))
+            quicklooks.save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(),
+                                      prediction[i].cpu(), target[i].cpu(),
+                                      None if confidence is None else confidence[i].cpu(), title=stem,
+                                      uncertainty=None if std is None else std[i].mean(0, keepdim=True))
 
 
 def csv_row(row):
@@ -532,53 +175,12 @@ def csv_row(row):
 def write_results(results, per_image, summary):
     """metrics.csv and summary.json, atomically; then the partial CSV of the run is no longer needed."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    writer = csv.DictWriter(buf, fieldnames=scoring.CSV_COLUMNS)
     writer.writeheader()
     writer.writerows(csv_row(row) for row in per_image)
     files.write_text_atomic(results / "metrics.csv", buf.getvalue())
     files.write_text_atomic(results / "summary.json", json.dumps(summary, indent=2))
     (results / PARTIAL_CSV).unlink(missing_ok=True)
-
-
-def truth_bin_masks(cloud_truth):
-    """(N,2,H,W) true opacity and shadow -> {bin name: bool (N,H,W)}. A bin may be empty; the bins overlap only
-    where a name says so (the opacity bins and the two edge bins each split the cloudy pixels)."""
-    opacity, shadow = cloud_truth[:, 0], cloud_truth[:, 1]
-    cloud = opacity > dataloader.TRUTH_THRESHOLD
-    masks = {"clear": ~cloud & (shadow <= dataloader.TRUTH_THRESHOLD),
-             "shadow, no cloud": ~cloud & (shadow > dataloader.TRUTH_THRESHOLD)}
-    masks.update({f"opacity {lo}-{hi}": (opacity > lo) & (opacity <= hi) for lo, hi in OPACITY_BINS})
-    # A patch's border is not a cloud's edge: a patch without clear pixels has all of its cloud "inside".
-    distance = torch.from_numpy(np.stack([ndimage.distance_transform_edt(c) if (~c).any() else np.full(c.shape, np.inf)
-                                          for c in cloud.cpu().numpy()])).to(cloud.device)
-    masks[f"cloud, edge {EDGE_PX} px"] = cloud & (distance <= EDGE_PX)
-    masks["cloud, inside"] = cloud & (distance > EDGE_PX)
-    return masks
-
-
-def accumulate_truth_bins(pooled, cloud_truth, predictions, target):
-    """Add a batch's squared error per true-cloud bin, per predictor, to pooled["truth_bins"]."""
-    sums = pooled.setdefault("truth_bins", {})
-    errors = {name: ((p - target) ** 2).mean(dim=1) for name, p in predictions.items()}  # (N,H,W), mean over bands
-    for name, mask in truth_bin_masks(cloud_truth).items():
-        entry = sums.setdefault(name, {"pixels": 0, **{p: 0.0 for p in predictions}})
-        entry["pixels"] += int(mask.sum())
-        for predictor, error in errors.items():
-            entry[predictor] += float(error[mask].double().sum())
-
-
-def summarise_truth_bins(pooled):
-    """{bin: {"pixels", "PSNR_model", "PSNR_identity"}} from the pooled squared errors (PSNR None for an empty bin,
-    capped like metrics.psnr); None without true cloud maps."""
-    if "truth_bins" not in pooled:
-        return None
-    out = {}
-    for name, entry in pooled["truth_bins"].items():
-        n = entry["pixels"]  # every pixel has every band: the mean of the per-pixel band means is the pooled MSE
-        psnr = {p: None if n == 0 else min(metrics.PSNR_CAP, -10 * math.log10(max(entry[p] / n, 1e-30)))
-                for p in PREDICTORS}
-        out[name] = {"pixels": entry["pixels"], **{f"PSNR_{p}": v for p, v in psnr.items()}}
-    return out
 
 
 def format_truth_bins(bins):
@@ -589,26 +191,6 @@ def format_truth_bins(bins):
     return "\n".join(lines)
 
 
-def accumulate_histograms(pooled, confidence, mask, true_mask):
-    """Add a batch's confidence histograms (against the mask, and the truth if any) to the data set's."""
-    for key, labels in (("auc_mask", mask), ("auc_truth", true_mask)):
-        if labels is not None:
-            counts = metrics.auc_histograms(confidence, labels)
-            pooled[key] = counts if key not in pooled else tuple(a + b for a, b in zip(pooled[key], counts))
-
-
-def summarise_confidence(per_image, pooled):
-    """Means over images (NaN skipped: an image with one class has no AUC) and the AUC pooled over all pixels;
-    None for a model without a confidence map (nothing was pooled)."""
-    if "auc_mask" not in pooled:
-        return None
-    out = {name[len("conf_"):]: _nanmean([row[name] for row in per_image])
-           for name in CONFIDENCE_COLUMNS if name.startswith("conf_")}
-    for key in ("auc_mask", "auc_truth"):
-        out[f"{key}_pooled"] = metrics.auc_from_histograms(*pooled[key]) if key in pooled else None
-    return out
-
-
 def describe_checkpoints(paths, ckpts):
     """summary.json's "checkpoint", "model_name" and "epoch": as before for one checkpoint, lists for an ensemble."""
     if len(paths) == 1:
@@ -617,14 +199,17 @@ def describe_checkpoints(paths, ckpts):
             + "/".join(sorted({c["model_name"] for c in ckpts})), "epoch": [c.get("epoch") for c in ckpts]}
 
 
-def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_model, pooled, leaks):
+def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.Totals, seconds: float) -> dict:
+    """summary.json's figures of an evaluation: what was run (args, the Evaluation `run`) and what it added up
+    (`totals`) in `seconds` end to end."""
+    per_image = totals.rows
     bins = {}
-    for lo, hi in COVER_BINS:
+    for lo, hi in scoring.COVER_BINS:
         name = f"{lo}-{hi}"
-        members = [row for row in per_image if cover_bin(row["cloud_cover"]) == name]
-        bins[name] = {"n": len(members), "mean": summarise(members)}
+        members = [row for row in per_image if scoring.cover_bin(row["cloud_cover"]) == name]
+        bins[name] = {"n": len(members), "mean": scoring.summarise(members)}
     return {
-        **describe_checkpoints(args.checkpoint, ckpt),
+        **describe_checkpoints(args.checkpoint, run.ckpt),
         "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
         # What was scored: "full" (whole patches), "glfcr" (centred 128 of 256) or "custom" (other sizes).
         "protocol": args.protocol, "load_size": args.load_size, "crop_size": args.crop_size,
@@ -634,17 +219,18 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
         # The binary mask behind the cloudy/clear scores and bins, and the list's split rule and leak check: what a
         # reader needs to tell whether two runs' figures compare.
         "cloud_mask": dataloader.describe_cloud_mask(args.cloud_detector, args.cloud_threshold, args.cloud_mask_dir),
-        "split_rule": leaks.split_rule, "leak_check": leaks.to_json(),
-        "device": str(device), "amp": runtime.amp_name(amp_dtype),
+        "split_rule": run.leaks.split_rule, "leak_check": run.leaks.to_json(),
+        "device": str(run.device), "amp": runtime.amp_name(run.amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
-        "sar_input": model.sar_input,
+        "sar_input": run.model.sar_input,
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
-        "mean": summarise(per_image), "cloud_cover_bins": bins,
-        "confidence": summarise_confidence(per_image, pooled),
-        "truth_bins": summarise_truth_bins(pooled),
-        "uncertainty": summarise_uncertainty(per_image, pooled, uncertainty_source(model)),
-        "clear_change": {"model": _nanmean([row["model_clear_change"] for row in per_image]), "identity": 0.0},
-        "images_per_s": len(per_image) / seconds, "model_images_per_s": len(per_image) / max(t_model, 1e-9),
+        "mean": scoring.summarise(per_image), "cloud_cover_bins": bins,
+        "confidence": scoring.summarise_confidence(totals),
+        "truth_bins": scoring.summarise_truth_bins(totals),
+        "uncertainty": scoring.summarise_uncertainty(totals, uncertainty_source(run.model)),
+        "clear_change": {"model": scoring.nanmean([row["model_clear_change"] for row in per_image]), "identity": 0.0},
+        "images_per_s": len(per_image) / seconds,
+        "model_images_per_s": len(per_image) / max(totals.model_seconds, 1e-9),
     }
 
 
@@ -674,7 +260,7 @@ def format_uncertainty(u):
              f"{fmt(u['aleatoric_std'])}, epistemic {fmt(u['epistemic_std'])}",
              f"{'region':<8}{'Spearman':>9}{'UCE px':>9}{'(const)':>9}{'UCE img':>9}{'(const)':>9}{'area':>7}"
              f"   RMSE change after removing the 5/10/25/50 % most uncertain pixels (the oracle's)"]
-    for region in REGIONS:
+    for region in scoring.REGIONS:
         r = u["regions"][region]
         if r is None:
             lines.append(f"{region:<8}  no pixels")
@@ -719,11 +305,23 @@ def resolve_eval_flags(args):
     return args
 
 
-def setup_evaluation(args):
+@dataclass
+class Evaluation:
+    """What setup_evaluation prepares for an evaluation run."""
+    results: Path  # the results folder, created
+    made: Path | None  # the outermost folder this run created (None: it existed)
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype; None: float32
+    model: torch.nn.Module  # the network, or the ensemble of several checkpoints
+    ckpt: dict | list[dict]  # the checkpoint, or the ensemble's checkpoints
+    loader: DataLoader
+    leaks: dataloader.LeakReport
+
+
+def setup_evaluation(args: argparse.Namespace) -> Evaluation:
     """Everything before the first image, inputs first: flags and device; then the results folder (checked, not yet
     created), the data list with the header of every file of the split, and the checkpoint, reported together when
-    several are wrong; the leak check; only then the results folder is created. Returns (results, made, device,
-    amp_dtype, model, ckpt, loader, leaks); made: the outermost folder this run created (None: it existed)."""
+    several are wrong; the leak check; only then the results folder is created. Returns an Evaluation."""
     resolve_eval_flags(args)
     device, amp_dtype = resolve_device_and_amp(args)
     results = Path(args.results_dir)
@@ -755,70 +353,72 @@ def setup_evaluation(args):
     made = files.outermost_new_folder(results)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
-    return results, made, device, amp_dtype, model, ckpt, loader, leaks
+    return Evaluation(results=results, made=made, device=device, amp_dtype=amp_dtype, model=model, ckpt=ckpt,
+                      loader=loader, leaks=leaks)
 
 
-def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index=0):
-    """Predict, score and save one batch (its first image is image first_index of the split); adds its confidence
-    histograms and a sample of its pixels' uncertainty to `pooled`. Returns (CSV rows, seconds spent in the model)."""
+def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, totals: scoring.Totals) -> list[dict]:
+    """Predict, score and save one batch of the Evaluation `run` (its first image is image len(totals.rows) of the
+    split); adds its CSV rows, the seconds spent in the model, its confidence histograms, its squared error per
+    true-cloud bin and a sample of its pixels' uncertainty to `totals`. Returns the batch's CSV rows."""
+    device, first_index = run.device, len(totals.rows)
     cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
                                        ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
     t0 = time.perf_counter()
-    out = forward_all(model, cloudy, sar, ctx)
+    out = inference.forward_all(run.model, cloudy, sar, ctx)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     prediction, confidence = out["prediction"], out["confidence"]
     identity = bands.finish_s2(cloudy)
-    scores = {"model": score_batch(prediction, target, cloud_mask, args.cloud_threshold),
-              "identity": score_batch(identity, target, cloud_mask, args.cloud_threshold)}
+    scores = {"model": scoring.score_batch(prediction, target, cloud_mask, args.cloud_threshold),
+              "identity": scoring.score_batch(identity, target, cloud_mask, args.cloud_threshold)}
     # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
     mask = cloud_mask >= args.cloud_threshold
     cover = mask.float().mean(dim=(1, 2, 3)) * 100.0
     true_mask = dataloader.truth_mask(batch["cloud_truth"].to(device)) if "cloud_truth" in batch else None
-    conf_cols = confidence_scores(confidence, prediction, identity, mask, true_mask)
+    conf_cols = scoring.confidence_scores(confidence, prediction, identity, mask, true_mask)
     if confidence is not None:
-        accumulate_histograms(pooled, confidence, mask, true_mask)
+        totals.add_histograms(confidence, mask, true_mask)
     if "cloud_truth" in batch:
-        accumulate_truth_bins(pooled, batch["cloud_truth"].to(device), {"model": prediction, "identity": identity},
-                              target)
-    if out["variance"] is not None:  # a fixed seed: the same pixels are drawn on every run
-        generator = pooled.setdefault("generator", torch.Generator().manual_seed(0))
-        pooled.setdefault("pixels", []).append(sample_pixels(out, target, mask, generator))
-    save_outputs(args, results, batch, cloudy, sar, out, target, first_index)
-    return image_rows(batch, scores, cover, {**conf_cols, **uncertainty_scores(out, mask, target)}), seconds
+        totals.add_truth_bins(batch["cloud_truth"].to(device), {"model": prediction, "identity": identity}, target)
+    if out["variance"] is not None:
+        totals.add_pixels(out, target, mask)
+    save_outputs(args, run.results, batch, cloudy, sar, out, target, first_index)
+    rows = scoring.image_rows(batch, scores, cover, {**conf_cols, **scoring.uncertainty_scores(out, mask, target)})
+    totals.rows += rows
+    totals.model_seconds += seconds
+    return rows
 
 
 def evaluate(args):
     """Score every image of the split; write metrics.csv and summary.json (and GeoTIFF/PNG outputs). Rows are
     also appended to metrics.partial.csv as they are scored, so a run that stops part-way keeps them."""
-    results, made, device, amp_dtype, model, ckpt, loader, leaks = setup_evaluation(args)
-    ctx = runtime.autocast(device, amp_dtype)
-    per_image, t_model, t0 = [], 0.0, time.perf_counter()
-    pooled = {}  # summed confidence histograms and sampled pixels, for the figures pooled over the whole split
+    run = setup_evaluation(args)
+    results, device = run.results, run.device
+    ctx = runtime.autocast(device, run.amp_dtype)
+    totals, t0 = scoring.Totals(), time.perf_counter()
     try:
         with open(results / PARTIAL_CSV, "w", newline="") as partial:
-            partial_rows = csv.DictWriter(partial, fieldnames=CSV_COLUMNS)
+            partial_rows = csv.DictWriter(partial, fieldnames=scoring.CSV_COLUMNS)
             partial_rows.writeheader()
-            for batch in tqdm(loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
-                rows, seconds = evaluate_batch(args, results, model, ctx, device, batch, pooled, len(per_image))
-                t_model += seconds
-                per_image += rows
+            for batch in tqdm(run.loader, desc=f"evaluating {args.split}", dynamic_ncols=True):
+                rows = evaluate_batch(args, run, ctx, batch, totals)
                 partial_rows.writerows(csv_row(row) for row in rows)
                 partial.flush()
     except BaseException:
-        if not per_image:  # stopped before the first image was scored: nothing to keep
+        if not totals.rows:  # stopped before the first image was scored: nothing to keep
             (results / PARTIAL_CSV).unlink(missing_ok=True)
-            if made is not None:
-                shutil.rmtree(made, ignore_errors=True)
+            if run.made is not None:
+                shutil.rmtree(run.made, ignore_errors=True)
         raise
-    summary = summarise_run(args, ckpt, model, device, amp_dtype, per_image, time.perf_counter() - t0, t_model,
-                            pooled, leaks)
+    summary = summarise_run(args, run, totals, time.perf_counter() - t0)
     if summary["uncertainty"] is not None:
-        summary["uncertainty"]["calibration_plot"] = str(save_calibration_plot(results / "calibration.png",
-                                                                               summary["uncertainty"]))
-    write_results(results, per_image, summary)
-    print(f"{summary['model_name']} from {' '.join(map(str, args.checkpoint))} on {len(per_image)} {args.split} images "
+        summary["uncertainty"]["calibration_plot"] = str(quicklooks.save_calibration_plot(results / "calibration.png",
+                                                                                          summary["uncertainty"]))
+    write_results(results, totals.rows, summary)
+    print(f"{summary['model_name']} from {' '.join(map(str, args.checkpoint))} on {len(totals.rows)} {args.split} "
+          f"images "
           f"({args.data_list_filepath}); protocol {args.protocol}, device {device}, "
           f"{runtime.describe_amp(args.amp, device)[0]}")
     print(format_table(summary["mean"], summary["cloud_cover_bins"]))
@@ -833,190 +433,6 @@ def evaluate(args):
 
 
 # ----------------------------------------------------------------------------- whole-scene prediction
-
-def tile_starts(length, tile, overlap):
-    """Start offsets of tiles of side min(tile, length) covering [0, length); the last one ends at the edge."""
-    if length <= tile:
-        return [0]
-    stride = tile - overlap
-    starts = list(range(0, length - tile, stride))
-    return starts + [length - tile]
-
-
-def feather(n, overlap):
-    """1-D blending weight of a tile of n pixels: a linear ramp over `overlap` pixels at each end, 1 inside.
-    Strictly positive (the outermost pixel weighs 0.5/overlap), so scene borders, covered by one tile
-    only, still get that tile's value after normalisation."""
-    i = np.arange(n, dtype=np.float32)
-    if overlap <= 0:
-        return np.ones(n, dtype=np.float32)
-    return np.minimum(1.0, np.minimum(i + 0.5, n - i - 0.5) / overlap).astype(np.float32)
-
-
-def scene_sar_fill_db(sar_src, strip=256):
-    """Per-band dB value that normalize_s1 maps to the scene mean of the normalised finite pixels.
-
-    The dataset fills an S1 NaN with the band mean of the image it reads; filling per tile would make the value
-    depend on the tiling (visible as a seam through a NaN hole). One strip-wise pass over the two SAR bands
-    finds the scene mean instead; it is written into each tile's NaN pixels before normalize_s1."""
-    sums = np.zeros(len(bands.S1_BANDS), np.float64)
-    counts = np.zeros(len(bands.S1_BANDS), np.int64)
-    for y in range(0, sar_src.height, strip):
-        raw = dataloader.read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
-        valid = ~np.isnan(raw)
-        normed = bands.normalize_s1(raw)  # only NaN pixels are changed by the fill: valid ones are exact
-        sums += np.where(valid, normed, 0).sum(axis=(1, 2), dtype=np.float64)
-        counts += valid.sum(axis=(1, 2))
-    means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)  # all-NaN band -> 0, as dataloader
-    return bands.s1_db_of(means)
-
-
-def check_scene_pair(cloudy_src, sar_src):
-    """S1 and S2 must share size, and CRS and transform where both files carry one (dataloader.grid_problems, the
-    rule of the dataset's triplets); the error names both files."""
-    if cloudy_src.count != len(bands.S2_BANDS):
-        raise files.DataError(f"{cloudy_src.name}: expected {len(bands.S2_BANDS)} Sentinel-2 bands, "
-                                   f"found {cloudy_src.count}")
-    if sar_src.count != len(bands.S1_BANDS):
-        raise files.DataError(f"{sar_src.name}: expected {len(bands.S1_BANDS)} Sentinel-1 bands "
-                                   f"(VV, VH), found {sar_src.count}")
-    problems = dataloader.grid_problems(sar_src, cloudy_src)
-    if problems:
-        raise files.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
-                                   + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
-
-
-def _read_s2(src, window):
-    raw = dataloader.read_window(src, window)
-    dataloader.check_s2_encoding(raw, src.name)  # float [0, 1] reflectance would give a black scene
-    return raw
-
-
-def _fill(raw_db, fill_db):
-    nan = np.isnan(raw_db)
-    if nan.any():
-        raw_db[nan] = np.broadcast_to(fill_db[:, None, None], raw_db.shape)[nan]
-    return raw_db
-
-
-@contextlib.contextmanager
-def _scene_output(path, cloudy_src, dtype="uint16", descriptions=None):
-    """An open output GeoTIFF of predict_scene: the input's size, CRS and transform, 13 bands, tiled, deflate."""
-    height, width = cloudy_src.height, cloudy_src.width
-    profile = dict(driver="GTiff", height=height, width=width, count=len(bands.S2_BANDS), dtype=dtype,
-                   crs=cloudy_src.crs, transform=cloudy_src.transform, compress="deflate", tiled=True,
-                   blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
-    # GDAL's block cache (default 5% of RAM) would grow with the scene; two rows of 256 px output blocks
-    # (13 bands) plus 32 MB for the input reads is all predict_scene ever revisits.
-    block_row = math.ceil(width / 256) * 256 * 256 * len(bands.S2_BANDS) * np.dtype(dtype).itemsize
-    cache_mb = 32 + 2 * block_row // 2 ** 20
-    with rasterio.Env(GDAL_CACHEMAX=cache_mb), warnings.catch_warnings():
-        # An input without georeferencing gives an output without it, as it should.
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with rasterio.open(path, "w", **profile) as dst:
-            for band, text in enumerate(descriptions or (), start=1):
-                dst.set_band_description(band, text)
-            yield dst
-
-
-class BlendedStrip:
-    """The rows of a whole-scene output that tiles still add to: feather-weighted sums of `bands` bands and the sum of
-    the weights, for the `height` scene rows from `top` on (one row of tiles)."""
-
-    def __init__(self, bands, height, width):
-        self.acc = np.zeros((bands, height, width), dtype=np.float32)
-        self.wsum = np.zeros((height, width), dtype=np.float32)
-        self.top = 0  # scene row of acc[:, 0]
-
-    def add(self, y, x, values, weight):
-        """Add a tile's (bands, h, w) values at scene row y, column x, weighted by the (h, w) weight."""
-        rows, cols = slice(y - self.top, y - self.top + weight.shape[0]), slice(x, x + weight.shape[1])
-        self.acc[:, rows, cols] += values * weight
-        self.wsum[rows, cols] += weight
-
-    def take(self, upto, what="scene"):
-        """The finished scene rows [top, upto) as their weighted means, (bands, rows, width); the strip moves past
-        them. No tile will add to them again: tiles arrive in row order."""
-        k, height = upto - self.top, self.wsum.shape[0]
-        if not (self.wsum[:k] > 0).all():  # cannot happen with tile_starts + feather; guard anyway
-            raise RuntimeError(f"rows {self.top}..{upto} of {what} were not covered by any tile")
-        rows = self.acc[:, :k] / self.wsum[:k]
-        self.acc[:, :height - k], self.wsum[:height - k] = self.acc[:, k:].copy(), self.wsum[k:].copy()
-        self.acc[:, height - k:], self.wsum[height - k:] = 0.0, 0.0
-        self.top = upto
-        return rows
-
-
-def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx):
-    """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host."""
-    window = lambda x: (y, x, *size)
-    cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x))) for x in xs])
-    sar = np.stack([bands.normalize_s1(_fill(dataloader.read_window(sar_src, window(x)), sar_fill)) for x in xs])
-    out = forward_all(model, torch.from_numpy(cloudy).to(device), torch.from_numpy(sar).to(device), ctx)
-    return {k: None if v is None else v.cpu().numpy() for k, v in out.items()}
-
-
-def _write_rows(outputs, strips, upto, what):
-    """Write the finished rows of each output: the prediction finished to uint16 x10000 (the rounding happens once,
-    here, after blending the clamped float predictions), the blended variance as its square root, float32."""
-    for name, strip in strips.items():
-        top = strip.top
-        if upto <= top:
-            continue
-        rows = strip.take(upto, what)
-        if name == "prediction":
-            rows = bands.denormalize_s2(bands.finish_s2(torch.from_numpy(rows)))
-        else:
-            rows = np.sqrt(rows).astype(np.float32)
-        outputs[name].write(rows, window=Window(0, top, rows.shape[-1], upto - top))
-
-
-@torch.no_grad()
-def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, batch_sz=4, device="cpu",
-                  amp_dtype=None, progress=True, uncertainty_path=None):
-    """Cloud-free prediction of a whole scene, written as a uint16 x10000 GeoTIFF with the input's grid; with
-    uncertainty_path, the predicted standard deviation of each band beside it (float32, same grid).
-
-    Tiles of `tile` px overlapping by `overlap` px are blended with separable feathered weights (the uncertainty as
-    a variance, with the same weights). Memory is one strip of tiles per output: the weighted sum and weights of
-    the rows the current tile row covers (13 x tile x width float32); rows no later tile touches are finished,
-    written with a windowed write, and dropped. Input tiles are read with rasterio windows and normalised tile by
-    tile; an S1 NaN gets the band mean of the whole scene (scene_sar_fill_db), as a whole-image pass would give it."""
-    if tile < 8 or not 0 <= overlap < tile:
-        raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
-    device, out_path = torch.device(device), Path(out_path)
-    ctx = runtime.autocast(device, amp_dtype)
-    model.eval()
-    with dataloader.open_raster(cloudy_path) as cloudy_src, dataloader.open_raster(sar_path) as sar_src, \
-            contextlib.ExitStack() as stack:
-        check_scene_pair(cloudy_src, sar_src)
-        height, width = cloudy_src.height, cloudy_src.width
-        ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
-        size = (min(tile, height), min(tile, width))
-        sar_fill = scene_sar_fill_db(sar_src)
-        weight = np.outer(feather(size[0], overlap), feather(size[1], overlap))
-        products = {"prediction": (out_path, "uint16", None), "variance": (uncertainty_path, "float32",
-                                                                         UNCERTAINTY_BAND_DESCRIPTIONS)}
-        outputs = {name: stack.enter_context(_scene_output(stack.enter_context(files.atomic_output(path, ".tif")),
-                                                           cloudy_src, dtype, text))
-                   for name, (path, dtype, text) in products.items() if path is not None}
-        strips = {name: BlendedStrip(len(bands.S2_BANDS), size[0], width) for name in outputs}
-        bar = tqdm(total=len(ys) * len(xs), desc="tiles", disable=not progress, dynamic_ncols=True)
-        for y in ys:
-            _write_rows(outputs, strips, y, cloudy_path)
-            for b in range(0, len(xs), batch_sz):
-                chunk = xs[b:b + batch_sz]
-                out = _scene_tiles(model, cloudy_src, sar_src, y, chunk, size, sar_fill, device, ctx)
-                if "variance" in strips and out["variance"] is None:
-                    raise ValueError("an uncertainty output was asked for, but the model predicts no uncertainty")
-                for i, x in enumerate(chunk):
-                    for name, strip in strips.items():
-                        strip.add(y, x, out[name][i], weight)
-                bar.update(len(chunk))
-        bar.close()
-        _write_rows(outputs, strips, height, cloudy_path)
-    return out_path
-
 
 def uncertainty_output_path(out):
     """Where --predict --save_uncertainty writes the standard deviation: beside --out, OUT_uncertainty.tif."""
@@ -1057,13 +473,13 @@ def predict(args):
 
     def check_scene():
         with dataloader.open_raster(args.cloudy) as cloudy_src, dataloader.open_raster(args.sar) as sar_src:
-            check_scene_pair(cloudy_src, sar_src)
+            inference.check_scene_pair(cloudy_src, sar_src)
 
     _, (model, ckpt) = runtime.check_together(check_scene, lambda: runtime.load_models(args.checkpoint, device))
     check_uncertainty_wanted(args, model)
     uncertainty = uncertainty_output_path(args.out) if args.save_uncertainty else None
     t0 = time.perf_counter()
-    out = predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
+    out = inference.predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
                         batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype, uncertainty_path=uncertainty)
     what = describe_checkpoints(args.checkpoint, ckpt)
     print(f"wrote {out}{f' and {uncertainty}' if uncertainty else ''} ({time.perf_counter() - t0:.1f} s; "

@@ -19,6 +19,7 @@ import files
 import metrics
 import net_CR_CrossAttention as net
 import runtime
+import scoring
 import synthetic
 import test_CR
 import train_CR_kaggle as train
@@ -286,7 +287,7 @@ def test_evaluation_scores_the_confidence_map(confidence_run, synthetic_dataset)
     import csv
     ckpt, results, summary = confidence_run
     rows = list(csv.DictReader(open(results / "metrics.csv")))
-    for key in test_CR.CONFIDENCE_COLUMNS:
+    for key in scoring.CONFIDENCE_COLUMNS:
         assert key in rows[0]
     conf = summary["confidence"]
     assert set(conf) >= {"auc_mask", "iou_mask", "auc_truth", "iou_truth", "mean_clear", "auc_truth_pooled"}
@@ -354,18 +355,18 @@ def test_truth_bins_split_pixels_by_true_opacity_and_distance_from_the_cloud_edg
     truth[0, 0, :, 5] = 0.5              # a 0.3-0.7 column at its edge
     truth[0, 1, 0, 0] = 0.2              # one shadowed clear pixel
     truth[1, 0] = 0.2                    # image 1: thin cloud everywhere, no clear pixel
-    masks = test_CR.truth_bin_masks(truth)
+    masks = scoring.truth_bin_masks(truth)
     assert masks["clear"][0].sum() == 12 * 5 - 1 and masks["shadow, no cloud"][0, 0, 0]
     assert masks["opacity 0.05-0.3"][1].all() and masks["opacity 0.9-1.0"][0].sum() == 12 * 6
     assert masks["opacity 0.3-0.7"][0].sum() == 12
     # column 5 is 1 px from clear column 4, column 9 is 5 px away: edge <= 4 px holds columns 5-8
-    edge, inside = masks[f"cloud, edge {test_CR.EDGE_PX} px"], masks["cloud, inside"]
+    edge, inside = masks[f"cloud, edge {scoring.EDGE_PX} px"], masks["cloud, inside"]
     assert edge[0, :, 5:9].all() and not edge[0, :, 9:].any() and inside[0, :, 9:].all()
     # a patch without clear pixels has no visible edge: all of its cloud is inside
     assert inside[1].all() and not edge[1].any()
     for name in ("opacity 0.05-0.3", "opacity 0.3-0.7", "opacity 0.7-0.9", "opacity 0.9-1.0"):
         assert not (masks[name] & masks["clear"]).any()
-    assert test_CR.summarise_truth_bins({}) is None
+    assert scoring.summarise_truth_bins(scoring.Totals()) is None
 
 
 @pytest.mark.slow
@@ -378,9 +379,9 @@ def test_evaluation_scores_pixels_by_their_true_cloud(confidence_run, synthetic_
     truth = torch.stack([s["cloud_truth"] for s in samples])
     cloudy = bands.finish_s2(torch.stack([s["cloudy_data"] for s in samples]))
     target = torch.stack([s["cloudfree_data"] for s in samples])
-    masks = test_CR.truth_bin_masks(truth)
+    masks = scoring.truth_bin_masks(truth)
     assert sum(bins[name]["pixels"] for name in ("clear", "shadow, no cloud", *(
-        f"opacity {lo}-{hi}" for lo, hi in test_CR.OPACITY_BINS))) == truth[:, 0].numel()
+        f"opacity {lo}-{hi}" for lo, hi in scoring.OPACITY_BINS))) == truth[:, 0].numel()
     for name, mask in masks.items():
         assert bins[name]["pixels"] == int(mask.sum())
         if mask.any():  # the identity's PSNR by hand: squared error pooled over the bin's pixels and bands

@@ -24,8 +24,11 @@ from rasterio.transform import from_origin
 import bands
 import dataloader
 import files
+import inference
 import metrics
+import quicklooks
 import runtime
+import scoring
 import synthetic
 import test_CR
 import train_CR_kaggle as train
@@ -87,7 +90,7 @@ def test_every_flag_has_help():
 def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
     results, rows, _, samples = evaluated
     assert len(rows) == len(samples) == 4
-    assert list(rows[0]) == test_CR.CSV_COLUMNS
+    assert list(rows[0]) == scoring.CSV_COLUMNS
     for row in rows:
         s = samples[row["file_name"]]
         target, mask = s["cloudfree_data"][None], s["cloud_mask"][None]
@@ -97,9 +100,9 @@ def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
         for who, pred in preds.items():
             halves = metrics.masked_metrics(pred, target, mask, threshold=0.2)
             expected = {"all": metrics.compute_metrics(pred, target), **halves}
-            for region in test_CR.REGIONS:
+            for region in scoring.REGIONS:
                 for m in metrics.METRIC_NAMES:
-                    got = float(row[test_CR.column(who, region, m)])
+                    got = float(row[scoring.column(who, region, m)])
                     want = float(expected[region][m][0])
                     assert _close(got, want), (row["file_name"], who, region, m, got, want)
         cover = float((mask >= 0.2).float().mean()) * 100
@@ -113,10 +116,10 @@ def test_csv_equals_metrics_on_saved_geotiffs(evaluated):
 def test_summary_means_and_cloud_cover_bins(evaluated):
     _, rows, summary, _ = evaluated
     assert summary["n_images"] == len(rows) and summary["split"] == "test"
-    for who in test_CR.PREDICTORS:
-        for region in test_CR.REGIONS:
+    for who in scoring.PREDICTORS:
+        for region in scoring.REGIONS:
             for m in metrics.METRIC_NAMES:
-                values = [float(r[test_CR.column(who, region, m)]) for r in rows]
+                values = [float(r[scoring.column(who, region, m)]) for r in rows]
                 finite = [v for v in values if not math.isnan(v)]
                 want = float(np.mean(finite)) if finite else None
                 assert _close(summary["mean"][who][region][m], want), (who, region, m)
@@ -188,7 +191,7 @@ def test_geotiff_round_trip_keeps_georeferencing(evaluated):
 
 
 def _panel(png, layout, k, height, width):
-    """Panel k of a quicklook PNG (as laid out by test_CR.quicklook_layout), in [0, 1]."""
+    """Panel k of a quicklook PNG (as laid out by quicklooks.quicklook_layout), in [0, 1]."""
     top, left = layout["panels"][k]
     s = layout["scale"]
     return png[top:top + s * height, left:left + s * width].astype(np.float32) / 255
@@ -202,7 +205,7 @@ def _enlarged(img, scale):
 @pytest.mark.slow
 def test_png_quicklooks_use_the_fixed_stretch(evaluated):
     results, rows, _, samples = evaluated
-    layout = test_CR.quicklook_layout(CROP, CROP)
+    layout = quicklooks.quicklook_layout(CROP, CROP)
     assert layout["scale"] == 6  # 48 px patches are enlarged to 288 px panels
     for row in rows:
         png = np.asarray(Image.open(results / "png" / (row["file_name"][:-4] + ".png")).convert("RGB"))
@@ -221,13 +224,13 @@ def test_quicklook_labels_heat_map_and_colour_bar(tmp_path):
     h, w = 16, 24  # small and not square: enlarged 11 times to 176 x 264 px panels
     cloudy, target, pred, sar = torch.rand(13, h, w), torch.rand(13, h, w), torch.rand(13, h, w), torch.rand(2, h, w)
     confidence = torch.linspace(0, 1, w).expand(1, h, w)
-    test_CR.save_quicklook(tmp_path / "q.png", cloudy, sar, pred, target, confidence, title="patch_p1")
-    test_CR.save_quicklook(tmp_path / "none.png", cloudy, sar, pred, target, None)
-    layout = test_CR.quicklook_layout(h, w)
+    quicklooks.save_quicklook(tmp_path / "q.png", cloudy, sar, pred, target, confidence, title="patch_p1")
+    quicklooks.save_quicklook(tmp_path / "none.png", cloudy, sar, pred, target, None)
+    layout = quicklooks.quicklook_layout(h, w)
     assert layout["scale"] == 11 and [p.name for p in tmp_path.iterdir()] != []
     png = np.asarray(Image.open(tmp_path / "q.png").convert("RGB"))
     assert png.shape == (*layout["size"], 3)
-    cmap = colormaps[test_CR.QUICKLOOK_CMAP]
+    cmap = colormaps[quicklooks.QUICKLOOK_CMAP]
     heat = _panel(png, layout, 4, h, w)
     assert np.abs(heat - _enlarged(torch.from_numpy(cmap(confidence[0].numpy())[..., :3]).permute(2, 0, 1), 11)).max() \
         <= 1 / 255 + 1e-6
@@ -288,7 +291,7 @@ def scene(tmp_path_factory):
 def _whole_image_prediction(model, cloudy_path, sar_path):
     cloudy = bands.normalize_s2(dataloader.read_raster(cloudy_path, 13))
     sar = bands.normalize_s1(dataloader.read_raster(sar_path, 2))
-    pred, _ = test_CR.forward(model, torch.from_numpy(cloudy)[None], torch.from_numpy(sar)[None],
+    pred, _ = inference.forward(model, torch.from_numpy(cloudy)[None], torch.from_numpy(sar)[None],
                               contextlib.nullcontext())
     return bands.denormalize_s2(pred[0]).astype(np.float32)
 
@@ -310,7 +313,7 @@ class Pointwise(nn.Module):
 @pytest.mark.parametrize("tile,overlap", [(32, 8), (32, 0), (40, 16)])
 def test_tiling_reproduces_a_pointwise_model_exactly(scene, tmp_path, tile, overlap):
     model = Pointwise().eval()
-    out = test_CR.predict_scene(model, *scene, tmp_path / "out.tif", tile=tile, overlap=overlap, batch_sz=2,
+    out = inference.predict_scene(model, *scene, tmp_path / "out.tif", tile=tile, overlap=overlap, batch_sz=2,
                                 progress=False)
     with rasterio.open(out) as dst:
         tiled = dst.read().astype(np.float32)
@@ -322,11 +325,11 @@ def test_tiling_reproduces_a_pointwise_model_exactly(scene, tmp_path, tile, over
 
 def test_feather_weights_positive_and_tiles_cover_the_scene():
     for n, overlap in ((32, 8), (32, 0), (256, 32), (7, 3)):
-        w = test_CR.feather(n, overlap)
+        w = inference.feather(n, overlap)
         assert w.shape == (n,) and (w > 0).all() and w.max() == 1.0
         assert np.allclose(w, w[::-1])  # symmetric: both neighbours fade alike
     for length, tile, overlap in ((75, 32, 8), (100, 32, 8), (32, 32, 8), (20, 32, 8), (2048, 256, 32)):
-        starts = test_CR.tile_starts(length, tile, overlap)
+        starts = inference.tile_starts(length, tile, overlap)
         side = min(tile, length)
         covered = np.zeros(length, bool)
         for s in starts:
@@ -357,7 +360,7 @@ def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_pat
 
     def seam(img, overlap):
         """Mean excess of the column-to-column jump at tile edges over the single-pass image's jump there."""
-        edges = sorted({s + d for s in test_CR.tile_starts(SCENE_W, 32, overlap)[1:] for d in (0, overlap)})
+        edges = sorted({s + d for s in inference.tile_starts(SCENE_W, 32, overlap)[1:] for d in (0, overlap)})
         jump = lambda a: np.abs(np.diff(a, axis=2))[:, :, [e - 1 for e in edges]]
         return np.abs(jump(img) - jump(whole)).mean() / bands.S2_SCALE
 
@@ -365,7 +368,7 @@ def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_pat
     # same tiles (overlap 0) leaves a step several times larger (measured 0.0010 against 0.0081 with the plain
     # residual head; 0.0021 against 0.0149 with the affine head, the default since, whose 1-epoch model leans more
     # on each tile's context: the bound follows it, the ratio is what tells blending from stitching).
-    hard = test_CR.predict_scene(model, *scene, tmp_path / "hard.tif", tile=32, overlap=0, progress=False)
+    hard = inference.predict_scene(model, *scene, tmp_path / "hard.tif", tile=32, overlap=0, progress=False)
     with rasterio.open(hard) as dst:
         stitched = dst.read().astype(np.float32)
     assert seam(tiled, 8) < 0.004 and seam(tiled, 8) < seam(stitched, 0) / 3, (seam(tiled, 8), seam(stitched, 0))
@@ -382,16 +385,16 @@ def test_mismatched_scene_inputs_name_both_files(scene, tmp_path):
     }
     for what, bad in cases.items():
         with pytest.raises(files.DataError) as e:
-            test_CR.predict_scene(Pointwise(), cloudy_path, bad, tmp_path / "out.tif", tile=32, overlap=8,
+            inference.predict_scene(Pointwise(), cloudy_path, bad, tmp_path / "out.tif", tile=32, overlap=8,
                                   progress=False)
         assert str(bad) in str(e.value), what
         if what != "bands":
             assert what in str(e.value) and str(cloudy_path) in str(e.value)
     assert not (tmp_path / "out.tif").exists()
     with pytest.raises(ValueError, match="overlap"):
-        test_CR.predict_scene(Pointwise(), cloudy_path, sar_path, tmp_path / "o.tif", tile=32, overlap=32)
+        inference.predict_scene(Pointwise(), cloudy_path, sar_path, tmp_path / "o.tif", tile=32, overlap=32)
     with pytest.raises(files.DataError, match="missing.tif"):
-        test_CR.predict_scene(Pointwise(), tmp_path / "missing.tif", sar_path, tmp_path / "o.tif")
+        inference.predict_scene(Pointwise(), tmp_path / "missing.tif", sar_path, tmp_path / "o.tif")
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -676,7 +679,7 @@ def test_rasters_without_georeferencing_evaluate_and_predict(tiny_checkpoint, sy
         assert out.crs is None and out.count == 13 and (out.height, out.width) == (32, 32)
     cloudy, sar = (_write(tmp_path / f"scene_{i}.tif", dataloader.read_raster(p, n).astype(dtype), crs=None)
                    for i, (p, n, dtype) in enumerate(((scene[0], 13, np.uint16), (scene[1], 2, np.float32))))
-    out = test_CR.predict_scene(Pointwise(), cloudy, sar, tmp_path / "scene_out.tif", tile=32, overlap=8,
+    out = inference.predict_scene(Pointwise(), cloudy, sar, tmp_path / "scene_out.tif", tile=32, overlap=8,
                                 progress=False)
     with rasterio.open(out) as dst:
         assert dst.crs is None and (dst.height, dst.width) == (SCENE_H, SCENE_W)
@@ -712,6 +715,6 @@ def test_predict_refuses_s2_already_scaled_to_float_reflectance(scene, tmp_path)
     cloudy, sar = scene
     scaled = _write(tmp_path / "s2_float01.tif", dataloader.read_raster(cloudy, 13) / bands.S2_SCALE)
     with pytest.raises(files.DataError, match=r"expected reflectance x10000 \(uint16") as e:
-        test_CR.predict_scene(Pointwise(), scaled, sar, tmp_path / "out.tif", tile=32, overlap=8, progress=False)
+        inference.predict_scene(Pointwise(), scaled, sar, tmp_path / "out.tif", tile=32, overlap=8, progress=False)
     assert str(scaled) in str(e.value) and "gdal_translate" in str(e.value)
     assert not (tmp_path / "out.tif").exists()

@@ -16,6 +16,7 @@ import torch
 import losses
 import net_CR_CrossAttention as net
 import runtime
+import scoring
 import test_CR
 import train_CR_kaggle
 
@@ -26,12 +27,13 @@ LAYERS = {
     "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1,
     "dataloader": 2, "runtime": 2, "sizing": 2,
-    "test_CR": 3, "train_CR_kaggle": 3,
+    "inference": 3, "quicklooks": 3, "scoring": 3,
+    "test_CR": 4, "train_CR_kaggle": 4,
     # the benchmark: what its subcommands share, the subcommands, the entry point that imports them by name
-    "bench_process": 4, "bench_step": 4,
-    "bench_loss": 5, "bench_data": 5, "bench_eval": 5, "bench_train": 5, "bench_memory": 5, "bench_loop": 5,
-    "bench_learn": 5, "bench_sparsify": 5,
-    "benchmark": 6,
+    "bench_process": 5, "bench_step": 5,
+    "bench_loss": 6, "bench_data": 6, "bench_eval": 6, "bench_train": 6, "bench_memory": 6, "bench_loop": 6,
+    "bench_learn": 6, "bench_sparsify": 6,
+    "benchmark": 7,
 }
 BENCHMARK_LAYER = LAYERS["bench_process"]
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
@@ -204,7 +206,7 @@ def test_loss_defaults_have_one_source():
 
 def test_history_and_metric_names_have_one_source():
     import metrics
-    assert test_CR.METRIC_NAMES == metrics.METRIC_NAMES
+    assert scoring.METRIC_NAMES == metrics.METRIC_NAMES
     assert [f for f in train_CR_kaggle.HISTORY_FIELDS if f.startswith("val_")] == [
         f"val_{m}" for m in metrics.METRIC_NAMES]
 

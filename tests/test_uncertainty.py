@@ -127,7 +127,7 @@ def test_uncrtaints_uce_by_hand_and_as_their_code_does():
 
 
 def test_evaluation_reports_uncrtaints_uce_from_the_mean_signed_error():
-    import test_CR
+    import scoring
     target = torch.rand(2, 13, 8, 8, generator=torch.Generator().manual_seed(0))
     prediction = target + torch.linspace(-0.02, 0.03, 2 * 13 * 64).reshape(2, 13, 8, 8)
     variance = torch.full_like(target, 4e-4)
@@ -135,19 +135,19 @@ def test_evaluation_reports_uncrtaints_uce_from_the_mean_signed_error():
     out = {"prediction": prediction, "variance": variance, "aleatoric": variance, "epistemic": None}
     cloudy = torch.zeros(2, 1, 8, 8, dtype=torch.bool)
     cloudy[:, :, :4] = True
-    cols = test_CR.uncertainty_scores(out, cloudy, target)
-    assert set(cols) == set(test_CR.UNCERTAINTY_COLUMNS)
+    cols = scoring.uncertainty_scores(out, cloudy, target)
+    assert set(cols) == set(scoring.UNCERTAINTY_COLUMNS)
     assert cols["unc_mean_error"] == pytest.approx((target - prediction).mean(dim=(1, 2, 3)).numpy(), abs=1e-7)
-    rows = [{k: float(v[i]) for k, v in cols.items()} | {test_CR.column("model", r, "RMSE"): 0.02
-                                                            for r in test_CR.REGIONS} for i in range(2)]
-    px = test_CR.sample_pixels(out, target, cloudy, torch.Generator().manual_seed(0))
-    region = test_CR._uncertainty_region(px, rows, "all")
+    rows = [{k: float(v[i]) for k, v in cols.items()} | {scoring.column("model", r, "RMSE"): 0.02
+                                                            for r in scoring.REGIONS} for i in range(2)]
+    px = scoring.sample_pixels(out, target, cloudy, torch.Generator().manual_seed(0))
+    region = scoring._uncertainty_region(px, rows, "all")
     want = metrics.uce_auce_uncrtaints(cols["unc_var"].numpy(), cols["unc_mean_error"].numpy())
     assert region["uce_uncrtaints"] == pytest.approx(want["uce"]) and region["auce_uncrtaints"] == pytest.approx(
         want["auce"])
     assert region["uce_pixels_constant"] == pytest.approx(abs(np.sqrt(px["se"].mean()) - np.sqrt(px["var"].mean())),
                                                           rel=1e-6)
-    assert test_CR._uncertainty_region(px, rows, "cloudy")["uce_uncrtaints"] is None  # theirs: whole images only
+    assert scoring._uncertainty_region(px, rows, "cloudy")["uce_uncrtaints"] is None  # theirs: whole images only
 
 
 # ----------------------------------------------------------------------------- Spearman and sparsification
@@ -360,7 +360,7 @@ def test_evaluation_scores_the_saved_uncertainty_products(head_checkpoints, synt
     """summary.json's figures are recomputed from the saved GeoTIFFs (prediction, std) and the targets with
     metrics.py: the products hold exactly what was scored."""
     import dataloader
-    import test_CR
+    import quicklooks
     summary = _evaluate(head_checkpoints[:1], synthetic_dataset, tmp_path, "--save_uncertainty", "--save_geotiff",
                         "--save_png")
     u = summary["uncertainty"]
@@ -407,10 +407,10 @@ def test_evaluation_scores_the_saved_uncertainty_products(head_checkpoints, synt
     from matplotlib import colormaps
     from PIL import Image
     from test_eval import _enlarged, _panel
-    layout = test_CR.quicklook_layout(CROP, CROP, uncertainty=True)
+    layout = quicklooks.quicklook_layout(CROP, CROP, uncertainty=True)
     png = np.asarray(Image.open(tmp_path / "png" / f"{stem}.png").convert("RGB"))
     assert png.shape == (*layout["size"], 3)
-    want = colormaps[test_CR.UNCERTAINTY_CMAP]((std.mean(0) / test_CR.QUICKLOOK_STD_MAX).clip(0, 1))[..., :3]
+    want = colormaps[quicklooks.UNCERTAINTY_CMAP]((std.mean(0) / quicklooks.QUICKLOOK_STD_MAX).clip(0, 1))[..., :3]
     got = _panel(png, layout, 5, CROP, CROP)
     assert np.abs(got - _enlarged(torch.from_numpy(want).permute(2, 0, 1), layout["scale"])).max() <= 2 / 255
 
@@ -558,17 +558,17 @@ def _whole_scene(model, cloudy_path, sar_path):
     import contextlib
 
     import dataloader
-    import test_CR
+    import inference
     cloudy = torch.from_numpy(bands.normalize_s2(dataloader.read_raster(cloudy_path, 13)))[None]
     sar = torch.from_numpy(bands.normalize_s1(dataloader.read_raster(sar_path, 2)))[None]
-    return test_CR.forward_all(model, cloudy, sar, contextlib.nullcontext())["variance"][0].sqrt().numpy()
+    return inference.forward_all(model, cloudy, sar, contextlib.nullcontext())["variance"][0].sqrt().numpy()
 
 
 @pytest.mark.parametrize("tile,overlap", [(32, 8), (40, 16)])
 def test_tiled_uncertainty_reproduces_a_pointwise_model(scene, tmp_path, tile, overlap):
-    import test_CR
+    import inference
     model = PointwiseWithVariance().eval()
-    test_CR.predict_scene(model, *scene, tmp_path / "out.tif", tile=tile, overlap=overlap, batch_sz=2, progress=False,
+    inference.predict_scene(model, *scene, tmp_path / "out.tif", tile=tile, overlap=overlap, batch_sz=2, progress=False,
                           uncertainty_path=tmp_path / "std.tif")
     std, crs, transform, descriptions = _read(tmp_path / "std.tif")
     _, crs_in, transform_in, _ = _read(scene[0])
@@ -581,6 +581,7 @@ def test_tiled_uncertainty_reproduces_a_pointwise_model(scene, tmp_path, tile, o
 
 @pytest.mark.slow
 def test_predict_writes_the_uncertainty_without_seams(scene, head_checkpoints, tmp_path):
+    import inference
     import test_CR
     out = tmp_path / "cloudfree.tif"
     argv = ["--predict", "--checkpoint", *map(str, head_checkpoints), "--cloudy", str(scene[0]), "--sar",
@@ -594,7 +595,7 @@ def test_predict_writes_the_uncertainty_without_seams(scene, head_checkpoints, t
     # The seams of one model's head (an ensemble of two 1-epoch models is dominated by their spread, which depends on
     # each tile's context far more than a trained head's: measured 3.2x against 6.6x for the head alone)
     model, _ = runtime.load_models(head_checkpoints[:1], torch.device("cpu"))
-    test_CR.predict_scene(model, *scene, tmp_path / "soft.tif", tile=32, overlap=8, progress=False,
+    inference.predict_scene(model, *scene, tmp_path / "soft.tif", tile=32, overlap=8, progress=False,
                           uncertainty_path=tmp_path / "soft_std.tif")
     std, *_ = _read(tmp_path / "soft_std.tif")
     whole = _whole_scene(model, *scene)
@@ -602,11 +603,11 @@ def test_predict_writes_the_uncertainty_without_seams(scene, head_checkpoints, t
     def seam(img, overlap):
         """Mean excess of the column-to-column jump at tile edges over the single-pass image's jump there (as the
         prediction's seam test in tests/test_eval.py measures it)."""
-        edges = sorted({s + d for s in test_CR.tile_starts(SCENE_W, 32, overlap)[1:] for d in (0, overlap)})
+        edges = sorted({s + d for s in inference.tile_starts(SCENE_W, 32, overlap)[1:] for d in (0, overlap)})
         jump = lambda a: np.abs(np.diff(a, axis=2))[:, :, [e - 1 for e in edges]]
         return np.abs(jump(img) - jump(whole)).mean()
 
-    test_CR.predict_scene(model, *scene, tmp_path / "hard.tif", tile=32, overlap=0, progress=False,
+    inference.predict_scene(model, *scene, tmp_path / "hard.tif", tile=32, overlap=0, progress=False,
                           uncertainty_path=tmp_path / "hard_std.tif")
     stitched, *_ = _read(tmp_path / "hard_std.tif")
     # feathered tiles jump at their edges as the single pass does; hard stitching leaves a step several times larger
