@@ -36,10 +36,12 @@ from torch.utils.data import DataLoader, default_collate
 
 import bands
 import clouds
+import datalist
 import dataloader
 import files
 import metrics
 import net_CR_CrossAttention as net
+import rasters
 import runtime
 import sizing
 import test_CR
@@ -267,11 +269,11 @@ SUBCOMMANDS["loss"] = (_add_loss_args, bench_loss)
 def _data_source(args):
     """(root, triplets): --csv/--root if given, else a synthetic tree of 256-px patches (real dtypes, layout)."""
     if args.csv:
-        return args.root or str(Path(args.csv).parent), dataloader.read_data_list(args.csv)
+        return args.root or str(Path(args.csv).parent), datalist.read_data_list(args.csv)
     tmp = tempfile.mkdtemp(prefix="bench_data_")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     csv_path = dataloader.make_synthetic_dataset(tmp, n=args.n, size=args.size, seed=0)
-    return tmp, dataloader.read_data_list(csv_path)
+    return tmp, datalist.read_data_list(csv_path)
 
 
 def _reference_cloud_score(img10000):
@@ -426,7 +428,7 @@ def _detector_agreement(scores, truths, threshold):
 def bench_clouds(args):
     """Each detector's ms per patch and, on synthetic data, its agreement with the true cloud map."""
     root, triplets = _data_source(args)
-    images = [dataloader.read_raster(f"{root}/{t.s2_cloudy}", 13) for t in triplets]
+    images = [rasters.read_raster(f"{root}/{t.s2_cloudy}", 13) for t in triplets]
     normed = [bands.normalize_s2(im) for im in images]
     variants = {  # name -> (scores of every patch, threshold that makes the binary mask)
         "rule, original code": (lambda: [_reference_cloud_score(im) for im in images], 0.2),
@@ -443,12 +445,12 @@ def bench_clouds(args):
             fn()
             times[name].append((time.perf_counter() - t0) / len(images) * 1000)
     ms = {name: statistics.median(t) for name, t in times.items()}
-    truth_paths = [Path(root) / (dataloader.truth_path(t.s2_cloudy) or "-") for t in triplets]
+    truth_paths = [Path(root) / (rasters.truth_path(t.s2_cloudy) or "-") for t in triplets]
     agreement = {}
     if all(p.is_file() for p in truth_paths):
-        truths = [dataloader.read_raster(p, 2) for p in truth_paths]
-        cloud = [t[0] > dataloader.TRUTH_THRESHOLD for t in truths]
-        cloud_or_shadow = [(t > dataloader.TRUTH_THRESHOLD).any(0) for t in truths]
+        truths = [rasters.read_raster(p, 2) for p in truth_paths]
+        cloud = [t[0] > rasters.TRUTH_THRESHOLD for t in truths]
+        cloud_or_shadow = [(t > rasters.TRUTH_THRESHOLD).any(0) for t in truths]
         for name, (_, threshold) in variants.items():
             agreement[name] = {"clouds": _detector_agreement(outputs[name], cloud, threshold),
                                "clouds_and_shadows": _detector_agreement(outputs[name], cloud_or_shadow, threshold)}
@@ -867,10 +869,10 @@ def _loop_data(out, n_unique, size, n_train):
     costs no more synthesis) and a small validation split. Returns the CSV path."""
     csv_path = dataloader.make_synthetic_dataset(Path(out) / "unique", n=n_unique, size=size, seed=0,
                                                  val_frac=0.2, test_frac=0.0)
-    rows = dataloader.read_data_list(csv_path)
+    rows = datalist.read_data_list(csv_path)
     train_rows = [t for t in rows if t.split == 1]
     repeated = [train_rows[i % len(train_rows)] for i in range(n_train)]
-    return dataloader.write_data_list(Path(out) / "unique" / "loop.csv", repeated + [t for t in rows if t.split == 2])
+    return datalist.write_data_list(Path(out) / "unique" / "loop.csv", repeated + [t for t in rows if t.split == 2])
 
 
 def _cpu_seconds(pids):
@@ -1359,7 +1361,7 @@ def _add_sparsify_args(parser):
 def bench_sparsify(args):
     """Sparsification of a head's stds: the model's errors against errors drawn from the predicted Laplace."""
     model, _ = runtime.load_model(args.checkpoint, torch.device("cpu"))
-    rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split)
+    rows = datalist.select_split(datalist.read_data_list(args.data_list_filepath), args.split)
     dataset = dataloader.SEN12MSCRDataset(rows, str(Path(args.data_list_filepath).parent), augment=False)
     rng, std, se, drawn = np.random.default_rng(args.seed), [], [], []
     for sample in (dataset[i] for i in range(len(dataset))):

@@ -44,11 +44,15 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import bands
+import cloud_masks
 import clouds
+import datalist
 import dataloader
 import files
 import metrics
+import rasters
 import runtime
+import scanning
 import splits
 
 METRIC_NAMES = metrics.METRIC_NAMES
@@ -57,10 +61,10 @@ REGIONS = ("all", "cloudy", "clear")
 PREDICTORS = ("model", "identity")  # identity: the cloudy input itself taken as the prediction
 # Cloud-cover bins in percent of cloudy pixels: [lo, hi), the last one closed at 100.
 COVER_BINS = ((0, 10), (10, 30), (30, 60), (60, 100))
-# Where the data has true cloud maps (synthetic sets, dataloader.truth_path), pixels are also scored by their true
+# Where the data has true cloud maps (synthetic sets, rasters.truth_path), pixels are also scored by their true
 # cloud: PSNR of the squared error pooled over a bin's pixels and bands, so a reader sees whether the error lies under
 # thin cloud that lets the ground through or under opaque cloud, at a cloud's edge or deep inside. Opacity bins are
-# (lo, hi]; "clear" has neither cloud nor shadow above dataloader.TRUTH_THRESHOLD.
+# (lo, hi]; "clear" has neither cloud nor shadow above rasters.TRUTH_THRESHOLD.
 OPACITY_BINS = ((0.05, 0.3), (0.3, 0.7), (0.7, 0.9), (0.9, 1.0))
 EDGE_PX = 4  # "at the edge": a cloudy pixel at most this far (Euclidean, px) from a pixel outside the cloud
 # (load_size, crop_size) of each protocol; None = the whole patch. glfcr: GLF-CR's test_CR.py defaults.
@@ -509,14 +513,14 @@ def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
             break
         stem = Path(name).stem
         if args.save_geotiff or args.save_uncertainty or (args.save_confidence and confidence is not None):
-            crs, transform = dataloader.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
+            crs, transform = rasters.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
         if args.save_geotiff:
-            dataloader.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform)
+            rasters.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform)
         if args.save_confidence and confidence is not None:
-            dataloader.write_float_geotiff(results / "confidence" / f"{stem}.tif", confidence[i].cpu(), crs, transform,
+            rasters.write_float_geotiff(results / "confidence" / f"{stem}.tif", confidence[i].cpu(), crs, transform,
                                            description="cloud confidence (0 clear .. 1 cloudy)")
         if args.save_uncertainty:  # setup_evaluation made sure the model predicts one
-            dataloader.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
+            rasters.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
                                            description=UNCERTAINTY_BAND_DESCRIPTIONS)
         if args.save_png:
             save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(), prediction[i].cpu(),
@@ -544,9 +548,9 @@ def truth_bin_masks(cloud_truth):
     """(N,2,H,W) true opacity and shadow -> {bin name: bool (N,H,W)}. A bin may be empty; the bins overlap only
     where a name says so (the opacity bins and the two edge bins each split the cloudy pixels)."""
     opacity, shadow = cloud_truth[:, 0], cloud_truth[:, 1]
-    cloud = opacity > dataloader.TRUTH_THRESHOLD
-    masks = {"clear": ~cloud & (shadow <= dataloader.TRUTH_THRESHOLD),
-             "shadow, no cloud": ~cloud & (shadow > dataloader.TRUTH_THRESHOLD)}
+    cloud = opacity > rasters.TRUTH_THRESHOLD
+    masks = {"clear": ~cloud & (shadow <= rasters.TRUTH_THRESHOLD),
+             "shadow, no cloud": ~cloud & (shadow > rasters.TRUTH_THRESHOLD)}
     masks.update({f"opacity {lo}-{hi}": (opacity > lo) & (opacity <= hi) for lo, hi in OPACITY_BINS})
     # A patch's border is not a cloud's edge: a patch without clear pixels has all of its cloud "inside".
     distance = torch.from_numpy(np.stack([ndimage.distance_transform_edt(c) if (~c).any() else np.full(c.shape, np.inf)
@@ -630,10 +634,10 @@ def summarise_run(args, ckpt, model, device, amp_dtype, per_image, seconds, t_mo
         "protocol": args.protocol, "load_size": args.load_size, "crop_size": args.crop_size,
         "cloud_threshold": args.cloud_threshold,
         "cloud_detector": args.cloud_detector if not args.cloud_mask_dir else
-        f"{dataloader.check_mask_dir(args.cloud_mask_dir, [])} (precomputed in {args.cloud_mask_dir})",
+        f"{cloud_masks.check_mask_dir(args.cloud_mask_dir, [])} (precomputed in {args.cloud_mask_dir})",
         # The binary mask behind the cloudy/clear scores and bins, and the list's split rule and leak check: what a
         # reader needs to tell whether two runs' figures compare.
-        "cloud_mask": dataloader.describe_cloud_mask(args.cloud_detector, args.cloud_threshold, args.cloud_mask_dir),
+        "cloud_mask": cloud_masks.describe_cloud_mask(args.cloud_detector, args.cloud_threshold, args.cloud_mask_dir),
         "split_rule": leaks.split_rule, "leak_check": leaks.to_json(),
         "device": str(device), "amp": runtime.amp_name(amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
@@ -732,9 +736,9 @@ def setup_evaluation(args):
         ("uncertainty", args.save_uncertainty)) if wanted]
 
     def read_rows():
-        rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
+        rows = datalist.select_split(datalist.read_data_list(args.data_list_filepath), args.split,
                                        source=str(args.data_list_filepath))
-        dataloader.check_listed_files(rows, args.input_data_folder,
+        rasters.check_listed_files(rows, args.input_data_folder,
                                       f"the {args.split} split of {args.data_list_filepath}")
         return rows
 
@@ -748,8 +752,8 @@ def setup_evaluation(args):
                                           cloud_mask_dir=args.cloud_mask_dir)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    leaks = dataloader.startup_leak_check(args.data_list_filepath, args.input_data_folder)
-    warning = dataloader.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
+    leaks = scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder)
+    warning = scanning.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
     if warning:
         print(warning + " (recorded in summary.json)", file=sys.stderr)
     made = files.outermost_new_folder(results)
@@ -775,7 +779,7 @@ def evaluate_batch(args, results, model, ctx, device, batch, pooled, first_index
     # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
     mask = cloud_mask >= args.cloud_threshold
     cover = mask.float().mean(dim=(1, 2, 3)) * 100.0
-    true_mask = dataloader.truth_mask(batch["cloud_truth"].to(device)) if "cloud_truth" in batch else None
+    true_mask = rasters.truth_mask(batch["cloud_truth"].to(device)) if "cloud_truth" in batch else None
     conf_cols = confidence_scores(confidence, prediction, identity, mask, true_mask)
     if confidence is not None:
         accumulate_histograms(pooled, confidence, mask, true_mask)
@@ -862,7 +866,7 @@ def scene_sar_fill_db(sar_src, strip=256):
     sums = np.zeros(len(bands.S1_BANDS), np.float64)
     counts = np.zeros(len(bands.S1_BANDS), np.int64)
     for y in range(0, sar_src.height, strip):
-        raw = dataloader.read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
+        raw = rasters.read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
         valid = ~np.isnan(raw)
         normed = bands.normalize_s1(raw)  # only NaN pixels are changed by the fill: valid ones are exact
         sums += np.where(valid, normed, 0).sum(axis=(1, 2), dtype=np.float64)
@@ -872,7 +876,7 @@ def scene_sar_fill_db(sar_src, strip=256):
 
 
 def check_scene_pair(cloudy_src, sar_src):
-    """S1 and S2 must share size, and CRS and transform where both files carry one (dataloader.grid_problems, the
+    """S1 and S2 must share size, and CRS and transform where both files carry one (rasters.grid_problems, the
     rule of the dataset's triplets); the error names both files."""
     if cloudy_src.count != len(bands.S2_BANDS):
         raise files.DataError(f"{cloudy_src.name}: expected {len(bands.S2_BANDS)} Sentinel-2 bands, "
@@ -880,15 +884,15 @@ def check_scene_pair(cloudy_src, sar_src):
     if sar_src.count != len(bands.S1_BANDS):
         raise files.DataError(f"{sar_src.name}: expected {len(bands.S1_BANDS)} Sentinel-1 bands "
                                    f"(VV, VH), found {sar_src.count}")
-    problems = dataloader.grid_problems(sar_src, cloudy_src)
+    problems = rasters.grid_problems(sar_src, cloudy_src)
     if problems:
         raise files.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
                                    + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
 
 
 def _read_s2(src, window):
-    raw = dataloader.read_window(src, window)
-    dataloader.check_s2_encoding(raw, src.name)  # float [0, 1] reflectance would give a black scene
+    raw = rasters.read_window(src, window)
+    rasters.check_s2_encoding(raw, src.name)  # float [0, 1] reflectance would give a black scene
     return raw
 
 
@@ -951,7 +955,7 @@ def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx)
     """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host."""
     window = lambda x: (y, x, *size)
     cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x))) for x in xs])
-    sar = np.stack([bands.normalize_s1(_fill(dataloader.read_window(sar_src, window(x)), sar_fill)) for x in xs])
+    sar = np.stack([bands.normalize_s1(_fill(rasters.read_window(sar_src, window(x)), sar_fill)) for x in xs])
     out = forward_all(model, torch.from_numpy(cloudy).to(device), torch.from_numpy(sar).to(device), ctx)
     return {k: None if v is None else v.cpu().numpy() for k, v in out.items()}
 
@@ -987,7 +991,7 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
     device, out_path = torch.device(device), Path(out_path)
     ctx = runtime.autocast(device, amp_dtype)
     model.eval()
-    with dataloader.open_raster(cloudy_path) as cloudy_src, dataloader.open_raster(sar_path) as sar_src, \
+    with rasters.open_raster(cloudy_path) as cloudy_src, rasters.open_raster(sar_path) as sar_src, \
             contextlib.ExitStack() as stack:
         check_scene_pair(cloudy_src, sar_src)
         height, width = cloudy_src.height, cloudy_src.width
@@ -1056,7 +1060,7 @@ def predict(args):
     device, amp_dtype = resolve_device_and_amp(args)
 
     def check_scene():
-        with dataloader.open_raster(args.cloudy) as cloudy_src, dataloader.open_raster(args.sar) as sar_src:
+        with rasters.open_raster(args.cloudy) as cloudy_src, rasters.open_raster(args.sar) as sar_src:
             check_scene_pair(cloudy_src, sar_src)
 
     _, (model, ckpt) = runtime.check_together(check_scene, lambda: runtime.load_models(args.checkpoint, device))

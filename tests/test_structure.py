@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # not import each other: runtime.py does not import dataloader.py (loading a checkpoint needs no GeoTIFF stack).
 LAYERS = {
     "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
-    "losses": 1, "clouds": 1,
-    "dataloader": 2, "runtime": 2, "sizing": 2,
-    "test_CR": 3, "train_CR_kaggle": 3,
-    "benchmark": 4,
+    "losses": 1, "clouds": 1, "datalist": 1, "rasters": 1,
+    "cloud_masks": 2, "scanning": 2,  # the data layer: lists and rasters below masks and scenes below the Dataset
+    "dataloader": 3, "runtime": 3, "sizing": 3,
+    "test_CR": 4, "train_CR_kaggle": 4,
+    "benchmark": 5,
 }
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
 # The names GLF-CR's own code has, which its users' notebooks call as module.name (docs/data.md, docs/evaluation.md):
