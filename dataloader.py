@@ -32,7 +32,7 @@ import splits
 import synthetic
 from bands import denormalize_s2, normalize_s1, normalize_s2
 from cloud_masks import MASK_DETECTORS, check_mask_dir, make_cloud_masks, read_mask
-from clouds import CLOUD_DETECTORS, cloud_score, detector_margin
+from clouds import CLOUD_DETECTORS, CLOUD_THRESHOLD, cloud_score, detector_margin
 from datalist import Triplet, read_data_list, row_to_triplet, write_data_list
 from files import DataError
 from rasters import (
@@ -98,7 +98,7 @@ class SEN12MSCRDataset(Dataset):
     """
 
     def __init__(self, triplets, root, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
-                 cloud_threshold=0.2, random_crop=None, cloud_mask_dir=None, crop_flag="--crop_size",
+                 cloud_threshold=CLOUD_THRESHOLD, random_crop=None, cloud_mask_dir=None, crop_flag="--crop_size",
                  s2_encoding="float"):
         if s2_encoding not in ("float", "uint16"):
             raise ValueError(f"s2_encoding must be 'float' or 'uint16', got {s2_encoding!r}")
@@ -229,7 +229,8 @@ class SEN12MSCRDataset(Dataset):
 class AlignedDataset(SEN12MSCRDataset):
     """GLF-CR entry point. `opts` attributes (missing ones take the default): input_data_folder ("."),
     load_size (None), crop_size (None), is_test (False: random crop; True: centre crop), is_use_cloudmask
-    (True: rule detector; False: none), cloud_threshold (0.2), augment (False: GLF-CR used no flips).
+    (True: rule detector; False: none), cloud_threshold (clouds.CLOUD_THRESHOLD), augment (False: GLF-CR used no
+    flips).
     `filelist` items are Triplets or raw 5/7-column rows as GLF-CR's CSV reader returned them."""
 
     def __init__(self, opts, filelist):
@@ -240,7 +241,7 @@ class AlignedDataset(SEN12MSCRDataset):
             crop_size=getattr(opts, "crop_size", None), load_size=getattr(opts, "load_size", None),
             augment=getattr(opts, "augment", False),
             cloud_detector="rule" if getattr(opts, "is_use_cloudmask", True) else "none",
-            cloud_threshold=getattr(opts, "cloud_threshold", 0.2),
+            cloud_threshold=getattr(opts, "cloud_threshold", CLOUD_THRESHOLD),
             random_crop=not getattr(opts, "is_test", False))
 
 

@@ -1120,7 +1120,7 @@ def build_parser():
     g.add_argument("--is_use_cloudmask", type=parse_bool, nargs="?", const=True, default=None,
                    help="GLF-CR's flag: False = no cloud mask (--cloud_detector none: the cloudy/clear scores are "
                         "empty); True = use the --cloud_detector mask; None: follow --cloud_detector")
-    g.add_argument("--cloud_threshold", type=float, default=0.2,
+    g.add_argument("--cloud_threshold", type=float, default=clouds.CLOUD_THRESHOLD,
                    help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold), "
                         "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
     g.add_argument("--cloud_mask_dir", default=None,

@@ -189,6 +189,54 @@ def test_loss_defaults_have_one_source():
         losses.CRLoss(cloud_weigth_factor=3)
 
 
+def _literal_cloud_thresholds(code):
+    """Where code spells the cloud threshold's value as a literal default (a parameter named *threshold*, a
+    --cloud_threshold flag, getattr(opts, "cloud_threshold", ...)) instead of naming clouds.CLOUD_THRESHOLD."""
+    import clouds
+    found = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            pairs = [*zip(a.args[len(a.args) - len(a.defaults):], a.defaults), *zip(a.kwonlyargs, a.kw_defaults)]
+            values = [d for arg, d in pairs if d is not None and "threshold" in arg.arg]
+        elif isinstance(node, ast.Call) and any(isinstance(v, ast.Constant) and "cloud_threshold" in str(v.value)
+                                                for v in node.args):
+            values = [*node.args, *(k.value for k in node.keywords)]
+        else:
+            continue
+        found += [f"line {v.lineno}" for v in values
+                  if isinstance(v, ast.Constant) and type(v.value) is float and v.value == clouds.CLOUD_THRESHOLD]
+    return found
+
+
+def test_the_literal_threshold_check_sees_each_way_of_spelling_a_default():
+    assert _literal_cloud_thresholds("def f(s2, threshold=0.2): pass\n"
+                                     "def g(*, cloud_threshold=0.2): pass\n"
+                                     "p.add_argument('--cloud_threshold', type=float, default=0.2)\n"
+                                     "getattr(opts, 'cloud_threshold', 0.2)") == [f"line {n}" for n in (1, 2, 3, 4)]
+    assert not _literal_cloud_thresholds("import clouds\ndef f(threshold=clouds.CLOUD_THRESHOLD, low=0.2): pass\n"
+                                         "getattr(opts, 'cloud_threshold', clouds.CLOUD_THRESHOLD)")
+
+
+def test_cloud_threshold_has_one_source(synthetic_dataset):
+    """DSen2-CR's binarisation threshold is clouds.CLOUD_THRESHOLD; every default of a cloud threshold reads it."""
+    import inspect
+    from types import SimpleNamespace
+
+    import clouds
+    import dataloader
+    assert clouds.CLOUD_THRESHOLD == 0.2
+    literal = {p.name: _literal_cloud_thresholds(p.read_text()) for p in ROOT.glob("*.py")}
+    assert not {name: lines for name, lines in literal.items() if lines}
+    root, csv_path = synthetic_dataset
+    train, _, _ = dataloader.get_train_val_test_filelists(csv_path)
+    assert {inspect.signature(clouds.rule_cloud_mask).parameters["threshold"].default,
+            inspect.signature(clouds.cloud_shadow_mask).parameters["threshold"].default,
+            inspect.signature(dataloader.SEN12MSCRDataset).parameters["cloud_threshold"].default,
+            dataloader.AlignedDataset(SimpleNamespace(input_data_folder=root), train).cloud_threshold,  # GLF-CR opts
+            test_CR.build_parser().get_default("cloud_threshold")} == {clouds.CLOUD_THRESHOLD}
+
+
 def test_history_and_metric_names_have_one_source():
     import metrics
     assert test_CR.METRIC_NAMES == metrics.METRIC_NAMES
