@@ -106,6 +106,18 @@ def _init_mask_worker():
     os.environ["OMP_NUM_THREADS"] = "1"
 
 
+def _refuse_other_detector(out_dir, detector):
+    """DataError when out_dir holds finished or unfinished masks of another detector: a folder holds one detector's."""
+    info, partial = out_dir / MASKS_INFO, out_dir / MASKS_PARTIAL
+    if info.is_file() and read_masks_info(out_dir)["detector"] != detector:
+        raise DataError(f"{out_dir} holds {read_masks_info(out_dir)['detector']} masks; use another --out for "
+                        f"{detector}")
+    if partial.is_file() and json.loads(partial.read_text())["detector"] != detector:
+        other = json.loads(partial.read_text())["detector"]
+        raise DataError(f"{out_dir} holds unfinished {other} masks; finish them with --detector {other}, or use "
+                        f"another --out for {detector}")
+
+
 def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=True):
     """Compute each triplet's cloud mask once into out_dir (mirroring the cloudy images' relative paths), on all
     cores, skipping masks already there (resumable; each file written atomically). Every cloudy header is checked
@@ -121,13 +133,7 @@ def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=T
         raise ValueError(f"detector must be one of {MASK_DETECTORS}, got {detector!r}")
     out_dir = Path(out_dir)
     info, partial = out_dir / MASKS_INFO, out_dir / MASKS_PARTIAL
-    if info.is_file() and read_masks_info(out_dir)["detector"] != detector:
-        raise DataError(f"{out_dir} holds {read_masks_info(out_dir)['detector']} masks; use another --out for "
-                        f"{detector}")
-    if partial.is_file() and json.loads(partial.read_text())["detector"] != detector:
-        other = json.loads(partial.read_text())["detector"]
-        raise DataError(f"{out_dir} holds unfinished {other} masks; finish them with --detector {other}, or use "
-                        f"another --out for {detector}")
+    _refuse_other_detector(out_dir, detector)
     check_listed_files(triplets, root, "the data list", cloudy_only=True)
     kind = "binary" if detector in BINARY_DETECTORS else "soft"
     meta = json.dumps({"detector": detector, "settings": detector_settings(detector, None),
