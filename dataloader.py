@@ -1,4 +1,4 @@
-"""SEN12MS-CR data: the Dataset, the synthetic data writer, and the command line of the data tools.
+"""SEN12MS-CR data: list files, windowed GeoTIFF reading and writing, the Dataset, scanning a download.
 
     python dataloader.py synth OUT --n 48 --size 128 --seed 0     # demo data in the official layout
     python dataloader.py scan ROOT --out data.csv                  # list a downloaded copy, split by scene
@@ -10,10 +10,11 @@
 The dataset returns the dict keys of the GLF-CR code (cloudy_data, cloudfree_data, SAR_data, cloud_mask,
 file_name) so notebooks written against GLF-CR keep working; GLF-CR's entry points
 `get_train_val_test_filelists` and `AlignedDataset` are kept beside the friendlier `SEN12MSCRDataset`.
-The list files live in datalist.py, GeoTIFF reading and writing in rasters.py, precomputed cloud mask folders in
-cloud_masks.py, scanning a download and the leak check in scanning.py, the band table and encodings in bands.py, the
-cloud detectors in clouds.py, the synthetic scene generator in synthetic.py, the atomic writers and DataError in
-files.py: import them from there. This module never imports the model.
+This module holds the Dataset, the synthetic data writer and this command line; the list files live in
+datalist.py, GeoTIFF reading and writing in rasters.py, precomputed cloud mask folders in cloud_masks.py, scanning a
+download and the leak check in scanning.py, the band table and encodings in bands.py, the cloud detectors in
+clouds.py, the synthetic scene generator in synthetic.py, the atomic writers and DataError in files.py: import them
+from there. This module never imports the model.
 """
 import argparse
 import contextlib
