@@ -18,19 +18,21 @@ from torch.utils.data import DataLoader
 
 import bands
 import clouds
+import datalist
 import dataloader
 import metrics
+import rasters
 
 # ------------------------------------------------------------------------------------- data loading, cloud detection
 
 def _data_source(args):
     """(root, triplets): --csv/--root if given, else a synthetic tree of 256-px patches (real dtypes, layout)."""
     if args.csv:
-        return args.root or str(Path(args.csv).parent), dataloader.read_data_list(args.csv)
+        return args.root or str(Path(args.csv).parent), datalist.read_data_list(args.csv)
     tmp = tempfile.mkdtemp(prefix="bench_data_")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     csv_path = dataloader.make_synthetic_dataset(tmp, n=args.n, size=args.size, seed=0)
-    return tmp, dataloader.read_data_list(csv_path)
+    return tmp, datalist.read_data_list(csv_path)
 
 
 def _reference_cloud_score(img10000):
@@ -190,11 +192,11 @@ def _detector_agreement(scores, truths, threshold):
 def bench_clouds(args):
     """Each detector's ms per patch and, on synthetic data, its agreement with the true cloud map."""
     root, triplets = _data_source(args)
-    images = [dataloader.read_raster(f"{root}/{t.s2_cloudy}", 13) for t in triplets]
+    images = [rasters.read_raster(f"{root}/{t.s2_cloudy}", 13) for t in triplets]
     normed = [bands.normalize_s2(im) for im in images]
     variants = {  # name -> (scores of every patch, threshold that makes the binary mask)
-        "rule, original code": (lambda: [_reference_cloud_score(im) for im in images], 0.2),
-        "rule (clouds.rule_cloud_score)": (lambda: [clouds.rule_cloud_score(im) for im in normed], 0.2),
+        "rule, original code": (lambda: [_reference_cloud_score(im) for im in images], clouds.CLOUD_THRESHOLD),
+        "rule (clouds.rule_cloud_score)": (lambda: [clouds.rule_cloud_score(im) for im in normed], clouds.CLOUD_THRESHOLD),
         "rule + shadows (cloud_shadow_mask)": (lambda: [np.abs(clouds.cloud_shadow_mask(im)).astype(np.float32)
                                                         for im in normed], 0.5),
         "s2cloudless": (lambda: [clouds.s2cloudless_score(im) for im in normed], 0.4),
@@ -207,12 +209,12 @@ def bench_clouds(args):
             fn()
             times[name].append((time.perf_counter() - t0) / len(images) * 1000)
     ms = {name: statistics.median(t) for name, t in times.items()}
-    truth_paths = [Path(root) / (dataloader.truth_path(t.s2_cloudy) or "-") for t in triplets]
+    truth_paths = [Path(root) / (rasters.truth_path(t.s2_cloudy) or "-") for t in triplets]
     agreement = {}
     if all(p.is_file() for p in truth_paths):
-        truths = [dataloader.read_raster(p, 2) for p in truth_paths]
-        cloud = [t[0] > dataloader.TRUTH_THRESHOLD for t in truths]
-        cloud_or_shadow = [(t > dataloader.TRUTH_THRESHOLD).any(0) for t in truths]
+        truths = [rasters.read_raster(p, 2) for p in truth_paths]
+        cloud = [t[0] > rasters.TRUTH_THRESHOLD for t in truths]
+        cloud_or_shadow = [(t > rasters.TRUTH_THRESHOLD).any(0) for t in truths]
         for name, (_, threshold) in variants.items():
             agreement[name] = {"clouds": _detector_agreement(outputs[name], cloud, threshold),
                                "clouds_and_shadows": _detector_agreement(outputs[name], cloud_or_shadow, threshold)}

@@ -11,6 +11,7 @@ from torch.utils.data import default_collate
 
 import bench_process
 import bench_step
+import datalist
 import dataloader
 import losses
 import train_CR_kaggle as train
@@ -30,10 +31,10 @@ def _loop_data(out, n_unique, size, n_train):
     costs no more synthesis) and a small validation split. Returns the CSV path."""
     csv_path = dataloader.make_synthetic_dataset(Path(out) / "unique", n=n_unique, size=size, seed=0,
                                                  val_frac=0.2, test_frac=0.0)
-    rows = dataloader.read_data_list(csv_path)
+    rows = datalist.read_data_list(csv_path)
     train_rows = [t for t in rows if t.split == 1]
     repeated = [train_rows[i % len(train_rows)] for i in range(n_train)]
-    return dataloader.write_data_list(Path(out) / "unique" / "loop.csv", repeated + [t for t in rows if t.split == 2])
+    return datalist.write_data_list(Path(out) / "unique" / "loop.csv", repeated + [t for t in rows if t.split == 2])
 
 
 def _cpu_seconds(pids):

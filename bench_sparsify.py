@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import datalist
 import dataloader
 import inference
 import metrics
@@ -26,7 +27,7 @@ def _add_sparsify_args(parser):
 def bench_sparsify(args):
     """Sparsification of a head's stds: the model's errors against errors drawn from the predicted Laplace."""
     model, _ = runtime.load_model(args.checkpoint, torch.device("cpu"))
-    rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split)
+    rows = datalist.select_split(datalist.read_data_list(args.data_list_filepath), args.split)
     dataset = dataloader.SEN12MSCRDataset(rows, str(Path(args.data_list_filepath).parent), augment=False)
     rng, std, se, drawn = np.random.default_rng(args.seed), [], [], []
     for sample in (dataset[i] for i in range(len(dataset))):

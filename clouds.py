@@ -17,6 +17,9 @@ from bands import S2_BAND_INDEX
 CLOUD_DETECTORS = ("rule", "s2cloudless", "s2cloudless_prob", "none")
 BINARY_DETECTORS = ("s2cloudless",)  # their score is already the binary mask (0/1): --cloud_threshold does not matter
 # UnCRtainTS's SEN12MS-CR loader (data/dataLoader.py, cloud_masks='s2cloudless_mask', its default).
+# DSen2-CR's binarisation of the rule score (cloudy where score >= 0.2), kept by GLF-CR and UnCRtainTS: the default
+# --cloud_threshold of every dataset, flag and mask in this project, defined here only.
+CLOUD_THRESHOLD = 0.2
 S2CLOUDLESS_SETTINGS = {"threshold": 0.4, "all_bands": True, "average_over": 4, "dilation_size": 2}
 # A mask pixel depends on probabilities up to average_over + dilation_size px away (disc average, then dilation):
 # computed on a crop grown by this margin, the crop's mask equals the whole raster's.
@@ -52,7 +55,7 @@ def rule_cloud_score(s2):
     return np.clip(score, 1e-5, 1.0).astype(np.float32)
 
 
-def rule_cloud_mask(s2, threshold=0.2):
+def rule_cloud_mask(s2, threshold=CLOUD_THRESHOLD):
     """(H,W) bool: soft score >= threshold (the original binarisation)."""
     return rule_cloud_score(s2) >= threshold
 
@@ -71,7 +74,7 @@ def shadow_mask(s2):
     return votes > 12.5
 
 
-def cloud_shadow_mask(s2, threshold=0.2):
+def cloud_shadow_mask(s2, threshold=CLOUD_THRESHOLD):
     """(H,W) int8: 1 cloud, -1 shadow, 0 clear (clouds win over shadows), like get_cloud_cloudshadow_mask."""
     out = np.where(shadow_mask(s2), -1, 0).astype(np.int8)
     out[rule_cloud_mask(s2, threshold)] = 1

@@ -18,8 +18,8 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 import bands
-import dataloader
 import files
+import rasters
 import runtime
 
 UNCERTAINTY_BAND_DESCRIPTIONS = tuple(f"{band} predicted standard deviation (reflectance, 0-1)"
@@ -76,7 +76,7 @@ def scene_sar_fill_db(sar_src, strip=256):
     sums = np.zeros(len(bands.S1_BANDS), np.float64)
     counts = np.zeros(len(bands.S1_BANDS), np.int64)
     for y in range(0, sar_src.height, strip):
-        raw = dataloader.read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
+        raw = rasters.read_window(sar_src, (y, 0, min(strip, sar_src.height - y), sar_src.width))
         valid = ~np.isnan(raw)
         normed = bands.normalize_s1(raw)  # only NaN pixels are changed by the fill: valid ones are exact
         sums += np.where(valid, normed, 0).sum(axis=(1, 2), dtype=np.float64)
@@ -86,7 +86,7 @@ def scene_sar_fill_db(sar_src, strip=256):
 
 
 def check_scene_pair(cloudy_src, sar_src):
-    """S1 and S2 must share size, and CRS and transform where both files carry one (dataloader.grid_problems, the
+    """S1 and S2 must share size, and CRS and transform where both files carry one (rasters.grid_problems, the
     rule of the dataset's triplets); the error names both files."""
     if cloudy_src.count != len(bands.S2_BANDS):
         raise files.DataError(f"{cloudy_src.name}: expected {len(bands.S2_BANDS)} Sentinel-2 bands, "
@@ -94,15 +94,15 @@ def check_scene_pair(cloudy_src, sar_src):
     if sar_src.count != len(bands.S1_BANDS):
         raise files.DataError(f"{sar_src.name}: expected {len(bands.S1_BANDS)} Sentinel-1 bands "
                                    f"(VV, VH), found {sar_src.count}")
-    problems = dataloader.grid_problems(sar_src, cloudy_src)
+    problems = rasters.grid_problems(sar_src, cloudy_src)
     if problems:
         raise files.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
                                    + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
 
 
 def _read_s2(src, window):
-    raw = dataloader.read_window(src, window)
-    dataloader.check_s2_encoding(raw, src.name)  # float [0, 1] reflectance would give a black scene
+    raw = rasters.read_window(src, window)
+    rasters.check_s2_encoding(raw, src.name)  # float [0, 1] reflectance would give a black scene
     return raw
 
 
@@ -165,7 +165,7 @@ def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx)
     """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host."""
     window = lambda x: (y, x, *size)
     cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x))) for x in xs])
-    sar = np.stack([bands.normalize_s1(_fill(dataloader.read_window(sar_src, window(x)), sar_fill)) for x in xs])
+    sar = np.stack([bands.normalize_s1(_fill(rasters.read_window(sar_src, window(x)), sar_fill)) for x in xs])
     out = forward_all(model, torch.from_numpy(cloudy).to(device), torch.from_numpy(sar).to(device), ctx)
     return {k: None if v is None else v.cpu().numpy() for k, v in out.items()}
 
@@ -201,7 +201,7 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
     device, out_path = torch.device(device), Path(out_path)
     ctx = runtime.autocast(device, amp_dtype)
     model.eval()
-    with dataloader.open_raster(cloudy_path) as cloudy_src, dataloader.open_raster(sar_path) as sar_src, \
+    with rasters.open_raster(cloudy_path) as cloudy_src, rasters.open_raster(sar_path) as sar_src, \
             contextlib.ExitStack() as stack:
         check_scene_pair(cloudy_src, sar_src)
         height, width = cloudy_src.height, cloudy_src.width

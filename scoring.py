@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-import dataloader
 import metrics
+import rasters
 
 METRIC_NAMES = metrics.METRIC_NAMES
 # Whole-image score, then inside clouds and in clear pixels (metrics.masked_metrics halves).
@@ -23,10 +23,10 @@ REGIONS = ("all", "cloudy", "clear")
 PREDICTORS = ("model", "identity")  # identity: the cloudy input itself taken as the prediction
 # Cloud-cover bins in percent of cloudy pixels: [lo, hi), the last one closed at 100.
 COVER_BINS = ((0, 10), (10, 30), (30, 60), (60, 100))
-# Where the data has true cloud maps (synthetic sets, dataloader.truth_path), pixels are also scored by their true
+# Where the data has true cloud maps (synthetic sets, rasters.truth_path), pixels are also scored by their true
 # cloud: PSNR of the squared error pooled over a bin's pixels and bands, so a reader sees whether the error lies under
 # thin cloud that lets the ground through or under opaque cloud, at a cloud's edge or deep inside. Opacity bins are
-# (lo, hi]; "clear" has neither cloud nor shadow above dataloader.TRUTH_THRESHOLD.
+# (lo, hi]; "clear" has neither cloud nor shadow above rasters.TRUTH_THRESHOLD.
 OPACITY_BINS = ((0.05, 0.3), (0.3, 0.7), (0.7, 0.9), (0.9, 1.0))
 EDGE_PX = 4  # "at the edge": a cloudy pixel at most this far (Euclidean, px) from a pixel outside the cloud
 
@@ -221,9 +221,9 @@ def truth_bin_masks(cloud_truth):
     """(N,2,H,W) true opacity and shadow -> {bin name: bool (N,H,W)}. A bin may be empty; the bins overlap only
     where a name says so (the opacity bins and the two edge bins each split the cloudy pixels)."""
     opacity, shadow = cloud_truth[:, 0], cloud_truth[:, 1]
-    cloud = opacity > dataloader.TRUTH_THRESHOLD
-    masks = {"clear": ~cloud & (shadow <= dataloader.TRUTH_THRESHOLD),
-             "shadow, no cloud": ~cloud & (shadow > dataloader.TRUTH_THRESHOLD)}
+    cloud = opacity > rasters.TRUTH_THRESHOLD
+    masks = {"clear": ~cloud & (shadow <= rasters.TRUTH_THRESHOLD),
+             "shadow, no cloud": ~cloud & (shadow > rasters.TRUTH_THRESHOLD)}
     masks.update({f"opacity {lo}-{hi}": (opacity > lo) & (opacity <= hi) for lo, hi in OPACITY_BINS})
     # A patch's border is not a cloud's edge: a patch without clear pixels has all of its cloud "inside".
     distance = torch.from_numpy(np.stack([ndimage.distance_transform_edt(c) if (~c).any() else np.full(c.shape, np.inf)

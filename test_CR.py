@@ -37,12 +37,16 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import bands
+import cloud_masks
 import clouds
+import datalist
 import dataloader
 import files
 import inference
 import quicklooks
+import rasters
 import runtime
+import scanning
 import scoring
 import splits
 
@@ -151,14 +155,14 @@ def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
             break
         stem = Path(name).stem
         if args.save_geotiff or args.save_uncertainty or (args.save_confidence and confidence is not None):
-            crs, transform = dataloader.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
+            crs, transform = rasters.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
         if args.save_geotiff:
-            dataloader.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform)
+            rasters.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform)
         if args.save_confidence and confidence is not None:
-            dataloader.write_float_geotiff(results / "confidence" / f"{stem}.tif", confidence[i].cpu(), crs, transform,
+            rasters.write_float_geotiff(results / "confidence" / f"{stem}.tif", confidence[i].cpu(), crs, transform,
                                            description="cloud confidence (0 clear .. 1 cloudy)")
         if args.save_uncertainty:  # setup_evaluation made sure the model predicts one
-            dataloader.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
+            rasters.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
                                            description=inference.UNCERTAINTY_BAND_DESCRIPTIONS)
         if args.save_png:
             quicklooks.save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(),
@@ -215,10 +219,10 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         "protocol": args.protocol, "load_size": args.load_size, "crop_size": args.crop_size,
         "cloud_threshold": args.cloud_threshold,
         "cloud_detector": args.cloud_detector if not args.cloud_mask_dir else
-        f"{dataloader.check_mask_dir(args.cloud_mask_dir, [])} (precomputed in {args.cloud_mask_dir})",
+        f"{cloud_masks.check_mask_dir(args.cloud_mask_dir, [])} (precomputed in {args.cloud_mask_dir})",
         # The binary mask behind the cloudy/clear scores and bins, and the list's split rule and leak check: what a
         # reader needs to tell whether two runs' figures compare.
-        "cloud_mask": dataloader.describe_cloud_mask(args.cloud_detector, args.cloud_threshold, args.cloud_mask_dir),
+        "cloud_mask": cloud_masks.describe_cloud_mask(args.cloud_detector, args.cloud_threshold, args.cloud_mask_dir),
         "split_rule": run.leaks.split_rule, "leak_check": run.leaks.to_json(),
         "device": str(run.device), "amp": runtime.amp_name(run.amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
@@ -315,7 +319,7 @@ class Evaluation:
     model: torch.nn.Module  # the network, or the ensemble of several checkpoints
     ckpt: dict | list[dict]  # the checkpoint, or the ensemble's checkpoints
     loader: DataLoader
-    leaks: dataloader.LeakReport
+    leaks: scanning.LeakReport
 
 
 def setup_evaluation(args: argparse.Namespace) -> Evaluation:
@@ -330,9 +334,9 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
         ("uncertainty", args.save_uncertainty)) if wanted]
 
     def read_rows():
-        rows = dataloader.select_split(dataloader.read_data_list(args.data_list_filepath), args.split,
+        rows = datalist.select_split(datalist.read_data_list(args.data_list_filepath), args.split,
                                        source=str(args.data_list_filepath))
-        dataloader.check_listed_files(rows, args.input_data_folder,
+        rasters.check_listed_files(rows, args.input_data_folder,
                                       f"the {args.split} split of {args.data_list_filepath}")
         return rows
 
@@ -346,8 +350,8 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
                                           cloud_mask_dir=args.cloud_mask_dir)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    leaks = dataloader.startup_leak_check(args.data_list_filepath, args.input_data_folder)
-    warning = dataloader.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
+    leaks = scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder)
+    warning = scanning.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
     if warning:
         print(warning + " (recorded in summary.json)", file=sys.stderr)
     made = files.outermost_new_folder(results)
@@ -376,7 +380,7 @@ def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, 
     # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
     mask = cloud_mask >= args.cloud_threshold
     cover = mask.float().mean(dim=(1, 2, 3)) * 100.0
-    true_mask = dataloader.truth_mask(batch["cloud_truth"].to(device)) if "cloud_truth" in batch else None
+    true_mask = rasters.truth_mask(batch["cloud_truth"].to(device)) if "cloud_truth" in batch else None
     conf_cols = scoring.confidence_scores(confidence, prediction, identity, mask, true_mask)
     if confidence is not None:
         totals.add_histograms(confidence, mask, true_mask)
@@ -472,7 +476,7 @@ def predict(args):
     device, amp_dtype = resolve_device_and_amp(args)
 
     def check_scene():
-        with dataloader.open_raster(args.cloudy) as cloudy_src, dataloader.open_raster(args.sar) as sar_src:
+        with rasters.open_raster(args.cloudy) as cloudy_src, rasters.open_raster(args.sar) as sar_src:
             inference.check_scene_pair(cloudy_src, sar_src)
 
     _, (model, ckpt) = runtime.check_together(check_scene, lambda: runtime.load_models(args.checkpoint, device))
@@ -533,7 +537,7 @@ def build_parser():
     g.add_argument("--is_use_cloudmask", type=parse_bool, nargs="?", const=True, default=None,
                    help="GLF-CR's flag: False = no cloud mask (--cloud_detector none: the cloudy/clear scores are "
                         "empty); True = use the --cloud_detector mask; None: follow --cloud_detector")
-    g.add_argument("--cloud_threshold", type=float, default=0.2,
+    g.add_argument("--cloud_threshold", type=float, default=clouds.CLOUD_THRESHOLD,
                    help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold), "
                         "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
     g.add_argument("--cloud_mask_dir", default=None,

@@ -35,12 +35,15 @@ from tqdm.auto import tqdm
 
 import bands
 import clouds
+import datalist
 import dataloader
 import files
 import losses
 import metrics
 import net_CR_CrossAttention
+import rasters
 import runtime
+import scanning
 import sizing
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_data"
@@ -286,12 +289,12 @@ def check_inputs(args):
             raise runtime.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.time_limit is not None and args.time_limit <= 0:
         raise runtime.UsageError(f"--time_limit is in hours and must be positive, got {args.time_limit}")
-    rows = dataloader.read_data_list(args.data_list_filepath)
-    train_rows = dataloader.select_split(rows, "train", source=args.data_list_filepath)
-    val_rows = dataloader.select_split(rows, "val", source=args.data_list_filepath)
-    root = dataloader.data_root(args.input_data_folder)
-    if len(train_rows) + len(val_rows) <= dataloader.AUTO_FOOTPRINT_LIMIT:  # headers: about 1 ms a file
-        dataloader.check_listed_files(train_rows + val_rows, root, f"the train and val splits of "
+    rows = datalist.read_data_list(args.data_list_filepath)
+    train_rows = datalist.select_split(rows, "train", source=args.data_list_filepath)
+    val_rows = datalist.select_split(rows, "val", source=args.data_list_filepath)
+    root = rasters.data_root(args.input_data_folder)
+    if len(train_rows) + len(val_rows) <= scanning.AUTO_FOOTPRINT_LIMIT:  # headers: about 1 ms a file
+        rasters.check_listed_files(train_rows + val_rows, root, f"the train and val splits of "
                                                                    f"{args.data_list_filepath}")
         return train_rows, val_rows
     for rows in (train_rows, val_rows):
@@ -306,8 +309,8 @@ def check_data(args, is_main):
     """check_inputs, then (rank 0) the leak check's warnings: a place in train and in val or test inflates their
     scores, and pairs whose files could not all be read are named as not checked."""
     train_rows, val_rows = check_inputs(args)
-    leak = is_main and dataloader.leak_warning(
-        dataloader.startup_leak_check(args.data_list_filepath, args.input_data_folder), ((1, 2), (1, 3)),
+    leak = is_main and scanning.leak_warning(
+        scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder), ((1, 2), (1, 3)),
         args.input_data_folder)
     if leak:
         print(leak, file=sys.stderr)
@@ -692,7 +695,7 @@ def confidence_target(batch, device):
     """What the confidence map should be: the true cloud map where the data has one (synthetic sets), else the
     detector's binary mask (score >= threshold)."""
     if "cloud_truth" in batch:
-        return dataloader.truth_mask(batch["cloud_truth"]).float().to(device, non_blocking=True)
+        return rasters.truth_mask(batch["cloud_truth"]).float().to(device, non_blocking=True)
     return batch["cloud_binary"].to(device, non_blocking=True)
 
 

@@ -7,6 +7,7 @@ import pytest
 
 import bench_learn
 import benchmark
+import datalist
 import dataloader
 import net_CR_CrossAttention
 import test_CR
@@ -104,7 +105,7 @@ def _learn_args(*argv):
 def test_learn_settings_give_train_val_and_test_scenes_of_the_same_pixels(setting, tmp_path):
     args = _learn_args("--setting", setting)
     csv_path = dataloader.make_synthetic_dataset(tmp_path, n=args.n, size=args.size, seed=args.data_seed)
-    counts = [sum(t.split == split for t in dataloader.read_data_list(csv_path)) for split in (1, 2, 3)]
+    counts = [sum(t.split == split for t in datalist.read_data_list(csv_path)) for split in (1, 2, 3)]
     assert all(counts), counts
     # as many pixels per run and per step as the 64 px setting, so the two compare at about equal cost
     assert args.n * args.size ** 2 == 80 * 64 ** 2 and args.batch_sz * args.size ** 2 == 4 * 64 ** 2

@@ -13,11 +13,14 @@ import torch
 from torchmetrics.functional.classification import binary_auroc
 
 import bands
+import cloud_masks
 import clouds
+import datalist
 import dataloader as D
 import files
 import metrics
 import net_CR_CrossAttention as net
+import rasters
 import runtime
 import scoring
 import synthetic
@@ -31,17 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_truth_is_written_beside_the_cloudy_image_with_its_georeference(synthetic_dataset):
     root, csv_path = synthetic_dataset
-    for t in D.read_data_list(csv_path):
-        path = root / D.truth_path(t.s2_cloudy)
+    for t in datalist.read_data_list(csv_path):
+        path = root / rasters.truth_path(t.s2_cloudy)
         assert "cloud_truth" in str(path) and path.is_file()
         with rasterio.open(path) as truth, rasterio.open(root / t.s2_cloudy) as cloudy:
             assert truth.count == 2 and truth.dtypes == ("float32", "float32")
-            assert truth.descriptions == D.TRUTH_BANDS
+            assert truth.descriptions == rasters.TRUTH_BANDS
             assert truth.crs == cloudy.crs and truth.transform == cloudy.transform and truth.shape == cloudy.shape
             values = truth.read()
         assert values.min() >= 0 and values.max() <= 1
-    assert D.truth_path("s2_cloudy/p.tif") == "cloud_truth/p.tif"
-    assert D.truth_path("cloudy/p.tif") is None  # a layout without the word has no truth (not the image itself)
+    assert rasters.truth_path("s2_cloudy/p.tif") == "cloud_truth/p.tif"
+    assert rasters.truth_path("cloudy/p.tif") is None  # a layout without the word has no truth (not the image itself)
 
 
 def test_truth_explains_the_cloudy_image(synthetic_dataset):
@@ -49,10 +52,10 @@ def test_truth_explains_the_cloudy_image(synthetic_dataset):
     says cloud, the cloudy image is brighter in the visible bands."""
     root, csv_path = synthetic_dataset
     cloudy_seen = 0
-    for t in D.read_data_list(csv_path):
-        clear = bands.normalize_s2(D.read_raster(root / t.s2_cloudfree, 13))
-        cloudy = bands.normalize_s2(D.read_raster(root / t.s2_cloudy, 13))
-        opacity, shadow = D.read_raster(root / D.truth_path(t.s2_cloudy), 2)
+    for t in datalist.read_data_list(csv_path):
+        clear = bands.normalize_s2(rasters.read_raster(root / t.s2_cloudfree, 13))
+        cloudy = bands.normalize_s2(rasters.read_raster(root / t.s2_cloudy, 13))
+        opacity, shadow = rasters.read_raster(root / rasters.truth_path(t.s2_cloudy), 2)
         free = (opacity == 0) & (shadow == 0)
         if free.sum() > 100:
             ratio = cloudy[:, free] / np.maximum(clear[:, free], 1e-3)
@@ -70,7 +73,7 @@ def test_truth_explains_the_cloudy_image(synthetic_dataset):
 
 def test_dataset_returns_the_truth_augmented_with_the_images(synthetic_dataset):
     root, csv_path = synthetic_dataset
-    triplets = D.read_data_list(csv_path)
+    triplets = datalist.read_data_list(csv_path)
     plain = D.SEN12MSCRDataset(triplets, root, augment=False)
     torch.manual_seed(5)
     augmented = D.SEN12MSCRDataset(triplets, root, augment=True, crop_size=32)
@@ -91,19 +94,19 @@ def test_a_partial_truth_set_is_an_error(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     copy = tmp_path / "copy"
     shutil.copytree(root, copy)
-    triplets = D.read_data_list(copy / "data.csv")
-    (copy / D.truth_path(triplets[3].s2_cloudy)).unlink()
+    triplets = datalist.read_data_list(copy / "data.csv")
+    (copy / rasters.truth_path(triplets[3].s2_cloudy)).unlink()
     with pytest.raises(files.DataError, match="cloud_truth"):
         D.SEN12MSCRDataset(triplets, copy)
     for t in triplets:  # none at all: real data, no truth key
-        (copy / D.truth_path(t.s2_cloudy)).unlink(missing_ok=True)
+        (copy / rasters.truth_path(t.s2_cloudy)).unlink(missing_ok=True)
     assert "cloud_truth" not in D.SEN12MSCRDataset(triplets, copy)[0]
 
 
 def test_land_cover_table_is_the_clustering_of_the_real_sample(real_sample_dir):
-    t = D.read_data_list(real_sample_dir / "data.csv")[0]
-    s2 = bands.normalize_s2(D.read_raster(real_sample_dir / t.s2_cloudfree, 13))
-    clusters = synthetic.land_covers_from_sample(s2, D.read_raster(real_sample_dir / t.s1, 2), k=5)
+    t = datalist.read_data_list(real_sample_dir / "data.csv")[0]
+    s2 = bands.normalize_s2(rasters.read_raster(real_sample_dir / t.s2_cloudfree, 13))
+    clusters = synthetic.land_covers_from_sample(s2, rasters.read_raster(real_sample_dir / t.s1, 2), k=5)
     for (spectrum, backscatter, _), name in zip(clusters, ("real_1", "real_2", "real_3", "real_4", "real_5")):
         table_spectrum, table_backscatter = synthetic.LAND_COVERS[name]
         np.testing.assert_allclose(spectrum, table_spectrum, atol=0.0006)
@@ -120,16 +123,16 @@ def test_masks_cli_precomputes_resumes_and_feeds_the_dataset(synthetic_dataset, 
            str(root), "--detector", "rule", "--out", str(out), "--workers", "2"]
     first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    triplets = D.read_data_list(csv_path)
+    triplets = datalist.read_data_list(csv_path)
     assert "(12 made, 0 already there)" in first.stdout
-    assert json.loads((out / D.MASKS_INFO).read_text())["detector"] == "rule"
+    assert json.loads((out / cloud_masks.MASKS_INFO).read_text())["detector"] == "rule"
     assert not [p for p in out.rglob("*") if p.name.startswith(".")], "temp files left behind"
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert "(0 made, 12 already there)" in again.stdout  # resumable: nothing is done twice
     # the dataset reads them instead of running the detector: exactly the rule score of the whole raster
     ds = D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=out)
     for i in (0, 5):
-        whole = clouds.rule_cloud_score(bands.normalize_s2(D.read_raster(root / triplets[i].s2_cloudy, 13)))
+        whole = clouds.rule_cloud_score(bands.normalize_s2(rasters.read_raster(root / triplets[i].s2_cloudy, 13)))
         np.testing.assert_array_equal(ds[i]["cloud_mask"][0].numpy(), whole)
     assert ds.cloud_detector == "rule"
     # a missing mask names the file and the command that makes it; another detector in the same folder is refused
@@ -137,7 +140,7 @@ def test_masks_cli_precomputes_resumes_and_feeds_the_dataset(synthetic_dataset, 
     with pytest.raises(files.DataError, match="dataloader.py masks"):
         D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=out)
     with pytest.raises(files.DataError, match="rule masks"):
-        D.make_cloud_masks(triplets, root, out, "s2cloudless", progress=False)
+        cloud_masks.make_cloud_masks(triplets, root, out, "s2cloudless", progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -296,15 +299,15 @@ def test_evaluation_scores_the_confidence_map(confidence_run, synthetic_dataset)
 
     # recompute one image by hand from the saved confidence map and a fresh forward pass
     root, csv_path = synthetic_dataset
-    test_rows = D.select_split(D.read_data_list(csv_path), "test")
+    test_rows = datalist.select_split(datalist.read_data_list(csv_path), "test")
     sample = D.SEN12MSCRDataset(test_rows, root, augment=False)[0]
     row = next(r for r in rows if r["file_name"] == sample["file_name"])
     model, _ = runtime.load_model(ckpt, torch.device("cpu"))
     with torch.no_grad():
         prediction, aux = model(sample["cloudy_data"][None], sample["SAR_data"][None], return_aux=True)
-    saved = D.read_raster(results / "confidence" / sample["file_name"], 1)
+    saved = rasters.read_raster(results / "confidence" / sample["file_name"], 1)
     np.testing.assert_allclose(saved[0], aux["confidence"][0, 0].numpy(), atol=1e-5)
-    clear = ~D.truth_mask(sample["cloud_truth"][None])
+    clear = ~rasters.truth_mask(sample["cloud_truth"][None])
     change = (bands.finish_s2(prediction) - bands.finish_s2(sample["cloudy_data"][None])).abs().mean(1, keepdim=True)
     assert math.isclose(float(row["model_clear_change"]), float(change[clear].mean()), rel_tol=1e-4)
     if clear.any() and not clear.all():
@@ -374,7 +377,7 @@ def test_evaluation_scores_pixels_by_their_true_cloud(confidence_run, synthetic_
     _, _, summary = confidence_run
     bins = summary["truth_bins"]
     root, csv_path = synthetic_dataset
-    dataset = D.SEN12MSCRDataset(D.select_split(D.read_data_list(csv_path), "test"), root, augment=False)
+    dataset = D.SEN12MSCRDataset(datalist.select_split(datalist.read_data_list(csv_path), "test"), root, augment=False)
     samples = [dataset[i] for i in range(len(dataset))]
     truth = torch.stack([s["cloud_truth"] for s in samples])
     cloudy = bands.finish_s2(torch.stack([s["cloudy_data"] for s in samples]))

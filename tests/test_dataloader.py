@@ -21,9 +21,13 @@ from geotiff import write_geotiff
 from rasterio.transform import from_origin
 
 import bands
+import cloud_masks
 import clouds
+import datalist
 import dataloader as D
 import files
+import rasters
+import scanning
 import splits
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -35,7 +39,7 @@ def _write(path, data, transform=from_origin(500000, 5600000, 10, 10), crs="EPSG
 
 def _official_name(triplet, mod):
     """(region-season, scene, patch) of a triplet -> official file name of modality mod."""
-    roi, scene = D.scene_of(triplet)
+    roi, scene = scanning.scene_of(triplet)
     patch = Path(triplet.s2_cloudy).stem.rsplit("_p", 1)[1]
     return f"{roi}_{mod}_{scene}_p{patch}.tif"
 
@@ -44,7 +48,7 @@ def _three_layouts(src_root, triplet, tmp_path):
     """Copy one triplet into a GLF-CR 5-column tree, a Kaggle 7-column list and a triple-nested tree found by
     scan. Returns [(root, triplets)] for the three."""
     files = [src_root / p for p in (triplet.s1, triplet.s2_cloudfree, triplet.s2_cloudy)]
-    roi, scene = D.scene_of(triplet)
+    roi, scene = scanning.scene_of(triplet)
     # 5 columns: same file name in three folders.
     five = tmp_path / "five"
     for folder, f in zip(("s1", "s2_cloudfree", "s2_cloudy"), files):
@@ -53,28 +57,30 @@ def _three_layouts(src_root, triplet, tmp_path):
     (five / "data.csv").write_text("1,s1,s2_cloudfree,s2_cloudy,patch.tif\n")
     # 7 columns, with header, written by write_data_list.
     seven = tmp_path / "seven.csv"
-    D.write_data_list(seven, [D.Triplet(1, *(str(f.resolve()) for f in files))])  # absolute paths, root "/"
+    # absolute paths, root "/"
+    datalist.write_data_list(seven, [datalist.Triplet(1, *(str(f.resolve()) for f in files))])
     # Kaggle triple nesting, found by scan.
     nested = tmp_path / "nested"
     for mod, f in zip(("s1", "s2", "s2_cloudy"), files):
         d = nested / f"{roi}_{mod}" / f"{roi}_{mod}" / f"{roi}_{mod}" / f"{mod}_{scene}"
         d.mkdir(parents=True)
         shutil.copy(f, d / _official_name(triplet, mod))
-    scanned, unpartnered = D.scan_layout(nested)
+    scanned, unpartnered = scanning.scan_layout(nested)
     assert len(scanned) == 1 and unpartnered == []
-    return [(five, D.read_data_list(five / "data.csv")), (Path("/"), D.read_data_list(seven)), (nested, scanned)]
+    return [(five, datalist.read_data_list(five / "data.csv")), (Path("/"), datalist.read_data_list(seven)),
+            (nested, scanned)]
 
 
 @pytest.fixture(scope="module")
 def synth(synthetic_dataset):
     root, csv_path = synthetic_dataset
-    return root, D.read_data_list(csv_path)
+    return root, datalist.read_data_list(csv_path)
 
 
 # ----------------------------------------------------------------------------------------------- real sample
 
 def test_real_sample_shapes_dtypes_ranges(real_sample_dir):
-    triplets = D.read_data_list(real_sample_dir / "data.csv")
+    triplets = datalist.read_data_list(real_sample_dir / "data.csv")
     sample = D.SEN12MSCRDataset(triplets, real_sample_dir)[0]
     assert sample["cloudy_data"].shape == sample["cloudfree_data"].shape == (13, 256, 256)
     assert sample["SAR_data"].shape == (2, 256, 256) and sample["cloud_mask"].shape == (1, 256, 256)
@@ -97,9 +103,9 @@ def test_five_seven_and_scanned_layouts_give_identical_tensors(source, synth, re
     if source == "real":
         root = request.getfixturevalue("real_sample_dir")
         # The real sample is in the 5-column layout; give it official names first.
-        t = D.read_data_list(root / "data.csv")[0]
+        t = datalist.read_data_list(root / "data.csv")[0]
         official = tmp_path / "official"
-        triplet = D.Triplet(1, *(f"{m}/ROIs2017_winter_{m}_112_p797.tif" for m in ("s1", "s2", "s2_cloudy")))
+        triplet = datalist.Triplet(1, *(f"{m}/ROIs2017_winter_{m}_112_p797.tif" for m in ("s1", "s2", "s2_cloudy")))
         for rel, src in zip((triplet.s1, triplet.s2_cloudfree, triplet.s2_cloudy), (t.s1, t.s2_cloudfree, t.s2_cloudy)):
             (official / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(root / src, official / rel)
@@ -123,15 +129,16 @@ def test_header_optional_and_tab_separated(tmp_path):
     no_header.write_text("\n".join(",".join(r) for r in rows) + "\n\n")
     tsv = tmp_path / "t.csv"
     tsv.write_text("".join("\t".join(r) + "\n" for r in rows))
-    expect = [D.Triplet(1, "a/x.tif", "b/x.tif", "c/x.tif"), D.Triplet(3, "a/y.tif", "b/y.tif", "c/y.tif")]
+    expect = [datalist.Triplet(1, "a/x.tif", "b/x.tif", "c/x.tif"),
+              datalist.Triplet(3, "a/y.tif", "b/y.tif", "c/y.tif")]
     for p in (with_header, no_header, tsv):
-        assert D.read_data_list(p) == expect
+        assert datalist.read_data_list(p) == expect
     train, val, test = D.get_train_val_test_filelists(no_header)
     assert (len(train), len(val), len(test)) == (1, 0, 1)
     # 7 columns round trip through write_data_list (header) and back.
-    seven = D.write_data_list(tmp_path / "seven.csv", expect)
-    assert D.read_data_list(seven) == expect
-    assert next(csv.reader(open(seven))) == list(D.KAGGLE_HEADER)
+    seven = datalist.write_data_list(tmp_path / "seven.csv", expect)
+    assert datalist.read_data_list(seven) == expect
+    assert next(csv.reader(open(seven))) == list(datalist.KAGGLE_HEADER)
 
 
 @pytest.mark.parametrize("bad_line, message", [
@@ -143,7 +150,7 @@ def test_malformed_row_names_file_and_line(tmp_path, bad_line, message):
     p = tmp_path / "data.csv"
     p.write_text("split,a,b,c,name\n1,a,b,c,x.tif\n" + bad_line + "\n")
     with pytest.raises(files.DataError, match=message) as e:
-        D.read_data_list(p)
+        datalist.read_data_list(p)
     assert f"{p}:3" in str(e.value)
 
 
@@ -151,16 +158,16 @@ def test_empty_split_and_empty_list_are_clear_errors(tmp_path):
     p = tmp_path / "data.csv"
     p.write_text("1,a,b,c,x.tif\n")
     with pytest.raises(files.DataError, match=r"no rows with split 3 \(test\)") as e:
-        D.select_split(D.read_data_list(p), "test", source=p)
+        datalist.select_split(datalist.read_data_list(p), "test", source=p)
     assert str(p) in str(e.value)
     with pytest.raises(files.DataError, match="empty"):
         D.SEN12MSCRDataset([], tmp_path)
     (tmp_path / "blank.csv").write_text("split,a,b,c,name\n")
     with pytest.raises(files.DataError, match="no data rows"):
-        D.read_data_list(tmp_path / "blank.csv")
+        datalist.read_data_list(tmp_path / "blank.csv")
 
 
-_FIVE = [D.Triplet(1, "a/x.tif", "b/x.tif", "c/x.tif"), D.Triplet(3, "a/y.tif", "b/y.tif", "c/y.tif")]
+_FIVE = [datalist.Triplet(1, "a/x.tif", "b/x.tif", "c/x.tif"), datalist.Triplet(3, "a/y.tif", "b/y.tif", "c/y.tif")]
 
 
 @pytest.mark.parametrize("name, data", [
@@ -172,7 +179,7 @@ _FIVE = [D.Triplet(1, "a/x.tif", "b/x.tif", "c/x.tif"), D.Triplet(3, "a/y.tif", 
 ])
 def test_list_formats_users_save_are_read_as_what_they_are(tmp_path, name, data):
     (tmp_path / name).write_bytes(data)
-    assert D.read_data_list(tmp_path / name) == _FIVE  # a BOM used to turn the first row into a dropped header
+    assert datalist.read_data_list(tmp_path / name) == _FIVE  # a BOM used to turn the first row into a dropped header
 
 
 @pytest.mark.parametrize("data, seen", [
@@ -187,7 +194,7 @@ def test_a_file_that_is_no_list_is_named_with_the_formats_read(tmp_path, data, s
     p = tmp_path / "data.csv"
     p.write_bytes(data)
     with pytest.raises(files.DataError) as e:
-        D.read_data_list(p)
+        datalist.read_data_list(p)
     assert str(e.value).startswith(f"data list {p} {seen}, not a list; read: GLF-CR 5 columns")
 
 
@@ -196,13 +203,13 @@ def test_a_plain_list_of_names_and_a_folder_are_named(tmp_path):
     names.write_text("ROIs1158_spring_s1_1_p30.tif\nROIs1158_spring_s1_1_p31.tif\n")
     with pytest.raises(files.DataError, match=rf"{names}:1: one name per line .*dataloader.py scan ROOT .*"
                                               rf"Read: GLF-CR 5 columns"):
-        D.read_data_list(names)
+        datalist.read_data_list(names)
     with pytest.raises(files.DataError, match=rf"data list {tmp_path} is a folder; .*scan {tmp_path} --out"):
-        D.read_data_list(tmp_path)
+        datalist.read_data_list(tmp_path)
     four = tmp_path / "four.csv"
     four.write_text("1,a/x.tif,b/x.tif,c/x.tif\n")
     with pytest.raises(files.DataError, match=rf"{four}:1: expected 5 columns .* got 4: .*; read: GLF-CR"):
-        D.read_data_list(four)
+        datalist.read_data_list(four)
 
 
 @pytest.mark.parametrize("kind, cause", [("folder", "is a folder, not a GeoTIFF file"),
@@ -216,7 +223,7 @@ def test_a_listed_file_that_is_no_raster_names_its_cause(tmp_path, kind, cause):
     else:
         bad.write_bytes(b"" if kind == "empty" else b"<html><body>404 Not Found</body></html>")
     with pytest.raises(files.DataError, match=re.escape(cause)) as e:
-        D.open_raster(bad)
+        rasters.open_raster(bad)
     assert str(bad) in str(e.value)
 
 
@@ -226,7 +233,7 @@ def _corrupt(kind, root):
     """Break the cloud-free S2 file of a fresh triplet in one way; return (root, triplet, file named)."""
     s1 = np.full((2, 32, 32), -10, np.float32)
     s2 = np.full((13, 32, 32), 1000, np.uint16)
-    t = D.Triplet(1, "s1/p.tif", "s2/p.tif", "cloudy/p.tif")
+    t = datalist.Triplet(1, "s1/p.tif", "s2/p.tif", "cloudy/p.tif")
     _write(root / t.s1, s1)
     _write(root / t.s2_cloudy, s2)
     bad = root / t.s2_cloudfree
@@ -257,7 +264,7 @@ def _triplet(root, s1=None, s1_crs="EPSG:32631", s1_transform=from_origin(500000
     """Write one 32 px triplet under root (S1 with its own CRS/transform, both S2 with theirs); return it."""
     s1 = np.full((2, 32, 32), -10, np.float32) if s1 is None else s1
     s2 = np.full((13, 32, 32), 1000, np.uint16) if s2 is None else s2
-    t = D.Triplet(1, "s1/p.tif", "s2/p.tif", "cloudy/p.tif")
+    t = datalist.Triplet(1, "s1/p.tif", "s2/p.tif", "cloudy/p.tif")
     _write(root / t.s1, s1, s1_transform, s1_crs)
     for rel in (t.s2_cloudfree, t.s2_cloudy):
         _write(root / rel, s2, s2_transform, s2_crs)
@@ -293,9 +300,9 @@ def test_rasters_without_georeferencing_load(tmp_path, synth):
     """Derived copies often lose CRS and transform: size is still checked, CRS/transform only where both have one."""
     root, triplets = synth
     src = triplets[0]
-    data = [D.read_raster(root / rel, n) for rel, n in ((src.s1, 2), (src.s2_cloudfree, 13), (src.s2_cloudy, 13))]
+    data = [rasters.read_raster(root / rel, n) for rel, n in ((src.s1, 2), (src.s2_cloudfree, 13), (src.s2_cloudy, 13))]
     data = [data[0], *(d.astype(np.uint16) for d in data[1:])]
-    t = D.Triplet(1, "s1/p.tif", "s2/p.tif", "cloudy/p.tif")
+    t = datalist.Triplet(1, "s1/p.tif", "s2/p.tif", "cloudy/p.tif")
     for rel, d in zip((t.s1, t.s2_cloudfree, t.s2_cloudy), data):
         _write(tmp_path / "none" / rel, d, crs=None)
     with warnings.catch_warnings():
@@ -323,7 +330,7 @@ def test_truncated_geotiff_error_keeps_gdals_reason(tmp_path):
     with pytest.raises(files.DataError) as mapped:
         D.SEN12MSCRDataset([t], tmp_path)[0]
     with rasterio.open(cloudy) as src, pytest.raises(files.DataError) as plain:
-        D.read_window(src, None)
+        rasters.read_window(src, None)
     for e, reason in ((mapped, "Missing data for block"), (plain, "TIFFReadEncodedStrip() failed")):
         message = str(e.value)
         assert message.startswith(f"cannot read {cloudy}: ") and reason in message, message
@@ -368,7 +375,7 @@ def test_normalisation_convention_and_nan_fill():
 def test_nan_pixels_are_filled_with_the_band_mean_of_the_window(synth):
     root, triplets = synth
     t = triplets[6]  # make_synthetic_dataset puts a NaN block in the S1 corner of every 7th patch
-    raw = D.read_raster(root / t.s1, 2)
+    raw = rasters.read_raster(root / t.s1, 2)
     nan = np.isnan(raw[0])
     assert nan.sum() == 64
     sar = D.SEN12MSCRDataset([t], root)[0]["SAR_data"].numpy()
@@ -395,10 +402,10 @@ def test_crops_windows_and_georeference(synth, tmp_path):
     for r, c, h, w in windows:
         assert 0 <= r <= 32 and 0 <= c <= 32 and (h, w) == (32, 32)
     # The window georeferences the crop: writing it and reading back keeps CRS, origin and values.
-    crs, transform = D.raster_georef(root / t.s2_cloudy, window=centre["window"].tolist())
-    full_crs, full_transform = D.raster_georef(root / t.s2_cloudy)
+    crs, transform = rasters.raster_georef(root / t.s2_cloudy, window=centre["window"].tolist())
+    full_crs, full_transform = rasters.raster_georef(root / t.s2_cloudy)
     assert crs == full_crs and transform.c == full_transform.c + 16 * 10 and transform.f == full_transform.f - 160
-    out = D.write_s2_geotiff(tmp_path / "pred.tif", centre["cloudy_data"], crs, transform)
+    out = rasters.write_s2_geotiff(tmp_path / "pred.tif", centre["cloudy_data"], crs, transform)
     with rasterio.open(out) as src:
         assert src.dtypes[0] == "uint16" and src.count == 13 and src.crs == crs and src.transform == transform
         np.testing.assert_array_equal(src.read(), bands.denormalize_s2(centre["cloudy_data"]))
@@ -495,10 +502,10 @@ def _original_shadow(img10000):
 def test_rule_detector_matches_the_original_algorithm(source, synth, request):
     if source == "real":
         sample = request.getfixturevalue("real_sample_dir")
-        images = [D.read_raster(sample / "s2_cloudy" / "ROIs2017_winter_112_p797.tif", 13)]
+        images = [rasters.read_raster(sample / "s2_cloudy" / "ROIs2017_winter_112_p797.tif", 13)]
     else:
         root, triplets = synth
-        images = [D.read_raster(root / t.s2_cloudy, 13) for t in triplets[:5]]  # clear, haze, partial, overcast
+        images = [rasters.read_raster(root / t.s2_cloudy, 13) for t in triplets[:5]]  # clear, haze, partial, overcast
     for raw in images:
         np.testing.assert_allclose(clouds.rule_cloud_score(bands.normalize_s2(raw)), _original_cloud_score(raw),
                                    atol=2e-6)
@@ -551,12 +558,13 @@ def _package_mask(raw):
 
 @pytest.mark.slow
 def test_s2cloudless_mask_is_the_packages_get_cloud_masks_on_the_real_sample(real_sample_dir, tmp_path):
-    t = D.read_data_list(real_sample_dir / "data.csv")[0]
-    mask = _package_mask(D.read_raster(real_sample_dir / t.s2_cloudy, 13))
+    t = datalist.read_data_list(real_sample_dir / "data.csv")[0]
+    mask = _package_mask(rasters.read_raster(real_sample_dir / t.s2_cloudy, 13))
     whole = D.SEN12MSCRDataset([t], real_sample_dir, cloud_detector="s2cloudless")[0]
     np.testing.assert_array_equal(whole["cloud_mask"][0].numpy(), mask)
-    stored = D.write_cloud_mask(real_sample_dir / t.s2_cloudy, tmp_path / "mask.tif", "s2cloudless")  # precomputed
-    np.testing.assert_array_equal(D.read_mask(stored), mask)
+    # precomputed
+    stored = cloud_masks.write_cloud_mask(real_sample_dir / t.s2_cloudy, tmp_path / "mask.tif", "s2cloudless")
+    np.testing.assert_array_equal(cloud_masks.read_mask(stored), mask)
     np.testing.assert_array_equal(whole["cloud_binary"][0].numpy(), mask)  # binary already: no threshold moves it
     prob = D.SEN12MSCRDataset([t], real_sample_dir, cloud_detector="s2cloudless_prob")[0]["cloud_mask"][0].numpy()
     np.testing.assert_array_equal(_package_detector().get_mask_from_prob(prob[None])[0], mask)
@@ -570,7 +578,7 @@ def test_s2cloudless_mask_of_a_crop_is_the_whole_rasters_mask_cropped(synth):
     torch.manual_seed(0)
     ds = D.SEN12MSCRDataset(triplets[:6], root, cloud_detector="s2cloudless", crop_size=20, random_crop=True)
     for i in range(len(ds)):
-        mask = _package_mask(D.read_raster(root / triplets[i].s2_cloudy, 13))
+        mask = _package_mask(rasters.read_raster(root / triplets[i].s2_cloudy, 13))
         s = ds[i]
         r, c, h, w = s["window"].tolist()
         np.testing.assert_array_equal(s["cloud_mask"][0].numpy(), mask[r:r + h, c:c + w])
@@ -584,9 +592,9 @@ def test_precomputed_masks_equal_the_detector_on_the_fly(synth, tmp_path, detect
     triplets = triplets[:4]
     out = tmp_path / "masks"
     for t in triplets:  # what the masks command's workers do; make_cloud_masks then has nothing left but masks.json
-        D.write_cloud_mask(root / t.s2_cloudy, out / t.s2_cloudy, detector)
-    assert D.make_cloud_masks(triplets, root, out, detector, progress=False) == (0, 4)
-    info = json.loads((out / D.MASKS_INFO).read_text())
+        cloud_masks.write_cloud_mask(root / t.s2_cloudy, out / t.s2_cloudy, detector)
+    assert cloud_masks.make_cloud_masks(triplets, root, out, detector, progress=False) == (0, 4)
+    info = json.loads((out / cloud_masks.MASKS_INFO).read_text())
     assert info["detector"] == detector and info["settings"]["detector"] == detector
     for threshold in (0.2, 0.5):
         # A centred crop, the same window both ways; the rule detector, kept as published, runs on the crop it is
@@ -602,11 +610,12 @@ def test_precomputed_masks_equal_the_detector_on_the_fly(synth, tmp_path, detect
 
 def test_masks_of_the_old_rounded_encoding_are_refused(synth, tmp_path):
     root, triplets = synth
-    (tmp_path / D.MASKS_INFO).write_text(json.dumps({"detector": "s2cloudless", "encoding": "uint8 soft score x255"}))
+    (tmp_path / cloud_masks.MASKS_INFO).write_text(json.dumps({"detector": "s2cloudless",
+                                                               "encoding": "uint8 soft score x255"}))
     with pytest.raises(files.DataError, match="rounding moves the threshold.*--detector s2cloudless_prob"):
         D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=tmp_path)
     with pytest.raises(files.DataError, match="rounding moves the threshold"):
-        D.make_cloud_masks(triplets, root, tmp_path, "s2cloudless", progress=False)
+        cloud_masks.make_cloud_masks(triplets, root, tmp_path, "s2cloudless", progress=False)
 
 
 def _copy_list(synth, tmp_path, n):
@@ -624,12 +633,12 @@ def test_masks_with_a_bad_input_leave_nothing_behind(synth, tmp_path):
     (root / triplets[2].s2_cloudy).write_text("<html>expired link</html>")
     out = tmp_path / "new" / "masks"
     with pytest.raises(files.DataError, match=rf"{re.escape(str(root / triplets[2].s2_cloudy))} as a raster"):
-        D.make_cloud_masks(triplets, root, out, "rule", progress=False)
+        cloud_masks.make_cloud_masks(triplets, root, out, "rule", progress=False)
     assert not (tmp_path / "new").exists()  # headers are checked before anything is written
     # the folder is not locked to the detector of the failed run
     shutil.copy(synth[0] / triplets[2].s2_cloudy, root / triplets[2].s2_cloudy)
-    assert D.make_cloud_masks(triplets, root, out, "s2cloudless_prob", workers=1, progress=False) == (4, 0)
-    assert json.loads((out / D.MASKS_INFO).read_text())["detector"] == "s2cloudless_prob"
+    assert cloud_masks.make_cloud_masks(triplets, root, out, "s2cloudless_prob", workers=1, progress=False) == (4, 0)
+    assert json.loads((out / cloud_masks.MASKS_INFO).read_text())["detector"] == "s2cloudless_prob"
 
 
 def test_masks_that_fail_part_way_keep_their_work_but_do_not_mark_the_folder_finished(synth, tmp_path, capsys):
@@ -638,20 +647,20 @@ def test_masks_that_fail_part_way_keep_their_work_but_do_not_mark_the_folder_fin
     with open(truncated, "r+b") as f:
         f.truncate(os.path.getsize(truncated) // 2)
     out = tmp_path / "masks"
-    argv = ["masks", "--data_list_filepath", str(D.write_data_list(tmp_path / "l.csv", triplets)),
+    argv = ["masks", "--data_list_filepath", str(datalist.write_data_list(tmp_path / "l.csv", triplets)),
             "--input_data_folder", str(root), "--out", str(out), "--detector", "rule", "--workers", "1"]
     assert D.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: cannot read {truncated}: ") and "(1 of 4 masks not made; the 3 made are kept" in err
-    assert not (out / D.MASKS_INFO).exists() and (out / D.MASKS_PARTIAL).is_file()
+    assert not (out / cloud_masks.MASKS_INFO).exists() and (out / cloud_masks.MASKS_PARTIAL).is_file()
     assert sum(1 for t in triplets if (out / t.s2_cloudy).is_file()) == 3
     with pytest.raises(files.DataError, match="unfinished rule masks .no masks.json.; finish them"):
         D.SEN12MSCRDataset(triplets, root, cloud_mask_dir=out)
     with pytest.raises(files.DataError, match="holds unfinished rule masks; finish them with --detector rule"):
-        D.make_cloud_masks(triplets, root, out, "s2cloudless_prob", progress=False)
+        cloud_masks.make_cloud_masks(triplets, root, out, "s2cloudless_prob", progress=False)
     shutil.copy(synth[0] / triplets[1].s2_cloudy, truncated)
     assert D.main(argv) == 0 and "(1 made, 3 already there)" in capsys.readouterr().out
-    assert (out / D.MASKS_INFO).is_file() and not (out / D.MASKS_PARTIAL).exists()
+    assert (out / cloud_masks.MASKS_INFO).is_file() and not (out / cloud_masks.MASKS_PARTIAL).exists()
 
 
 # ----------------------------------------------------------------------------------------------- scan and split
@@ -672,9 +681,9 @@ def test_scan_matches_nested_layout_reports_orphans_and_splits_by_scene(synth, t
     assert D.main(["scan", str(nested), "--out", str(out), "--val_frac", "0.3", "--test_frac", "0.3"]) == 0
     err = capsys.readouterr().err
     assert "no partner:" in err and "ROIs1158_spring_s1_7_p3.tif" in err
-    scanned = D.read_data_list(out)
+    scanned = datalist.read_data_list(out)
     assert len(scanned) == len(triplets)
-    assert {D.scene_of(t) for t in scanned} == {D.scene_of(t) for t in triplets}
+    assert {scanning.scene_of(t) for t in scanned} == {scanning.scene_of(t) for t in triplets}
     _assert_no_scene_in_two_splits(scanned)
     assert {t.split for t in scanned} == {1, 2, 3}
     # Paths in the CSV are relative to ROOT and load; the same seed gives the same CSV.
@@ -705,10 +714,11 @@ def test_scan_reads_glfcr_layout_like_the_real_sample(real_sample_dir, tmp_path,
     out = tmp_path / "scanned.csv"
     assert D.main(["scan", str(real_sample_dir), "--out", str(out)]) == 0
     assert "no partner" not in capsys.readouterr().err
-    [t] = D.read_data_list(out)
-    [listed] = D.read_data_list(real_sample_dir / "data.csv")  # the GLF-CR list shipped with it: the same files
+    [t] = datalist.read_data_list(out)
+    [listed] = datalist.read_data_list(real_sample_dir / "data.csv")  # the GLF-CR list shipped with it: the same files
     assert (t.s1, t.s2_cloudfree, t.s2_cloudy) == (listed.s1, listed.s2_cloudfree, listed.s2_cloudy)
-    assert D.scene_of(t) == ("ROIs2017_winter", 112) and D.official_patch(t) == (("ROIs2017_winter", 112), 797)
+    assert scanning.scene_of(t) == ("ROIs2017_winter", 112)
+    assert scanning.official_patch(t) == (("ROIs2017_winter", 112), 797)
 
 
 def test_scan_official_split_uses_the_published_scene_lists(synth, tmp_path, capsys):
@@ -724,9 +734,9 @@ def test_scan_official_split_uses_the_published_scene_lists(synth, tmp_path, cap
                 shutil.copy(root / rel, dst)
     out = tmp_path / "official.csv"
     assert D.main(["scan", str(tmp_path / "data"), "--out", str(out), "--split", "official"]) == 0
-    listed = D.read_data_list(out)
+    listed = datalist.read_data_list(out)
     assert len(listed) == 2 * len(scenes)
-    assert {D.scene_of(x): x.split for x in listed} == scenes
+    assert {scanning.scene_of(x): x.split for x in listed} == scenes
     err = capsys.readouterr().err
     # The test scenes this partial copy lacks are named, in the published order.
     assert ("note: official test scenes not found under" in err and
@@ -740,17 +750,18 @@ def test_scan_official_split_uses_the_published_scene_lists(synth, tmp_path, cap
 def _assert_no_scene_in_two_splits(triplets):
     split_of = {}
     for t in triplets:
-        assert split_of.setdefault(D.scene_of(t), t.split) == t.split, f"scene {D.scene_of(t)} in two splits"
+        scene = scanning.scene_of(t)
+        assert split_of.setdefault(scene, t.split) == t.split, f"scene {scene} in two splits"
 
 
 def test_split_by_scene_is_deterministic_and_scene_wise():
-    triplets = [D.Triplet(0, f"s1/ROIs1970_fall_s1_{s}_p{p}.tif", f"s2/ROIs1970_fall_s2_{s}_p{p}.tif",
+    triplets = [datalist.Triplet(0, f"s1/ROIs1970_fall_s1_{s}_p{p}.tif", f"s2/ROIs1970_fall_s2_{s}_p{p}.tif",
                           f"c/ROIs1970_fall_s2_cloudy_{s}_p{p}.tif") for s in range(30) for p in range(5)]
-    a = D.split_by_scene(triplets, 0.2, 0.1, seed=3)
-    assert a == D.split_by_scene(triplets, 0.2, 0.1, seed=3)
-    assert a != D.split_by_scene(triplets, 0.2, 0.1, seed=4)
+    a = scanning.split_by_scene(triplets, 0.2, 0.1, seed=3)
+    assert a == scanning.split_by_scene(triplets, 0.2, 0.1, seed=3)
+    assert a != scanning.split_by_scene(triplets, 0.2, 0.1, seed=4)
     _assert_no_scene_in_two_splits(a)
-    n_scenes = {k: len({D.scene_of(t) for t in a if t.split == k}) for k in (1, 2, 3)}
+    n_scenes = {k: len({scanning.scene_of(t) for t in a if t.split == k}) for k in (1, 2, 3)}
     assert n_scenes == {1: 21, 2: 6, 3: 3}
 
 
@@ -758,7 +769,7 @@ def test_split_by_scene_is_deterministic_and_scene_wise():
 
 def test_synthetic_layout_dtypes_and_georeference(synth):
     root, triplets = synth
-    assert len(triplets) == 12 and len({D.scene_of(t) for t in triplets}) == 3
+    assert len(triplets) == 12 and len({scanning.scene_of(t) for t in triplets}) == 3
     _assert_no_scene_in_two_splits(triplets)
     t = triplets[0]
     assert t.s1 == "ROIs2017_winter_s1/s1_100/ROIs2017_winter_s1_100_p1.tif"
@@ -768,7 +779,7 @@ def test_synthetic_layout_dtypes_and_georeference(synth):
             assert (src.count, src.dtypes[0], src.shape) == (count, dtype, (64, 64))
             assert src.crs.to_epsg() == 32631 and src.transform.a == 10.0
     # Neighbouring patches of a scene overlap by half, as in the real dataset.
-    a, b = (D.read_raster(root / triplets[i].s2_cloudfree, 13) for i in (0, 1))
+    a, b = (rasters.read_raster(root / triplets[i].s2_cloudfree, 13) for i in (0, 1))
     np.testing.assert_array_equal(a[:, :, 32:], b[:, :, :32])
 
 
@@ -782,7 +793,7 @@ def test_synthetic_is_deterministic_for_a_seed(tmp_path):
     assert len(files) == 20  # S1, S2, cloudy S2 and the true cloud map of 5 patches
     same = [(tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files]
     # every image differs with the seed; so do the true cloud maps, but for the all-zero map of a clear patch
-    images = [f for f in files if "cloud_truth" not in str(f) or D.read_raster(tmp_path / "a" / f, 2).any()]
+    images = [f for f in files if "cloud_truth" not in str(f) or rasters.read_raster(tmp_path / "a" / f, 2).any()]
     differ = [(tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes() for f in images]
     assert all(same) and all(differ) and len(images) >= 18
     assert paths[0].read_text() == paths[1].read_text()
@@ -844,7 +855,7 @@ def test_cli_help_shows_every_default():
 @pytest.mark.parametrize("argv, message", [
     (["scan", "/no/such/folder", "--out", "x.csv"], "error: data root /no/such/folder: no such folder"),
     (["scan", "{tmp}", "--out", "x.csv"], "error: {tmp}: no complete SEN12MS-CR triplets found among 0 .tif file(s); "
-                                          "scan reads " + D.LAYOUTS_READ),
+                                          "scan reads " + scanning.LAYOUTS_READ),
     (["check", "{tmp}/x.csv", "--input_data_folder", "{tmp}"], "error: data list not found: {tmp}/x.csv"),
     (["check", "{tmp}", "--input_data_folder", "{tmp}"], "error: data list {tmp} is a folder; pass the CSV file (to "
                                                          "list a folder of GeoTIFFs: python dataloader.py scan {tmp} "

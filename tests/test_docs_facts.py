@@ -235,13 +235,14 @@ def mask_dtypes(tmp_path_factory):
     """{detector: numpy dtype name} of the files `dataloader.py masks` writes, on a synthetic 32 px patch."""
     import rasterio
 
+    import cloud_masks
     import dataloader
     root = tmp_path_factory.mktemp("masks")
     dataloader.make_synthetic_dataset(root / "data", n=1, size=32, seed=0)
     cloudy = next(p for p in (root / "data").rglob("*.tif") if "s2_cloudy" in p.parent.name)
     dtypes = {}
-    for detector in dataloader.MASK_DETECTORS:
-        out = dataloader.write_cloud_mask(cloudy, root / f"{detector}.tif", detector) or root / f"{detector}.tif"
+    for detector in cloud_masks.MASK_DETECTORS:
+        out = cloud_masks.write_cloud_mask(cloudy, root / f"{detector}.tif", detector) or root / f"{detector}.tif"
         with rasterio.open(out) as src:
             dtypes[detector] = src.dtypes[0]
     return dtypes

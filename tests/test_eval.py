@@ -22,12 +22,15 @@ from PIL import Image
 from rasterio.transform import from_origin
 
 import bands
+import datalist
 import dataloader
 import files
 import inference
 import metrics
 import quicklooks
+import rasters
 import runtime
+import scanning
 import scoring
 import synthetic
 import test_CR
@@ -64,7 +67,7 @@ def evaluated(tiny_checkpoint, synthetic_dataset, tmp_path_factory):
                   "--num_workers", "0", "--device", "cpu"])
     rows = list(csv.DictReader(open(results / "metrics.csv")))
     summary = json.loads((results / "summary.json").read_text())
-    dataset = dataloader.SEN12MSCRDataset(dataloader.select_split(dataloader.read_data_list(csv_path), "test"),
+    dataset = dataloader.SEN12MSCRDataset(datalist.select_split(datalist.read_data_list(csv_path), "test"),
                                           root, crop_size=CROP, augment=False, cloud_detector="rule")
     samples = {s["file_name"]: s for s in (dataset[i] for i in range(len(dataset)))}
     return results, rows, summary, samples
@@ -152,10 +155,10 @@ def test_summary_records_the_split_rule_the_leak_check_and_the_cloud_mask(evalua
 @pytest.mark.slow
 def test_a_leaking_list_is_recorded_and_named(tiny_checkpoint, synthetic_dataset, tmp_path, capsys):
     root, csv_path = synthetic_dataset
-    rows = dataloader.read_data_list(csv_path)
-    test_scene = dataloader.scene_of(next(t for t in rows if t.split == 3))
-    leaky = dataloader.write_data_list(tmp_path / "leaky.csv", rows + [
-        dataloader.Triplet(1, t.s1, t.s2_cloudfree, t.s2_cloudy) for t in rows if dataloader.scene_of(t) == test_scene])
+    rows = datalist.read_data_list(csv_path)
+    test_scene = scanning.scene_of(next(t for t in rows if t.split == 3))
+    leaky = datalist.write_data_list(tmp_path / "leaky.csv", rows + [
+        datalist.Triplet(1, t.s1, t.s2_cloudfree, t.s2_cloudy) for t in rows if scanning.scene_of(t) == test_scene])
     assert test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(leaky),
                          "--input_data_folder", str(root), "--results_dir", str(tmp_path / "r"), "--amp", "off",
                          "--num_workers", "0", "--crop_size", "16", "--cloud_detector", "s2cloudless"]) == 0
@@ -177,7 +180,7 @@ def test_geotiff_round_trip_keeps_georeferencing(evaluated):
     results, rows, _, samples = evaluated
     for row in rows:
         s = samples[row["file_name"]]
-        crs, transform = dataloader.raster_georef(s["cloudy_path"], s["window"].tolist())
+        crs, transform = rasters.raster_georef(s["cloudy_path"], s["window"].tolist())
         with rasterio.open(results / "geotiff" / (row["file_name"][:-4] + ".tif")) as out, \
                 rasterio.open(s["cloudy_path"]) as src:
             assert out.count == 13 and out.dtypes == ("uint16",) * 13
@@ -256,7 +259,7 @@ def test_real_sample_evaluates(real_sample_dir, tiny_checkpoint, tmp_path):
         "--input_data_folder", str(real_sample_dir), "--split", "train", "--results_dir", str(tmp_path),
         "--amp", "off", "--num_workers", "0", "--device", "cpu", "--save_geotiff"]))
     assert summary["n_images"] == 1
-    s = dataloader.SEN12MSCRDataset(dataloader.read_data_list(real_sample_dir / "data.csv"), real_sample_dir)[0]
+    s = dataloader.SEN12MSCRDataset(datalist.read_data_list(real_sample_dir / "data.csv"), real_sample_dir)[0]
     identity = metrics.compute_metrics(s["cloudy_data"][None], s["cloudfree_data"][None])
     assert _close(summary["mean"]["identity"]["all"]["PSNR"], float(identity["PSNR"][0]))
     assert all(math.isfinite(summary["mean"]["model"]["all"][m]) for m in metrics.METRIC_NAMES)
@@ -289,8 +292,8 @@ def scene(tmp_path_factory):
 
 
 def _whole_image_prediction(model, cloudy_path, sar_path):
-    cloudy = bands.normalize_s2(dataloader.read_raster(cloudy_path, 13))
-    sar = bands.normalize_s1(dataloader.read_raster(sar_path, 2))
+    cloudy = bands.normalize_s2(rasters.read_raster(cloudy_path, 13))
+    sar = bands.normalize_s1(rasters.read_raster(sar_path, 2))
     pred, _ = inference.forward(model, torch.from_numpy(cloudy)[None], torch.from_numpy(sar)[None],
                               contextlib.nullcontext())
     return bands.denormalize_s2(pred[0]).astype(np.float32)
@@ -376,7 +379,7 @@ def test_predict_cli_with_checkpoint_has_no_seam(scene, tiny_checkpoint, tmp_pat
 
 def test_mismatched_scene_inputs_name_both_files(scene, tmp_path):
     cloudy_path, sar_path = scene
-    sar = dataloader.read_raster(sar_path, 2)
+    sar = rasters.read_raster(sar_path, 2)
     cases = {
         "size": _write(tmp_path / "s1_small.tif", sar[:, :70]),
         "CRS": _write(tmp_path / "s1_crs.tif", sar, crs="EPSG:32632"),
@@ -514,7 +517,7 @@ def test_a_wrong_list_and_a_wrong_checkpoint_are_reported_together_and_leave_no_
     assert not (tmp_path / "runs").exists()  # the results folder is checked, then removed until the inputs are good
     # A listed file of the evaluated split that is no raster is found before the checkpoint is loaded
     data = tmp_path / "data"
-    rows = dataloader.read_data_list(csv_path)
+    rows = datalist.read_data_list(csv_path)
     broken = next(t for t in rows if t.split == 3).s1
     for t in rows:
         for rel in (t.s1, t.s2_cloudfree, t.s2_cloudy):
@@ -532,9 +535,9 @@ def test_a_wrong_list_and_a_wrong_checkpoint_are_reported_together_and_leave_no_
 def test_a_split_not_evaluated_that_cannot_be_read_is_named_not_checked(tiny_checkpoint, synthetic_dataset, tmp_path,
                                                                         capsys):
     root, csv_path = synthetic_dataset
-    rows = dataloader.read_data_list(csv_path)
+    rows = datalist.read_data_list(csv_path)
     train_only = tmp_path / "list.csv"  # a train row whose files are not there (evaluated elsewhere than trained)
-    dataloader.write_data_list(train_only, rows + [dataloader.Triplet(1, "gone/s1.tif", "gone/s2.tif",
+    datalist.write_data_list(train_only, rows + [datalist.Triplet(1, "gone/s1.tif", "gone/s2.tif",
                                                                       "gone/cloudy.tif")])
     results = tmp_path / "r"
     test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(train_only),
@@ -555,15 +558,15 @@ def _copy_with_s1(src_root, t, folder, **georef):
     folder.mkdir(parents=True, exist_ok=True)
     s1 = _write(folder / Path(t.s1).name, data, crs=georef.get("crs", crs),
                 transform=georef.get("transform", transform))
-    return dataloader.Triplet(3, str(s1), str(src_root / t.s2_cloudfree), str(src_root / t.s2_cloudy))
+    return datalist.Triplet(3, str(s1), str(src_root / t.s2_cloudfree), str(src_root / t.s2_cloudy))
 
 
 @pytest.mark.slow
 def test_a_file_that_fails_mid_evaluation_stops_it_with_one_line_and_keeps_the_rows_so_far(tiny_checkpoint,
                                                                                          synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
-    test_rows = dataloader.select_split(dataloader.read_data_list(csv_path), "test")
-    good = dataloader.Triplet(3, *(str(root / p) for p in (test_rows[0].s1, test_rows[0].s2_cloudfree,
+    test_rows = datalist.select_split(datalist.read_data_list(csv_path), "test")
+    good = datalist.Triplet(3, *(str(root / p) for p in (test_rows[0].s1, test_rows[0].s2_cloudfree,
                                                            test_rows[0].s2_cloudy)))
     misaligned = _copy_with_s1(root, test_rows[1], tmp_path / "bad", crs="EPSG:32650")
     results = tmp_path / "results"
@@ -571,7 +574,7 @@ def test_a_file_that_fails_mid_evaluation_stops_it_with_one_line_and_keeps_the_r
                               "/", "--results_dir", results, "--batch_sz", "1", "--num_workers", "1", "--amp", "off",
                               "--device", "cpu")
     # A misaligned triplet shows in the headers: found before any work, no results folder made.
-    error = _one_line_error(run(dataloader.write_data_list(tmp_path / "misaligned.csv", [good, misaligned])))
+    error = _one_line_error(run(datalist.write_data_list(tmp_path / "misaligned.csv", [good, misaligned])))
     assert error.startswith(f"error: {misaligned.s1} and {misaligned.s2_cloudy} are not on the same grid: CRS "
                             f"EPSG:32650 vs EPSG:32631"), error
     assert not results.exists()
@@ -581,10 +584,10 @@ def test_a_file_that_fails_mid_evaluation_stops_it_with_one_line_and_keeps_the_r
     truncated.write_bytes(Path(root / test_rows[1].s2_cloudfree).read_bytes())
     with open(truncated, "r+b") as f:
         f.truncate(truncated.stat().st_size // 2)
-    bad = dataloader.Triplet(3, str(root / test_rows[1].s1), str(truncated), str(root / test_rows[1].s2_cloudy))
-    error = _one_line_error(run(dataloader.write_data_list(tmp_path / "only_bad.csv", [bad])))
+    bad = datalist.Triplet(3, str(root / test_rows[1].s1), str(truncated), str(root / test_rows[1].s2_cloudy))
+    error = _one_line_error(run(datalist.write_data_list(tmp_path / "only_bad.csv", [bad])))
     assert error.startswith(f"error: cannot read {truncated}: ") and not results.exists()  # no row: nothing kept
-    error = _one_line_error(run(dataloader.write_data_list(tmp_path / "data.csv", [good, bad])))
+    error = _one_line_error(run(datalist.write_data_list(tmp_path / "data.csv", [good, bad])))
     assert error.startswith(f"error: cannot read {truncated}: "), error
     # The long-evaluation rule: rows are written as they are scored, so the finished image is kept.
     partial = list(csv.DictReader(open(results / test_CR.PARTIAL_CSV)))
@@ -614,7 +617,7 @@ def test_protocols_full_and_glfcr(synthetic_256, tiny_checkpoint, tmp_path):
     assert json.loads((tmp_path / "glfcr" / "summary.json").read_text())["protocol"] == "glfcr"
     assert copied["mean"] == glfcr["mean"] and full["mean"] != glfcr["mean"]
     # glfcr scores exactly the centred 128 px of the 256 px patch.
-    t = dataloader.select_split(dataloader.read_data_list(csv_path), "test")[0]
+    t = datalist.select_split(datalist.read_data_list(csv_path), "test")[0]
     sample = dataloader.SEN12MSCRDataset([t], root)[0]
     centre = (slice(None), slice(None), slice(64, 192), slice(64, 192))
     identity = metrics.compute_metrics(sample["cloudy_data"][None][centre], sample["cloudfree_data"][None][centre])
@@ -660,13 +663,13 @@ def test_is_use_cloudmask_follows_glfcr(tiny_checkpoint, synthetic_dataset, tmp_
 def test_rasters_without_georeferencing_evaluate_and_predict(tiny_checkpoint, synthetic_dataset, scene, tmp_path):
     root, csv_path = synthetic_dataset
     plain = []
-    for t in dataloader.select_split(dataloader.read_data_list(csv_path), "test")[:2]:
+    for t in datalist.select_split(datalist.read_data_list(csv_path), "test")[:2]:
         paths = []
         for rel in (t.s1, t.s2_cloudfree, t.s2_cloudy):
             with rasterio.open(root / rel) as src:
                 paths.append(str(_write(tmp_path / Path(rel).name, src.read(), crs=None)))
-        plain.append(dataloader.Triplet(3, *paths))
-    listed = dataloader.write_data_list(tmp_path / "plain.csv", plain)
+        plain.append(datalist.Triplet(3, *paths))
+    listed = datalist.write_data_list(tmp_path / "plain.csv", plain)
     with warnings.catch_warnings():
         warnings.simplefilter("error", rasterio.errors.NotGeoreferencedWarning)
         summary = test_CR.main(["--checkpoint", str(tiny_checkpoint), "--data_list_filepath", str(listed),
@@ -677,7 +680,7 @@ def test_rasters_without_georeferencing_evaluate_and_predict(tiny_checkpoint, sy
     assert len(rows) == 2 and all(math.isfinite(float(r["model_PSNR"])) for r in rows)
     with rasterio.open(tmp_path / "r" / "geotiff" / (Path(plain[0].s2_cloudy).stem + ".tif")) as out:
         assert out.crs is None and out.count == 13 and (out.height, out.width) == (32, 32)
-    cloudy, sar = (_write(tmp_path / f"scene_{i}.tif", dataloader.read_raster(p, n).astype(dtype), crs=None)
+    cloudy, sar = (_write(tmp_path / f"scene_{i}.tif", rasters.read_raster(p, n).astype(dtype), crs=None)
                    for i, (p, n, dtype) in enumerate(((scene[0], 13, np.uint16), (scene[1], 2, np.float32))))
     out = inference.predict_scene(Pointwise(), cloudy, sar, tmp_path / "scene_out.tif", tile=32, overlap=8,
                                 progress=False)
@@ -713,7 +716,7 @@ def test_predict_never_overwrites_an_input_and_asks_before_replacing_an_output(s
 
 def test_predict_refuses_s2_already_scaled_to_float_reflectance(scene, tmp_path):
     cloudy, sar = scene
-    scaled = _write(tmp_path / "s2_float01.tif", dataloader.read_raster(cloudy, 13) / bands.S2_SCALE)
+    scaled = _write(tmp_path / "s2_float01.tif", rasters.read_raster(cloudy, 13) / bands.S2_SCALE)
     with pytest.raises(files.DataError, match=r"expected reflectance x10000 \(uint16") as e:
         inference.predict_scene(Pointwise(), scaled, sar, tmp_path / "out.tif", tile=32, overlap=8, progress=False)
     assert str(scaled) in str(e.value) and "gdal_translate" in str(e.value)

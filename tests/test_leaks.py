@@ -7,9 +7,11 @@ import pytest
 from geotiff import write_geotiff
 from rasterio.transform import from_origin
 
+import datalist
 import dataloader as D
 import files
 import runtime
+import scanning
 import splits
 import train_CR_kaggle as train
 
@@ -42,7 +44,7 @@ def official_tree(tmp_path):
 def _scenes_by_split(rows):
     out = {1: set(), 2: set(), 3: set()}
     for t in rows:
-        out[t.split].add(D.scene_of(t))
+        out[t.split].add(scanning.scene_of(t))
     return out
 
 
@@ -57,7 +59,7 @@ def test_substring_rule_moves_exactly_the_published_six_test_and_three_val_scene
            "ROIs1970_fall 139" in err
     assert "these val scenes are also in train: ROIs1158_spring 17; ROIs1970_fall 65; ROIs2017_winter 84" in err
     assert "left out: ROIs2017_winter 5" in err
-    rows = D.read_data_list(out)
+    rows = datalist.read_data_list(out)
     by_split = _scenes_by_split(rows)
     assert by_split[1] & by_split[3] == DOUBLED_TEST
     assert by_split[1] & by_split[2] == DOUBLED_VAL
@@ -65,14 +67,14 @@ def test_substring_rule_moves_exactly_the_published_six_test_and_three_val_scene
     assert by_split[2] == splits.scene_set(splits.OFFICIAL_VAL_SCENES)
     assert UNLISTED not in by_split[1] | by_split[2] | by_split[3]
     assert len(rows) == 2 * (len(scenes) - 1 + len(DOUBLED_TEST) + len(DOUBLED_VAL))  # one row per split, 2 patches
-    assert splits.rule_of((t.split, *D.official_patch(t)) for t in rows) == "official-substring"
+    assert splits.rule_of((t.split, *scanning.official_patch(t)) for t in rows) == "official-substring"
 
     exact = tmp_path / "exact.csv"
     assert D.main(["scan", str(root), "--out", str(exact), "--split", "official"]) == 0
-    by_split = _scenes_by_split(D.read_data_list(exact))
+    by_split = _scenes_by_split(datalist.read_data_list(exact))
     assert not (by_split[1] & by_split[2] or by_split[1] & by_split[3] or by_split[2] & by_split[3])
     assert UNLISTED in by_split[1]  # the exact rule trains every scene it does not name
-    assert D.check_leaks(D.read_data_list(exact)).split_rule == "official"
+    assert scanning.check_leaks(datalist.read_data_list(exact)).split_rule == "official"
 
 
 def test_substring_rule_is_the_published_test_on_the_published_entries():
@@ -125,7 +127,7 @@ def test_check_finds_overlapping_footprints_of_different_scenes(footprints, tmp_
     missing = "ROIs2017_winter_s2_cloudy/s2_cloudy_6/ROIs2017_winter_s2_cloudy_6_p1.tif"  # a split not downloaded
     leaky = _list(tmp_path / "leaky.csv", [(1, rel["A"]), (3, rel["B"]), (2, rel["C"]), (2, rel["D"]), (3, rel["E"]),
                                            (3, missing)])
-    report = D.check_leaks(D.read_data_list(leaky), root)
+    report = scanning.check_leaks(datalist.read_data_list(leaky), root)
     assert report.shared == {}  # six scenes, one per patch
     assert report.overlaps == {(1, 3): (1, (rel["A"], rel["B"]))}  # C only touches A; D is in another CRS
     assert report.footprints == ("5 headers read, 4 georeferenced, 1 without georeferencing (not compared), "
@@ -153,14 +155,14 @@ def test_check_finds_overlapping_footprints_of_different_scenes(footprints, tmp_
 def test_one_scene_in_two_splits_fails_check_strict_and_makes_training_warn_once(synthetic_dataset, tmp_path,
                                                                                 capsys):
     root, csv_path = synthetic_dataset
-    rows = D.read_data_list(csv_path)
-    test_scene = D.scene_of(next(t for t in rows if t.split == 3))
+    rows = datalist.read_data_list(csv_path)
+    test_scene = scanning.scene_of(next(t for t in rows if t.split == 3))
     leaky = tmp_path / "leaky.csv"
-    D.write_data_list(leaky, rows + [D.Triplet(1, t.s1, t.s2_cloudfree, t.s2_cloudy) for t in rows
-                                     if D.scene_of(t) == test_scene])
+    datalist.write_data_list(leaky, rows + [datalist.Triplet(1, t.s1, t.s2_cloudfree, t.s2_cloudy) for t in rows
+                                     if scanning.scene_of(t) == test_scene])
     assert D.main(["check", str(leaky), "--input_data_folder", str(root), "--strict"]) == 1
     out = capsys.readouterr().out
-    assert f"train-test: train and test share 1 scene ({D.format_scenes([test_scene])})" in out
+    assert f"train-test: train and test share 1 scene ({scanning.format_scenes([test_scene])})" in out
     assert "split rule: scenes shared between splits" in out
     assert D.main(["check", str(csv_path), "--input_data_folder", str(root), "--strict"]) == 0
 
@@ -213,7 +215,7 @@ def test_a_check_that_could_not_read_its_files_fails_and_never_says_no_leak(foot
 def test_training_start_checks_list_and_checkpoint_together_and_names_unchecked_pairs(synthetic_dataset, tmp_path,
                                                                                       capsys):
     root, csv_path = synthetic_dataset
-    rows = D.read_data_list(csv_path)
+    rows = datalist.read_data_list(csv_path)
     data = tmp_path / "data"
     shutil.copytree(root, data)
     runs = tmp_path / "runs"

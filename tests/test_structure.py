@@ -25,15 +25,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # not import each other: runtime.py does not import dataloader.py (loading a checkpoint needs no GeoTIFF stack).
 LAYERS = {
     "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
-    "losses": 1, "clouds": 1,
-    "dataloader": 2, "runtime": 2, "sizing": 2,
-    "inference": 3, "quicklooks": 3, "scoring": 3,
-    "test_CR": 4, "train_CR_kaggle": 4,
+    "losses": 1, "clouds": 1, "datalist": 1, "rasters": 1,
+    "cloud_masks": 2, "scanning": 2,  # the data layer: lists and rasters below masks and scenes below the Dataset
+    "dataloader": 3, "runtime": 3, "sizing": 3,
+    "inference": 4, "quicklooks": 4, "scoring": 4,
+    "test_CR": 5, "train_CR_kaggle": 5,
     # the benchmark: what its subcommands share, the subcommands, the entry point that imports them by name
-    "bench_process": 5, "bench_step": 5,
-    "bench_loss": 6, "bench_data": 6, "bench_eval": 6, "bench_train": 6, "bench_memory": 6, "bench_loop": 6,
-    "bench_learn": 6, "bench_sparsify": 6,
-    "benchmark": 7,
+    "bench_process": 6, "bench_step": 6,
+    "bench_loss": 7, "bench_data": 7, "bench_eval": 7, "bench_train": 7, "bench_memory": 7, "bench_loop": 7,
+    "bench_learn": 7, "bench_sparsify": 7,
+    "benchmark": 8,
 }
 BENCHMARK_LAYER = LAYERS["bench_process"]
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
@@ -202,6 +203,54 @@ def test_loss_defaults_have_one_source():
     assert crit.config.options["cloud_weight_factor"] == 2.5 and crit.weights == {"cloud_focused": 1.0}
     with pytest.raises(TypeError, match="unknown loss options"):
         losses.CRLoss(cloud_weigth_factor=3)
+
+
+def _literal_cloud_thresholds(code):
+    """Where code spells the cloud threshold's value as a literal default (a parameter named *threshold*, a
+    --cloud_threshold flag, getattr(opts, "cloud_threshold", ...)) instead of naming clouds.CLOUD_THRESHOLD."""
+    import clouds
+    found = []
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            a = node.args
+            pairs = [*zip(a.args[len(a.args) - len(a.defaults):], a.defaults), *zip(a.kwonlyargs, a.kw_defaults)]
+            values = [d for arg, d in pairs if d is not None and "threshold" in arg.arg]
+        elif isinstance(node, ast.Call) and any(isinstance(v, ast.Constant) and "cloud_threshold" in str(v.value)
+                                                for v in node.args):
+            values = [*node.args, *(k.value for k in node.keywords)]
+        else:
+            continue
+        found += [f"line {v.lineno}" for v in values
+                  if isinstance(v, ast.Constant) and type(v.value) is float and v.value == clouds.CLOUD_THRESHOLD]
+    return found
+
+
+def test_the_literal_threshold_check_sees_each_way_of_spelling_a_default():
+    assert _literal_cloud_thresholds("def f(s2, threshold=0.2): pass\n"
+                                     "def g(*, cloud_threshold=0.2): pass\n"
+                                     "p.add_argument('--cloud_threshold', type=float, default=0.2)\n"
+                                     "getattr(opts, 'cloud_threshold', 0.2)") == [f"line {n}" for n in (1, 2, 3, 4)]
+    assert not _literal_cloud_thresholds("import clouds\ndef f(threshold=clouds.CLOUD_THRESHOLD, low=0.2): pass\n"
+                                         "getattr(opts, 'cloud_threshold', clouds.CLOUD_THRESHOLD)")
+
+
+def test_cloud_threshold_has_one_source(synthetic_dataset):
+    """DSen2-CR's binarisation threshold is clouds.CLOUD_THRESHOLD; every default of a cloud threshold reads it."""
+    import inspect
+    from types import SimpleNamespace
+
+    import clouds
+    import dataloader
+    assert clouds.CLOUD_THRESHOLD == 0.2
+    literal = {p.name: _literal_cloud_thresholds(p.read_text()) for p in ROOT.glob("*.py")}
+    assert not {name: lines for name, lines in literal.items() if lines}
+    root, csv_path = synthetic_dataset
+    train, _, _ = dataloader.get_train_val_test_filelists(csv_path)
+    assert {inspect.signature(clouds.rule_cloud_mask).parameters["threshold"].default,
+            inspect.signature(clouds.cloud_shadow_mask).parameters["threshold"].default,
+            inspect.signature(dataloader.SEN12MSCRDataset).parameters["cloud_threshold"].default,
+            dataloader.AlignedDataset(SimpleNamespace(input_data_folder=root), train).cloud_threshold,  # GLF-CR opts
+            test_CR.build_parser().get_default("cloud_threshold")} == {clouds.CLOUD_THRESHOLD}
 
 
 def test_history_and_metric_names_have_one_source():

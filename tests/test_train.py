@@ -267,9 +267,10 @@ def _close(run):
 def test_uint16_batches_normalised_on_the_device_equal_the_float_path(synthetic_dataset):
     from torch.utils.data import default_collate
 
+    import datalist
     import dataloader
     root, csv_path = synthetic_dataset
-    rows = dataloader.select_split(dataloader.read_data_list(csv_path), "train")
+    rows = datalist.select_split(datalist.read_data_list(csv_path), "train")
     as_float, as_uint16 = (dataloader.SEN12MSCRDataset(rows, root, crop_size=32, load_size=64, s2_encoding=e)
                            for e in ("float", "uint16"))
     float_batch = default_collate([as_float[i] for i in range(3)])
@@ -586,14 +587,14 @@ def test_redirected_output_gets_one_line_per_epoch_and_one_vgg_warning(synthetic
 
 @pytest.mark.slow
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(synthetic_dataset, tmp_path):
-    import dataloader
+    import datalist
     root, csv_path = synthetic_dataset
     assert train.main(tiny(csv_path, root, tmp_path, "--perceptual_weight", "0")) == 0  # an earlier, good run
     garbage = tmp_path / "garbage.tif"
     garbage.write_bytes(b"not a GeoTIFF")
-    rows = dataloader.read_data_list(csv_path)
-    broken = [dataloader.Triplet(t.split, t.s1, t.s2_cloudfree, str(garbage)) if t.split == 1 else t for t in rows]
-    broken_csv = dataloader.write_data_list(tmp_path / "broken.csv", broken)
+    rows = datalist.read_data_list(csv_path)
+    broken = [datalist.Triplet(t.split, t.s1, t.s2_cloudfree, str(garbage)) if t.split == 1 else t for t in rows]
+    broken_csv = datalist.write_data_list(tmp_path / "broken.csv", broken)
     with pytest.raises(files.DataError, match="garbage.tif"):  # the first batch cannot be read
         train.main(tiny(broken_csv, root, tmp_path, "--perceptual_weight", "0"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.csv", "garbage.tif", "glf_cr_enhanced_v3"]

@@ -359,6 +359,7 @@ def _read(path):
 def test_evaluation_scores_the_saved_uncertainty_products(head_checkpoints, synthetic_dataset, tmp_path):
     """summary.json's figures are recomputed from the saved GeoTIFFs (prediction, std) and the targets with
     metrics.py: the products hold exactly what was scored."""
+    import datalist
     import dataloader
     import quicklooks
     summary = _evaluate(head_checkpoints[:1], synthetic_dataset, tmp_path, "--save_uncertainty", "--save_geotiff",
@@ -366,7 +367,7 @@ def test_evaluation_scores_the_saved_uncertainty_products(head_checkpoints, synt
     u = summary["uncertainty"]
     assert u["source"] == "aleatoric (uncertainty head)" and u["epistemic_std"] is None
     root, csv_path = synthetic_dataset
-    dataset = dataloader.SEN12MSCRDataset(dataloader.select_split(dataloader.read_data_list(csv_path), "test"), root,
+    dataset = dataloader.SEN12MSCRDataset(datalist.select_split(datalist.read_data_list(csv_path), "test"), root,
                                           crop_size=CROP, augment=False, cloud_detector="rule")
     pixels = {"std": [], "var": [], "se": [], "ae": [], "cloudy": []}
     for s in (dataset[i] for i in range(len(dataset))):
@@ -429,6 +430,7 @@ def test_a_model_without_uncertainty_reports_none_and_refuses_the_product(synthe
 
 @pytest.mark.slow
 def test_an_ensemble_scores_the_members_mean_and_reports_their_spread(head_checkpoints, synthetic_dataset, tmp_path):
+    import datalist
     import dataloader
     import runtime
     summary = _evaluate(head_checkpoints, synthetic_dataset, tmp_path, "--save_geotiff", "--save_uncertainty")
@@ -437,7 +439,7 @@ def test_an_ensemble_scores_the_members_mean_and_reports_their_spread(head_check
     assert u["source"] == "ensemble of 2: aleatoric + epistemic (members' spread)"
     assert u["epistemic_std"] > 0 and u["aleatoric_std"] > 0
     root, csv_path = synthetic_dataset
-    s = dataloader.SEN12MSCRDataset(dataloader.select_split(dataloader.read_data_list(csv_path), "test"), root,
+    s = dataloader.SEN12MSCRDataset(datalist.select_split(datalist.read_data_list(csv_path), "test"), root,
                                     crop_size=CROP, augment=False)[0]
     members = [runtime.load_model(p, torch.device("cpu"))[0] for p in head_checkpoints]
     with torch.no_grad():
@@ -557,10 +559,10 @@ class PointwiseWithVariance(Pointwise):
 def _whole_scene(model, cloudy_path, sar_path):
     import contextlib
 
-    import dataloader
     import inference
-    cloudy = torch.from_numpy(bands.normalize_s2(dataloader.read_raster(cloudy_path, 13)))[None]
-    sar = torch.from_numpy(bands.normalize_s1(dataloader.read_raster(sar_path, 2)))[None]
+    import rasters
+    cloudy = torch.from_numpy(bands.normalize_s2(rasters.read_raster(cloudy_path, 13)))[None]
+    sar = torch.from_numpy(bands.normalize_s1(rasters.read_raster(sar_path, 2)))[None]
     return inference.forward_all(model, cloudy, sar, contextlib.nullcontext())["variance"][0].sqrt().numpy()
 
 
