@@ -196,7 +196,8 @@ def bench_clouds(args):
     normed = [bands.normalize_s2(im) for im in images]
     variants = {  # name -> (scores of every patch, threshold that makes the binary mask)
         "rule, original code": (lambda: [_reference_cloud_score(im) for im in images], clouds.CLOUD_THRESHOLD),
-        "rule (clouds.rule_cloud_score)": (lambda: [clouds.rule_cloud_score(im) for im in normed], clouds.CLOUD_THRESHOLD),
+        "rule (clouds.rule_cloud_score)": (lambda: [clouds.rule_cloud_score(im) for im in normed],
+                                           clouds.CLOUD_THRESHOLD),
         "rule + shadows (cloud_shadow_mask)": (lambda: [np.abs(clouds.cloud_shadow_mask(im)).astype(np.float32)
                                                         for im in normed], 0.5),
         "s2cloudless": (lambda: [clouds.s2cloudless_score(im) for im in normed], 0.4),
