@@ -177,7 +177,9 @@ def summarise_uncertainty(totals, source):
     regions = {r: _uncertainty_region({k: v[sel] for k, v in px.items()}, per_image, r)
                for r, sel in selections.items()}
     mean_std = {r: None if regions[r] is None else regions[r]["mean_std"] for r in REGIONS}
-    ratio = None if None in (mean_std["cloudy"], mean_std["clear"]) else mean_std["cloudy"] / mean_std["clear"]
+    # no ratio without clear pixels, or where the std is 0 on them (an ensemble of agreeing members without a head)
+    ratio = None if None in (mean_std["cloudy"], mean_std["clear"]) or not mean_std["clear"] else (
+        mean_std["cloudy"] / mean_std["clear"])
     return {"source": source, "unit": "standard deviation of reflectance (0-1 scale)",
             "pixels_sampled": int(px["std"].size), "pixels_per_image_cap": UNCERTAINTY_PIXELS_PER_IMAGE,
             "mean_std": mean_std, "cloudy_clear_ratio": ratio,

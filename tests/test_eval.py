@@ -721,3 +721,17 @@ def test_predict_refuses_s2_already_scaled_to_float_reflectance(scene, tmp_path)
         inference.predict_scene(Pointwise(), scaled, sar, tmp_path / "out.tif", tile=32, overlap=8, progress=False)
     assert str(scaled) in str(e.value) and "gdal_translate" in str(e.value)
     assert not (tmp_path / "out.tif").exists()
+
+
+@pytest.mark.slow
+def test_an_ensemble_of_one_checkpoint_twice_has_no_spread_and_still_writes_its_summary(tiny_checkpoint,
+                                                                                       synthetic_dataset, tmp_path):
+    """Members without a head that agree (best.pth = last.pth after one epoch): the predicted std is 0 everywhere,
+    so ratios of stds have no value; the evaluation says so (None) instead of dividing by zero after scoring."""
+    root, csv_path = synthetic_dataset
+    assert test_CR.main(["--checkpoint", str(tiny_checkpoint), str(tiny_checkpoint), "--data_list_filepath",
+                         str(csv_path), "--input_data_folder", str(root), "--split", "test", "--results_dir",
+                         str(tmp_path / "r"), "--crop_size", str(CROP), "--amp", "off", "--num_workers", "0",
+                         "--device", "cpu"]) == 0
+    u = json.loads((tmp_path / "r" / "summary.json").read_text())["uncertainty"]
+    assert u["epistemic_std"] == 0.0 and u["cloudy_clear_ratio"] is None
