@@ -18,6 +18,7 @@ import net_CR_CrossAttention as net
 import runtime
 import test_CR
 import train_CR_kaggle
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 # Layers from the bottom up; a module may import project modules of lower layers only, so modules of one layer do
@@ -26,8 +27,10 @@ LAYERS = {
     "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1,
     "dataloader": 2, "runtime": 2, "sizing": 2,
-    "test_CR": 3, "train_CR_kaggle": 3,
-    "benchmark": 4,
+    "training_setup": 3,  # the pieces a training run is built from
+    "training": 4,  # the run, its step and loop: what the training script and the benchmarks both call
+    "test_CR": 5, "train_CR_kaggle": 5,
+    "benchmark": 6,
 }
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
 # The names GLF-CR's own code has, which its users' notebooks call as module.name (docs/data.md, docs/evaluation.md):
@@ -191,7 +194,7 @@ def test_loss_defaults_have_one_source():
 def test_history_and_metric_names_have_one_source():
     import metrics
     assert test_CR.METRIC_NAMES == metrics.METRIC_NAMES
-    assert [f for f in train_CR_kaggle.HISTORY_FIELDS if f.startswith("val_")] == [
+    assert [f for f in training.HISTORY_FIELDS if f.startswith("val_")] == [
         f"val_{m}" for m in metrics.METRIC_NAMES]
 
 
