@@ -22,7 +22,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-import clouds
 import dataloader
 import losses
 import net_CR_CrossAttention
@@ -287,7 +286,7 @@ def build_parser():
 
 def _model_flags(p):
     g = p.add_argument_group("model (net_CR_CrossAttention.ModelConfig)")
-    g.add_argument("--model_name", default="CrossAttention", choices=["CrossAttention", "DSen2CR"],
+    g.add_argument("--model_name", default="CrossAttention", choices=list(net_CR_CrossAttention.MODELS),
                    help="network to train: the GLF-CR CrossAttention v3 design, or the DSen2-CR baseline")
     for f in net_CR_CrossAttention.flag_fields():  # one flag per switch of the model's config, help and default there
         if f.type in (bool, "bool"):
@@ -321,10 +320,7 @@ def _optimisation_flags(p):
                    help="stop after this many validations without a new best PSNR (0 = never)")
     g.add_argument("--max_bad_steps", type=int, default=5,
                    help="abort after this many consecutive steps with a non-finite loss (checked at each log read)")
-    g.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
-                   help="mixed precision: auto = bf16 on GPUs that support it, else fp16 with GradScaler (T4, P100); "
-                        "on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else off (float32), since "
-                        "emulated bf16 is several times slower than fp32")
+    runtime.add_shared_flag(g, "amp")
     g.add_argument("--channels_last", default="auto", choices=["auto", "on", "off"],
                    help="channels-last memory format: auto = on CPU, time one step in each layout at start-up and "
                         "keep the faster (the winner depends on the CPU, the precision and the crop size); off on "
@@ -360,22 +356,16 @@ def _loss_flags(p):
 
 def _data_flags(p):
     g = p.add_argument_group("data")
-    g.add_argument("--data_list_filepath", default=None,
-                   help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column format)")
-    g.add_argument("--input_data_folder", default=None, help="root the CSV's folders are relative to")
-    g.add_argument("--load_size", type=int, default=256, help="size of the image region crops are taken from")
+    for name in ("data_list_filepath", "input_data_folder", "load_size"):
+        runtime.add_shared_flag(g, name)
     g.add_argument("--crop_size", type=int, default=128, help="training crop size (random crop + flips)")
     g.add_argument("--val_crop_size", type=int, default=None,
                    help="validation centre-crop size (None: --load_size, the whole patch)")
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
                    help="random flips and 90-degree rotations of training crops")
-    g.add_argument("--cloud_detector", default="rule", choices=list(clouds.CLOUD_DETECTORS),
-                   help="cloud score behind the cloud-focused and confidence losses (soft for rule and "
-                        "s2cloudless_prob; s2cloudless: the literature's binary mask, best precomputed)")
-    g.add_argument("--cloud_mask_dir", default=None,
-                   help="read the cloud masks precomputed by `python dataloader.py masks` from this folder instead "
-                        "of running --cloud_detector on every sample")
-    g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes per training process")
+    runtime.add_shared_flag(g, "cloud_detector", note="its score drives the cloud-focused and confidence losses")
+    runtime.add_shared_flag(g, "cloud_mask_dir")
+    runtime.add_shared_flag(g, "num_workers", note="per training process")
     g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (None: --batch_sz)")
 
 
@@ -387,7 +377,7 @@ def _run_flags(p):
                    help="start fresh even if the experiment has a last.pth (the old run is moved aside, not deleted)")
     g.add_argument("--resume", default=None, help="resume from this checkpoint file (None: the experiment's last.pth)")
     g.add_argument("--notes", default="", help="free text stored in args.json and TensorBoard")
-    g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    runtime.add_shared_flag(g, "device")
     g.add_argument("--val_every", type=int, default=1, help="validate every N epochs (and at the last)")
     g.add_argument("--num_quicklooks", type=int, default=4,
                    help="fixed validation samples shown in TensorBoard (cloudy | prediction | target | confidence)")
