@@ -45,27 +45,9 @@ def main(argv=None):
     run = training.setup(args, argv, prepare_demo if args.demo else None)
     if args.dry_run:
         return dry_run(run)
-
-    def on_signal(signum, _frame):  # Ctrl-C or Kaggle's SIGTERM: finish the step, save, exit 130
-        run.stop_signal = signum
-        for s, h in old_handlers.items():  # a second signal (timeout, a scheduler) does what it did before: ends us
-            signal.signal(s, h)
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    epoch_bar = tqdm(total=args.max_epochs, initial=run.start_epoch, desc="epochs", dynamic_ncols=True,
-                     disable=not run.show_bars)
+    old_handlers = catch_stop_signals(run)
     try:
-        for epoch in range(run.start_epoch, args.max_epochs):
-            stats = training.train_one_epoch(run, epoch)
-            if run.stop_requested:
-                break
-            val = training.validate(run) if training.is_validation_epoch(args, epoch) else None
-            stop = training.end_of_epoch(run, epoch, stats, val)
-            epoch_bar.update(1)
-            epoch_bar.set_postfix_str(f"best PSNR {run.best_psnr:.2f} | {training.pace(run)}")
-            if stop:
-                break
-        epoch_bar.close()
+        train_epochs(run)
         return finish(run)
     except BaseException:
         if run.is_main and run.global_step == run.first_step:  # failed before its first step: leave no folder
@@ -81,6 +63,37 @@ def main(argv=None):
             run.writer.close()
         if run.world_size > 1:
             dist.destroy_process_group()
+
+
+def catch_stop_signals(run):
+    """Ctrl-C or Kaggle's SIGTERM sets run.stop_signal: the epoch finishes its step, saves and the script exits 130.
+    Returns the handlers replaced, which main puts back."""
+    def on_signal(signum, _frame):
+        run.stop_signal = signum
+        for s, h in old_handlers.items():  # a second signal (timeout, a scheduler) does what it did before: ends us
+            signal.signal(s, h)
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    return old_handlers
+
+
+def train_epochs(run):
+    """The epochs left: train, validate when due, then the epoch's end (schedule, logs, checkpoints); stops after a
+    stop signal, early stopping or when the next epoch would not fit --time_limit."""
+    args = run.args
+    epoch_bar = tqdm(total=args.max_epochs, initial=run.start_epoch, desc="epochs", dynamic_ncols=True,
+                     disable=not run.show_bars)
+    for epoch in range(run.start_epoch, args.max_epochs):
+        stats = training.train_one_epoch(run, epoch)
+        if run.stop_requested:
+            break
+        val = training.validate(run) if training.is_validation_epoch(args, epoch) else None
+        stop = training.end_of_epoch(run, epoch, stats, val)
+        epoch_bar.update(1)
+        epoch_bar.set_postfix_str(f"best PSNR {run.best_psnr:.2f} | {training.pace(run)}")
+        if stop:
+            break
+    epoch_bar.close()
 
 
 def batch_size_arg(text):

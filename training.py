@@ -3,7 +3,10 @@ builds it from training_setup's pieces; one step (train_step, optimizer_step, St
 clip_groups); an epoch and validation; the time limit; what an epoch leaves behind (history.csv, TensorBoard,
 last.pth/best.pth); and the dry run's timing (time_steps, validation_seconds_per_sample).
 """
+from __future__ import annotations  # Run's fields name types defined below it (StepMeter) or imported lazily
+
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -11,13 +14,16 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
@@ -27,7 +33,11 @@ import files
 import losses
 import metrics
 import runtime
+import sizing
 import training_setup
+
+if TYPE_CHECKING:  # TensorBoard is imported when a run starts logging (setup_logging), not with this module
+    from torch.utils.tensorboard import SummaryWriter
 
 HISTORY_FIELDS = (["epoch", "lr", "train_loss", "train_psnr", "samples_per_s"]
                   + [f"val_{name}" for name in metrics.METRIC_NAMES] + ["best_psnr", "seconds"])
@@ -50,7 +60,7 @@ class Run:
     """One training run, every field declared here. setup() fills the first two blocks once; the loop's functions
     update the progress fields."""
     args: argparse.Namespace
-    argv: list
+    argv: list[str]
     device: torch.device
     rank: int = 0
     world_size: int = 1
@@ -60,27 +70,28 @@ class Run:
     amp_dtype: torch.dtype | None = None
     amp_text: str = ""           # the header's precision and why
     batch_text: str = ""         # the header's batch and why (--batch_sz auto says what it counted)
-    footprint: object = None     # sizing.Footprint of this run, where --batch_sz auto counted it
+    footprint: sizing.Footprint | None = None  # where --batch_sz auto counted it
     layout_text: str = ""        # the header's memory layout and why
     channels_last: bool = False
-    ctx: object = None           # the one autocast context: training, validation, quicklooks
-    criterion: object = None
-    model: object = None
-    train_model: object = None   # what the step calls: the model, compiled and/or DDP-wrapped
-    optimizer: object = None
-    clip_groups: list = field(default_factory=list)  # parameter lists --grad_clip clips each on its own
-    scheduler: object = None
-    scaler: object = None
-    train_loader: object = None
-    val_loader: object = None
-    meter: object = None
+    ctx: contextlib.AbstractContextManager | None = None  # the one autocast context: training, validation, quicklooks
+    criterion: losses.CRLoss | None = None
+    model: torch.nn.Module | None = None  # a net_CR_CrossAttention network
+    train_model: torch.nn.Module | None = None  # what the step calls: the model, compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer | None = None
+    # parameter lists --grad_clip clips each on its own
+    clip_groups: list[list[torch.nn.Parameter]] = field(default_factory=list)
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None  # after the warm-up; None for --lr_scheduler none
+    scaler: torch.amp.GradScaler | None = None
+    train_loader: DataLoader | None = None
+    val_loader: DataLoader | None = None
+    meter: StepMeter | None = None
     compiled: bool = False
     show_bars: bool = False
     warmup_steps: int = 0
     start_epoch: int = 0         # epochs done when this process started (resumed runs start above 0)
     first_step: int = 0
-    quicklook_batch: dict | None = None
-    writer: object = None
+    quicklook_batch: dict[str, torch.Tensor] | None = None
+    writer: SummaryWriter | None = None
     made_dir: Path | None = None     # folders this run created, removed again if it fails before its first step
     moved_aside: Path | None = None  # an old run moved aside by --train_from_scratch, put back on such a failure
     # progress
@@ -88,12 +99,13 @@ class Run:
     global_step: int = 0
     best_psnr: float = -math.inf
     early_stop_counter: int = 0
-    history: list = field(default_factory=list)
-    epoch_seconds: list = field(default_factory=list)
+    history: list[dict[str, float | int | str]] = field(default_factory=list)  # history.csv's rows
+    epoch_seconds: list[float] = field(default_factory=list)
     epoch_started: float = 0.0
-    next_batches: object = None  # the next epoch's iterator, asked for before validation so workers prefetch
-    grad_norm: object = None     # the last step's gradient norm (a device tensor)
-    last_terms: dict = field(default_factory=dict)  # the last step's loss terms (device tensors)
+    # the next epoch's iterator, asked for before validation so workers prefetch
+    next_batches: Iterator[dict[str, torch.Tensor]] | None = None
+    grad_norm: torch.Tensor | None = None  # the last step's gradient norm (a device tensor)
+    last_terms: dict[str, torch.Tensor] = field(default_factory=dict)  # the last step's loss terms (device tensors)
     stop_signal: int | None = None
     stop_requested: bool = False  # a signal or the time limit's reserve ended an epoch part-way
     stop_reason: str | None = None
@@ -113,12 +125,7 @@ def setup(args, argv=(), prepare=None):
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     if prepare is not None:
-        if run.is_main:
-            prepare(args)
-        if world_size > 1:  # rank 0 built the data; everyone takes the same settings
-            holder = [vars(args)]
-            dist.broadcast_object_list(holder, src=0)
-            vars(args).update(holder[0])
+        prepare_args(run, prepare)
     run.dir = Path(args.save_model_dir) / args.experiment_name
     resume_path = args.resume or (None if args.train_from_scratch else
                                   (run.dir / "last.pth" if (run.dir / "last.pth").is_file() else None))
@@ -164,6 +171,16 @@ def setup(args, argv=(), prepare=None):
     if world_size > 1:
         dist.barrier()
     return run
+
+
+def prepare_args(run, prepare):
+    """prepare(run.args) on rank 0, whose flags every other rank then takes (the demo: rank 0 builds the data)."""
+    if run.is_main:
+        prepare(run.args)
+    if run.world_size > 1:  # rank 0 built the data; everyone takes the same settings
+        holder = [vars(run.args)]
+        dist.broadcast_object_list(holder, src=0)
+        vars(run.args).update(holder[0])
 
 
 def read_quicklooks(val_set, n):

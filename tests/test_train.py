@@ -1,12 +1,14 @@
 """train_CR_kaggle.py end to end on tiny synthetic data (crops of 32 px, 1-2 epochs)."""
 import argparse
 import csv
+import dataclasses
 import math
 import os
 import shlex
 import socket
 import subprocess
 import sys
+import typing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import pytest
 import torch
 
 import files
+import losses
 import runtime
 import train_CR_kaggle as train
 import training
@@ -256,6 +259,16 @@ def test_confidence_weight_needs_a_confidence_map(synthetic_dataset, tmp_path):
 
 
 # ----------------------------------------------------------------------------- the loop: device-side figures
+
+def test_run_fields_are_typed():
+    """Every field of training.Run names its type (resolvable: a misspelt name fails here), none just `object`."""
+    from torch.utils.tensorboard import SummaryWriter  # imported by setup_logging only when a run logs
+    hints = typing.get_type_hints(training.Run, localns={"SummaryWriter": SummaryWriter})
+    assert set(hints) == {f.name for f in dataclasses.fields(training.Run)}
+    untyped = {name for name, hint in hints.items() if hint is object or object in typing.get_args(hint)}
+    assert not untyped, untyped
+    assert typing.get_args(hints["criterion"]) == (losses.CRLoss, type(None))
+
 
 def _setup(csv_path, root, save_dir, *extra):
     args = train.build_parser().parse_args(tiny(csv_path, root, save_dir, *extra))
