@@ -1,7 +1,7 @@
 """The pieces a training run is built from, in the order training.setup calls them: the processes and device
 (torchrun/DDP), the checks of the data list and its files, the model and its losses, the batch size, memory layout and
 compile choices, the loaders, the optimiser and its schedule, what a resumed checkpoint restores, and the run folder.
-Each piece takes the flags (and the run so far) and returns what it built; none trains.
+Each piece takes the flags or the run so far and returns or fills in what it built; none updates the weights.
 """
 import math
 import os
