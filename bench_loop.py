@@ -15,6 +15,7 @@ import datalist
 import dataloader
 import losses
 import train_CR_kaggle as train
+import training
 
 # ------------------------------------------------------------------------------- training loop vs its model step
 # The real training loop (train_CR_kaggle.setup, then train_one_epoch: data loading, host-to-device copies, the
@@ -148,8 +149,8 @@ class _InterleavedLoader:
 def _on_device(run, batch):
     """A loader batch as train_step finds it once on the device: the inputs by train_CR_kaggle.to_device, the rest of
     its tensors (the cloud labels train_step reads) moved as they are, so the timed steps copy nothing from the host."""
-    rest = {k: v.to(run.device) for k, v in batch.items() if torch.is_tensor(v) and k not in train.BATCH_KEYS}
-    return {**batch, **rest, **train.to_device(batch, run.device, run.channels_last)}
+    rest = {k: v.to(run.device) for k, v in batch.items() if torch.is_tensor(v) and k not in training.BATCH_KEYS}
+    return {**batch, **rest, **training.to_device(batch, run.device, run.channels_last)}
 
 
 def _bare_steps(run, batch, steps, sync):
@@ -159,7 +160,7 @@ def _bare_steps(run, batch, steps, sync):
     sync()
     t0 = time.perf_counter()
     for _ in range(steps):
-        train.train_step(run, batch)
+        training.train_step(run, batch)
     sync()
     run.global_step = global_step
     return time.perf_counter() - t0
@@ -176,7 +177,7 @@ def loop_worker(cfg):
             "--batch_sz", str(cfg["batch"]), "--load_size", str(cfg["size"]), "--crop_size", str(cfg["size"]),
             "--num_workers", str(cfg["workers"]), "--amp", cfg["amp"], "--device", cfg["device"],
             "--num_quicklooks", "0", *losses.preset_flags(cfg["loss"], vgg_weights="random"), *cfg["train_flags"]])
-        run = train.setup(args)
+        run = training.setup(args)
         cuda = run.device.type == "cuda"
         sync = bench_step.synchronizer(run.device)
         batch = _on_device(run, default_collate([run.train_loader.dataset[i] for i in range(cfg["batch"])]))
@@ -184,7 +185,7 @@ def loop_worker(cfg):
         gpu = _GpuBusy(run.device) if cuda else None
         run.train_loader = timed = _InterleavedLoader(run.train_loader, cfg["warmup"], cfg["block"],
                                                       lambda n: _bare_steps(run, batch, n, sync), sync, gpu)
-        stats = train.train_one_epoch(run, 0)
+        stats = training.train_one_epoch(run, 0)
         n = cfg["batch"]
         out = {"loop_samples_per_s": timed.loop_steps * n / timed.loop_s, "loop_steps": timed.loop_steps,
                "step_samples_per_s": timed.bare_steps * n / timed.bare_s, "bare_steps": timed.bare_steps,

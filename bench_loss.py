@@ -9,7 +9,7 @@ import torch
 import bench_step
 import losses
 import net_CR_CrossAttention as net
-import train_CR_kaggle as train
+import training
 
 # ------------------------------------------------------------------------------------------------------- loss cost
 
@@ -67,7 +67,7 @@ def bench_loss(args):
 
     def step(criterion):
         run.criterion = criterion
-        train.train_step(run, batch)
+        training.train_step(run, batch)
 
     def criterion_only(criterion):
         # the loss's own forward + backward, on a prediction that is a leaf tensor (no model in the timing)

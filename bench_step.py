@@ -5,6 +5,8 @@ import torch
 
 import runtime
 import train_CR_kaggle as train
+import training
+import training_setup
 
 # ------------------------------------------------------------------------------ the training step, as training runs it
 # Every timed training step below is train_CR_kaggle.train_step on a batch already on the device: forward under the
@@ -17,11 +19,11 @@ def step_run(model, criterion, device, amp, channels_last, train_model=None):
     list or a run folder: `loss` and `train` time the step on batches of their own. No learning-rate warm-up."""
     args = train.build_parser().parse_args(["--amp", amp, "--warmup_epochs", "0"])
     amp_dtype, use_scaler = runtime.resolve_amp(amp, device)
-    run = train.Run(args=args, argv=[], device=device, amp_dtype=amp_dtype, ctx=runtime.autocast(device, amp_dtype),
+    run = training.Run(args=args, argv=[], device=device, amp_dtype=amp_dtype, ctx=runtime.autocast(device, amp_dtype),
                     channels_last=channels_last, criterion=criterion, model=model,
                     train_model=model if train_model is None else train_model)
-    run.optimizer, run.scheduler = train.build_optimizer(args, model, device)
-    run.clip_groups = train.clip_groups(model)
+    run.optimizer, run.scheduler = training_setup.build_optimizer(args, model, device)
+    run.clip_groups = training.clip_groups(model)
     run.scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
     return run
 
@@ -31,7 +33,7 @@ def random_batch(n, size, device, channels_last):
     training's own train_CR_kaggle.to_device."""
     batch = {"cloudy_data": torch.rand(n, 13, size, size) * 0.8, "cloudfree_data": torch.rand(n, 13, size, size) * 0.3,
              "SAR_data": torch.rand(n, 2, size, size), "cloud_mask": torch.rand(n, 1, size, size)}
-    return train.to_device(batch, device, channels_last)
+    return training.to_device(batch, device, channels_last)
 
 
 def synchronizer(device):

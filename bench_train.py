@@ -16,7 +16,7 @@ import bench_process
 import bench_step
 import losses
 import net_CR_CrossAttention as net
-import train_CR_kaggle as train
+import training
 
 # ------------------------------------------------------------------------------------------- model training step
 # Training-step throughput and peak memory of the model: train_CR_kaggle.train_step with the L1 loss preset on random
@@ -71,13 +71,13 @@ def train_step_worker(cfg):
     base_rss = _rss_mb()
     t0 = time.perf_counter()
     for _ in range(cfg["warmup"]):
-        train.train_step(run, batch)
+        training.train_step(run, batch)
     sync()
     out["warmup_s"] = time.perf_counter() - t0
     times, cpu_times = [], []
     for _ in range(cfg["steps"]):
         t0, c0 = time.perf_counter(), time.process_time()
-        train.train_step(run, batch)
+        training.train_step(run, batch)
         sync()
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)

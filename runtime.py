@@ -1,5 +1,5 @@
 """What training and evaluation share: device and precision, one autocast context, the checkpoint format and
-its atomic save.
+its atomic save, and the flags both scripts take (SHARED_FLAGS, add_shared_flag).
 
     device = resolve_device("auto")
     amp_dtype, use_scaler = resolve_amp("auto", device)
@@ -9,8 +9,8 @@ its atomic save.
 A checkpoint is a dict written by train_CR_kaggle.py: "model" (state_dict), "model_name" and "model_config"
 (enough to rebuild the network with net_CR_CrossAttention.create_model), plus the training state (optimizer,
 scheduler, scaler, epoch, best_psnr, early_stop_counter, global_step, args). Imports the model, files.py (the
-atomic writer, DataError) and torch; never the GeoTIFF layer (dataloader.py) nor the training script, so
-evaluation carries no DDP or VGG and loading a checkpoint no rasterio.
+atomic writer, DataError), clouds.py (the detectors' names) and torch; never the GeoTIFF layer (dataloader.py) nor
+the training script, so evaluation carries no DDP or VGG and loading a checkpoint no rasterio.
 """
 import contextlib
 import os
@@ -19,11 +19,35 @@ from pathlib import Path
 
 import torch
 
+import clouds
 import net_CR_CrossAttention
 from files import DataError, atomic_output
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
 CHECKPOINT_KEYS = ("model", "model_name", "model_config")
+# The flags train_CR_kaggle.py and test_CR.py both take, each defined once (argparse keywords): a script adds them
+# with add_shared_flag, at its place in its --help, with a note on what the flag does there, and --load_size with
+# the default its script documents. --batch_sz and --crop_size mean different things in the two and stay theirs.
+SHARED_FLAGS = {
+    "device": dict(default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'"),
+    "amp": dict(default="auto", choices=list(AMP_CHOICES),
+                help="mixed precision: auto = on CUDA bf16 where the card has bf16 units (compute capability "
+                     ">= 8.0: A100, A10, L4, H100), else fp16 (T4, V100, P100; training adds a GradScaler), never "
+                     "emulated bf16; on CPU bf16 where the CPU has native bf16 (AVX512-BF16 or AMX), else off "
+                     "(float32), since emulated bf16 is several times slower than fp32. fp16 also runs on CPU, to "
+                     "test the T4's path, with slow reference convolutions (BENCHMARKS.md, 'Model training step')"),
+    "data_list_filepath": dict(default=None, help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column format)"),
+    "input_data_folder": dict(default=None, help="root the CSV's folders are relative to"),
+    "load_size": dict(type=int, default=256, help="GLF-CR's flag: side of the image region crops are taken from"),
+    "cloud_detector": dict(default="rule", choices=list(clouds.CLOUD_DETECTORS),
+                           help="cloud detector: rule (the DSen2-CR rules GLF-CR uses, a soft score), s2cloudless "
+                                "(the binary mask UnCRtainTS computes, best precomputed), s2cloudless_prob (its raw "
+                                "probability, soft) or none"),
+    "cloud_mask_dir": dict(default=None, help="read the cloud masks precomputed by `python dataloader.py masks` from "
+                                              "this folder instead of running --cloud_detector on every sample"),
+    "num_workers": dict(type=int, default=2, help="data loading worker processes"),
+}
+_SHARED = object()  # add_shared_flag's default: SHARED_FLAGS' own
 
 
 class CheckpointError(RuntimeError):
@@ -64,6 +88,15 @@ def run_cli(main, argv=None, user_errors=()):
     except USER_ERRORS + tuple(user_errors) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def add_shared_flag(parser, name, note=None, default=_SHARED):
+    """Add --name to an argparse parser or group as SHARED_FLAGS defines it; note: what it does in the calling
+    script, appended to the shared help; default: the script's own, where its help says why (--load_size)."""
+    spec = {**SHARED_FLAGS[name], **({} if default is _SHARED else {"default": default})}
+    if note:
+        spec["help"] = f"{spec['help']}; {note}"
+    parser.add_argument(f"--{name}", **spec)
 
 
 def resolve_device(arg="auto"):

@@ -131,7 +131,7 @@ def _build(model_name, model_config, loss_args, amp_dtype):
 
 
 def _train_step(model, criterion, optimizer, n, size, amp_dtype):
-    """train_CR_kaggle.train_step's arithmetic on fake inputs: forward, the terms it enables, backward, clip, step."""
+    """training.train_step's arithmetic on fake inputs: forward, the terms it enables, backward, clip, step."""
     cloudy, target = torch.empty(n, 13, size, size), torch.empty(n, 13, size, size)
     sar, mask = torch.empty(n, 2, size, size), torch.empty(n, 1, size, size)
     with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):

@@ -508,42 +508,33 @@ def build_parser():
                    help="checkpoint written by train_CR_kaggle.py (last.pth or best.pth); the network is rebuilt "
                         "from it, no architecture flags needed. Several: an ensemble, scored on the mean of their "
                         "predictions, with their spread as the epistemic part of the uncertainty")
-    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu', 'cuda' or 'cuda:N'")
-    p.add_argument("--amp", default="auto", choices=list(runtime.AMP_CHOICES),
-                   help="autocast for inference: auto = bf16 on GPUs with bf16 units (compute capability >= 8.0), "
-                        "else fp16; on CPU bf16 where the CPU has native bf16, else float32 (the training script's "
-                        "rule); off = float32")
+    runtime.add_shared_flag(p, "device")
+    runtime.add_shared_flag(p, "amp", note="here the autocast of inference")
     p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
     g = p.add_argument_group("evaluation on a data list")
-    g.add_argument("--data_list_filepath", default=None,
-                   help="CSV list of triplets (GLF-CR 5-column or Kaggle 7-column)")
-    g.add_argument("--input_data_folder", default=None, help="root the CSV's folders are relative to")
+    runtime.add_shared_flag(g, "data_list_filepath")
+    runtime.add_shared_flag(g, "input_data_folder")
     g.add_argument("--split", default="test", choices=["train", "val", "test"], help="rows of the list to evaluate")
     g.add_argument("--results_dir", default="results",
                    help="where metrics.csv, summary.json, geotiff/ and png/ are written (checked before any work)")
     g.add_argument("--protocol", default="full", choices=list(PROTOCOLS),
                    help="full: score whole patches (UnCRtainTS, EMRDM, ECRformer); glfcr: the centred 128 px crop "
                         "of GLF-CR's test script (--load_size 256 --crop_size 128)")
-    g.add_argument("--load_size", type=int, default=None,
-                   help="GLF-CR's flag: side of the centred region the crop is taken from (None: from --protocol; "
-                        "larger than the patch: the whole patch)")
+    runtime.add_shared_flag(g, "load_size", default=None, note="here a centred region (None: from --protocol; "
+                                                               "larger than the patch: the whole patch)")
     g.add_argument("--crop_size", type=int, default=None,
                    help="GLF-CR's flag: score a centred crop of this side (None: from --protocol, i.e. the whole "
                         "patch for full, 128 for glfcr)")
-    g.add_argument("--cloud_detector", default="rule", choices=list(clouds.CLOUD_DETECTORS),
-                   help="cloud mask behind the cloudy/clear scores and the cloud-cover bins: rule (GLF-CR's), "
-                        "s2cloudless (the binary mask UnCRtainTS computes), s2cloudless_prob (its raw probability, "
-                        "thresholded at --cloud_threshold) or none")
+    runtime.add_shared_flag(g, "cloud_detector", note="its mask gives the cloudy/clear scores and the cloud-cover "
+                                                      "bins (a soft score thresholded at --cloud_threshold)")
     g.add_argument("--is_use_cloudmask", type=parse_bool, nargs="?", const=True, default=None,
                    help="GLF-CR's flag: False = no cloud mask (--cloud_detector none: the cloudy/clear scores are "
                         "empty); True = use the --cloud_detector mask; None: follow --cloud_detector")
     g.add_argument("--cloud_threshold", type=float, default=clouds.CLOUD_THRESHOLD,
                    help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold), "
                         "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
-    g.add_argument("--cloud_mask_dir", default=None,
-                   help="read the masks precomputed by `python dataloader.py masks` "
-                        "instead of running --cloud_detector")
-    g.add_argument("--num_workers", type=int, default=2, help="data loading worker processes")
+    runtime.add_shared_flag(g, "cloud_mask_dir")
+    runtime.add_shared_flag(g, "num_workers")
     g.add_argument("--save_geotiff", action="store_true",
                    help="write each prediction as a 13-band uint16 x10000 GeoTIFF with the input crop's CRS and "
                         "transform (results_dir/geotiff/NAME.tif)")

@@ -1,4 +1,4 @@
-"""benchmark.py times the product: train_CR_kaggle.train_step on batches put on the device by its to_device, with the
+"""benchmark.py times the product: training.train_step on batches put on the device by its to_device, with the
 loss presets of losses.py; every learn variant is flags the training script accepts."""
 import argparse
 import json
@@ -17,6 +17,7 @@ import bench_step
 import losses
 import net_CR_CrossAttention as net
 import train_CR_kaggle
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,7 +61,7 @@ def test_learn_loss_sets_are_the_design_presets():
 
 
 def test_timed_steps_are_the_training_step():
-    """The bare step of `benchmark.py loop` (and the steps `loss` and `train` time) is train_CR_kaggle.train_step on
+    """The bare step of `benchmark.py loop` (and the steps `loss` and `train` time) is training.train_step on
     a batch already on the device; it trains the model and leaves the loop's step count alone."""
     torch.manual_seed(0)
     device = torch.device("cpu")
@@ -68,7 +69,7 @@ def test_timed_steps_are_the_training_step():
     run = bench_step.step_run(model, losses.CRLoss(**losses.loss_options("l1")), device, "off", channels_last=False)
     batch = bench_step.random_batch(2, 16, device, channels_last=False)
     before = [p.detach().clone() for p in model.parameters()]
-    with mock.patch.object(train_CR_kaggle, "train_step", wraps=train_CR_kaggle.train_step) as step:
+    with mock.patch.object(training, "train_step", wraps=training.train_step) as step:
         seconds = bench_loop._bare_steps(run, batch, 2, lambda: None)
     assert step.call_count == 2 and all(call.args == (run, batch) for call in step.call_args_list)
     assert seconds > 0 and run.global_step == 0

@@ -10,6 +10,7 @@ import benchmark
 import datalist
 import dataloader
 import net_CR_CrossAttention
+import runtime
 import test_CR
 import train_CR_kaggle
 
@@ -37,6 +38,46 @@ def test_every_flag_has_help(name, parser):
     missing = [a.option_strings or a.dest for a in parser._actions
                if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and not a.help]
     assert not missing, f"{name}: flags without help: {missing}"
+
+
+# Flags of both scripts that mean different things in each, so each script defines its own.
+DIFFERENT_MEANING = {"batch_sz": "training: samples per process, or auto; evaluation: images per forward pass",
+                     "crop_size": "training: a random crop to train on; evaluation: the centred crop scored"}
+
+
+def _flags(parser):
+    return {a.dest: a for a in parser._actions if not isinstance(a, argparse._HelpAction)}
+
+
+def test_flags_both_scripts_take_are_defined_once():
+    """Every flag of both scripts is runtime.SHARED_FLAGS' (same type, choices and help, a script adding a note) or
+    has a reason to differ."""
+    train, evaluation = _flags(train_CR_kaggle.build_parser()), _flags(test_CR.build_parser())
+    both = set(train) & set(evaluation)
+    assert both - set(runtime.SHARED_FLAGS) == set(DIFFERENT_MEANING)
+    assert set(runtime.SHARED_FLAGS) <= both
+    for name, spec in runtime.SHARED_FLAGS.items():
+        for parser in (train, evaluation):
+            flag = parser[name]
+            assert flag.option_strings == [f"--{name}"] and flag.help.startswith(spec["help"]), name
+            assert (flag.type, flag.choices) == (spec.get("type"), spec.get("choices")), name
+    assert train["load_size"].default == 256 and evaluation["load_size"].default is None  # documented in each
+
+
+def test_shared_flags_take_a_note_and_a_default_of_their_script():
+    parser = argparse.ArgumentParser()
+    runtime.add_shared_flag(parser, "load_size", note="the script's own", default=64)
+    runtime.add_shared_flag(parser, "amp")
+    flags = _flags(parser)
+    assert flags["load_size"].help == f"{runtime.SHARED_FLAGS['load_size']['help']}; the script's own"
+    assert flags["load_size"].default == 64 and flags["amp"].default == "auto"
+    assert parser.parse_args(["--amp", "bf16", "--load_size", "32"]).load_size == 32
+    with pytest.raises(KeyError):
+        runtime.add_shared_flag(parser, "not_a_shared_flag")
+
+
+def test_model_name_choices_are_the_models():
+    assert _flags(train_CR_kaggle.build_parser())["model_name"].choices == list(net_CR_CrossAttention.MODELS)
 
 
 HELP_COMMANDS = [(net_CR_CrossAttention._smoke_test, []), (train_CR_kaggle.main, []), (test_CR.main, []),

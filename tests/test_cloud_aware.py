@@ -26,6 +26,7 @@ import scoring
 import synthetic
 import test_CR
 import train_CR_kaggle as train
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,10 +261,10 @@ def test_confidence_target_is_the_truth_where_there_is_one():
     truth[1, 1, :, :2] = 0.5  # shadow
     truth[1, 0, 7, 7] = 0.01  # haze below the threshold
     cloud_binary = torch.ones(2, 1, 8, 8)
-    target = train.confidence_target({"cloud_truth": truth, "cloud_binary": cloud_binary}, torch.device("cpu"))
+    target = training.confidence_target({"cloud_truth": truth, "cloud_binary": cloud_binary}, torch.device("cpu"))
     assert target[0, 0, :4].eq(1).all() and target[0, 0, 4:].eq(0).all()
     assert target[1, 0, :, :2].eq(1).all() and target[1, 0, 7, 7] == 0
-    assert torch.equal(train.confidence_target({"cloud_binary": cloud_binary}, torch.device("cpu")), cloud_binary)
+    assert torch.equal(training.confidence_target({"cloud_binary": cloud_binary}, torch.device("cpu")), cloud_binary)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

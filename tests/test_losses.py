@@ -449,28 +449,30 @@ def test_a_term_needs_its_model_part():
 
 def test_a_resumed_run_keeps_its_losses_unless_flags_change_them():
     import train_CR_kaggle as train
+    import training_setup
     model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
     first = train.build_parser().parse_args(["--use_fft_loss", "--fft_weight", "0.5", "--perceptual_weight", "0",
                                              "--cloud_weight_factor", "3"])
-    stored = train.resolve_losses(first, model)
+    stored = training_setup.resolve_losses(first, model)
     assert first.fft_weight == 0.5 and first.confidence_weight == 0.5  # args.json shows the weights used
     ckpt = {"loss_config": asdict(stored), "model_config": asdict(model.config)}
-    resumed = train.resolve_losses(train.build_parser().parse_args([]), model, ckpt)
+    resumed = training_setup.resolve_losses(train.build_parser().parse_args([]), model, ckpt)
     assert resumed == stored
-    changed = train.resolve_losses(train.build_parser().parse_args(["--fft_weight", "0"]), model, ckpt)
+    changed = training_setup.resolve_losses(train.build_parser().parse_args(["--fft_weight", "0"]), model, ckpt)
     assert changed.weights == {**stored.weights, "fft": 0.0} and changed.options["cloud_weight_factor"] == 3
     # a checkpoint written before the losses were stored: its flags, read as they meant then
     old_args = {"l1_weight": 1.0, "perceptual_weight": 0.0, "use_fft_loss": False, "fft_weight": 0.3,
                 "use_gradient_loss": True, "gradient_weight": 0.2, "use_contrastive_loss": False,
                 "contrastive_weight": 0.1, "use_cloud_focused_loss": True, "cloud_weight_factor": 2.0,
                 "confidence_weight": 0.05, "residual_weight": 0.0, "nll_distribution": "laplace", "lr": 1e-4}
-    old = train.resolve_losses(train.build_parser().parse_args([]), model, {"args": old_args})
+    old = training_setup.resolve_losses(train.build_parser().parse_args([]), model, {"args": old_args})
     assert old.enabled == {"cloud_focused": 1.0, "gradient": 0.2, "confidence": 0.05}
     assert old.options["cloud_weight_factor"] == 2.0
     # older still (tests/data's checkpoint has no loss flags at all): the terms' defaults for its model
     ckpt = runtime.load_checkpoint(ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth")
-    assert train.stored_loss_config(ckpt) is None
-    oldest = train.resolve_losses(train.build_parser().parse_args([]), runtime.build_model_from_checkpoint(ckpt), ckpt)
+    assert training_setup.stored_loss_config(ckpt) is None
+    oldest = training_setup.resolve_losses(train.build_parser().parse_args([]),
+                                           runtime.build_model_from_checkpoint(ckpt), ckpt)
     assert oldest.enabled == {"l1": 1.0, "perceptual": 0.5, "confidence": 0.5, "residual": 0.5}
     # a stored config from before a term existed: that term was off
     assert losses.LossConfig.from_stored({"weights": {"l1": 1.0}, "options": {}}).enabled == {"l1": 1.0}

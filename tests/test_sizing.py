@@ -12,6 +12,8 @@ import net_CR_CrossAttention
 import runtime
 import sizing
 import train_CR_kaggle as train
+import training
+import training_setup
 
 MEASURED_H100_EAGER_MIB = 24419  # BENCHMARKS.md, "GPU": default network, L1, bf16, 256 px, batch 32, eager
 
@@ -80,9 +82,9 @@ def cuda_run(monkeypatch, free_bytes, *flags):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
     args = train.build_parser().parse_args(["--batch_sz", "auto", "--crop_size", "32", "--load_size", "32",
                                             "--perceptual_weight", "0", *flags])
-    run = train.Run(args=args, argv=[], device=torch.device("cuda"), amp_dtype=torch.float16)
+    run = training.Run(args=args, argv=[], device=torch.device("cuda"), amp_dtype=torch.float16)
     run.model = net_CR_CrossAttention.create_model()
-    train.resolve_losses(args, run.model)
+    training_setup.resolve_losses(args, run.model)
     return run
 
 
@@ -97,13 +99,14 @@ def test_batch_sz_auto_on_a_gpu_takes_the_largest_batch_that_fits(monkeypatch):
     probe = cuda_run(monkeypatch, 0)
     need = sizing.footprint("CrossAttention", {}, probe.args, 32, 32, torch.float16)
     just_enough = need.bytes_for(9) / (1 - sizing.BATCH_MARGIN) + 1
-    batch, text = train.resolve_batch(cuda_run(monkeypatch, just_enough), n_train=100)
+    batch, text = training_setup.resolve_batch(cuda_run(monkeypatch, just_enough), n_train=100)
     assert batch == 9
     assert text.startswith("batch 9 (auto: ") and "on Tesla T4" in text and "at 32 px fp16, 15 % margin" in text
-    assert train.resolve_batch(cuda_run(monkeypatch, just_enough - 2), 100)[0] == 8  # one byte short
-    assert train.resolve_batch(cuda_run(monkeypatch, just_enough), n_train=5)[0] == 5  # no larger than the data
+    assert training_setup.resolve_batch(cuda_run(monkeypatch, just_enough - 2), 100)[0] == 8  # one byte short
+    # no larger than the data
+    assert training_setup.resolve_batch(cuda_run(monkeypatch, just_enough), n_train=5)[0] == 5
     with pytest.raises(runtime.UsageError, match="not even one sample fits"):
-        train.resolve_batch(cuda_run(monkeypatch, need.bytes_for(1) / 2), 100)
+        training_setup.resolve_batch(cuda_run(monkeypatch, need.bytes_for(1) / 2), 100)
 
 
 def test_batch_sz_takes_a_number_or_auto():
@@ -116,10 +119,10 @@ def test_batch_sz_takes_a_number_or_auto():
 @pytest.mark.slow
 def test_batch_sz_auto_on_cpu_is_the_design_batch_and_args_json_keeps_the_number(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
-    run = train.setup(train.build_parser().parse_args(tiny(csv_path, root, tmp_path, "--batch_sz", "auto")))
+    run = training.setup(train.build_parser().parse_args(tiny(csv_path, root, tmp_path, "--batch_sz", "auto")))
     run.writer.close()
-    assert run.args.batch_sz == train.DESIGN_BATCH and run.train_loader.batch_size == train.DESIGN_BATCH
-    assert json.loads((run.dir / "args.json").read_text())["batch_sz"] == train.DESIGN_BATCH
+    assert run.args.batch_sz == run.train_loader.batch_size == training_setup.DESIGN_BATCH
+    assert json.loads((run.dir / "args.json").read_text())["batch_sz"] == training_setup.DESIGN_BATCH
     assert run.batch_text == "batch 6 (auto: the design's batch on cpu, where memory is not the limit)"
 
 

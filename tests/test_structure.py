@@ -19,6 +19,7 @@ import runtime
 import scoring
 import test_CR
 import train_CR_kaggle
+import training
 
 ROOT = Path(__file__).resolve().parents[1]
 # Layers from the bottom up; a module may import project modules of lower layers only, so modules of one layer do
@@ -28,13 +29,15 @@ LAYERS = {
     "losses": 1, "clouds": 1, "datalist": 1, "rasters": 1,
     "cloud_masks": 2, "scanning": 2,  # the data layer: lists and rasters below masks and scenes below the Dataset
     "dataloader": 3, "runtime": 3, "sizing": 3,
-    "inference": 4, "quicklooks": 4, "scoring": 4,
-    "test_CR": 5, "train_CR_kaggle": 5,
+    "training_setup": 4,  # the pieces a training run is built from
+    "inference": 5, "quicklooks": 5, "scoring": 5,
+    "training": 5,  # the run, its step and loop: what the training script and the benchmarks both call
+    "test_CR": 6, "train_CR_kaggle": 6,
     # the benchmark: what its subcommands share, the subcommands, the entry point that imports them by name
-    "bench_process": 6, "bench_step": 6,
-    "bench_loss": 7, "bench_data": 7, "bench_eval": 7, "bench_train": 7, "bench_memory": 7, "bench_loop": 7,
-    "bench_learn": 7, "bench_sparsify": 7,
-    "benchmark": 8,
+    "bench_process": 7, "bench_step": 7,
+    "bench_loss": 8, "bench_data": 8, "bench_eval": 8, "bench_train": 8, "bench_memory": 8, "bench_loop": 8,
+    "bench_learn": 8, "bench_sparsify": 8,
+    "benchmark": 9,
 }
 BENCHMARK_LAYER = LAYERS["bench_process"]
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
@@ -256,7 +259,7 @@ def test_cloud_threshold_has_one_source(synthetic_dataset):
 def test_history_and_metric_names_have_one_source():
     import metrics
     assert scoring.METRIC_NAMES == metrics.METRIC_NAMES
-    assert [f for f in train_CR_kaggle.HISTORY_FIELDS if f.startswith("val_")] == [
+    assert [f for f in training.HISTORY_FIELDS if f.startswith("val_")] == [
         f"val_{m}" for m in metrics.METRIC_NAMES]
 
 

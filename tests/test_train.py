@@ -1,12 +1,14 @@
 """train_CR_kaggle.py end to end on tiny synthetic data (crops of 32 px, 1-2 epochs)."""
 import argparse
 import csv
+import dataclasses
 import math
 import os
 import shlex
 import socket
 import subprocess
 import sys
+import typing
 from dataclasses import asdict
 from pathlib import Path
 
@@ -14,8 +16,11 @@ import pytest
 import torch
 
 import files
+import losses
 import runtime
 import train_CR_kaggle as train
+import training
+import training_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,7 +87,8 @@ def test_resume_continues_epoch_and_optimizer_state(synthetic_dataset, tmp_path,
     first = runtime.load_checkpoint(run / "last.pth")
     assert first["channels_last"] in (True, False)  # the layout --channels_last auto chose, recorded
     # the resumed run keeps that layout without timing the two again
-    monkeypatch.setattr(train, "step_seconds", lambda *a, **k: pytest.fail("the resumed run probed the layouts"))
+    monkeypatch.setattr(training_setup, "step_seconds",
+                        lambda *a, **k: pytest.fail("the resumed run probed the layouts"))
 
     # Resume (no --train_from_scratch) to epoch 2, and check the state it starts from is the saved one.
     args = [a for a in tiny(csv_path, root, tmp_path, epochs=2) if a != "--train_from_scratch"]
@@ -254,9 +260,19 @@ def test_confidence_weight_needs_a_confidence_map(synthetic_dataset, tmp_path):
 
 # ----------------------------------------------------------------------------- the loop: device-side figures
 
+def test_run_fields_are_typed():
+    """Every field of training.Run names its type (resolvable: a misspelt name fails here), none just `object`."""
+    from torch.utils.tensorboard import SummaryWriter  # imported by setup_logging only when a run logs
+    hints = typing.get_type_hints(training.Run, localns={"SummaryWriter": SummaryWriter})
+    assert set(hints) == {f.name for f in dataclasses.fields(training.Run)}
+    untyped = {name for name, hint in hints.items() if hint is object or object in typing.get_args(hint)}
+    assert not untyped, untyped
+    assert typing.get_args(hints["criterion"]) == (losses.CRLoss, type(None))
+
+
 def _setup(csv_path, root, save_dir, *extra):
     args = train.build_parser().parse_args(tiny(csv_path, root, save_dir, *extra))
-    return train.setup(args)
+    return training.setup(args)
 
 
 def _close(run):
@@ -276,8 +292,8 @@ def test_uint16_batches_normalised_on_the_device_equal_the_float_path(synthetic_
     float_batch = default_collate([as_float[i] for i in range(3)])
     uint16_batch = default_collate([as_uint16[i] for i in range(3)])
     assert uint16_batch["cloudy_data"].dtype == torch.uint16 and uint16_batch["cloudfree_data"].dtype == torch.uint16
-    on_device = train.to_device(uint16_batch, torch.device("cpu"))
-    for key in train.BATCH_KEYS:  # bit for bit, the cloud mask included (computed in the worker from float S2)
+    on_device = training.to_device(uint16_batch, torch.device("cpu"))
+    for key in training.BATCH_KEYS:  # bit for bit, the cloud mask included (computed in the worker from float S2)
         assert on_device[key].dtype == torch.float32 and torch.equal(on_device[key], float_batch[key]), key
     with pytest.raises(ValueError, match="s2_encoding"):
         dataloader.SEN12MSCRDataset(rows, root, s2_encoding="int8")
@@ -289,14 +305,14 @@ def test_a_training_step_makes_no_host_read(synthetic_dataset, tmp_path, monkeyp
     root, csv_path = synthetic_dataset
     run = _setup(csv_path, root, tmp_path, "--amp", "bf16")
     batch = next(iter(run.train_loader))
-    train.train_step(run, batch)  # first call outside the trap (lazy allocations)
+    training.train_step(run, batch)  # first call outside the trap (lazy allocations)
 
     def host_read(*a, **k):
         raise AssertionError("host read inside train_step")
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, name, host_read)
-    figures, skipped = train.train_step(run, batch)
+    figures, skipped = training.train_step(run, batch)
     run.meter.add(figures, skipped)
     monkeypatch.undo()
     _close(run)
@@ -311,9 +327,9 @@ def test_figures_are_read_every_log_every_steps(synthetic_dataset, tmp_path, mon
     root, csv_path = synthetic_dataset
     run = _setup(csv_path, root, tmp_path, "--log_every", "2", "--batch_sz", "1", "--perceptual_weight", "0")
     reads = []
-    real_read = train.StepMeter.read
-    monkeypatch.setattr(train.StepMeter, "read", lambda self: reads.append(run.global_step) or real_read(self))
-    stats = train.train_one_epoch(run, 0)
+    real_read = training.StepMeter.read
+    monkeypatch.setattr(training.StepMeter, "read", lambda self: reads.append(run.global_step) or real_read(self))
+    stats = training.train_one_epoch(run, 0)
     _close(run)
     steps = len(run.train_loader)
     assert reads == sorted({*range(2, steps + 1, 2), steps}), (reads, steps)  # every 2 steps and at the end
@@ -327,14 +343,14 @@ def test_the_next_epochs_batches_are_requested_before_validation(synthetic_datas
     root, csv_path = synthetic_dataset
     run = _setup(csv_path, root, tmp_path, "--perceptual_weight", "0", "--max_epochs", "2")
     requested = []
-    real_start = train.start_epoch_batches
-    monkeypatch.setattr(train, "start_epoch_batches",
+    real_start = training.start_epoch_batches
+    monkeypatch.setattr(training, "start_epoch_batches",
                         lambda r, epoch: requested.append((epoch, r.global_step)) or real_start(r, epoch))
     steps = len(run.train_loader)
-    train.train_one_epoch(run, 0)
+    training.train_one_epoch(run, 0)
     assert requested == [(0, 0), (1, steps)] and run.next_batches is not None
-    train.validate(run)
-    train.train_one_epoch(run, 1)
+    training.validate(run)
+    training.train_one_epoch(run, 1)
     _close(run)
     assert requested == [(0, 0), (1, steps)], "epoch 2 must use the iterator asked for before validation"
     assert run.global_step == 2 * steps and run.next_batches is None  # nothing asked for after the last epoch
@@ -356,10 +372,10 @@ def test_a_non_finite_step_leaves_the_weights_alone(synthetic_dataset, tmp_path,
 
     monkeypatch.setattr(losses.CRLoss, "forward", nan_first)
     before = {k: v.clone() for k, v in run.model.state_dict().items()}
-    figures, skipped = train.train_step(run, batch)
+    figures, skipped = training.train_step(run, batch)
     assert skipped.item() == 1
     assert all(torch.equal(before[k], v) for k, v in run.model.state_dict().items()), "skipped step moved weights"
-    train.train_step(run, batch)
+    training.train_step(run, batch)
     _close(run)
     assert not all(torch.equal(before[k], v) for k, v in run.model.state_dict().items())
     steps = {float(s["step"]) for s in run.optimizer.state_dict()["state"].values()}
@@ -442,21 +458,21 @@ def test_fp16_with_a_grad_scaler_trains_the_default_network_and_resumes(syntheti
 
 def test_distributed_backend_is_nccl_on_gpus_and_gloo_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert train.distributed_backend("auto") == "nccl" and train.distributed_backend("cuda") == "nccl"
-    assert train.distributed_backend("cpu") == "gloo"
+    assert training_setup.distributed_backend("auto") == "nccl" and training_setup.distributed_backend("cuda") == "nccl"
+    assert training_setup.distributed_backend("cpu") == "gloo"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert train.distributed_backend("auto") == "gloo"
+    assert training_setup.distributed_backend("auto") == "gloo"
 
 
 @pytest.mark.slow
 def test_compile_auto_is_on_for_cuda_and_off_on_cpu(synthetic_dataset, tmp_path, monkeypatch):
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
-    assert train.resolve_compile("auto", cuda) and not train.resolve_compile("auto", cpu)
+    assert training_setup.resolve_compile("auto", cuda) and not training_setup.resolve_compile("auto", cpu)
     # Triton, torch.compile's GPU compiler, refuses GPUs older than capability 7.0, such as Kaggle's P100 (6.0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
-    assert not train.resolve_compile("auto", cuda) and train.resolve_compile("on", cuda)
-    assert train.resolve_compile("on", cpu) and not train.resolve_compile("off", cuda)
+    assert not training_setup.resolve_compile("auto", cuda) and training_setup.resolve_compile("on", cuda)
+    assert training_setup.resolve_compile("on", cpu) and not training_setup.resolve_compile("off", cuda)
     assert train.build_parser().parse_args(["--compile"]).compile == "on"  # the old bare flag still means on
     root, csv_path = synthetic_dataset
     compiled = []
@@ -471,10 +487,10 @@ def test_compile_auto_is_on_for_cuda_and_off_on_cpu(synthetic_dataset, tmp_path,
 # ----------------------------------------------------------------------------- time limit
 
 def test_next_epoch_fits_takes_the_longest_epoch_with_a_margin():
-    assert train.next_epoch_fits(1000.0, [])  # nothing measured yet: try
-    assert train.next_epoch_fits(1000.0, [300.0, 850.0, 500.0]) is False  # 1.25 x 850 > 1000
-    assert train.next_epoch_fits(1000.0, [300.0, 790.0]) is True  # 1.25 x 790 = 987.5
-    assert train.next_epoch_fits(1000.0, [300.0, 790.0], reserve=60.0) is False
+    assert training.next_epoch_fits(1000.0, [])  # nothing measured yet: try
+    assert training.next_epoch_fits(1000.0, [300.0, 850.0, 500.0]) is False  # 1.25 x 850 > 1000
+    assert training.next_epoch_fits(1000.0, [300.0, 790.0]) is True  # 1.25 x 790 = 987.5
+    assert training.next_epoch_fits(1000.0, [300.0, 790.0], reserve=60.0) is False
 
 
 def _history(run_dir):
@@ -490,7 +506,7 @@ def test_time_limit_stop_then_resume_continues_the_schedule_exactly(synthetic_da
     uninterrupted = _history(tmp_path / "whole" / "glf_cr_enhanced_v3")
 
     verdicts = iter([False])  # the first end-of-epoch check says the next epoch would not fit, later ones that it does
-    monkeypatch.setattr(train, "next_epoch_fits", lambda *a, **k: next(verdicts, True))
+    monkeypatch.setattr(training, "next_epoch_fits", lambda *a, **k: next(verdicts, True))
     argv = tiny(csv_path, root, tmp_path / "split", *schedule, "--time_limit", "11.5", epochs=3)
     assert train.main(argv) == 0
     out = capsys.readouterr().out
@@ -609,7 +625,7 @@ def test_the_demo_prints_an_evaluation_command_that_draws_quicklooks(tmp_path, c
         args = train.build_parser().parse_args(["--data_list_filepath", "d.csv", "--input_data_folder", "root"]
                                                + (["--demo"] if demo else []))
         args.experiment_name = "demo" if demo else args.experiment_name
-        run = train.Run(args=args, argv=[], device=torch.device("cpu"), dir=tmp_path, best_psnr=30.0)
+        run = training.Run(args=args, argv=[], device=torch.device("cpu"), dir=tmp_path, best_psnr=30.0)
         assert train.finish(run) == 0
         command = capsys.readouterr().out.strip().splitlines()[-1].strip()
         assert command.startswith("python test_CR.py --checkpoint") and "--split test" in command
@@ -635,7 +651,7 @@ def test_a_run_in_process_gives_back_the_signal_handlers_and_a_second_signal_rea
             run.stop_requested = True
             return {"loss": 0.0, "psnr": 0.0, "samples_per_s": 0.0, "seconds": 0.0}
 
-        monkeypatch.setattr(train, "train_one_epoch", epoch_that_gets_two_signals)
+        monkeypatch.setattr(training, "train_one_epoch", epoch_that_gets_two_signals)
         assert train.main(tiny(csv_path, root, tmp_path, "--perceptual_weight", "0", epochs=3)) == 130
         assert signal.getsignal(signal.SIGINT) is previous_int
         handler = signal.getsignal(signal.SIGTERM)
@@ -649,10 +665,10 @@ def test_pace_gives_seconds_per_epoch_and_time_left():
     from types import SimpleNamespace
     run = SimpleNamespace(epoch_seconds=[100.0, 40.0, 50.0, 60.0], epochs_done=4, started=0.0,
                           args=SimpleNamespace(max_epochs=10, time_limit=None))
-    assert train.pace(run) == "50 s/epoch, 5 min 00 s left"
+    assert training.pace(run) == "50 s/epoch, 5 min 00 s left"
     run.args.time_limit = 0.0  # a limit already reached caps the estimate
-    assert train.pace(run).endswith("0 s left")
-    assert train.format_duration(7300) == "2 h 01 min"
+    assert training.pace(run).endswith("0 s left")
+    assert training.format_duration(7300) == "2 h 01 min"
 
 
 @pytest.mark.parametrize("channels_last_seconds, first_seconds, expected", [(0.5, 1.0, True), (1.0, 0.5, False)])
@@ -663,15 +679,15 @@ def test_channels_last_auto_keeps_the_layout_that_ran_faster(monkeypatch, channe
     import net_CR_CrossAttention as net
     model = net.create_model("CrossAttention", widths=(8, 16, 32), heads=4)
     timed = {True: channels_last_seconds, False: first_seconds}
-    monkeypatch.setattr(train, "step_seconds", lambda m, ctx, size, cl, repeats=2: timed[cl])
+    monkeypatch.setattr(training_setup, "step_seconds", lambda m, ctx, size, cl, repeats=2: timed[cl])
     args = SimpleNamespace(channels_last="auto", crop_size=32)
-    on, text = train.resolve_channels_last(args, model, runtime.autocast(torch.device("cpu"), None),
-                                           torch.device("cpu"), 1)
+    on, text = training_setup.resolve_channels_last(args, model, runtime.autocast(torch.device("cpu"), None),
+                                                    torch.device("cpu"), 1)
     assert on is expected and text.startswith(f"channels-last {'on' if expected else 'off'} (a step took")
-    assert train.resolve_channels_last(args, model, None, torch.device("cuda"), 1)[0] is False
+    assert training_setup.resolve_channels_last(args, model, None, torch.device("cuda"), 1)[0] is False
     for choice in ("on", "off"):
         args.channels_last = choice
-        assert train.resolve_channels_last(args, model, None, torch.device("cpu"), 1)[0] is (choice == "on")
+        assert training_setup.resolve_channels_last(args, model, None, torch.device("cpu"), 1)[0] is (choice == "on")
 
 
 def test_channels_last_auto_keeps_the_layout_of_the_run_it_resumes(monkeypatch):
@@ -682,13 +698,13 @@ def test_channels_last_auto_keeps_the_layout_of_the_run_it_resumes(monkeypatch):
 
     def no_probe(*a, **k):
         raise AssertionError("a resumed run with a recorded layout must not time the layouts again")
-    monkeypatch.setattr(train, "step_seconds", no_probe)
+    monkeypatch.setattr(training_setup, "step_seconds", no_probe)
     args = SimpleNamespace(channels_last="auto", crop_size=32)
     for recorded in (True, False):
-        on, text = train.resolve_channels_last(args, model, None, torch.device("cpu"), 1, resumed=recorded)
+        on, text = training_setup.resolve_channels_last(args, model, None, torch.device("cpu"), 1, resumed=recorded)
         assert on is recorded and "the run resumed" in text
     args.channels_last = "off"  # an explicit flag still wins
-    assert train.resolve_channels_last(args, model, None, torch.device("cpu"), 1, resumed=True)[0] is False
+    assert training_setup.resolve_channels_last(args, model, None, torch.device("cpu"), 1, resumed=True)[0] is False
 
 
 def test_the_layout_probe_changes_neither_weights_nor_the_random_stream():
@@ -699,8 +715,8 @@ def test_the_layout_probe_changes_neither_weights_nor_the_random_stream():
     torch.manual_seed(1)
     expected_draw = torch.rand(3)
     torch.manual_seed(1)
-    train.resolve_channels_last(__import__("types").SimpleNamespace(channels_last="auto", crop_size=32), model,
-                                runtime.autocast(torch.device("cpu"), None), torch.device("cpu"), 1)
+    training_setup.resolve_channels_last(__import__("types").SimpleNamespace(channels_last="auto", crop_size=32), model,
+                                         runtime.autocast(torch.device("cpu"), None), torch.device("cpu"), 1)
     assert torch.equal(torch.rand(3), expected_draw)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
@@ -730,7 +746,7 @@ def test_the_demo_ends_by_its_time_budget_with_the_evaluation_command(tmp_path, 
     """A slow CPU gets through fewer of the demo's epochs, not a longer demo."""
     monkeypatch.setattr(train, "DEMO_DIR", tmp_path / "demo_data")
     monkeypatch.setattr(train, "DEMO_SAMPLES", 16)
-    monkeypatch.setattr(train, "next_epoch_fits", lambda *a, **k: False)  # as if the budget were spent after one
+    monkeypatch.setattr(training, "next_epoch_fits", lambda *a, **k: False)  # as if the budget were spent after one
     assert train.main(["--demo", "--save_model_dir", str(tmp_path / "ckpt"), "--vgg_weights", "random",
                        "--amp", "off", "--channels_last", "off"]) == 0
     out = capsys.readouterr().out

@@ -646,6 +646,7 @@ def test_the_network_trains_bit_for_bit_as_without_the_head(synthetic_dataset, t
     stream at construction, and a gradient clipped apart from the network's. So the network's weights after training
     are those of the same run without the head, bit for bit (CPU, eager): the head costs no PSNR by construction."""
     import train_CR_kaggle as train
+    import training
     root, csv_path = synthetic_dataset
     weights = {}
     for name, extra in (("plain", ()), ("head", ("--use_uncertainty_head",))):
@@ -661,6 +662,6 @@ def test_the_network_trains_bit_for_bit_as_without_the_head(synthetic_dataset, t
     # what the measured runs had: one clip norm for both, which lets the head's gradient move the network
     torch.manual_seed(0)
     model = _model(use_uncertainty_head=True)
-    groups = train.clip_groups(model)
+    groups = training.clip_groups(model)
     assert len(groups) == 2 and groups[1] == list(model.uncertainty_head.parameters())
-    assert len(train.clip_groups(_model())) == 1
+    assert len(training.clip_groups(_model())) == 1
