@@ -395,7 +395,7 @@ def _watch_scaler(monkeypatch):
     """[(loss was non-finite, scale after the step)] per optimizer step, and the scaler state a resumed run starts
     from: spies around the real optimizer_step and restore."""
     steps, restored = [], {}
-    real_step, real_restore = train.optimizer_step, train.restore
+    real_step, real_restore = training.optimizer_step, training_setup.restore
 
     def step(run, skip):
         real_step(run, skip)
@@ -405,8 +405,8 @@ def _watch_scaler(monkeypatch):
         real_restore(run, ckpt)
         restored.update(run.scaler.state_dict())
 
-    monkeypatch.setattr(train, "optimizer_step", step)
-    monkeypatch.setattr(train, "restore", restore)
+    monkeypatch.setattr(training, "optimizer_step", step)
+    monkeypatch.setattr(training_setup, "restore", restore)
     return steps, restored
 
 
