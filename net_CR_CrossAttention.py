@@ -32,11 +32,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = [
-    "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion",
-    "SpeckleAwareGate", "CloudConfidencePredictor", "UncertaintyHead", "CloudRemovalCrossAttention", "DSen2CR",
-    "Ensemble", "create_model", "MODELS", "SAR_INPUTS", "ModelConfig", "DSen2CRConfig",
-    "count_macs",
-]
+    "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion", "SpeckleAwareGate",
+    "CloudConfidencePredictor", "UncertaintyHead", "CloudRemovalCrossAttention", "DSen2CR", "create_model",
+    "MODELS", "SAR_INPUTS", "ModelConfig", "DSen2CRConfig", "count_macs"]
 
 GN_GROUPS = 8
 ATTENTION_PATHS = ("fused", "reference")
@@ -122,22 +120,6 @@ def design_switches():
     """{switch: value} that turns the default network into the design document's: every switch added since at the
     value that checkpoints written before it were built with."""
     return {f.name: f.metadata.get("older") for f in flag_fields() if isinstance(f.metadata.get("older"), bool)}
-
-
-def config_for_checkpoint(model_name, stored, training_args=None):
-    """The config a checkpoint's network was built with, from its stored dict: fields added after it was written
-    take the value they had then (the SAR input mode, once kept only in the training args, from there)."""
-    config = dict(stored)
-    if model_name == "CrossAttention":
-        for f in flag_fields():
-            older = f.metadata.get("older")
-            if older == "args":
-                config.setdefault(f.name, (training_args or {}).get(f.name, f.default))
-            elif older is not None:
-                config.setdefault(f.name, older)
-    else:
-        config.setdefault("sar_input", (training_args or {}).get("sar_input", "on"))
-    return config
 
 
 def _gn(channels):
@@ -604,51 +586,13 @@ class DSen2CR(nn.Module):
         return prediction
 
 
-class Ensemble(nn.Module):
-    """Several trained networks as one: the mean of their predictions, and the parts of its uncertainty.
-
-    forward(optical, sar, return_aux=True) -> (mean prediction, aux) with aux["log_variance"] the log of the members'
-    mean predicted variance (the aleatoric part; None unless every member has an uncertainty head),
-    aux["epistemic_variance"] the variance of the members' predictions around their mean (their spread), and
-    aux["confidence"] the mean confidence map (None unless every member has one). The predictive variance of the
-    mixture is the sum of the two parts (Lakshminarayanan et al., NeurIPS 2017; UnCRtainTS's
-    model/ensemble_reconstruct.py combines its members the same way).
-    """
-
-    model_name = "Ensemble"
-
-    def __init__(self, members):
-        super().__init__()
-        if len(members) < 2:
-            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
-        self.members = nn.ModuleList(members)
-        self.sar_input = ",".join(sorted({m.sar_input for m in members}))
-        self.config = {"members": [asdict(m.config) for m in members], "sar_input": self.sar_input}
-
-    def forward(self, optical, sar, return_aux=False):
-        outputs = [m(optical, sar, return_aux=True) for m in self.members]
-        with torch.autocast(device_type=optical.device.type, enabled=False):
-            predictions = torch.stack([p.float() for p, _ in outputs])
-            prediction = predictions.mean(0)
-            if not return_aux:
-                return prediction
-            aux = {"epistemic_variance": predictions.var(0, unbiased=False), "members": len(outputs)}
-            for key in ("confidence", "log_variance"):
-                parts = [a.get(key) for _, a in outputs]
-                aux[key] = None if any(p is None for p in parts) else torch.stack([p.float() for p in parts])
-            aux["confidence"] = None if aux["confidence"] is None else aux["confidence"].mean(0)
-            if aux["log_variance"] is not None:  # log of the mean variance, without leaving log space
-                aux["log_variance"] = torch.logsumexp(aux["log_variance"], 0) - math.log(len(outputs))
-        return prediction, aux
-
-
 MODELS = {"CrossAttention": CloudRemovalCrossAttention, "DSen2CR": DSen2CR}
 
 
 def create_model(model_name="CrossAttention", **config):
     """Build "CrossAttention" (CloudRemovalCrossAttention) or "DSen2CR" from its constructor arguments.
 
-    create_model(model_name, **config_for_checkpoint(...)) rebuilds a saved model.
+    runtime.model_config_of(checkpoint) gives the config that rebuilds a saved model.
     """
     if model_name not in MODELS:
         raise ValueError(f"unknown model_name {model_name!r}; choose one of {sorted(MODELS)}")
@@ -705,7 +649,6 @@ def _smoke_test(argv=None):
     model = CloudRemovalCrossAttention().to(device)
     n_params = count_parameters(model)
     cfg = asdict(model.config)
-    tick = lambda on: "✓" if on else "✗"
     design = CloudRemovalCrossAttention(**design_switches())
     n_design = count_parameters(design)
     print(f"Model parameters: {n_params / 1e6:.2f}M (the design's network: {n_design / 1e6:.2f}M, plus "
@@ -713,14 +656,14 @@ def _smoke_test(argv=None):
     print(f"MACs per 256 px forward: {count_macs(model) / 1e9:.1f} G (the design's network: "
           f"{count_macs(design) / 1e9:.1f} G; DSen2-CR: {count_macs(DSen2CR()) / 1e9:,.0f} G)")
     print("Architecture: Cloud-Aware Weighted Residual Learning")
-    print(f"  - Spectral Attention for SAR: {tick(cfg['use_spectral_attention'])}")
-    print(f"  - Cloud Confidence Predictor: {tick(cfg['use_cloud_predictor'])}")
-    print(f"  - Adaptive Residual Weighting: {tick(cfg['use_cloud_predictor'])}")
-    print(f"  - Full-resolution confidence refinement: {tick(cfg['use_confidence_refinement'])}")
-    print(f"  - SAR skip connections to the decoder: {tick(cfg['use_sar_skips'])}")
-    print(f"  - Affine residual (offset + gain x cloudy): {tick(cfg['affine_residual'])}")
-    print(f"  - Date (radiometric) correction: {tick(cfg['use_date_correction'])}")
-    print(f"  - Uncertainty head (per-band log-variance): {tick(cfg['use_uncertainty_head'])}")
+    features = {"Spectral Attention for SAR": "use_spectral_attention", "Cloud Confidence Predictor":
+                "use_cloud_predictor", "Adaptive Residual Weighting": "use_cloud_predictor",
+                "Full-resolution confidence refinement": "use_confidence_refinement", "SAR skip connections to the "
+                "decoder": "use_sar_skips", "Affine residual (offset + gain x cloudy)": "affine_residual",
+                "Date (radiometric) correction": "use_date_correction",
+                "Uncertainty head (per-band log-variance)": "use_uncertainty_head"}
+    for name, switch in features.items():
+        print(f"  - {name}: {'✓' if cfg[switch] else '✗'}")
     parts = parameter_breakdown(model)
     if model.uncertainty_head is None:  # what --use_uncertainty_head would add
         parts["uncertainty_head (off)"] = count_parameters(UncertaintyHead(cfg["widths"][0], cfg["in_optical"]))

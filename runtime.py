@@ -13,11 +13,14 @@ atomic writer, DataError), clouds.py (the detectors' names) and torch; never the
 the training script, so evaluation carries no DDP or VGG and loading a checkpoint no rasterio.
 """
 import contextlib
+import math
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 import clouds
 import net_CR_CrossAttention
@@ -226,9 +229,20 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def model_config_of(ckpt):
-    """The constructor arguments a checkpoint's network was built with (net_CR_CrossAttention.config_for_checkpoint:
-    fields added since the checkpoint was written take the value they had then)."""
-    return net_CR_CrossAttention.config_for_checkpoint(ckpt["model_name"], ckpt["model_config"], ckpt.get("args"))
+    """The constructor arguments a checkpoint's network was built with, from its stored dict: ModelConfig fields
+    added after it was written take the value they had then (their `older` metadata; the SAR input mode, once kept
+    only in the training args, from there)."""
+    config, training_args = dict(ckpt["model_config"]), ckpt.get("args") or {}
+    if ckpt["model_name"] == "CrossAttention":
+        for f in net_CR_CrossAttention.flag_fields():
+            older = f.metadata.get("older")
+            if older == "args":
+                config.setdefault(f.name, training_args.get(f.name, f.default))
+            elif older is not None:
+                config.setdefault(f.name, older)
+    else:
+        config.setdefault("sar_input", training_args.get("sar_input", "on"))
+    return config
 
 
 def build_model_from_checkpoint(ckpt, path="<checkpoint>"):
@@ -249,10 +263,48 @@ def load_model(path, device):
 
 
 def load_models(paths, device):
-    """One checkpoint: (its model, its checkpoint dict), as load_model. Several: (net_CR_CrossAttention.Ensemble of
+    """One checkpoint: (its model, its checkpoint dict), as load_model. Several: (an Ensemble of
     their models, [checkpoint dicts]): the mean prediction and the members' spread (docs/uncertainty.md)."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if len(paths) == 1:
         return load_model(paths[0], device)
     loaded = [load_model(path, device) for path in paths]
-    return net_CR_CrossAttention.Ensemble([m for m, _ in loaded]).eval(), [c for _, c in loaded]
+    return Ensemble([m for m, _ in loaded]).eval(), [c for _, c in loaded]
+
+
+class Ensemble(nn.Module):
+    """Several trained networks as one: the mean of their predictions, and the parts of its uncertainty.
+
+    forward(optical, sar, return_aux=True) -> (mean prediction, aux) with aux["log_variance"] the log of the members'
+    mean predicted variance (the aleatoric part; None unless every member has an uncertainty head),
+    aux["epistemic_variance"] the variance of the members' predictions around their mean (their spread), and
+    aux["confidence"] the mean confidence map (None unless every member has one). The predictive variance of the
+    mixture is the sum of the two parts (Lakshminarayanan et al., NeurIPS 2017; UnCRtainTS's
+    model/ensemble_reconstruct.py combines its members the same way).
+    """
+
+    model_name = "Ensemble"
+
+    def __init__(self, members):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+        self.members = nn.ModuleList(members)
+        self.sar_input = ",".join(sorted({m.sar_input for m in members}))
+        self.config = {"members": [asdict(m.config) for m in members], "sar_input": self.sar_input}
+
+    def forward(self, optical, sar, return_aux=False):
+        outputs = [m(optical, sar, return_aux=True) for m in self.members]
+        with torch.autocast(device_type=optical.device.type, enabled=False):
+            predictions = torch.stack([p.float() for p, _ in outputs])
+            prediction = predictions.mean(0)
+            if not return_aux:
+                return prediction
+            aux = {"epistemic_variance": predictions.var(0, unbiased=False), "members": len(outputs)}
+            for key in ("confidence", "log_variance"):
+                parts = [a.get(key) for _, a in outputs]
+                aux[key] = None if any(p is None for p in parts) else torch.stack([p.float() for p in parts])
+            aux["confidence"] = None if aux["confidence"] is None else aux["confidence"].mean(0)
+            if aux["log_variance"] is not None:  # log of the mean variance, without leaving log space
+                aux["log_variance"] = torch.logsumexp(aux["log_variance"], 0) - math.log(len(outputs))
+        return prediction, aux

@@ -61,6 +61,14 @@ def _project_imports(module):
     return names & set(LAYERS)
 
 
+MAX_LINES = 700  # one job per file (the anchors' largest: nanoGPT 336, NAFNet 413, UnCRtainTS 852 lines)
+
+
+def test_no_product_file_is_over_700_lines():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in ROOT.glob("*.py")}
+    assert not {name: n for name, n in sizes.items() if n > MAX_LINES}
+
+
 def test_every_module_has_a_layer():
     assert {p.stem for p in ROOT.glob("*.py")} == set(LAYERS)
 

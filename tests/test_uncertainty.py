@@ -303,17 +303,17 @@ def test_ensemble_is_the_mean_with_the_members_spread_and_mean_variance():
     optical, sar = _inputs()
     with torch.no_grad():
         outs = [m(optical, sar, return_aux=True) for m in members]
-        mean, aux = net.Ensemble(members)(optical, sar, return_aux=True)
+        mean, aux = runtime.Ensemble(members)(optical, sar, return_aux=True)
     preds = torch.stack([p for p, _ in outs])
     assert torch.allclose(mean, preds.mean(0)) and aux["members"] == 3
     assert torch.allclose(aux["epistemic_variance"], ((preds - preds.mean(0)) ** 2).mean(0), atol=1e-9)
     assert torch.allclose(aux["log_variance"].exp(), torch.stack([a["log_variance"].exp() for _, a in outs]).mean(0))
     assert torch.allclose(aux["confidence"], torch.stack([a["confidence"] for _, a in outs]).mean(0))
-    plain = net.Ensemble([_model(0).eval(), _model(1).eval()])
+    plain = runtime.Ensemble([_model(0).eval(), _model(1).eval()])
     with torch.no_grad():
         assert plain(optical, sar, return_aux=True)[1]["log_variance"] is None  # epistemic only
     with pytest.raises(ValueError, match="at least 2"):
-        net.Ensemble(members[:1])
+        runtime.Ensemble(members[:1])
 
 
 # ----------------------------------------------------------------------------- evaluation and products
