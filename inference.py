@@ -33,7 +33,7 @@ def forward_all(model, cloudy, sar, ctx):
     the predictive variance), each None where the model has no such part}. ctx: the run's autocast context."""
     with ctx:
         prediction, aux = model(cloudy, sar, return_aux=True)
-    log_variance, epistemic, confidence = (aux.get(k) for k in ("log_variance", "epistemic_variance", "confidence"))
+    log_variance, epistemic, confidence = aux.log_variance, aux.epistemic_variance, aux.confidence
     aleatoric = None if log_variance is None else log_variance.float().exp()
     epistemic = None if epistemic is None else epistemic.float()
     parts = [v for v in (aleatoric, epistemic) if v is not None]

@@ -3,7 +3,7 @@ AECR-Net contrastive regularisation, optional confidence-map and residual terms,
 that trains the uncertainty head (docs/uncertainty.md).
 
     criterion = CRLoss(resolve(given_flags(args), model.config))   # or CRLoss(fft_weight=0.3, ...)
-    total, terms = criterion(pred, target, cloudy, cloud_mask=cloud_mask, aux=aux)   # aux: the model's outputs
+    total, terms = criterion(pred, target, cloudy, cloud_mask=cloud_mask, aux=aux)   # aux: the model's ModelOutputs
 
 The terms are declared once, in LOSS_TERMS (a LossTerm each: name, default weight, the model part it needs, the
 model outputs it reads, its function); the training flags, the resolved LossConfig a checkpoint stores and
@@ -311,7 +311,8 @@ def nll_loss(pred, target, log_variance, distribution="laplace"):
 
 class LossInputs:
     """What the terms of one step read, in float32: the images, their difference, the labels, the model's outputs
-    (aux: name -> tensor) and the VGG distances, computed once for the two terms that share them."""
+    (aux: a net_CR_CrossAttention.ModelOutputs, or None) and the VGG distances, computed once for the two terms that
+    share them."""
 
     def __init__(self, criterion, pred, target, cloudy, cloud_mask, confidence_target, aux):
         self.criterion, self.pred, self.target, self.cloudy = criterion, pred, target, cloudy
@@ -331,17 +332,17 @@ def _cloud_focused_term(x):
 
 
 def _confidence_term(x):
-    return confidence_loss(x.aux["confidence"], x.target, x.cloud_mask, x.cloudy, labels=x.confidence_target)
+    return confidence_loss(x.aux.confidence, x.target, x.cloud_mask, x.cloudy, labels=x.confidence_target)
 
 
 def _residual_term(x):
     # L1 of the prediction the residual would give with the confidence at 1 everywhere: the residual learns on every
     # pixel, while the confidence decides where it is applied.
-    return ((x.aux["corrected"] + x.aux["residual"]).float() - x.target).abs().mean()
+    return ((x.aux.corrected + x.aux.residual).float() - x.target).abs().mean()
 
 
 def _nll_term(x):
-    return nll_loss(x.pred, x.target, x.aux["log_variance"], x.options["nll_distribution"])
+    return nll_loss(x.pred, x.target, x.aux.log_variance, x.options["nll_distribution"])
 
 
 @dataclass(frozen=True)
@@ -366,7 +367,7 @@ class LossTerm:
     # has that part, 0 where not; a weight > 0 without the part is an error.
     needs: str | None = None
     part: str = ""  # that part in words, for messages and the docs
-    reads: tuple = ()  # the model's outputs (keys of its aux dict) the term reads
+    reads: tuple = ()  # the model's outputs the term reads (fields of net_CR_CrossAttention.ModelOutputs)
     alias: str | None = None  # the design document's switch --use_X: turns the term on at `weight`
     replaces: str | None = None  # the term this one replaces: on, it takes that term's weight and that term is off
     part_needs_it: bool = False  # the part learns from this term alone: the part with the weight at 0 is an error
@@ -581,9 +582,9 @@ class CRLoss(nn.Module):
     CRLoss(config) or CRLoss(**options), options as for resolve(): e.g. CRLoss(perceptual_weight=0, fft_weight=0.3);
     a bare criterion knows no model, so the terms that need a model part (confidence, residual, nll) are off unless
     given. forward(pred, target, cloudy, cloud_mask=None, confidence_target=None, aux=None) -> (total, terms):
-    confidence_target (N,1,H,W) labels the confidence term (default: the soft cloud intensity); aux holds the model's
-    outputs that the terms read (`reads` lists them: confidence, corrected, residual, log_variance); terms maps each
-    enabled term's name to its weighted, detached value. vgg_weights: where the VGG terms' weights come from
+    confidence_target (N,1,H,W) labels the confidence term (default: the soft cloud intensity); aux is the model's
+    ModelOutputs (`reads` names the fields the terms read: confidence, corrected, residual, log_variance); terms maps
+    each enabled term's name to its weighted, detached value. vgg_weights: where the VGG terms' weights come from
     (VGGFeatures); vgg_dtype: torch.bfloat16 / torch.float16 runs the VGG layers up to relu4_1 under autocast (the
     training script passes its AMP dtype; the loss matches float32 VGG to the tolerance tests/test_losses.py
     states), None keeps them in float32.
@@ -642,15 +643,14 @@ class CRLoss(nn.Module):
             raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and cloudy "
                              f"{tuple(cloudy.shape)} must have the same shape")
         with torch.autocast(pred.device.type, enabled=False):
-            x = LossInputs(self, pred.float(), target.float(), cloudy.float(), cloud_mask, confidence_target,
-                           aux or {})
+            x = LossInputs(self, pred.float(), target.float(), cloudy.float(), cloud_mask, confidence_target, aux)
             weighted = {term.name: self.weights[term.name] * self._term(term, x) for term in self.terms}
             total = sum(weighted.values())
         return total, {name: value.detach() for name, value in weighted.items()}
 
     @staticmethod
     def _term(term, x):
-        missing = [key for key in term.reads if x.aux.get(key) is None]
+        missing = [key for key in term.reads if x.aux is None or getattr(x.aux, key) is None]
         if missing:
             raise ValueError(f"{term.name}_weight > 0 but the model returned no {', '.join(missing)} output (the "
                              f"term needs {term.part}): set --{term.name}_weight 0")

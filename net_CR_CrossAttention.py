@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 __all__ = [
     "SpectralAttentionSAR", "ResBlock", "OpticalEncoder", "SAREncoder", "CrossAttentionFusion", "SpeckleAwareGate",
     "CloudConfidencePredictor", "UncertaintyHead", "CloudRemovalCrossAttention", "DSen2CR", "create_model",
-    "MODELS", "SAR_INPUTS", "ModelConfig", "DSen2CRConfig", "count_macs"]
+    "MODELS", "SAR_INPUTS", "ModelConfig", "DSen2CRConfig", "ModelOutputs", "count_macs"]
 
 GN_GROUPS = 8
 ATTENTION_PATHS = ("fused", "reference")
@@ -80,7 +80,7 @@ class ModelConfig:
               "and shifts the input's detail instead of rebuilding it (--no-affine_residual: residual = head output)",
         older=False)
     use_uncertainty_head: bool = _switch(
-        False, "predict a per-pixel, per-band log-variance of the prediction (aux['log_variance']), trained by the "
+        False, "predict a per-pixel, per-band log-variance of the prediction (aux.log_variance), trained by the "
                "NLL term (--nll_weight); it reads detached features, so the prediction is the same with it or "
                "without", older=False)
     attention: str = field(default="fused", metadata={
@@ -349,9 +349,7 @@ class DateCorrection(nn.Module):
 
 class CloudConfidencePredictor(nn.Module):
     """From the refined bottleneck, a 1-channel sigmoid map: 0 clear (pass the input through), 1 cloudy.
-
-    369,281 parameters (the design's ~0.37M): 3x3 256->128, 3x3 128->64, 1x1 64->1.
-    """
+    369,281 parameters (the design's ~0.37M): 3x3 256->128, 3x3 128->64, 1x1 64->1."""
 
     def __init__(self, dim=256):
         super().__init__()
@@ -418,13 +416,22 @@ def _pad_to_multiple(x, multiple):
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
-class CloudRemovalCrossAttention(nn.Module):
-    """The whole GLF-CR Enhanced v3 network; see the module docstring for the data flow.
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What model(cloudy, sar, return_aux=True) returns beside the prediction: the same fields for every model
+    (CloudRemovalCrossAttention, DSen2CR, runtime.Ensemble), None where the model has no such output."""
+    residual: torch.Tensor | None = None  # (N,13,H,W) fp32: what the network adds to the (corrected) cloudy image
+    confidence: torch.Tensor | None = None  # (N,1,H,W) fp32, 0 clear ... 1 cloudy: where the residual is applied
+    corrected: torch.Tensor | None = None  # (N,13,H,W) fp32: the cloudy image the residual is added to (CrossAttention)
+    log_variance: torch.Tensor | None = None  # (N,13,H,W) fp32: the uncertainty head's per-band log-variance
+    epistemic_variance: torch.Tensor | None = None  # (N,13,H,W) fp32: an ensemble's spread of its members' predictions
+    members: int | None = None  # an ensemble's number of members
 
-    Built from a ModelConfig (keyword overrides allowed: CloudRemovalCrossAttention(use_sar_skips=False)), kept as
-    .config; its fields say what each switch does. create_model("CrossAttention", **asdict(model.config)) rebuilds
-    the same network.
-    """
+
+class CloudRemovalCrossAttention(nn.Module):
+    """The whole GLF-CR Enhanced v3 network; see the module docstring for the data flow. Built from a ModelConfig
+    (keyword overrides allowed: CloudRemovalCrossAttention(use_sar_skips=False)), kept as .config; its fields say what
+    each switch does. create_model("CrossAttention", **asdict(model.config)) rebuilds the same network."""
 
     model_name = "CrossAttention"
     DOWNSAMPLE = 4  # two stride-2 stages: inputs are padded to a multiple of this
@@ -465,11 +472,8 @@ class CloudRemovalCrossAttention(nn.Module):
                 self.uncertainty_head = UncertaintyHead(widths[0], in_optical)
 
     def forward(self, optical, sar, return_aux=False):
-        """optical (N,13,H,W) cloudy image, sar (N,2,H,W) -> prediction (N,13,H,W) float32.
-
-        With return_aux=True returns (prediction, {"confidence": (N,1,H,W) or None, "residual": (N,13,H,W),
-        "corrected": (N,13,H,W), "log_variance": (N,13,H,W) float32 or None}).
-        """
+        """optical (N,13,H,W) cloudy image, sar (N,2,H,W) -> prediction (N,13,H,W) float32; with return_aux=True
+        (prediction, ModelOutputs) with residual, corrected, confidence (None without the predictor), log_variance."""
         _check_inputs(optical, sar, self.in_optical, self.in_sar)
         if self.sar_input == "zeros":
             sar = torch.zeros_like(sar)
@@ -521,8 +525,8 @@ class CloudRemovalCrossAttention(nn.Module):
             else:
                 prediction = base + residual
         if return_aux:
-            return prediction, {"confidence": confidence, "residual": residual, "corrected": base,
-                                "log_variance": log_variance}
+            return prediction, ModelOutputs(residual=residual, confidence=confidence, corrected=base,
+                                            log_variance=log_variance)
         return prediction
 
 
@@ -557,10 +561,9 @@ class DSen2CR(nn.Module):
     concat(optical, SAR) -> conv3x3 (feature_sizes) + ReLU -> num_layers residual blocks scaled by 0.1
     -> conv3x3 to the optical bands -> + optical input (long skip).
 
-    Differences from the original, on purpose: PyTorch default init instead of he_uniform, and no extra
-    output channels (the original appends the input and a cloud-mask placeholder for its loss).
-    Default: 18,947,341 parameters (16 blocks of 256 channels).
-    """
+    Differences from the original, on purpose: PyTorch default init instead of he_uniform, and no extra output
+    channels (the original appends the input and a cloud-mask placeholder for its loss). Default: 18,947,341
+    parameters (16 blocks of 256 channels)."""
 
     model_name = "DSen2CR"
 
@@ -582,7 +585,7 @@ class DSen2CR(nn.Module):
             residual = residual.float()
             prediction = optical.float() + residual
         if return_aux:
-            return prediction, {"confidence": None, "residual": residual, "log_variance": None}
+            return prediction, ModelOutputs(residual=residual)
         return prediction
 
 
@@ -590,10 +593,8 @@ MODELS = {"CrossAttention": CloudRemovalCrossAttention, "DSen2CR": DSen2CR}
 
 
 def create_model(model_name="CrossAttention", **config):
-    """Build "CrossAttention" (CloudRemovalCrossAttention) or "DSen2CR" from its constructor arguments.
-
-    runtime.model_config_of(checkpoint) gives the config that rebuilds a saved model.
-    """
+    """Build "CrossAttention" (CloudRemovalCrossAttention) or "DSen2CR" from its constructor arguments;
+    runtime.model_config_of(checkpoint) gives the config that rebuilds a saved model."""
     if model_name not in MODELS:
         raise ValueError(f"unknown model_name {model_name!r}; choose one of {sorted(MODELS)}")
     return MODELS[model_name](**config)
@@ -675,10 +676,10 @@ def _smoke_test(argv=None):
     sar = torch.rand(batch, 2, size, size, device=device)
     prediction, aux = model(optical, sar, return_aux=True)
     assert prediction.shape == optical.shape and prediction.dtype == torch.float32
-    assert aux["confidence"].shape == (batch, 1, size, size)
-    assert aux["log_variance"] is None or aux["log_variance"].shape == optical.shape
+    assert aux.confidence.shape == (batch, 1, size, size)
+    assert aux.log_variance is None or aux.log_variance.shape == optical.shape
     print(f"Output shape: {tuple(prediction.shape)} == input {tuple(optical.shape)}: OK; "
-          f"confidence {tuple(aux['confidence'].shape)}")
+          f"confidence {tuple(aux.confidence.shape)}")
 
     def sync():
         if device.type == "cuda":

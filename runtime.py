@@ -275,10 +275,10 @@ def load_models(paths, device):
 class Ensemble(nn.Module):
     """Several trained networks as one: the mean of their predictions, and the parts of its uncertainty.
 
-    forward(optical, sar, return_aux=True) -> (mean prediction, aux) with aux["log_variance"] the log of the members'
+    forward(optical, sar, return_aux=True) -> (mean prediction, ModelOutputs) with log_variance the log of the members'
     mean predicted variance (the aleatoric part; None unless every member has an uncertainty head),
-    aux["epistemic_variance"] the variance of the members' predictions around their mean (their spread), and
-    aux["confidence"] the mean confidence map (None unless every member has one). The predictive variance of the
+    epistemic_variance the variance of the members' predictions around their mean (their spread), confidence the
+    mean confidence map (None unless every member has one) and members their number. The predictive variance of the
     mixture is the sum of the two parts (Lakshminarayanan et al., NeurIPS 2017; UnCRtainTS's
     model/ensemble_reconstruct.py combines its members the same way).
     """
@@ -300,11 +300,14 @@ class Ensemble(nn.Module):
             prediction = predictions.mean(0)
             if not return_aux:
                 return prediction
-            aux = {"epistemic_variance": predictions.var(0, unbiased=False), "members": len(outputs)}
+            stacked = {}
             for key in ("confidence", "log_variance"):
-                parts = [a.get(key) for _, a in outputs]
-                aux[key] = None if any(p is None for p in parts) else torch.stack([p.float() for p in parts])
-            aux["confidence"] = None if aux["confidence"] is None else aux["confidence"].mean(0)
-            if aux["log_variance"] is not None:  # log of the mean variance, without leaving log space
-                aux["log_variance"] = torch.logsumexp(aux["log_variance"], 0) - math.log(len(outputs))
-        return prediction, aux
+                parts = [getattr(a, key) for _, a in outputs]
+                stacked[key] = None if any(p is None for p in parts) else torch.stack([p.float() for p in parts])
+            confidence, log_variance = stacked["confidence"], stacked["log_variance"]
+            confidence = None if confidence is None else confidence.mean(0)
+            if log_variance is not None:  # log of the mean variance, without leaving log space
+                log_variance = torch.logsumexp(log_variance, 0) - math.log(len(outputs))
+        return prediction, net_CR_CrossAttention.ModelOutputs(
+            confidence=confidence, log_variance=log_variance,
+            epistemic_variance=predictions.var(0, unbiased=False), members=len(outputs))

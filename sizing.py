@@ -138,7 +138,7 @@ def _train_step(model, criterion, optimizer, n, size, amp_dtype):
         prediction, aux = model(cloudy, sar, return_aux=True)
     total, _ = criterion(prediction, target, cloudy, cloud_mask=mask,
                          confidence_target=mask if "confidence" in criterion.weights else None,
-                         aux={key: aux.get(key) for key in criterion.reads})
+                         aux=aux)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)

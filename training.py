@@ -237,7 +237,7 @@ def log_quicklooks(run):
     with run.ctx:
         prediction, aux = run.model(batch["cloudy_data"], batch["SAR_data"], return_aux=True)
     run.model.train()
-    confidence = None if aux["confidence"] is None else aux["confidence"].float().cpu()
+    confidence = None if aux.confidence is None else aux.confidence.float().cpu()
     grid = quicklook_grid(batch["cloudy_data"].cpu(), bands.finish_s2(prediction).cpu(),
                           batch["cloudfree_data"].cpu(), confidence)
     run.writer.add_image("val/quicklook_cloudy_prediction_target_confidence", grid, run.global_step)
@@ -359,7 +359,7 @@ def train_step(run, batch):
         prediction, aux = run.train_model(b["cloudy_data"], b["SAR_data"], return_aux=True)
     labels = confidence_target(batch, run.device) if "confidence" in run.criterion.weights else None
     total, terms = run.criterion(prediction, b["cloudfree_data"], b["cloudy_data"], cloud_mask=b["cloud_mask"],
-                                 confidence_target=labels, aux={key: aux.get(key) for key in run.criterion.reads})
+                                 confidence_target=labels, aux=aux)
     skipped = (~torch.isfinite(total.detach())).float()
     if run.world_size > 1:  # all ranks skip together, so their weights stay identical
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)

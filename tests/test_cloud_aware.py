@@ -194,10 +194,10 @@ def test_zero_confidence_gives_the_date_corrected_input():
         model.cloud_predictor.net[-1].weight.zero_()
         cloudy = torch.rand(2, 13, 16, 16)
         prediction, aux = model(cloudy, torch.rand(2, 2, 16, 16), return_aux=True)
-    assert not torch.allclose(aux["corrected"], cloudy)  # a real correction ...
-    assert torch.allclose(prediction, aux["corrected"], atol=1e-6)  # ... and nothing else where confidence is 0
+    assert not torch.allclose(aux.corrected, cloudy)  # a real correction ...
+    assert torch.allclose(prediction, aux.corrected, atol=1e-6)  # ... and nothing else where confidence is 0
     # one gain and offset per band and image, not per pixel: corrected is an exact affine map of cloudy
-    x, y = cloudy.flatten(2), aux["corrected"].flatten(2)
+    x, y = cloudy.flatten(2), aux.corrected.flatten(2)
     xc, yc = x - x.mean(2, keepdim=True), y - y.mean(2, keepdim=True)
     gain = (xc * yc).sum(2, keepdim=True) / (xc * xc).sum(2, keepdim=True)
     assert (yc - gain * xc).abs().max() < 1e-5 and not torch.allclose(gain, torch.ones_like(gain))
@@ -226,8 +226,8 @@ def test_confidence_refinement_starts_at_the_design_map_and_sharpens_at_full_res
                                                        if k.startswith("confidence_refinement")}})
     cloudy, sar = torch.rand(1, 13, 16, 16), torch.rand(1, 2, 16, 16)
     with torch.no_grad():
-        a, b = (design(cloudy, sar, return_aux=True)[1]["confidence"],
-                refined(cloudy, sar, return_aux=True)[1]["confidence"])
+        a, b = (design(cloudy, sar, return_aux=True)[1].confidence,
+                refined(cloudy, sar, return_aux=True)[1].confidence)
         # zero-initialised: the predictor's map, upsampled as logits instead of probabilities
         padded = net._pad_to_multiple(cloudy, 4).shape[-2:]
         logits = torch.nn.functional.interpolate(
@@ -239,11 +239,11 @@ def test_confidence_refinement_starts_at_the_design_map_and_sharpens_at_full_res
     # trained, it can change single pixels, which the 1/4-resolution predictor cannot
     with torch.no_grad():
         refined.confidence_refinement.net[-1].weight.normal_(0, 1.0)
-        c = refined(cloudy, sar, return_aux=True)[1]["confidence"]
+        c = refined(cloudy, sar, return_aux=True)[1].confidence
     # and it trains under bf16 autocast without NaN (a logit of a bf16 probability of exactly 1 would give one)
     refined.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = refined(cloudy * 10, sar, return_aux=True)[1]["confidence"]
+        out = refined(cloudy * 10, sar, return_aux=True)[1].confidence
     out.sum().backward()
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(p.grad).all() for p in refined.parameters() if p.grad is not None)
@@ -307,12 +307,12 @@ def test_evaluation_scores_the_confidence_map(confidence_run, synthetic_dataset)
     with torch.no_grad():
         prediction, aux = model(sample["cloudy_data"][None], sample["SAR_data"][None], return_aux=True)
     saved = rasters.read_raster(results / "confidence" / sample["file_name"], 1)
-    np.testing.assert_allclose(saved[0], aux["confidence"][0, 0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(saved[0], aux.confidence[0, 0].numpy(), atol=1e-5)
     clear = ~rasters.truth_mask(sample["cloud_truth"][None])
     change = (bands.finish_s2(prediction) - bands.finish_s2(sample["cloudy_data"][None])).abs().mean(1, keepdim=True)
     assert math.isclose(float(row["model_clear_change"]), float(change[clear].mean()), rel_tol=1e-4)
     if clear.any() and not clear.all():
-        auc = float(binary_auroc(aux["confidence"].flatten(), (~clear).flatten().long()))
+        auc = float(binary_auroc(aux.confidence.flatten(), (~clear).flatten().long()))
         assert math.isclose(float(row["conf_auc_truth"]), auc, abs_tol=1e-4)
     with rasterio.open(results / "confidence" / sample["file_name"]) as out, \
             rasterio.open(sample["cloudy_path"]) as src:
@@ -340,9 +340,9 @@ def test_residual_term_trains_the_ungated_residual_on_every_pixel():
     cloudy = target + 0.2
     crit = losses.CRLoss(perceptual_weight=0, residual_weight=0.5)
     assert crit.reads == ("corrected", "residual")  # the ungated prediction corrected + residual, whatever the map
-    exact, terms = crit(target, target, cloudy, aux={"corrected": cloudy, "residual": target - cloudy})
+    exact, terms = crit(target, target, cloudy, aux=net.ModelOutputs(corrected=cloudy, residual=target - cloudy))
     assert float(terms["residual"]) == 0.0 and float(exact) == 0.0
-    off, terms = crit(target, target, cloudy, aux={"corrected": cloudy, "residual": target - cloudy + 0.1})
+    off, terms = crit(target, target, cloudy, aux=net.ModelOutputs(corrected=cloudy, residual=target - cloudy + 0.1))
     assert math.isclose(float(terms["residual"]), 0.5 * 0.1, rel_tol=1e-4)
     with pytest.raises(ValueError, match="residual_weight"):
         crit(target, target, cloudy)  # a model without a gate has no ungated prediction
@@ -350,7 +350,7 @@ def test_residual_term_trains_the_ungated_residual_on_every_pixel():
     _, aux = net.create_model("DSen2CR", feature_sizes=8, num_layers=1)(
         torch.rand(1, 13, 8, 8), torch.rand(1, 2, 8, 8), return_aux=True)
     with pytest.raises(ValueError, match="no corrected"):
-        crit(aux["residual"], target[:1], cloudy[:1], aux=aux)
+        crit(aux.residual, target[:1], cloudy[:1], aux=aux)
 
 
 def test_truth_bins_split_pixels_by_true_opacity_and_distance_from_the_cloud_edge():

@@ -27,6 +27,7 @@ import dataloader
 import files
 import inference
 import metrics
+import net_CR_CrossAttention
 import quicklooks
 import rasters
 import runtime
@@ -310,7 +311,7 @@ class Pointwise(nn.Module):
 
     def forward(self, optical, sar, return_aux=False):
         pred = optical + 0.1 * self.net(torch.cat([optical, sar], 1))
-        return (pred, {"confidence": None, "residual": pred - optical}) if return_aux else pred
+        return (pred, net_CR_CrossAttention.ModelOutputs(residual=pred - optical)) if return_aux else pred
 
 
 @pytest.mark.parametrize("tile,overlap", [(32, 8), (32, 0), (40, 16)])

@@ -57,13 +57,14 @@ def test_confidence_term_is_minimal_at_the_mask():
     hard_mask = (torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(3)) > 0.5).float()
     crit = _criterion(l1_weight=0.0, perceptual_weight=0.0, use_fft_loss=False, use_gradient_loss=False,
                       use_contrastive_loss=False, confidence_weight=1.0)
-    _, perfect = crit(target, target, cloudy, cloud_mask=hard_mask, aux={"confidence": hard_mask})
-    _, inverted = crit(target, target, cloudy, cloud_mask=hard_mask, aux={"confidence": 1 - hard_mask})
-    _, flat = crit(target, target, cloudy, cloud_mask=hard_mask, aux={"confidence": torch.full_like(hard_mask, 0.5)})
+    _, perfect = crit(target, target, cloudy, cloud_mask=hard_mask, aux=net.ModelOutputs(confidence=hard_mask))
+    _, inverted = crit(target, target, cloudy, cloud_mask=hard_mask, aux=net.ModelOutputs(confidence=1 - hard_mask))
+    _, flat = crit(target, target, cloudy, cloud_mask=hard_mask,
+                   aux=net.ModelOutputs(confidence=torch.full_like(hard_mask, 0.5)))
     assert perfect["confidence"].item() < 1e-5
     assert perfect["confidence"] < flat["confidence"] < inverted["confidence"]
     with pytest.raises(ValueError, match="returned no confidence output"):
-        crit(target, target, cloudy, cloud_mask=hard_mask, aux={"confidence": None})
+        crit(target, target, cloudy, cloud_mask=hard_mask, aux=net.ModelOutputs(confidence=None))
 
 
 def test_cloud_focused_penalises_error_inside_clouds_more():
@@ -108,7 +109,7 @@ def test_gradients_finite_under_bf16_autocast_and_loss_is_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         # what the model hands over under autocast: bf16 tensors
         total, terms = crit(pred.to(torch.bfloat16), target, cloudy.to(torch.bfloat16), cloud_mask=mask,
-                            aux={"confidence": confidence.to(torch.bfloat16)})
+                            aux=net.ModelOutputs(confidence=confidence.to(torch.bfloat16)))
     assert total.dtype == torch.float32
     total.backward()
     assert torch.isfinite(pred.grad).all() and pred.grad.abs().sum() > 0
@@ -122,7 +123,8 @@ def test_finite_for_constant_images(value):
     crit = _criterion(use_cloud_focused_loss=True)
     pred = const.clone().requires_grad_(True)
     # pred == target == cloudy: the contrastive denominator and the fallback mask normaliser are both 0
-    total, terms = crit(pred, const, const, cloud_mask=None, aux={"confidence": torch.full((1, 1, 32, 32), value)})
+    total, terms = crit(pred, const, const, cloud_mask=None,
+                        aux=net.ModelOutputs(confidence=torch.full((1, 1, 32, 32), value)))
     total.backward()
     assert torch.isfinite(total) and all(torch.isfinite(v) for v in terms.values())
     assert torch.isfinite(pred.grad).all()
@@ -142,7 +144,7 @@ def test_criterion_reports_exactly_the_enabled_terms():
     pred = torch.rand_like(target)
     for kw, expected in cases:
         crit = _criterion(**kw)
-        total, terms = crit(pred, target, cloudy, cloud_mask=mask, aux={"confidence": mask})
+        total, terms = crit(pred, target, cloudy, cloud_mask=mask, aux=net.ModelOutputs(confidence=mask))
         assert set(terms) == expected, kw
         assert total.item() == pytest.approx(sum(v.item() for v in terms.values()), rel=1e-5)
         assert (crit.vgg is None) == (not {"perceptual", "contrastive"} & expected)
@@ -154,8 +156,9 @@ def test_criterion_reports_exactly_the_enabled_terms():
 def test_terms_are_weighted():
     target, cloudy, mask = _images()
     pred = torch.rand_like(target)
-    _, one = _criterion(l1_weight=1.0, fft_weight=1.0)(pred, target, cloudy, cloud_mask=mask, aux={"confidence": mask})
-    _, two = _criterion(l1_weight=2.0, fft_weight=3.0)(pred, target, cloudy, cloud_mask=mask, aux={"confidence": mask})
+    aux = net.ModelOutputs(confidence=mask)
+    _, one = _criterion(l1_weight=1.0, fft_weight=1.0)(pred, target, cloudy, cloud_mask=mask, aux=aux)
+    _, two = _criterion(l1_weight=2.0, fft_weight=3.0)(pred, target, cloudy, cloud_mask=mask, aux=aux)
     assert two["l1"].item() == pytest.approx(2 * one["l1"].item(), rel=1e-5)
     assert two["fft"].item() == pytest.approx(3 * one["fft"].item(), rel=1e-5)
     assert one["l1"].item() == pytest.approx(torch.nn.functional.l1_loss(pred, target).item(), rel=1e-5)
@@ -169,7 +172,8 @@ def test_vgg_sees_each_image_once_per_step_with_gradient_only_for_the_prediction
     calls = []
     crit.vgg.features[0].register_forward_hook(lambda m, i, o: calls.append((i[0].shape[0], o.requires_grad)))
     for _step in range(3):
-        crit(torch.rand_like(target).requires_grad_(True), target, cloudy, cloud_mask=mask, aux={"confidence": mask})
+        crit(torch.rand_like(target).requires_grad_(True), target, cloudy, cloud_mask=mask,
+             aux=net.ModelOutputs(confidence=mask))
     # per step: [target, cloudy] in one forward without gradient, then the prediction with it
     assert calls == [(2 * 2, False), (2, True)] * 3
     assert crit.vgg_forward_count == 6
@@ -223,7 +227,7 @@ def test_forward_builds_no_constant_tensors(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "new_tensor", forbidden)
     monkeypatch.setattr(torch, "tensor", forbidden)
-    crit(torch.rand_like(target), target, cloudy, cloud_mask=mask, aux={"confidence": mask})
+    crit(torch.rand_like(target), target, cloudy, cloud_mask=mask, aux=net.ModelOutputs(confidence=mask))
 
 
 def test_build_criterion_reads_the_training_flags():
@@ -346,8 +350,8 @@ def _preset_batch():
     mask = (cloudy - target).mean(1, keepdim=True).clamp(0, 1) / 0.6
     confidence = torch.rand(n, 1, size, size, generator=g) * 0.98 + 0.01
     residual = (target - cloudy) + 0.05 * torch.randn(n, 13, size, size, generator=g)
-    aux = {"confidence": confidence, "residual": residual, "corrected": cloudy * 1.01,
-           "log_variance": torch.randn(n, 13, size, size, generator=g) - 5}
+    aux = net.ModelOutputs(confidence=confidence, residual=residual, corrected=cloudy * 1.01,
+                           log_variance=torch.randn(n, 13, size, size, generator=g) - 5)
     return target, cloudy, mask, aux
 
 
@@ -362,7 +366,7 @@ def test_presets_give_the_losses_they_gave_before_the_terms_were_declared(preset
             warnings.simplefilter("ignore")
             torch.manual_seed(0)
             crit = CRLoss(config, vgg_layers=("relu1_1", "relu2_1", "relu3_1"), vgg_weights="random")
-        pred = (aux["corrected"] + aux["confidence"] * aux["residual"]).requires_grad_(True)
+        pred = (aux.corrected + aux.confidence * aux.residual).requires_grad_(True)
         total, terms = crit(pred, target, cloudy, cloud_mask=mask, confidence_target=(mask > 0.3).float(), aux=aux)
         total.backward()
         expected_total, expected_grad, expected_terms = BEFORE[preset][case]
@@ -378,8 +382,8 @@ def test_terms_come_in_the_order_of_their_weights():
     if-chain returned contrastive before fft and gradient while its weights listed it after them)."""
     target, cloudy, mask = _images()
     crit = _criterion(use_cloud_focused_loss=True, nll_weight=0.1, residual_weight=0.5)
-    aux = {"confidence": mask, "corrected": cloudy, "residual": target - cloudy,
-           "log_variance": torch.zeros_like(target)}
+    aux = net.ModelOutputs(confidence=mask, corrected=cloudy, residual=target - cloudy,
+                           log_variance=torch.zeros_like(target))
     _, terms = crit(torch.rand_like(target), target, cloudy, cloud_mask=mask, aux=aux)
     assert list(terms) == list(crit.weights) == [t.name for t in losses.LOSS_TERMS if t.name != "l1"]
     assert crit.reads == ("confidence", "corrected", "residual", "log_variance")

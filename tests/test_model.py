@@ -8,6 +8,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
+import losses
 import net_CR_CrossAttention as net
 import runtime
 from net_CR_CrossAttention import (
@@ -59,9 +60,9 @@ def test_output_shapes_any_size(model, n, h, w):
     with torch.no_grad():
         prediction, aux = model(optical, sar, return_aux=True)
     assert prediction.shape == (n, 13, h, w) and prediction.dtype == torch.float32
-    assert aux["residual"].shape == (n, 13, h, w)
-    assert aux["confidence"].shape == (n, 1, h, w)
-    assert torch.all((aux["confidence"] >= 0) & (aux["confidence"] <= 1))
+    assert aux.residual.shape == (n, 13, h, w)
+    assert aux.confidence.shape == (n, 1, h, w)
+    assert torch.all((aux.confidence >= 0) & (aux.confidence <= 1))
     assert torch.isfinite(prediction).all()
 
 
@@ -151,10 +152,10 @@ def test_cloud_predictor_switch_gives_plain_global_residual():
     with torch.no_grad():
         out_full, aux_full = full(optical, sar, return_aux=True)
         out_plain, aux_plain = plain(optical, sar, return_aux=True)
-    assert aux_plain["confidence"] is None
-    torch.testing.assert_close(aux_plain["residual"], aux_full["residual"], rtol=0, atol=0)
-    torch.testing.assert_close(out_plain, optical + aux_plain["residual"], rtol=0, atol=0)
-    torch.testing.assert_close(out_full, optical + aux_full["confidence"] * aux_full["residual"], rtol=0, atol=0)
+    assert aux_plain.confidence is None
+    torch.testing.assert_close(aux_plain.residual, aux_full.residual, rtol=0, atol=0)
+    torch.testing.assert_close(out_plain, optical + aux_plain.residual, rtol=0, atol=0)
+    torch.testing.assert_close(out_full, optical + aux_full.confidence * aux_full.residual, rtol=0, atol=0)
     assert not torch.allclose(out_full, out_plain)
 
 
@@ -180,7 +181,7 @@ def test_zero_confidence_passes_the_input_through_exactly(config):
     optical, sar = _inputs(2, 33, 41)
     with torch.no_grad():
         prediction, aux = m(optical, sar, return_aux=True)
-        assert aux["residual"].abs().max() > 0  # the residual is there; the confidence silences it
+        assert aux.residual.abs().max() > 0  # the residual is there; the confidence silences it
         assert torch.equal(prediction, optical)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             prediction_bf16 = m(optical, sar)
@@ -250,8 +251,8 @@ def test_dsen2cr_baseline():
     assert count_parameters(small) == _dsen2cr_count(13, 2, 16, 3)
     optical, sar = _inputs(1, 37, 32)
     prediction, aux = small(optical, sar, return_aux=True)
-    assert prediction.shape == optical.shape and aux["confidence"] is None
-    torch.testing.assert_close(prediction, optical + aux["residual"], rtol=0, atol=0)
+    assert prediction.shape == optical.shape and aux.confidence is None
+    torch.testing.assert_close(prediction, optical + aux.residual, rtol=0, atol=0)
     prediction.mean().backward()
     assert all(p.grad is not None for p in small.parameters())
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -301,8 +302,8 @@ def test_affine_residual_is_offset_plus_gain_times_the_input_in_fp32():
     assert seen["out"].dtype == torch.float32  # the head runs in fp32 even under autocast
     offset, gain = seen["out"][..., :33, :41].chunk(2, dim=1)
     assert gain.abs().max() > 0
-    torch.testing.assert_close(aux["residual"], offset + gain * optical, rtol=0, atol=0)
-    torch.testing.assert_close(prediction, optical + aux["confidence"] * aux["residual"], rtol=0, atol=0)
+    torch.testing.assert_close(aux.residual, offset + gain * optical, rtol=0, atol=0)
+    torch.testing.assert_close(prediction, optical + aux.confidence * aux.residual, rtol=0, atol=0)
 
 
 def test_a_checkpoint_from_before_the_affine_residual_loads_with_the_plain_head():
@@ -329,3 +330,22 @@ def test_affine_residual_starts_as_the_plain_head():
     optical, sar = _inputs(1, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(affine(optical, sar), plain(optical, sar), rtol=1e-5, atol=1e-6)
+
+
+def test_every_model_returns_the_same_outputs_object():
+    """model(..., return_aux=True) gives a ModelOutputs whatever the model: callers and the loss terms read its
+    fields by name, and a field the model has no part for is None, not missing."""
+    optical, sar = _inputs(2, 32, 32)
+    members = [_model(seed, widths=(8, 16, 32), use_uncertainty_head=True) for seed in (0, 1)]
+    models = {"CrossAttention": members[0], "DSen2CR": DSen2CR(feature_sizes=8, num_layers=1),
+              "Ensemble": runtime.Ensemble(members)}
+    with torch.no_grad():
+        outputs = {name: m(optical, sar, return_aux=True)[1] for name, m in models.items()}
+    assert all(type(a) is net.ModelOutputs for a in outputs.values())
+    present = {name: {f for f, v in vars(a).items() if v is not None} for name, a in outputs.items()}
+    assert present == {"CrossAttention": {"residual", "confidence", "corrected", "log_variance"},
+                       "DSen2CR": {"residual"},
+                       "Ensemble": {"confidence", "log_variance", "epistemic_variance", "members"}}
+    assert outputs["Ensemble"].members == 2 and outputs["Ensemble"].epistemic_variance.shape == optical.shape
+    # every output a loss term reads is a field of it
+    assert {key for term in losses.LOSS_TERMS for key in term.reads} <= set(vars(outputs["DSen2CR"]))

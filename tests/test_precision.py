@@ -62,8 +62,8 @@ def test_affine_residual_head_keeps_the_detail_its_offset_nearly_cancels(model):
             model.head.weight.copy_(saved[0])
             model.head.bias.copy_(saved[1])
     detail = cloudy - 0.3
-    assert aux["residual"].dtype == torch.float32
-    torch.testing.assert_close(aux["residual"], detail, rtol=0, atol=1e-6)
+    assert aux.residual.dtype == torch.float32
+    torch.testing.assert_close(aux.residual, detail, rtol=0, atol=1e-6)
     naive = torch.tensor(-0.3).half() + cloudy.half()
     assert (naive.float() - detail).abs().max() > 5e-5  # fp16 loses it
 
@@ -100,8 +100,8 @@ def test_confidence_sigmoid_resolves_a_certain_cloud(model):
         with torch.no_grad():
             last.weight.copy_(saved[0])
             last.bias.copy_(saved[1])
-    assert aux["confidence"].dtype == torch.float32
-    torch.testing.assert_close(1 - aux["confidence"], torch.full_like(aux["confidence"], 1 - math.exp(10) /
+    assert aux.confidence.dtype == torch.float32
+    torch.testing.assert_close(1 - aux.confidence, torch.full_like(aux.confidence, 1 - math.exp(10) /
                                                                       (1 + math.exp(10))), rtol=1e-3, atol=0)
     assert torch.sigmoid(torch.tensor(10.0).half()) == 1
 
@@ -121,8 +121,8 @@ def test_uncertainty_head_resolves_small_variances(model):
         with torch.no_grad():
             last.weight.copy_(saved[0])
             last.bias.copy_(saved[1])
-    assert aux["log_variance"].dtype == torch.float32
-    torch.testing.assert_close(aux["log_variance"][0, :, 0, 0], wanted, rtol=0, atol=1e-6)
+    assert aux.log_variance.dtype == torch.float32
+    torch.testing.assert_close(aux.log_variance[0, :, 0, 0], wanted, rtol=0, atol=1e-6)
     assert len(wanted.half().unique()) < 13
 
 

@@ -2,7 +2,7 @@
 (docs/uncertainty.md). Inputs stay at 32-64 px; tests that train or spawn processes are marked slow."""
 import math
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -196,9 +196,9 @@ def test_head_adds_an_output_and_leaves_the_prediction_alone():
     with torch.no_grad():
         p0, aux0 = plain(optical, sar, return_aux=True)
         p1, aux1 = headed(optical, sar, return_aux=True)
-    assert aux0["log_variance"] is None and headed.config.use_uncertainty_head
+    assert aux0.log_variance is None and headed.config.use_uncertainty_head
     assert torch.equal(p0, p1)  # built last, detached input: the same weights and the same prediction
-    lv = aux1["log_variance"]
+    lv = aux1.log_variance
     assert lv.shape == optical.shape and lv.dtype == torch.float32
     assert torch.allclose(lv.exp().sqrt(), torch.tensor(net.UNCERTAINTY_INIT_STD))  # untrained: the initial std
     parts = net.parameter_breakdown(headed)
@@ -206,7 +206,7 @@ def test_head_adds_an_output_and_leaves_the_prediction_alone():
     assert net.count_parameters(headed) == net.count_parameters(plain) + parts["uncertainty_head"]
     with torch.no_grad():
         headed.uncertainty_head.net[-1].bias.fill_(50.0)  # far outside the clamp
-        assert headed(optical, sar, return_aux=True)[1]["log_variance"].max() == net.LOG_VARIANCE_MAX
+        assert headed(optical, sar, return_aux=True)[1].log_variance.max() == net.LOG_VARIANCE_MAX
 
 
 def test_head_computes_in_float32_under_autocast():
@@ -282,7 +282,7 @@ def test_criterion_adds_the_nll_term_beside_the_others():
     pred, target, cloudy = (torch.rand(2, 13, 16, 16, generator=g) for _ in range(3))
     s = torch.full((2, 13, 16, 16), -5.0)
     crit = losses.CRLoss(perceptual_weight=0, use_fft_loss=True, nll_weight=0.1, nll_distribution="gaussian")
-    total, terms = crit(pred, target, cloudy, aux={"log_variance": s})
+    total, terms = crit(pred, target, cloudy, aux=net.ModelOutputs(log_variance=s))
     assert set(terms) == {"l1", "fft", "nll"}
     assert float(terms["nll"]) == pytest.approx(0.1 * float(losses.nll_loss(pred, target, s, "gaussian")))
     assert float(total) == pytest.approx(sum(float(v) for v in terms.values()), rel=1e-6)
@@ -305,13 +305,13 @@ def test_ensemble_is_the_mean_with_the_members_spread_and_mean_variance():
         outs = [m(optical, sar, return_aux=True) for m in members]
         mean, aux = runtime.Ensemble(members)(optical, sar, return_aux=True)
     preds = torch.stack([p for p, _ in outs])
-    assert torch.allclose(mean, preds.mean(0)) and aux["members"] == 3
-    assert torch.allclose(aux["epistemic_variance"], ((preds - preds.mean(0)) ** 2).mean(0), atol=1e-9)
-    assert torch.allclose(aux["log_variance"].exp(), torch.stack([a["log_variance"].exp() for _, a in outs]).mean(0))
-    assert torch.allclose(aux["confidence"], torch.stack([a["confidence"] for _, a in outs]).mean(0))
+    assert torch.allclose(mean, preds.mean(0)) and aux.members == 3
+    assert torch.allclose(aux.epistemic_variance, ((preds - preds.mean(0)) ** 2).mean(0), atol=1e-9)
+    assert torch.allclose(aux.log_variance.exp(), torch.stack([a.log_variance.exp() for _, a in outs]).mean(0))
+    assert torch.allclose(aux.confidence, torch.stack([a.confidence for _, a in outs]).mean(0))
     plain = runtime.Ensemble([_model(0).eval(), _model(1).eval()])
     with torch.no_grad():
-        assert plain(optical, sar, return_aux=True)[1]["log_variance"] is None  # epistemic only
+        assert plain(optical, sar, return_aux=True)[1].log_variance is None  # epistemic only
     with pytest.raises(ValueError, match="at least 2"):
         runtime.Ensemble(members[:1])
 
@@ -447,7 +447,7 @@ def test_an_ensemble_scores_the_members_mean_and_reports_their_spread(head_check
     mean = torch.stack([p for p, _ in outs]).mean(0)
     saved, *_ = _read(tmp_path / "geotiff" / f"{s['file_name'][:-4]}.tif")
     assert np.abs(saved - bands.denormalize_s2(bands.finish_s2(mean))[0]).max() <= 1  # one uint16 step
-    variance = torch.stack([a["log_variance"].exp() for _, a in outs]).mean(0) + torch.stack(
+    variance = torch.stack([a.log_variance.exp() for _, a in outs]).mean(0) + torch.stack(
         [p for p, _ in outs]).var(0, unbiased=False)
     std, *_ = _read(tmp_path / "uncertainty" / f"{s['file_name'][:-4]}.tif")
     assert np.allclose(std, variance[0].sqrt().numpy(), rtol=1e-4, atol=1e-7)
@@ -553,7 +553,7 @@ class PointwiseWithVariance(Pointwise):
     def forward(self, optical, sar, return_aux=False):
         pred, aux = super().forward(optical, sar, return_aux=True)
         log_variance = -8.0 + 2.0 * torch.tanh(4.0 * (pred - optical))
-        return (pred, {**aux, "log_variance": log_variance}) if return_aux else pred
+        return (pred, replace(aux, log_variance=log_variance)) if return_aux else pred
 
 
 def _whole_scene(model, cloudy_path, sar_path):
