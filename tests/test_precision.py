@@ -86,20 +86,24 @@ def test_final_addition_passes_clear_pixels_bit_for_bit(model):
     assert not torch.equal(cloudy.half().float(), cloudy)
 
 
+def forward_fp16_with_constant_output(model, layer, bias):
+    """forward_fp16 with `layer` (a conv) answering `bias` at every pixel; its weights are put back afterwards."""
+    with torch.no_grad():
+        saved = layer.weight.clone(), layer.bias.clone()
+        layer.weight.zero_()
+        layer.bias.copy_(bias)
+    try:
+        return forward_fp16(model, reflectance_grid())
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(saved[0])
+            layer.bias.copy_(saved[1])
+
+
 def test_confidence_sigmoid_resolves_a_certain_cloud(model):
     """sigmoid of the confidence logits in fp32: at a logit of 10, 1 - confidence is 4.5e-5; fp16 rounds the
     confidence to exactly 1 (its spacing below 1 is 4.9e-4)."""
-    last = model.cloud_predictor.net[-1]
-    with torch.no_grad():
-        saved = last.weight.clone(), last.bias.clone()
-        last.weight.zero_()
-        last.bias.fill_(10.0)
-    try:
-        _, aux = forward_fp16(model, reflectance_grid())
-    finally:
-        with torch.no_grad():
-            last.weight.copy_(saved[0])
-            last.bias.copy_(saved[1])
+    _, aux = forward_fp16_with_constant_output(model, model.cloud_predictor.net[-1], 10.0)
     assert aux.confidence.dtype == torch.float32
     torch.testing.assert_close(1 - aux.confidence, torch.full_like(aux.confidence, 1 - math.exp(10) /
                                                                       (1 + math.exp(10))), rtol=1e-3, atol=0)
@@ -109,18 +113,8 @@ def test_confidence_sigmoid_resolves_a_certain_cloud(model):
 def test_uncertainty_head_resolves_small_variances(model):
     """The head's log-variance in fp32: near the floor (-18.4) fp16 steps by 0.0156 (1.6 % of the variance), so
     bands 0.004 apart would collapse onto a few values."""
-    last = model.uncertainty_head.net[-1]
     wanted = -15.0 - 0.004 * torch.arange(13.0)
-    with torch.no_grad():
-        saved = last.weight.clone(), last.bias.clone()
-        last.weight.zero_()
-        last.bias.copy_(wanted)
-    try:
-        _, aux = forward_fp16(model, reflectance_grid())
-    finally:
-        with torch.no_grad():
-            last.weight.copy_(saved[0])
-            last.bias.copy_(saved[1])
+    _, aux = forward_fp16_with_constant_output(model, model.uncertainty_head.net[-1], wanted)
     assert aux.log_variance.dtype == torch.float32
     torch.testing.assert_close(aux.log_variance[0, :, 0, 0], wanted, rtol=0, atol=1e-6)
     assert len(wanted.half().unique()) < 13
