@@ -123,11 +123,8 @@ def cpu_has_native_bf16():
                                                                          "_is_amx_tile_supported"))
 
 
-# fp16 on a CPU: without AVX512-FP16 or AMX-FP16 (this EPYC, most CPUs) oneDNN does not take fp16 convolutions and
-# ATen runs its reference im2col kernels instead (aten::_slow_conv2d_*, over 90 % of an fp16 step's time). Measured on
-# the 2-core AMD EPYC (capability AVX512, native bf16, no fp16 units), 1 thread, the default network at 64 px,
-# batch 4, channels-last: 17.0 CPU seconds a step in fp16 against 1.26 in fp32 and 0.78 in bf16 (BENCHMARKS.md,
-# "Model training step").
+# fp16 on a CPU: without AVX512-FP16 or AMX-FP16 (most CPUs) oneDNN takes no fp16 convolutions and ATen runs its
+# reference im2col kernels (aten::_slow_conv2d_*); its cost per step: BENCHMARKS.md, "Model training step".
 CPU_FP16_COST = ("fp16 convolutions run ATen's slow reference kernels on a CPU (no oneDNN fp16 path): a training "
                  "step takes about 13x the CPU time of fp32 (BENCHMARKS.md, 'Model training step')")
 

@@ -47,20 +47,27 @@ def reflectance_grid(size=16, start=0.3):
 
 # ----------------------------------------------------------------------------- the network's islands
 
+def forward_fp16_with_constant_output(model, layer, bias, cloudy=None):
+    """forward_fp16 of `cloudy` (default reflectance_grid()) with `layer` (a conv) answering `bias` at every pixel;
+    its weights are put back afterwards."""
+    with torch.no_grad():
+        saved = layer.weight.clone(), layer.bias.clone()
+        layer.weight.zero_()
+        layer.bias.copy_(bias)
+    try:
+        return forward_fp16(model, reflectance_grid() if cloudy is None else cloudy)
+    finally:
+        with torch.no_grad():
+            layer.weight.copy_(saved[0])
+            layer.bias.copy_(saved[1])
+
+
 def test_affine_residual_head_keeps_the_detail_its_offset_nearly_cancels(model):
     """residual = offset + gain * cloudy: with gain 1 and offset -0.3 the residual is the input's detail (1e-4
     steps), which fp16's 2.4e-4 spacing near 0.3 would round away."""
     cloudy = reflectance_grid()
-    with torch.no_grad():
-        saved = model.head.weight.clone(), model.head.bias.clone()
-        model.head.weight.zero_()
-        model.head.bias[:13], model.head.bias[13:] = -0.3, 1.0  # offsets, then gains
-    try:
-        _, aux = forward_fp16(model, cloudy)
-    finally:
-        with torch.no_grad():
-            model.head.weight.copy_(saved[0])
-            model.head.bias.copy_(saved[1])
+    offsets_then_gains = torch.cat([torch.full((13,), -0.3), torch.ones(model.head.bias.numel() - 13)])
+    _, aux = forward_fp16_with_constant_output(model, model.head, offsets_then_gains, cloudy)
     detail = cloudy - 0.3
     assert aux.residual.dtype == torch.float32
     torch.testing.assert_close(aux.residual, detail, rtol=0, atol=1e-6)
@@ -72,32 +79,9 @@ def test_final_addition_passes_clear_pixels_bit_for_bit(model):
     """prediction = cloudy + confidence * residual in fp32: with no residual the output is the input exactly, though
     its values (1e-4 grid) lie between fp16's."""
     cloudy = reflectance_grid()
-    with torch.no_grad():
-        saved = model.head.weight.clone(), model.head.bias.clone()
-        model.head.weight.zero_()
-        model.head.bias.zero_()
-    try:
-        prediction, _ = forward_fp16(model, cloudy)
-    finally:
-        with torch.no_grad():
-            model.head.weight.copy_(saved[0])
-            model.head.bias.copy_(saved[1])
+    prediction, _ = forward_fp16_with_constant_output(model, model.head, 0.0, cloudy)
     assert prediction.dtype == torch.float32 and torch.equal(prediction, cloudy)
     assert not torch.equal(cloudy.half().float(), cloudy)
-
-
-def forward_fp16_with_constant_output(model, layer, bias):
-    """forward_fp16 with `layer` (a conv) answering `bias` at every pixel; its weights are put back afterwards."""
-    with torch.no_grad():
-        saved = layer.weight.clone(), layer.bias.clone()
-        layer.weight.zero_()
-        layer.bias.copy_(bias)
-    try:
-        return forward_fp16(model, reflectance_grid())
-    finally:
-        with torch.no_grad():
-            layer.weight.copy_(saved[0])
-            layer.bias.copy_(saved[1])
 
 
 def test_confidence_sigmoid_resolves_a_certain_cloud(model):
