@@ -9,8 +9,8 @@ import numpy as np
 import rasterio
 import torch
 
-from bands import S2_BANDS, normalize_s2
-from clouds import BINARY_DETECTORS, CLOUD_DETECTORS, cloud_score, detector_settings
+from bands import S2_BANDS, normalize_s2, s2_product_of_count
+from clouds import BINARY_DETECTORS, CLOUD_DETECTORS, check_detector_product, cloud_score, detector_settings
 from files import DataError, outermost_new_folder, write_text_atomic
 from rasters import (
     GDAL_READ_OPTIONS,
@@ -19,6 +19,7 @@ from rasters import (
     open_raster,
     read_raster,
     read_window,
+    s2_offset,
     write_geotiff,
 )
 
@@ -81,8 +82,15 @@ def write_cloud_mask(cloudy_path, out_path, detector):
     """The detector's score of a whole cloudy raster, stored exactly (MASK_ENCODINGS) with the raster's
     georeferencing."""
     with rasterio.Env(**GDAL_READ_OPTIONS), open_raster(cloudy_path) as src:
-        check_bands(src, len(S2_BANDS))
-        cloudy, crs, transform = normalize_s2(read_window(src, None)), src.crs, src.transform
+        product = s2_product_of_count(src.count)  # either product; its own offset (rasters.s2_offset) removed
+        if product is None:
+            check_bands(src, len(S2_BANDS))
+        try:
+            check_detector_product(detector, product)
+        except ValueError as e:
+            raise DataError(f"{src.name}: {e}") from None
+        cloudy = normalize_s2(read_window(src, None), s2_offset(src))
+        crs, transform = src.crs, src.transform
     score = cloud_score(cloudy, detector)[None]
     if detector in BINARY_DETECTORS:
         return write_geotiff(out_path, score.astype(np.uint8), crs, transform,
@@ -118,7 +126,7 @@ def _refuse_other_detector(out_dir, detector):
                         f"another --out for {detector}")
 
 
-def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=True):
+def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=True, s2_product="L1C"):
     """Compute each triplet's cloud mask once into out_dir (mirroring the cloudy images' relative paths), on all
     cores, skipping masks already there (resumable; each file written atomically). Every cloudy header is checked
     first; masks.json, which tells readers the folder is finished and which detector made it, is written (atomically)
@@ -134,7 +142,11 @@ def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=T
     out_dir = Path(out_dir)
     info, partial = out_dir / MASKS_INFO, out_dir / MASKS_PARTIAL
     _refuse_other_detector(out_dir, detector)
-    check_listed_files(triplets, root, "the data list", cloudy_only=True)
+    try:
+        check_detector_product(detector, s2_product)
+    except ValueError as e:
+        raise DataError(str(e)) from None
+    check_listed_files(triplets, root, "the data list", cloudy_only=True, s2_product=s2_product)
     kind = "binary" if detector in BINARY_DETECTORS else "soft"
     meta = json.dumps({"detector": detector, "settings": detector_settings(detector, None),
                        "encoding": MASK_ENCODINGS[kind]}, indent=2)

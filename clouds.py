@@ -7,12 +7,14 @@
   raw LightGBM cloud probability that mask starts from (offline, all 13 bands).
 - cloud_score(s2, detector): a score by detector name ("s2cloudless": the binary mask as 0/1; "s2cloudless_prob":
   the probability; "none": zeros); detector_settings: what a detector's binary mask is, for result files.
-Inputs are (13,H,W) reflectance already divided by 10000 (bands.normalize_s2).
+Inputs are (C,H,W) reflectance already divided by 10000 (bands.normalize_s2) of either product of bands.S2_PRODUCTS,
+told apart by their band count: L1C (13 bands) or L2A (12, no B10; the rule detector and the shadow mask only,
+s2cloudless is refused: check_detector_product).
 """
 import numpy as np
 from scipy import ndimage
 
-from bands import S2_BAND_INDEX
+from bands import S2_PRODUCT_TEXT, s2_band_index, s2_product_of_count
 
 CLOUD_DETECTORS = ("rule", "s2cloudless", "s2cloudless_prob", "none")
 BINARY_DETECTORS = ("s2cloudless",)  # their score is already the binary mask (0/1): --cloud_threshold does not matter
@@ -24,6 +26,23 @@ S2CLOUDLESS_SETTINGS = {"threshold": 0.4, "all_bands": True, "average_over": 4, 
 # A mask pixel depends on probabilities up to average_over + dilation_size px away (disc average, then dilation):
 # computed on a crop grown by this margin, the crop's mask equals the whole raster's.
 S2CLOUDLESS_MARGIN = S2CLOUDLESS_SETTINGS["average_over"] + S2CLOUDLESS_SETTINGS["dilation_size"]
+
+
+def product_of(s2):
+    """The product (bands.S2_PRODUCTS) of a (C,H,W) image, from its band count; ValueError for another count."""
+    product = s2_product_of_count(np.shape(s2)[0])
+    if product is None:
+        raise ValueError(f"expected a Sentinel-2 image of 13 (L1C) or 12 (L2A) bands, got shape {np.shape(s2)}")
+    return product
+
+
+def check_detector_product(detector, product):
+    """ValueError where a detector cannot run on a product: s2cloudless's LightGBM model takes the 13 L1C bands (B10
+    included) as top-of-atmosphere reflectance, which an L2A file holds neither of."""
+    if product != "L1C" and detector in ("s2cloudless", "s2cloudless_prob"):
+        raise ValueError(f"cloud detector {detector} needs Sentinel-2 L1C ({S2_PRODUCT_TEXT['L1C']}): its model is "
+                         f"trained on top-of-atmosphere reflectance with B10; on {product} use the rule detector "
+                         f"(--cloud_detector rule) or none")
 
 
 # Thresholds below are those of the published `get_cloud_mask` / `get_shadow_mask` (DSen2-CR).
@@ -39,13 +58,17 @@ def _normalized_difference(a, b):
 
 
 def rule_cloud_score(s2):
-    """(13,H,W) reflectance in [0,1] -> (H,W) float32 soft cloud score in [1e-5, 1]."""
+    """(C,H,W) reflectance in [0,1], L1C or L2A -> (H,W) float32 soft cloud score in [1e-5, 1]."""
     s2 = np.asarray(s2, dtype=np.float32)
-    b = {name: s2[S2_BAND_INDEX[name]] for name in ("B1", "B2", "B3", "B4", "B10", "B11")}
+    index = s2_band_index(product_of(s2))
+    b = {name: s2[i] for name, i in index.items() if name in ("B1", "B2", "B3", "B4", "B10", "B11")}
     # Clouds are bright in blue and aerosol/cirrus bands and in all visible bands ...
     score = np.minimum(_rescaled(b["B2"], 0.1, 0.5), 1.0)
     np.minimum(score, _rescaled(b["B1"], 0.1, 0.3), out=score)
-    np.minimum(score, _rescaled(b["B1"] + b["B10"], 0.15, 0.2), out=score)
+    # L2A has no B10 (cirrus, 1375 nm, in a water-vapour absorption band): over land and under thick cloud it reads
+    # near 0 (0.001 in synthetic.py's spectra), so B1 alone is the term's value there; only thin cirrus, which
+    # Sen2Cor has corrected out of L2A, scores lower than on L1C.
+    np.minimum(score, _rescaled(b["B1"] + b["B10"] if "B10" in b else b["B1"], 0.15, 0.2), out=score)
     np.minimum(score, _rescaled(b["B4"] + b["B3"] + b["B2"], 0.2, 0.8), out=score)
     # ... but they are not snow (high NDSI).
     np.minimum(score, _rescaled(_normalized_difference(b["B3"], b["B11"]), 0.8, 0.6), out=score)
@@ -64,8 +87,9 @@ def shadow_mask(s2):
     """(H,W) bool cloud-shadow mask: dark in NIR+SWIR (CSI) and in blue, relative to the patch statistics,
     then a 5x5 median filter (the original's medfilt2d, zero padded)."""
     s2 = np.asarray(s2, dtype=np.float32)
-    blue = s2[S2_BAND_INDEX["B2"]]
-    csi = (s2[S2_BAND_INDEX["B8"]] + s2[S2_BAND_INDEX["B11"]]) / 2.0
+    index = s2_band_index(product_of(s2))
+    blue = s2[index["B2"]]
+    csi = (s2[index["B8"]] + s2[index["B11"]]) / 2.0
     t3 = csi.min() + 0.75 * (csi.mean() - csi.min())
     t4 = blue.min() + (5.0 / 6.0) * (blue.mean() - blue.min())
     dark = ((csi < t3) & (blue < t4)).astype(np.float32)
@@ -97,6 +121,7 @@ def _s2cloudless_input(s2):
     """(13,H,W) reflectance in [0,1] -> (1,H,W,13) as the published loader feeds s2cloudless: float32 DN / 10000.
     LightGBM compares features with thresholds, and bands.normalize_s2's DN * float32(1e-4) differs from DN / 10000
     by one ulp in about a third of the pixels; SEN12MS-CR's DN are integers, which rint recovers exactly."""
+    check_detector_product("s2cloudless", product_of(s2))
     dn = np.rint(np.asarray(s2, dtype=np.float32) * np.float32(10000))
     return np.moveaxis(dn / np.float32(10000), 0, -1)[None]
 

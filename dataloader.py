@@ -31,9 +31,9 @@ from torch.utils.data import Dataset
 
 import splits
 import synthetic
-from bands import denormalize_s2, normalize_s1, normalize_s2
+from bands import DEFAULT_S2_PRODUCT, S2_PRODUCTS, denormalize_s2, normalize_s1, normalize_s2, s2_bands
 from cloud_masks import MASK_DETECTORS, check_mask_dir, make_cloud_masks, read_mask
-from clouds import CLOUD_DETECTORS, CLOUD_THRESHOLD, cloud_score, detector_margin
+from clouds import CLOUD_DETECTORS, CLOUD_THRESHOLD, check_detector_product, cloud_score, detector_margin
 from datalist import Triplet, read_data_list, row_to_triplet, write_data_list
 from files import DataError
 from rasters import (
@@ -44,6 +44,7 @@ from rasters import (
     open_raster,
     read_raster,
     read_window,
+    s2_offset,
     truth_available,
     truth_path,
     write_geotiff,
@@ -95,15 +96,21 @@ class SEN12MSCRDataset(Dataset):
     encoding from its pixels (check_s2_encoding); errors name the files.
     s2_encoding: "float" (default) returns S2 as float32 in [0, 1]; "uint16" returns it as the files' clipped
     uint16 x10000 (half the bytes to copy to a GPU; divide by S2_SCALE there). The cloud mask is the same either way.
+    s2_product: "L1C" (SEN12MS-CR's 13 bands) or "L2A" (12, no B10), bands.S2_PRODUCTS; a file of the other product
+    is refused in one line naming both. s2_offset: the radiometric offset in DN (-1000 for processing baseline 04.00
+    and later) of files whose metadata carries none (rasters.s2_offset); a file's own offset wins.
     Random choices use torch's generator, which a DataLoader seeds differently in every worker.
     """
 
     def __init__(self, triplets, root, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
                  cloud_threshold=CLOUD_THRESHOLD, random_crop=None, cloud_mask_dir=None, crop_flag="--crop_size",
-                 s2_encoding="float"):
+                 s2_encoding="float", s2_product=DEFAULT_S2_PRODUCT, s2_offset=0):
         if s2_encoding not in ("float", "uint16"):
             raise ValueError(f"s2_encoding must be 'float' or 'uint16', got {s2_encoding!r}")
         self.s2_encoding = s2_encoding
+        s2_bands(s2_product)  # ValueError for an unknown product
+        check_detector_product(cloud_detector, s2_product)
+        self.s2_product, self.s2_offset = s2_product, int(s2_offset)
         self.triplets = list(triplets)
         if not self.triplets:
             raise DataError(f"no samples: the list of triplets for data root {root} is empty")
@@ -177,15 +184,15 @@ class SEN12MSCRDataset(Dataset):
         r1, c1 = min(src.height, r + h + margin), min(src.width, c + w + margin)
         return read_window(src, (r0, c0, r1 - r0, c1 - c0)), (r - r0, c - c0)
 
-    def _cloud_score(self, t, window, cloudy, grown):
+    def _cloud_score(self, t, window, cloudy, grown, offset):
         """(1,h,w) cloud score of the crop: precomputed, or the detector's, which then equals the whole raster's
-        score cropped (run on the grown crop and cut back)."""
+        score cropped (run on the grown crop, whose DN take the cloudy file's offset, and cut back)."""
         if self.cloud_mask_dir is not None:
             return read_mask(self.cloud_mask_dir / t.s2_cloudy, window)[None]
         if grown is None:
             return cloud_score(cloudy, self.cloud_detector)[None]
         (raw, (dr, dc)), (h, w) = grown, cloudy.shape[-2:]
-        return cloud_score(normalize_s2(raw), self.cloud_detector)[None, dr:dr + h, dc:dc + w]
+        return cloud_score(normalize_s2(raw, offset), self.cloud_detector)[None, dr:dr + h, dc:dc + w]
 
     def __getitem__(self, index):
         t = self.triplets[index]
@@ -193,15 +200,17 @@ class SEN12MSCRDataset(Dataset):
         with contextlib.ExitStack() as stack:
             stack.enter_context(rasterio.Env(**GDAL_READ_OPTIONS))
             srcs = [stack.enter_context(open_raster(p)) for p in paths]
-            check_triplet(*srcs)
+            check_triplet(*srcs, s2_product=self.s2_product)
             ref = srcs[2]
             window = self._window(ref.height, ref.width, ref.name)
             sar, cloudfree, cloudy = (read_window(s, window) for s in srcs)
             grown = self._grown_crop(ref, window)
+            cloudfree_offset, cloudy_offset = (s2_offset(s, self.s2_offset) for s in srcs[1:])
         check_s2_encoding(cloudfree, paths[1])
         check_s2_encoding(cloudy, paths[2])
-        sar, cloudfree, cloudy = normalize_s1(sar), normalize_s2(cloudfree), normalize_s2(cloudy)
-        score = self._cloud_score(t, window, cloudy, grown)
+        sar = normalize_s1(sar)
+        cloudfree, cloudy = normalize_s2(cloudfree, cloudfree_offset), normalize_s2(cloudy, cloudy_offset)
+        score = self._cloud_score(t, window, cloudy, grown, cloudy_offset)
         if self.s2_encoding == "uint16":
             cloudy, cloudfree = denormalize_s2(cloudy), denormalize_s2(cloudfree)
         arrays = [cloudy, cloudfree, sar, score]
@@ -249,21 +258,45 @@ class AlignedDataset(SEN12MSCRDataset):
 # ---------------------------------------------------------------------------------------------------------------
 # Synthetic SEN12MS-CR in the official layout (the scenes themselves come from synthetic.py)
 
+# What `synth --s2_product L2A` writes as a processing baseline 04.00 product would: DN = 10000 x reflectance + 1000,
+# the offset recorded under the L2A metadata key (rasters.S2_OFFSET_TAGS), so readers remove it per file.
+SYNTHETIC_L2A_OFFSET = -1000
+
+
+def _synthetic_s2(reflectance01, s2_product):
+    """(uint16 DN, GeoTIFF tags, band descriptions) of a synthetic S2 image written as s2_product: L1C as SEN12MS-CR
+    ships it (13 bands, no offset, no tags); L2A with its 12 bands and the baseline 04.00 offset."""
+    dn = denormalize_s2(reflectance01)
+    if s2_product == "L1C":
+        return dn, {}, None
+    names = s2_bands(s2_product)
+    dn = dn[[S2_PRODUCTS["L1C"].index(b) for b in names]].astype(np.int32) - SYNTHETIC_L2A_OFFSET
+    return dn.astype(np.uint16), {"BOA_ADD_OFFSET": str(SYNTHETIC_L2A_OFFSET), "PROCESSING_LEVEL": "Level-2A",
+                                  "BOA_QUANTIFICATION_VALUE": "10000"}, names
+
+
 def make_synthetic_dataset(out_dir, n, size=256, seed=0, n_scenes=None, roi="ROIs2017_winter",
-                           val_frac=0.15, test_frac=0.15):
+                           val_frac=0.15, test_frac=0.15, s2_product=DEFAULT_S2_PRODUCT):
     """Write `n` synthetic triplets of `size` px in the official SEN12MS-CR layout under out_dir, plus
     out_dir/data.csv (7 columns, split by scene) and each patch's true cloud map (truth_path). Returns the CSV path.
     Deterministic for a seed. Georeferenced in UTM 31N at 10 m; S1 float32 dB (VV, VH); S2 uint16 reflectance
-    x10000, 13 bands."""
+    x10000, 13 bands (s2_product "L2A": the 12 bands without B10, DN carrying the offset SYNTHETIC_L2A_OFFSET,
+    recorded in the tag BOA_ADD_OFFSET, band names as descriptions; the same scenes, so the spectra stay the
+    generator's, which are top-of-atmosphere-like)."""
     out_dir = Path(out_dir)
+    s2_bands(s2_product)
     triplets = []
     for p in synthetic.generate_patches(n, size=size, seed=seed, n_scenes=n_scenes):
         scene, patch = p["scene"], p["patch"]
         transform = from_origin(*p["origin"], synthetic.PIXEL_M, synthetic.PIXEL_M)
         rel = {}
-        for mod, data in (("s1", p["s1"]), ("s2", denormalize_s2(p["s2"])), ("s2_cloudy", denormalize_s2(p["cloudy"]))):
+        for mod, data in (("s1", p["s1"]), ("s2", p["s2"]), ("s2_cloudy", p["cloudy"])):
             rel[mod] = os.path.join(f"{roi}_{mod}", f"{mod}_{scene}", f"{roi}_{mod}_{scene}_p{patch}.tif")
-            write_geotiff(out_dir / rel[mod], data, synthetic.CRS, transform)
+            if mod == "s1":
+                write_geotiff(out_dir / rel[mod], data, synthetic.CRS, transform)
+                continue
+            dn, tags, names = _synthetic_s2(data, s2_product)
+            write_geotiff(out_dir / rel[mod], dn, synthetic.CRS, transform, descriptions=names, tags=tags)
         write_geotiff(out_dir / truth_path(rel["s2_cloudy"]), np.stack([p["opacity"], p["shadow"]]), synthetic.CRS,
                        transform, descriptions=TRUTH_BANDS)
         triplets.append(Triplet(0, rel["s1"], rel["s2"], rel["s2_cloudy"]))
@@ -276,9 +309,10 @@ def make_synthetic_dataset(out_dir, n, size=256, seed=0, n_scenes=None, roi="ROI
 
 def _cmd_synth(args):
     csv_path = make_synthetic_dataset(args.out, args.n, size=args.size, seed=args.seed, n_scenes=args.scenes,
-                                      val_frac=args.val_frac, test_frac=args.test_frac)
+                                      val_frac=args.val_frac, test_frac=args.test_frac, s2_product=args.s2_product)
     counts = {name: sum(t.split == i for t in read_data_list(csv_path)) for name, i in SPLIT_IDS.items()}
-    print(f"wrote {args.n} synthetic triplets of {args.size} px under {args.out}; list: {csv_path} {counts}")
+    print(f"wrote {args.n} synthetic {args.s2_product} triplets of {args.size} px under {args.out}; list: {csv_path} "
+          f"{counts}")
     return 0
 
 
@@ -361,7 +395,8 @@ def _cmd_check(args):
 
 def _cmd_masks(args):
     triplets = read_data_list(args.data_list_filepath)
-    made, skipped = make_cloud_masks(triplets, args.input_data_folder, args.out, args.detector, workers=args.workers)
+    made, skipped = make_cloud_masks(triplets, args.input_data_folder, args.out, args.detector, workers=args.workers,
+                                     s2_product=args.s2_product)
     print(f"{args.detector} masks of {len(triplets)} triplets in {args.out} ({made} made, {skipped} already there); "
           f"use them with --cloud_mask_dir {args.out}")
     return 0
@@ -394,6 +429,10 @@ def build_parser():
     p.add_argument("--scenes", type=int, default=None, help="number of scenes; None means max(3, ceil(n/4))")
     p.add_argument("--val_frac", type=fraction, default=0.15, help="fraction of scenes for validation")
     p.add_argument("--test_frac", type=fraction, default=0.15, help="fraction of scenes for test")
+    p.add_argument("--s2_product", default=DEFAULT_S2_PRODUCT, choices=list(S2_PRODUCTS),
+                   help="L1C: SEN12MS-CR's 13 bands, no offset; L2A: the 12 bands without B10, DN = 10000 x "
+                        "reflectance + 1000 with the offset recorded in the tag BOA_ADD_OFFSET=-1000, as processing "
+                        "baseline 04.00 products carry it")
     p.set_defaults(func=_cmd_synth)
     p = sub.add_parser("scan", help="list the triplets of a downloaded copy and split them by scene",
                        formatter_class=HelpFormatter)
@@ -430,6 +469,9 @@ def build_parser():
                         "stored exactly as the detector gives it on the fly")
     p.add_argument("--out", required=True, help="folder for the masks (mirrors the cloudy images' relative paths)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every CPU core)")
+    p.add_argument("--s2_product", default=DEFAULT_S2_PRODUCT, choices=list(S2_PRODUCTS),
+                   help="Sentinel-2 product of the cloudy images (L2A: 12 bands, rule detector only); each file's "
+                        "radiometric offset is read from its metadata")
     p.set_defaults(func=_cmd_masks)
     return parser
 

@@ -22,8 +22,14 @@ import files
 import rasters
 import runtime
 
-UNCERTAINTY_BAND_DESCRIPTIONS = tuple(f"{band} predicted standard deviation (reflectance, 0-1)"
-                                      for band in bands.S2_BANDS)
+
+def uncertainty_band_descriptions(count):
+    """The band descriptions of an uncertainty GeoTIFF of `count` bands (13: L1C, 12: L2A)."""
+    return tuple(f"{band} predicted standard deviation (reflectance, 0-1)"
+                 for band in bands.s2_bands(bands.s2_product_of_count(count)))
+
+
+UNCERTAINTY_BAND_DESCRIPTIONS = uncertainty_band_descriptions(len(bands.S2_BANDS))  # L1C's, as before
 
 
 @torch.no_grad()
@@ -85,12 +91,11 @@ def scene_sar_fill_db(sar_src, strip=256):
     return bands.s1_db_of(means)
 
 
-def check_scene_pair(cloudy_src, sar_src):
-    """S1 and S2 must share size, and CRS and transform where both files carry one (rasters.grid_problems, the
-    rule of the dataset's triplets); the error names both files."""
-    if cloudy_src.count != len(bands.S2_BANDS):
-        raise files.DataError(f"{cloudy_src.name}: expected {len(bands.S2_BANDS)} Sentinel-2 bands, "
-                                   f"found {cloudy_src.count}")
+def check_scene_pair(cloudy_src, sar_src, s2_product=bands.DEFAULT_S2_PRODUCT, remedy=None):
+    """The cloudy S2 must have s2_product's bands (rasters.check_s2_bands; remedy: what to change where it is the
+    other product); S1 and S2 must share size, and CRS and transform where both files carry one
+    (rasters.grid_problems, the rule of the dataset's triplets); the error names both files."""
+    rasters.check_s2_bands(cloudy_src, s2_product, remedy)
     if sar_src.count != len(bands.S1_BANDS):
         raise files.DataError(f"{sar_src.name}: expected {len(bands.S1_BANDS)} Sentinel-1 bands "
                                    f"(VV, VH), found {sar_src.count}")
@@ -115,20 +120,21 @@ def _fill(raw_db, fill_db):
 
 @contextlib.contextmanager
 def _scene_output(path, cloudy_src, dtype="uint16", descriptions=None):
-    """An open output GeoTIFF of predict_scene: the input's size, CRS and transform, 13 bands, tiled, deflate."""
+    """An open output GeoTIFF of predict_scene: the input's size, CRS and transform, its bands (one per description),
+    tiled, deflate."""
     height, width = cloudy_src.height, cloudy_src.width
-    profile = dict(driver="GTiff", height=height, width=width, count=len(bands.S2_BANDS), dtype=dtype,
+    profile = dict(driver="GTiff", height=height, width=width, count=len(descriptions), dtype=dtype,
                    crs=cloudy_src.crs, transform=cloudy_src.transform, compress="deflate", tiled=True,
                    blockxsize=256, blockysize=256, BIGTIFF="IF_SAFER")
     # GDAL's block cache (default 5% of RAM) would grow with the scene; two rows of 256 px output blocks
     # (13 bands) plus 32 MB for the input reads is all predict_scene ever revisits.
-    block_row = math.ceil(width / 256) * 256 * 256 * len(bands.S2_BANDS) * np.dtype(dtype).itemsize
+    block_row = math.ceil(width / 256) * 256 * 256 * len(descriptions) * np.dtype(dtype).itemsize
     cache_mb = 32 + 2 * block_row // 2 ** 20
     with rasterio.Env(GDAL_CACHEMAX=cache_mb), warnings.catch_warnings():
         # An input without georeferencing gives an output without it, as it should.
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(path, "w", **profile) as dst:
-            for band, text in enumerate(descriptions or (), start=1):
+            for band, text in enumerate(descriptions, start=1):
                 dst.set_band_description(band, text)
             yield dst
 
@@ -161,10 +167,11 @@ class BlendedStrip:
         return rows
 
 
-def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx):
-    """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host."""
+def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx, s2_offset=0):
+    """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host; s2_offset:
+    the cloudy file's radiometric offset (rasters.s2_offset)."""
     window = lambda x: (y, x, *size)
-    cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x))) for x in xs])
+    cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x)), s2_offset) for x in xs])
     sar = np.stack([bands.normalize_s1(_fill(rasters.read_window(sar_src, window(x)), sar_fill)) for x in xs])
     out = forward_all(model, torch.from_numpy(cloudy).to(device), torch.from_numpy(sar).to(device), ctx)
     return {k: None if v is None else v.cpu().numpy() for k, v in out.items()}
@@ -187,9 +194,12 @@ def _write_rows(outputs, strips, upto, what):
 
 @torch.no_grad()
 def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, batch_sz=4, device="cpu",
-                  amp_dtype=None, progress=True, uncertainty_path=None):
-    """Cloud-free prediction of a whole scene, written as a uint16 x10000 GeoTIFF with the input's grid; with
-    uncertainty_path, the predicted standard deviation of each band beside it (float32, same grid).
+                  amp_dtype=None, progress=True, uncertainty_path=None, s2_product=bands.DEFAULT_S2_PRODUCT,
+                  s2_offset=0):
+    """Cloud-free prediction of a whole scene, written as a uint16 x10000 GeoTIFF with the input's grid and
+    s2_product's bands (named in the band descriptions; reflectance x10000 without offset, whatever the input's);
+    with uncertainty_path, the predicted standard deviation of each band beside it (float32, same grid). The cloudy
+    file's radiometric offset is its metadata's, else s2_offset (rasters.s2_offset).
 
     Tiles of `tile` px overlapping by `overlap` px are blended with separable feathered weights (the uncertainty as
     a variance, with the same weights). Memory is one strip of tiles per output: the weighted sum and weights of
@@ -203,24 +213,26 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
     model.eval()
     with rasters.open_raster(cloudy_path) as cloudy_src, rasters.open_raster(sar_path) as sar_src, \
             contextlib.ExitStack() as stack:
-        check_scene_pair(cloudy_src, sar_src)
+        check_scene_pair(cloudy_src, sar_src, s2_product)
+        offset = rasters.s2_offset(cloudy_src, s2_offset)
         height, width = cloudy_src.height, cloudy_src.width
         ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
         size = (min(tile, height), min(tile, width))
         sar_fill = scene_sar_fill_db(sar_src)
         weight = np.outer(feather(size[0], overlap), feather(size[1], overlap))
-        products = {"prediction": (out_path, "uint16", None), "variance": (uncertainty_path, "float32",
-                                                                         UNCERTAINTY_BAND_DESCRIPTIONS)}
+        names = bands.s2_bands(s2_product)
+        products = {"prediction": (out_path, "uint16", names),
+                    "variance": (uncertainty_path, "float32", uncertainty_band_descriptions(len(names)))}
         outputs = {name: stack.enter_context(_scene_output(stack.enter_context(files.atomic_output(path, ".tif")),
                                                            cloudy_src, dtype, text))
                    for name, (path, dtype, text) in products.items() if path is not None}
-        strips = {name: BlendedStrip(len(bands.S2_BANDS), size[0], width) for name in outputs}
+        strips = {name: BlendedStrip(len(names), size[0], width) for name in outputs}
         bar = tqdm(total=len(ys) * len(xs), desc="tiles", disable=not progress, dynamic_ncols=True)
         for y in ys:
             _write_rows(outputs, strips, y, cloudy_path)
             for b in range(0, len(xs), batch_sz):
                 chunk = xs[b:b + batch_sz]
-                out = _scene_tiles(model, cloudy_src, sar_src, y, chunk, size, sar_fill, device, ctx)
+                out = _scene_tiles(model, cloudy_src, sar_src, y, chunk, size, sar_fill, device, ctx, offset)
                 if "variance" in strips and out["variance"] is None:
                     raise ValueError("an uncertainty output was asked for, but the model predicts no uncertainty")
                 for i, x in enumerate(chunk):

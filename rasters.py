@@ -1,6 +1,8 @@
-"""Raster I/O: opening, reading and writing GeoTIFFs with errors that name the file, header checks of a triplet,
-and the true cloud maps of synthetic data."""
+"""Raster I/O: opening, reading and writing GeoTIFFs with errors that name the file, header checks of a triplet
+(the Sentinel-2 band count of its product), a Sentinel-2 file's radiometric offset, and the true cloud maps of
+synthetic data."""
 import contextlib
+import math
 import os
 import warnings
 from pathlib import Path
@@ -11,7 +13,7 @@ import rasterio.errors
 import torch
 from rasterio.windows import Window
 
-from bands import S1_BANDS, S2_BANDS, denormalize_s2
+from bands import DEFAULT_S2_PRODUCT, S1_BANDS, S2_PRODUCT_TEXT, denormalize_s2, s2_bands, s2_product_of_count
 from files import DataError, atomic_output
 
 # GDAL settings for our reads. GTIFF_VIRTUAL_MEM_IO memory-maps uncompressed GeoTIFFs (SEN12MS-CR's files are
@@ -70,6 +72,85 @@ def check_bands(src, bands):
         raise DataError(f"{src.name}: expected {bands} bands, found {src.count}")
 
 
+def check_s2_bands(src, product=DEFAULT_S2_PRODUCT, remedy=None):
+    """A Sentinel-2 file must have its product's bands (bands.S2_PRODUCTS). A file of the other product's count is
+    named as that product, in one line with both products and what to change (remedy: the caller's words, where
+    "{other}" stands for the file's product; default: the training flag)."""
+    expected = len(s2_bands(product))
+    if src.count == expected:
+        return
+    other = s2_product_of_count(src.count)
+    if other is None:
+        raise DataError(f"{src.name}: expected {expected} Sentinel-2 bands ({product}), found {src.count}")
+    remedy = (remedy or "pass --s2_product {other}").format(other=other)
+    raise DataError(f"{src.name}: {src.count} bands, i.e. Sentinel-2 {other} ({S2_PRODUCT_TEXT[other]}), but this "
+                    f"run is {product} ({S2_PRODUCT_TEXT[product]}): {remedy}")
+
+
+# A Sentinel-2 file's radiometric offset in DN, as a conversion of a SAFE product records it (docs/data.md, "Your own
+# scene"): the product metadata's own key, RADIO_ADD_OFFSET (L1C) or BOA_ADD_OFFSET (L2A), written as a GeoTIFF tag
+# of the dataset (one value for every band) or of each band; or GDAL's band offset and scale (value = DN x scale +
+# offset), which gdal_translate -a_scale/-a_offset and STAC-aware tools write. Reflectance = (DN + offset) / 10000.
+S2_OFFSET_TAGS = ("RADIO_ADD_OFFSET", "BOA_ADD_OFFSET")
+S2_QUANTIFICATION_TAGS = ("QUANTIFICATION_VALUE", "BOA_QUANTIFICATION_VALUE")
+
+
+def _tag_number(src, tags, key, band=None):
+    try:
+        return float(tags[key])
+    except ValueError:
+        where = f"band {band} " if band else ""
+        raise DataError(f"{src.name}: {where}tag {key}={tags[key]!r} is not a number") from None
+
+
+def _tagged_offsets(src):
+    """Per-band offsets (C,) from the product metadata tags, or None where the file carries none."""
+    values = None
+    dataset_tags = src.tags()
+    for key in S2_OFFSET_TAGS:
+        if key in dataset_tags:
+            values = [_tag_number(src, dataset_tags, key)] * src.count
+        band_values = [src.tags(b).get(key) for b in range(1, src.count + 1)]
+        if any(v is not None for v in band_values):
+            if any(v is None for v in band_values):
+                raise DataError(f"{src.name}: tag {key} is on some bands but not on all")
+            values = [_tag_number(src, src.tags(b), key, b) for b in range(1, src.count + 1)]
+    return values
+
+
+def _gdal_offsets(src):
+    """Per-band offsets in DN from GDAL's band scale and offset, or None where every band has offset 0."""
+    if not any(src.offsets):
+        return None
+    dn = []
+    for scale, offset in zip(src.scales, src.offsets):
+        if math.isclose(scale, 1 / 10000, rel_tol=1e-6):
+            dn.append(offset * 10000)
+        elif scale == 1:
+            dn.append(offset)
+        else:
+            raise DataError(f"{src.name}: GDAL band scale {scale:g} with offset {offset:g}: expected scale 0.0001 "
+                            f"(reflectance = DN / 10000) or 1 (offset in DN)")
+    return dn
+
+
+def s2_offset(src, default=0):
+    """The radiometric offset (int32, one per band) to add to an open Sentinel-2 file's DN before dividing by 10000:
+    the file's own (S2_OFFSET_TAGS or GDAL's band offset), else `default` (--s2_offset; 0 for SEN12MS-CR, 2018,
+    processing baseline before 04.00). DataError for a file whose metadata contradicts itself or another scale."""
+    tagged, gdal = _tagged_offsets(src), _gdal_offsets(src)
+    if tagged is not None and gdal is not None and not np.allclose(tagged, gdal):
+        raise DataError(f"{src.name}: the offset tags say {tagged[0]:g} DN, GDAL's band offset {gdal[0]:g} DN; "
+                        f"remove one (gdal_edit.py -unsetmd or -offset 0)")
+    tags = src.tags()
+    for key in S2_QUANTIFICATION_TAGS:
+        if key in tags and _tag_number(src, tags, key) != 10000:
+            raise DataError(f"{src.name}: {key}={tags[key]}; the project reads reflectance x10000 only")
+    found = tagged if tagged is not None else gdal
+    values = found if found is not None else [default] * src.count
+    return np.rint(np.asarray(values, dtype=np.float64)).astype(np.int32)
+
+
 def read_raster(path, bands, window=None):
     """Read `window` (rasterio Window or (row_off, col_off, height, width); None = all) of a raster that must
     have `bands` bands, as float32 (C,H,W). Errors name the file."""
@@ -111,11 +192,13 @@ def grid_problems(a, b):
     return problems
 
 
-def check_triplet(s1, s2_cloudfree, s2_cloudy):
-    """Header checks of one triplet's open rasters (cheap, no pixels read): band counts, and S1 and cloud-free S2
-    on the cloudy S2's grid (size, CRS, transform). Errors name both files of a mismatched pair."""
-    for src, bands in ((s1, len(S1_BANDS)), (s2_cloudfree, len(S2_BANDS)), (s2_cloudy, len(S2_BANDS))):
-        check_bands(src, bands)
+def check_triplet(s1, s2_cloudfree, s2_cloudy, s2_product=DEFAULT_S2_PRODUCT, remedy=None):
+    """Header checks of one triplet's open rasters (cheap, no pixels read): band counts (Sentinel-2: s2_product's),
+    and S1 and cloud-free S2 on the cloudy S2's grid (size, CRS, transform). Errors name both files of a mismatched
+    pair; remedy: what to change where a Sentinel-2 file is the other product (check_s2_bands)."""
+    check_bands(s1, len(S1_BANDS))
+    for src in (s2_cloudfree, s2_cloudy):
+        check_s2_bands(src, s2_product, remedy)
     for src in (s1, s2_cloudfree):
         problems = grid_problems(src, s2_cloudy)
         if problems:
@@ -124,10 +207,12 @@ def check_triplet(s1, s2_cloudfree, s2_cloudy):
                             f"data list, or resample the file onto the cloudy Sentinel-2 grid)")
 
 
-def check_listed_files(triplets, root, source="data list", cloudy_only=False, progress=False):
+def check_listed_files(triplets, root, source="data list", cloudy_only=False, progress=False,
+                       s2_product=DEFAULT_S2_PRODUCT, remedy=None):
     """Before any work: open the header of every listed file (no pixels) and check each triplet (check_triplet; the
     cloudy image's band count alone with cloudy_only). One DataError naming the first problem and how many triplets
-    of `source` have one, so a run never stops on a bad file after hours."""
+    of `source` have one, so a run never stops on a bad file after hours. s2_product: the Sentinel-2 product the run
+    reads (bands.S2_PRODUCTS); remedy: what to change where a file is the other product."""
     from tqdm.auto import tqdm
 
     root = data_root(root)
@@ -139,9 +224,9 @@ def check_listed_files(triplets, root, source="data list", cloudy_only=False, pr
                     paths = (t.s2_cloudy,) if cloudy_only else (t.s1, t.s2_cloudfree, t.s2_cloudy)
                     srcs = [stack.enter_context(open_raster(root / rel)) for rel in paths]
                     if cloudy_only:
-                        check_bands(srcs[0], len(S2_BANDS))
+                        check_s2_bands(srcs[0], s2_product, remedy)
                     else:
-                        check_triplet(*srcs)
+                        check_triplet(*srcs, s2_product=s2_product, remedy=remedy)
             except DataError as e:
                 problems.append(str(e))
     if problems:
@@ -175,13 +260,15 @@ def raster_georef(path, window=None):
         return src.crs, rasterio.windows.transform(Window(c, r, w, h), src.transform)
 
 
-def write_geotiff(path, data, crs, transform, descriptions=None, **creation_options):
+def write_geotiff(path, data, crs, transform, descriptions=None, tags=None, **creation_options):
     with atomic_output(path, ".tif") as tmp, warnings.catch_warnings():
         # An input without georeferencing gives an output without it (crs None, identity transform), as it should.
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(tmp, "w", driver="GTiff", height=data.shape[1], width=data.shape[2], count=data.shape[0],
                            dtype=data.dtype, crs=crs, transform=transform, **creation_options) as dst:
             dst.write(data)
+            if tags:
+                dst.update_tags(**tags)
             for band, text in enumerate(descriptions or (), start=1):
                 dst.set_band_description(band, text)
     return Path(path)
@@ -212,12 +299,13 @@ def write_float_geotiff(path, image, crs, transform, description=None):
     return write_geotiff(path, data, crs, transform, descriptions=descriptions, compress="deflate")
 
 
-def write_s2_geotiff(path, reflectance01, crs, transform):
-    """Write a (13,H,W) [0,1] image as a uint16 x10000 GeoTIFF (the SEN12MS-CR S2 encoding), atomically."""
+def write_s2_geotiff(path, reflectance01, crs, transform, descriptions=None):
+    """Write a (C,H,W) [0,1] image as a uint16 x10000 GeoTIFF (the SEN12MS-CR S2 encoding, no offset), atomically;
+    descriptions: one band name per band (bands.s2_bands of the product)."""
     data = denormalize_s2(reflectance01)
     if data.ndim != 3:
         raise ValueError(f"expected (C,H,W) reflectance, got shape {data.shape}")
-    return write_geotiff(path, data, crs, transform)
+    return write_geotiff(path, data, crs, transform, descriptions=descriptions)
 
 
 def data_root(root, flag="--input_data_folder"):

@@ -8,8 +8,9 @@ its atomic save, and the flags both scripts take (SHARED_FLAGS, add_shared_flag)
 
 A checkpoint is a dict written by train_CR_kaggle.py: "model" (state_dict), "model_name" and "model_config"
 (enough to rebuild the network with net_CR_CrossAttention.create_model), plus the training state (optimizer,
-scheduler, scaler, epoch, best_psnr, early_stop_counter, global_step, args). Imports the model, files.py (the
-atomic writer, DataError), clouds.py (the detectors' names) and torch; never the GeoTIFF layer (dataloader.py) nor
+scheduler, scaler, epoch, best_psnr, early_stop_counter, global_step, args) and "s2_product", the Sentinel-2 product
+it trained on (s2_product_of; L1C where absent). Imports the model, files.py (the atomic writer, DataError),
+bands.py (the products), clouds.py (the detectors' names) and torch; never the GeoTIFF layer (dataloader.py) nor
 the training script, so evaluation carries no DDP or VGG and loading a checkpoint no rasterio.
 """
 import contextlib
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import bands
 import clouds
 import net_CR_CrossAttention
 from files import DataError, atomic_output
@@ -49,6 +51,12 @@ SHARED_FLAGS = {
     "cloud_mask_dir": dict(default=None, help="read the cloud masks precomputed by `python dataloader.py masks` from "
                                               "this folder instead of running --cloud_detector on every sample"),
     "num_workers": dict(type=int, default=2, help="data loading worker processes"),
+    "s2_offset": dict(type=int, default=0,
+                      help="radiometric offset in DN of Sentinel-2 files whose metadata carries none: reflectance = "
+                           "(DN + offset) / 10000; -1000 for products of processing baseline 04.00 and later (sensed "
+                           "from 25 January 2022, and reprocessed older ones), 0 for SEN12MS-CR (2018). A file's own "
+                           "RADIO_ADD_OFFSET / BOA_ADD_OFFSET tag or GDAL band offset wins (docs/data.md, 'Your own "
+                           "scene')"),
 }
 _SHARED = object()  # add_shared_flag's default: SHARED_FLAGS' own
 
@@ -240,6 +248,23 @@ def model_config_of(ckpt):
     else:
         config.setdefault("sar_input", training_args.get("sar_input", "on"))
     return config
+
+
+def s2_product_of(ckpt):
+    """The Sentinel-2 product (bands.S2_PRODUCTS) a checkpoint was trained on: its "s2_product", else its training
+    args', else L1C (checkpoints written before the choice existed trained on SEN12MS-CR)."""
+    return ckpt.get("s2_product") or (ckpt.get("args") or {}).get("s2_product") or bands.DEFAULT_S2_PRODUCT
+
+
+def checkpoints_s2_product(ckpts, paths):
+    """The one product of one checkpoint or of an ensemble's; CheckpointError where members differ."""
+    ckpts = ckpts if isinstance(ckpts, list) else [ckpts]
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    products = [s2_product_of(c) for c in ckpts]
+    if len(set(products)) > 1:
+        named = ", ".join(f"{p} ({product})" for p, product in zip(paths, products))
+        raise CheckpointError(f"the ensemble's members were trained on different Sentinel-2 products: {named}")
+    return products[0]
 
 
 def build_model_from_checkpoint(ckpt, path="<checkpoint>"):

@@ -157,13 +157,15 @@ def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
         if args.save_geotiff or args.save_uncertainty or (args.save_confidence and confidence is not None):
             crs, transform = rasters.raster_georef(batch["cloudy_path"][i], batch["window"][i].tolist())
         if args.save_geotiff:
-            rasters.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform)
+            names = bands.s2_bands(bands.s2_product_of_count(prediction.shape[1]))
+            rasters.write_s2_geotiff(results / "geotiff" / f"{stem}.tif", prediction[i].cpu(), crs, transform,
+                                     descriptions=names)
         if args.save_confidence and confidence is not None:
             rasters.write_float_geotiff(results / "confidence" / f"{stem}.tif", confidence[i].cpu(), crs, transform,
                                            description="cloud confidence (0 clear .. 1 cloudy)")
         if args.save_uncertainty:  # setup_evaluation made sure the model predicts one
             rasters.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
-                                           description=inference.UNCERTAINTY_BAND_DESCRIPTIONS)
+                                           description=inference.uncertainty_band_descriptions(len(std[i])))
         if args.save_png:
             quicklooks.save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(),
                                       prediction[i].cpu(), target[i].cpu(),
@@ -227,6 +229,8 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         "device": str(run.device), "amp": runtime.amp_name(run.amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
         "sar_input": run.model.sar_input,
+        # The Sentinel-2 product scored: its bands are the metrics' bands (12 for L2A), its offset removed per file.
+        "s2_product": run.s2_product, "s2_bands": list(bands.s2_bands(run.s2_product)),
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
         "mean": scoring.summarise(per_image), "cloud_cover_bins": bins,
         "confidence": scoring.summarise_confidence(totals),
@@ -320,6 +324,25 @@ class Evaluation:
     ckpt: dict | list[dict]  # the checkpoint, or the ensemble's checkpoints
     loader: DataLoader
     leaks: scanning.LeakReport
+    s2_product: str = bands.DEFAULT_S2_PRODUCT  # the checkpoint's Sentinel-2 product (runtime.s2_product_of)
+
+
+def checkpoint_product(args, ckpts):
+    """The Sentinel-2 product the checkpoint(s) trained on (runtime.s2_product_of), checked against --cloud_detector
+    (s2cloudless takes L1C only)."""
+    product = runtime.checkpoints_s2_product(ckpts, args.checkpoint)
+    detector = getattr(args, "cloud_detector", "none")
+    try:
+        clouds.check_detector_product(detector, product)
+    except ValueError as e:
+        raise runtime.UsageError(f"--cloud_detector {detector} with a checkpoint trained on {product}: {e}") from None
+    return product
+
+
+def product_remedy(args, product):
+    """What to do with files of the other product than the checkpoint's (rasters.check_s2_bands' remedy)."""
+    return (f"{' '.join(map(str, args.checkpoint))} trained on Sentinel-2 {product}; give it {product} files, or "
+            "use a checkpoint trained with --s2_product {other}")
 
 
 def setup_evaluation(args: argparse.Namespace) -> Evaluation:
@@ -333,21 +356,30 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
         ("geotiff", args.save_geotiff), ("png", args.save_png), ("confidence", args.save_confidence),
         ("uncertainty", args.save_uncertainty)) if wanted]
 
+    loaded = {}
+
+    def load():
+        loaded["model"], loaded["ckpt"] = runtime.load_models(args.checkpoint, device)
+        loaded["product"] = checkpoint_product(args, loaded["ckpt"])
+        return loaded["model"], loaded["ckpt"]
+
     def read_rows():
         rows = datalist.select_split(datalist.read_data_list(args.data_list_filepath), args.split,
                                        source=str(args.data_list_filepath))
+        product = loaded.get("product", bands.DEFAULT_S2_PRODUCT)  # an unreadable checkpoint is reported by load
         rasters.check_listed_files(rows, args.input_data_folder,
-                                      f"the {args.split} split of {args.data_list_filepath}")
+                                      f"the {args.split} split of {args.data_list_filepath}", s2_product=product,
+                                      remedy=product_remedy(args, product))
         return rows
 
-    _, rows, (model, ckpt) = runtime.check_together(
-        lambda: [ensure_writable_dir(folder, "--results_dir") for folder in folders], read_rows,
-        lambda: runtime.load_models(args.checkpoint, device))
+    _, (model, ckpt), rows = runtime.check_together(
+        lambda: [ensure_writable_dir(folder, "--results_dir") for folder in folders], load, read_rows)
     check_uncertainty_wanted(args, model)
     dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
                                           load_size=args.load_size, augment=False,
                                           cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold,
-                                          cloud_mask_dir=args.cloud_mask_dir)
+                                          cloud_mask_dir=args.cloud_mask_dir, s2_product=loaded["product"],
+                                          s2_offset=args.s2_offset)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     leaks = scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder)
@@ -358,7 +390,7 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     return Evaluation(results=results, made=made, device=device, amp_dtype=amp_dtype, model=model, ckpt=ckpt,
-                      loader=loader, leaks=leaks)
+                      loader=loader, leaks=leaks, s2_product=loaded["product"])
 
 
 def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, totals: scoring.Totals) -> list[dict]:
@@ -475,16 +507,25 @@ def predict(args):
     check_predict_output(args)
     device, amp_dtype = resolve_device_and_amp(args)
 
-    def check_scene():
-        with rasters.open_raster(args.cloudy) as cloudy_src, rasters.open_raster(args.sar) as sar_src:
-            inference.check_scene_pair(cloudy_src, sar_src)
+    loaded = {}
 
-    _, (model, ckpt) = runtime.check_together(check_scene, lambda: runtime.load_models(args.checkpoint, device))
+    def load():
+        loaded["model"], loaded["ckpt"] = runtime.load_models(args.checkpoint, device)
+        loaded["product"] = runtime.checkpoints_s2_product(loaded["ckpt"], args.checkpoint)
+        return loaded["model"], loaded["ckpt"]
+
+    def check_scene():
+        product = loaded.get("product", bands.DEFAULT_S2_PRODUCT)  # an unreadable checkpoint is reported by load
+        with rasters.open_raster(args.cloudy) as cloudy_src, rasters.open_raster(args.sar) as sar_src:
+            inference.check_scene_pair(cloudy_src, sar_src, product, product_remedy(args, product))
+
+    (model, ckpt), _ = runtime.check_together(load, check_scene)
     check_uncertainty_wanted(args, model)
     uncertainty = uncertainty_output_path(args.out) if args.save_uncertainty else None
     t0 = time.perf_counter()
     out = inference.predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
-                        batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype, uncertainty_path=uncertainty)
+                                  batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype,
+                                  uncertainty_path=uncertainty, s2_product=loaded["product"], s2_offset=args.s2_offset)
     what = describe_checkpoints(args.checkpoint, ckpt)
     print(f"wrote {out}{f' and {uncertainty}' if uncertainty else ''} ({time.perf_counter() - t0:.1f} s; "
           f"{what['model_name']} from {' '.join(map(str, args.checkpoint))}, tile {args.tile}, overlap "
@@ -511,6 +552,7 @@ def build_parser():
     runtime.add_shared_flag(p, "device")
     runtime.add_shared_flag(p, "amp", note="here the autocast of inference")
     p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
+    runtime.add_shared_flag(p, "s2_offset", note="the Sentinel-2 product itself comes from the checkpoint")
     g = p.add_argument_group("evaluation on a data list")
     runtime.add_shared_flag(g, "data_list_filepath")
     runtime.add_shared_flag(g, "input_data_folder")
@@ -536,7 +578,8 @@ def build_parser():
     runtime.add_shared_flag(g, "cloud_mask_dir")
     runtime.add_shared_flag(g, "num_workers")
     g.add_argument("--save_geotiff", action="store_true",
-                   help="write each prediction as a 13-band uint16 x10000 GeoTIFF with the input crop's CRS and "
+                   help="write each prediction as a uint16 x10000 GeoTIFF of the checkpoint's Sentinel-2 product's "
+                        "bands (13 for L1C, 12 for L2A, named in the band descriptions) with the input crop's CRS and "
                         "transform (results_dir/geotiff/NAME.tif)")
     g.add_argument("--save_confidence", action="store_true",
                    help="write the model's confidence map (0 clear .. 1 cloudy) as a float32 GeoTIFF with the crop's "
@@ -550,15 +593,18 @@ def build_parser():
                         "images only, so the results folder stays small on a large test split (e.g. Kaggle's 20 GB "
                         "output); every image is still scored (None: all)")
     p.add_argument("--save_uncertainty", action="store_true",
-                   help="write the predicted standard deviation of each of the 13 bands (reflectance, 0-1 scale) as a "
+                   help="write the predicted standard deviation of each band (reflectance, 0-1 scale) as a "
                         "float32 GeoTIFF with the prediction's CRS and transform: results_dir/uncertainty/NAME.tif, "
                         "or with --predict OUT_uncertainty.tif beside --out. Needs a model with the uncertainty head "
                         "or several checkpoints")
     g = p.add_argument_group("whole-scene prediction")
     g.add_argument("--predict", action="store_true", help="predict one whole scene instead of evaluating a list")
-    g.add_argument("--cloudy", default=None, help="--predict: cloudy Sentinel-2 GeoTIFF (13 bands, reflectance x10000)")
+    g.add_argument("--cloudy", default=None,
+                   help="--predict: cloudy Sentinel-2 GeoTIFF of the checkpoint's product (L1C: 13 bands, L2A: 12 "
+                        "without B10), reflectance x10000, its offset in its metadata or --s2_offset")
     g.add_argument("--sar", default=None, help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid")
-    g.add_argument("--out", default=None, help="--predict: output GeoTIFF (13 bands, uint16 x10000); never an input")
+    g.add_argument("--out", default=None, help="--predict: output GeoTIFF (the checkpoint's product's bands, named in "
+                                               "the band descriptions, uint16 x10000, no offset); never an input")
     g.add_argument("--overwrite", action="store_true", help="--predict: replace --out if it exists")
     g.add_argument("--tile", type=int, default=256, help="--predict: tile side in pixels")
     g.add_argument("--overlap", type=int, default=32, help="--predict: overlap of neighbouring tiles in pixels")

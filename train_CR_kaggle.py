@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+import bands
 import dataloader
 import losses
 import net_CR_CrossAttention
@@ -108,10 +109,12 @@ def batch_size_arg(text):
 
 def prepare_demo(args):
     """Point the run at the cached synthetic dataset (built on first use) and shrink it to a few minutes."""
-    csv_path = DEMO_DIR / f"n{DEMO_SAMPLES}_s{DEMO_SIZE}_seed{DEMO_SEED}" / "data.csv"
+    product = "" if args.s2_product == bands.DEFAULT_S2_PRODUCT else f"_{args.s2_product}"  # L1C: the folder it had
+    csv_path = DEMO_DIR / f"n{DEMO_SAMPLES}_s{DEMO_SIZE}_seed{DEMO_SEED}{product}" / "data.csv"
     if not csv_path.is_file():
         print(f"[demo] building the synthetic SEN12MS-CR dataset once in {csv_path.parent} ...")
-        dataloader.make_synthetic_dataset(csv_path.parent, n=DEMO_SAMPLES, size=DEMO_SIZE, seed=DEMO_SEED)
+        dataloader.make_synthetic_dataset(csv_path.parent, n=DEMO_SAMPLES, size=DEMO_SIZE, seed=DEMO_SEED,
+                                          s2_product=args.s2_product)
     args.data_list_filepath, args.input_data_folder = str(csv_path), str(csv_path.parent)
     args.load_size, args.crop_size, args.val_crop_size = DEMO_SIZE, DEMO_CROP, DEMO_SIZE
     args.max_epochs, args.batch_sz, args.warmup_epochs = min(args.max_epochs, DEMO_EPOCHS), 4, 1
@@ -371,6 +374,11 @@ def _data_flags(p):
     g = p.add_argument_group("data")
     for name in ("data_list_filepath", "input_data_folder", "load_size"):
         runtime.add_shared_flag(g, name)
+    g.add_argument("--s2_product", default=bands.DEFAULT_S2_PRODUCT, choices=list(bands.S2_PRODUCTS),
+                   help="Sentinel-2 product of the data: L1C (top-of-atmosphere, 13 bands, SEN12MS-CR) or L2A "
+                        "(surface reflectance, 12 bands without B10); sets the network's input and output bands and "
+                        "is stored in the checkpoint, so test_CR.py refuses the other product")
+    runtime.add_shared_flag(g, "s2_offset")
     g.add_argument("--crop_size", type=int, default=128, help="training crop size (random crop + flips)")
     g.add_argument("--val_crop_size", type=int, default=None,
                    help="validation centre-crop size (None: --load_size, the whole patch)")

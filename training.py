@@ -534,7 +534,8 @@ def checkpoint_state(run):
             "epoch": run.epochs_done, "best_psnr": run.best_psnr, "early_stop_counter": run.early_stop_counter,
             "global_step": run.global_step, "args": vars(run.args),
             "loss_config": asdict(run.criterion.config),  # a resumed run keeps its losses
-            "channels_last": run.channels_last}  # the layout trained in, which --channels_last auto chose
+            "channels_last": run.channels_last,  # the layout trained in, which --channels_last auto chose
+            "s2_product": run.args.s2_product}  # test_CR.py refuses the other product's files
 
 
 def update_schedule(run, val):

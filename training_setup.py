@@ -16,6 +16,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from torch.utils.data.distributed import DistributedSampler
 
+import bands
+import clouds
 import datalist
 import dataloader
 import files
@@ -101,7 +103,7 @@ def step_seconds(model, ctx, size, channels_last, repeats=2):
     one untimed pass, which builds oneDNN's kernels)."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)
-    cloudy, sar = (torch.rand(1, c, size, size).contiguous(memory_format=layout) for c in (13, 2))
+    cloudy, sar = (torch.rand(1, c, size, size).contiguous(memory_format=layout) for c in (model.in_optical, 2))
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
@@ -162,6 +164,15 @@ def resolve_losses(args, model, ckpt=None, is_main=True):
     return config
 
 
+def check_product_flags(args):
+    """--cloud_detector must run on --s2_product's bands (s2cloudless takes L1C only)."""
+    try:
+        clouds.check_detector_product(args.cloud_detector, args.s2_product)
+    except ValueError as e:
+        raise runtime.UsageError(f"--cloud_detector {args.cloud_detector} with --s2_product {args.s2_product}: "
+                                 f"{e}") from None
+
+
 def check_inputs(args):
     """Fail before the first step, with the file named, on anything that would fail later."""
     if not args.data_list_filepath or not args.input_data_folder:
@@ -171,13 +182,15 @@ def check_inputs(args):
             raise runtime.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
     if args.time_limit is not None and args.time_limit <= 0:
         raise runtime.UsageError(f"--time_limit is in hours and must be positive, got {args.time_limit}")
+    check_product_flags(args)
     rows = datalist.read_data_list(args.data_list_filepath)
     train_rows = datalist.select_split(rows, "train", source=args.data_list_filepath)
     val_rows = datalist.select_split(rows, "val", source=args.data_list_filepath)
     root = rasters.data_root(args.input_data_folder)
     if len(train_rows) + len(val_rows) <= scanning.AUTO_FOOTPRINT_LIMIT:  # headers: about 1 ms a file
         rasters.check_listed_files(train_rows + val_rows, root, f"the train and val splits of "
-                                                                   f"{args.data_list_filepath}")
+                                                                   f"{args.data_list_filepath}",
+                                   s2_product=args.s2_product)
         return train_rows, val_rows
     for rows in (train_rows, val_rows):
         for t in rows:
@@ -234,6 +247,11 @@ def discard_run_dir(run):
 def build_model(args, ckpt, resume_path, is_main):
     """The network to train: rebuilt from the checkpoint when resuming, else from the model flags."""
     if ckpt is not None:
+        trained_on = runtime.s2_product_of(ckpt)
+        if trained_on != args.s2_product:
+            raise runtime.UsageError(f"{resume_path} trained on Sentinel-2 {trained_on}, this run is --s2_product "
+                                     f"{args.s2_product}: resume with --s2_product {trained_on}, or start a new "
+                                     f"experiment (--experiment_name) for {args.s2_product}")
         model = runtime.build_model_from_checkpoint(ckpt, resume_path)
         if is_main:
             print(f"resuming from {resume_path} (epoch {ckpt['epoch']} done, best PSNR {ckpt['best_psnr']:.3f})")
@@ -241,6 +259,7 @@ def build_model(args, ckpt, resume_path, is_main):
         names = [f.name for f in net_CR_CrossAttention.flag_fields()] if args.model_name == "CrossAttention" else [
             "sar_input"]  # DSen2-CR has one switch of its own
         config = {name: getattr(args, name) for name in names}
+        config["in_optical"] = len(bands.s2_bands(args.s2_product))  # the product's bands in, the same out
         model = net_CR_CrossAttention.create_model(args.model_name, **config)
     return model
 
@@ -252,11 +271,13 @@ def build_loaders(args, train_rows, val_rows, device, rank, world_size):
     train_set = dataloader.SEN12MSCRDataset(train_rows, args.input_data_folder, crop_size=args.crop_size,
                                             load_size=args.load_size, augment=args.augment,
                                             cloud_detector=args.cloud_detector, cloud_mask_dir=args.cloud_mask_dir,
-                                            s2_encoding="uint16")
+                                            s2_encoding="uint16", s2_product=args.s2_product,
+                                            s2_offset=args.s2_offset)
     val_set = dataloader.SEN12MSCRDataset(val_rows, args.input_data_folder,
                                           crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
                                           augment=False, cloud_detector="none", s2_encoding="uint16",
-                                          crop_flag="--val_crop_size" if args.val_crop_size else "--load_size")
+                                          crop_flag="--val_crop_size" if args.val_crop_size else "--load_size",
+                                          s2_product=args.s2_product, s2_offset=args.s2_offset)
     val_share = Subset(val_set, list(range(rank, len(val_set), world_size)))
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True) if world_size > 1 else None
     loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",
