@@ -81,7 +81,8 @@ def check_s2_bands(src, product=DEFAULT_S2_PRODUCT, remedy=None):
         return
     other = s2_product_of_count(src.count)
     if other is None:
-        raise DataError(f"{src.name}: expected {expected} Sentinel-2 bands ({product}), found {src.count}")
+        raise DataError(f"{src.name}: expected {expected} bands, found {src.count} (Sentinel-2 {product}: "
+                        f"{S2_PRODUCT_TEXT[product]})")
     remedy = (remedy or "pass --s2_product {other}").format(other=other)
     raise DataError(f"{src.name}: {src.count} bands, i.e. Sentinel-2 {other} ({S2_PRODUCT_TEXT[other]}), but this "
                     f"run is {product} ({S2_PRODUCT_TEXT[product]}): {remedy}")
@@ -212,26 +213,40 @@ def check_listed_files(triplets, root, source="data list", cloudy_only=False, pr
     """Before any work: open the header of every listed file (no pixels) and check each triplet (check_triplet; the
     cloudy image's band count alone with cloudy_only). One DataError naming the first problem and how many triplets
     of `source` have one, so a run never stops on a bad file after hours. s2_product: the Sentinel-2 product the run
-    reads (bands.S2_PRODUCTS); remedy: what to change where a file is the other product."""
+    reads (bands.S2_PRODUCTS), or None for either (each triplet's own, from its cloudy image's band count: an
+    evaluation learns its product from the checkpoint, read after the files; check_products then); remedy: what to
+    change where a file is the other product. Returns {product: the first cloudy image of that product}."""
     from tqdm.auto import tqdm
 
     root = data_root(root)
-    problems = []
+    problems, seen = [], {}
     with rasterio.Env(**GDAL_READ_OPTIONS):
         for t in tqdm(triplets, desc="checking files", disable=not progress, dynamic_ncols=True):
             try:
                 with contextlib.ExitStack() as stack:
                     paths = (t.s2_cloudy,) if cloudy_only else (t.s1, t.s2_cloudfree, t.s2_cloudy)
                     srcs = [stack.enter_context(open_raster(root / rel)) for rel in paths]
+                    product = s2_product or s2_product_of_count(srcs[-1].count) or DEFAULT_S2_PRODUCT
                     if cloudy_only:
-                        check_s2_bands(srcs[0], s2_product, remedy)
+                        check_s2_bands(srcs[0], product, remedy)
                     else:
-                        check_triplet(*srcs, s2_product=s2_product, remedy=remedy)
+                        check_triplet(*srcs, s2_product=product, remedy=remedy)
+                    seen.setdefault(product, root / t.s2_cloudy)
             except DataError as e:
                 problems.append(str(e))
     if problems:
         raise DataError(problems[0] + (f" ({len(problems)} of the {len(triplets)} triplets of {source} have a "
                                        f"problem; this is the first)" if len(problems) > 1 else ""))
+    return seen
+
+
+def check_products(seen, s2_product, remedy=None):
+    """After check_listed_files(..., s2_product=None): every file must be s2_product; the first of another product is
+    refused as check_s2_bands refuses it."""
+    for product, path in seen.items():
+        if product != s2_product:
+            with open_raster(path) as src:
+                check_s2_bands(src, s2_product, remedy)
 
 
 # Sentinel-2 reflectance already divided by 10000 peaks near 1 (bright clouds ~1.5); x10000 data peaks in the

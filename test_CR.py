@@ -356,29 +356,24 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
         ("geotiff", args.save_geotiff), ("png", args.save_png), ("confidence", args.save_confidence),
         ("uncertainty", args.save_uncertainty)) if wanted]
 
-    loaded = {}
-
-    def load():
-        loaded["model"], loaded["ckpt"] = runtime.load_models(args.checkpoint, device)
-        loaded["product"] = checkpoint_product(args, loaded["ckpt"])
-        return loaded["model"], loaded["ckpt"]
-
     def read_rows():
         rows = datalist.select_split(datalist.read_data_list(args.data_list_filepath), args.split,
                                        source=str(args.data_list_filepath))
-        product = loaded.get("product", bands.DEFAULT_S2_PRODUCT)  # an unreadable checkpoint is reported by load
-        rasters.check_listed_files(rows, args.input_data_folder,
-                                      f"the {args.split} split of {args.data_list_filepath}", s2_product=product,
-                                      remedy=product_remedy(args, product))
-        return rows
+        # either product here; the checkpoint's is checked once it is loaded (check_products)
+        seen = rasters.check_listed_files(rows, args.input_data_folder,
+                                             f"the {args.split} split of {args.data_list_filepath}", s2_product=None)
+        return rows, seen
 
-    _, (model, ckpt), rows = runtime.check_together(
-        lambda: [ensure_writable_dir(folder, "--results_dir") for folder in folders], load, read_rows)
+    _, (rows, seen), (model, ckpt) = runtime.check_together(
+        lambda: [ensure_writable_dir(folder, "--results_dir") for folder in folders], read_rows,
+        lambda: runtime.load_models(args.checkpoint, device))
+    product = checkpoint_product(args, ckpt)
+    rasters.check_products(seen, product, product_remedy(args, product))
     check_uncertainty_wanted(args, model)
     dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
                                           load_size=args.load_size, augment=False,
                                           cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold,
-                                          cloud_mask_dir=args.cloud_mask_dir, s2_product=loaded["product"],
+                                          cloud_mask_dir=args.cloud_mask_dir, s2_product=product,
                                           s2_offset=args.s2_offset)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
@@ -390,7 +385,7 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     return Evaluation(results=results, made=made, device=device, amp_dtype=amp_dtype, model=model, ckpt=ckpt,
-                      loader=loader, leaks=leaks, s2_product=loaded["product"])
+                      loader=loader, leaks=leaks, s2_product=product)
 
 
 def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, totals: scoring.Totals) -> list[dict]:
@@ -507,25 +502,22 @@ def predict(args):
     check_predict_output(args)
     device, amp_dtype = resolve_device_and_amp(args)
 
-    loaded = {}
-
-    def load():
-        loaded["model"], loaded["ckpt"] = runtime.load_models(args.checkpoint, device)
-        loaded["product"] = runtime.checkpoints_s2_product(loaded["ckpt"], args.checkpoint)
-        return loaded["model"], loaded["ckpt"]
-
-    def check_scene():
-        product = loaded.get("product", bands.DEFAULT_S2_PRODUCT)  # an unreadable checkpoint is reported by load
+    def check_scene():  # either product here; the checkpoint's is checked once it is loaded
         with rasters.open_raster(args.cloudy) as cloudy_src, rasters.open_raster(args.sar) as sar_src:
-            inference.check_scene_pair(cloudy_src, sar_src, product, product_remedy(args, product))
+            scene_product = bands.s2_product_of_count(cloudy_src.count) or bands.DEFAULT_S2_PRODUCT
+            inference.check_scene_pair(cloudy_src, sar_src, scene_product)
+            return scene_product
 
-    (model, ckpt), _ = runtime.check_together(load, check_scene)
+    scene_product, (model, ckpt) = runtime.check_together(check_scene,
+                                                          lambda: runtime.load_models(args.checkpoint, device))
+    product = runtime.checkpoints_s2_product(ckpt, args.checkpoint)
+    rasters.check_products({scene_product: args.cloudy}, product, product_remedy(args, product))
     check_uncertainty_wanted(args, model)
     uncertainty = uncertainty_output_path(args.out) if args.save_uncertainty else None
     t0 = time.perf_counter()
     out = inference.predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
                                   batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype,
-                                  uncertainty_path=uncertainty, s2_product=loaded["product"], s2_offset=args.s2_offset)
+                                  uncertainty_path=uncertainty, s2_product=product, s2_offset=args.s2_offset)
     what = describe_checkpoints(args.checkpoint, ckpt)
     print(f"wrote {out}{f' and {uncertainty}' if uncertainty else ''} ({time.perf_counter() - t0:.1f} s; "
           f"{what['model_name']} from {' '.join(map(str, args.checkpoint))}, tile {args.tile}, overlap "

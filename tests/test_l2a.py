@@ -122,7 +122,7 @@ def test_synthetic_l2a_is_l1c_without_b10_with_the_offset_recorded(both_products
 
 
 def test_the_dataset_removes_the_offset_and_reads_the_product_s_bands(both_products):
-    (l1c_root, l1c_csv), (l2a_root, l2a_csv) = both_products["L1C"], both_products["L2A"]
+    (l1c_root, l1c_csv), (l2a_root, _) = both_products["L1C"], both_products["L2A"]
     rows = datalist.read_data_list(l1c_csv)
     l1c = dataloader.SEN12MSCRDataset(rows, l1c_root, cloud_detector="none")[0]
     l2a = dataloader.SEN12MSCRDataset(rows, l2a_root, cloud_detector="rule", s2_product="L2A")[0]
@@ -183,7 +183,6 @@ def _error_line(done):
 
 @pytest.mark.slow
 def test_an_l1c_checkpoint_refuses_l2a_data_and_the_reverse(both_products, tmp_path):
-    (l2a_root, l2a_csv), (l1c_root, l1c_csv) = both_products["L2A"], both_products["L1C"]
     for ckpt_product, (root, csv_path), data_product in (("L1C", both_products["L2A"], "L2A"),
                                                           ("L2A", both_products["L1C"], "L1C")):
         ckpt = untrained_checkpoint(tmp_path / f"{ckpt_product}.pth", ckpt_product)
