@@ -1,6 +1,7 @@
 """SEN12MS-CR data: list files, windowed GeoTIFF reading and writing, the Dataset, scanning a download.
 
     python dataloader.py synth OUT --n 48 --size 128 --seed 0     # demo data in the official layout
+    python dataloader.py synth OUT --s2_product L2A                # the same as Level-2A files (12 bands, offset)
     python dataloader.py scan ROOT --out data.csv                  # list a downloaded copy, split by scene
     python dataloader.py scan ROOT --out data.csv --split official # the published SEN12MS-CR scene split
     python dataloader.py scan ROOT --out data.csv --split official-substring  # the published loaders' rule
