@@ -231,6 +231,7 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         "sar_input": run.model.sar_input,
         # The Sentinel-2 product scored: its bands are the metrics' bands (12 for L2A), its offset removed per file.
         "s2_product": run.s2_product, "s2_bands": list(bands.s2_bands(run.s2_product)),
+        "s2_offset": args.s2_offset,  # the offset of files whose metadata carries none (rasters.s2_offset)
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
         "mean": scoring.summarise(per_image), "cloud_cover_bins": bins,
         "confidence": scoring.summarise_confidence(totals),

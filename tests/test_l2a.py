@@ -221,7 +221,7 @@ def test_l2a_trains_evaluates_and_predicts(both_products, tmp_path):
         "--checkpoint", str(ckpt_path), "--data_list_filepath", str(csv_path), "--input_data_folder", str(root),
         "--split", "train", "--results_dir", str(tmp_path / "results"), "--save_geotiff", "--num_workers", "0",
         "--device", "cpu", "--amp", "off"]))
-    assert summary["s2_product"] == "L2A" and summary["s2_bands"] == list(L2A)
+    assert summary["s2_product"] == "L2A" and summary["s2_bands"] == list(L2A) and summary["s2_offset"] == 0
     saved = sorted((tmp_path / "results" / "geotiff").glob("*.tif"))
     with rasterio.open(saved[0]) as src:
         assert src.count == 12 and src.descriptions == L2A
