@@ -1,5 +1,6 @@
 """Cloud mask folders: detector masks computed once (`python dataloader.py masks`), their masks.json, and reading
 them back; the per-date cloud coverage of time series, computed once into a cache (`python dataloader.py coverage`)."""
+import contextlib
 import json
 import os
 import shutil
@@ -247,19 +248,19 @@ def make_coverage_cache(series, root, cache_path, detector=COVERAGE_DETECTOR, th
     def save():
         write_text_atomic(cache_path, json.dumps({**meta, "coverage": dict(sorted(coverage.items()))}, indent=1))
 
-    failed = []
-    if jobs:
-        workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-        with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_mask_worker) as pool:
-            done = pool.imap_unordered(_coverage_worker, jobs, chunksize=4)
-            for n, (rel, value, problem) in enumerate(tqdm(done, total=len(jobs), desc=f"{detector} coverage",
-                                                           disable=not progress, dynamic_ncols=True), start=1):
-                if problem:
-                    failed.append(problem)
-                else:
-                    coverage[rel] = value
-                if n % COVERAGE_SAVE_EVERY == 0:
-                    save()
+    failed, workers = [], max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    with contextlib.ExitStack() as stack:  # one worker: in this process (no pool to start)
+        pool = None if workers == 1 else stack.enter_context(
+            multiprocessing.get_context("spawn").Pool(workers, initializer=_init_mask_worker))
+        done = map(_coverage_worker, jobs) if pool is None else pool.imap_unordered(_coverage_worker, jobs, 4)
+        for n, (rel, value, problem) in enumerate(tqdm(done, total=len(jobs), desc=f"{detector} coverage",
+                                                       disable=not progress or not jobs, dynamic_ncols=True), 1):
+            if problem:
+                failed.append(problem)
+            else:
+                coverage[rel] = value
+            if n % COVERAGE_SAVE_EVERY == 0:
+                save()
     save()
     if failed:
         raise DataError(f"{failed[0]} ({len(failed)} of {len(jobs)} dates not done; the others are kept in "
