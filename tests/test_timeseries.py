@@ -366,3 +366,12 @@ def test_synth_command_writes_time_series(tmp_path):
     series = read_ts_list(tmp_path / "data.csv")
     assert len(series) == 3 and all(len(s.s2) == 3 for s in series)
     assert "wrote 3 synthetic time series of 3 dates" in run.stdout
+
+
+def test_leak_probability_of_the_published_sampler():
+    """One clear date of 30 placed at random: the first three dates hold it 3 times in 30; more clear dates, more
+    often (the earliest of them is the target)."""
+    assert date_sampling.leak_probability(30, 1, 3) == pytest.approx(0.1)
+    assert date_sampling.leak_probability(30, 3, 3) == pytest.approx(1 - (27 * 26 * 25) / (30 * 29 * 28))
+    assert date_sampling.simulated_leak_rate(30, 1, 3, trials=4000) == pytest.approx(0.1, abs=0.015)
+    assert date_sampling.simulated_leak_rate(30, 10, 3, trials=1000) > 0.5  # ten clear dates: most series leak
