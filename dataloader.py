@@ -292,7 +292,7 @@ class SEN12MSCRTSDataset(SEN12MSCRDataset):
     def __init__(self, series, root, input_t=3, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
                  cloud_threshold=CLOUD_THRESHOLD, random_crop=None, sampler=DEFAULT_SAMPLER, min_cov=MIN_COVERAGE,
                  max_cov=MAX_COVERAGE, coverage_cache=None, coverage_detector=COVERAGE_DETECTOR,
-                 crop_flag="--crop_size", s2_encoding="float"):
+                 crop_flag="--crop_size", s2_encoding="float", s2_product=DEFAULT_S2_PRODUCT, s2_offset=0):
         self.series = list(series)
         if not self.series:
             raise DataError(f"no samples: the list of time series for data root {root} is empty")
@@ -308,7 +308,7 @@ class SEN12MSCRTSDataset(SEN12MSCRDataset):
         super().__init__([Triplet(s.split, s.s1[0], s.s2[0], s.s2[0]) for s in self.series], root,
                          crop_size=crop_size, load_size=load_size, augment=augment, cloud_detector=cloud_detector,
                          cloud_threshold=cloud_threshold, random_crop=random_crop, crop_flag=crop_flag,
-                         s2_encoding=s2_encoding)
+                         s2_encoding=s2_encoding, s2_product=s2_product, s2_offset=s2_offset)
         self.coverage_detector, self.coverage = coverage_detector, {}
         if coverage_cache is not None:
             self.coverage, self.coverage_detector = coverage_for(self.series, coverage_cache)
@@ -349,24 +349,25 @@ class SEN12MSCRTSDataset(SEN12MSCRDataset):
             s1s = [stack.enter_context(open_raster(p)) for p in s1_paths]
             s2s = [stack.enter_context(open_raster(p)) for p in s2_paths]
             for s1, s2 in zip(s1s, s2s):  # each date's S1 and the target on that date's grid: one grid for all
-                check_triplet(s1, target, s2)
+                check_triplet(s1, target, s2, s2_product=self.s2_product)
             window = self._window(s2s[0].height, s2s[0].width, s2s[0].name)
             sar = [read_window(src, window) for src in s1s]
             cloudy = [read_window(src, window) for src in s2s]
             cloudfree = read_window(target, window)
             grown = [self._grown_crop(src, window) for src in s2s]
-        return sar, cloudy, cloudfree, grown, window, s2_paths, target_path
+            offsets = [s2_offset(src, self.s2_offset) for src in (*s2s, target)]
+        return sar, cloudy, cloudfree, grown, window, s2_paths, target_path, offsets
 
     def __getitem__(self, index):
         s = self.series[index]
         choice, coverage = self.date_choice(index)
-        sar, cloudy, cloudfree, grown, window, s2_paths, target_path = self._read_dates(s, choice)
+        sar, cloudy, cloudfree, grown, window, s2_paths, target_path, offsets = self._read_dates(s, choice)
         for data, path in (*zip(cloudy, s2_paths), (cloudfree, target_path)):
             check_s2_encoding(data, path)
         sar = np.stack([normalize_s1(a) for a in sar])
-        cloudy = np.stack([normalize_s2(a) for a in cloudy])
-        cloudfree = normalize_s2(cloudfree)
-        score = np.stack([self._cloud_score(None, window, c, g) for c, g in zip(cloudy, grown)])
+        cloudy = np.stack([normalize_s2(a, o) for a, o in zip(cloudy, offsets)])
+        cloudfree = normalize_s2(cloudfree, offsets[-1])
+        score = np.stack([self._cloud_score(None, window, c, g, o) for c, g, o in zip(cloudy, grown, offsets)])
         if self.s2_encoding == "uint16":
             cloudy, cloudfree = denormalize_s2(cloudy), denormalize_s2(cloudfree)
         arrays = [cloudy, cloudfree, sar, score]
