@@ -95,15 +95,16 @@ class SEN12MSCRDataset(Dataset):
     encoding from its pixels (check_s2_encoding); errors name the files.
     s2_encoding: "float" (default) returns S2 as float32 in [0, 1]; "uint16" returns it as the files' clipped
     uint16 x10000 (half the bytes to copy to a GPU; divide by S2_SCALE there). The cloud mask is the same either way.
+    read_sar=False: no S1 file is opened and samples hold no SAR_data (evaluation without radar).
     Random choices use torch's generator, which a DataLoader seeds differently in every worker.
     """
 
     def __init__(self, triplets, root, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
                  cloud_threshold=CLOUD_THRESHOLD, random_crop=None, cloud_mask_dir=None, crop_flag="--crop_size",
-                 s2_encoding="float"):
+                 s2_encoding="float", read_sar=True):
         if s2_encoding not in ("float", "uint16"):
             raise ValueError(f"s2_encoding must be 'float' or 'uint16', got {s2_encoding!r}")
-        self.s2_encoding = s2_encoding
+        self.s2_encoding, self.read_sar = s2_encoding, read_sar
         self.triplets = list(triplets)
         if not self.triplets:
             raise DataError(f"no samples: the list of triplets for data root {root} is empty")
@@ -189,18 +190,19 @@ class SEN12MSCRDataset(Dataset):
 
     def __getitem__(self, index):
         t = self.triplets[index]
-        paths = [self.root / p for p in (t.s1, t.s2_cloudfree, t.s2_cloudy)]
+        paths = [self.root / p if p else None for p in (t.s1 if self.read_sar else None, t.s2_cloudfree, t.s2_cloudy)]
         with contextlib.ExitStack() as stack:
             stack.enter_context(rasterio.Env(**GDAL_READ_OPTIONS))
-            srcs = [stack.enter_context(open_raster(p)) for p in paths]
+            srcs = [None if p is None else stack.enter_context(open_raster(p)) for p in paths]
             check_triplet(*srcs)
             ref = srcs[2]
             window = self._window(ref.height, ref.width, ref.name)
-            sar, cloudfree, cloudy = (read_window(s, window) for s in srcs)
+            sar, cloudfree, cloudy = (None if s is None else read_window(s, window) for s in srcs)
             grown = self._grown_crop(ref, window)
         check_s2_encoding(cloudfree, paths[1])
         check_s2_encoding(cloudy, paths[2])
-        sar, cloudfree, cloudy = normalize_s1(sar), normalize_s2(cloudfree), normalize_s2(cloudy)
+        cloudfree, cloudy = normalize_s2(cloudfree), normalize_s2(cloudy)
+        sar = np.zeros((0, *cloudy.shape[1:]), np.float32) if sar is None else normalize_s1(sar)
         score = self._cloud_score(t, window, cloudy, grown)
         if self.s2_encoding == "uint16":
             cloudy, cloudfree = denormalize_s2(cloudy), denormalize_s2(cloudfree)
@@ -218,7 +220,7 @@ class SEN12MSCRDataset(Dataset):
             **({"cloud_truth": truth[0]} if truth else {}),
             "cloudy_data": cloudy,
             "cloudfree_data": cloudfree,
-            "SAR_data": sar,
+            **({"SAR_data": sar} if self.read_sar else {}),
             "cloud_mask": score,
             "cloud_binary": (score >= self.cloud_threshold).float(),
             "file_name": os.path.basename(t.s2_cloudy),

@@ -113,10 +113,12 @@ def grid_problems(a, b):
 
 def check_triplet(s1, s2_cloudfree, s2_cloudy):
     """Header checks of one triplet's open rasters (cheap, no pixels read): band counts, and S1 and cloud-free S2
-    on the cloudy S2's grid (size, CRS, transform). Errors name both files of a mismatched pair."""
+    on the cloudy S2's grid (size, CRS, transform). Errors name both files of a mismatched pair. s1=None: no radar
+    (evaluation with --no_sar), not checked."""
     for src, bands in ((s1, len(S1_BANDS)), (s2_cloudfree, len(S2_BANDS)), (s2_cloudy, len(S2_BANDS))):
-        check_bands(src, bands)
-    for src in (s1, s2_cloudfree):
+        if src is not None:
+            check_bands(src, bands)
+    for src in (s for s in (s1, s2_cloudfree) if s is not None):
         problems = grid_problems(src, s2_cloudy)
         if problems:
             raise DataError(f"{src.name} and {s2_cloudy.name} are not on the same grid: {'; '.join(problems)} "
@@ -124,10 +126,10 @@ def check_triplet(s1, s2_cloudfree, s2_cloudy):
                             f"data list, or resample the file onto the cloudy Sentinel-2 grid)")
 
 
-def check_listed_files(triplets, root, source="data list", cloudy_only=False, progress=False):
+def check_listed_files(triplets, root, source="data list", cloudy_only=False, progress=False, sar=True):
     """Before any work: open the header of every listed file (no pixels) and check each triplet (check_triplet; the
-    cloudy image's band count alone with cloudy_only). One DataError naming the first problem and how many triplets
-    of `source` have one, so a run never stops on a bad file after hours."""
+    cloudy image's band count alone with cloudy_only; sar=False: the S1 files are not opened). One DataError naming
+    the first problem and how many triplets of `source` have one, so a run never stops on a bad file after hours."""
     from tqdm.auto import tqdm
 
     root = data_root(root)
@@ -136,8 +138,8 @@ def check_listed_files(triplets, root, source="data list", cloudy_only=False, pr
         for t in tqdm(triplets, desc="checking files", disable=not progress, dynamic_ncols=True):
             try:
                 with contextlib.ExitStack() as stack:
-                    paths = (t.s2_cloudy,) if cloudy_only else (t.s1, t.s2_cloudfree, t.s2_cloudy)
-                    srcs = [stack.enter_context(open_raster(root / rel)) for rel in paths]
+                    paths = (t.s2_cloudy,) if cloudy_only else (t.s1 if sar else None, t.s2_cloudfree, t.s2_cloudy)
+                    srcs = [None if rel is None else stack.enter_context(open_raster(root / rel)) for rel in paths]
                     if cloudy_only:
                         check_bands(srcs[0], len(S2_BANDS))
                     else:
