@@ -38,6 +38,7 @@ LEARN_VARIANTS = {
     # radar optional (issue 29): a share of the samples trained without radar, the network told so
     "sar_dropout": ["--sar_dropout", "0.5", "--sar_absent", "token"],
     "sar_dropout_skip": ["--sar_dropout", "0.5", "--sar_absent", "skip"],
+    "sar_dropout_20": ["--sar_dropout", "0.2", "--sar_absent", "token"],
     "no_cross_attn": ["--no-use_cross_attn"],
     "fp32": ["--amp", "off"],
     "fp16": ["--amp", "fp16"],  # a T4's precision (fp16 autocast, GradScaler); on a CPU its convolutions are slow
@@ -52,7 +53,8 @@ LEARN_VARIANTS = {
 # test_CR.py with extra flags; here without radar (no Sentinel-1 file read).
 LEARN_RESCORED = {"full_without_sar": ("full", ["--no_sar"]),
                   "sar_dropout_without_sar": ("sar_dropout", ["--no_sar"]),
-                  "sar_dropout_skip_without_sar": ("sar_dropout_skip", ["--no_sar"])}
+                  "sar_dropout_skip_without_sar": ("sar_dropout_skip", ["--no_sar"]),
+                  "sar_dropout_20_without_sar": ("sar_dropout_20", ["--no_sar"])}
 
 
 def _design_flags():
