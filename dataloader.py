@@ -202,6 +202,7 @@ class SEN12MSCRDataset(Dataset):
         check_s2_encoding(cloudfree, paths[1])
         check_s2_encoding(cloudy, paths[2])
         cloudfree, cloudy = normalize_s2(cloudfree), normalize_s2(cloudy)
+        # read_sar=False: an empty (0,H,W) stand-in rides along the flips and rotations and is left out at the end
         sar = np.zeros((0, *cloudy.shape[1:]), np.float32) if sar is None else normalize_s1(sar)
         score = self._cloud_score(t, window, cloudy, grown)
         if self.s2_encoding == "uint16":
