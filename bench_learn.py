@@ -35,6 +35,10 @@ LEARN_VARIANTS = {
     "no_cloud_predictor": ["--no-use_cloud_predictor"],  # plain residual; the map's loss terms go with it
     "no_cloud_focused_loss": [],  # plain L1 in place of the cloud-focused L1: LEARN_LOSS_OVERRIDES
     "no_sar": ["--sar_input", "zeros"],
+    # radar optional (issue 29): a share of the samples trained without radar, the network told so
+    "sar_dropout": ["--sar_dropout", "0.5", "--sar_absent", "token"],
+    "sar_dropout_skip": ["--sar_dropout", "0.5", "--sar_absent", "skip"],
+    "sar_dropout_20": ["--sar_dropout", "0.2", "--sar_absent", "token"],
     "no_cross_attn": ["--no-use_cross_attn"],
     "fp32": ["--amp", "off"],
     "fp16": ["--amp", "fp16"],  # a T4's precision (fp16 autocast, GradScaler); on a CPU its convolutions are slow
@@ -43,6 +47,14 @@ LEARN_VARIANTS = {
     "uncertainty_gaussian": ["--use_uncertainty_head", "--nll_distribution", "gaussian"],
     "uncertainty_laplace": ["--use_uncertainty_head", "--nll_distribution", "laplace"],
 }
+
+
+# Variants that train nothing: another variant's checkpoints (listed before them in --variants), scored by
+# test_CR.py with extra flags; here without radar (no Sentinel-1 file read).
+LEARN_RESCORED = {"full_without_sar": ("full", ["--no_sar"]),
+                  "sar_dropout_without_sar": ("sar_dropout", ["--no_sar"]),
+                  "sar_dropout_skip_without_sar": ("sar_dropout_skip", ["--no_sar"]),
+                  "sar_dropout_20_without_sar": ("sar_dropout_20", ["--no_sar"])}
 
 
 def _design_flags():
@@ -71,7 +83,7 @@ LEARN_SETTINGS = {"64": dict(n=80, size=64, batch_sz=4, out="runs/learn"),
 def _add_learn_args(parser):
     parser.add_argument("--variants", default="full,no_confidence_loss,no_residual_loss,no_confidence_refinement,"
                         "no_sar_skips,no_affine_residual,design,no_cloud_predictor",
-                        help=f"comma-separated, from: {', '.join(LEARN_VARIANTS)}")
+                        help=f"comma-separated, from: {', '.join([*LEARN_VARIANTS, *LEARN_RESCORED])}")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds per variant")
     parser.add_argument("--epochs", type=int, default=8, help="training epochs per run (the fixed budget)")
     parser.add_argument("--setting", choices=list(LEARN_SETTINGS), default="64",
@@ -125,6 +137,11 @@ def learn_train_flags(variant, seed, args, csv_path, out):
 
 
 def _learn_run(variant, seed, args, csv_path, out):
+    if variant in LEARN_RESCORED:
+        trained, flags = LEARN_RESCORED[variant]
+        checkpoint, results = out / "ckpt" / f"{trained}_s{seed}" / "best.pth", out / "results" / f"{variant}_s{seed}"
+        return {"variant": variant, "seed": seed, "train_s": 0.0,
+                **_learn_scores([checkpoint], csv_path, results, flags)}
     name = f"{variant}_s{seed}"
     train_cmd = [sys.executable, "train_CR_kaggle.py", *learn_train_flags(variant, seed, args, csv_path, out)]
     t0 = time.time()
@@ -134,11 +151,12 @@ def _learn_run(variant, seed, args, csv_path, out):
             **_learn_scores([out / "ckpt" / name / "best.pth"], csv_path, out / "results" / name)}
 
 
-def _learn_scores(checkpoints, csv_path, results):
-    """test_CR.py on the test split (several checkpoints: their ensemble); the figures a learn row reads."""
+def _learn_scores(checkpoints, csv_path, results, flags=()):
+    """test_CR.py on the test split (several checkpoints: their ensemble; flags: its extra flags); the figures a
+    learn row reads."""
     subprocess.run([sys.executable, "test_CR.py", "--checkpoint", *map(str, checkpoints), "--data_list_filepath",
                     str(csv_path), "--input_data_folder", str(Path(csv_path).parent), "--split", "test",
-                    "--results_dir", str(results)], check=True, stdout=subprocess.DEVNULL)
+                    "--results_dir", str(results), *flags], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((results / "summary.json").read_text())
     u = summary.get("uncertainty")
     figures = None if u is None else {
@@ -165,9 +183,13 @@ def bench_learn(args):
         dataloader.make_synthetic_dataset(csv_path.parent, n=args.n, size=args.size, seed=args.data_seed)
     runs = []
     variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in LEARN_VARIANTS]
+    unknown = [v for v in variants if v not in LEARN_VARIANTS and v not in LEARN_RESCORED]
     if unknown:
-        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(LEARN_VARIANTS)}")
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(LEARN_VARIANTS) + list(LEARN_RESCORED)}")
+    unordered = [v for i, v in enumerate(variants) if v in LEARN_RESCORED and LEARN_RESCORED[v][0] not in variants[:i]]
+    if unordered:
+        needed = [LEARN_RESCORED[v][0] for v in unordered]
+        raise SystemExit(f"{unordered} score another variant's checkpoints: list {needed} before them in --variants")
     for variant in variants:
         for seed in (int(s) for s in args.seeds.split(",")):
             run = _learn_run(variant, seed, args, csv_path, out)

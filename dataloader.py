@@ -118,15 +118,16 @@ class SEN12MSCRDataset(Dataset):
     s2_product: "L1C" (SEN12MS-CR's 13 bands) or "L2A" (12, no B10), bands.S2_PRODUCTS; a file of the other product
     is refused in one line naming both. s2_offset: the radiometric offset in DN (-1000 for processing baseline 04.00
     and later) of files whose metadata carries none (rasters.s2_offset); a file's own offset wins.
+    read_sar=False: no S1 file is opened and samples hold no SAR_data (evaluation without radar).
     Random choices use torch's generator, which a DataLoader seeds differently in every worker.
     """
 
     def __init__(self, triplets, root, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
                  cloud_threshold=CLOUD_THRESHOLD, random_crop=None, cloud_mask_dir=None, crop_flag="--crop_size",
-                 s2_encoding="float", s2_product=DEFAULT_S2_PRODUCT, s2_offset=0):
+                 s2_encoding="float", s2_product=DEFAULT_S2_PRODUCT, s2_offset=0, read_sar=True):
         if s2_encoding not in ("float", "uint16"):
             raise ValueError(f"s2_encoding must be 'float' or 'uint16', got {s2_encoding!r}")
-        self.s2_encoding = s2_encoding
+        self.s2_encoding, self.read_sar = s2_encoding, read_sar
         s2_bands(s2_product)  # ValueError for an unknown product
         check_detector_product(cloud_detector, s2_product)
         self.s2_product, self.s2_offset = s2_product, int(s2_offset)
@@ -215,20 +216,21 @@ class SEN12MSCRDataset(Dataset):
 
     def __getitem__(self, index):
         t = self.triplets[index]
-        paths = [self.root / p for p in (t.s1, t.s2_cloudfree, t.s2_cloudy)]
+        paths = [self.root / p if p else None for p in (t.s1 if self.read_sar else None, t.s2_cloudfree, t.s2_cloudy)]
         with contextlib.ExitStack() as stack:
             stack.enter_context(rasterio.Env(**GDAL_READ_OPTIONS))
-            srcs = [stack.enter_context(open_raster(p)) for p in paths]
+            srcs = [None if p is None else stack.enter_context(open_raster(p)) for p in paths]
             check_triplet(*srcs, s2_product=self.s2_product)
             ref = srcs[2]
             window = self._window(ref.height, ref.width, ref.name)
-            sar, cloudfree, cloudy = (read_window(s, window) for s in srcs)
+            sar, cloudfree, cloudy = (None if s is None else read_window(s, window) for s in srcs)
             grown = self._grown_crop(ref, window)
             cloudfree_offset, cloudy_offset = (s2_offset(s, self.s2_offset) for s in srcs[1:])
         check_s2_encoding(cloudfree, paths[1])
         check_s2_encoding(cloudy, paths[2])
-        sar = normalize_s1(sar)
         cloudfree, cloudy = normalize_s2(cloudfree, cloudfree_offset), normalize_s2(cloudy, cloudy_offset)
+        # read_sar=False: an empty (0,H,W) stand-in rides along the flips and rotations and is left out at the end
+        sar = np.zeros((0, *cloudy.shape[1:]), np.float32) if sar is None else normalize_s1(sar)
         score = self._cloud_score(t, window, cloudy, grown, cloudy_offset)
         if self.s2_encoding == "uint16":
             cloudy, cloudfree = denormalize_s2(cloudy), denormalize_s2(cloudfree)
@@ -246,7 +248,7 @@ class SEN12MSCRDataset(Dataset):
             **({"cloud_truth": truth[0]} if truth else {}),
             "cloudy_data": cloudy,
             "cloudfree_data": cloudfree,
-            "SAR_data": sar,
+            **({"SAR_data": sar} if self.read_sar else {}),
             "cloud_mask": score,
             "cloud_binary": (score >= self.cloud_threshold).float(),
             "file_name": os.path.basename(t.s2_cloudy),

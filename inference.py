@@ -94,8 +94,11 @@ def scene_sar_fill_db(sar_src, strip=256):
 def check_scene_pair(cloudy_src, sar_src, s2_product=bands.DEFAULT_S2_PRODUCT, remedy=None):
     """The cloudy S2 must have s2_product's bands (rasters.check_s2_bands; remedy: what to change where it is the
     other product); S1 and S2 must share size, and CRS and transform where both files carry one
-    (rasters.grid_problems, the rule of the dataset's triplets); the error names both files."""
+    (rasters.grid_problems, the rule of the dataset's triplets); the error names both files. sar_src None: no radar,
+    the S2 file alone."""
     rasters.check_s2_bands(cloudy_src, s2_product, remedy)
+    if sar_src is None:
+        return
     if sar_src.count != len(bands.S1_BANDS):
         raise files.DataError(f"{sar_src.name}: expected {len(bands.S1_BANDS)} Sentinel-1 bands "
                                    f"(VV, VH), found {sar_src.count}")
@@ -172,8 +175,9 @@ def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx,
     the cloudy file's radiometric offset (rasters.s2_offset)."""
     window = lambda x: (y, x, *size)
     cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x)), s2_offset) for x in xs])
-    sar = np.stack([bands.normalize_s1(_fill(rasters.read_window(sar_src, window(x)), sar_fill)) for x in xs])
-    out = forward_all(model, torch.from_numpy(cloudy).to(device), torch.from_numpy(sar).to(device), ctx)
+    sar = None if sar_src is None else torch.from_numpy(np.stack(
+        [bands.normalize_s1(_fill(rasters.read_window(sar_src, window(x)), sar_fill)) for x in xs])).to(device)
+    out = forward_all(model, torch.from_numpy(cloudy).to(device), sar, ctx)
     return {k: None if v is None else v.cpu().numpy() for k, v in out.items()}
 
 
@@ -205,20 +209,21 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
     a variance, with the same weights). Memory is one strip of tiles per output: the weighted sum and weights of
     the rows the current tile row covers (13 x tile x width float32); rows no later tile touches are finished,
     written with a windowed write, and dropped. Input tiles are read with rasterio windows and normalised tile by
-    tile; an S1 NaN gets the band mean of the whole scene (scene_sar_fill_db), as a whole-image pass would give it."""
+    tile; an S1 NaN gets the band mean of the whole scene (scene_sar_fill_db), as a whole-image pass would give it.
+    sar_path None: the scene without radar (the model is told it is absent; no Sentinel-1 file is read)."""
     if tile < 8 or not 0 <= overlap < tile:
         raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     device, out_path = torch.device(device), Path(out_path)
     ctx = runtime.autocast(device, amp_dtype)
     model.eval()
-    with rasters.open_raster(cloudy_path) as cloudy_src, rasters.open_raster(sar_path) as sar_src, \
-            contextlib.ExitStack() as stack:
+    with rasters.open_raster(cloudy_path) as cloudy_src, contextlib.ExitStack() as stack:
+        sar_src = None if sar_path is None else stack.enter_context(rasters.open_raster(sar_path))
         check_scene_pair(cloudy_src, sar_src, s2_product)
         offset = rasters.s2_offset(cloudy_src, s2_offset)
         height, width = cloudy_src.height, cloudy_src.width
         ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
         size = (min(tile, height), min(tile, width))
-        sar_fill = scene_sar_fill_db(sar_src)
+        sar_fill = None if sar_src is None else scene_sar_fill_db(sar_src)
         weight = np.outer(feather(size[0], overlap), feather(size[1], overlap))
         names = bands.s2_bands(s2_product)
         products = {"prediction": (out_path, "uint16", names),

@@ -16,9 +16,8 @@ The network (design document "GLF-CR Enhanced Architecture v3.0"):
     confidence = CloudConfidencePredictor(refined) upsampled to H,W    0 clear ... 1 cloudy
     output  = cloudy + confidence * residual                           added in fp32
 
-Also the field's baseline DSen2CR (Meraner et al., ISPRS 2020) with the same forward signature, and
-create_model(model_name, **config) building either from a checkpoint's stored config.
-This module imports nothing of the project (torch only).
+Also the field's baseline DSen2CR (Meraner et al., ISPRS 2020) with the same forward signature, and create_model
+building either from a checkpoint's stored config. Imports nothing of the project (torch only).
 """
 import argparse
 import math
@@ -39,6 +38,7 @@ __all__ = [
 GN_GROUPS = 8
 ATTENTION_PATHS = ("fused", "reference")
 SAR_INPUTS = ("on", "zeros")  # "zeros": the radar ablation, an all-zero SAR image whatever the data holds
+SAR_ABSENT = ("token", "skip")  # how a network trained with sar_dropout is told a sample has no radar
 # The uncertainty head's log-variance is clamped to these: a standard deviation from one step of the products' uint16
 # x10000 grid (1e-4 reflectance) to the whole reflectance range (1).
 LOG_VARIANCE_MIN, LOG_VARIANCE_MAX = 2 * math.log(1e-4), 0.0
@@ -75,10 +75,8 @@ class ModelConfig:
                "shared encoders and decoder", older=False)
     affine_residual: bool = _switch(
         True, "the decoder's head predicts a per-pixel, per-band offset and gain, residual = offset + gain * cloudy "
-              "(in fp32): under a cloud, clear = cloudy / transmission - cloud light / transmission is affine in the "
-              "input with slowly varying coefficients (AOD-Net writes dehazing the same way), so the head scales "
-              "and shifts the input's detail instead of rebuilding it (--no-affine_residual: residual = head output)",
-        older=False)
+              "(in fp32): under a cloud the clear image is affine in the cloudy one (docs/model.md), so the head "
+              "scales and shifts the input's detail (--no-affine_residual: residual = head output)", older=False)
     use_uncertainty_head: bool = _switch(
         False, "predict a per-pixel, per-band log-variance of the prediction (aux.log_variance), trained by the "
                "NLL term (--nll_weight); it reads detached features, so the prediction is the same with it or "
@@ -90,6 +88,12 @@ class ModelConfig:
         "choices": SAR_INPUTS, "older": "args",  # older checkpoints kept it in the training args only
         "help": "'zeros' feeds an all-zero SAR image (ablation: does the model use the radar?); stored in the "
                 "model's config, so evaluation feeds what training fed"})
+    sar_dropout: float = _switch(
+        0.0, "share of training samples (drawn per sample from torch's generator) trained without radar, the "
+             "network told so (--sar_absent): one checkpoint then predicts with radar and without", older=0.0)
+    sar_absent: str = field(default="token", metadata={"choices": SAR_ABSENT, "older": "token", "help": (
+        "with --sar_dropout, what stands for a sample's missing radar: 'token' learned SAR features at each level "
+        "(448 parameters), 'skip' no fusion and zero SAR skips")})
     # sizes: not flags
     in_optical: int = 13
     in_sar: int = 2
@@ -104,9 +108,11 @@ class ModelConfig:
         self.decoder_blocks = tuple(self.decoder_blocks)
         if len(self.widths) != 3 or len(self.encoder_blocks) != 3 or len(self.decoder_blocks) != 2:
             raise ValueError("widths and encoder_blocks need 3 entries (levels), decoder_blocks 2")
-        if self.attention not in ATTENTION_PATHS:
-            raise ValueError(f"attention must be one of {ATTENTION_PATHS}, got {self.attention!r}")
-        _check_sar_input(self.sar_input)
+        for f in fields(self):  # the switches with a set of values: attention, sar_input, sar_absent
+            if "choices" in f.metadata and getattr(self, f.name) not in f.metadata["choices"]:
+                raise ValueError(f"{f.name} must be one of {f.metadata['choices']}, got {getattr(self, f.name)!r}")
+        if not 0.0 <= self.sar_dropout <= 1.0:
+            raise ValueError(f"sar_dropout must lie in [0, 1], got {self.sar_dropout!r}")
         # a refinement of the confidence map needs a map: without the cloud predictor it is recorded as off
         self.use_confidence_refinement = self.use_confidence_refinement and self.use_cloud_predictor
 
@@ -126,30 +132,23 @@ def _gn(channels):
     return nn.GroupNorm(min(GN_GROUPS, channels), channels)
 
 
-def _check_sar_input(sar_input):
-    if sar_input not in SAR_INPUTS:
-        raise ValueError(f"sar_input must be one of {SAR_INPUTS}, got {sar_input!r}")
-
-
 def _check_inputs(optical, sar, in_optical, in_sar):
-    if optical.dim() != 4 or sar.dim() != 4:
-        raise ValueError(f"optical and sar must be (N,C,H,W) tensors, got shapes "
-                         f"{tuple(optical.shape)} and {tuple(sar.shape)}")
-    if optical.shape[1] != in_optical or sar.shape[1] != in_sar:
-        raise ValueError(f"expected {in_optical} optical and {in_sar} SAR channels, got optical "
-                         f"{tuple(optical.shape)} and sar {tuple(sar.shape)}")
+    """The SAR image to use (zeros for sar=None: no radar) once the shapes are checked."""
+    if sar is None:
+        sar = optical.new_zeros(optical.shape[0], in_sar, *optical.shape[2:])
+    if optical.dim() != 4 or sar.dim() != 4 or optical.shape[1] != in_optical or sar.shape[1] != in_sar:
+        raise ValueError(f"expected (N,C,H,W) tensors with {in_optical} optical and {in_sar} SAR channels, got "
+                         f"optical {tuple(optical.shape)} and sar {tuple(sar.shape)}")
     if optical.shape[0] != sar.shape[0] or optical.shape[2:] != sar.shape[2:]:
         raise ValueError(f"optical and SAR must have the same batch size and spatial size, got optical "
                          f"{tuple(optical.shape)} and sar {tuple(sar.shape)}")
+    return sar
 
 
 class SpectralAttentionSAR(nn.Module):
-    """Squeeze-and-excitation over the raw SAR channels (VV, VH): weights VV against VH by content.
-
-    Both the mean and the max of each channel are squeezed through one shared 2->hidden->2 MLP (as in
-    CBAM) because speckle makes the mean alone a weak summary of a radar scene. 82 parameters with
-    hidden=16. The weights are 2*sigmoid so an untrained block starts at identity (sigmoid(0)=0.5).
-    """
+    """Squeeze-and-excitation over the raw SAR channels (VV, VH): weights VV against VH by content. Mean and max of
+    each channel go through one shared 2->hidden->2 MLP (as in CBAM: speckle makes the mean alone a weak summary of
+    a radar scene); weights 2*sigmoid, so an untrained block is the identity. 82 parameters with hidden=16."""
 
     def __init__(self, channels=2, hidden=16):
         super().__init__()
@@ -222,12 +221,9 @@ class SAREncoder(_Encoder):
 
 class CrossAttentionFusion(nn.Module):
     """Pre-norm transformer block: optical tokens attend to SAR tokens, then an FFN, then a 1x1 projection.
-
-    attention="fused" calls F.scaled_dot_product_attention (flash / memory-efficient kernels: the
-    (tokens x tokens) matrix is never stored; 4096 tokens per 256 px image at 1/4 resolution).
-    attention="reference" materialises softmax(QK^T/sqrt(d))V explicitly; it exists so a test can prove
-    the two agree and so the benchmark can show what the fused kernel saves.
-    """
+    attention="fused" calls F.scaled_dot_product_attention (flash / memory-efficient kernels never store the tokens x
+    tokens matrix: 4096 tokens per 256 px image at 1/4 resolution); "reference" materialises softmax(QK^T/sqrt(d))V,
+    so a test can prove the two agree and the benchmark show what the fused kernel saves."""
 
     def __init__(self, dim=256, heads=8, ffn_ratio=2.0, attention="fused"):
         super().__init__()
@@ -279,11 +275,9 @@ class ConcatFusion(nn.Module):
 
 
 class SpeckleAwareGate(nn.Module):
-    """Optical-guided speckle-aware gate: sigmoid(spatial map) x sigmoid(channel vector) from [optical, SAR].
-
-    The spatial gate smooths over a 3x3 neighbourhood so single speckle-bright pixels cannot open it; the
-    channel gate pools globally. Both see the optical features, which say where the radar is needed.
-    """
+    """Optical-guided speckle-aware gate: sigmoid(spatial map) x sigmoid(channel vector) from [optical, SAR]. The
+    spatial gate smooths over 3x3 so single speckle-bright pixels cannot open it; the channel gate pools globally.
+    Both see the optical features, which say where the radar is needed."""
 
     def __init__(self, dim=256, spatial_hidden=32, channel_hidden=32):
         super().__init__()
@@ -328,12 +322,9 @@ class _UpStage(nn.Module):
 
 class DateCorrection(nn.Module):
     """A per-image, per-band radiometric correction applied to every pixel: corrected = gain * cloudy + offset.
-
-    The cloudy and the cloud-free image of a pair are two acquisition dates, so even clear pixels differ (sun,
-    atmosphere, phenology). This term carries that change for all pixels, so the confidence map only has to say
-    where clouds are. gain = 1 + 0.1 tanh(.), offset = 0.05 tanh(.) (a bounded correction), predicted from the
-    pooled refined features; zero-initialised, so an untrained network starts at the identity.
-    """
+    The two images of a pair are two dates, so even clear pixels differ (sun, atmosphere, phenology); this term
+    carries that change, so the confidence map only has to say where clouds are. gain = 1 + 0.1 tanh(.), offset =
+    0.05 tanh(.), from the pooled refined features; zero-initialised: an untrained network starts at the identity."""
 
     def __init__(self, dim=256, bands=13, hidden=64):
         super().__init__()
@@ -365,12 +356,9 @@ class CloudConfidencePredictor(nn.Module):
 
 class ConfidenceRefinement(nn.Module):
     """A full-resolution correction of the confidence logit from the decoder's features (64 channels at H x W).
-
     The CloudConfidencePredictor sees the 1/4-resolution bottleneck, so its upsampled map blurs cloud edges over
-    4-8 px; near an edge that gates the residual off inside the cloud and on in the clear. confidence =
-    sigmoid(upsampled predictor logits + refinement). Zero-initialised: an untrained refinement gives the
-    predictor's own map (upsampled as logits rather than as probabilities).
-    """
+    4-8 px, gating the residual off inside the cloud and on in the clear near an edge. confidence =
+    sigmoid(upsampled predictor logits + refinement); zero-initialised: an untrained one gives the predictor's map."""
 
     def __init__(self, channels=64, hidden=32):
         super().__init__()
@@ -384,15 +372,13 @@ class ConfidenceRefinement(nn.Module):
 
 class UncertaintyHead(nn.Module):
     """Per-pixel, per-band log-variance of the prediction (the aleatoric part of its uncertainty), from the decoder's
-    full-resolution features (64 channels at H x W), clamped to [LOG_VARIANCE_MIN, LOG_VARIANCE_MAX].
-
-    The model passes it detached features, and losses.nll_loss detaches the prediction: the head learns from the NLL
-    term alone and the reconstruction is trained as without it (the NLL's 1/variance weighting of the error would
-    otherwise turn the mean's training away from the pixels it finds hard, i.e. from clouds: Seitzer et al., ICLR
-    2022). Computed in float32 with autocast off: exp(-log_variance) reaches e^18, beyond fp16's range, and bf16
-    resolves a log-variance near -15 only in steps of 0.0625 (6 % of the variance). The last layer starts at zero
-    weights and a bias of log(UNCERTAINTY_INIT_STD^2): an untrained head predicts that std everywhere.
-    """
+    full-resolution features (64 channels at H x W), clamped to [LOG_VARIANCE_MIN, LOG_VARIANCE_MAX]. The model
+    passes it detached features, and losses.nll_loss detaches the prediction: the head learns from the NLL term alone
+    and the reconstruction is trained as without it (the NLL's 1/variance weighting of the error would otherwise
+    turn the mean's training away from the pixels it finds hard, i.e. from clouds: Seitzer et al., ICLR 2022). In
+    float32 with autocast off: exp(-log_variance) reaches e^18, beyond fp16's range, and bf16 resolves a log-variance
+    near -15 only in steps of 0.0625 (6 % of the variance). The last layer starts at zero weights and a bias of
+    log(UNCERTAINTY_INIT_STD^2): an untrained head predicts that std everywhere."""
 
     def __init__(self, channels=64, bands=13, hidden=32):
         super().__init__()
@@ -470,20 +456,38 @@ class CloudRemovalCrossAttention(nn.Module):
         if c.use_uncertainty_head:
             with torch.random.fork_rng(devices=[]):
                 self.uncertainty_head = UncertaintyHead(widths[0], in_optical)
+        # learned SAR features of "no radar" per level, zeros at first (no draw from the random stream)
+        self.sar_absent = c.sar_absent if c.sar_dropout > 0 and c.sar_input == "on" else None
+        self.absent_sar = (nn.ParameterList([nn.Parameter(torch.zeros(1, w, 1, 1)) for w in widths])
+                           if self.sar_absent == "token" else None)
 
-    def forward(self, optical, sar, return_aux=False):
-        """optical (N,13,H,W) cloudy image, sar (N,2,H,W) -> prediction (N,13,H,W) float32; with return_aux=True
-        (prediction, ModelOutputs) with residual, corrected, confidence (None without the predictor), log_variance."""
-        _check_inputs(optical, sar, self.in_optical, self.in_sar)
+    def _fuse_sar(self, sar, present, o3):
+        """(gated fusion of the SAR features into o3, SAR skips s1, s2). Samples without radar (present False) get
+        the absent tokens ("token"), no fusion and zero skips ("skip"), or zero radar (a model never trained so)."""
         if self.sar_input == "zeros":
             sar = torch.zeros_like(sar)
-        h, w = optical.shape[-2:]
-        optical_p = _pad_to_multiple(optical, self.DOWNSAMPLE)
-        sar_p = _pad_to_multiple(sar, self.DOWNSAMPLE)
-
-        o1, o2, o3 = self.optical_encoder(optical_p)
-        s1, s2, s3 = self.sar_encoder(sar_p)
+        elif present is not None and self.sar_absent is None:
+            sar = torch.where(present.view(-1, 1, 1, 1), sar, 0.0)
+        s1, s2, s3 = self.sar_encoder(_pad_to_multiple(sar, self.DOWNSAMPLE))
+        keep = None if present is None or self.sar_absent is None else present.view(-1, 1, 1, 1)
+        if keep is not None and self.absent_sar is not None:
+            s1, s2, s3 = (torch.where(keep, s, t.to(s.dtype)) for s, t in zip((s1, s2, s3), self.absent_sar))
         fused = self.fusion(o3, s3) * self.gate(o3, s3)
+        if keep is not None and self.absent_sar is None:  # "skip"
+            fused, s1, s2 = (torch.where(keep, x, 0.0) for x in (fused, s1, s2))
+        return fused, s1, s2
+
+    def forward(self, optical, sar, return_aux=False):
+        """optical (N,13,H,W) cloudy image, sar (N,2,H,W) or None (no radar) -> prediction (N,13,H,W) float32;
+        return_aux=True: (prediction, ModelOutputs: residual, corrected, confidence or None, log_variance)."""
+        n, (h, w) = optical.shape[0], optical.shape[-2:]
+        present = (torch.zeros(n, dtype=torch.bool, device=optical.device) if sar is None  # which samples have radar
+                   else torch.rand(n, device=optical.device) >= self.config.sar_dropout  # per sample: torch's generator
+                   if self.training and self.config.sar_dropout > 0 else None)  # None: all of them
+        sar = _check_inputs(optical, sar, self.in_optical, self.in_sar)
+        optical_p = _pad_to_multiple(optical, self.DOWNSAMPLE)
+        o1, o2, o3 = self.optical_encoder(optical_p)
+        fused, s1, s2 = self._fuse_sar(sar, present, o3)
         refined = self.refine(fused, o3)
         if self.config.use_sar_skips:
             x = self.up1(self.up2(refined, o2, s2), o1, s1)
@@ -553,17 +557,16 @@ class DSen2CRConfig:
     sar_input: str = "on"
 
     def __post_init__(self):
-        _check_sar_input(self.sar_input)
+        if self.sar_input not in SAR_INPUTS:
+            raise ValueError(f"sar_input must be one of {SAR_INPUTS}, got {self.sar_input!r}")
 
 
 class DSen2CR(nn.Module):
-    """DSen2-CR baseline (Meraner et al., ISPRS J. 2020), after the authors' Keras code:
-    concat(optical, SAR) -> conv3x3 (feature_sizes) + ReLU -> num_layers residual blocks scaled by 0.1
-    -> conv3x3 to the optical bands -> + optical input (long skip).
-
-    Differences from the original, on purpose: PyTorch default init instead of he_uniform, and no extra output
-    channels (the original appends the input and a cloud-mask placeholder for its loss). Default: 18,947,341
-    parameters (16 blocks of 256 channels)."""
+    """DSen2-CR baseline (Meraner et al., ISPRS J. 2020), after the authors' Keras code: concat(optical, SAR) ->
+    conv3x3 (feature_sizes) + ReLU -> num_layers residual blocks scaled by 0.1 -> conv3x3 to the optical bands ->
+    + optical input (long skip). On purpose unlike the original: PyTorch default init instead of he_uniform, no extra
+    output channels (it appends the input and a cloud-mask placeholder for its loss). Default: 18,947,341 parameters
+    (16 blocks of 256 channels)."""
 
     model_name = "DSen2CR"
 
@@ -576,7 +579,7 @@ class DSen2CR(nn.Module):
         self.head = nn.Conv2d(c.feature_sizes, c.in_optical, 3, padding=1)
 
     def forward(self, optical, sar, return_aux=False):
-        _check_inputs(optical, sar, self.in_optical, self.in_sar)
+        sar = _check_inputs(optical, sar, self.in_optical, self.in_sar)
         if self.sar_input == "zeros":
             sar = torch.zeros_like(sar)
         x = self.blocks(F.relu(self.stem(torch.cat([optical, sar], dim=1))))
@@ -648,10 +651,8 @@ def _smoke_test(argv=None):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.manual_seed(0)
     model = CloudRemovalCrossAttention().to(device)
-    n_params = count_parameters(model)
-    cfg = asdict(model.config)
-    design = CloudRemovalCrossAttention(**design_switches())
-    n_design = count_parameters(design)
+    design, cfg = CloudRemovalCrossAttention(**design_switches()), asdict(model.config)
+    n_params, n_design = count_parameters(model), count_parameters(design)
     print(f"Model parameters: {n_params / 1e6:.2f}M (the design's network: {n_design / 1e6:.2f}M, plus "
           f"{(n_params - n_design):,} for the parts measured worth adding)")
     print(f"MACs per 256 px forward: {count_macs(model) / 1e9:.1f} G (the design's network: "
@@ -681,9 +682,7 @@ def _smoke_test(argv=None):
     print(f"Output shape: {tuple(prediction.shape)} == input {tuple(optical.shape)}: OK; "
           f"confidence {tuple(aux.confidence.shape)}")
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(3):  # the first step includes one-off allocation and kernel selection
         sync()

@@ -46,9 +46,11 @@ def _quicklook_images(cloudy, sar, prediction, target, confidence, uncertainty):
     """(H,W,3) float arrays of the quicklook's panels, in QUICKLOOK_PANELS order (then the uncertainty's)."""
     from matplotlib import colormaps
 
-    images = [bands.s2_to_rgb(cloudy), bands.sar_to_rgb(sar), bands.s2_to_rgb(prediction),
-              bands.s2_to_rgb(target)]
+    images = [bands.s2_to_rgb(cloudy), bands.s2_to_rgb(cloudy) if sar is None else bands.sar_to_rgb(sar),
+              bands.s2_to_rgb(prediction), bands.s2_to_rgb(target)]
     images = [img.float().cpu().permute(1, 2, 0).numpy() for img in images]
+    if sar is None:  # evaluated without radar: a grey panel
+        images[1] = np.full_like(images[0], 0.85)
     images.append(np.full_like(images[0], 0.85) if confidence is None
                   else colormaps[QUICKLOOK_CMAP](confidence[0].float().clamp(0, 1).cpu().numpy())[..., :3])
     if uncertainty is not None:

@@ -196,11 +196,13 @@ def grid_problems(a, b):
 def check_triplet(s1, s2_cloudfree, s2_cloudy, s2_product=DEFAULT_S2_PRODUCT, remedy=None):
     """Header checks of one triplet's open rasters (cheap, no pixels read): band counts (Sentinel-2: s2_product's),
     and S1 and cloud-free S2 on the cloudy S2's grid (size, CRS, transform). Errors name both files of a mismatched
-    pair; remedy: what to change where a Sentinel-2 file is the other product (check_s2_bands)."""
-    check_bands(s1, len(S1_BANDS))
+    pair; remedy: what to change where a Sentinel-2 file is the other product (check_s2_bands). s1=None: no radar
+    (evaluation with --no_sar), not checked."""
+    if s1 is not None:
+        check_bands(s1, len(S1_BANDS))
     for src in (s2_cloudfree, s2_cloudy):
         check_s2_bands(src, s2_product, remedy)
-    for src in (s1, s2_cloudfree):
+    for src in (s for s in (s1, s2_cloudfree) if s is not None):
         problems = grid_problems(src, s2_cloudy)
         if problems:
             raise DataError(f"{src.name} and {s2_cloudy.name} are not on the same grid: {'; '.join(problems)} "
@@ -209,13 +211,14 @@ def check_triplet(s1, s2_cloudfree, s2_cloudy, s2_product=DEFAULT_S2_PRODUCT, re
 
 
 def check_listed_files(triplets, root, source="data list", cloudy_only=False, progress=False,
-                       s2_product=DEFAULT_S2_PRODUCT, remedy=None):
+                       s2_product=DEFAULT_S2_PRODUCT, remedy=None, sar=True):
     """Before any work: open the header of every listed file (no pixels) and check each triplet (check_triplet; the
-    cloudy image's band count alone with cloudy_only). One DataError naming the first problem and how many triplets
-    of `source` have one, so a run never stops on a bad file after hours. s2_product: the Sentinel-2 product the run
-    reads (bands.S2_PRODUCTS), or None for either (each triplet's own, from its cloudy image's band count: an
-    evaluation learns its product from the checkpoint, read after the files; check_products then); remedy: what to
-    change where a file is the other product. Returns {product: the first cloudy image of that product}."""
+    cloudy image's band count alone with cloudy_only; sar=False: the S1 files are not opened). One DataError naming
+    the first problem and how many triplets of `source` have one, so a run never stops on a bad file after hours.
+    s2_product: the Sentinel-2 product the run reads (bands.S2_PRODUCTS), or None for either (each triplet's own,
+    from its cloudy image's band count: an evaluation learns its product from the checkpoint, read after the files;
+    check_products then); remedy: what to change where a file is the other product. Returns {product: the first
+    cloudy image of that product}."""
     from tqdm.auto import tqdm
 
     root = data_root(root)
@@ -224,8 +227,8 @@ def check_listed_files(triplets, root, source="data list", cloudy_only=False, pr
         for t in tqdm(triplets, desc="checking files", disable=not progress, dynamic_ncols=True):
             try:
                 with contextlib.ExitStack() as stack:
-                    paths = (t.s2_cloudy,) if cloudy_only else (t.s1, t.s2_cloudfree, t.s2_cloudy)
-                    srcs = [stack.enter_context(open_raster(root / rel)) for rel in paths]
+                    paths = (t.s2_cloudy,) if cloudy_only else (t.s1 if sar else None, t.s2_cloudfree, t.s2_cloudy)
+                    srcs = [None if rel is None else stack.enter_context(open_raster(root / rel)) for rel in paths]
                     product = s2_product or s2_product_of_count(srcs[-1].count) or DEFAULT_S2_PRODUCT
                     if cloudy_only:
                         check_s2_bands(srcs[0], product, remedy)

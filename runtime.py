@@ -267,6 +267,17 @@ def checkpoints_s2_product(ckpts, paths):
     return products[0]
 
 
+def untested_without_sar(model):
+    """The warning line for a model run without radar that never trained without it (None where it did: trained
+    with --sar_dropout, or with --sar_input zeros; an ensemble warns if any member never did)."""
+    members = getattr(model, "members", [model])
+    untested = [m for m in members if m.sar_input == "on" and not getattr(m.config, "sar_dropout", 0)]
+    if not untested:
+        return None
+    return ("warning: no radar given, and this model never trained without radar (--sar_dropout 0): it sees zeros "
+            "for the radar and its prediction is untested; train with --sar_dropout for a model that is")
+
+
 def build_model_from_checkpoint(ckpt, path="<checkpoint>"):
     """Rebuild the network a checkpoint was trained with and load its weights."""
     try:

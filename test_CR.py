@@ -11,6 +11,8 @@ Protocols (what is scored): --protocol full scores whole 256 x 256 patches (UnCR
 
 Whole-scene prediction (any raster size; overlapping tiles blended with feathered weights):
     python test_CR.py --predict --checkpoint best.pth --cloudy S2.tif --sar S1.tif --out cloudfree.tif
+Without radar (no Sentinel-1 file is read; a model trained with --sar_dropout knows radar is absent): --no_sar when
+evaluating a list, --predict without --sar.
 
 Predicted uncertainty (a model with the uncertainty head, or several checkpoints as an ensemble) is scored beside
 the prediction and written with --save_uncertainty (docs/uncertainty.md).
@@ -21,6 +23,7 @@ rounded to the uint16 x10000 grid of the dataset, i.e. exactly the values the sa
 scores therefore describe the delivered product; the rounding moves a PSNR of 30 dB by < 1e-4 dB.
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -167,7 +170,8 @@ def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
             rasters.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
                                            description=inference.uncertainty_band_descriptions(len(std[i])))
         if args.save_png:
-            quicklooks.save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(), sar[i].cpu(),
+            quicklooks.save_quicklook(results / "png" / f"{stem}.png", cloudy[i].cpu(),
+                                      None if sar is None else sar[i].cpu(),
                                       prediction[i].cpu(), target[i].cpu(),
                                       None if confidence is None else confidence[i].cpu(), title=stem,
                                       uncertainty=None if std is None else std[i].mean(0, keepdim=True))
@@ -232,6 +236,7 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         # The Sentinel-2 product scored: its bands are the metrics' bands (12 for L2A), its offset removed per file.
         "s2_product": run.s2_product, "s2_bands": list(bands.s2_bands(run.s2_product)),
         "s2_offset": args.s2_offset,  # the offset of files whose metadata carries none (rasters.s2_offset)
+        "no_sar": args.no_sar,  # evaluated without radar (--no_sar): no Sentinel-1 file read
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
         "mean": scoring.summarise(per_image), "cloud_cover_bins": bins,
         "confidence": scoring.summarise_confidence(totals),
@@ -362,7 +367,8 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
                                        source=str(args.data_list_filepath))
         # either product here; the checkpoint's is checked once it is loaded (check_products)
         seen = rasters.check_listed_files(rows, args.input_data_folder,
-                                             f"the {args.split} split of {args.data_list_filepath}", s2_product=None)
+                                             f"the {args.split} split of {args.data_list_filepath}", s2_product=None,
+                                             sar=not args.no_sar)
         return rows, seen
 
     _, (rows, seen), (model, ckpt) = runtime.check_together(
@@ -371,11 +377,12 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
     product = checkpoint_product(args, ckpt)
     rasters.check_products(seen, product, product_remedy(args, product))
     check_uncertainty_wanted(args, model)
+    warn_without_sar(args.no_sar, model)
     dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
                                           load_size=args.load_size, augment=False,
                                           cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold,
                                           cloud_mask_dir=args.cloud_mask_dir, s2_product=product,
-                                          s2_offset=args.s2_offset)
+                                          s2_offset=args.s2_offset, read_sar=not args.no_sar)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     leaks = scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder)
@@ -389,13 +396,20 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
                       loader=loader, leaks=leaks, s2_product=product)
 
 
+def warn_without_sar(no_sar, model):
+    """Print runtime.untested_without_sar's line to stderr where a model runs without radar it never trained without."""
+    warning = runtime.untested_without_sar(model) if no_sar else None
+    if warning:
+        print(warning, file=sys.stderr)
+
+
 def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, totals: scoring.Totals) -> list[dict]:
     """Predict, score and save one batch of the Evaluation `run` (its first image is image len(totals.rows) of the
     split); adds its CSV rows, the seconds spent in the model, its confidence histograms, its squared error per
     true-cloud bin and a sample of its pixels' uncertainty to `totals`. Returns the batch's CSV rows."""
     device, first_index = run.device, len(totals.rows)
-    cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
-                                       ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
+    cloudy, target, cloud_mask = (batch[k].to(device) for k in ("cloudy_data", "cloudfree_data", "cloud_mask"))
+    sar = batch["SAR_data"].to(device) if "SAR_data" in batch else None  # None: --no_sar
     t0 = time.perf_counter()
     out = inference.forward_all(run.model, cloudy, sar, ctx)
     if device.type == "cuda":
@@ -478,7 +492,7 @@ def check_predict_output(args):
     out = Path(args.out)
     for path, flag in [(out, "--out")] + ([(uncertainty_output_path(out), "--save_uncertainty's output")]
                                           if args.save_uncertainty else []):
-        for given_flag in ("cloudy", "sar"):
+        for given_flag in ("cloudy", "sar") if args.sar else ("cloudy",):
             given = Path(getattr(args, given_flag))
             same = path.exists() and given.exists() and os.path.samefile(path, given)
             if path.resolve() == given.resolve() or same:
@@ -494,9 +508,11 @@ def check_predict_output(args):
 
 
 def predict(args):
-    missing = [f"--{k}" for k in ("cloudy", "sar", "out") if not getattr(args, k)]
+    missing = [f"--{k}" for k in ("cloudy", "out") if not getattr(args, k)]
     if missing:
         raise runtime.UsageError(f"--predict needs {', '.join(missing)}")
+    if args.sar and args.no_sar:
+        raise runtime.UsageError("--no_sar and --sar contradict each other: drop --sar to predict without radar")
     if args.tile < 8 or not 0 <= args.overlap < args.tile:
         raise runtime.UsageError(f"need --tile >= 8 and 0 <= --overlap < --tile, got --tile {args.tile} "
                                  f"--overlap {args.overlap}")
@@ -504,7 +520,8 @@ def predict(args):
     device, amp_dtype = resolve_device_and_amp(args)
 
     def check_scene():  # either product here; the checkpoint's is checked once it is loaded
-        with rasters.open_raster(args.cloudy) as cloudy_src, rasters.open_raster(args.sar) as sar_src:
+        with rasters.open_raster(args.cloudy) as cloudy_src, (
+                rasters.open_raster(args.sar) if args.sar else contextlib.nullcontext()) as sar_src:
             scene_product = bands.s2_product_of_count(cloudy_src.count) or bands.DEFAULT_S2_PRODUCT
             inference.check_scene_pair(cloudy_src, sar_src, scene_product)
             return scene_product
@@ -514,6 +531,7 @@ def predict(args):
     product = runtime.checkpoints_s2_product(ckpt, args.checkpoint)
     rasters.check_products({scene_product: args.cloudy}, product, product_remedy(args, product))
     check_uncertainty_wanted(args, model)
+    warn_without_sar(not args.sar, model)
     uncertainty = uncertainty_output_path(args.out) if args.save_uncertainty else None
     t0 = time.perf_counter()
     out = inference.predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
@@ -570,6 +588,10 @@ def build_parser():
                         "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
     runtime.add_shared_flag(g, "cloud_mask_dir")
     runtime.add_shared_flag(g, "num_workers")
+    p.add_argument("--no_sar", action="store_true",
+                   help="without radar: no Sentinel-1 file is read and the network is told radar is absent (as "
+                        "trained with --sar_dropout; a model trained without dropout sees zeros, with a warning that "
+                        "the result is untested)")
     g.add_argument("--save_geotiff", action="store_true",
                    help="write each prediction as a uint16 x10000 GeoTIFF of the checkpoint's Sentinel-2 product's "
                         "bands (13 for L1C, 12 for L2A, named in the band descriptions) with the input crop's CRS and "
@@ -595,7 +617,8 @@ def build_parser():
     g.add_argument("--cloudy", default=None,
                    help="--predict: cloudy Sentinel-2 GeoTIFF of the checkpoint's product (L1C: 13 bands, L2A: 12 "
                         "without B10), reflectance x10000, its offset in its metadata or --s2_offset")
-    g.add_argument("--sar", default=None, help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid")
+    g.add_argument("--sar", default=None, help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid; "
+                                               "without it the scene is predicted without radar (as --no_sar)")
     g.add_argument("--out", default=None, help="--predict: output GeoTIFF (the checkpoint's product's bands, named in "
                                                "the band descriptions, uint16 x10000, no offset); never an input")
     g.add_argument("--overwrite", action="store_true", help="--predict: replace --out if it exists")

@@ -309,8 +309,8 @@ def _model_flags(p):
             g.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
                            help=f.metadata["help"])
         else:
-            g.add_argument(f"--{f.name}", default=f.default, choices=list(f.metadata["choices"]),
-                           help=f.metadata["help"])
+            kind = {"choices": list(f.metadata["choices"])} if "choices" in f.metadata else {"type": f.type}
+            g.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"], **kind)
 
 
 def _optimisation_flags(p):

@@ -260,7 +260,12 @@ def build_model(args, ckpt, resume_path, is_main):
             "sar_input"]  # DSen2-CR has one switch of its own
         config = {name: getattr(args, name) for name in names}
         config["in_optical"] = len(bands.s2_bands(args.s2_product))  # the product's bands in, the same out
-        model = net_CR_CrossAttention.create_model(args.model_name, **config)
+        if args.model_name != "CrossAttention" and args.sar_dropout:
+            raise runtime.UsageError(f"--sar_dropout needs --model_name CrossAttention (not {args.model_name})")
+        try:
+            model = net_CR_CrossAttention.create_model(args.model_name, **config)
+        except ValueError as e:  # a model flag's value out of range (--sar_dropout 1.5)
+            raise runtime.UsageError(str(e)) from None
     return model
 
 

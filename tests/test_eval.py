@@ -426,8 +426,8 @@ def test_missing_arguments_are_named(tiny_checkpoint, synthetic_dataset, tmp_pat
     root, csv_path = synthetic_dataset
     with pytest.raises(runtime.UsageError, match="--data_list_filepath"):
         test_CR.main(["--checkpoint", str(tiny_checkpoint)])
-    with pytest.raises(runtime.UsageError, match="--sar"):
-        test_CR.main(["--predict", "--checkpoint", str(tiny_checkpoint), "--cloudy", "x.tif", "--out", "o.tif"])
+    with pytest.raises(runtime.UsageError, match="--predict needs --out"):  # --sar is optional: without radar
+        test_CR.main(["--predict", "--checkpoint", str(tiny_checkpoint), "--cloudy", "x.tif"])
     with pytest.raises(files.DataError, match="data.csv"):  # the synthetic list has no empty split; fake one
         bad_csv = tmp_path / "data.csv"
         bad_csv.write_text(open(csv_path).read().replace("\n3,", "\n1,"))
