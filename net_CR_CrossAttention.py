@@ -16,9 +16,8 @@ The network (design document "GLF-CR Enhanced Architecture v3.0"):
     confidence = CloudConfidencePredictor(refined) upsampled to H,W    0 clear ... 1 cloudy
     output  = cloudy + confidence * residual                           added in fp32
 
-Also the field's baseline DSen2CR (Meraner et al., ISPRS 2020) with the same forward signature, and
-create_model(model_name, **config) building either from a checkpoint's stored config.
-This module imports nothing of the project (torch only).
+Also the field's baseline DSen2CR (Meraner et al., ISPRS 2020) with the same forward signature, and create_model
+building either from a checkpoint's stored config. Imports nothing of the project (torch only).
 """
 import argparse
 import math
@@ -426,6 +425,7 @@ class ModelOutputs:
     log_variance: torch.Tensor | None = None  # (N,13,H,W) fp32: the uncertainty head's per-band log-variance
     epistemic_variance: torch.Tensor | None = None  # (N,13,H,W) fp32: an ensemble's spread of its members' predictions
     members: int | None = None  # an ensemble's number of members
+    date_confidence: torch.Tensor | None = None  # (N,T,1,H,W) fp32: a time series model's confidence of each date
 
 
 class CloudRemovalCrossAttention(nn.Module):
@@ -471,6 +471,23 @@ class CloudRemovalCrossAttention(nn.Module):
             with torch.random.fork_rng(devices=[]):
                 self.uncertainty_head = UncertaintyHead(widths[0], in_optical)
 
+    def encode(self, optical, sar):
+        """Padded images -> (refined bottleneck, 1/2 and full-resolution skips); net_CR_temporal: once a date."""
+        o1, o2, o3 = self.optical_encoder(optical)
+        s1, s2, s3 = self.sar_encoder(sar)
+        refined = self.refine(self.fusion(o3, s3) * self.gate(o3, s3), o3)
+        skips = 2 if self.config.use_sar_skips else 1
+        return refined, (o2, s2)[:skips], (o1, s1)[:skips]
+
+    def decode(self, refined, skips2, skips1, base, h, w):
+        """(decoder features at the padded full resolution, residual (N,13,h,w)); an affine residual scales `base`."""
+        x = self.up1(self.up2(refined, *skips2), *skips1)
+        if self.config.affine_residual:  # in fp32: the gain multiplies the input, the offset nearly cancels it
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                offset, gain = self.head(x.float())[..., :h, :w].chunk(2, dim=1)
+                return x, offset + gain * base.float()
+        return x, self.head(x)[..., :h, :w]
+
     def forward(self, optical, sar, return_aux=False):
         """optical (N,13,H,W) cloudy image, sar (N,2,H,W) -> prediction (N,13,H,W) float32; with return_aux=True
         (prediction, ModelOutputs) with residual, corrected, confidence (None without the predictor), log_variance."""
@@ -479,26 +496,11 @@ class CloudRemovalCrossAttention(nn.Module):
             sar = torch.zeros_like(sar)
         h, w = optical.shape[-2:]
         optical_p = _pad_to_multiple(optical, self.DOWNSAMPLE)
-        sar_p = _pad_to_multiple(sar, self.DOWNSAMPLE)
-
-        o1, o2, o3 = self.optical_encoder(optical_p)
-        s1, s2, s3 = self.sar_encoder(sar_p)
-        fused = self.fusion(o3, s3) * self.gate(o3, s3)
-        refined = self.refine(fused, o3)
-        if self.config.use_sar_skips:
-            x = self.up1(self.up2(refined, o2, s2), o1, s1)
-        else:
-            x = self.up1(self.up2(refined, o2), o1)
-        if self.config.affine_residual:  # in fp32: the gain multiplies the input, the offset nearly cancels it
-            with torch.autocast(device_type=optical.device.type, enabled=False):
-                offset, gain = self.head(x.float())[..., :h, :w].chunk(2, dim=1)
-                residual = offset + gain * optical.float()
-        else:
-            residual = self.head(x)[..., :h, :w]
+        refined, skips2, skips1 = self.encode(optical_p, _pad_to_multiple(sar, self.DOWNSAMPLE))
+        x, residual = self.decode(refined, skips2, skips1, optical, h, w)
         log_variance = None  # only where asked for: validation's plain forward skips the head
         if return_aux and self.uncertainty_head is not None:
             log_variance = self.uncertainty_head(x.detach())[..., :h, :w]
-
         confidence = None
         if self.cloud_predictor is not None:
             bottleneck, decoded = ((refined.detach(), x.detach()) if self.config.detach_confidence_input
@@ -512,22 +514,26 @@ class CloudRemovalCrossAttention(nn.Module):
                 confidence = torch.sigmoid((logits + self.confidence_refinement(decoded)).float())
             confidence = confidence[..., :h, :w]
         correction = None if self.date_correction is None else self.date_correction(refined)
-        # The final addition in fp32 (outside autocast): in bf16 a clear pixel's reflectance would lose
-        # its last 8 bits, which is the detail the weighted residual is meant to pass through.
-        with torch.autocast(device_type=optical.device.type, enabled=False):
-            residual, base = residual.float(), optical.float()
-            if correction is not None:
-                gain, offset = correction
-                base = gain * base + offset
-            if confidence is not None:
-                confidence = confidence.float()
-                prediction = base + confidence * residual
-            else:
-                prediction = base + residual
+        prediction, base, residual, confidence = compose(optical, residual, confidence, correction)
         if return_aux:
             return prediction, ModelOutputs(residual=residual, confidence=confidence, corrected=base,
                                             log_variance=log_variance)
         return prediction
+
+
+def compose(base, residual, confidence, correction=None):
+    """(prediction, corrected base, residual, confidence), fp32: base (after the date correction) + confidence *
+    residual, or + residual without a confidence map. Outside autocast: in bf16 a clear pixel's reflectance would
+    lose its last 8 bits, which is the detail the weighted residual is meant to pass through."""
+    with torch.autocast(device_type=base.device.type, enabled=False):
+        residual, base = residual.float(), base.float()
+        if correction is not None:
+            gain, offset = correction
+            base = gain * base + offset
+        if confidence is None:
+            return base + residual, base, residual, None
+        confidence = confidence.float()
+        return base + confidence * residual, base, residual, confidence
 
 
 class _DSen2CRBlock(nn.Module):
@@ -580,10 +586,7 @@ class DSen2CR(nn.Module):
         if self.sar_input == "zeros":
             sar = torch.zeros_like(sar)
         x = self.blocks(F.relu(self.stem(torch.cat([optical, sar], dim=1))))
-        residual = self.head(x)
-        with torch.autocast(device_type=optical.device.type, enabled=False):
-            residual = residual.float()
-            prediction = optical.float() + residual
+        prediction, _, residual, _ = compose(optical, self.head(x), None)
         if return_aux:
             return prediction, ModelOutputs(residual=residual)
         return prediction
@@ -622,11 +625,11 @@ def count_macs(model, size=256):
     counter = FlopCounterMode(display=False, custom_mapping={
         cpu_sdpa: lambda query, key, value, *args, **kwargs: sdpa_flop_count(query, key, value)})
     was_training, device = model.training, next(model.parameters()).device
+    dates = (1,) if getattr(model, "input_t", 1) == 1 else (1, model.input_t)  # a time series model: (N,T,C,H,W)
     model.eval()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), counter:
-            model(torch.empty(1, model.in_optical, size, size, device=device),
-                  torch.empty(1, model.in_sar, size, size, device=device))
+            model(*(torch.empty(*dates, c, size, size, device=device) for c in (model.in_optical, model.in_sar)))
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
@@ -661,8 +664,8 @@ def _smoke_test(argv=None):
                 "use_cloud_predictor", "Adaptive Residual Weighting": "use_cloud_predictor",
                 "Full-resolution confidence refinement": "use_confidence_refinement", "SAR skip connections to the "
                 "decoder": "use_sar_skips", "Affine residual (offset + gain x cloudy)": "affine_residual",
-                "Date (radiometric) correction": "use_date_correction",
-                "Uncertainty head (per-band log-variance)": "use_uncertainty_head"}
+                "Date (radiometric) correction": "use_date_correction", "Uncertainty head (per-band log-variance)":
+                "use_uncertainty_head"}
     for name, switch in features.items():
         print(f"  - {name}: {'✓' if cfg[switch] else '✗'}")
     parts = parameter_breakdown(model)
@@ -672,8 +675,7 @@ def _smoke_test(argv=None):
         print(f"      {name:32s} {count:>10,d}")
 
     size, batch = 128, 2
-    optical = torch.rand(batch, 13, size, size, device=device)
-    sar = torch.rand(batch, 2, size, size, device=device)
+    optical, sar = torch.rand(batch, 13, size, size, device=device), torch.rand(batch, 2, size, size, device=device)
     prediction, aux = model(optical, sar, return_aux=True)
     assert prediction.shape == optical.shape and prediction.dtype == torch.float32
     assert aux.confidence.shape == (batch, 1, size, size)
@@ -681,9 +683,7 @@ def _smoke_test(argv=None):
     print(f"Output shape: {tuple(prediction.shape)} == input {tuple(optical.shape)}: OK; "
           f"confidence {tuple(aux.confidence.shape)}")
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for _ in range(3):  # the first step includes one-off allocation and kernel selection
         sync()
