@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1, "datalist": 1, "rasters": 1,
+    "net_CR_temporal": 1,  # the time series network, built on the mono-temporal one's parts
     "cloud_masks": 2, "scanning": 2,  # the data layer: lists and rasters below masks and scenes below the Dataset
     "dataloader": 3, "runtime": 3, "sizing": 3,
     "training_setup": 4,  # the pieces a training run is built from
