@@ -28,17 +28,19 @@ UNCERTAINTY_BAND_DESCRIPTIONS = tuple(f"{band} predicted standard deviation (ref
 
 @torch.no_grad()
 def forward_all(model, cloudy, sar, ctx):
-    """Everything a forward pass gives, float32: {"prediction" (finished), "confidence" (or None), the variances
+    """Everything a forward pass gives, float32: {"prediction" (finished), "confidence" (or None), "date_confidence"
+    (N,T,1,H,W: a time series network's map of each input date, or None), the variances
     (N,13,H,W) "aleatoric" (the uncertainty head's), "epistemic" (an ensemble's spread) and "variance" (their sum,
     the predictive variance), each None where the model has no such part}. ctx: the run's autocast context."""
     with ctx:
         prediction, aux = model(cloudy, sar, return_aux=True)
     log_variance, epistemic, confidence = aux.log_variance, aux.epistemic_variance, aux.confidence
+    date_confidence = None if aux.date_confidence is None else aux.date_confidence.float()
     aleatoric = None if log_variance is None else log_variance.float().exp()
     epistemic = None if epistemic is None else epistemic.float()
     parts = [v for v in (aleatoric, epistemic) if v is not None]
     return {"prediction": bands.finish_s2(prediction),
-            "confidence": None if confidence is None else confidence.float(),
+            "confidence": None if confidence is None else confidence.float(), "date_confidence": date_confidence,
             "aleatoric": aleatoric, "epistemic": epistemic, "variance": sum(parts) if parts else None}
 
 
@@ -98,6 +100,19 @@ def check_scene_pair(cloudy_src, sar_src):
     if problems:
         raise files.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
                                    + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
+
+
+def check_scene_stack(cloudy_srcs, sar_srcs):
+    """check_scene_pair for every date, as many SAR as cloudy images, and every date on the first one's grid."""
+    if len(cloudy_srcs) != len(sar_srcs):
+        raise files.DataError(f"{len(cloudy_srcs)} cloudy and {len(sar_srcs)} SAR images: give one SAR image per "
+                              f"date, in the same order")
+    for cloudy_src, sar_src in zip(cloudy_srcs, sar_srcs):
+        check_scene_pair(cloudy_src, sar_src)
+        problems = rasters.grid_problems(cloudy_src, cloudy_srcs[0])
+        if problems:
+            raise files.DataError(f"{cloudy_src.name} and {cloudy_srcs[0].name} (the first date) are not on the same "
+                                  f"grid: " + "; ".join(problems))
 
 
 def _read_s2(src, window):
@@ -162,10 +177,18 @@ class BlendedStrip:
 
 
 def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx):
-    """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host."""
-    window = lambda x: (y, x, *size)
-    cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x))) for x in xs])
-    sar = np.stack([bands.normalize_s1(_fill(rasters.read_window(sar_src, window(x)), sar_fill)) for x in xs])
+    """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host. Several
+    dates (lists of sources and fills, in date order): tiles of (T, C, th, tw)."""
+    if isinstance(cloudy_src, list):
+        def stacked(read):
+            return np.stack([read(c, s, f) for c, s, f in zip(cloudy_src, sar_src, sar_fill)], axis=1)
+        cloudy = stacked(lambda c, s, f: np.stack([bands.normalize_s2(_read_s2(c, (y, x, *size))) for x in xs]))
+        sar = stacked(lambda c, s, f: np.stack([bands.normalize_s1(_fill(rasters.read_window(s, (y, x, *size)), f))
+                                                for x in xs]))
+    else:
+        window = lambda x: (y, x, *size)
+        cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x))) for x in xs])
+        sar = np.stack([bands.normalize_s1(_fill(rasters.read_window(sar_src, window(x)), sar_fill)) for x in xs])
     out = forward_all(model, torch.from_numpy(cloudy).to(device), torch.from_numpy(sar).to(device), ctx)
     return {k: None if v is None else v.cpu().numpy() for k, v in out.items()}
 
@@ -195,24 +218,31 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
     a variance, with the same weights). Memory is one strip of tiles per output: the weighted sum and weights of
     the rows the current tile row covers (13 x tile x width float32); rows no later tile touches are finished,
     written with a windowed write, and dropped. Input tiles are read with rasterio windows and normalised tile by
-    tile; an S1 NaN gets the band mean of the whole scene (scene_sar_fill_db), as a whole-image pass would give it."""
+    tile; an S1 NaN gets the band mean of the whole scene (scene_sar_fill_db), as a whole-image pass would give it.
+    A time series network (input_t > 1) takes lists of input_t cloudy and SAR paths, in date order, every date on
+    the first cloudy date's grid; the output takes that grid."""
     if tile < 8 or not 0 <= overlap < tile:
         raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     device, out_path = torch.device(device), Path(out_path)
     ctx = runtime.autocast(device, amp_dtype)
     model.eval()
-    with rasters.open_raster(cloudy_path) as cloudy_src, rasters.open_raster(sar_path) as sar_src, \
-            contextlib.ExitStack() as stack:
-        check_scene_pair(cloudy_src, sar_src)
-        height, width = cloudy_src.height, cloudy_src.width
+    series = isinstance(cloudy_path, (list, tuple))
+    with contextlib.ExitStack() as stack:
+        cloudy_srcs = [stack.enter_context(rasters.open_raster(p)) for p in (cloudy_path if series else [cloudy_path])]
+        sar_srcs = [stack.enter_context(rasters.open_raster(p)) for p in (sar_path if series else [sar_path])]
+        check_scene_stack(cloudy_srcs, sar_srcs)
+        cloudy_src = cloudy_srcs if series else cloudy_srcs[0]
+        sar_src = sar_srcs if series else sar_srcs[0]
+        cloudy_path = cloudy_srcs[0].name
+        height, width = cloudy_srcs[0].height, cloudy_srcs[0].width
         ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
         size = (min(tile, height), min(tile, width))
-        sar_fill = scene_sar_fill_db(sar_src)
+        sar_fill = [scene_sar_fill_db(s) for s in sar_srcs] if series else scene_sar_fill_db(sar_src)
         weight = np.outer(feather(size[0], overlap), feather(size[1], overlap))
         products = {"prediction": (out_path, "uint16", None), "variance": (uncertainty_path, "float32",
                                                                          UNCERTAINTY_BAND_DESCRIPTIONS)}
         outputs = {name: stack.enter_context(_scene_output(stack.enter_context(files.atomic_output(path, ".tif")),
-                                                           cloudy_src, dtype, text))
+                                                           cloudy_srcs[0], dtype, text))
                    for name, (path, dtype, text) in products.items() if path is not None}
         strips = {name: BlendedStrip(len(bands.S2_BANDS), size[0], width) for name in outputs}
         bar = tqdm(total=len(ys) * len(xs), desc="tiles", disable=not progress, dynamic_ncols=True)

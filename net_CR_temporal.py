@@ -213,6 +213,20 @@ def mosaic(cloudy, cloud_score):
     return cloudy.gather(1, best.expand(-1, -1, cloudy.shape[2], -1, -1)).squeeze(1)
 
 
+def target_cloud_mask(date_scores):
+    """The target's cloud mask from the dates' cloud scores (N,T,1,H,W) -> (N,1,H,W): the score of the clearest date
+    (min over dates; for binary masks: cloudy on every date). A pixel clear on any date can be taken from that date,
+    as a clear pixel of a single date is passed through; the pixels the network must rebuild, which the cloud-focused
+    loss weighs, the confidence map is taught to mark and the "cloudy pixels" metrics score, are those no date shows."""
+    return date_scores.amin(dim=1)
+
+
+def loss_reference(cloudy, aux):
+    """The cloudy image the loss compares with (a contrastive negative; the cloud map where none is given): the input
+    itself, or for several dates (N,T,13,H,W) the network's base, their clear-weighted mean (detached)."""
+    return cloudy if cloudy.dim() == 4 else aux.corrected.detach()
+
+
 def input_t_of(model):
     """The number of cloudy dates a model takes (1 for the mono-temporal networks)."""
     return getattr(model, "input_t", 1)

@@ -24,6 +24,7 @@ import torch.nn as nn
 
 import clouds
 import net_CR_CrossAttention
+import net_CR_temporal
 from files import DataError, atomic_output
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -245,7 +246,7 @@ def model_config_of(ckpt):
 def build_model_from_checkpoint(ckpt, path="<checkpoint>"):
     """Rebuild the network a checkpoint was trained with and load its weights."""
     try:
-        model = net_CR_CrossAttention.create_model(ckpt["model_name"], **model_config_of(ckpt))
+        model = net_CR_temporal.create_model(ckpt["model_name"], **model_config_of(ckpt))  # input_t > 1: a series
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} does not match model {ckpt.get('model_name')!r}: {e}") from e
@@ -287,6 +288,10 @@ class Ensemble(nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)
+        dates = {net_CR_temporal.input_t_of(m) for m in members}
+        if len(dates) > 1:
+            raise ValueError(f"an ensemble's members must take the same number of dates, got input_t {sorted(dates)}")
+        self.input_t = dates.pop()
         self.sar_input = ",".join(sorted({m.sar_input for m in members}))
         self.config = {"members": [asdict(m.config) for m in members], "sar_input": self.sar_input}
 

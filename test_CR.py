@@ -12,6 +12,13 @@ Protocols (what is scored): --protocol full scores whole 256 x 256 patches (UnCR
 Whole-scene prediction (any raster size; overlapping tiles blended with feathered weights):
     python test_CR.py --predict --checkpoint best.pth --cloudy S2.tif --sar S1.tif --out cloudfree.tif
 
+Several cloudy dates (a checkpoint trained with --input_t N reads N dates per sample from a time series list; its
+--input_t is read from the checkpoint); the per-pixel least-cloudy-date mosaic scored as a baseline without one:
+    python test_CR.py --checkpoint ts.pth --data_list_filepath series.csv --input_data_folder ROOT --save_confidence
+    python test_CR.py --baseline mosaic --input_t 3 --data_list_filepath series.csv --input_data_folder ROOT
+    python test_CR.py --predict --checkpoint ts.pth --cloudy S2_t0.tif S2_t1.tif S2_t2.tif \\
+        --sar S1_t0.tif S1_t1.tif S1_t2.tif --out cloudfree.tif
+
 Predicted uncertainty (a model with the uncertainty head, or several checkpoints as an ensemble) is scored beside
 the prediction and written with --save_uncertainty (docs/uncertainty.md).
 
@@ -43,6 +50,7 @@ import datalist
 import dataloader
 import files
 import inference
+import net_CR_temporal
 import quicklooks
 import rasters
 import runtime
@@ -67,6 +75,8 @@ def main(argv=None):
         raise runtime.UsageError(f"--batch_sz must be at least 1, got {args.batch_sz}")
     if args.save_first is not None and args.save_first < 0:
         raise runtime.UsageError(f"--save_first must be 0 or more, got {args.save_first}")
+    if bool(args.checkpoint) == bool(args.baseline) or (args.baseline and args.predict):
+        raise runtime.UsageError("pass --checkpoint (a trained model) or, to evaluate a list, --baseline mosaic")
     if args.predict:
         predict(args)
     else:
@@ -108,6 +118,8 @@ def ensure_writable_dir(folder, what):
 def uncertainty_source(model):
     """What the model's uncertainty is made of, in words, or None when it predicts none."""
     members = getattr(model, "members", None)
+    if model is None:  # a baseline
+        return None
     if members is not None:
         parts = ("aleatoric + epistemic" if all(getattr(m.config, "use_uncertainty_head", False) for m in members)
                  else "epistemic")
@@ -161,6 +173,11 @@ def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
         if args.save_confidence and confidence is not None:
             rasters.write_float_geotiff(results / "confidence" / f"{stem}.tif", confidence[i].cpu(), crs, transform,
                                            description="cloud confidence (0 clear .. 1 cloudy)")
+        if args.save_confidence and out.get("date_confidence") is not None:  # one band per input date
+            rasters.write_float_geotiff(results / "confidence" / f"{stem}_dates.tif", out["date_confidence"][i, :, 0]
+                                        .cpu(), crs, transform, description=[
+                                            f"cloud confidence of input date {t} (0 clear .. 1 cloudy)"
+                                            for t in range(out["date_confidence"].shape[1])])
         if args.save_uncertainty:  # setup_evaluation made sure the model predicts one
             rasters.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
                                            description=inference.UNCERTAINTY_BAND_DESCRIPTIONS)
@@ -213,7 +230,9 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         members = [row for row in per_image if scoring.cover_bin(row["cloud_cover"]) == name]
         bins[name] = {"n": len(members), "mean": scoring.summarise(members)}
     return {
-        **describe_checkpoints(args.checkpoint, run.ckpt),
+        **(describe_checkpoints(args.checkpoint, run.ckpt) if run.model is not None else
+           {"checkpoint": None, "model_name": f"{args.baseline} baseline", "epoch": None}),
+        "input_t": args.input_t,
         "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
         # What was scored: "full" (whole patches), "glfcr" (centred 128 of 256) or "custom" (other sizes).
         "protocol": args.protocol, "load_size": args.load_size, "crop_size": args.crop_size,
@@ -223,10 +242,11 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         # The binary mask behind the cloudy/clear scores and bins, and the list's split rule and leak check: what a
         # reader needs to tell whether two runs' figures compare.
         "cloud_mask": cloud_masks.describe_cloud_mask(args.cloud_detector, args.cloud_threshold, args.cloud_mask_dir),
-        "split_rule": run.leaks.split_rule, "leak_check": run.leaks.to_json(),
+        "split_rule": "the time series list's split (dataloader.get_ts_train_val_test)" if run.leaks is None else
+        run.leaks.split_rule, "leak_check": None if run.leaks is None else run.leaks.to_json(),
         "device": str(run.device), "amp": runtime.amp_name(run.amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
-        "sar_input": run.model.sar_input,
+        "sar_input": None if run.model is None else run.model.sar_input,
         "clamping": "prediction clamped to [0,1] and rounded to the uint16 x10000 grid before scoring and saving",
         "mean": scoring.summarise(per_image), "cloud_cover_bins": bins,
         "confidence": scoring.summarise_confidence(totals),
@@ -309,6 +329,40 @@ def resolve_eval_flags(args):
     return args
 
 
+def resolve_input_t(args):
+    """Dates per sample: --input_t where given (--baseline mosaic needs N > 1), else the first checkpoint's
+    model_config (1 where it holds none, as in every checkpoint of a single-date run). A checkpoint that cannot be
+    read is reported by the load that follows, together with the other inputs' problems."""
+    if args.baseline and (args.input_t is None or args.input_t < 2):
+        raise runtime.UsageError("--baseline mosaic picks each pixel among several dates: pass --input_t N, N >= 2")
+    if args.baseline and args.cloud_detector == "none":
+        raise runtime.UsageError("--baseline mosaic ranks the dates by their cloud score: choose a --cloud_detector")
+    if args.input_t is not None:
+        if args.input_t < 1:
+            raise runtime.UsageError(f"--input_t must be at least 1, got {args.input_t}")
+        return args.input_t
+    try:
+        return runtime.load_checkpoint(args.checkpoint[0])["model_config"].get("input_t", 1)
+    except runtime.USER_ERRORS:
+        return 1
+
+
+def read_series(args):
+    """The --split time series of a time series list, each file present (a DataError naming it otherwise)."""
+    if args.cloud_mask_dir:
+        raise runtime.UsageError("--cloud_mask_dir holds masks of single dates; with several dates the time series "
+                                 "dataset runs --cloud_detector on every date")
+    series = dict(zip(("train", "val", "test"), dataloader.get_ts_train_val_test(args.data_list_filepath)))[args.split]
+    if not series:
+        raise files.DataError(f"{args.data_list_filepath}: the {args.split} split holds no time series")
+    root = rasters.data_root(args.input_data_folder)
+    for ts in series:
+        for rel in (*ts.s1, *ts.s2):
+            if not (root / rel).is_file():
+                raise files.DataError(f"{root / rel}: file listed in {args.data_list_filepath} not found")
+    return series
+
+
 @dataclass
 class Evaluation:
     """What setup_evaluation prepares for an evaluation run."""
@@ -316,10 +370,10 @@ class Evaluation:
     made: Path | None  # the outermost folder this run created (None: it existed)
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype; None: float32
-    model: torch.nn.Module  # the network, or the ensemble of several checkpoints
-    ckpt: dict | list[dict]  # the checkpoint, or the ensemble's checkpoints
+    model: torch.nn.Module | None  # the network, or the ensemble of several checkpoints; None: --baseline
+    ckpt: dict | list[dict] | None  # the checkpoint, or the ensemble's checkpoints
     loader: DataLoader
-    leaks: scanning.LeakReport
+    leaks: scanning.LeakReport | None  # None: a time series list (its split is the published one, by region)
 
 
 def setup_evaluation(args: argparse.Namespace) -> Evaluation:
@@ -340,25 +394,50 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
                                       f"the {args.split} split of {args.data_list_filepath}")
         return rows
 
+    args.input_t = resolve_input_t(args)
     _, rows, (model, ckpt) = runtime.check_together(
-        lambda: [ensure_writable_dir(folder, "--results_dir") for folder in folders], read_rows,
-        lambda: runtime.load_models(args.checkpoint, device))
+        lambda: [ensure_writable_dir(folder, "--results_dir") for folder in folders],
+        read_rows if args.input_t == 1 else lambda: read_series(args),
+        lambda: (None, None) if args.baseline else runtime.load_models(args.checkpoint, device))
     check_uncertainty_wanted(args, model)
-    dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
-                                          load_size=args.load_size, augment=False,
-                                          cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold,
-                                          cloud_mask_dir=args.cloud_mask_dir)
+    if model is not None and net_CR_temporal.input_t_of(model) != args.input_t:
+        raise runtime.UsageError(f"{args.checkpoint[0]} takes {net_CR_temporal.input_t_of(model)} date(s) (its "
+                                 f"model_config); --input_t {args.input_t} disagrees: leave --input_t out")
+    if args.input_t == 1:
+        dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
+                                              load_size=args.load_size, augment=False,
+                                              cloud_detector=args.cloud_detector,
+                                              cloud_threshold=args.cloud_threshold, cloud_mask_dir=args.cloud_mask_dir)
+    else:
+        dataset = dataloader.SEN12MSCRTSDataset(rows, args.input_data_folder, input_t=args.input_t,
+                                                crop_size=args.crop_size, load_size=args.load_size, augment=False,
+                                                cloud_detector=args.cloud_detector,
+                                                cloud_threshold=args.cloud_threshold)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    leaks = scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder)
-    warning = scanning.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
-    if warning:
-        print(warning + " (recorded in summary.json)", file=sys.stderr)
+    leaks = None  # a time series list keeps the published split by region (dataloader.get_ts_train_val_test)
+    if args.input_t == 1:
+        leaks = scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder)
+        warning = scanning.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
+        if warning:
+            print(warning + " (recorded in summary.json)", file=sys.stderr)
     made = files.outermost_new_folder(results)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     return Evaluation(results=results, made=made, device=device, amp_dtype=amp_dtype, model=model, ckpt=ckpt,
                       loader=loader, leaks=leaks)
+
+
+def mosaic_outputs(cloudy, cloud_mask):
+    """--baseline mosaic's outputs as inference.forward_all gives a model's: the finished mosaic, nothing else."""
+    return {"prediction": bands.finish_s2(net_CR_temporal.mosaic(cloudy, cloud_mask)), "confidence": None,
+            "date_confidence": None, "aleatoric": None, "epistemic": None, "variance": None}
+
+
+def series_batch(batch):
+    """A time series batch as scoring reads a single date's: its cloud truth (N,T,2,H,W) becomes the target's, the
+    least opacity and shadow over the dates (net_CR_temporal.target_cloud_mask's rule)."""
+    return {**batch, "cloud_truth": batch["cloud_truth"].amin(dim=1)} if "cloud_truth" in batch else batch
 
 
 def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, totals: scoring.Totals) -> list[dict]:
@@ -368,13 +447,18 @@ def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, 
     device, first_index = run.device, len(totals.rows)
     cloudy, target, sar, cloud_mask = (batch[k].to(device) for k in
                                        ("cloudy_data", "cloudfree_data", "SAR_data", "cloud_mask"))
+    series = cloudy.dim() == 5  # several dates: the input "as it is" is their mosaic, scored where no date is clear
     t0 = time.perf_counter()
-    out = inference.forward_all(run.model, cloudy, sar, ctx)
+    out = mosaic_outputs(cloudy, cloud_mask) if run.model is None else inference.forward_all(run.model, cloudy, sar,
+                                                                                             ctx)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     prediction, confidence = out["prediction"], out["confidence"]
-    identity = bands.finish_s2(cloudy)
+    identity = bands.finish_s2(net_CR_temporal.mosaic(cloudy, cloud_mask) if series else cloudy)
+    if series:
+        cloud_mask, batch = net_CR_temporal.target_cloud_mask(cloud_mask), series_batch(batch)
+        cloudy, sar = identity, sar[:, 0]  # what the quicklooks show: the mosaic and the first date's radar
     scores = {"model": scoring.score_batch(prediction, target, cloud_mask, args.cloud_threshold),
               "identity": scoring.score_batch(identity, target, cloud_mask, args.cloud_threshold)}
     # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
@@ -421,7 +505,8 @@ def evaluate(args):
         summary["uncertainty"]["calibration_plot"] = str(quicklooks.save_calibration_plot(results / "calibration.png",
                                                                                           summary["uncertainty"]))
     write_results(results, totals.rows, summary)
-    print(f"{summary['model_name']} from {' '.join(map(str, args.checkpoint))} on {len(totals.rows)} {args.split} "
+    print(f"{summary['model_name']} from {' '.join(map(str, args.checkpoint or ['no checkpoint']))} on "
+          f"{len(totals.rows)} {args.split} "
           f"images "
           f"({args.data_list_filepath}); protocol {args.protocol}, device {device}, "
           f"{runtime.describe_amp(args.amp, device)[0]}")
@@ -451,11 +536,11 @@ def check_predict_output(args):
     for path, flag in [(out, "--out")] + ([(uncertainty_output_path(out), "--save_uncertainty's output")]
                                           if args.save_uncertainty else []):
         for given_flag in ("cloudy", "sar"):
-            given = Path(getattr(args, given_flag))
-            same = path.exists() and given.exists() and os.path.samefile(path, given)
-            if path.resolve() == given.resolve() or same:
-                raise runtime.UsageError(f"{flag} {path} is the --{given_flag} input: writing there would destroy it; "
-                                         f"choose another --out")
+            for given in map(Path, getattr(args, given_flag)):
+                same = path.exists() and given.exists() and os.path.samefile(path, given)
+                if path.resolve() == given.resolve() or same:
+                    raise runtime.UsageError(f"{flag} {path} is a --{given_flag} input: writing there would destroy "
+                                             f"it; choose another --out")
         if path.is_dir():
             raise runtime.UsageError(f"{flag} {path} is a folder; give --out a file name, e.g. --out "
                                      f"{out / 'cloudfree.tif'}")
@@ -476,14 +561,20 @@ def predict(args):
     device, amp_dtype = resolve_device_and_amp(args)
 
     def check_scene():
-        with rasters.open_raster(args.cloudy) as cloudy_src, rasters.open_raster(args.sar) as sar_src:
-            inference.check_scene_pair(cloudy_src, sar_src)
+        for cloudy, sar in zip(args.cloudy, args.sar):
+            with rasters.open_raster(cloudy) as cloudy_src, rasters.open_raster(sar) as sar_src:
+                inference.check_scene_pair(cloudy_src, sar_src)
 
     _, (model, ckpt) = runtime.check_together(check_scene, lambda: runtime.load_models(args.checkpoint, device))
     check_uncertainty_wanted(args, model)
+    dates = net_CR_temporal.input_t_of(model)
+    if len(args.cloudy) != dates or len(args.sar) != dates:
+        raise runtime.UsageError(f"{args.checkpoint[0]} takes {dates} date(s): pass --cloudy and --sar {dates} "
+                                 f"GeoTIFF(s) each, in date order (got {len(args.cloudy)} and {len(args.sar)})")
+    cloudy, sar = (args.cloudy, args.sar) if dates > 1 else (args.cloudy[0], args.sar[0])
     uncertainty = uncertainty_output_path(args.out) if args.save_uncertainty else None
     t0 = time.perf_counter()
-    out = inference.predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
+    out = inference.predict_scene(model, cloudy, sar, args.out, tile=args.tile, overlap=args.overlap,
                         batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype, uncertainty_path=uncertainty)
     what = describe_checkpoints(args.checkpoint, ckpt)
     print(f"wrote {out}{f' and {uncertainty}' if uncertainty else ''} ({time.perf_counter() - t0:.1f} s; "
@@ -504,10 +595,17 @@ def parse_bool(text):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=dataloader.HelpFormatter)
-    p.add_argument("--checkpoint", required=True, nargs="+",
+    p.add_argument("--checkpoint", nargs="+", default=None,
                    help="checkpoint written by train_CR_kaggle.py (last.pth or best.pth); the network is rebuilt "
                         "from it, no architecture flags needed. Several: an ensemble, scored on the mean of their "
                         "predictions, with their spread as the epistemic part of the uncertainty")
+    p.add_argument("--baseline", default=None, choices=["mosaic"],
+                   help="score a parameter-free baseline instead of a checkpoint: mosaic = each pixel from the input "
+                        "date the --cloud_detector scores least cloudy (needs --input_t N > 1)")
+    p.add_argument("--input_t", type=int, default=None,
+                   help="cloudy dates per sample: a checkpoint's own (its model_config; None: read from there), or "
+                        "what --baseline mosaic picks among; N > 1 reads a time series list "
+                        "(dataloader.get_ts_train_val_test)")
     runtime.add_shared_flag(p, "device")
     runtime.add_shared_flag(p, "amp", note="here the autocast of inference")
     p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
@@ -556,8 +654,12 @@ def build_parser():
                         "or several checkpoints")
     g = p.add_argument_group("whole-scene prediction")
     g.add_argument("--predict", action="store_true", help="predict one whole scene instead of evaluating a list")
-    g.add_argument("--cloudy", default=None, help="--predict: cloudy Sentinel-2 GeoTIFF (13 bands, reflectance x10000)")
-    g.add_argument("--sar", default=None, help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid")
+    g.add_argument("--cloudy", nargs="+", default=None,
+                   help="--predict: cloudy Sentinel-2 GeoTIFF (13 bands, reflectance x10000); a checkpoint trained "
+                        "with --input_t N takes N of them, in date order, all on one grid")
+    g.add_argument("--sar", nargs="+", default=None,
+                   help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid; one per --cloudy date, in "
+                        "the same order")
     g.add_argument("--out", default=None, help="--predict: output GeoTIFF (13 bands, uint16 x10000); never an input")
     g.add_argument("--overwrite", action="store_true", help="--predict: replace --out if it exists")
     g.add_argument("--tile", type=int, default=256, help="--predict: tile side in pixels")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 import dataloader
 import losses
 import net_CR_CrossAttention
+import net_CR_temporal
 import runtime
 import sizing
 import training
@@ -308,6 +309,14 @@ def _model_flags(p):
         else:
             g.add_argument(f"--{f.name}", default=f.default, choices=list(f.metadata["choices"]),
                            help=f.metadata["help"])
+    g.add_argument("--input_t", type=int, default=1,
+                   help="cloudy dates per sample (issue 30): 1 = one date, today's network and data list; N > 1 = the "
+                        "time series network (net_CR_temporal.py) on a time series list (dataloader.SEN12MSCRTSDataset"
+                        "), stored in the checkpoint")
+    g.add_argument("--date_chunk", type=int, default=net_CR_temporal.TemporalConfig.date_chunk,
+                   help="--input_t > 1: dates encoded in one pass, recomputed in the backward pass instead of kept "
+                        "(activation checkpointing; 0 = all dates in one pass, kept: faster, more memory). Changes "
+                        "memory and time, not the numbers")
 
 
 def _optimisation_flags(p):

@@ -42,7 +42,9 @@ def test_every_flag_has_help(name, parser):
 
 # Flags of both scripts that mean different things in each, so each script defines its own.
 DIFFERENT_MEANING = {"batch_sz": "training: samples per process, or auto; evaluation: images per forward pass",
-                     "crop_size": "training: a random crop to train on; evaluation: the centred crop scored"}
+                     "crop_size": "training: a random crop to train on; evaluation: the centred crop scored",
+                     "input_t": "training: the dates of the network to build (default 1, today's network); "
+                                "evaluation: read from the checkpoint, given for --baseline mosaic"}
 
 
 def _flags(parser):
