@@ -1,5 +1,6 @@
 """Cloud mask folders: detector masks computed once (`python dataloader.py masks`), their masks.json, and reading
-them back."""
+them back; the per-date cloud coverage of time series, computed once into a cache (`python dataloader.py coverage`)."""
+import contextlib
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import rasterio
 import torch
 
 from bands import S2_BANDS, normalize_s2
-from clouds import BINARY_DETECTORS, CLOUD_DETECTORS, cloud_score, detector_settings
+from clouds import BINARY_DETECTORS, CLOUD_DETECTORS, CLOUD_THRESHOLD, cloud_score, detector_settings
 from files import DataError, outermost_new_folder, write_text_atomic
 from rasters import (
     GDAL_READ_OPTIONS,
@@ -166,3 +167,102 @@ def make_cloud_masks(triplets, root, out_dir, detector, workers=None, progress=T
     write_text_atomic(info, meta)
     partial.unlink(missing_ok=True)
     return made, len(triplets) - len(jobs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-date cloud coverage of time series (SEN12MS-CR-TS), computed once into one JSON file that names its detector
+
+COVERAGE_DETECTOR = "s2cloudless"  # the published protocol's (UnCRtainTS SEN12MSCRTS, cloud_masks="s2cloudless_mask")
+COVERAGE_SAVE_EVERY = 256  # dates between the cache's atomic rewrites, so an interrupted run resumes from there
+
+
+def date_coverage(s2_path, detector=COVERAGE_DETECTOR, threshold=CLOUD_THRESHOLD):
+    """Cloudy fraction of a whole Sentinel-2 raster, as the published loader's get_cloud_map and np.mean make it:
+    the detector's binary mask (a soft score thresholded at `threshold`), and a blank raster (DN clipped to
+    [0, 10000] with mean and standard deviation below 1e-5) counts as fully cloudy, as theirs does."""
+    with rasterio.Env(**GDAL_READ_OPTIONS), open_raster(s2_path) as src:
+        check_bands(src, len(S2_BANDS))
+        dn = np.clip(read_window(src, None).astype(np.float32), 0, 10000)
+    if dn.mean() < 1e-5 and dn.std() < 1e-5:
+        return 1.0
+    score = cloud_score(normalize_s2(dn), detector)
+    mask = score if detector in BINARY_DETECTORS else score >= threshold
+    return float(np.mean(mask.astype(np.float32)))
+
+
+def _coverage_worker(job):
+    try:
+        return job[0], date_coverage(*job[1:]), None
+    except DataError as e:
+        return job[0], None, str(e)
+
+
+def read_coverage_cache(cache_path):
+    """(meta, {S2 path relative to the root: coverage}) of a coverage cache; DataError for a file that is not one."""
+    try:
+        data = json.loads(Path(cache_path).read_text())
+        return {k: v for k, v in data.items() if k != "coverage"}, dict(data["coverage"])
+    except FileNotFoundError:
+        raise DataError(f"coverage cache not found: {cache_path}; make it with python dataloader.py coverage") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{cache_path}: not a coverage cache ({e}); make it with python dataloader.py coverage") \
+            from None
+
+
+def _coverage_meta(detector, threshold):
+    return {"detector": detector, "settings": detector_settings(detector, threshold),
+            "coverage_of": "mean of the binary cloud mask of the whole S2 raster (blank raster: 1.0)"}
+
+
+def coverage_for(series, cache_path):
+    """{S2 relative path: coverage} of every date of `series` from a cache, and the cache's detector; DataError naming
+    the first date the cache lacks."""
+    meta, coverage = read_coverage_cache(cache_path)
+    missing = [p for s in series for p in s.s2 if p not in coverage]
+    if missing:
+        raise DataError(f"{cache_path}: no coverage of {missing[0]} ({len(missing)} dates missing); run python "
+                        f"dataloader.py coverage again with --out {cache_path} (it adds what is missing)")
+    return coverage, meta["detector"]
+
+
+def make_coverage_cache(series, root, cache_path, detector=COVERAGE_DETECTOR, threshold=CLOUD_THRESHOLD,
+                        workers=None, progress=True):
+    """Compute the coverage of every date of `series` once into cache_path (JSON, written atomically every
+    COVERAGE_SAVE_EVERY dates and at the end), adding to an existing cache of the same detector and settings and
+    refusing one of another. Returns (coverage dict, made, already there)."""
+    import multiprocessing
+
+    from tqdm.auto import tqdm
+
+    if detector not in MASK_DETECTORS:
+        raise ValueError(f"detector must be one of {MASK_DETECTORS}, got {detector!r}")
+    meta, coverage = _coverage_meta(detector, threshold), {}
+    if Path(cache_path).is_file():
+        old, coverage = read_coverage_cache(cache_path)
+        if old.get("settings") != meta["settings"]:
+            raise DataError(f"{cache_path} holds coverage by {old.get('settings')}; use another --out for "
+                            f"{meta['settings']}")
+    jobs = sorted({p for s in series for p in s.s2} - set(coverage))
+    jobs = [(rel, Path(root) / rel, detector, threshold) for rel in jobs]
+
+    def save():
+        write_text_atomic(cache_path, json.dumps({**meta, "coverage": dict(sorted(coverage.items()))}, indent=1))
+
+    failed, workers = [], max(1, min(workers or os.cpu_count() or 1, len(jobs) or 1))
+    with contextlib.ExitStack() as stack:  # one worker: in this process (no pool to start)
+        pool = None if workers == 1 else stack.enter_context(
+            multiprocessing.get_context("spawn").Pool(workers, initializer=_init_mask_worker))
+        done = map(_coverage_worker, jobs) if pool is None else pool.imap_unordered(_coverage_worker, jobs, 4)
+        for n, (rel, value, problem) in enumerate(tqdm(done, total=len(jobs), desc=f"{detector} coverage",
+                                                       disable=not progress or not jobs, dynamic_ncols=True), 1):
+            if problem:
+                failed.append(problem)
+            else:
+                coverage[rel] = value
+            if n % COVERAGE_SAVE_EVERY == 0:
+                save()
+    save()
+    if failed:
+        raise DataError(f"{failed[0]} ({len(failed)} of {len(jobs)} dates not done; the others are kept in "
+                        f"{cache_path}: fix the file and run the same command again)")
+    return coverage, len(jobs), sum(len(s.s2) for s in series) - len(jobs)

@@ -1,6 +1,8 @@
-"""The data list: Triplet, and reading, selecting and writing the list files (GLF-CR 5-column, Kaggle 7-column)."""
+"""The data lists: Triplet and TimeSeries, and reading, selecting and writing the list files (GLF-CR 5-column, Kaggle
+7-column, the time-series list)."""
 import csv
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +106,9 @@ def read_data_list(csv_path):
     if rows and not _is_split(rows[0][1][0]) and not any(c.strip().lower().endswith((".tif", ".tiff"))
                                                          for c in rows[0][1]):
         header = [c.strip() for c in rows.pop(0)[1]]
+        if tuple(header) == TS_HEADER:
+            raise DataError(f"{csv_path}: a time-series list (SEN12MS-CR-TS), not a list of triplets; read it with "
+                            f"read_ts_list (training and evaluation: --input_t 2 or more)")
         # pandas' to_csv without index=False writes an unnamed first column of row numbers
         index_column = len(header) in (6, 8) and header[0] in ("", "Unnamed: 0", "index")
     if rows and all(len(row) == 1 for _, row in rows):
@@ -148,4 +153,95 @@ def write_data_list(path, triplets):
             w.writerow([t.split, os.path.dirname(t.s1), os.path.dirname(t.s2_cloudfree),
                         os.path.dirname(t.s2_cloudy), os.path.basename(t.s2_cloudfree),
                         os.path.basename(t.s1), os.path.basename(t.s2_cloudy)])
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Time series (SEN12MS-CR-TS): one row per date, the rows of a series together in time order
+
+TS_HEADER = ("split", "roi", "patch", "t", "date", "s1", "s2")
+TS_FORMAT = ("a time-series list: header " + ",".join(TS_HEADER) + ", one row per date (split 1/2/3, ROI such as "
+             "ROIs1970/20, patch number, date index t, Sentinel-2 date YYYY-MM-DD, S1 and S2 paths relative to the "
+             "data root)")
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+@dataclass(frozen=True)
+class TimeSeries:
+    """One patch of a SEN12MS-CR-TS ROI over its dates; paths relative to the data root, one per date, in time
+    order. dates are the Sentinel-2 acquisition dates (an S1 file's own date is in its name); t the date indices
+    (the layout's folder numbers, 0..29)."""
+    split: int
+    roi: str
+    patch: int
+    s1: tuple
+    s2: tuple
+    dates: tuple
+    t: tuple = ()
+
+    @property
+    def name(self):
+        """ROIs1970_20_patch_12: names what is written for this series."""
+        return f"{self.roi.replace('/', '_')}_patch_{self.patch}"
+
+
+def _ts_row(row, where):
+    """A 7-column time-series row -> (split, roi, patch, t, date, s1, s2); DataError naming `where`."""
+    if len(row) != len(TS_HEADER):
+        raise DataError(f"{where}: expected {len(TS_HEADER)} columns ({','.join(TS_HEADER)}), got {len(row)}: {row}")
+    split, roi, patch, t, date, s1, s2 = (c.strip() for c in row)
+    split = str(SPLIT_WORDS.get(split.lower(), split))
+    if split not in ("1", "2", "3"):
+        raise DataError(f"{where}: split must be 1 (train), 2 (val) or 3 (test), got {split!r}")
+    if not (patch.isdigit() and t.isdigit()):
+        raise DataError(f"{where}: patch and t must be whole numbers, got {patch!r} and {t!r}")
+    if not _DATE_RE.match(date):
+        raise DataError(f"{where}: date must be YYYY-MM-DD, got {date!r}")
+    if not (roi and s1 and s2):
+        raise DataError(f"{where}: empty ROI or file name in {row}")
+    return int(split), roi, int(patch), int(t), date, s1, s2
+
+
+def read_ts_list(csv_path):
+    """Read a time-series list (TS_FORMAT, what `dataloader.py scan` writes for a SEN12MS-CR-TS tree) -> list of
+    TimeSeries in file order. A malformed row, a date index listed twice, dates out of order or one series in two
+    splits is a DataError naming file:line."""
+    csv_path = Path(csv_path)
+    lines = _list_text(csv_path).splitlines()
+    rows = [(n, row) for n, row in enumerate(csv.reader(lines, delimiter=_list_delimiter(lines[0] if lines else "")),
+                                             start=1) if row and "".join(row).strip()]
+    if not rows or tuple(c.strip() for c in rows[0][1]) != TS_HEADER:
+        first = ",".join(rows[0][1]) if rows else "(empty)"
+        raise DataError(f"{csv_path}:1: not a time-series list (first row {first!r}); read: {TS_FORMAT}")
+    series, first_line = {}, {}
+    for lineno, row in rows[1:]:
+        where = f"{csv_path}:{lineno}"
+        split, roi, patch, t, date, s1, s2 = _ts_row(row, where)
+        key = (roi, patch)
+        dates = series.setdefault(key, {"split": split, "dates": []})
+        first_line.setdefault(key, lineno)
+        if dates["split"] != split:
+            raise DataError(f"{where}: {roi} patch {patch} is in split {split} here and split {dates['split']} on "
+                            f"line {first_line[key]}: a series belongs to one split")
+        if dates["dates"] and t <= dates["dates"][-1][0]:
+            raise DataError(f"{where}: {roi} patch {patch}: date index t={t} after t={dates['dates'][-1][0]}; list "
+                            f"a series' dates once each, in time order")
+        if dates["dates"] and date < dates["dates"][-1][1]:
+            raise DataError(f"{where}: {roi} patch {patch}: date {date} before {dates['dates'][-1][1]}")
+        dates["dates"].append((t, date, s1, s2))
+    if not series:
+        raise DataError(f"{csv_path}: no data rows")
+    return [TimeSeries(v["split"], roi, patch, tuple(d[2] for d in v["dates"]), tuple(d[3] for d in v["dates"]),
+                       tuple(d[1] for d in v["dates"]), tuple(d[0] for d in v["dates"]))
+            for (roi, patch), v in series.items()]
+
+
+def write_ts_list(path, series):
+    """Write a time-series list (TS_FORMAT), atomically."""
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(TS_HEADER)
+        for s in series:
+            for i, (date, s1, s2) in enumerate(zip(s.dates, s.s1, s.s2)):
+                w.writerow([s.split, s.roi, s.patch, s.t[i] if s.t else i, date, s1, s2])
     return Path(path)

@@ -6,6 +6,9 @@
     python dataloader.py scan ROOT --out data.csv --split official-substring  # the published loaders' rule
     python dataloader.py check data.csv --input_data_folder ROOT --strict  # scenes/footprints shared by splits
     python dataloader.py masks --data_list_filepath data.csv --input_data_folder ROOT --out masks   # once
+    python dataloader.py synth OUT --n 12 --time_series 6          # SEN12MS-CR-TS-like series (TS layout)
+    python dataloader.py scan TS_ROOT --out ts.csv --split official # a SEN12MS-CR-TS tree -> a time-series list
+    python dataloader.py coverage --data_list_filepath ts.csv --input_data_folder TS_ROOT --out coverage.json
 
 The dataset returns the dict keys of the GLF-CR code (cloudy_data, cloudfree_data, SAR_data, cloud_mask,
 file_name) so notebooks written against GLF-CR keep working; GLF-CR's entry points
@@ -32,9 +35,19 @@ from torch.utils.data import Dataset
 import splits
 import synthetic
 from bands import denormalize_s2, normalize_s1, normalize_s2
-from cloud_masks import MASK_DETECTORS, check_mask_dir, make_cloud_masks, read_mask
+from cloud_masks import (
+    COVERAGE_DETECTOR,
+    MASK_DETECTORS,
+    check_mask_dir,
+    coverage_for,
+    date_coverage,
+    make_cloud_masks,
+    make_coverage_cache,
+    read_mask,
+)
 from clouds import CLOUD_DETECTORS, CLOUD_THRESHOLD, cloud_score, detector_margin
-from datalist import Triplet, read_data_list, row_to_triplet, write_data_list
+from datalist import TimeSeries, Triplet, read_data_list, read_ts_list, row_to_triplet, write_data_list, write_ts_list
+from date_sampling import DEFAULT_SAMPLER, MAX_COVERAGE, MIN_COVERAGE, SAMPLERS, published_leaks, sample_dates
 from files import DataError
 from rasters import (
     GDAL_READ_OPTIONS,
@@ -46,17 +59,22 @@ from rasters import (
     read_window,
     truth_available,
     truth_path,
+    ts_truth_path,
     write_geotiff,
 )
 from scanning import (
     LAYOUTS_READ,
+    TS_LAYOUT,
     check_leaks,
     format_scenes,
     scan_folder,
+    scan_ts_folder,
     scene_of,
     split_by_scene,
     split_official,
     split_official_substring,
+    split_ts_by_roi,
+    split_ts_official,
 )
 from splits import SPLIT_IDS, SPLIT_NAMES
 
@@ -246,6 +264,134 @@ class AlignedDataset(SEN12MSCRDataset):
             random_crop=not getattr(opts, "is_test", False))
 
 
+class SEN12MSCRTSDataset(SEN12MSCRDataset):
+    """SEN12MS-CR-TS time series (datalist.TimeSeries): `input_t` cloudy dates, each with its radar, and the target
+    date's Sentinel-2. The dates come from each date's cloud coverage by a sampler of date_sampling.SAMPLERS
+    ("leak_free", the default, never gives the target as an input; "published" is UnCRtainTS's fixed sampler as
+    written) with min_cov/max_cov. Coverage is read from `coverage_cache` (made once by `python dataloader.py
+    coverage`, which names its detector) or, without one, computed per item with `coverage_detector` from every date
+    of the series (the published loader's on-the-fly mode: slow on real data).
+    crop_size, load_size, augment, random_crop, cloud_detector, cloud_threshold, crop_flag and s2_encoding mean what
+    they mean in SEN12MSCRDataset; the crop and the flips are the same for every date. Every date's files are checked
+    from their headers (bands, the grid of the first input date) and pixels (check_s2_encoding); errors name files.
+    Items: cloudy_data (T,13,H,W), SAR_data (T,2,H,W), cloud_mask and cloud_binary (T,1,H,W), cloudfree_data
+    (13,H,W), cloud_truth (T,2,H,W) where every date has a true cloud map (synthetic series, rasters.ts_truth_path),
+    input_coverage (T,), file_name (the target's), cloudy_path (the first input's), window, input_dates, target_date.
+    """
+
+    def __init__(self, series, root, input_t=3, crop_size=None, load_size=None, augment=False, cloud_detector="rule",
+                 cloud_threshold=CLOUD_THRESHOLD, random_crop=None, sampler=DEFAULT_SAMPLER, min_cov=MIN_COVERAGE,
+                 max_cov=MAX_COVERAGE, coverage_cache=None, coverage_detector=COVERAGE_DETECTOR,
+                 crop_flag="--crop_size", s2_encoding="float"):
+        self.series = list(series)
+        if not self.series:
+            raise DataError(f"no samples: the list of time series for data root {root} is empty")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; use one of {tuple(SAMPLERS)}")
+        self.input_t, self.sampler, self.min_cov, self.max_cov = int(input_t), sampler, min_cov, max_cov
+        short = [s for s in self.series if len(s.s2) <= self.input_t]
+        if self.input_t < 1 or short:
+            raise DataError(f"--input_t {input_t}: needs at least {self.input_t + 1} dates per series (inputs and a "
+                            f"target); {short[0].roi} patch {short[0].patch} has {len(short[0].s2)}" if short else
+                            f"--input_t must be at least 1, got {input_t}")
+        # the first date of each series stands in as a triplet, so the parent checks the options and warns once
+        super().__init__([Triplet(s.split, s.s1[0], s.s2[0], s.s2[0]) for s in self.series], root,
+                         crop_size=crop_size, load_size=load_size, augment=augment, cloud_detector=cloud_detector,
+                         cloud_threshold=cloud_threshold, random_crop=random_crop, crop_flag=crop_flag,
+                         s2_encoding=s2_encoding)
+        self.coverage_detector, self.coverage = coverage_detector, {}
+        if coverage_cache is not None:
+            self.coverage, self.coverage_detector = coverage_for(self.series, coverage_cache)
+        self.with_truth = self._truth_available()
+
+    def __len__(self):
+        return len(self.series)
+
+    def _truth_available(self):
+        """True when every date of every series has a true cloud map, False when the first date has none."""
+        truths = [ts_truth_path(rel) for s in self.series for rel in s.s2]
+        if truths[0] is None or not (self.root / truths[0]).is_file():
+            return False
+        missing = next((t for t in truths if t is None or not (self.root / t).is_file()), False)
+        if missing is not False:
+            raise DataError(f"{self.root / str(missing)}: no true cloud map, while other dates have one; make the "
+                            f"set again or remove the cloud_truth folders")
+        return True
+
+    def date_choice(self, index):
+        """The date_sampling.DateChoice of series `index`, and the coverage of its dates."""
+        s = self.series[index]
+        for rel in s.s2:
+            if rel not in self.coverage:
+                self.coverage[rel] = date_coverage(self.root / rel, self.coverage_detector, self.cloud_threshold)
+        coverage = [self.coverage[rel] for rel in s.s2]
+        return sample_dates(coverage, self.input_t, self.sampler, self.min_cov, self.max_cov), coverage
+
+    def _read_dates(self, s, choice):
+        """Windows of the input dates' S1 and S2 and of the target's S2, the grown crops the detector needs, the
+        window and the paths."""
+        s1_paths = [self.root / s.s1[t] for t in choice.inputs]
+        s2_paths = [self.root / s.s2[t] for t in choice.inputs]
+        target_path = self.root / s.s2[choice.target]
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(rasterio.Env(**GDAL_READ_OPTIONS))
+            target = stack.enter_context(open_raster(target_path))
+            s1s = [stack.enter_context(open_raster(p)) for p in s1_paths]
+            s2s = [stack.enter_context(open_raster(p)) for p in s2_paths]
+            for s1, s2 in zip(s1s, s2s):  # each date's S1 and the target on that date's grid: one grid for all
+                check_triplet(s1, target, s2)
+            window = self._window(s2s[0].height, s2s[0].width, s2s[0].name)
+            sar = [read_window(src, window) for src in s1s]
+            cloudy = [read_window(src, window) for src in s2s]
+            cloudfree = read_window(target, window)
+            grown = [self._grown_crop(src, window) for src in s2s]
+        return sar, cloudy, cloudfree, grown, window, s2_paths, target_path
+
+    def __getitem__(self, index):
+        s = self.series[index]
+        choice, coverage = self.date_choice(index)
+        sar, cloudy, cloudfree, grown, window, s2_paths, target_path = self._read_dates(s, choice)
+        for data, path in (*zip(cloudy, s2_paths), (cloudfree, target_path)):
+            check_s2_encoding(data, path)
+        sar = np.stack([normalize_s1(a) for a in sar])
+        cloudy = np.stack([normalize_s2(a) for a in cloudy])
+        cloudfree = normalize_s2(cloudfree)
+        score = np.stack([self._cloud_score(None, window, c, g) for c, g in zip(cloudy, grown)])
+        if self.s2_encoding == "uint16":
+            cloudy, cloudfree = denormalize_s2(cloudy), denormalize_s2(cloudfree)
+        arrays = [cloudy, cloudfree, sar, score]
+        if self.with_truth:
+            arrays.append(np.stack([read_raster(self.root / ts_truth_path(s.s2[t]), len(TRUTH_BANDS), window)
+                                    for t in choice.inputs]))
+        if self.augment:
+            k, flip = int(torch.randint(4, ()).item()), bool(torch.randint(2, ()).item())
+            arrays = [np.rot90(a, k, axes=(-2, -1)) for a in arrays]
+            if flip:
+                arrays = [a[..., ::-1] for a in arrays]
+        cloudy, cloudfree, sar, score, *truth = (torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        return {
+            **({"cloud_truth": truth[0]} if truth else {}),
+            "cloudy_data": cloudy,
+            "cloudfree_data": cloudfree,
+            "SAR_data": sar,
+            "cloud_mask": score,
+            "cloud_binary": (score >= self.cloud_threshold).float(),
+            "input_coverage": torch.tensor([coverage[t] for t in choice.inputs], dtype=torch.float32),
+            "file_name": os.path.basename(target_path),
+            "cloudy_path": str(s2_paths[0].resolve()),
+            "window": torch.tensor(window, dtype=torch.long),
+            "input_dates": ",".join(s.dates[t] for t in choice.inputs),
+            "target_date": s.dates[choice.target],
+        }
+
+
+def get_ts_train_val_test(csv_path):
+    """(train, val, test) lists of TimeSeries from a time-series list (datalist.read_ts_list); an empty split is an
+    empty list, as get_train_val_test_filelists returns it."""
+    series = read_ts_list(csv_path)
+    return tuple([s for s in series if s.split == split] for split in (1, 2, 3))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Synthetic SEN12MS-CR in the official layout (the scenes themselves come from synthetic.py)
 
@@ -271,10 +417,42 @@ def make_synthetic_dataset(out_dir, n, size=256, seed=0, n_scenes=None, roi="ROI
     return write_data_list(out_dir / "data.csv", triplets)
 
 
+def make_synthetic_ts_dataset(out_dir, n, size=256, seed=0, n_dates=4, n_rois=None, val_frac=0.15, test_frac=0.15):
+    """Write `n` synthetic time series of `n_dates` dates (synthetic.generate_time_series: one ground per ROI, clouds,
+    a radiometric change and speckle drawn per date, one clear date) in the SEN12MS-CR-TS layout under out_dir
+    (ROIs1970/200/S1/0/s1_ROIs1970_200_ImgNo_0_<date>_patch_1.tif and S2/), each date's true cloud map
+    (rasters.ts_truth_path), and out_dir/data.csv (datalist.TS_FORMAT, split by ROI). Returns the CSV path."""
+    out_dir, series = Path(out_dir), []
+    for p in synthetic.generate_time_series(n, n_dates=n_dates, size=size, seed=seed, n_rois=n_rois):
+        group, number = "ROIs1970", str(200 + p["roi"])
+        transform = from_origin(*p["origin"], synthetic.PIXEL_M, synthetic.PIXEL_M)
+        paths = {"s1": [], "s2": []}
+        for t in range(n_dates):
+            for mod, data, date in (("s1", p["s1"][t], p["s1_dates"][t]), ("s2", denormalize_s2(p["s2"][t]),
+                                                                           p["dates"][t])):
+                rel = os.path.join(group, number, mod.upper(), str(t),
+                                   f"{mod}_{group}_{number}_ImgNo_{t}_{date}_patch_{p['patch']}.tif")
+                write_geotiff(out_dir / rel, data, synthetic.CRS, transform)
+                paths[mod].append(rel)
+            write_geotiff(out_dir / ts_truth_path(paths["s2"][-1]), np.stack([p["opacity"][t], p["shadow"][t]]),
+                          synthetic.CRS, transform, descriptions=TRUTH_BANDS)
+        series.append(TimeSeries(0, f"{group}/{number}", p["patch"], tuple(paths["s1"]), tuple(paths["s2"]),
+                                 p["dates"], tuple(range(n_dates))))
+    return write_ts_list(out_dir / "data.csv", split_ts_by_roi(series, val_frac, test_frac, seed))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
 
 def _cmd_synth(args):
+    if args.time_series:
+        csv_path = make_synthetic_ts_dataset(args.out, args.n, size=args.size, seed=args.seed,
+                                             n_dates=args.time_series, n_rois=args.scenes, val_frac=args.val_frac,
+                                             test_frac=args.test_frac)
+        counts = {name: sum(s.split == i for s in read_ts_list(csv_path)) for name, i in SPLIT_IDS.items()}
+        print(f"wrote {args.n} synthetic time series of {args.time_series} dates, {args.size} px, under {args.out}; "
+              f"list: {csv_path} {counts}")
+        return 0
     csv_path = make_synthetic_dataset(args.out, args.n, size=args.size, seed=args.seed, n_scenes=args.scenes,
                                       val_frac=args.val_frac, test_frac=args.test_frac)
     counts = {name: sum(t.split == i for t in read_data_list(csv_path)) for name, i in SPLIT_IDS.items()}
@@ -287,6 +465,10 @@ SCAN_LINES_SHOWN = 20  # "not a SEN12MS-CR file name" lines printed before a cou
 
 def _cmd_scan(args):
     triplets, unpartnered, unrecognised = scan_folder(args.root)
+    if not triplets and unrecognised:
+        series, incomplete, unrecognised_ts = scan_ts_folder(args.root)
+        if series or incomplete:
+            return _scan_time_series(args, series, incomplete, unrecognised_ts)
     for rel in unpartnered:
         print(f"no partner: {rel}", file=sys.stderr)
     for rel in unrecognised[:SCAN_LINES_SHOWN]:
@@ -308,6 +490,36 @@ def _cmd_scan(args):
     print(f"{len(triplets)} rows, {len({t.s2_cloudy for t in triplets})} triplets in "
           f"{len({scene_of(t) for t in triplets})} scenes {counts}, {args.split} split; "
           f"{len(unpartnered)} files without partner; wrote {out}")
+    return 0
+
+
+def _scan_time_series(args, series, incomplete, unrecognised):
+    """`scan` of a SEN12MS-CR-TS tree: a time-series list (datalist.TS_FORMAT), split by ROI."""
+    for line in incomplete:
+        print(line, file=sys.stderr)
+    for rel in unrecognised[:SCAN_LINES_SHOWN]:
+        print(f"not a SEN12MS-CR-TS file name: {rel}", file=sys.stderr)
+    if len(unrecognised) > SCAN_LINES_SHOWN:
+        print(f"... and {len(unrecognised) - SCAN_LINES_SHOWN} more files not named the SEN12MS-CR-TS way",
+              file=sys.stderr)
+    if not series:
+        raise DataError(f"{args.root}: no complete SEN12MS-CR-TS series ({len(incomplete)} incomplete); scan reads "
+                        f"{TS_LAYOUT}")
+    if args.split == "random":
+        series = split_ts_by_roi(series, val_frac=args.val_frac, test_frac=args.test_frac, seed=args.seed)
+    else:  # the published TS loader matches ROIs exactly, so both official rules are one here
+        print(f"split {args.split}: the published SEN12MS-CR-TS lists ({len(splits.OFFICIAL_TS_TEST_ROIS)} test, "
+              f"{len(splits.OFFICIAL_TS_VAL_ROIS)} val ROIs), matched exactly as the published loader does",
+              file=sys.stderr)
+        series, missing = split_ts_official(series)
+        for name, rois in missing.items():
+            if rois:
+                print(f"note: official {name} ROIs not found under {args.root}: {', '.join(rois)}", file=sys.stderr)
+    out = write_ts_list(args.out, series)
+    counts = {name: sum(s.split == i for s in series) for name, i in SPLIT_IDS.items()}
+    print(f"{len(series)} time series of {min(len(s.s2) for s in series)}-{max(len(s.s2) for s in series)} dates in "
+          f"{len({s.roi for s in series})} ROIs {counts}, {args.split} split; {len(incomplete)} incomplete series "
+          f"left out; wrote {out}")
     return 0
 
 
@@ -367,6 +579,22 @@ def _cmd_masks(args):
     return 0
 
 
+def _cmd_coverage(args):
+    series = read_ts_list(args.data_list_filepath)
+    _, made, skipped = make_coverage_cache(series, args.input_data_folder, args.out, args.detector,
+                                           workers=args.workers)
+    print(f"{args.detector} coverage of {made + skipped} dates of {len(series)} series in {args.out} ({made} made, "
+          f"{skipped} already there); use it with coverage_cache={args.out}")
+    coverage = coverage_for(series, args.out)[0]
+    for name, split in SPLIT_IDS.items():
+        rows = [[coverage[p] for p in s.s2] for s in series if s.split == split]
+        if rows:
+            count, total = published_leaks(rows, args.input_t)
+            print(f"{name}: the published fixed sampler (--input_t {args.input_t}, min_cov {MIN_COVERAGE}, max_cov "
+                  f"{MAX_COVERAGE}) gives the target as an input in {count} of {total} series ({count / total:.1%})")
+    return 0
+
+
 def fraction(text):
     """argparse type: a float in [0, 1)."""
     value = float(text)
@@ -394,6 +622,9 @@ def build_parser():
     p.add_argument("--scenes", type=int, default=None, help="number of scenes; None means max(3, ceil(n/4))")
     p.add_argument("--val_frac", type=fraction, default=0.15, help="fraction of scenes for validation")
     p.add_argument("--test_frac", type=fraction, default=0.15, help="fraction of scenes for test")
+    p.add_argument("--time_series", type=int, default=0, metavar="N_DATES",
+                   help="write --n SEN12MS-CR-TS time series of N_DATES dates each (TS layout; --scenes is then the "
+                        "number of ROIs) instead of SEN12MS-CR triplets; 0: triplets")
     p.set_defaults(func=_cmd_synth)
     p = sub.add_parser("scan", help="list the triplets of a downloaded copy and split them by scene",
                        formatter_class=HelpFormatter)
@@ -431,6 +662,17 @@ def build_parser():
     p.add_argument("--out", required=True, help="folder for the masks (mirrors the cloudy images' relative paths)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: every CPU core)")
     p.set_defaults(func=_cmd_masks)
+    p = sub.add_parser("coverage", help="compute every date's cloud coverage of a time-series list once, for the "
+                       "date samplers", formatter_class=HelpFormatter)
+    p.add_argument("--data_list_filepath", required=True, help="time-series list (every split is done)")
+    p.add_argument("--input_data_folder", required=True, help="root the list's paths are relative to")
+    p.add_argument("--detector", default=COVERAGE_DETECTOR, choices=list(MASK_DETECTORS),
+                   help="cloud detector of the coverage (s2cloudless: the published protocol's mask)")
+    p.add_argument("--out", required=True, help="coverage cache (JSON) to write or complete")
+    p.add_argument("--input_t", type=int, default=3,
+                   help="input dates for the report of how often the published sampler gives the target as input")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: every CPU core)")
+    p.set_defaults(func=_cmd_coverage)
     return parser
 
 

@@ -194,6 +194,16 @@ def truth_path(cloudy_rel):
     return str(cloudy_rel).replace("s2_cloudy", "cloud_truth") if "s2_cloudy" in str(cloudy_rel) else None
 
 
+def ts_truth_path(s2_rel):
+    """Where a time series date's true cloud map lives (synthetic series only): ROIs1970/200/S2/3/s2_..._patch_1.tif
+    -> ROIs1970/200/cloud_truth/3/cloud_truth_..._patch_1.tif (TRUTH_BANDS). None for a path not in that layout."""
+    parts = list(Path(s2_rel).parts)
+    if len(parts) < 3 or parts[-3] != "S2" or not parts[-1].startswith("s2_"):
+        return None
+    parts[-3], parts[-1] = "cloud_truth", "cloud_truth_" + parts[-1][len("s2_"):]
+    return str(Path(*parts))
+
+
 TRUTH_BANDS = ("cloud_opacity", "shadow_darkening")
 TRUTH_THRESHOLD = 0.05  # opacity or darkening above this counts as "needs correction" (cloud or shadow)
 

@@ -1,5 +1,7 @@
-"""Scanning a downloaded copy into triplets, the scene each belongs to, splitting them by scene (random or the
-published lists), and the leak check (scenes and footprints shared by splits, `python dataloader.py check`)."""
+"""Scanning a downloaded copy into triplets (or SEN12MS-CR-TS time series), the scene each belongs to, splitting
+them by scene (random or the published lists), and the leak check (scenes and footprints shared by splits,
+`python dataloader.py check`)."""
+import dataclasses
 import os
 import random
 import re
@@ -9,7 +11,7 @@ from pathlib import Path
 import rasterio
 
 import splits
-from datalist import Triplet, read_data_list
+from datalist import TimeSeries, Triplet, read_data_list
 from files import DataError
 from rasters import GDAL_READ_OPTIONS, data_root, open_raster
 from splits import OFFICIAL_TEST_SCENES, OFFICIAL_VAL_SCENES, SPLIT_IDS, SPLIT_NAMES
@@ -85,17 +87,23 @@ def split_by_scene(triplets, val_frac=0.1, test_frac=0.1, seed=0):
     """Assign split 1/2/3 per scene (never per patch: neighbouring patches of a scene overlap). The scene order
     is shuffled with `seed`; val and test each get at least one scene when their fraction is > 0 and there
     are at least three scenes."""
+    split_of = _split_of_groups({scene_of(t) for t in triplets}, val_frac, test_frac, seed)
+    return [Triplet(split_of.get(scene_of(t), 1), t.s1, t.s2_cloudfree, t.s2_cloudy) for t in triplets]
+
+
+def _split_of_groups(groups, val_frac, test_frac, seed):
+    """{group: 2 or 3} for the groups (scenes, ROIs) drawn into val and test; the others train."""
     if not 0 <= val_frac < 1 or not 0 <= test_frac < 1 or val_frac + test_frac >= 1:
         raise ValueError(f"need 0 <= val_frac, test_frac and val_frac + test_frac < 1, got {val_frac}, {test_frac}")
-    scenes = sorted({scene_of(t) for t in triplets})
-    random.Random(seed).shuffle(scenes)
-    n = len(scenes)
+    groups = sorted(groups)
+    random.Random(seed).shuffle(groups)
+    n = len(groups)
     n_test, n_val = round(test_frac * n), round(val_frac * n)
     if n >= 3:
         n_test, n_val = max(n_test, 1 if test_frac > 0 else 0), max(n_val, 1 if val_frac > 0 else 0)
-    split_of = {s: 3 for s in scenes[:n_test]}
-    split_of.update({s: 2 for s in scenes[n_test:n_test + n_val]})
-    return [Triplet(split_of.get(scene_of(t), 1), t.s1, t.s2_cloudfree, t.s2_cloudy) for t in triplets]
+    split_of = {g: 3 for g in groups[:n_test]}
+    split_of.update({g: 2 for g in groups[n_test:n_test + n_val]})
+    return split_of
 
 
 def official_patch(triplet):
@@ -137,6 +145,70 @@ def format_scenes(scenes):
     for roi, n in scenes:
         by_roi.setdefault(roi, []).append(str(n))
     return "; ".join(f"{roi} {', '.join(ns)}" for roi, ns in by_roi.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SEN12MS-CR-TS: ROOT/ROIs1970/20/S2/0/s2_ROIs1970_20_ImgNo_0_2018-01-02_patch_12.tif (and S1/), at any depth
+
+_TS_FILE_RE = re.compile(r"^(s1|s2)_(ROIs\d+)_(\d+)_ImgNo_(\d+)_(\d{4}-\d{2}-\d{2})_patch_(\d+)\.tif$",
+                         re.IGNORECASE)
+TS_LAYOUT = ("SEN12MS-CR-TS's layout at any depth: ROIs1970/20/S1/0/s1_ROIs1970_20_ImgNo_0_<date>_patch_12.tif and "
+             "ROIs1970/20/S2/0/s2_ROIs1970_20_ImgNo_0_<date>_patch_12.tif, date folders 0..29")
+TS_SIDE_CARS = ("cloud_truth_",)  # synthetic series' true cloud maps (rasters.ts_truth_path): known, not listed
+
+
+def scan_ts_folder(root):
+    """Find SEN12MS-CR-TS series under `root` (TS_LAYOUT, matched by file name at any depth): the files of one ROI's
+    patch across its dates, aligned by patch number, the date the sixth `_` field of the S2 name. Returns (series
+    with split 0, lines naming each incomplete series and what it lacks, relative paths of .tif files named neither
+    way). A series is complete when it has S1 and S2 at every date index any patch of its ROI has."""
+    root = data_root(root, "data root")
+    found, unrecognised = {}, []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for fn in sorted(filenames):
+            if not fn.lower().endswith((".tif", ".tiff")) or fn.startswith(TS_SIDE_CARS):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, fn), root)
+            m = _TS_FILE_RE.match(fn)
+            if not m:
+                unrecognised.append(rel)
+                continue
+            mod, roi = m.group(1).lower(), f"{m.group(2)}/{m.group(3)}"
+            t, date, patch = int(m.group(4)), m.group(5), int(m.group(6))
+            found.setdefault((roi, patch), {}).setdefault(t, {}).setdefault(mod, (rel, date))  # first copy wins
+    dates_of_roi = {}
+    for (roi, _), by_t in found.items():
+        dates_of_roi.setdefault(roi, set()).update(by_t)
+    series, incomplete = [], []
+    for (roi, patch), by_t in sorted(found.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        wanted = sorted(dates_of_roi[roi])
+        lacks = [f"no {mod.upper()} at t={', '.join(str(t) for t in wanted if mod not in by_t.get(t, {}))}"
+                 for mod in ("s1", "s2") if any(mod not in by_t.get(t, {}) for t in wanted)]
+        if lacks:
+            incomplete.append(f"incomplete series {roi} patch {patch}: {'; '.join(lacks)} (of t={wanted[0]}.."
+                              f"{wanted[-1]}; left out)")
+            continue
+        series.append(TimeSeries(0, roi, patch, tuple(by_t[t]["s1"][0] for t in wanted),
+                                 tuple(by_t[t]["s2"][0] for t in wanted), tuple(by_t[t]["s2"][1] for t in wanted),
+                                 tuple(wanted)))
+    return series, incomplete, unrecognised
+
+
+def split_ts_by_roi(series, val_frac=0.1, test_frac=0.1, seed=0):
+    """Split 1/2/3 per ROI (patches of a ROI overlap and share dates), ROIs shuffled with `seed` as split_by_scene
+    shuffles scenes."""
+    split_of = _split_of_groups({s.roi for s in series}, val_frac, test_frac, seed)
+    return [dataclasses.replace(s, split=split_of.get(s.roi, 1)) for s in series]
+
+
+def split_ts_official(series):
+    """Split 1/2/3 by the published SEN12MS-CR-TS lists (splits.official_ts_split). Returns (series, missing): missing
+    maps "test" and "val" to the official ROIs of that split not among the series, in list order."""
+    present = {s.roi for s in series}
+    missing = {name: [roi for roi in rois if roi not in present] for name, rois in
+               (("test", splits.OFFICIAL_TS_TEST_ROIS), ("val", splits.OFFICIAL_TS_VAL_ROIS))}
+    return [dataclasses.replace(s, split=splits.official_ts_split(s.roi)) for s in series], missing
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -137,3 +137,26 @@ def _overlaps_in(bucket, items):
             tolerance = 0.5 * min(items[i][3], items[j][3])
             if min(r1, r2) - max(l1, l2) > tolerance and min(t1, t2) - max(b1, b2) > tolerance:
                 yield i2, j2
+
+
+# SEN12MS-CR-TS: UnCRtainTS data/dataLoader.py, class SEN12MSCRTS, region "all": its ROI table (self.ROI) and
+# self.splits["test"] (13 ROIs "across continents") and ["val"] (5), in their order; every other ROI trains. That
+# loader keeps a ROI when `os.path.join(roi_dir, roi) in self.splits[split]`: list membership, an exact match, so
+# the substring leak of the mono-temporal loader does not arise here.
+OFFICIAL_TS_ROIS = {
+    "ROIs1158": ("106",),
+    "ROIs1868": ("17", "36", "56", "73", "85", "100", "114", "119", "121", "126", "127", "139", "142", "143"),
+    "ROIs1970": ("20", "21", "35", "40", "57", "65", "71", "82", "83", "91", "112", "116", "119", "128", "132", "133",
+                 "135", "139", "142", "144", "149"),
+    "ROIs2017": ("8", "22", "25", "32", "49", "61", "63", "69", "75", "103", "108", "115", "116", "117", "130", "140",
+                 "146"),
+}
+OFFICIAL_TS_TEST_ROIS = ("ROIs1868/119", "ROIs1970/139", "ROIs2017/108", "ROIs2017/63", "ROIs1158/106",
+                         "ROIs1868/73", "ROIs2017/32", "ROIs1868/100", "ROIs1970/132", "ROIs2017/103", "ROIs1868/142",
+                         "ROIs1970/20", "ROIs2017/140")
+OFFICIAL_TS_VAL_ROIS = ("ROIs2017/22", "ROIs1970/65", "ROIs2017/117", "ROIs1868/127", "ROIs1868/17")
+
+
+def official_ts_split(roi):
+    """Split id of a SEN12MS-CR-TS ROI ("ROIs1970/20") under the published lists: 3 test, 2 val, 1 any other."""
+    return 3 if roi in OFFICIAL_TS_TEST_ROIS else 2 if roi in OFFICIAL_TS_VAL_ROIS else 1

@@ -147,3 +147,50 @@ def generate_patches(n, size=256, seed=0, n_scenes=None):
                    "s2": clear, "cloudy": cloudy, "opacity": opacity, "shadow": shadow,
                    "origin": (x0 + c * stride * PIXEL_M, y0 - r * stride * PIXEL_M)}
             k += 1
+
+
+# Time series (SEN12MS-CR-TS-like): the cloud regimes of the dates other than the clear one (thin, partly, thick).
+TS_CLOUD_REGIMES = ("haze", "partial", "partial", "overcast")
+TS_FIRST_DATE, TS_REVISIT_DAYS = (2018, 1, 2), 12  # dates 12 days apart (+0..2), like one series of the real data
+
+
+def generate_time_series(n, n_dates=4, size=256, seed=0, n_rois=None):
+    """Yield `n` time series as dicts: roi (number), patch (1-based within the ROI), origin, dates (S2 dates
+    "YYYY-MM-DD"), s1_dates, s1 (T,2,H,W) dB, s2 (T,13,H,W) reflectance, opacity and shadow (T,H,W) true cloud maps,
+    regimes, clear (the index of the one clear date). One ground per ROI (patches are overlapping windows of one map,
+    as in generate_patches); every date has its own small per-band gain (a radiometric change), its own clouds and
+    its own speckle; exactly one date is clear, at a random place in the series, so the least cloudy date is it."""
+    import datetime
+
+    if n < 1 or size < 16 or n_dates < 2:
+        raise ValueError(f"need n >= 1, size >= 16 and n_dates >= 2, got n={n}, size={size}, n_dates={n_dates}")
+    n_rois = min(n_rois or max(3, math.ceil(n / 4)), n)
+    rng = np.random.default_rng(seed)
+    per_roi = [n // n_rois + (1 if i < n % n_rois else 0) for i in range(n_rois)]
+    stride, k = size // 2, 0
+    for r_idx, count in enumerate(per_roi):
+        cols = math.ceil(math.sqrt(count))
+        reflectance, backscatter = land_cover_scene(rng, size + stride * (math.ceil(count / cols) - 1),
+                                                    size + stride * (cols - 1))
+        gains = (1.0 + rng.normal(0.0, 0.02, size=(n_dates, 13, 1, 1))).astype(np.float32)
+        first = datetime.date(*TS_FIRST_DATE)
+        days = [TS_REVISIT_DAYS * t + int(rng.integers(3)) for t in range(n_dates)]
+        dates = [str(first + datetime.timedelta(days=d)) for d in days]
+        s1_dates = [str(first + datetime.timedelta(days=d - int(rng.integers(3)))) for d in days]
+        x0, y0 = 500000.0 + 20000.0 * r_idx, 5600000.0 - 10000.0 * r_idx
+        for p in range(count):
+            r, c = divmod(p, cols)
+            window = (slice(None), slice(r * stride, r * stride + size), slice(c * stride, c * stride + size))
+            clear_t = int(rng.integers(n_dates))
+            regimes = tuple("clear" if t == clear_t else TS_CLOUD_REGIMES[int(rng.integers(len(TS_CLOUD_REGIMES)))]
+                            for t in range(n_dates))
+            dated = [simulate_clouds(reflectance[window] * gains[t], regimes[t], seed=int(rng.integers(2 ** 31)))
+                     for t in range(n_dates)]
+            sar = np.stack([backscatter[window] + speckle_db(rng, (2, size, size)) for _ in range(n_dates)])
+            if k % 7 == 6:
+                sar[int(rng.integers(n_dates)), :, : size // 8, : size // 8] = np.nan  # real S1 has NaN holes
+            yield {"roi": r_idx, "patch": 1 + p, "origin": (x0 + c * stride * PIXEL_M, y0 - r * stride * PIXEL_M),
+                   "dates": tuple(dates), "s1_dates": tuple(s1_dates), "s1": sar.astype(np.float32),
+                   "s2": np.stack([d[0] for d in dated]), "opacity": np.stack([d[1] for d in dated]),
+                   "shadow": np.stack([d[2] for d in dated]), "regimes": regimes, "clear": clear_t}
+            k += 1

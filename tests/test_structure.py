@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Layers from the bottom up; a module may import project modules of lower layers only, so modules of one layer do
 # not import each other: runtime.py does not import dataloader.py (loading a checkpoint needs no GeoTIFF stack).
 LAYERS = {
-    "bands": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
+    "bands": 0, "date_sampling": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1, "datalist": 1, "rasters": 1,
     "net_CR_temporal": 1,  # the time series network, built on the mono-temporal one's parts
     "cloud_masks": 2, "scanning": 2,  # the data layer: lists and rasters below masks and scenes below the Dataset
