@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+import datalist
 import dataloader
 import losses
 import net_CR_CrossAttention as net
@@ -42,7 +43,14 @@ LEARN_VARIANTS = {
     # the default with the uncertainty head, trained by each NLL (docs/uncertainty.md)
     "uncertainty_gaussian": ["--use_uncertainty_head", "--nll_distribution", "gaussian"],
     "uncertainty_laplace": ["--use_uncertainty_head", "--nll_distribution", "laplace"],
+    # time series (issue 30), on --setting ts: three dates, one date (the first of those three, the target the same),
+    # and the per-pixel least-cloudy-date mosaic of the three (no training: test_CR.py --baseline mosaic)
+    "ts_3_dates": ["--input_t", str(3)],
+    "ts_1_date": [],
+    "ts_mosaic": [],
 }
+TS_VARIANTS = ("ts_3_dates", "ts_1_date", "ts_mosaic")
+TS_INPUTS = 3  # the dates the ts variants take
 
 
 def _design_flags():
@@ -65,7 +73,10 @@ LEARN_LOSS_OVERRIDES = {
 # The data settings of `learn`. 128 px: a quarter as many patches as 64 px, so a run trains on the same pixels,
 # and batch 1, so a step sees the same pixels and a run takes about as many steps (96 against 112).
 LEARN_SETTINGS = {"64": dict(n=80, size=64, batch_sz=4, out="runs/learn"),
-                  "128": dict(n=20, size=128, batch_sz=1, out="runs/learn128")}
+                  "128": dict(n=20, size=128, batch_sz=1, out="runs/learn128"),
+                  # time series of 4 dates (3 inputs and the target), split by region (make_synthetic_ts_dataset)
+                  "ts": dict(n=48, size=64, batch_sz=4, out="runs/learn_ts")}
+TS_DATES = TS_INPUTS + 1
 
 
 def _add_learn_args(parser):
@@ -77,7 +88,8 @@ def _add_learn_args(parser):
     parser.add_argument("--setting", choices=list(LEARN_SETTINGS), default="64",
                         help="data setting: '64' = 80 patches of 64 px, batch 4; '128' = 20 patches of 128 px, "
                              "batch 1 (the same pixels per run and per step, 4x the context per patch, so a "
-                             "receptive-field advantage shows); --n, --size, --batch_sz override its values")
+                             "receptive-field advantage shows); 'ts' = 48 synthetic time series of 4 dates, 64 px, "
+                             "batch 4, for the ts_* variants; --n, --size, --batch_sz override its values")
     parser.add_argument("--n", type=int, default=None, help="synthetic patches (split by scene into train/val/test)")
     parser.add_argument("--size", type=int, default=None, help="synthetic patch size in pixels (trained uncropped)")
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset")
@@ -124,8 +136,29 @@ def learn_train_flags(variant, seed, args, csv_path, out):
             *_learn_loss_flags(variant, args.vgg_weights), *learn_variant_flags(variant), *args.extra.split()]
 
 
+def ts_single_date_list(ts_csv):
+    """A single-date list (datalist.write_data_list) beside a time series list: per series the first input date the
+    3-date sampler picks (the leak-free default) as the cloudy image and that sampler's target as the cloud-free one,
+    so ts_1_date sees one of the dates ts_3_dates sees and is scored on the same targets."""
+    ts_csv = Path(ts_csv)
+    series = datalist.read_ts_list(ts_csv)
+    dataset = dataloader.SEN12MSCRTSDataset(series, ts_csv.parent, input_t=TS_INPUTS, cloud_detector="none")
+    triplets = []
+    for i, s in enumerate(series):
+        choice, _ = dataset.date_choice(i)
+        first = choice.inputs[0]
+        triplets.append(datalist.Triplet(s.split, s.s1[first], s.s2[choice.target], s.s2[first]))
+    return datalist.write_data_list(ts_csv.with_name("single_date.csv"), triplets)
+
+
 def _learn_run(variant, seed, args, csv_path, out):
     name = f"{variant}_s{seed}"
+    if variant == "ts_1_date":
+        csv_path = Path(csv_path).with_name("single_date.csv")
+    if variant == "ts_mosaic":  # nothing to train: the baseline scored as test_CR.py scores a checkpoint
+        return {"variant": variant, "seed": seed, "train_s": 0.0,
+                **_learn_scores([], csv_path, out / "results" / name, ["--baseline", "mosaic", "--input_t",
+                                                                       str(TS_INPUTS)])}
     train_cmd = [sys.executable, "train_CR_kaggle.py", *learn_train_flags(variant, seed, args, csv_path, out)]
     t0 = time.time()
     subprocess.run(train_cmd, check=True, stdout=subprocess.DEVNULL)
@@ -134,9 +167,11 @@ def _learn_run(variant, seed, args, csv_path, out):
             **_learn_scores([out / "ckpt" / name / "best.pth"], csv_path, out / "results" / name)}
 
 
-def _learn_scores(checkpoints, csv_path, results):
-    """test_CR.py on the test split (several checkpoints: their ensemble); the figures a learn row reads."""
-    subprocess.run([sys.executable, "test_CR.py", "--checkpoint", *map(str, checkpoints), "--data_list_filepath",
+def _learn_scores(checkpoints, csv_path, results, scored=None):
+    """test_CR.py on the test split (several checkpoints: their ensemble; scored: other flags saying what is scored,
+    e.g. a baseline); the figures a learn row reads."""
+    scored = scored or ["--checkpoint", *map(str, checkpoints)]
+    subprocess.run([sys.executable, "test_CR.py", *scored, "--data_list_filepath",
                     str(csv_path), "--input_data_folder", str(Path(csv_path).parent), "--split", "test",
                     "--results_dir", str(results)], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((results / "summary.json").read_text())
@@ -161,13 +196,19 @@ def bench_learn(args):
     args = resolve_learn_setting(args)
     out = Path(args.out)
     csv_path = out / f"data_n{args.n}_s{args.size}_seed{args.data_seed}" / "data.csv"
-    if not csv_path.is_file():
+    if not csv_path.is_file() and args.setting == "ts":
+        dataloader.make_synthetic_ts_dataset(csv_path.parent, n=args.n, size=args.size, seed=args.data_seed,
+                                             n_dates=TS_DATES)
+        ts_single_date_list(csv_path)
+    elif not csv_path.is_file():
         dataloader.make_synthetic_dataset(csv_path.parent, n=args.n, size=args.size, seed=args.data_seed)
     runs = []
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in LEARN_VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {unknown}; choose from {list(LEARN_VARIANTS)}")
+    if (args.setting == "ts") != all(v in TS_VARIANTS for v in variants):
+        raise SystemExit(f"the time series variants {TS_VARIANTS} run on --setting ts, and only they do")
     for variant in variants:
         for seed in (int(s) for s in args.seeds.split(",")):
             run = _learn_run(variant, seed, args, csv_path, out)

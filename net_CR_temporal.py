@@ -28,6 +28,7 @@ keeps confidence ~ 1 and takes its content from the decoder's residual. `mosaic(
 anyone tries first: per pixel the date the cloud detector scores least cloudy. create_model builds the mono network
 for input_t = 1 (net_CR_CrossAttention.create_model, unchanged) and this one above.
 """
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -99,6 +100,11 @@ class TemporalCloudRemoval(net.CloudRemovalCrossAttention):
     """The CrossAttention network over input_t dates (module docstring); its parameters are the mono network's (same
     names) plus `temporal` (DateAttention)."""
 
+    # A context manager factory entered around each recomputation of a checkpointed date chunk (None: nothing). The
+    # backward pass runs outside the caller's torch function modes, so sizing.py's CUDA autocast emulation sets it
+    # to hold there too.
+    recompute_context = None
+
     def __init__(self, config=None, **overrides):
         config = TemporalConfig(**{**(asdict(config) if config is not None else {}), **overrides})
         mono = {k: v for k, v in asdict(config).items() if k not in ("input_t", "date_chunk")}
@@ -116,7 +122,9 @@ class TemporalCloudRemoval(net.CloudRemovalCrossAttention):
         for start in range(0, t, chunk):
             o, s = (x[:, start:start + chunk].flatten(0, 1) for x in (optical, sar))
             if self.training and torch.is_grad_enabled() and self.config.date_chunk:
-                parts.append(checkpoint(self.encode, o, s, use_reentrant=False))
+                extra = {} if self.recompute_context is None else {
+                    "context_fn": lambda: (contextlib.nullcontext(), self.recompute_context())}
+                parts.append(checkpoint(self.encode, o, s, use_reentrant=False, **extra))
             else:
                 parts.append(self.encode(o, s))
 

@@ -119,10 +119,13 @@ def precision_name(amp_dtype):
     return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
 
 
-def _build(model_name, model_config, loss_args, amp_dtype):
+def _build(model_name, model_config, loss_args, amp_dtype, policy=None):
     """Model, criterion (random VGG: the same shapes and bytes as ImageNet's; the loss flags resolved for this model
-    as training resolves them) and AdamW, inside the fake mode."""
+    as training resolves them) and AdamW, inside the fake mode. policy: CudaAutocastPolicy, also entered where a time
+    series network recomputes a date chunk in the backward pass."""
     model = net_CR_temporal.create_model(model_name, **model_config)
+    if policy is not None and hasattr(model, "recompute_context"):
+        model.recompute_context = policy
     with warnings.catch_warnings():  # the random-VGG warning is for training runs, not for a count
         warnings.simplefilter("ignore")
         criterion = losses.build_criterion(SimpleNamespace(**{**vars(loss_args), "vgg_weights": "random"}),
@@ -159,7 +162,8 @@ def _peaks(model_name, model_config, loss_args, n, crop, val_size, amp_dtype, cu
     second holds everything a step in the middle of training holds."""
     policy = CudaAutocastPolicy() if cuda_autocast else contextlib.nullcontext()
     with FakeTensorMode(), LiveMemory() as memory, policy:
-        model, criterion, optimizer = _build(model_name, model_config, loss_args, amp_dtype)
+        model, criterion, optimizer = _build(model_name, model_config, loss_args, amp_dtype,
+                                             CudaAutocastPolicy if cuda_autocast else None)
         for _ in range(2):
             _train_step(model, criterion, optimizer, n, crop, amp_dtype)
         train_peak = memory.peak
