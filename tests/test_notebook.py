@@ -31,7 +31,7 @@ def tiny_parameters(data, out, **changes):
             "PREVIOUS_OUTPUT": "", "HOURS_LEFT": 1.0, "RESERVE_HOURS": 0.25, "EPOCHS": 1, "CPU_EPOCHS": 1,
             "PRECOMPUTE_MASKS": True,
             "RUN_LEAK_CHECK": True,
-            "SPLIT": "random", "BATCH_SIZE": 2, "LOAD_SIZE": 64, "CROP_SIZE": 32, "VGG_WEIGHTS": "random",
+            "SPLIT": "random", "INPUT_T": 1, "BATCH_SIZE": 2, "LOAD_SIZE": 64, "CROP_SIZE": 32, "VGG_WEIGHTS": "random",
             "AMP": "off", "EXPERIMENT": "glf_cr_enhanced_v3", "NUM_SAVED": 2, "SCENE_MAX_PX": 96, "TILE": 32,
             **changes}
 
