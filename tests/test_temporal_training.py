@@ -84,3 +84,17 @@ def test_evaluation_flags_for_dates_are_checked_before_any_work(tmp_path):
     with pytest.raises(runtime.UsageError, match="--input_t N"):
         test_CR.main(["--baseline", "mosaic", "--data_list_filepath", "x.csv", "--input_data_folder", str(tmp_path),
                       "--results_dir", str(tmp_path / "r")])
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_three_dates(series_data, tmp_path):
+    """DDP (gloo on the CPU) with --input_t 3: both ranks step through the checkpointed date chunks together, rank 0
+    alone writes the checkpoint, which holds input_t and no DDP prefix."""
+    from test_train import torchrun_two_processes
+    root, list_path = series_data
+    proc = torchrun_two_processes([*_train_flags(root, list_path, tmp_path, 1, "--train_from_scratch"),
+                                   "--device", "cpu"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("done: best validation PSNR") == 1
+    ckpt = runtime.load_checkpoint(tmp_path / "ts" / "last.pth")
+    assert ckpt["model_config"]["input_t"] == T and not any(k.startswith("module.") for k in ckpt["model"])
