@@ -283,6 +283,8 @@ def build_model(args, ckpt, resume_path, is_main):
     if net_CR_temporal.input_t_of(model) != args.input_t:
         raise runtime.UsageError(f"{resume_path} was trained with --input_t {net_CR_temporal.input_t_of(model)}, "
                                  f"not {args.input_t}: pass --input_t {net_CR_temporal.input_t_of(model)} to resume it")
+    if args.input_t > 1:  # a memory setting, not the numbers: this run's flag, also when resuming on another card
+        model.config.date_chunk = args.date_chunk
     return model
 
 

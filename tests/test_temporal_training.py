@@ -36,9 +36,10 @@ def test_train_resume_and_evaluate_three_dates(series_data, tmp_path):
     model = runtime.build_model_from_checkpoint(first)
     assert model.input_t == T
 
-    assert train.main(_train_flags(root, list_path, save, 2)) == 0  # resumes last.pth
+    assert train.main(_train_flags(root, list_path, save, 2, "--date_chunk", "0")) == 0  # resumes last.pth
     second = runtime.load_checkpoint(save / "ts" / "last.pth")
     assert second["epoch"] == 2 and second["global_step"] > first["global_step"]
+    assert first["model_config"]["date_chunk"] == 1 and second["model_config"]["date_chunk"] == 0  # memory: the flag
     with pytest.raises(runtime.UsageError, match="--input_t 3"):  # resuming with another number of dates
         train.main([*_train_flags(root, list_path, save, 3), "--input_t", "2"])
 
