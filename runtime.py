@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 import clouds
+import date_sampling
 import net_CR_CrossAttention
 import net_CR_temporal
 from files import DataError, atomic_output
@@ -50,6 +51,10 @@ SHARED_FLAGS = {
     "cloud_mask_dir": dict(default=None, help="read the cloud masks precomputed by `python dataloader.py masks` from "
                                               "this folder instead of running --cloud_detector on every sample"),
     "num_workers": dict(type=int, default=2, help="data loading worker processes"),
+    "date_sampler": dict(default=date_sampling.DEFAULT_SAMPLER, choices=list(date_sampling.SAMPLERS),
+                         help="several dates (--input_t > 1): which dates of a series are the inputs and which the "
+                              "target (date_sampling.SAMPLERS): leak_free never gives the target as an input; "
+                              "published is UnCRtainTS's fixed sampler as written"),
 }
 _SHARED = object()  # add_shared_flag's default: SHARED_FLAGS' own
 

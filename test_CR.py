@@ -232,7 +232,7 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
     return {
         **(describe_checkpoints(args.checkpoint, run.ckpt) if run.model is not None else
            {"checkpoint": None, "model_name": f"{args.baseline} baseline", "epoch": None}),
-        "input_t": args.input_t,
+        "input_t": args.input_t, "date_sampler": args.date_sampler if args.input_t > 1 else None,
         "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
         # What was scored: "full" (whole patches), "glfcr" (centred 128 of 256) or "custom" (other sizes).
         "protocol": args.protocol, "load_size": args.load_size, "crop_size": args.crop_size,
@@ -412,7 +412,7 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
         dataset = dataloader.SEN12MSCRTSDataset(rows, args.input_data_folder, input_t=args.input_t,
                                                 crop_size=args.crop_size, load_size=args.load_size, augment=False,
                                                 cloud_detector=args.cloud_detector,
-                                                cloud_threshold=args.cloud_threshold)
+                                                cloud_threshold=args.cloud_threshold, sampler=args.date_sampler)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
     leaks = None  # a time series list keeps the published split by region (dataloader.get_ts_train_val_test)
@@ -632,6 +632,7 @@ def build_parser():
                    help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold), "
                         "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
     runtime.add_shared_flag(g, "cloud_mask_dir")
+    runtime.add_shared_flag(g, "date_sampler", note="the published protocol's is 'published'")
     runtime.add_shared_flag(g, "num_workers")
     g.add_argument("--save_geotiff", action="store_true",
                    help="write each prediction as a 13-band uint16 x10000 GeoTIFF with the input crop's CRS and "

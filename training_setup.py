@@ -295,10 +295,11 @@ def build_series_sets(args, train_series, val_series):
     train_set = dataloader.SEN12MSCRTSDataset(train_series, args.input_data_folder, input_t=args.input_t,
                                               crop_size=args.crop_size, load_size=args.load_size,
                                               augment=args.augment, cloud_detector=args.cloud_detector,
-                                              s2_encoding="uint16")
+                                              sampler=args.date_sampler, s2_encoding="uint16")
     val_set = dataloader.SEN12MSCRTSDataset(val_series, args.input_data_folder, input_t=args.input_t,
                                             crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
-                                            augment=False, cloud_detector="none", s2_encoding="uint16",
+                                            augment=False, cloud_detector="none", sampler=args.date_sampler,
+                                            s2_encoding="uint16",
                                             crop_flag="--val_crop_size" if args.val_crop_size else "--load_size")
     return train_set, val_set
 
