@@ -90,3 +90,23 @@ def published_leaks(coverages, n_inputs, min_cov=MIN_COVERAGE, max_cov=MAX_COVER
     an input: (count, number of series)."""
     count = sum(published_fixed_sampler(c, n_inputs, min_cov, max_cov).target_is_input for c in coverages)
     return count, len(coverages)
+
+
+def leak_probability(n_dates=30, n_clear=1, n_inputs=3):
+    """Chance that the published sampler (defaults) gives the target as an input when `n_clear` of `n_dates` dates
+    are equally least cloudy, placed at random, and the earliest of them is the target: 1 - C(T-n, k) / C(T, k)."""
+    import math
+    return 1.0 - math.comb(n_dates - n_inputs, n_clear) / math.comb(n_dates, n_clear)
+
+
+def simulated_leak_rate(n_dates=30, n_clear=1, n_inputs=3, trials=20000, seed=0):
+    """The same chance measured: `trials` series of random coverages in [0.05, 1) with `n_clear` dates at 0, placed
+    at random, through published_fixed_sampler, so the target among equal minima is whichever np.argsort puts first
+    on this machine (not always the earliest: numpy's default sort is not stable)."""
+    rng = np.random.default_rng(seed)
+    leaks = 0
+    for _ in range(trials):
+        coverage = rng.uniform(0.05, 1.0, size=n_dates)
+        coverage[rng.choice(n_dates, n_clear, replace=False)] = 0.0
+        leaks += published_fixed_sampler(coverage, n_inputs).target_is_input
+    return leaks / trials

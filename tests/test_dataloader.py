@@ -823,7 +823,7 @@ def test_sar_carries_the_land_cover_under_clouds(synth):
 def test_cli_help_documents_every_flag(capsys):
     parser = D.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"synth", "scan", "check", "masks"}
+    assert set(subparsers.choices) == {"synth", "scan", "check", "masks", "coverage"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"{name}: {action.dest} has no help text"

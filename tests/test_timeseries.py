@@ -366,3 +366,35 @@ def test_synth_command_writes_time_series(tmp_path):
     series = read_ts_list(tmp_path / "data.csv")
     assert len(series) == 3 and all(len(s.s2) == 3 for s in series)
     assert "wrote 3 synthetic time series of 3 dates" in run.stdout
+
+
+def test_leak_probability_of_the_published_sampler():
+    """One clear date of 30 placed at random: the first three dates hold it 3 times in 30; more clear dates, more
+    often (the earliest of them is the target)."""
+    assert date_sampling.leak_probability(30, 1, 3) == pytest.approx(0.1)
+    assert date_sampling.leak_probability(30, 3, 3) == pytest.approx(1 - (27 * 26 * 25) / (30 * 29 * 28))
+    assert date_sampling.simulated_leak_rate(30, 1, 3, trials=4000) == pytest.approx(0.1, abs=0.015)
+    assert date_sampling.simulated_leak_rate(30, 10, 3, trials=1000) > 0.5  # ten clear dates: most series leak
+
+
+def test_coverage_of_a_missing_date_names_it_and_keeps_the_rest(ts_tree, tmp_path):
+    root, csv_path = ts_tree
+    s = read_ts_list(csv_path)[0]
+    tree = _copy_series(root, s, tmp_path / "tree")
+    (tree / s.s2[2]).unlink()
+    cache = tmp_path / "coverage.json"
+    with pytest.raises(DataError, match=f"file not found: {tree / s.s2[2]} .1 of {N_DATES} dates not done"):
+        cloud_masks.make_coverage_cache([s], tree, cache, "rule", workers=1, progress=False)
+    assert set(json.loads(cache.read_text())["coverage"]) == set(s.s2) - {s.s2[2]}
+
+
+def test_scan_of_incomplete_series_only_says_so(ts_tree, tmp_path, capsys):
+    root, csv_path = ts_tree
+    s = read_ts_list(csv_path)[0]
+    tree = _copy_series(root, s, tmp_path / "tree")
+    (tree / s.s1[0]).unlink()
+    assert dataloader.main(["scan", str(tree), "--out", str(tmp_path / "ts.csv")]) == 2
+    err = capsys.readouterr().err
+    assert f"incomplete series {s.roi} patch {s.patch}: no S1 at t=0" in err
+    assert "error: " in err and "no complete SEN12MS-CR-TS series (1 incomplete)" in err
+    assert not (tmp_path / "ts.csv").exists()
