@@ -63,17 +63,19 @@ def test_train_resume_and_evaluate_three_dates(series_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_a_stack_of_dates(series_data, tmp_path):
+def test_predict_a_stack_of_dates_with_its_uncertainty(series_data, tmp_path):
     root, list_path = series_data
-    assert train.main(_train_flags(root, list_path, tmp_path, 1, "--train_from_scratch")) == 0
+    assert train.main(_train_flags(root, list_path, tmp_path, 1, "--train_from_scratch", "--use_uncertainty_head")) == 0
     ckpt = tmp_path / "ts" / "last.pth"
     test_series = dataloader.get_ts_train_val_test(list_path)[2][0]
     cloudy, sar = ([str(root / p) for p in paths[:T]] for paths in (test_series.s2, test_series.s1))
     out = tmp_path / "cloudfree.tif"
     test_CR.main(["--predict", "--checkpoint", str(ckpt), "--cloudy", *cloudy, "--sar", *sar, "--out", str(out),
-                  "--tile", "16", "--overlap", "4", "--amp", "off"])
+                  "--tile", "16", "--overlap", "4", "--amp", "off", "--save_uncertainty"])
     with rasterio.open(out) as dst, rasterio.open(cloudy[0]) as src:
         assert dst.count == 13 and dst.shape == src.shape and dst.transform == src.transform
+    with rasterio.open(test_CR.uncertainty_output_path(out)) as std:
+        assert std.count == 13 and std.read().min() > 0
     with pytest.raises(runtime.UsageError, match="takes 3 date"):
         test_CR.main(["--predict", "--checkpoint", str(ckpt), "--cloudy", *cloudy[:2], "--sar", *sar[:2], "--out",
                       str(tmp_path / "two.tif")])
