@@ -186,7 +186,8 @@ class TemporalCloudRemoval(net.CloudRemovalCrossAttention):
 
     def _target_confidence(self, date_confidence, base_weights, x, h, w):
         """How cloudy the base still is, sum_t w_t c_t, sharpened by the mono network's full-resolution refinement
-        (added in logits) where it has one."""
+        (added in logits) where it has one. detach_confidence_input detaches the refinement's input only: the dates'
+        own maps steer the fusion and the base, so they stay on the path the reconstruction trains."""
         cloudy_left = (base_weights * date_confidence).sum(dim=1).clamp(CLEAR_EPS, 1 - CLEAR_EPS)
         if self.confidence_refinement is None:
             return cloudy_left
