@@ -46,10 +46,11 @@ LEARN_VARIANTS = {
     # time series (issue 30), on --setting ts: three dates, one date (the first of those three, the target the same),
     # and the per-pixel least-cloudy-date mosaic of the three (no training: test_CR.py --baseline mosaic)
     "ts_3_dates": ["--input_t", str(3)],
+    "ts_3_dates_no_date_confidence": ["--input_t", str(3), "--date_confidence_weight", "0"],  # dates unsupervised
     "ts_1_date": [],
     "ts_mosaic": [],
 }
-TS_VARIANTS = ("ts_3_dates", "ts_1_date", "ts_mosaic")
+TS_VARIANTS = ("ts_3_dates", "ts_3_dates_no_date_confidence", "ts_1_date", "ts_mosaic")
 TS_INPUTS = 3  # the dates the ts variants take
 
 

@@ -144,7 +144,8 @@ def _train_step(model, criterion, optimizer, n, size, amp_dtype):
         prediction, aux = model(cloudy, sar, return_aux=True)
     total, _ = criterion(prediction, target, net_CR_temporal.loss_reference(cloudy, aux), cloud_mask=mask,
                          confidence_target=mask if "confidence" in criterion.weights else None,
-                         aux=aux)
+                         aux=aux, date_confidence_target=torch.empty(*dates, 1, size, size)
+                         if "date_confidence" in criterion.weights else None)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)

@@ -340,14 +340,18 @@ def clip_groups(model):
     return [[p for p in model.parameters() if id(p) not in in_head]] + ([head] if head else [])
 
 
-def confidence_target(batch, device):
-    """What the confidence map should be: the true cloud map where the data has one (synthetic sets), else the
-    detector's binary mask (score >= threshold); for several dates (N,T,...) the target's: cloudy on every date
-    (net_CR_temporal.target_cloud_mask)."""
+def cloud_labels(batch):
+    """Where the clouds are: the true cloud map where the data has one (synthetic sets), else the detector's binary
+    mask (score >= threshold); (N,1,H,W), or each input date's (N,T,1,H,W)."""
     if "cloud_truth" in batch:
-        labels = rasters.truth_mask(batch["cloud_truth"]).float()
-    else:
-        labels = batch["cloud_binary"]
+        return rasters.truth_mask(batch["cloud_truth"]).float()
+    return batch["cloud_binary"]
+
+
+def confidence_target(batch, device):
+    """What the confidence map should be: cloud_labels, for several dates the target's (cloudy on every date,
+    net_CR_temporal.target_cloud_mask)."""
+    labels = cloud_labels(batch)
     labels = net_CR_temporal.target_cloud_mask(labels) if labels.dim() == 5 else labels
     return labels.to(device, non_blocking=True)
 
@@ -364,9 +368,12 @@ def train_step(run, batch):
     with run.ctx:
         prediction, aux = run.train_model(b["cloudy_data"], b["SAR_data"], return_aux=True)
     labels = confidence_target(batch, run.device) if "confidence" in run.criterion.weights else None
+    date_labels = (cloud_labels(batch).to(run.device, non_blocking=True) if "date_confidence" in run.criterion.weights
+                   else None)
     cloud_mask = b["cloud_mask"] if b["cloud_mask"].dim() == 4 else net_CR_temporal.target_cloud_mask(b["cloud_mask"])
     total, terms = run.criterion(prediction, b["cloudfree_data"], net_CR_temporal.loss_reference(b["cloudy_data"], aux),
-                                 cloud_mask=cloud_mask, confidence_target=labels, aux=aux)
+                                 cloud_mask=cloud_mask, confidence_target=labels, aux=aux,
+                                 date_confidence_target=date_labels)
     skipped = (~torch.isfinite(total.detach())).float()
     if run.world_size > 1:  # all ranks skip together, so their weights stay identical
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)

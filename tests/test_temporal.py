@@ -131,3 +131,21 @@ def test_mosaic_takes_each_pixel_from_its_least_cloudy_date():
     assert out[0, 0].tolist() == [[1.0, 2.0], [0.0, 0.0]]  # equal scores: the earliest date
     with pytest.raises(ValueError, match="mosaic takes"):
         temporal.mosaic(cloudy, score[:, :2])
+
+
+def test_each_dates_map_is_supervised_by_default_for_several_dates_only():
+    import losses
+    series = temporal.create_model(input_t=3, **SMALL)
+    assert losses.resolve({}, series.config).weights["date_confidence"] == 0.5
+    assert losses.resolve({}, net.ModelConfig()).weights["date_confidence"] == 0.0
+    alone = {f"{name}_weight": 0.0 for name in ("l1", "perceptual", "confidence", "residual")}  # the dates' term only
+    criterion = losses.CRLoss(losses.resolve(alone, series.config))
+    assert list(criterion.weights) == ["date_confidence"]
+    cloudy, sar = _series()
+    prediction, aux = series(cloudy, sar, return_aux=True)
+    labels = (cloudy[:, :, :1] > 0.5).float()
+    total, _ = criterion(prediction, cloudy[:, 0], aux.corrected.detach(), aux=aux, date_confidence_target=labels)
+    total.backward()
+    assert series.cloud_predictor.net[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="date_confidence_target"):
+        criterion(prediction, cloudy[:, 0], aux.corrected.detach(), aux=aux)
