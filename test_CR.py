@@ -536,11 +536,13 @@ def check_predict_output(args):
     for path, flag in [(out, "--out")] + ([(uncertainty_output_path(out), "--save_uncertainty's output")]
                                           if args.save_uncertainty else []):
         for given_flag in ("cloudy", "sar"):
-            for given in map(Path, getattr(args, given_flag)):
+            inputs = getattr(args, given_flag)
+            for given in map(Path, inputs):
                 same = path.exists() and given.exists() and os.path.samefile(path, given)
                 if path.resolve() == given.resolve() or same:
-                    raise runtime.UsageError(f"{flag} {path} is a --{given_flag} input: writing there would destroy "
-                                             f"it; choose another --out")
+                    which = "the" if len(inputs) == 1 else "one of the"
+                    raise runtime.UsageError(f"{flag} {path} is {which} --{given_flag} input: writing there would "
+                                             f"destroy it; choose another --out")
         if path.is_dir():
             raise runtime.UsageError(f"{flag} {path} is a folder; give --out a file name, e.g. --out "
                                      f"{out / 'cloudfree.tif'}")
