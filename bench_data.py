@@ -22,6 +22,7 @@ import datalist
 import dataloader
 import metrics
 import rasters
+import synthetic_sets
 
 # ------------------------------------------------------------------------------------- data loading, cloud detection
 
@@ -31,7 +32,7 @@ def _data_source(args):
         return args.root or str(Path(args.csv).parent), datalist.read_data_list(args.csv)
     tmp = tempfile.mkdtemp(prefix="bench_data_")
     atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-    csv_path = dataloader.make_synthetic_dataset(tmp, n=args.n, size=args.size, seed=0)
+    csv_path = synthetic_sets.make_synthetic_dataset(tmp, n=args.n, size=args.size, seed=0)
     return tmp, datalist.read_data_list(csv_path)
 
 

@@ -11,10 +11,10 @@ import torch
 from rasterio.transform import from_origin
 
 import bench_process
-import dataloader
 import inference
 import net_CR_CrossAttention as net
 import runtime
+import synthetic_sets
 import test_CR
 
 # ------------------------------------------------------------------------------ evaluation, whole-scene prediction
@@ -59,7 +59,7 @@ def bench_eval(args):
             ckpt = tmp / "random.pth"
             torch.save({"model": model.state_dict(), "model_name": "CrossAttention",
                         "model_config": asdict(model.config), "epoch": 0}, ckpt)
-        csv_path = dataloader.make_synthetic_dataset(tmp / "data", n=args.n, size=args.size, seed=0,
+        csv_path = synthetic_sets.make_synthetic_dataset(tmp / "data", n=args.n, size=args.size, seed=0,
                                                      val_frac=0.0, test_frac=0.0)
         # Evaluate every patch: the synthetic list puts them all in split 1 (train) with these fractions.
         summary = test_CR.evaluate(test_CR.build_parser().parse_args([

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
+import datalist
 import dataloader
 import losses
 import net_CR_CrossAttention as net
+import synthetic_sets
 
 # ----------------------------------------------------------------------------------------- learning and ablations
 # Does the model learn, and what does each part of the design buy? Trains every variant with the real
@@ -46,7 +48,15 @@ LEARN_VARIANTS = {
     # the default with the uncertainty head, trained by each NLL (docs/uncertainty.md)
     "uncertainty_gaussian": ["--use_uncertainty_head", "--nll_distribution", "gaussian"],
     "uncertainty_laplace": ["--use_uncertainty_head", "--nll_distribution", "laplace"],
+    # time series (issue 30), on --setting ts: three dates, one date (the first of those three, the target the same),
+    # and the per-pixel least-cloudy-date mosaic of the three (no training: test_CR.py --baseline mosaic)
+    "ts_3_dates": ["--input_t", str(3)],
+    "ts_3_dates_no_date_confidence": ["--input_t", str(3), "--date_confidence_weight", "0"],  # dates unsupervised
+    "ts_1_date": [],
+    "ts_mosaic": [],
 }
+TS_VARIANTS = ("ts_3_dates", "ts_3_dates_no_date_confidence", "ts_1_date", "ts_mosaic")
+TS_INPUTS = 3  # the dates the ts variants take
 
 
 # Variants that train nothing: another variant's checkpoints (listed before them in --variants), scored by
@@ -77,7 +87,10 @@ LEARN_LOSS_OVERRIDES = {
 # The data settings of `learn`. 128 px: a quarter as many patches as 64 px, so a run trains on the same pixels,
 # and batch 1, so a step sees the same pixels and a run takes about as many steps (96 against 112).
 LEARN_SETTINGS = {"64": dict(n=80, size=64, batch_sz=4, out="runs/learn"),
-                  "128": dict(n=20, size=128, batch_sz=1, out="runs/learn128")}
+                  "128": dict(n=20, size=128, batch_sz=1, out="runs/learn128"),
+                  # time series of 4 dates (3 inputs and the target), split by region (make_synthetic_ts_dataset)
+                  "ts": dict(n=48, size=64, batch_sz=4, out="runs/learn_ts")}
+TS_DATES = TS_INPUTS + 1
 
 
 def _add_learn_args(parser):
@@ -89,7 +102,8 @@ def _add_learn_args(parser):
     parser.add_argument("--setting", choices=list(LEARN_SETTINGS), default="64",
                         help="data setting: '64' = 80 patches of 64 px, batch 4; '128' = 20 patches of 128 px, "
                              "batch 1 (the same pixels per run and per step, 4x the context per patch, so a "
-                             "receptive-field advantage shows); --n, --size, --batch_sz override its values")
+                             "receptive-field advantage shows); 'ts' = 48 synthetic time series of 4 dates, 64 px, "
+                             "batch 4, for the ts_* variants; --n, --size, --batch_sz override its values")
     parser.add_argument("--n", type=int, default=None, help="synthetic patches (split by scene into train/val/test)")
     parser.add_argument("--size", type=int, default=None, help="synthetic patch size in pixels (trained uncropped)")
     parser.add_argument("--data_seed", type=int, default=0, help="seed of the synthetic dataset")
@@ -136,6 +150,21 @@ def learn_train_flags(variant, seed, args, csv_path, out):
             *_learn_loss_flags(variant, args.vgg_weights), *learn_variant_flags(variant), *args.extra.split()]
 
 
+def ts_single_date_list(ts_csv):
+    """A single-date list (datalist.write_data_list) beside a time series list: per series the first input date the
+    3-date sampler picks (the leak-free default) as the cloudy image and that sampler's target as the cloud-free one,
+    so ts_1_date sees one of the dates ts_3_dates sees and is scored on the same targets."""
+    ts_csv = Path(ts_csv)
+    series = datalist.read_ts_list(ts_csv)
+    dataset = dataloader.SEN12MSCRTSDataset(series, ts_csv.parent, input_t=TS_INPUTS, cloud_detector="none")
+    triplets = []
+    for i, s in enumerate(series):
+        choice, _ = dataset.date_choice(i)
+        first = choice.inputs[0]
+        triplets.append(datalist.Triplet(s.split, s.s1[first], s.s2[choice.target], s.s2[first]))
+    return datalist.write_data_list(ts_csv.with_name("single_date.csv"), triplets)
+
+
 def _learn_run(variant, seed, args, csv_path, out):
     if variant in LEARN_RESCORED:
         trained, flags = LEARN_RESCORED[variant]
@@ -143,6 +172,12 @@ def _learn_run(variant, seed, args, csv_path, out):
         return {"variant": variant, "seed": seed, "train_s": 0.0,
                 **_learn_scores([checkpoint], csv_path, results, flags)}
     name = f"{variant}_s{seed}"
+    if variant == "ts_1_date":
+        csv_path = Path(csv_path).with_name("single_date.csv")
+    if variant == "ts_mosaic":  # nothing to train: the baseline scored as test_CR.py scores a checkpoint
+        return {"variant": variant, "seed": seed, "train_s": 0.0,
+                **_learn_scores([], csv_path, out / "results" / name, scored=["--baseline", "mosaic", "--input_t",
+                                                                       str(TS_INPUTS)])}
     train_cmd = [sys.executable, "train_CR_kaggle.py", *learn_train_flags(variant, seed, args, csv_path, out)]
     t0 = time.time()
     subprocess.run(train_cmd, check=True, stdout=subprocess.DEVNULL)
@@ -151,10 +186,11 @@ def _learn_run(variant, seed, args, csv_path, out):
             **_learn_scores([out / "ckpt" / name / "best.pth"], csv_path, out / "results" / name)}
 
 
-def _learn_scores(checkpoints, csv_path, results, flags=()):
-    """test_CR.py on the test split (several checkpoints: their ensemble; flags: its extra flags); the figures a
-    learn row reads."""
-    subprocess.run([sys.executable, "test_CR.py", "--checkpoint", *map(str, checkpoints), "--data_list_filepath",
+def _learn_scores(checkpoints, csv_path, results, flags=(), scored=None):
+    """test_CR.py on the test split (several checkpoints: their ensemble; scored: other flags saying what is scored,
+    e.g. a baseline; flags: its extra flags); the figures a learn row reads."""
+    scored = scored or ["--checkpoint", *map(str, checkpoints)]
+    subprocess.run([sys.executable, "test_CR.py", *scored, "--data_list_filepath",
                     str(csv_path), "--input_data_folder", str(Path(csv_path).parent), "--split", "test",
                     "--results_dir", str(results), *flags], check=True, stdout=subprocess.DEVNULL)
     summary = json.loads((results / "summary.json").read_text())
@@ -174,14 +210,9 @@ def _learn_scores(checkpoints, csv_path, results, flags=()):
             "uncertainty": figures, "truth_bins": summary.get("truth_bins")}
 
 
-def bench_learn(args):
-    """Train each design variant on synthetic data for a fixed budget, score the test split vs identity."""
-    args = resolve_learn_setting(args)
-    out = Path(args.out)
-    csv_path = out / f"data_n{args.n}_s{args.size}_seed{args.data_seed}" / "data.csv"
-    if not csv_path.is_file():
-        dataloader.make_synthetic_dataset(csv_path.parent, n=args.n, size=args.size, seed=args.data_seed)
-    runs = []
+def check_variants(args):
+    """--variants as a list, each known, a rescored variant after the one whose checkpoints it scores, the time series
+    variants alone on --setting ts; SystemExit naming the problem otherwise."""
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in LEARN_VARIANTS and v not in LEARN_RESCORED]
     if unknown:
@@ -190,6 +221,24 @@ def bench_learn(args):
     if unordered:
         needed = [LEARN_RESCORED[v][0] for v in unordered]
         raise SystemExit(f"{unordered} score another variant's checkpoints: list {needed} before them in --variants")
+    if (args.setting == "ts") != all(v in TS_VARIANTS for v in variants):
+        raise SystemExit(f"the time series variants {TS_VARIANTS} run on --setting ts, and only they do")
+    return variants
+
+
+def bench_learn(args):
+    """Train each design variant on synthetic data for a fixed budget, score the test split vs identity."""
+    args = resolve_learn_setting(args)
+    variants = check_variants(args)
+    out = Path(args.out)
+    csv_path = out / f"data_n{args.n}_s{args.size}_seed{args.data_seed}" / "data.csv"
+    if not csv_path.is_file() and args.setting == "ts":
+        synthetic_sets.make_synthetic_ts_dataset(csv_path.parent, n=args.n, size=args.size, seed=args.data_seed,
+                                             n_dates=TS_DATES)
+        ts_single_date_list(csv_path)
+    elif not csv_path.is_file():
+        synthetic_sets.make_synthetic_dataset(csv_path.parent, n=args.n, size=args.size, seed=args.data_seed)
+    runs = []
     for variant in variants:
         for seed in (int(s) for s in args.seeds.split(",")):
             run = _learn_run(variant, seed, args, csv_path, out)

@@ -12,8 +12,8 @@ from torch.utils.data import default_collate
 import bench_process
 import bench_step
 import datalist
-import dataloader
 import losses
+import synthetic_sets
 import train_CR_kaggle as train
 import training
 
@@ -30,7 +30,7 @@ import training
 def _loop_data(out, n_unique, size, n_train):
     """A data list of n_train training rows (n_unique synthetic patches listed again and again, so a long epoch
     costs no more synthesis) and a small validation split. Returns the CSV path."""
-    csv_path = dataloader.make_synthetic_dataset(Path(out) / "unique", n=n_unique, size=size, seed=0,
+    csv_path = synthetic_sets.make_synthetic_dataset(Path(out) / "unique", n=n_unique, size=size, seed=0,
                                                  val_frac=0.2, test_frac=0.0)
     rows = datalist.read_data_list(csv_path)
     train_rows = [t for t in rows if t.split == 1]

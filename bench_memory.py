@@ -5,6 +5,7 @@ import torch
 
 import losses
 import net_CR_CrossAttention as net
+import net_CR_temporal
 import sizing
 import train_CR_kaggle as train
 
@@ -29,6 +30,12 @@ def _add_memory_args(parser):
     parser.add_argument("--gpus", nargs="+", default=["T4=15102", "P100=16280"],
                         help="NAME=MiB of memory the card reports; the batch column is the largest that fits it less "
                              "--context_mib with sizing.BATCH_MARGIN left")
+    parser.add_argument("--input_t", type=int, nargs="+", default=[1],
+                        help="cloudy dates per sample (issue 30): 1 = the single-date network; N > 1 the time series "
+                             "network, counted at each --date_chunk")
+    parser.add_argument("--date_chunk", type=int, nargs="+", default=[net_CR_temporal.TemporalConfig.date_chunk],
+                        help="--input_t > 1: dates encoded per pass with activation checkpointing (0: all at once, "
+                             "kept)")
     parser.add_argument("--context_mib", type=float, default=400,
                         help="the CUDA context's share of the card, not in torch's figures (300-500 MiB typically)")
 
@@ -53,14 +60,17 @@ def bench_memory(args):
     """GPU memory of a training step by network, crop and precision, counted without a GPU; batch per card."""
     gpus = {name: float(mib) for name, mib in (g.split("=") for g in args.gpus)}
     rows = []
-    for network, crop, precision in itertools.product(args.networks, args.crops, args.precision):
-        need = sizing.footprint("CrossAttention", NETWORKS[network], _training_args(args.loss), crop,
+    dates = [(t, chunk) for t in args.input_t for chunk in (args.date_chunk if t > 1 else [None])]
+    for network, crop, precision, (t, chunk) in itertools.product(args.networks, args.crops, args.precision, dates):
+        series = {} if t == 1 else {"input_t": t, "date_chunk": chunk}
+        need = sizing.footprint("CrossAttention", {**NETWORKS[network], **series}, _training_args(args.loss), crop,
                                 args.val_size, PRECISIONS[precision])
         free = {name: (mib - args.context_mib) * 2**20 for name, mib in gpus.items()}
-        rows.append(dict(network=network, crop=crop, precision=precision, fixed_mib=need.train_fixed / 2**20,
+        rows.append(dict(network=network, input_t=t, date_chunk=chunk, crop=crop, precision=precision,
+                         fixed_mib=need.train_fixed / 2**20,
                          per_sample_mib=need.train_per_sample / 2**20, val_per_sample_mib=need.val_per_sample / 2**20,
                          batch={name: sizing.largest_batch(need, b) for name, b in free.items()}))
-        print(f"  done {network} {crop}px {precision}", flush=True)
+        print(f"  done {network} {crop}px {precision} input_t {t} date_chunk {chunk}", flush=True)
     check = _h100_check()
     _print_memory_table(args, rows, check)
     return {"rows": rows, "h100": check}
@@ -70,11 +80,12 @@ def _print_memory_table(args, rows, check):
     names = list(rows[0]["batch"]) if rows else []
     print(f"\nbenchmark.py memory  loss={args.loss} validation at {args.val_size} px  (MiB; batch: the largest that "
           f"fits, {sizing.BATCH_MARGIN * 100:.0f} % margin, {args.context_mib:g} MiB context)")
-    print(f"{'network':>8} {'crop':>4} {'precision':>9} {'fixed':>7} {'per sample':>10} {'val/sample':>10} "
-          + " ".join(f"{'batch ' + n:>10}" for n in names))
+    print(f"{'network':>8} {'dates':>5} {'chunk':>5} {'crop':>4} {'precision':>9} {'fixed':>7} {'per sample':>10} "
+          f"{'val/sample':>10} " + " ".join(f"{'batch ' + n:>10}" for n in names))
     for r in rows:
-        print(f"{r['network']:>8} {r['crop']:>4} {r['precision']:>9} {r['fixed_mib']:>7.0f} "
-              f"{r['per_sample_mib']:>10.1f} {r['val_per_sample_mib']:>10.1f} "
+        chunk = "-" if r["date_chunk"] is None else r["date_chunk"]
+        print(f"{r['network']:>8} {r['input_t']:>5} {chunk:>5} {r['crop']:>4} {r['precision']:>9} "
+              f"{r['fixed_mib']:>7.0f} {r['per_sample_mib']:>10.1f} {r['val_per_sample_mib']:>10.1f} "
               + " ".join(f"{str(r['batch'][n]):>10}" for n in names))
     print(f"H100 row (default network, L1, bf16, 256 px, batch 32): counted {check['counted_mib']:,.0f} MiB; measured "
           f"{check['eager_mib']:,} eager ({check['counted_mib'] / check['eager_mib']:.3f}x), {check['compiled_mib']:,} "

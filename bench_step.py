@@ -28,11 +28,13 @@ def step_run(model, criterion, device, amp, channels_last, train_model=None):
     return run
 
 
-def random_batch(n, size, device, channels_last):
+def random_batch(n, size, device, channels_last, input_t=1):
     """A training batch of random reflectances (cloudy brighter than cloud-free), put on the device by the
-    training's own train_CR_kaggle.to_device."""
-    batch = {"cloudy_data": torch.rand(n, 13, size, size) * 0.8, "cloudfree_data": torch.rand(n, 13, size, size) * 0.3,
-             "SAR_data": torch.rand(n, 2, size, size), "cloud_mask": torch.rand(n, 1, size, size)}
+    training's own train_CR_kaggle.to_device; input_t > 1: input_t dates per sample (N,T,C,H,W)."""
+    dates = (n,) if input_t == 1 else (n, input_t)
+    batch = {"cloudy_data": torch.rand(*dates, 13, size, size) * 0.8,
+             "cloudfree_data": torch.rand(n, 13, size, size) * 0.3,
+             "SAR_data": torch.rand(*dates, 2, size, size), "cloud_mask": torch.rand(*dates, 1, size, size)}
     return training.to_device(batch, device, channels_last)
 
 

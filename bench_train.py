@@ -16,6 +16,7 @@ import bench_process
 import bench_step
 import losses
 import net_CR_CrossAttention as net
+import net_CR_temporal
 import training
 
 # ------------------------------------------------------------------------------------------- model training step
@@ -51,7 +52,7 @@ def train_step_worker(cfg):
     device = torch.device(cfg["device"])
     torch.manual_seed(0)
     model_config = {} if cfg["model_name"] == "DSen2CR" else {"attention": cfg["attention"]}
-    model = net.create_model(cfg["model_name"], **model_config, **cfg["model_config"]).to(device)
+    model = net_CR_temporal.create_model(cfg["model_name"], **model_config, **cfg["model_config"]).to(device)
     gmacs_256 = net.count_macs(model) / 1e9
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
@@ -61,7 +62,7 @@ def train_step_worker(cfg):
     criterion = losses.CRLoss(**losses.loss_options("l1")).to(device)
     run = bench_step.step_run(model, criterion, device, PRECISION_AMP[cfg["precision"]], cfg["channels_last"], forward)
     n = cfg["batch"]
-    batch = bench_step.random_batch(n, cfg["size"], device, cfg["channels_last"])
+    batch = bench_step.random_batch(n, cfg["size"], device, cfg["channels_last"], net_CR_temporal.input_t_of(model))
     sync = bench_step.synchronizer(device)
 
     out = {"gmacs_256": gmacs_256}

@@ -34,17 +34,19 @@ UNCERTAINTY_BAND_DESCRIPTIONS = uncertainty_band_descriptions(len(bands.S2_BANDS
 
 @torch.no_grad()
 def forward_all(model, cloudy, sar, ctx):
-    """Everything a forward pass gives, float32: {"prediction" (finished), "confidence" (or None), the variances
+    """Everything a forward pass gives, float32: {"prediction" (finished), "confidence" (or None), "date_confidence"
+    (N,T,1,H,W: a time series network's map of each input date, or None), the variances
     (N,13,H,W) "aleatoric" (the uncertainty head's), "epistemic" (an ensemble's spread) and "variance" (their sum,
     the predictive variance), each None where the model has no such part}. ctx: the run's autocast context."""
     with ctx:
         prediction, aux = model(cloudy, sar, return_aux=True)
     log_variance, epistemic, confidence = aux.log_variance, aux.epistemic_variance, aux.confidence
+    date_confidence = None if aux.date_confidence is None else aux.date_confidence.float()
     aleatoric = None if log_variance is None else log_variance.float().exp()
     epistemic = None if epistemic is None else epistemic.float()
     parts = [v for v in (aleatoric, epistemic) if v is not None]
     return {"prediction": bands.finish_s2(prediction),
-            "confidence": None if confidence is None else confidence.float(),
+            "confidence": None if confidence is None else confidence.float(), "date_confidence": date_confidence,
             "aleatoric": aleatoric, "epistemic": epistemic, "variance": sum(parts) if parts else None}
 
 
@@ -106,6 +108,20 @@ def check_scene_pair(cloudy_src, sar_src, s2_product=bands.DEFAULT_S2_PRODUCT, r
     if problems:
         raise files.DataError(f"{sar_src.name} and {cloudy_src.name} are not on the same grid: "
                                    + "; ".join(problems) + " (resample the SAR onto the Sentinel-2 grid first)")
+
+
+def check_scene_stack(cloudy_srcs, sar_srcs, s2_product=bands.DEFAULT_S2_PRODUCT, remedy=None):
+    """check_scene_pair for every date (sar_srcs None: no radar), as many SAR as cloudy images, and every date on the
+    first one's grid."""
+    if sar_srcs is not None and len(cloudy_srcs) != len(sar_srcs):
+        raise files.DataError(f"{len(cloudy_srcs)} cloudy and {len(sar_srcs)} SAR images: give one SAR image per "
+                              f"date, in the same order")
+    for i, cloudy_src in enumerate(cloudy_srcs):
+        check_scene_pair(cloudy_src, None if sar_srcs is None else sar_srcs[i], s2_product, remedy)
+        problems = rasters.grid_problems(cloudy_src, cloudy_srcs[0])
+        if problems:
+            raise files.DataError(f"{cloudy_src.name} and {cloudy_srcs[0].name} (the first date) are not on the same "
+                                  f"grid: " + "; ".join(problems))
 
 
 def _read_s2(src, window):
@@ -170,14 +186,20 @@ class BlendedStrip:
         return rows
 
 
-def _scene_tiles(model, cloudy_src, sar_src, y, xs, size, sar_fill, device, ctx, s2_offset=0):
-    """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host; s2_offset:
-    the cloudy file's radiometric offset (rasters.s2_offset)."""
+def _scene_tiles(model, cloudy_srcs, sar_srcs, y, xs, size, sar_fills, device, ctx, offsets, series):
+    """forward_all of the tiles at scene row y and columns xs, size (th, tw), as numpy arrays on the host: the dates'
+    tiles (N,T,C,th,tw) in date order for a series, (N,C,th,tw) for one date. sar_srcs None: no radar; offsets: each
+    cloudy file's radiometric offset (rasters.s2_offset)."""
     window = lambda x: (y, x, *size)
-    cloudy = np.stack([bands.normalize_s2(_read_s2(cloudy_src, window(x)), s2_offset) for x in xs])
-    sar = None if sar_src is None else torch.from_numpy(np.stack(
-        [bands.normalize_s1(_fill(rasters.read_window(sar_src, window(x)), sar_fill)) for x in xs])).to(device)
-    out = forward_all(model, torch.from_numpy(cloudy).to(device), sar, ctx)
+    cloudy = np.stack([np.stack([bands.normalize_s2(_read_s2(src, window(x)), offset) for x in xs])
+                       for src, offset in zip(cloudy_srcs, offsets)], axis=1)
+    sar = None if sar_srcs is None else np.stack([np.stack(
+        [bands.normalize_s1(_fill(rasters.read_window(src, window(x)), fill)) for x in xs])
+        for src, fill in zip(sar_srcs, sar_fills)], axis=1)
+    if not series:
+        cloudy, sar = cloudy[:, 0], None if sar is None else sar[:, 0]
+    out = forward_all(model, torch.from_numpy(cloudy).to(device),
+                      None if sar is None else torch.from_numpy(sar).to(device), ctx)
     return {k: None if v is None else v.cpu().numpy() for k, v in out.items()}
 
 
@@ -210,26 +232,32 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
     the rows the current tile row covers (13 x tile x width float32); rows no later tile touches are finished,
     written with a windowed write, and dropped. Input tiles are read with rasterio windows and normalised tile by
     tile; an S1 NaN gets the band mean of the whole scene (scene_sar_fill_db), as a whole-image pass would give it.
-    sar_path None: the scene without radar (the model is told it is absent; no Sentinel-1 file is read)."""
+    sar_path None: the scene without radar (the model is told it is absent; no Sentinel-1 file is read). A time
+    series network (input_t > 1) takes lists of input_t cloudy and SAR paths, in date order, every date on the first
+    cloudy date's grid; the output takes that grid."""
     if tile < 8 or not 0 <= overlap < tile:
         raise ValueError(f"need tile >= 8 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     device, out_path = torch.device(device), Path(out_path)
     ctx = runtime.autocast(device, amp_dtype)
     model.eval()
-    with rasters.open_raster(cloudy_path) as cloudy_src, contextlib.ExitStack() as stack:
-        sar_src = None if sar_path is None else stack.enter_context(rasters.open_raster(sar_path))
-        check_scene_pair(cloudy_src, sar_src, s2_product)
-        offset = rasters.s2_offset(cloudy_src, s2_offset)
-        height, width = cloudy_src.height, cloudy_src.width
+    series = isinstance(cloudy_path, (list, tuple))
+    with contextlib.ExitStack() as stack:
+        cloudy_srcs = [stack.enter_context(rasters.open_raster(p)) for p in (cloudy_path if series else [cloudy_path])]
+        sar_srcs = None if sar_path is None else [stack.enter_context(rasters.open_raster(p))
+                                                  for p in (sar_path if series else [sar_path])]
+        check_scene_stack(cloudy_srcs, sar_srcs, s2_product)
+        offsets = [rasters.s2_offset(src, s2_offset) for src in cloudy_srcs]
+        cloudy_path = cloudy_srcs[0].name
+        height, width = cloudy_srcs[0].height, cloudy_srcs[0].width
         ys, xs = tile_starts(height, tile, overlap), tile_starts(width, tile, overlap)
         size = (min(tile, height), min(tile, width))
-        sar_fill = None if sar_src is None else scene_sar_fill_db(sar_src)
+        sar_fill = None if sar_srcs is None else [scene_sar_fill_db(s) for s in sar_srcs]
         weight = np.outer(feather(size[0], overlap), feather(size[1], overlap))
         names = bands.s2_bands(s2_product)
         products = {"prediction": (out_path, "uint16", names),
                     "variance": (uncertainty_path, "float32", uncertainty_band_descriptions(len(names)))}
         outputs = {name: stack.enter_context(_scene_output(stack.enter_context(files.atomic_output(path, ".tif")),
-                                                           cloudy_src, dtype, text))
+                                                           cloudy_srcs[0], dtype, text))
                    for name, (path, dtype, text) in products.items() if path is not None}
         strips = {name: BlendedStrip(len(names), size[0], width) for name in outputs}
         bar = tqdm(total=len(ys) * len(xs), desc="tiles", disable=not progress, dynamic_ncols=True)
@@ -237,7 +265,8 @@ def predict_scene(model, cloudy_path, sar_path, out_path, tile=256, overlap=32, 
             _write_rows(outputs, strips, y, cloudy_path)
             for b in range(0, len(xs), batch_sz):
                 chunk = xs[b:b + batch_sz]
-                out = _scene_tiles(model, cloudy_src, sar_src, y, chunk, size, sar_fill, device, ctx, offset)
+                out = _scene_tiles(model, cloudy_srcs, sar_srcs, y, chunk, size, sar_fill, device, ctx, offsets,
+                                   series)
                 if "variance" in strips and out["variance"] is None:
                     raise ValueError("an uncertainty output was asked for, but the model predicts no uncertainty")
                 for i, x in enumerate(chunk):

@@ -314,10 +314,12 @@ class LossInputs:
     (aux: a net_CR_CrossAttention.ModelOutputs, or None) and the VGG distances, computed once for the two terms that
     share them."""
 
-    def __init__(self, criterion, pred, target, cloudy, cloud_mask, confidence_target, aux):
+    def __init__(self, criterion, pred, target, cloudy, cloud_mask, confidence_target, aux,
+                 date_confidence_target=None):
         self.criterion, self.pred, self.target, self.cloudy = criterion, pred, target, cloudy
         self.diff = pred - target  # every pixel-space term reads this one image
         self.cloud_mask, self.confidence_target, self.aux = _fp32(cloud_mask), confidence_target, aux
+        self.date_confidence_target = date_confidence_target
         self.options = criterion.config.options
 
     @functools.cached_property
@@ -333,6 +335,13 @@ def _cloud_focused_term(x):
 
 def _confidence_term(x):
     return confidence_loss(x.aux.confidence, x.target, x.cloud_mask, x.cloudy, labels=x.confidence_target)
+
+
+def _date_confidence_term(x):
+    if x.date_confidence_target is None:
+        raise ValueError("the date_confidence term needs each input date's cloud labels (date_confidence_target)")
+    return confidence_loss(x.aux.date_confidence.flatten(0, 1), x.target,
+                           labels=x.date_confidence_target.flatten(0, 1))
 
 
 def _residual_term(x):
@@ -411,6 +420,12 @@ LOSS_TERMS = (
     LossTerm("confidence", 0.5, "BCE that teaches the confidence map where clouds are (the true cloud map of "
              "synthetic data, else the cloud mask)", _confidence_term, needs="use_cloud_predictor",
              part="the cloud confidence map", reads=("confidence",)),
+    # Several dates: each date's own map, which weighs that date in the fusion and the base (BENCHMARKS.md, "Time
+    # series"); without it the dates' maps learn only from the reconstruction.
+    LossTerm("date_confidence", 0.5, "BCE that teaches each input date's confidence map where that date's clouds are "
+             "(its true cloud map, else its cloud mask): the maps that weigh the dates in the temporal fusion and the "
+             "base", _date_confidence_term, needs="input_t", part="several input dates",
+             reads=("date_confidence",)),
     LossTerm("residual", 0.5, "L1 of corrected + residual (the prediction with the confidence at 1) on every pixel, "
              "so the residual learns on clear pixels too", _residual_term, needs="use_cloud_predictor",
              part="the cloud confidence map", reads=("corrected", "residual")),
@@ -638,12 +653,14 @@ class CRLoss(nn.Module):
                 contrastive = contrastive + w * d_positive / (d_negative + EPS)
         return perceptual, contrastive
 
-    def forward(self, pred, target, cloudy, cloud_mask=None, confidence_target=None, aux=None):
+    def forward(self, pred, target, cloudy, cloud_mask=None, confidence_target=None, aux=None,
+                date_confidence_target=None):
         if pred.shape != target.shape or pred.shape != cloudy.shape:
             raise ValueError(f"pred {tuple(pred.shape)}, target {tuple(target.shape)} and cloudy "
                              f"{tuple(cloudy.shape)} must have the same shape")
         with torch.autocast(pred.device.type, enabled=False):
-            x = LossInputs(self, pred.float(), target.float(), cloudy.float(), cloud_mask, confidence_target, aux)
+            x = LossInputs(self, pred.float(), target.float(), cloudy.float(), cloud_mask, confidence_target, aux,
+                           date_confidence_target)
             weighted = {term.name: self.weights[term.name] * self._term(term, x) for term in self.terms}
             total = sum(weighted.values())
         return total, {name: value.detach() for name, value in weighted.items()}

@@ -397,21 +397,20 @@ def _pad_to_multiple(x, multiple):
     ph, pw = (-h) % multiple, (-w) % multiple
     if ph == 0 and pw == 0:
         return x
-    # Reflect padding needs pad < size; a tiny input (e.g. 1-3 px) falls back to replicate.
-    mode = "reflect" if ph < h and pw < w else "replicate"
+    mode = "reflect" if ph < h and pw < w else "replicate"  # reflect needs pad < size: tiny inputs replicate
     return F.pad(x, (0, pw, 0, ph), mode=mode)
 
 
 @dataclass(frozen=True)
 class ModelOutputs:
-    """What model(cloudy, sar, return_aux=True) returns beside the prediction: the same fields for every model
-    (CloudRemovalCrossAttention, DSen2CR, runtime.Ensemble), None where the model has no such output."""
+    """What model(cloudy, sar, return_aux=True) returns beside the prediction, the same for every model (None: none)."""
     residual: torch.Tensor | None = None  # (N,13,H,W) fp32: what the network adds to the (corrected) cloudy image
     confidence: torch.Tensor | None = None  # (N,1,H,W) fp32, 0 clear ... 1 cloudy: where the residual is applied
     corrected: torch.Tensor | None = None  # (N,13,H,W) fp32: the cloudy image the residual is added to (CrossAttention)
     log_variance: torch.Tensor | None = None  # (N,13,H,W) fp32: the uncertainty head's per-band log-variance
     epistemic_variance: torch.Tensor | None = None  # (N,13,H,W) fp32: an ensemble's spread of its members' predictions
     members: int | None = None  # an ensemble's number of members
+    date_confidence: torch.Tensor | None = None  # (N,T,1,H,W) fp32: a time series model's confidence of each date
 
 
 class CloudRemovalCrossAttention(nn.Module):
@@ -477,6 +476,23 @@ class CloudRemovalCrossAttention(nn.Module):
             fused, s1, s2 = (torch.where(keep, x, 0.0) for x in (fused, s1, s2))
         return fused, s1, s2
 
+    def encode(self, optical, sar, present=None):
+        """Padded images, which samples have radar (None: all) -> (refined bottleneck, 1/2 and full-res skips)."""
+        o1, o2, o3 = self.optical_encoder(optical)
+        fused, s1, s2 = self._fuse_sar(sar, present, o3)
+        refined = self.refine(fused, o3)
+        skips = 2 if self.config.use_sar_skips else 1
+        return refined, (o2, s2)[:skips], (o1, s1)[:skips]
+
+    def decode(self, refined, skips2, skips1, base, h, w):
+        """(decoder features at the padded full resolution, residual (N,13,h,w)); an affine residual scales `base`."""
+        x = self.up1(self.up2(refined, *skips2), *skips1)
+        if self.config.affine_residual:  # in fp32: the gain multiplies the input, the offset nearly cancels it
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                offset, gain = self.head(x.float())[..., :h, :w].chunk(2, dim=1)
+                return x, offset + gain * base.float()
+        return x, self.head(x)[..., :h, :w]
+
     def forward(self, optical, sar, return_aux=False):
         """optical (N,13,H,W) cloudy image, sar (N,2,H,W) or None (no radar) -> prediction (N,13,H,W) float32;
         return_aux=True: (prediction, ModelOutputs: residual, corrected, confidence or None, log_variance)."""
@@ -486,23 +502,11 @@ class CloudRemovalCrossAttention(nn.Module):
                    if self.training and self.config.sar_dropout > 0 else None)  # None: all of them
         sar = _check_inputs(optical, sar, self.in_optical, self.in_sar)
         optical_p = _pad_to_multiple(optical, self.DOWNSAMPLE)
-        o1, o2, o3 = self.optical_encoder(optical_p)
-        fused, s1, s2 = self._fuse_sar(sar, present, o3)
-        refined = self.refine(fused, o3)
-        if self.config.use_sar_skips:
-            x = self.up1(self.up2(refined, o2, s2), o1, s1)
-        else:
-            x = self.up1(self.up2(refined, o2), o1)
-        if self.config.affine_residual:  # in fp32: the gain multiplies the input, the offset nearly cancels it
-            with torch.autocast(device_type=optical.device.type, enabled=False):
-                offset, gain = self.head(x.float())[..., :h, :w].chunk(2, dim=1)
-                residual = offset + gain * optical.float()
-        else:
-            residual = self.head(x)[..., :h, :w]
+        refined, skips2, skips1 = self.encode(optical_p, sar, present)
+        x, residual = self.decode(refined, skips2, skips1, optical, h, w)
         log_variance = None  # only where asked for: validation's plain forward skips the head
         if return_aux and self.uncertainty_head is not None:
             log_variance = self.uncertainty_head(x.detach())[..., :h, :w]
-
         confidence = None
         if self.cloud_predictor is not None:
             bottleneck, decoded = ((refined.detach(), x.detach()) if self.config.detach_confidence_input
@@ -516,22 +520,25 @@ class CloudRemovalCrossAttention(nn.Module):
                 confidence = torch.sigmoid((logits + self.confidence_refinement(decoded)).float())
             confidence = confidence[..., :h, :w]
         correction = None if self.date_correction is None else self.date_correction(refined)
-        # The final addition in fp32 (outside autocast): in bf16 a clear pixel's reflectance would lose
-        # its last 8 bits, which is the detail the weighted residual is meant to pass through.
-        with torch.autocast(device_type=optical.device.type, enabled=False):
-            residual, base = residual.float(), optical.float()
-            if correction is not None:
-                gain, offset = correction
-                base = gain * base + offset
-            if confidence is not None:
-                confidence = confidence.float()
-                prediction = base + confidence * residual
-            else:
-                prediction = base + residual
+        prediction, base, residual, confidence = compose(optical, residual, confidence, correction)
         if return_aux:
             return prediction, ModelOutputs(residual=residual, confidence=confidence, corrected=base,
                                             log_variance=log_variance)
         return prediction
+
+
+def compose(base, residual, confidence, correction=None):
+    """(prediction, corrected base, residual, confidence), fp32: base (date-corrected) + confidence * residual (or +
+    residual). Outside autocast: bf16 would drop a clear pixel's last 8 bits, the detail the residual passes through."""
+    with torch.autocast(device_type=base.device.type, enabled=False):
+        residual, base = residual.float(), base.float()
+        if correction is not None:
+            gain, offset = correction
+            base = gain * base + offset
+        if confidence is None:
+            return base + residual, base, residual, None
+        confidence = confidence.float()
+        return base + confidence * residual, base, residual, confidence
 
 
 class _DSen2CRBlock(nn.Module):
@@ -562,11 +569,9 @@ class DSen2CRConfig:
 
 
 class DSen2CR(nn.Module):
-    """DSen2-CR baseline (Meraner et al., ISPRS J. 2020), after the authors' Keras code: concat(optical, SAR) ->
-    conv3x3 (feature_sizes) + ReLU -> num_layers residual blocks scaled by 0.1 -> conv3x3 to the optical bands ->
-    + optical input (long skip). On purpose unlike the original: PyTorch default init instead of he_uniform, no extra
-    output channels (it appends the input and a cloud-mask placeholder for its loss). Default: 18,947,341 parameters
-    (16 blocks of 256 channels)."""
+    """DSen2-CR baseline (Meraner et al., ISPRS J. 2020) after the authors' Keras code: concat(optical, SAR) -> conv3x3
+    + ReLU -> num_layers residual blocks scaled by 0.1 -> conv3x3 -> + optical (long skip). Unlike the original: torch's
+    default init, not he_uniform; no extra output channels. Default: 18,947,341 parameters (16 blocks of 256)."""
 
     model_name = "DSen2CR"
 
@@ -583,10 +588,7 @@ class DSen2CR(nn.Module):
         if self.sar_input == "zeros":
             sar = torch.zeros_like(sar)
         x = self.blocks(F.relu(self.stem(torch.cat([optical, sar], dim=1))))
-        residual = self.head(x)
-        with torch.autocast(device_type=optical.device.type, enabled=False):
-            residual = residual.float()
-            prediction = optical.float() + residual
+        prediction, _, residual, _ = compose(optical, self.head(x), None)
         if return_aux:
             return prediction, ModelOutputs(residual=residual)
         return prediction
@@ -625,11 +627,11 @@ def count_macs(model, size=256):
     counter = FlopCounterMode(display=False, custom_mapping={
         cpu_sdpa: lambda query, key, value, *args, **kwargs: sdpa_flop_count(query, key, value)})
     was_training, device = model.training, next(model.parameters()).device
+    dates = (1,) if getattr(model, "input_t", 1) == 1 else (1, model.input_t)  # a time series model: (N,T,C,H,W)
     model.eval()
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), counter:
-            model(torch.empty(1, model.in_optical, size, size, device=device),
-                  torch.empty(1, model.in_sar, size, size, device=device))
+            model(*(torch.empty(*dates, c, size, size, device=device) for c in (model.in_optical, model.in_sar)))
     finally:
         model.train(was_training)
     return counter.get_total_flops() // 2
@@ -662,8 +664,8 @@ def _smoke_test(argv=None):
                 "use_cloud_predictor", "Adaptive Residual Weighting": "use_cloud_predictor",
                 "Full-resolution confidence refinement": "use_confidence_refinement", "SAR skip connections to the "
                 "decoder": "use_sar_skips", "Affine residual (offset + gain x cloudy)": "affine_residual",
-                "Date (radiometric) correction": "use_date_correction",
-                "Uncertainty head (per-band log-variance)": "use_uncertainty_head"}
+                "Date (radiometric) correction": "use_date_correction", "Uncertainty head (per-band log-variance)":
+                "use_uncertainty_head"}
     for name, switch in features.items():
         print(f"  - {name}: {'✓' if cfg[switch] else '✗'}")
     parts = parameter_breakdown(model)
@@ -673,8 +675,7 @@ def _smoke_test(argv=None):
         print(f"      {name:32s} {count:>10,d}")
 
     size, batch = 128, 2
-    optical = torch.rand(batch, 13, size, size, device=device)
-    sar = torch.rand(batch, 2, size, size, device=device)
+    optical, sar = torch.rand(batch, 13, size, size, device=device), torch.rand(batch, 2, size, size, device=device)
     prediction, aux = model(optical, sar, return_aux=True)
     assert prediction.shape == optical.shape and prediction.dtype == torch.float32
     assert aux.confidence.shape == (batch, 1, size, size)

@@ -25,7 +25,9 @@ import torch.nn as nn
 
 import bands
 import clouds
+import date_sampling
 import net_CR_CrossAttention
+import net_CR_temporal
 from files import DataError, atomic_output
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")
@@ -57,6 +59,10 @@ SHARED_FLAGS = {
                            "from 25 January 2022, and reprocessed older ones), 0 for SEN12MS-CR (2018). A file's own "
                            "RADIO_ADD_OFFSET / BOA_ADD_OFFSET tag or GDAL band offset wins (docs/data.md, 'Your own "
                            "scene')"),
+    "date_sampler": dict(default=date_sampling.DEFAULT_SAMPLER, choices=list(date_sampling.SAMPLERS),
+                         help="several dates (--input_t > 1): which dates of a series are the inputs and which the "
+                              "target (date_sampling.SAMPLERS): leak_free never gives the target as an input; "
+                              "published is UnCRtainTS's fixed sampler as written"),
 }
 _SHARED = object()  # add_shared_flag's default: SHARED_FLAGS' own
 
@@ -281,7 +287,7 @@ def untested_without_sar(model):
 def build_model_from_checkpoint(ckpt, path="<checkpoint>"):
     """Rebuild the network a checkpoint was trained with and load its weights."""
     try:
-        model = net_CR_CrossAttention.create_model(ckpt["model_name"], **model_config_of(ckpt))
+        model = net_CR_temporal.create_model(ckpt["model_name"], **model_config_of(ckpt))  # input_t > 1: a series
         model.load_state_dict(ckpt["model"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint {path} does not match model {ckpt.get('model_name')!r}: {e}") from e
@@ -323,6 +329,10 @@ class Ensemble(nn.Module):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
         self.members = nn.ModuleList(members)
+        dates = {net_CR_temporal.input_t_of(m) for m in members}
+        if len(dates) > 1:
+            raise ValueError(f"an ensemble's members must take the same number of dates, got input_t {sorted(dates)}")
+        self.input_t = dates.pop()
         self.sar_input = ",".join(sorted({m.sar_input for m in members}))
         self.config = {"members": [asdict(m.config) for m in members], "sar_input": self.sar_input}
 

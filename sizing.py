@@ -19,8 +19,9 @@ context (300-500 MiB, outside torch's figures and already gone from torch.cuda.m
 gradient buckets (one more copy of the gradients, 25 MB for this network); the margin below covers them. Compiled
 steps need less (the H100's compiled step measured 0.57x its eager one): the count is the eager step, an upper bound.
 
-Imports the model and the losses only (training and the memory benchmark, bench_memory.py, import this, never the
-other way).
+A time series network (model_config's input_t > 1) is counted with its input_t dates per sample, in its date
+chunks (net_CR_temporal.TemporalConfig.date_chunk). Imports the model and the losses only (training and the memory
+benchmark, bench_memory.py, import this, never the other way).
 """
 import contextlib
 import math
@@ -36,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import losses
-import net_CR_CrossAttention
+import net_CR_temporal
 
 MiB = 2 ** 20
 ALLOCATOR_ROUNDING = 512  # bytes: CUDA's caching allocator rounds every block up to this (CUDACachingAllocator.cpp)
@@ -118,10 +119,13 @@ def precision_name(amp_dtype):
     return {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
 
 
-def _build(model_name, model_config, loss_args, amp_dtype):
+def _build(model_name, model_config, loss_args, amp_dtype, policy=None):
     """Model, criterion (random VGG: the same shapes and bytes as ImageNet's; the loss flags resolved for this model
-    as training resolves them) and AdamW, inside the fake mode."""
-    model = net_CR_CrossAttention.create_model(model_name, **model_config)
+    as training resolves them) and AdamW, inside the fake mode. policy: CudaAutocastPolicy, also entered where a time
+    series network recomputes a date chunk in the backward pass."""
+    model = net_CR_temporal.create_model(model_name, **model_config)
+    if policy is not None and hasattr(model, "recompute_context"):
+        model.recompute_context = policy
     with warnings.catch_warnings():  # the random-VGG warning is for training runs, not for a count
         warnings.simplefilter("ignore")
         criterion = losses.build_criterion(SimpleNamespace(**{**vars(loss_args), "vgg_weights": "random"}),
@@ -131,18 +135,27 @@ def _build(model_name, model_config, loss_args, amp_dtype):
 
 
 def _train_step(model, criterion, optimizer, n, size, amp_dtype):
-    """training.train_step's arithmetic on fake inputs: forward, the terms it enables, backward, clip, step."""
-    cloudy, target = torch.empty(n, 13, size, size), torch.empty(n, 13, size, size)
-    sar, mask = torch.empty(n, 2, size, size), torch.empty(n, 1, size, size)
+    """training.train_step's arithmetic on fake inputs: forward, the terms it enables, backward, clip, step; a time
+    series network (input_t > 1) takes (n, T, C, size, size) and its loss reads the base as the cloudy image."""
+    dates = _dates(model, n)
+    cloudy, target = torch.empty(*dates, 13, size, size), torch.empty(n, 13, size, size)
+    sar, mask = torch.empty(*dates, 2, size, size), torch.empty(n, 1, size, size)
     with torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
         prediction, aux = model(cloudy, sar, return_aux=True)
-    total, _ = criterion(prediction, target, cloudy, cloud_mask=mask,
+    total, _ = criterion(prediction, target, net_CR_temporal.loss_reference(cloudy, aux), cloud_mask=mask,
                          confidence_target=mask if "confidence" in criterion.weights else None,
-                         aux=aux)
+                         aux=aux, date_confidence_target=torch.empty(*dates, 1, size, size)
+                         if "date_confidence" in criterion.weights else None)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
     optimizer.step()
+
+
+def _dates(model, n):
+    """The leading dimensions of a batch of n samples: (n,), or (n, T) for a time series network."""
+    t = net_CR_temporal.input_t_of(model)
+    return (n,) if t == 1 else (n, t)
 
 
 def _peaks(model_name, model_config, loss_args, n, crop, val_size, amp_dtype, cuda_autocast):
@@ -150,14 +163,16 @@ def _peaks(model_name, model_config, loss_args, n, crop, val_size, amp_dtype, cu
     second holds everything a step in the middle of training holds."""
     policy = CudaAutocastPolicy() if cuda_autocast else contextlib.nullcontext()
     with FakeTensorMode(), LiveMemory() as memory, policy:
-        model, criterion, optimizer = _build(model_name, model_config, loss_args, amp_dtype)
+        model, criterion, optimizer = _build(model_name, model_config, loss_args, amp_dtype,
+                                             CudaAutocastPolicy if cuda_autocast else None)
         for _ in range(2):
             _train_step(model, criterion, optimizer, n, crop, amp_dtype)
         train_peak = memory.peak
         memory.reset_peak()
         model.eval()
         with torch.no_grad(), torch.autocast("cpu", dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            model(torch.empty(n, 13, val_size, val_size), torch.empty(n, 2, val_size, val_size))
+            model(torch.empty(*_dates(model, n), 13, val_size, val_size),
+                  torch.empty(*_dates(model, n), 2, val_size, val_size))
         return train_peak, memory.peak
 
 

@@ -1,6 +1,6 @@
 """Synthetic SEN12MS-CR-like patches: land covers with 13-band spectra and VV/VH backscatter, speckle, clouds.
 
-`generate_patches(n, size, seed)` yields one dict of arrays per patch; `dataloader.make_synthetic_dataset`
+`generate_patches(n, size, seed)` yields one dict of arrays per patch; `synthetic_sets.make_synthetic_dataset`
 writes them as GeoTIFFs in the official layout (the demo data and the test fixtures). numpy, scipy and
 satellite-cloud-generator only; no file I/O.
 

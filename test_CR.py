@@ -14,6 +14,13 @@ Whole-scene prediction (any raster size; overlapping tiles blended with feathere
 Without radar (no Sentinel-1 file is read; a model trained with --sar_dropout knows radar is absent): --no_sar when
 evaluating a list, --predict without --sar.
 
+Several cloudy dates (a checkpoint trained with --input_t N reads N dates per sample from a time series list; its
+--input_t is read from the checkpoint); the per-pixel least-cloudy-date mosaic scored as a baseline without one:
+    python test_CR.py --checkpoint ts.pth --data_list_filepath series.csv --input_data_folder ROOT --save_confidence
+    python test_CR.py --baseline mosaic --input_t 3 --data_list_filepath series.csv --input_data_folder ROOT
+    python test_CR.py --predict --checkpoint ts.pth --cloudy S2_t0.tif S2_t1.tif S2_t2.tif \\
+        --sar S1_t0.tif S1_t1.tif S1_t2.tif --out cloudfree.tif
+
 Predicted uncertainty (a model with the uncertainty head, or several checkpoints as an ensemble) is scored beside
 the prediction and written with --save_uncertainty (docs/uncertainty.md).
 
@@ -46,8 +53,10 @@ import datalist
 import dataloader
 import files
 import inference
+import net_CR_temporal
 import quicklooks
 import rasters
+import reports
 import runtime
 import scanning
 import scoring
@@ -70,6 +79,8 @@ def main(argv=None):
         raise runtime.UsageError(f"--batch_sz must be at least 1, got {args.batch_sz}")
     if args.save_first is not None and args.save_first < 0:
         raise runtime.UsageError(f"--save_first must be 0 or more, got {args.save_first}")
+    if bool(args.checkpoint) == bool(args.baseline) or (args.baseline and args.predict):
+        raise runtime.UsageError("pass --checkpoint (a trained model) or, to evaluate a list, --baseline mosaic")
     if args.predict:
         predict(args)
     else:
@@ -111,6 +122,8 @@ def ensure_writable_dir(folder, what):
 def uncertainty_source(model):
     """What the model's uncertainty is made of, in words, or None when it predicts none."""
     members = getattr(model, "members", None)
+    if model is None:  # a baseline
+        return None
     if members is not None:
         parts = ("aleatoric + epistemic" if all(getattr(m.config, "use_uncertainty_head", False) for m in members)
                  else "epistemic")
@@ -127,25 +140,6 @@ def check_uncertainty_wanted(args, model):
 
 
 # ----------------------------------------------------------------------------- evaluation
-
-def format_table(summary, bins):
-    out = io.StringIO()
-    header = f"{'region':<8}{'metric':<7}{'model':>10}{'identity':>10}{'gain':>10}"
-    out.write(header + "\n" + "-" * len(header) + "\n")
-    fmt = lambda v: f"{v:>10.4f}" if v is not None else f"{'-':>10}"
-    for r in scoring.REGIONS:
-        for m in scoring.METRIC_NAMES:
-            a, b = summary["model"][r][m], summary["identity"][r][m]
-            gain = None if a is None or b is None else a - b
-            out.write(f"{r:<8}{m:<7}{fmt(a)}{fmt(b)}{fmt(gain)}\n")
-    out.write(f"\nby cloud cover (PSNR / SSIM, model vs identity)\n{'bin %':<8}{'n':>4}"
-              f"{'PSNR model':>12}{'PSNR ident':>12}{'SSIM model':>12}{'SSIM ident':>12}\n")
-    for name, b in bins.items():
-        s = b["mean"]
-        out.write(f"{name:<8}{b['n']:>4}  {fmt(s['model']['all']['PSNR'])}  {fmt(s['identity']['all']['PSNR'])}"
-                  f"  {fmt(s['model']['all']['SSIM'])}  {fmt(s['identity']['all']['SSIM'])}\n")
-    return out.getvalue()
-
 
 def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
     """--save_geotiff / --save_confidence / --save_uncertainty / --save_png for each image of a batch (out: the batch's
@@ -166,6 +160,11 @@ def save_outputs(args, results, batch, cloudy, sar, out, target, first_index=0):
         if args.save_confidence and confidence is not None:
             rasters.write_float_geotiff(results / "confidence" / f"{stem}.tif", confidence[i].cpu(), crs, transform,
                                            description="cloud confidence (0 clear .. 1 cloudy)")
+        if args.save_confidence and out.get("date_confidence") is not None:  # one band per input date
+            rasters.write_float_geotiff(results / "confidence" / f"{stem}_dates.tif", out["date_confidence"][i, :, 0]
+                                        .cpu(), crs, transform, description=[
+                                            f"cloud confidence of input date {t} (0 clear .. 1 cloudy)"
+                                            for t in range(out["date_confidence"].shape[1])])
         if args.save_uncertainty:  # setup_evaluation made sure the model predicts one
             rasters.write_float_geotiff(results / "uncertainty" / f"{stem}.tif", std[i], crs, transform,
                                            description=inference.uncertainty_band_descriptions(len(std[i])))
@@ -193,14 +192,6 @@ def write_results(results, per_image, summary):
     (results / PARTIAL_CSV).unlink(missing_ok=True)
 
 
-def format_truth_bins(bins):
-    fmt = lambda v: f"{'-':>9}" if v is None else f"{v:>9.2f}"
-    lines = [f"PSNR by true cloud (squared error pooled over each bin's pixels)\n{'pixels':<26}{'n':>8}{'model':>9}"
-             f"{'identity':>9}"]
-    lines += [f"{name:<26}{b['pixels']:>8}{fmt(b['PSNR_model'])}{fmt(b['PSNR_identity'])}" for name, b in bins.items()]
-    return "\n".join(lines)
-
-
 def describe_checkpoints(paths, ckpts):
     """summary.json's "checkpoint", "model_name" and "epoch": as before for one checkpoint, lists for an ensemble."""
     if len(paths) == 1:
@@ -219,7 +210,9 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         members = [row for row in per_image if scoring.cover_bin(row["cloud_cover"]) == name]
         bins[name] = {"n": len(members), "mean": scoring.summarise(members)}
     return {
-        **describe_checkpoints(args.checkpoint, run.ckpt),
+        **(describe_checkpoints(args.checkpoint, run.ckpt) if run.model is not None else
+           {"checkpoint": None, "model_name": f"{args.baseline} baseline", "epoch": None}),
+        "input_t": args.input_t, "date_sampler": args.date_sampler if args.input_t > 1 else None,
         "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
         # What was scored: "full" (whole patches), "glfcr" (centred 128 of 256) or "custom" (other sizes).
         "protocol": args.protocol, "load_size": args.load_size, "crop_size": args.crop_size,
@@ -229,10 +222,11 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         # The binary mask behind the cloudy/clear scores and bins, and the list's split rule and leak check: what a
         # reader needs to tell whether two runs' figures compare.
         "cloud_mask": cloud_masks.describe_cloud_mask(args.cloud_detector, args.cloud_threshold, args.cloud_mask_dir),
-        "split_rule": run.leaks.split_rule, "leak_check": run.leaks.to_json(),
+        "split_rule": "the time series list's split (dataloader.get_ts_train_val_test)" if run.leaks is None else
+        run.leaks.split_rule, "leak_check": None if run.leaks is None else run.leaks.to_json(),
         "device": str(run.device), "amp": runtime.amp_name(run.amp_dtype),
         # A model trained with --sar_input zeros (the radar ablation) sees zeros here too: it is in its config.
-        "sar_input": run.model.sar_input,
+        "sar_input": None if run.model is None else run.model.sar_input,
         # The Sentinel-2 product scored: its bands are the metrics' bands (12 for L2A), its offset removed per file.
         "s2_product": run.s2_product, "s2_bands": list(bands.s2_bands(run.s2_product)),
         "s2_offset": args.s2_offset,  # the offset of files whose metadata carries none (rasters.s2_offset)
@@ -246,49 +240,6 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         "images_per_s": len(per_image) / seconds,
         "model_images_per_s": len(per_image) / max(totals.model_seconds, 1e-9),
     }
-
-
-def format_confidence(summary):
-    """Lines saying what the confidence map is worth as a cloud map, and how much clear pixels were changed."""
-    fmt = lambda v: "-" if v is None else f"{v:.3f}"
-    lines = [f"clear pixels changed by the model: mean |prediction - cloudy| = {fmt(summary['clear_change']['model'])}"
-             f" (identity: 0)"]
-    c = summary["confidence"]
-    if c is not None:
-        lines.append(f"confidence map vs the {summary['cloud_detector']} mask: ROC AUC {fmt(c['auc_mask'])} "
-                     f"(pooled {fmt(c['auc_mask_pooled'])}), IoU at 0.5 {fmt(c['iou_mask'])}; "
-                     f"mean on clear pixels {fmt(c['mean_clear'])}")
-        if c["auc_truth"] is not None:
-            lines.append(f"confidence map vs the true cloud map: ROC AUC {fmt(c['auc_truth'])} "
-                         f"(pooled {fmt(c['auc_truth_pooled'])}), IoU at 0.5 {fmt(c['iou_truth'])}")
-    return "\n".join(lines)
-
-
-def format_uncertainty(u):
-    """Lines saying how the predicted uncertainty ranks and matches the error, per region."""
-    fmt = lambda v, spec=".4f": "-" if v is None else format(v, spec)
-    lines = [f"predicted uncertainty: {u['source']}; std of reflectance, {u['pixels_sampled']} pixels pooled "
-             f"(at most {u['pixels_per_image_cap']} per image)",
-             f"mean std: all {fmt(u['mean_std']['all'])}, cloudy {fmt(u['mean_std']['cloudy'])}, clear "
-             f"{fmt(u['mean_std']['clear'])} (cloudy / clear {fmt(u['cloudy_clear_ratio'], '.2f')}); aleatoric "
-             f"{fmt(u['aleatoric_std'])}, epistemic {fmt(u['epistemic_std'])}",
-             f"{'region':<8}{'Spearman':>9}{'UCE px':>9}{'(const)':>9}{'UCE img':>9}{'(const)':>9}{'area':>7}"
-             f"   RMSE change after removing the 5/10/25/50 % most uncertain pixels (the oracle's)"]
-    for region in scoring.REGIONS:
-        r = u["regions"][region]
-        if r is None:
-            lines.append(f"{region:<8}  no pixels")
-            continue
-        drops = "/".join(f"{-v:.0f}" for v in r["rmse_drop_pct"].values())
-        oracle = "/".join(f"{-v:.0f}" for v in r["oracle_rmse_drop_pct"].values())
-        lines.append(f"{region:<8}{fmt(r['spearman'], '.3f'):>9}{fmt(r['uce_pixels']):>9}"
-                     f"{fmt(r['uce_pixels_constant']):>9}{fmt(r['uce_images']):>9}{fmt(r['uce_images_constant']):>9}"
-                     f"{r['sparsification_area']:>7.3f}   {drops} % ({oracle} %)")
-    theirs = u["regions"]["all"] and u["regions"]["all"].get("uce_uncrtaints")
-    if theirs is not None:
-        lines.append(f"UnCRtainTS's UCE / AUCE (their released code: whole images, mean signed error), to compare with "
-                     f"their tables: {fmt(theirs)} / {fmt(u['regions']['all']['auce_uncrtaints'])}")
-    return "\n".join(lines)
 
 
 def resolve_eval_flags(args):
@@ -319,6 +270,40 @@ def resolve_eval_flags(args):
     return args
 
 
+def resolve_input_t(args):
+    """Dates per sample: --input_t where given (--baseline mosaic needs N > 1), else the first checkpoint's
+    model_config (1 where it holds none, as in every checkpoint of a single-date run). A checkpoint that cannot be
+    read is reported by the load that follows, together with the other inputs' problems."""
+    if args.baseline and (args.input_t is None or args.input_t < 2):
+        raise runtime.UsageError("--baseline mosaic picks each pixel among several dates: pass --input_t N, N >= 2")
+    if args.baseline and args.cloud_detector == "none":
+        raise runtime.UsageError("--baseline mosaic ranks the dates by their cloud score: choose a --cloud_detector")
+    if args.input_t is not None:
+        if args.input_t < 1:
+            raise runtime.UsageError(f"--input_t must be at least 1, got {args.input_t}")
+        return args.input_t
+    try:
+        return runtime.load_checkpoint(args.checkpoint[0])["model_config"].get("input_t", 1)
+    except runtime.USER_ERRORS:
+        return 1
+
+
+def read_series(args):
+    """The --split time series of a time series list, each file present (a DataError naming it otherwise)."""
+    if args.cloud_mask_dir:
+        raise runtime.UsageError("--cloud_mask_dir holds masks of single dates; with several dates the time series "
+                                 "dataset runs --cloud_detector on every date")
+    series = dict(zip(("train", "val", "test"), dataloader.get_ts_train_val_test(args.data_list_filepath)))[args.split]
+    if not series:
+        raise files.DataError(f"{args.data_list_filepath}: the {args.split} split holds no time series")
+    root = rasters.data_root(args.input_data_folder)
+    for ts in series:
+        for rel in (*ts.s1, *ts.s2):
+            if not (root / rel).is_file():
+                raise files.DataError(f"{root / rel}: file listed in {args.data_list_filepath} not found")
+    return series
+
+
 @dataclass
 class Evaluation:
     """What setup_evaluation prepares for an evaluation run."""
@@ -326,17 +311,17 @@ class Evaluation:
     made: Path | None  # the outermost folder this run created (None: it existed)
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype; None: float32
-    model: torch.nn.Module  # the network, or the ensemble of several checkpoints
-    ckpt: dict | list[dict]  # the checkpoint, or the ensemble's checkpoints
+    model: torch.nn.Module | None  # the network, or the ensemble of several checkpoints; None: --baseline
+    ckpt: dict | list[dict] | None  # the checkpoint, or the ensemble's checkpoints
     loader: DataLoader
-    leaks: scanning.LeakReport
+    leaks: scanning.LeakReport | None  # None: a time series list (its split is the published one, by region)
     s2_product: str = bands.DEFAULT_S2_PRODUCT  # the checkpoint's Sentinel-2 product (runtime.s2_product_of)
 
 
 def checkpoint_product(args, ckpts):
-    """The Sentinel-2 product the checkpoint(s) trained on (runtime.s2_product_of), checked against --cloud_detector
-    (s2cloudless takes L1C only)."""
-    product = runtime.checkpoints_s2_product(ckpts, args.checkpoint)
+    """The Sentinel-2 product the checkpoint(s) trained on (runtime.s2_product_of; L1C for --baseline, which has
+    none), checked against --cloud_detector (s2cloudless takes L1C only)."""
+    product = bands.DEFAULT_S2_PRODUCT if ckpts is None else runtime.checkpoints_s2_product(ckpts, args.checkpoint)
     detector = getattr(args, "cloud_detector", "none")
     try:
         clouds.check_detector_product(detector, product)
@@ -371,29 +356,50 @@ def setup_evaluation(args: argparse.Namespace) -> Evaluation:
                                              sar=not args.no_sar)
         return rows, seen
 
+    args.input_t = resolve_input_t(args)
+    if args.no_sar and args.input_t > 1:
+        raise runtime.UsageError("--no_sar evaluates single dates; the time series network takes every date's radar")
     _, (rows, seen), (model, ckpt) = runtime.check_together(
-        lambda: [ensure_writable_dir(folder, "--results_dir") for folder in folders], read_rows,
-        lambda: runtime.load_models(args.checkpoint, device))
+        lambda: [ensure_writable_dir(folder, "--results_dir") for folder in folders],
+        read_rows if args.input_t == 1 else lambda: (read_series(args), None),
+        lambda: (None, None) if args.baseline else runtime.load_models(args.checkpoint, device))
     product = checkpoint_product(args, ckpt)
-    rasters.check_products(seen, product, product_remedy(args, product))
+    if seen is not None:
+        rasters.check_products(seen, product, product_remedy(args, product))
     check_uncertainty_wanted(args, model)
     warn_without_sar(args.no_sar, model)
-    dataset = dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
-                                          load_size=args.load_size, augment=False,
-                                          cloud_detector=args.cloud_detector, cloud_threshold=args.cloud_threshold,
-                                          cloud_mask_dir=args.cloud_mask_dir, s2_product=product,
-                                          s2_offset=args.s2_offset, read_sar=not args.no_sar)
+    if model is not None and net_CR_temporal.input_t_of(model) != args.input_t:
+        raise runtime.UsageError(f"{args.checkpoint[0]} takes {net_CR_temporal.input_t_of(model)} date(s) (its "
+                                 f"model_config); --input_t {args.input_t} disagrees: leave --input_t out")
+    dataset = build_dataset(args, rows, product)
     loader = DataLoader(dataset, batch_size=args.batch_sz, shuffle=False, num_workers=args.num_workers,
                         pin_memory=device.type == "cuda")
-    leaks = scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder)
-    warning = scanning.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
-    if warning:
-        print(warning + " (recorded in summary.json)", file=sys.stderr)
+    leaks = None  # a time series list keeps the published split by region (dataloader.get_ts_train_val_test)
+    if args.input_t == 1:
+        leaks = scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder)
+        warning = scanning.leak_warning(leaks, splits.SPLIT_PAIRS, args.input_data_folder)
+        if warning:
+            print(warning + " (recorded in summary.json)", file=sys.stderr)
     made = files.outermost_new_folder(results)
     for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     return Evaluation(results=results, made=made, device=device, amp_dtype=amp_dtype, model=model, ckpt=ckpt,
                       loader=loader, leaks=leaks, s2_product=product)
+
+
+def build_dataset(args, rows, product):
+    """The evaluation's dataset: single dates (SEN12MSCRDataset) or --input_t dates per sample (SEN12MSCRTSDataset),
+    of the checkpoint's Sentinel-2 product."""
+    if args.input_t > 1:
+        return dataloader.SEN12MSCRTSDataset(rows, args.input_data_folder, input_t=args.input_t,
+                                             crop_size=args.crop_size, load_size=args.load_size, augment=False,
+                                             cloud_detector=args.cloud_detector,
+                                             cloud_threshold=args.cloud_threshold, sampler=args.date_sampler,
+                                             s2_product=product, s2_offset=args.s2_offset)
+    return dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
+                                       load_size=args.load_size, augment=False, cloud_detector=args.cloud_detector,
+                                       cloud_threshold=args.cloud_threshold, cloud_mask_dir=args.cloud_mask_dir,
+                                       s2_product=product, s2_offset=args.s2_offset, read_sar=not args.no_sar)
 
 
 def warn_without_sar(no_sar, model):
@@ -403,6 +409,18 @@ def warn_without_sar(no_sar, model):
         print(warning, file=sys.stderr)
 
 
+def mosaic_outputs(cloudy, cloud_mask):
+    """--baseline mosaic's outputs as inference.forward_all gives a model's: the finished mosaic, nothing else."""
+    return {"prediction": bands.finish_s2(net_CR_temporal.mosaic(cloudy, cloud_mask)), "confidence": None,
+            "date_confidence": None, "aleatoric": None, "epistemic": None, "variance": None}
+
+
+def series_batch(batch):
+    """A time series batch as scoring reads a single date's: its cloud truth (N,T,2,H,W) becomes the target's, the
+    least opacity and shadow over the dates (net_CR_temporal.target_cloud_mask's rule)."""
+    return {**batch, "cloud_truth": batch["cloud_truth"].amin(dim=1)} if "cloud_truth" in batch else batch
+
+
 def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, totals: scoring.Totals) -> list[dict]:
     """Predict, score and save one batch of the Evaluation `run` (its first image is image len(totals.rows) of the
     split); adds its CSV rows, the seconds spent in the model, its confidence histograms, its squared error per
@@ -410,13 +428,18 @@ def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, 
     device, first_index = run.device, len(totals.rows)
     cloudy, target, cloud_mask = (batch[k].to(device) for k in ("cloudy_data", "cloudfree_data", "cloud_mask"))
     sar = batch["SAR_data"].to(device) if "SAR_data" in batch else None  # None: --no_sar
+    series = cloudy.dim() == 5  # several dates: the input "as it is" is their mosaic, scored where no date is clear
     t0 = time.perf_counter()
-    out = inference.forward_all(run.model, cloudy, sar, ctx)
+    out = mosaic_outputs(cloudy, cloud_mask) if run.model is None else inference.forward_all(run.model, cloudy, sar,
+                                                                                             ctx)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     prediction, confidence = out["prediction"], out["confidence"]
-    identity = bands.finish_s2(cloudy)
+    identity = bands.finish_s2(net_CR_temporal.mosaic(cloudy, cloud_mask) if series else cloudy)
+    if series:
+        cloud_mask, batch = net_CR_temporal.target_cloud_mask(cloud_mask), series_batch(batch)
+        cloudy, sar = identity, sar[:, 0]  # what the quicklooks show: the mosaic and the first date's radar
     scores = {"model": scoring.score_batch(prediction, target, cloud_mask, args.cloud_threshold),
               "identity": scoring.score_batch(identity, target, cloud_mask, args.cloud_threshold)}
     # Same pixels as masked_metrics and the dataset count as cloudy (score >= threshold).
@@ -463,16 +486,17 @@ def evaluate(args):
         summary["uncertainty"]["calibration_plot"] = str(quicklooks.save_calibration_plot(results / "calibration.png",
                                                                                           summary["uncertainty"]))
     write_results(results, totals.rows, summary)
-    print(f"{summary['model_name']} from {' '.join(map(str, args.checkpoint))} on {len(totals.rows)} {args.split} "
+    print(f"{summary['model_name']} from {' '.join(map(str, args.checkpoint or ['no checkpoint']))} on "
+          f"{len(totals.rows)} {args.split} "
           f"images "
           f"({args.data_list_filepath}); protocol {args.protocol}, device {device}, "
           f"{runtime.describe_amp(args.amp, device)[0]}")
-    print(format_table(summary["mean"], summary["cloud_cover_bins"]))
-    print(format_confidence(summary))
+    print(reports.format_table(summary["mean"], summary["cloud_cover_bins"]))
+    print(reports.format_confidence(summary))
     if summary["truth_bins"] is not None:
-        print(format_truth_bins(summary["truth_bins"]))
+        print(reports.format_truth_bins(summary["truth_bins"]))
     if summary["uncertainty"] is not None:
-        print(format_uncertainty(summary["uncertainty"]))
+        print(reports.format_uncertainty(summary["uncertainty"]))
     print(f"{summary['images_per_s']:.2f} images/s; per-image scores in {results / 'metrics.csv'}, "
           f"means in {results / 'summary.json'}")
     return summary
@@ -492,12 +516,14 @@ def check_predict_output(args):
     out = Path(args.out)
     for path, flag in [(out, "--out")] + ([(uncertainty_output_path(out), "--save_uncertainty's output")]
                                           if args.save_uncertainty else []):
-        for given_flag in ("cloudy", "sar") if args.sar else ("cloudy",):
-            given = Path(getattr(args, given_flag))
-            same = path.exists() and given.exists() and os.path.samefile(path, given)
-            if path.resolve() == given.resolve() or same:
-                raise runtime.UsageError(f"{flag} {path} is the --{given_flag} input: writing there would destroy it; "
-                                         f"choose another --out")
+        for given_flag in ("cloudy", "sar"):
+            inputs = getattr(args, given_flag) or []  # no --sar: predicted without radar
+            for given in map(Path, inputs):
+                same = path.exists() and given.exists() and os.path.samefile(path, given)
+                if path.resolve() == given.resolve() or same:
+                    which = "the" if len(inputs) == 1 else "one of the"
+                    raise runtime.UsageError(f"{flag} {path} is {which} --{given_flag} input: writing there would "
+                                             f"destroy it; choose another --out")
         if path.is_dir():
             raise runtime.UsageError(f"{flag} {path} is a folder; give --out a file name, e.g. --out "
                                      f"{out / 'cloudfree.tif'}")
@@ -520,21 +546,31 @@ def predict(args):
     device, amp_dtype = resolve_device_and_amp(args)
 
     def check_scene():  # either product here; the checkpoint's is checked once it is loaded
-        with rasters.open_raster(args.cloudy) as cloudy_src, (
-                rasters.open_raster(args.sar) if args.sar else contextlib.nullcontext()) as sar_src:
-            scene_product = bands.s2_product_of_count(cloudy_src.count) or bands.DEFAULT_S2_PRODUCT
-            inference.check_scene_pair(cloudy_src, sar_src, scene_product)
-            return scene_product
+        seen = {}
+        for i, cloudy in enumerate(args.cloudy):
+            sar = args.sar[i] if args.sar and i < len(args.sar) else None
+            with rasters.open_raster(cloudy) as cloudy_src, (
+                    rasters.open_raster(sar) if sar else contextlib.nullcontext()) as sar_src:
+                scene_product = bands.s2_product_of_count(cloudy_src.count) or bands.DEFAULT_S2_PRODUCT
+                inference.check_scene_pair(cloudy_src, sar_src, scene_product)
+                seen.setdefault(scene_product, cloudy)
+        return seen
 
-    scene_product, (model, ckpt) = runtime.check_together(check_scene,
-                                                          lambda: runtime.load_models(args.checkpoint, device))
+    seen, (model, ckpt) = runtime.check_together(check_scene, lambda: runtime.load_models(args.checkpoint, device))
     product = runtime.checkpoints_s2_product(ckpt, args.checkpoint)
-    rasters.check_products({scene_product: args.cloudy}, product, product_remedy(args, product))
+    rasters.check_products(seen, product, product_remedy(args, product))
     check_uncertainty_wanted(args, model)
+    dates = net_CR_temporal.input_t_of(model)
+    if len(args.cloudy) != dates or (args.sar and len(args.sar) != dates) or (dates > 1 and not args.sar):
+        raise runtime.UsageError(f"{args.checkpoint[0]} takes {dates} date(s): pass --cloudy and --sar {dates} "
+                                 f"GeoTIFF(s) each, in date order (got {len(args.cloudy)} and "
+                                 f"{len(args.sar or [])}; only a single-date model predicts without --sar)")
     warn_without_sar(not args.sar, model)
+    cloudy = args.cloudy if dates > 1 else args.cloudy[0]
+    sar = None if not args.sar else args.sar if dates > 1 else args.sar[0]
     uncertainty = uncertainty_output_path(args.out) if args.save_uncertainty else None
     t0 = time.perf_counter()
-    out = inference.predict_scene(model, args.cloudy, args.sar, args.out, tile=args.tile, overlap=args.overlap,
+    out = inference.predict_scene(model, cloudy, sar, args.out, tile=args.tile, overlap=args.overlap,
                                   batch_sz=args.batch_sz, device=device, amp_dtype=amp_dtype,
                                   uncertainty_path=uncertainty, s2_product=product, s2_offset=args.s2_offset)
     what = describe_checkpoints(args.checkpoint, ckpt)
@@ -556,10 +592,17 @@ def parse_bool(text):
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=dataloader.HelpFormatter)
-    p.add_argument("--checkpoint", required=True, nargs="+",
+    p.add_argument("--checkpoint", nargs="+", default=None,
                    help="checkpoint written by train_CR_kaggle.py (last.pth or best.pth); the network is rebuilt "
                         "from it, no architecture flags needed. Several: an ensemble, scored on the mean of their "
                         "predictions, with their spread as the epistemic part of the uncertainty")
+    p.add_argument("--baseline", default=None, choices=["mosaic"],
+                   help="score a parameter-free baseline instead of a checkpoint: mosaic = each pixel from the input "
+                        "date the --cloud_detector scores least cloudy (needs --input_t N > 1)")
+    p.add_argument("--input_t", type=int, default=None,
+                   help="cloudy dates per sample: a checkpoint's own (its model_config; None: read from there), or "
+                        "what --baseline mosaic picks among; N > 1 reads a time series list "
+                        "(dataloader.get_ts_train_val_test)")
     runtime.add_shared_flag(p, "device")
     runtime.add_shared_flag(p, "amp", note="here the autocast of inference")
     p.add_argument("--batch_sz", type=int, default=4, help="images (or whole-scene tiles) per forward pass")
@@ -587,6 +630,7 @@ def build_parser():
                    help="GLF-CR's flag: soft cloud score from which a pixel counts as cloudy (score >= threshold), "
                         "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
     runtime.add_shared_flag(g, "cloud_mask_dir")
+    runtime.add_shared_flag(g, "date_sampler", note="the published protocol's is 'published'")
     runtime.add_shared_flag(g, "num_workers")
     p.add_argument("--no_sar", action="store_true",
                    help="without radar: no Sentinel-1 file is read and the network is told radar is absent (as "
@@ -614,11 +658,13 @@ def build_parser():
                         "or several checkpoints")
     g = p.add_argument_group("whole-scene prediction")
     g.add_argument("--predict", action="store_true", help="predict one whole scene instead of evaluating a list")
-    g.add_argument("--cloudy", default=None,
+    g.add_argument("--cloudy", nargs="+", default=None,
                    help="--predict: cloudy Sentinel-2 GeoTIFF of the checkpoint's product (L1C: 13 bands, L2A: 12 "
-                        "without B10), reflectance x10000, its offset in its metadata or --s2_offset")
-    g.add_argument("--sar", default=None, help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid; "
-                                               "without it the scene is predicted without radar (as --no_sar)")
+                        "without B10), reflectance x10000, its offset in its metadata or --s2_offset; a checkpoint "
+                        "trained with --input_t N takes N of them, in date order, all on one grid")
+    g.add_argument("--sar", nargs="+", default=None,
+                   help="--predict: Sentinel-1 GeoTIFF (VV, VH in dB) on the same grid, one per --cloudy date in the "
+                        "same order; without it a single-date scene is predicted without radar (as --no_sar)")
     g.add_argument("--out", default=None, help="--predict: output GeoTIFF (the checkpoint's product's bands, named in "
                                                "the band descriptions, uint16 x10000, no offset); never an input")
     g.add_argument("--overwrite", action="store_true", help="--predict: replace --out if it exists")

@@ -26,8 +26,10 @@ import bands
 import dataloader
 import losses
 import net_CR_CrossAttention
+import net_CR_temporal
 import runtime
 import sizing
+import synthetic_sets
 import training
 import training_setup
 
@@ -113,7 +115,7 @@ def prepare_demo(args):
     csv_path = DEMO_DIR / f"n{DEMO_SAMPLES}_s{DEMO_SIZE}_seed{DEMO_SEED}{product}" / "data.csv"
     if not csv_path.is_file():
         print(f"[demo] building the synthetic SEN12MS-CR dataset once in {csv_path.parent} ...")
-        dataloader.make_synthetic_dataset(csv_path.parent, n=DEMO_SAMPLES, size=DEMO_SIZE, seed=DEMO_SEED,
+        synthetic_sets.make_synthetic_dataset(csv_path.parent, n=DEMO_SAMPLES, size=DEMO_SIZE, seed=DEMO_SEED,
                                           s2_product=args.s2_product)
     args.data_list_filepath, args.input_data_folder = str(csv_path), str(csv_path.parent)
     args.load_size, args.crop_size, args.val_crop_size = DEMO_SIZE, DEMO_CROP, DEMO_SIZE
@@ -311,6 +313,14 @@ def _model_flags(p):
         else:
             kind = {"choices": list(f.metadata["choices"])} if "choices" in f.metadata else {"type": f.type}
             g.add_argument(f"--{f.name}", default=f.default, help=f.metadata["help"], **kind)
+    g.add_argument("--input_t", type=int, default=1,
+                   help="cloudy dates per sample (issue 30): 1 = one date, today's network and data list; N > 1 = the "
+                        "time series network (net_CR_temporal.py) on a time series list (dataloader.SEN12MSCRTSDataset"
+                        "), stored in the checkpoint")
+    g.add_argument("--date_chunk", type=int, default=net_CR_temporal.TemporalConfig.date_chunk,
+                   help="--input_t > 1: dates encoded in one pass, recomputed in the backward pass instead of kept "
+                        "(activation checkpointing; 0 = all dates in one pass, kept: faster, more memory). Changes "
+                        "memory and time, not the numbers")
 
 
 def _optimisation_flags(p):
@@ -386,6 +396,7 @@ def _data_flags(p):
                    help="random flips and 90-degree rotations of training crops")
     runtime.add_shared_flag(g, "cloud_detector", note="its score drives the cloud-focused and confidence losses")
     runtime.add_shared_flag(g, "cloud_mask_dir")
+    runtime.add_shared_flag(g, "date_sampler")
     runtime.add_shared_flag(g, "num_workers", note="per training process")
     g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (None: --batch_sz)")
 

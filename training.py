@@ -31,6 +31,7 @@ import bands
 import files
 import losses
 import metrics
+import net_CR_temporal
 import rasters
 import runtime
 import sizing
@@ -238,7 +239,8 @@ def log_quicklooks(run):
         prediction, aux = run.model(batch["cloudy_data"], batch["SAR_data"], return_aux=True)
     run.model.train()
     confidence = None if aux.confidence is None else aux.confidence.float().cpu()
-    grid = quicklook_grid(batch["cloudy_data"].cpu(), bands.finish_s2(prediction).cpu(),
+    shown = batch["cloudy_data"] if batch["cloudy_data"].dim() == 4 else aux.corrected  # a series: its base
+    grid = quicklook_grid(shown.cpu(), bands.finish_s2(prediction).cpu(),
                           batch["cloudfree_data"].cpu(), confidence)
     run.writer.add_image("val/quicklook_cloudy_prediction_target_confidence", grid, run.global_step)
 
@@ -301,8 +303,8 @@ def to_device(batch, device, channels_last=False):
             out[key] = t.view(torch.int16).to(device, non_blocking=True).float() * (1.0 / bands.S2_SCALE)
         else:
             out[key] = t.to(device, non_blocking=True)
-    if channels_last:  # the model's convolutions want NHWC inputs when its weights are NHWC
-        for key in ("cloudy_data", "SAR_data"):
+    if channels_last:  # the model's convolutions want NHWC inputs when its weights are NHWC (a series: per date)
+        for key in ("cloudy_data", "SAR_data") if out["cloudy_data"].dim() == 4 else ():
             out[key] = out[key].contiguous(memory_format=torch.channels_last)
     return out
 
@@ -338,12 +340,20 @@ def clip_groups(model):
     return [[p for p in model.parameters() if id(p) not in in_head]] + ([head] if head else [])
 
 
-def confidence_target(batch, device):
-    """What the confidence map should be: the true cloud map where the data has one (synthetic sets), else the
-    detector's binary mask (score >= threshold)."""
+def cloud_labels(batch):
+    """Where the clouds are: the true cloud map where the data has one (synthetic sets), else the detector's binary
+    mask (score >= threshold); (N,1,H,W), or each input date's (N,T,1,H,W)."""
     if "cloud_truth" in batch:
-        return rasters.truth_mask(batch["cloud_truth"]).float().to(device, non_blocking=True)
-    return batch["cloud_binary"].to(device, non_blocking=True)
+        return rasters.truth_mask(batch["cloud_truth"]).float()
+    return batch["cloud_binary"]
+
+
+def confidence_target(batch, device):
+    """What the confidence map should be: cloud_labels, for several dates the target's (cloudy on every date,
+    net_CR_temporal.target_cloud_mask)."""
+    labels = cloud_labels(batch)
+    labels = net_CR_temporal.target_cloud_mask(labels) if labels.dim() == 5 else labels
+    return labels.to(device, non_blocking=True)
 
 
 def train_step(run, batch):
@@ -358,8 +368,12 @@ def train_step(run, batch):
     with run.ctx:
         prediction, aux = run.train_model(b["cloudy_data"], b["SAR_data"], return_aux=True)
     labels = confidence_target(batch, run.device) if "confidence" in run.criterion.weights else None
-    total, terms = run.criterion(prediction, b["cloudfree_data"], b["cloudy_data"], cloud_mask=b["cloud_mask"],
-                                 confidence_target=labels, aux=aux)
+    date_labels = (cloud_labels(batch).to(run.device, non_blocking=True) if "date_confidence" in run.criterion.weights
+                   else None)
+    cloud_mask = b["cloud_mask"] if b["cloud_mask"].dim() == 4 else net_CR_temporal.target_cloud_mask(b["cloud_mask"])
+    total, terms = run.criterion(prediction, b["cloudfree_data"], net_CR_temporal.loss_reference(b["cloudy_data"], aux),
+                                 cloud_mask=cloud_mask, confidence_target=labels, aux=aux,
+                                 date_confidence_target=date_labels)
     skipped = (~torch.isfinite(total.detach())).float()
     if run.world_size > 1:  # all ranks skip together, so their weights stay identical
         dist.all_reduce(skipped, op=dist.ReduceOp.MAX)

@@ -23,6 +23,7 @@ import dataloader
 import files
 import losses
 import net_CR_CrossAttention
+import net_CR_temporal
 import rasters
 import runtime
 import scanning
@@ -103,7 +104,11 @@ def step_seconds(model, ctx, size, channels_last, repeats=2):
     one untimed pass, which builds oneDNN's kernels)."""
     layout = torch.channels_last if channels_last else torch.contiguous_format
     model.to(memory_format=layout)
-    cloudy, sar = (torch.rand(1, c, size, size).contiguous(memory_format=layout) for c in (model.in_optical, 2))
+    t = net_CR_temporal.input_t_of(model)
+    if t == 1:
+        cloudy, sar = (torch.rand(1, c, size, size).contiguous(memory_format=layout) for c in (model.in_optical, 2))
+    else:  # a series' dates are flattened into the batch inside the model, which keeps the weights' layout
+        cloudy, sar = (torch.rand(1, t, c, size, size) for c in (model.in_optical, 2))
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
@@ -175,14 +180,10 @@ def check_product_flags(args):
 
 def check_inputs(args):
     """Fail before the first step, with the file named, on anything that would fail later."""
-    if not args.data_list_filepath or not args.input_data_folder:
-        raise runtime.UsageError("pass --data_list_filepath and --input_data_folder (or --demo for synthetic data)")
-    for flag in ("log_every", "batch_sz", "max_epochs"):
-        if getattr(args, flag) != "auto" and getattr(args, flag) < 1:
-            raise runtime.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.time_limit is not None and args.time_limit <= 0:
-        raise runtime.UsageError(f"--time_limit is in hours and must be positive, got {args.time_limit}")
+    check_flags(args)
     check_product_flags(args)
+    if args.input_t != 1:
+        return check_series_inputs(args)
     rows = datalist.read_data_list(args.data_list_filepath)
     train_rows = datalist.select_split(rows, "train", source=args.data_list_filepath)
     val_rows = datalist.select_split(rows, "val", source=args.data_list_filepath)
@@ -200,11 +201,43 @@ def check_inputs(args):
     return train_rows, val_rows
 
 
+def check_flags(args):
+    """The flags check_inputs checks before it reads the list."""
+    if not args.data_list_filepath or not args.input_data_folder:
+        raise runtime.UsageError("pass --data_list_filepath and --input_data_folder (or --demo for synthetic data)")
+    for flag in ("log_every", "batch_sz", "max_epochs"):
+        if getattr(args, flag) != "auto" and getattr(args, flag) < 1:
+            raise runtime.UsageError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.time_limit is not None and args.time_limit <= 0:
+        raise runtime.UsageError(f"--time_limit is in hours and must be positive, got {args.time_limit}")
+
+
+def check_series_inputs(args):
+    """--input_t > 1: (train, val) time series of the list (dataloader.get_ts_train_val_test), each split non-empty
+    and every file of theirs present."""
+    if args.input_t < 1:
+        raise runtime.UsageError(f"--input_t must be at least 1, got {args.input_t}")
+    if args.cloud_mask_dir:
+        raise runtime.UsageError("--cloud_mask_dir holds masks of single dates; with --input_t > 1 the time series "
+                                 "dataset runs --cloud_detector on every date")
+    train, val, _ = dataloader.get_ts_train_val_test(args.data_list_filepath)
+    root = rasters.data_root(args.input_data_folder)
+    for name, series in (("train", train), ("val", val)):
+        if not series:
+            raise files.DataError(f"{args.data_list_filepath}: the {name} split holds no time series")
+        for ts in series:
+            for rel in (*ts.s1, *ts.s2):
+                if not (root / rel).is_file():
+                    raise files.DataError(f"{root / rel}: file listed in {args.data_list_filepath} not found")
+    return train, val
+
+
 def check_data(args, is_main):
     """check_inputs, then (rank 0) the leak check's warnings: a place in train and in val or test inflates their
-    scores, and pairs whose files could not all be read are named as not checked."""
+    scores, and pairs whose files could not all be read are named as not checked (single dates: the time series
+    list keeps the published split by region, dataloader.get_ts_train_val_test)."""
     train_rows, val_rows = check_inputs(args)
-    leak = is_main and scanning.leak_warning(
+    leak = is_main and args.input_t == 1 and scanning.leak_warning(
         scanning.startup_leak_check(args.data_list_filepath, args.input_data_folder), ((1, 2), (1, 3)),
         args.input_data_folder)
     if leak:
@@ -262,27 +295,59 @@ def build_model(args, ckpt, resume_path, is_main):
         config["in_optical"] = len(bands.s2_bands(args.s2_product))  # the product's bands in, the same out
         if args.model_name != "CrossAttention" and args.sar_dropout:
             raise runtime.UsageError(f"--sar_dropout needs --model_name CrossAttention (not {args.model_name})")
+        if args.input_t > 1 and args.sar_dropout:
+            raise runtime.UsageError("--sar_dropout trains single dates (--input_t 1); the time series network "
+                                     "takes every date's radar")
+        if args.input_t > 1:  # the time series network; --input_t 1 builds today's, whose config has no such keys
+            config.update(input_t=args.input_t, date_chunk=args.date_chunk)
         try:
-            model = net_CR_CrossAttention.create_model(args.model_name, **config)
+            model = net_CR_temporal.create_model(args.model_name, **config)
         except ValueError as e:  # a model flag's value out of range (--sar_dropout 1.5)
             raise runtime.UsageError(str(e)) from None
+    if net_CR_temporal.input_t_of(model) != args.input_t:
+        raise runtime.UsageError(f"{resume_path} was trained with --input_t {net_CR_temporal.input_t_of(model)}, "
+                                 f"not {args.input_t}: pass --input_t {net_CR_temporal.input_t_of(model)} to resume it")
+    if args.input_t > 1:  # a memory setting, not the numbers: this run's flag, also when resuming on another card
+        model.config.date_chunk = args.date_chunk
     return model
+
+
+def build_series_sets(args, train_series, val_series):
+    """(train, val) dataloader.SEN12MSCRTSDataset for --input_t > 1: input_t cloudy dates and their radar per sample,
+    cropped and augmented as single dates are; validation's cloud detector off, as for single dates (it scores the
+    whole image)."""
+    train_set = dataloader.SEN12MSCRTSDataset(train_series, args.input_data_folder, input_t=args.input_t,
+                                              crop_size=args.crop_size, load_size=args.load_size,
+                                              augment=args.augment, cloud_detector=args.cloud_detector,
+                                              sampler=args.date_sampler, s2_encoding="uint16",
+                                              s2_product=args.s2_product, s2_offset=args.s2_offset)
+    val_set = dataloader.SEN12MSCRTSDataset(val_series, args.input_data_folder, input_t=args.input_t,
+                                            crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
+                                            augment=False, cloud_detector="none", sampler=args.date_sampler,
+                                            s2_encoding="uint16",
+                                            crop_flag="--val_crop_size" if args.val_crop_size else "--load_size",
+                                            s2_product=args.s2_product, s2_offset=args.s2_offset)
+    return train_set, val_set
 
 
 def build_loaders(args, train_rows, val_rows, device, rank, world_size):
     """(train_loader, val_loader, val_set). S2 travels as uint16 (half the bytes; to_device normalises it on the
     device) from pinned memory on CUDA. Validation: every rank scores its own disjoint share and the sums are
     all-reduced, so no sample is padded in twice."""
-    train_set = dataloader.SEN12MSCRDataset(train_rows, args.input_data_folder, crop_size=args.crop_size,
-                                            load_size=args.load_size, augment=args.augment,
-                                            cloud_detector=args.cloud_detector, cloud_mask_dir=args.cloud_mask_dir,
-                                            s2_encoding="uint16", s2_product=args.s2_product,
-                                            s2_offset=args.s2_offset)
-    val_set = dataloader.SEN12MSCRDataset(val_rows, args.input_data_folder,
-                                          crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
-                                          augment=False, cloud_detector="none", s2_encoding="uint16",
-                                          crop_flag="--val_crop_size" if args.val_crop_size else "--load_size",
-                                          s2_product=args.s2_product, s2_offset=args.s2_offset)
+    if args.input_t > 1:
+        train_set, val_set = build_series_sets(args, train_rows, val_rows)
+    else:
+        train_set = dataloader.SEN12MSCRDataset(train_rows, args.input_data_folder, crop_size=args.crop_size,
+                                                load_size=args.load_size, augment=args.augment,
+                                                cloud_detector=args.cloud_detector,
+                                                cloud_mask_dir=args.cloud_mask_dir, s2_encoding="uint16",
+                                                s2_product=args.s2_product, s2_offset=args.s2_offset)
+        val_set = dataloader.SEN12MSCRDataset(val_rows, args.input_data_folder,
+                                              crop_size=args.val_crop_size or args.load_size,
+                                              load_size=args.load_size, augment=False, cloud_detector="none",
+                                              s2_encoding="uint16",
+                                              crop_flag="--val_crop_size" if args.val_crop_size else "--load_size",
+                                              s2_product=args.s2_product, s2_offset=args.s2_offset)
     val_share = Subset(val_set, list(range(rank, len(val_set), world_size)))
     sampler = DistributedSampler(train_set, shuffle=True, seed=args.seed, drop_last=True) if world_size > 1 else None
     loader_kw = dict(num_workers=args.num_workers, pin_memory=device.type == "cuda",

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import synthetic_sets
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -21,8 +23,7 @@ def real_sample_dir():
 @pytest.fixture(scope="session")
 def synthetic_dataset(tmp_path_factory):
     """(root, csv) of a small synthetic SEN12MS-CR tree: 12 triplets of 64 px in 3 scenes, official layout."""
-    import dataloader
 
     root = tmp_path_factory.mktemp("synthetic_sen12mscr")
-    csv_path = dataloader.make_synthetic_dataset(root, n=12, size=64, seed=0)
+    csv_path = synthetic_sets.make_synthetic_dataset(root, n=12, size=64, seed=0)
     return root, csv_path

@@ -11,6 +11,7 @@ import datalist
 import dataloader
 import net_CR_CrossAttention
 import runtime
+import synthetic_sets
 import test_CR
 import train_CR_kaggle
 
@@ -42,7 +43,9 @@ def test_every_flag_has_help(name, parser):
 
 # Flags of both scripts that mean different things in each, so each script defines its own.
 DIFFERENT_MEANING = {"batch_sz": "training: samples per process, or auto; evaluation: images per forward pass",
-                     "crop_size": "training: a random crop to train on; evaluation: the centred crop scored"}
+                     "crop_size": "training: a random crop to train on; evaluation: the centred crop scored",
+                     "input_t": "training: the dates of the network to build (default 1, today's network); "
+                                "evaluation: read from the checkpoint, given for --baseline mosaic"}
 
 
 def _flags(parser):
@@ -142,14 +145,27 @@ def _learn_args(*argv):
     return bench_learn.resolve_learn_setting(p.parse_args(argv))
 
 
-@pytest.mark.parametrize("setting", list(bench_learn.LEARN_SETTINGS))
+@pytest.mark.parametrize("setting", [s for s in bench_learn.LEARN_SETTINGS if s != "ts"])
 def test_learn_settings_give_train_val_and_test_scenes_of_the_same_pixels(setting, tmp_path):
     args = _learn_args("--setting", setting)
-    csv_path = dataloader.make_synthetic_dataset(tmp_path, n=args.n, size=args.size, seed=args.data_seed)
+    csv_path = synthetic_sets.make_synthetic_dataset(tmp_path, n=args.n, size=args.size, seed=args.data_seed)
     counts = [sum(t.split == split for t in datalist.read_data_list(csv_path)) for split in (1, 2, 3)]
     assert all(counts), counts
     # as many pixels per run and per step as the 64 px setting, so the two compare at about equal cost
     assert args.n * args.size ** 2 == 80 * 64 ** 2 and args.batch_sz * args.size ** 2 == 4 * 64 ** 2
+
+
+def test_the_time_series_setting_gives_every_split_and_a_single_date_list_of_the_same_targets(tmp_path):
+    args = _learn_args("--setting", "ts")
+    csv_path = synthetic_sets.make_synthetic_ts_dataset(tmp_path, n=args.n, size=16, seed=args.data_seed,
+                                                    n_dates=bench_learn.TS_DATES)
+    series = datalist.read_ts_list(csv_path)
+    assert all(sum(s.split == split for s in series) for split in (1, 2, 3))
+    single = datalist.read_data_list(bench_learn.ts_single_date_list(csv_path))
+    assert [t.split for t in single] == [s.split for s in series]
+    for t, s in zip(single, series):  # one of the series' dates in, one other date of it as the target
+        assert t.s2_cloudy in s.s2 and t.s2_cloudfree in s.s2 and t.s2_cloudy != t.s2_cloudfree
+        assert s.s1[s.s2.index(t.s2_cloudy)] == t.s1
 
 
 def test_learn_flags_override_the_setting():

@@ -29,6 +29,7 @@ import files
 import rasters
 import scanning
 import splits
+import synthetic_sets
 
 # ----------------------------------------------------------------------------------------------- helpers
 
@@ -786,7 +787,7 @@ def test_synthetic_layout_dtypes_and_georeference(synth):
 def test_synthetic_is_deterministic_for_a_seed(tmp_path):
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    paths = [D.make_synthetic_dataset(tmp_path / name, n=5, size=32, seed=seed)
+    paths = [synthetic_sets.make_synthetic_dataset(tmp_path / name, n=5, size=32, seed=seed)
              for name, seed in (("a", 7), ("b", 7), ("c", 8))]
     assert torch.equal(before, torch.get_rng_state())  # the caller's torch RNG is left alone
     files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.tif"))

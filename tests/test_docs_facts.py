@@ -14,6 +14,7 @@ import pytest
 from test_readme import parser_of, subcommands
 
 import net_CR_CrossAttention as net
+import synthetic_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "notebooks" / "kaggle.ipynb"]
@@ -236,9 +237,8 @@ def mask_dtypes(tmp_path_factory):
     import rasterio
 
     import cloud_masks
-    import dataloader
     root = tmp_path_factory.mktemp("masks")
-    dataloader.make_synthetic_dataset(root / "data", n=1, size=32, seed=0)
+    synthetic_sets.make_synthetic_dataset(root / "data", n=1, size=32, seed=0)
     cloudy = next(p for p in (root / "data").rglob("*.tif") if "s2_cloudy" in p.parent.name)
     dtypes = {}
     for detector in cloud_masks.MASK_DETECTORS:

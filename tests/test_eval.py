@@ -34,6 +34,7 @@ import runtime
 import scanning
 import scoring
 import synthetic
+import synthetic_sets
 import test_CR
 import train_CR_kaggle as train
 
@@ -600,7 +601,7 @@ def test_a_file_that_fails_mid_evaluation_stops_it_with_one_line_and_keeps_the_r
 def synthetic_256(tmp_path_factory):
     """Three 256 px synthetic triplets (SEN12MS-CR's patch size), one in the test split."""
     root = tmp_path_factory.mktemp("synthetic_256")
-    return root, dataloader.make_synthetic_dataset(root, n=3, size=256, seed=1)
+    return root, synthetic_sets.make_synthetic_dataset(root, n=3, size=256, seed=1)
 
 
 @pytest.mark.slow

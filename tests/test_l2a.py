@@ -20,6 +20,7 @@ import files
 import net_CR_CrossAttention
 import rasters
 import runtime
+import synthetic_sets
 import test_CR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +107,7 @@ def both_products(tmp_path_factory):
     out = {}
     for product in bands.S2_PRODUCTS:
         root = tmp_path_factory.mktemp(f"synthetic_{product}")
-        out[product] = root, dataloader.make_synthetic_dataset(root, n=6, size=32, seed=3, s2_product=product)
+        out[product] = root, synthetic_sets.make_synthetic_dataset(root, n=6, size=32, seed=3, s2_product=product)
     return out
 
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-import dataloader
 import losses
+import synthetic_sets
 import test_CR
 import train_CR_kaggle as train
 
@@ -18,7 +18,7 @@ MARGIN_DB = 3.0
 @pytest.fixture(scope="module")
 def learn_set(tmp_path_factory):
     root = tmp_path_factory.mktemp("learn_set")
-    csv_path = dataloader.make_synthetic_dataset(root, n=32, size=48, seed=1, val_frac=0.15, test_frac=0.25)
+    csv_path = synthetic_sets.make_synthetic_dataset(root, n=32, size=48, seed=1, val_frac=0.15, test_frac=0.25)
     return root, csv_path
 
 

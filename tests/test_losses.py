@@ -381,12 +381,14 @@ def test_terms_come_in_the_order_of_their_weights():
     """The training loop labels the step's figures with criterion.weights: the terms must come in that order (the
     if-chain returned contrastive before fft and gradient while its weights listed it after them)."""
     target, cloudy, mask = _images()
-    crit = _criterion(use_cloud_focused_loss=True, nll_weight=0.1, residual_weight=0.5)
+    crit = _criterion(use_cloud_focused_loss=True, nll_weight=0.1, residual_weight=0.5, date_confidence_weight=0.5)
+    dates = mask.unsqueeze(1).repeat(1, 3, 1, 1, 1)  # three input dates' maps and labels
     aux = net.ModelOutputs(confidence=mask, corrected=cloudy, residual=target - cloudy,
-                           log_variance=torch.zeros_like(target))
-    _, terms = crit(torch.rand_like(target), target, cloudy, cloud_mask=mask, aux=aux)
+                           log_variance=torch.zeros_like(target), date_confidence=dates)
+    _, terms = crit(torch.rand_like(target), target, cloudy, cloud_mask=mask, aux=aux,
+                    date_confidence_target=(dates > 0.5).float())
     assert list(terms) == list(crit.weights) == [t.name for t in losses.LOSS_TERMS if t.name != "l1"]
-    assert crit.reads == ("confidence", "corrected", "residual", "log_variance")
+    assert crit.reads == ("confidence", "date_confidence", "corrected", "residual", "log_variance")
 
 
 def _design_card_command():
@@ -406,7 +408,7 @@ def test_the_design_documents_command_means_what_it_meant():
     assert args.use_fft_loss and args.fft_weight == 0.3 and args.use_cloud_focused_loss
     config = losses.resolve(losses.given_flags(args), net.ModelConfig())
     assert config.weights == {"l1": 0.0, "cloud_focused": 1.0, "perceptual": 0.5, "contrastive": 0.1, "fft": 0.3,
-                              "gradient": 0.2, "confidence": 0.5, "residual": 0.5, "nll": 0.0}
+                              "gradient": 0.2, "confidence": 0.5, "date_confidence": 0.0, "residual": 0.5, "nll": 0.0}
     assert config.options == {"cloud_weight_factor": 2.5, "nll_distribution": "laplace"}
     assert config == losses.resolve(losses.loss_options("design"), net.ModelConfig())
 

@@ -16,7 +16,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 from test_train import DESIGN_FLAGS
 
-import dataloader
+import synthetic_sets
 import train_CR_kaggle
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def tiny_parameters(data, out, **changes):
             "PREVIOUS_OUTPUT": "", "HOURS_LEFT": 1.0, "RESERVE_HOURS": 0.25, "EPOCHS": 1, "CPU_EPOCHS": 1,
             "PRECOMPUTE_MASKS": True,
             "RUN_LEAK_CHECK": True,
-            "SPLIT": "random", "BATCH_SIZE": 2, "LOAD_SIZE": 64, "CROP_SIZE": 32, "VGG_WEIGHTS": "random",
+            "SPLIT": "random", "INPUT_T": 1, "BATCH_SIZE": 2, "LOAD_SIZE": 64, "CROP_SIZE": 32, "VGG_WEIGHTS": "random",
             "AMP": "off", "EXPERIMENT": "glf_cr_enhanced_v3", "NUM_SAVED": 2, "SCENE_MAX_PX": 96, "TILE": 32,
             **changes}
 
@@ -146,7 +146,7 @@ needs_dry_run = pytest.mark.skipif(
 @needs_dry_run
 def test_notebook_runs_end_to_end_and_a_later_session_resumes(kernel_name, tmp_path):
     data = tmp_path / "input" / "sen12mscr"
-    dataloader.make_synthetic_dataset(data, n=12, size=64, seed=0)
+    synthetic_sets.make_synthetic_dataset(data, n=12, size=64, seed=0)
     (data / "data.csv").unlink()  # the notebook lists the data itself
     read_only(tmp_path / "input")  # like /kaggle/input
     first, second = tmp_path / "session1", tmp_path / "session2"
@@ -165,7 +165,7 @@ def test_notebook_runs_end_to_end_and_a_later_session_resumes(kernel_name, tmp_p
         assert len(list((first / RESULTS / "png").glob("*.png"))) == 2, "NUM_SAVED bounds the quicklooks"
         with rasterio.open(first / "scene" / "prediction.tif") as scene:
             assert scene.count == 13 and 64 < scene.width <= 96 and 64 < scene.height <= 96  # more than a patch
-        assert images_shown(cell_running(cells, "test_CR.format_table")) == 2
+        assert images_shown(cell_running(cells, "reports.format_table")) == 2
         assert images_shown(cell_running(cells, "plt.subplots")) == 1
         assert "best.pth" in text_of(cell_running(cells, "altogether"))
         assert "the CPU's short run (CPU_EPOCHS = 1)" in text_of(cell_running(cells, "epochs in {RUN}"))

@@ -27,17 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = {
     "bands": 0, "date_sampling": 0, "files": 0, "metrics": 0, "net_CR_CrossAttention": 0, "splits": 0, "synthetic": 0,
     "losses": 1, "clouds": 1, "datalist": 1, "rasters": 1,
+    "net_CR_temporal": 1,  # the time series network, built on the mono-temporal one's parts
     "cloud_masks": 2, "scanning": 2,  # the data layer: lists and rasters below masks and scenes below the Dataset
-    "dataloader": 3, "runtime": 3, "sizing": 3,
-    "training_setup": 4,  # the pieces a training run is built from
-    "inference": 5, "quicklooks": 5, "scoring": 5,
-    "training": 5,  # the run, its step and loop: what the training script and the benchmarks both call
-    "test_CR": 6, "train_CR_kaggle": 6,
+    "runtime": 3, "sizing": 3, "synthetic_sets": 3,  # synthetic_sets: the synthetic data sets written as files
+    "dataloader": 4,  # the Datasets and the data command line (synth writes synthetic_sets')
+    "training_setup": 5,  # the pieces a training run is built from
+    "inference": 6, "quicklooks": 6, "reports": 6, "scoring": 6,
+    "training": 6,  # the run, its step and loop: what the training script and the benchmarks both call
+    "test_CR": 7, "train_CR_kaggle": 7,
     # the benchmark: what its subcommands share, the subcommands, the entry point that imports them by name
-    "bench_process": 7, "bench_step": 7,
-    "bench_loss": 8, "bench_data": 8, "bench_eval": 8, "bench_train": 8, "bench_memory": 8, "bench_loop": 8,
-    "bench_learn": 8, "bench_sparsify": 8,
-    "benchmark": 9,
+    "bench_process": 8, "bench_step": 8,
+    "bench_loss": 9, "bench_data": 9, "bench_eval": 9, "bench_train": 9, "bench_memory": 9, "bench_loop": 9,
+    "bench_learn": 9, "bench_sparsify": 9,
+    "benchmark": 10,
 }
 BENCHMARK_LAYER = LAYERS["bench_process"]
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"

@@ -18,6 +18,7 @@ import dataloader
 import date_sampling
 import splits
 import synthetic
+import synthetic_sets
 from datalist import TS_HEADER, TimeSeries, read_data_list, read_ts_list, write_ts_list
 from files import DataError
 from rasters import ts_truth_path
@@ -31,7 +32,7 @@ N_DATES = 4
 def ts_tree(tmp_path_factory):
     """(root, csv) of 6 synthetic series of 4 dates, 32 px, in 3 ROIs."""
     root = tmp_path_factory.mktemp("sen12mscrts")
-    return root, dataloader.make_synthetic_ts_dataset(root, n=6, size=32, seed=0, n_dates=N_DATES)
+    return root, synthetic_sets.make_synthetic_ts_dataset(root, n=6, size=32, seed=0, n_dates=N_DATES)
 
 
 def _series(**kw):
