@@ -656,7 +656,11 @@ def build_parser():
                         "float32 GeoTIFF with the prediction's CRS and transform: results_dir/uncertainty/NAME.tif, "
                         "or with --predict OUT_uncertainty.tif beside --out. Needs a model with the uncertainty head "
                         "or several checkpoints")
-    g = p.add_argument_group("whole-scene prediction")
+    _prediction_flags(p.add_argument_group("whole-scene prediction"))
+    return p
+
+
+def _prediction_flags(g):
     g.add_argument("--predict", action="store_true", help="predict one whole scene instead of evaluating a list")
     g.add_argument("--cloudy", nargs="+", default=None,
                    help="--predict: cloudy Sentinel-2 GeoTIFF of the checkpoint's product (L1C: 13 bands, L2A: 12 "
@@ -670,7 +674,6 @@ def build_parser():
     g.add_argument("--overwrite", action="store_true", help="--predict: replace --out if it exists")
     g.add_argument("--tile", type=int, default=256, help="--predict: tile side in pixels")
     g.add_argument("--overlap", type=int, default=32, help="--predict: overlap of neighbouring tiles in pixels")
-    return p
 
 
 if __name__ == "__main__":

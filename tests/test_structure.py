@@ -32,14 +32,15 @@ LAYERS = {
     "runtime": 3, "sizing": 3, "synthetic_sets": 3,  # synthetic_sets: the synthetic data sets written as files
     "dataloader": 4,  # the Datasets and the data command line (synth writes synthetic_sets')
     "training_setup": 5,  # the pieces a training run is built from
-    "inference": 6, "quicklooks": 6, "reports": 6, "scoring": 6,
+    "inference": 6, "quicklooks": 6, "scoring": 6,
     "training": 6,  # the run, its step and loop: what the training script and the benchmarks both call
-    "test_CR": 7, "train_CR_kaggle": 7,
+    "reports": 7,  # the evaluation's printed tables, from scoring's figures
+    "test_CR": 8, "train_CR_kaggle": 8,
     # the benchmark: what its subcommands share, the subcommands, the entry point that imports them by name
-    "bench_process": 8, "bench_step": 8,
-    "bench_loss": 9, "bench_data": 9, "bench_eval": 9, "bench_train": 9, "bench_memory": 9, "bench_loop": 9,
-    "bench_learn": 9, "bench_sparsify": 9,
-    "benchmark": 10,
+    "bench_process": 9, "bench_step": 9,
+    "bench_loss": 10, "bench_data": 10, "bench_eval": 10, "bench_train": 10, "bench_memory": 10, "bench_loop": 10,
+    "bench_learn": 10, "bench_sparsify": 10,
+    "benchmark": 11,
 }
 BENCHMARK_LAYER = LAYERS["bench_process"]
 OLD_CHECKPOINT = ROOT / "tests" / "data" / "checkpoint_before_sar_config.pth"
