@@ -3,8 +3,6 @@ default), the per-date coverage cache, SEN12MSCRTSDataset and the synthetic seri
 import csv
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -117,14 +115,13 @@ def test_official_ts_split_is_the_published_lists():
 
 
 @pytest.mark.slow
-def test_scan_command_writes_a_ts_list(ts_tree, tmp_path):
+def test_scan_command_writes_a_ts_list(ts_tree, tmp_path, capsys):
     root, csv_path = ts_tree
     out = tmp_path / "scan.csv"
-    run = subprocess.run([sys.executable, str(ROOT / "dataloader.py"), "scan", str(root), "--out", str(out),
-                          "--split", "official"], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
-    assert "6 time series of 4-4 dates in 3 ROIs" in run.stdout
-    assert "official test ROIs not found" in run.stderr  # synthetic ROIs are none of the published ones
+    assert dataloader.main(["scan", str(root), "--out", str(out), "--split", "official"]) == 0
+    run = capsys.readouterr()
+    assert "6 time series of 4-4 dates in 3 ROIs" in run.out
+    assert "official test ROIs not found" in run.err  # synthetic ROIs are none of the published ones
     assert {(s.roi, s.patch, s.s2) for s in read_ts_list(out)} == {(s.roi, s.patch, s.s2)
                                                                     for s in read_ts_list(csv_path)}
     assert {s.split for s in read_ts_list(out)} == {1}
@@ -321,20 +318,19 @@ def test_blank_date_counts_as_fully_cloudy(tmp_path):
 
 
 @pytest.mark.slow
-def test_coverage_command_reports_the_published_leak(ts_tree, tmp_path):
+def test_coverage_command_reports_the_published_leak(ts_tree, tmp_path, capsys):
     """s2cloudless (the protocol's detector) in worker processes, and the report of the published sampler's leak."""
     root, csv_path = ts_tree
-    run = subprocess.run([sys.executable, str(ROOT / "dataloader.py"), "coverage", "--data_list_filepath",
-                          str(csv_path), "--input_data_folder", str(root), "--out", str(tmp_path / "c.json"),
-                          "--workers", "2"], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
+    assert dataloader.main(["coverage", "--data_list_filepath", str(csv_path), "--input_data_folder", str(root),
+                            "--out", str(tmp_path / "c.json"), "--workers", "2"]) == 0
+    run = capsys.readouterr()
     series = read_ts_list(csv_path)
     coverage = json.loads((tmp_path / "c.json").read_text())["coverage"]
     for name, split in splits.SPLIT_IDS.items():
         rows = [[coverage[p] for p in s.s2] for s in series if s.split == split]
         count = sum(int(np.argmin(r)) < 3 for r in rows)
         assert f"{name}: the published fixed sampler (--input_t 3, min_cov 0.0, max_cov 1.0) gives the target as " \
-               f"an input in {count} of {len(rows)} series" in run.stdout
+               f"an input in {count} of {len(rows)} series" in run.out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -360,13 +356,12 @@ def test_synthetic_series_share_one_ground_and_vary_by_date():
 
 
 @pytest.mark.slow
-def test_synth_command_writes_time_series(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "dataloader.py"), "synth", str(tmp_path), "--n", "3", "--size",
-                          "16", "--time_series", "3", "--scenes", "1"], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
+def test_synth_command_writes_time_series(tmp_path, capsys):
+    assert dataloader.main(["synth", str(tmp_path), "--n", "3", "--size", "16", "--time_series", "3",
+                            "--scenes", "1"]) == 0
     series = read_ts_list(tmp_path / "data.csv")
     assert len(series) == 3 and all(len(s.s2) == 3 for s in series)
-    assert "wrote 3 synthetic time series of 3 dates" in run.stdout
+    assert "wrote 3 synthetic time series of 3 dates" in capsys.readouterr().out
 
 
 def test_leak_probability_of_the_published_sampler():
