@@ -427,6 +427,15 @@ def _cmd_synth(args):
 SCAN_LINES_SHOWN = 20  # "not a SEN12MS-CR file name" lines printed before a count of the rest
 
 
+def _print_unrecognised(unrecognised, dataset):
+    """The first SCAN_LINES_SHOWN .tif files scan could not place, and a count of the rest, on stderr."""
+    for rel in unrecognised[:SCAN_LINES_SHOWN]:
+        print(f"not a {dataset} file name: {rel}", file=sys.stderr)
+    if len(unrecognised) > SCAN_LINES_SHOWN:
+        print(f"... and {len(unrecognised) - SCAN_LINES_SHOWN} more files not named the {dataset} way",
+              file=sys.stderr)
+
+
 def _cmd_scan(args):
     triplets, unpartnered, unrecognised = scan_folder(args.root)
     if not triplets and unrecognised:
@@ -435,11 +444,7 @@ def _cmd_scan(args):
             return _scan_time_series(args, series, incomplete, unrecognised_ts)
     for rel in unpartnered:
         print(f"no partner: {rel}", file=sys.stderr)
-    for rel in unrecognised[:SCAN_LINES_SHOWN]:
-        print(f"not a SEN12MS-CR file name: {rel}", file=sys.stderr)
-    if len(unrecognised) > SCAN_LINES_SHOWN:
-        print(f"... and {len(unrecognised) - SCAN_LINES_SHOWN} more files not named the SEN12MS-CR way",
-              file=sys.stderr)
+    _print_unrecognised(unrecognised, "SEN12MS-CR")
     if not triplets:
         n = len(unpartnered) + len(unrecognised)
         raise DataError(f"{args.root}: no complete SEN12MS-CR triplets found among {n} .tif file(s); scan reads "
@@ -461,11 +466,7 @@ def _scan_time_series(args, series, incomplete, unrecognised):
     """`scan` of a SEN12MS-CR-TS tree: a time-series list (datalist.TS_FORMAT), split by ROI."""
     for line in incomplete:
         print(line, file=sys.stderr)
-    for rel in unrecognised[:SCAN_LINES_SHOWN]:
-        print(f"not a SEN12MS-CR-TS file name: {rel}", file=sys.stderr)
-    if len(unrecognised) > SCAN_LINES_SHOWN:
-        print(f"... and {len(unrecognised) - SCAN_LINES_SHOWN} more files not named the SEN12MS-CR-TS way",
-              file=sys.stderr)
+    _print_unrecognised(unrecognised, "SEN12MS-CR-TS")
     if not series:
         raise DataError(f"{args.root}: no complete SEN12MS-CR-TS series ({len(incomplete)} incomplete); scan reads "
                         f"{TS_LAYOUT}")
