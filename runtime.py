@@ -59,6 +59,10 @@ SHARED_FLAGS = {
                            "from 25 January 2022, and reprocessed older ones), 0 for SEN12MS-CR (2018). A file's own "
                            "RADIO_ADD_OFFSET / BOA_ADD_OFFSET tag or GDAL band offset wins (docs/data.md, 'Your own "
                            "scene')"),
+    "coverage_cache": dict(default=None,
+                           help="several dates (--input_t > 1): each date's cloud coverage, computed once by "
+                                "`python dataloader.py coverage` (it names its detector); without it every worker "
+                                "computes the coverage of the series it reads (s2cloudless: slow on real data)"),
     "date_sampler": dict(default=date_sampling.DEFAULT_SAMPLER, choices=list(date_sampling.SAMPLERS),
                          help="several dates (--input_t > 1): which dates of a series are the inputs and which the "
                               "target (date_sampling.SAMPLERS): leak_free never gives the target as an input; "

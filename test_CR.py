@@ -213,6 +213,7 @@ def summarise_run(args: argparse.Namespace, run: "Evaluation", totals: scoring.T
         **(describe_checkpoints(args.checkpoint, run.ckpt) if run.model is not None else
            {"checkpoint": None, "model_name": f"{args.baseline} baseline", "epoch": None}),
         "input_t": args.input_t, "date_sampler": args.date_sampler if args.input_t > 1 else None,
+        "coverage_cache": args.coverage_cache if args.input_t > 1 else None,
         "data_list": str(args.data_list_filepath), "split": args.split, "n_images": len(per_image),
         # What was scored: "full" (whole patches), "glfcr" (centred 128 of 256) or "custom" (other sizes).
         "protocol": args.protocol, "load_size": args.load_size, "crop_size": args.crop_size,
@@ -395,6 +396,7 @@ def build_dataset(args, rows, product):
                                              crop_size=args.crop_size, load_size=args.load_size, augment=False,
                                              cloud_detector=args.cloud_detector,
                                              cloud_threshold=args.cloud_threshold, sampler=args.date_sampler,
+                                             coverage_cache=args.coverage_cache,
                                              s2_product=product, s2_offset=args.s2_offset)
     return dataloader.SEN12MSCRDataset(rows, args.input_data_folder, crop_size=args.crop_size,
                                        load_size=args.load_size, augment=False, cloud_detector=args.cloud_detector,
@@ -631,6 +633,7 @@ def build_parser():
                         "in (0, 1]; s2cloudless's mask is already binary, so it does not change it")
     runtime.add_shared_flag(g, "cloud_mask_dir")
     runtime.add_shared_flag(g, "date_sampler", note="the published protocol's is 'published'")
+    runtime.add_shared_flag(g, "coverage_cache")
     runtime.add_shared_flag(g, "num_workers")
     p.add_argument("--no_sar", action="store_true",
                    help="without radar: no Sentinel-1 file is read and the network is told radar is absent (as "

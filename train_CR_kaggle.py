@@ -397,6 +397,7 @@ def _data_flags(p):
     runtime.add_shared_flag(g, "cloud_detector", note="its score drives the cloud-focused and confidence losses")
     runtime.add_shared_flag(g, "cloud_mask_dir")
     runtime.add_shared_flag(g, "date_sampler")
+    runtime.add_shared_flag(g, "coverage_cache")
     runtime.add_shared_flag(g, "num_workers", note="per training process")
     g.add_argument("--val_batch_sz", type=int, default=None, help="validation batch size (None: --batch_sz)")
 

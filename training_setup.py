@@ -319,11 +319,13 @@ def build_series_sets(args, train_series, val_series):
     train_set = dataloader.SEN12MSCRTSDataset(train_series, args.input_data_folder, input_t=args.input_t,
                                               crop_size=args.crop_size, load_size=args.load_size,
                                               augment=args.augment, cloud_detector=args.cloud_detector,
-                                              sampler=args.date_sampler, s2_encoding="uint16",
+                                              sampler=args.date_sampler, coverage_cache=args.coverage_cache,
+                                              s2_encoding="uint16",
                                               s2_product=args.s2_product, s2_offset=args.s2_offset)
     val_set = dataloader.SEN12MSCRTSDataset(val_series, args.input_data_folder, input_t=args.input_t,
                                             crop_size=args.val_crop_size or args.load_size, load_size=args.load_size,
                                             augment=False, cloud_detector="none", sampler=args.date_sampler,
+                                            coverage_cache=args.coverage_cache,
                                             s2_encoding="uint16",
                                             crop_flag="--val_crop_size" if args.val_crop_size else "--load_size",
                                             s2_product=args.s2_product, s2_offset=args.s2_offset)

@@ -1,9 +1,12 @@
 """Training, resuming, evaluating and predicting with --input_t 3 (issue 30), end to end through train_CR_kaggle.main
 and test_CR.main on a tiny synthetic time series set (synthetic_sets.make_synthetic_ts_dataset)."""
+import json
+
 import pytest
 import rasterio
 
 import dataloader
+import files
 import runtime
 import synthetic_sets
 import test_CR
@@ -102,3 +105,32 @@ def test_torchrun_two_processes_train_three_dates(series_data, tmp_path):
     assert proc.stdout.count("done: best validation PSNR") == 1
     ckpt = runtime.load_checkpoint(tmp_path / "ts" / "last.pth")
     assert ckpt["model_config"]["input_t"] == T and not any(k.startswith("module.") for k in ckpt["model"])
+
+
+@pytest.mark.slow
+def test_a_coverage_cache_chooses_the_dates_of_an_evaluation(series_data, tmp_path):
+    """The coverage computed once (`dataloader.py coverage`) is what --coverage_cache reads: the mosaic baseline scores
+    the same as with coverage computed on the fly by the same detector, the summary names the cache, and a cache that
+    lacks a date of the split is refused in one error naming it."""
+    root, list_path = series_data
+    cache = tmp_path / "coverage.json"
+    assert dataloader.main(["coverage", "--data_list_filepath", str(list_path), "--input_data_folder", str(root),
+                            "--out", str(cache), "--workers", "1"]) == 0  # the protocol's detector, s2cloudless
+
+    def mosaic(results, *extra):
+        return test_CR.main(["--baseline", "mosaic", "--input_t", str(T), "--data_list_filepath", str(list_path),
+                             "--input_data_folder", str(root), "--results_dir", str(tmp_path / results),
+                             "--num_workers", "0", "--device", "cpu", *extra])
+
+    mosaic("cached", "--coverage_cache", str(cache))
+    mosaic("on_the_fly")
+    cached, on_the_fly = (json.loads((tmp_path / r / "summary.json").read_text()) for r in ("cached", "on_the_fly"))
+    assert cached["coverage_cache"] == str(cache) and on_the_fly["coverage_cache"] is None
+    assert cached["mean"]["model"]["all"]["PSNR"] == on_the_fly["mean"]["model"]["all"]["PSNR"]
+
+    partial = json.loads(cache.read_text())
+    dropped = dataloader.get_ts_train_val_test(list_path)[2][0].s2[0]  # a date of the test split
+    del partial["coverage"][dropped]
+    cache.write_text(json.dumps(partial))
+    with pytest.raises(files.DataError, match="no coverage of"):
+        mosaic("partial", "--coverage_cache", str(cache))
