@@ -323,7 +323,7 @@ def _print_truth_bins(table, runs):
     if not rows:
         return
     names = list(rows[0]["truth_bins"])
-    identity = runs[0]["truth_bins"]
+    identity = next(run["truth_bins"] for run in runs if run["truth_bins"])  # a run whose data has true cloud maps
     print(f"\nPSNR by true cloud, dB (squared error pooled over each bin's pixels; means over seeds)\n{'variant':<32}"
           + "".join(f"{name:>20}" for name in names))
     fmt = lambda v: f"{'-':>20}" if v is None else f"{v:>20.2f}"

@@ -119,3 +119,8 @@ def test_learn_rows_average_each_true_cloud_bin_over_seeds(capsys):
     bench_learn._print_truth_bins([row], [run(0, 40.0, 30.0)])
     out = capsys.readouterr().out
     assert "41.00" in out and "31.00" in out and "50.00" in out and "PSNR by true cloud" in out
+    # a first variant without true cloud maps (the time series' single-date list) beside one with them
+    no_maps = bench_learn._learn_row("ts_1_date", [{**run(0, 40.0, 30.0), "truth_bins": None}])
+    bench_learn._print_truth_bins([no_maps, row], [{**run(0, 40.0, 30.0), "truth_bins": None}, run(0, 40.0, 30.0)])
+    out = capsys.readouterr().out
+    assert "41.00" in out and "50.00" in out and "ts_1_date" not in out
