@@ -110,12 +110,13 @@ def test_torchrun_two_processes_train_three_dates(series_data, tmp_path):
 @pytest.mark.slow
 def test_a_coverage_cache_chooses_the_dates_of_an_evaluation(series_data, tmp_path):
     """The coverage computed once (`dataloader.py coverage`) is what --coverage_cache reads: the mosaic baseline scores
-    the same as with coverage computed on the fly by the same detector, the summary names the cache, and a cache that
-    lacks a date of the split is refused in one error naming it."""
+    the same as with coverage computed on the fly by the same detector (s2cloudless, the protocol's), the summary
+    names the cache, and a cache that lacks a date of the split is refused in one error naming it."""
     root, list_path = series_data
     cache = tmp_path / "coverage.json"
+    test_split = dataloader.get_ts_train_val_test(list_path)[2]
     assert dataloader.main(["coverage", "--data_list_filepath", str(list_path), "--input_data_folder", str(root),
-                            "--out", str(cache), "--workers", "1"]) == 0  # the protocol's detector, s2cloudless
+                            "--out", str(cache), "--workers", "1"]) == 0
 
     def mosaic(results, *extra):
         return test_CR.main(["--baseline", "mosaic", "--input_t", str(T), "--data_list_filepath", str(list_path),
@@ -129,7 +130,7 @@ def test_a_coverage_cache_chooses_the_dates_of_an_evaluation(series_data, tmp_pa
     assert cached["mean"]["model"]["all"]["PSNR"] == on_the_fly["mean"]["model"]["all"]["PSNR"]
 
     partial = json.loads(cache.read_text())
-    dropped = dataloader.get_ts_train_val_test(list_path)[2][0].s2[0]  # a date of the test split
+    dropped = test_split[0].s2[0]
     del partial["coverage"][dropped]
     cache.write_text(json.dumps(partial))
     with pytest.raises(files.DataError, match="no coverage of"):

@@ -552,10 +552,13 @@ def _one_error_line(proc):
 def test_user_errors_print_one_line_and_exit_2(synthetic_dataset, tmp_path):
     root, csv_path = synthetic_dataset
     _one_error_line(_cli("--save_model_dir", str(tmp_path)))  # no data list
+    # the same errors in this process (the script prints str(error) after "error: ", as the two calls here show)
     if not torch.cuda.is_available():  # a GPU flag on a machine without one (--amp fp16 now runs on CPU)
-        _one_error_line(_cli(*tiny(csv_path, root, tmp_path, "--device", "cuda")))
-    err = _one_error_line(_cli(*tiny(csv_path, tmp_path / "elsewhere", tmp_path)))  # DataError: no data folder
-    assert f"error: --input_data_folder {tmp_path / 'elsewhere'}: no such folder" in err
+        with pytest.raises(runtime.UsageError):
+            train.main(tiny(csv_path, root, tmp_path, "--device", "cuda"))
+    with pytest.raises(files.DataError, match="no such folder") as raised:  # no data folder
+        train.main(tiny(csv_path, tmp_path / "elsewhere", tmp_path))
+    assert str(raised.value).startswith(f"--input_data_folder {tmp_path / 'elsewhere'}: no such folder")
     err = _one_error_line(_cli(*tiny(csv_path, root, tmp_path, "--vgg_weights", str(tmp_path / "vgg.pth"))))
     assert "hint: pass --vgg_weights PATH" in err
     assert not list(tmp_path.iterdir()), "nothing may be left behind by runs that never started"
