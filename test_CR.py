@@ -420,7 +420,9 @@ def mosaic_outputs(cloudy, cloud_mask):
 def series_batch(batch):
     """A time series batch as scoring reads a single date's: its cloud truth (N,T,2,H,W) becomes the target's, the
     least opacity and shadow over the dates (net_CR_temporal.target_cloud_mask's rule)."""
-    return {**batch, "cloud_truth": batch["cloud_truth"].amin(dim=1)} if "cloud_truth" in batch else batch
+    if "cloud_truth" not in batch:
+        return batch
+    return {**batch, "cloud_truth": net_CR_temporal.target_cloud_mask(batch["cloud_truth"])}
 
 
 def evaluate_batch(args: argparse.Namespace, run: Evaluation, ctx, batch: dict, totals: scoring.Totals) -> list[dict]:

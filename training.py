@@ -348,12 +348,15 @@ def cloud_labels(batch):
     return batch["cloud_binary"]
 
 
-def confidence_target(batch, device):
-    """What the confidence map should be: cloud_labels, for several dates the target's (cloudy on every date,
-    net_CR_temporal.target_cloud_mask)."""
-    labels = cloud_labels(batch)
-    labels = net_CR_temporal.target_cloud_mask(labels) if labels.dim() == 5 else labels
-    return labels.to(device, non_blocking=True)
+def confidence_targets(batch, device, weights):
+    """(what the confidence map should be, what each input date's should be) on the device, None where no loss term
+    reads it: cloud_labels, made once; the target's for several dates is cloudy on every date
+    (net_CR_temporal.target_cloud_mask), the dates' are their own."""
+    if "confidence" not in weights and "date_confidence" not in weights:
+        return None, None
+    labels = cloud_labels(batch).to(device, non_blocking=True)
+    target = net_CR_temporal.target_cloud_mask(labels) if labels.dim() == 5 else labels
+    return (target if "confidence" in weights else None), (labels if "date_confidence" in weights else None)
 
 
 def train_step(run, batch):
@@ -367,9 +370,7 @@ def train_step(run, batch):
     b = to_device(batch, run.device, run.channels_last)
     with run.ctx:
         prediction, aux = run.train_model(b["cloudy_data"], b["SAR_data"], return_aux=True)
-    labels = confidence_target(batch, run.device) if "confidence" in run.criterion.weights else None
-    date_labels = (cloud_labels(batch).to(run.device, non_blocking=True) if "date_confidence" in run.criterion.weights
-                   else None)
+    labels, date_labels = confidence_targets(batch, run.device, run.criterion.weights)
     cloud_mask = b["cloud_mask"] if b["cloud_mask"].dim() == 4 else net_CR_temporal.target_cloud_mask(b["cloud_mask"])
     total, terms = run.criterion(prediction, b["cloudfree_data"], net_CR_temporal.loss_reference(b["cloudy_data"], aux),
                                  cloud_mask=cloud_mask, confidence_target=labels, aux=aux,

@@ -261,10 +261,12 @@ def test_confidence_target_is_the_truth_where_there_is_one():
     truth[1, 1, :, :2] = 0.5  # shadow
     truth[1, 0, 7, 7] = 0.01  # haze below the threshold
     cloud_binary = torch.ones(2, 1, 8, 8)
-    target = training.confidence_target({"cloud_truth": truth, "cloud_binary": cloud_binary}, torch.device("cpu"))
+    target = training.confidence_targets({"cloud_truth": truth, "cloud_binary": cloud_binary}, torch.device("cpu"),
+                                          {"confidence": 0.5})[0]
     assert target[0, 0, :4].eq(1).all() and target[0, 0, 4:].eq(0).all()
     assert target[1, 0, :, :2].eq(1).all() and target[1, 0, 7, 7] == 0
-    assert torch.equal(training.confidence_target({"cloud_binary": cloud_binary}, torch.device("cpu")), cloud_binary)
+    detector_only = training.confidence_targets({"cloud_binary": cloud_binary}, torch.device("cpu"), {"confidence": 1})
+    assert torch.equal(detector_only[0], cloud_binary)
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
